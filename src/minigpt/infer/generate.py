@@ -1,0 +1,85 @@
+"""Decoding options and the stop-string criterion shared by chat, web, server and eval."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from transformers import StoppingCriteria
+
+
+@dataclass
+class GenerationOptions:
+    """Greedy by default; ``do_sample`` for temperature/top-p sampling, ``num_beams`` for beam search."""
+
+    max_new_tokens: int = 300
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 0.9
+    top_k: int = 0
+    num_beams: int = 1
+    repetition_penalty: float = 1.0
+    length_penalty: float = 1.0
+    min_new_tokens: int = 0
+    #: Extra stop strings on top of the template's.
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
+            (self.temperature > 0, "temperature must be > 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.top_k >= 0, "top_k must be >= 0"),
+            (self.num_beams >= 1, "num_beams must be >= 1"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (self.min_new_tokens >= 0, "min_new_tokens must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def hf_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``transformers`` ``generate``."""
+        kwargs: dict[str, Any] = dict(
+            max_new_tokens=self.max_new_tokens,
+            do_sample=self.do_sample,
+            num_beams=self.num_beams,
+            repetition_penalty=self.repetition_penalty,
+            min_new_tokens=self.min_new_tokens or None,
+        )
+        if self.do_sample:
+            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k or None)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        if self.num_beams > 1:
+            kwargs["length_penalty"] = self.length_penalty
+        return kwargs
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class StopOnStrings(StoppingCriteria):
+    """Stops each sequence once its generated text contains a stop string.
+
+    Decoding a short tail of new tokens catches a stop string however it was tokenized
+    (``###`` is one token after a space and two when glued to a word).
+    """
+
+    def __init__(self, tokenizer: Any, stops: list[str], prompt_len: int, tail_tokens: int = 16) -> None:
+        self.tokenizer = tokenizer
+        self.stops = [s for s in stops if s]
+        self.prompt_len = prompt_len
+        self.tail = tail_tokens
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        if not self.stops:
+            return done
+        start = max(self.prompt_len, input_ids.shape[1] - self.tail)
+        for row, ids in enumerate(input_ids[:, start:].tolist()):
+            text = self.tokenizer.decode(ids, skip_special_tokens=False)
+            done[row] = any(s in text for s in self.stops)
+        return done

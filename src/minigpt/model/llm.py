@@ -1,0 +1,55 @@
+"""Loading the language model and its tokenizer (any ``AutoModelForCausalLM``)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from ..device import parse_dtype
+
+log = logging.getLogger(__name__)
+
+
+def load_tokenizer(name_or_path: str | Path, gguf_file: str | None = None, trust_remote_code: bool = False) -> Any:
+    """Load a tokenizer and make sure it has a pad token (EOS is used when it has none)."""
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    tok = AutoTokenizer.from_pretrained(str(name_or_path), **kwargs)
+    if tok.pad_token_id is None:
+        if tok.eos_token is None:
+            raise ValueError(f"tokenizer {name_or_path} has neither a pad nor an EOS token")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_llm(
+    name_or_path: str | Path,
+    dtype: str | torch.dtype = "float32",
+    gguf_file: str | None = None,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = "sdpa",
+) -> PreTrainedModel:
+    """``AutoModelForCausalLM.from_pretrained`` on a local directory or a hub id, in ``dtype``.
+
+    A GGUF checkpoint is dequantized to ``dtype`` and made saveable as a plain model.
+    """
+    kwargs: dict[str, Any] = {"dtype": parse_dtype(dtype), "trust_remote_code": trust_remote_code}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), **kwargs)
+    except (OSError, ValueError) as err:
+        raise OSError(f"could not load the LLM from {name_or_path!r}: {err}") from err
+    if gguf_file:
+        # transformers refuses to save a model it loaded from GGUF; the weights are plain tensors now.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    return model

@@ -1,0 +1,119 @@
+"""Shared test fixtures: the real tokenizers from ../shared and tiny models built on the fly."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("MINIGPT_SHARED", REPO.parent / "shared"))
+CACHE = Path(os.environ.get("MINIGPT_TEST_CACHE", Path.home() / ".cache" / "minigpt-tests"))
+
+
+def shared_path(*parts: str) -> Path:
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"shared material not present: {path}")
+    return path
+
+
+def _gguf_tokenizer(name: str, gguf: str):
+    """Convert a GGUF vocabulary once (tens of seconds) and reuse the saved tokenizer afterwards."""
+    from transformers import AutoTokenizer
+
+    folder = shared_path("tokenizers")
+    cached = CACHE / name
+    if (cached / "tokenizer_config.json").exists():
+        return AutoTokenizer.from_pretrained(cached)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    cached.mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(cached)
+    return tok
+
+
+@pytest.fixture(scope="session")
+def llama_tokenizer():
+    tok = _gguf_tokenizer("llama-spm", "ggml-vocab-llama-spm.gguf")
+    tok.bos_token, tok.eos_token = "<s>", "</s>"  # the GGUF conversion's quirks (shared/tokenizers/README.md)
+    return tok
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer():
+    return _gguf_tokenizer("qwen2", "ggml-vocab-qwen2.gguf")
+
+
+@pytest.fixture(scope="session")
+def template_cases() -> dict:
+    import json
+
+    data = json.loads(shared_path("fixtures", "templates", "cases.json").read_text())
+    return {case["name"]: case for case in data["cases"]}
+
+
+def save_tiny_llm(directory: Path, tokenizer, arch: str = "llama", seed: int = 0) -> Path:
+    """A 2-layer, 64-wide causal LM with ``tokenizer``'s vocabulary, saved as a transformers folder."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    model = (LlamaForCausalLM(LlamaConfig(**common)) if arch == "llama" else Qwen2ForCausalLM(Qwen2Config(**common)))
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, llama_tokenizer) -> Path:
+    return save_tiny_llm(tmp_path_factory.mktemp("tiny-llama"), llama_tokenizer)
+
+
+CHATML_JINJA = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_dir(tmp_path_factory, qwen_tokenizer) -> Path:
+    qwen_tokenizer.chat_template = CHATML_JINJA
+    return save_tiny_llm(tmp_path_factory.mktemp("tiny-qwen"), qwen_tokenizer, arch="qwen2")
+
+
+@pytest.fixture()
+def tiny_model_factory(tiny_llama_dir):
+    """Build a tiny MiniGPT (random tiny BLIP-2 stack + tiny LLaMA) with any config overrides."""
+    from minigpt.model.minigpt import MiniGPT, MiniGPTConfig
+    from minigpt.model.vision import VisionConfig
+
+    def make(**overrides):
+        import torch
+
+        torch.manual_seed(overrides.pop("seed", 0))
+        llm = overrides.pop("llm", str(tiny_llama_dir))
+        fields = dict(llm=llm, vision=VisionConfig.tiny(), template="vicuna0", max_txt_len=32)
+        fields.update(overrides)
+        return MiniGPT.build(MiniGPTConfig(**fields))
+
+    return make
+
+
+@pytest.fixture()
+def image_file(tmp_path) -> Path:
+    from PIL import Image
+
+    path = tmp_path / "red.png"
+    Image.new("RGB", (40, 30), (220, 20, 20)).save(path)
+    return path
