@@ -1,0 +1,315 @@
+"""Convert LAVIS / MiniGPT-4 / transformers BLIP-2 checkpoints onto :class:`Blip2VisionEncoder` names.
+
+Our names are those of transformers' ``Blip2ForConditionalGeneration``. LAVIS names map through
+:data:`LAVIS_RULES`; EVA's ``attn.q_bias``/``attn.v_bias`` become ``self_attn.qkv.bias = cat(q, 0, v)``.
+Like LAVIS (``load_state_dict(strict=False)``), keys the model has no place for are ignored and reported;
+keys it needs but the files lack are an error. A vision-encoder directory holds ``vision_config.json`` +
+``vision.safetensors`` (:func:`save_vision`, :func:`load_vision`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import Blip2Config, Blip2VisionConfig
+
+from minigpt.convert.safe_load import load_checkpoint, unwrap
+from minigpt.model.vision import Blip2VisionEncoder, VisionConfig
+
+__all__ = [
+    "ConversionReport", "MissingKeysError", "load_checkpoint", "vision_config_from_lavis", "convert_lavis_vision",
+    "convert_minigpt4_projector", "convert_hf_blip2", "save_vision", "load_vision",
+]
+
+StateDict = dict[str, torch.Tensor]
+Source = str | Path | Mapping[str, torch.Tensor]
+
+VISION_CONFIG = "vision_config.json"
+VISION_WEIGHTS = "vision.safetensors"
+HF_PREFIXES = ("vision_model.", "qformer.", "query_tokens")
+PROJECTOR_PREFIXES = ("llama_proj.", "llm_proj.", "visionpipe.llm_proj.")
+
+#: (LAVIS name, our name); ``{i}``/``{n}`` are numbers, ``{a}`` one name part, ``{r}`` the rest. First match wins.
+LAVIS_RULES = [
+    ("cls_token", "vision_model.embeddings.class_embedding"),
+    ("pos_embed", "vision_model.embeddings.position_embedding"),
+    ("patch_embed.proj.{r}", "vision_model.embeddings.patch_embedding.{r}"),
+    ("blocks.{i}.norm{n}.{r}", "vision_model.encoder.layers.{i}.layer_norm{n}.{r}"),
+    ("blocks.{i}.attn.proj.{r}", "vision_model.encoder.layers.{i}.self_attn.projection.{r}"),
+    ("blocks.{i}.attn.{r}", "vision_model.encoder.layers.{i}.self_attn.{r}"),  # qkv.weight, q_bias, v_bias
+    ("blocks.{i}.mlp.{r}", "vision_model.encoder.layers.{i}.mlp.{r}"),
+    ("ln_vision.{r}", "vision_model.post_layernorm.{r}"),
+    ("query_tokens", "query_tokens"),
+    ("Qformer.bert.embeddings.LayerNorm.{r}", "qformer.layernorm.{r}"),
+    ("Qformer.bert.encoder.layer.{i}.{a}.self.{r}", "qformer.encoder.layer.{i}.{a}.attention.{r}"),
+    ("Qformer.bert.encoder.{r}", "qformer.encoder.{r}"),
+]
+_FIELDS = {"i": r"\d+", "n": r"\d+", "a": r"[^.]+", "r": r".+"}
+
+
+def _compile(template: str) -> re.Pattern[str]:
+    parts = re.split(r"\{(\w)\}", template)
+    pattern = "".join(re.escape(p) if k % 2 == 0 else f"(?P<{p}>{_FIELDS[p]})" for k, p in enumerate(parts))
+    return re.compile(pattern)
+
+
+_RULES = [(_compile(src), src, _compile(dst), dst) for src, dst in LAVIS_RULES]
+
+
+def _lavis_to_ours(name: str) -> str | None:
+    for src_re, _, _, dst in _RULES:
+        if m := src_re.fullmatch(name):
+            return dst.format(**m.groupdict())
+    return None
+
+
+def _ours_to_lavis(name: str) -> str:
+    """LAVIS name(s) of one of our keys, for error messages."""
+    if name.endswith("self_attn.qkv.bias"):
+        stem = _ours_to_lavis(name.removesuffix("qkv.bias") + "q_bias").removesuffix("q_bias")
+        return f"{stem}q_bias + {stem}v_bias"
+    for _, src, dst_re, _ in _RULES:
+        if m := dst_re.fullmatch(name):
+            return src.format(**m.groupdict())
+    return name
+
+
+class MissingKeysError(ValueError):
+    """The checkpoint lacks tensors the encoder needs (named as in the source)."""
+
+
+@dataclass
+class ConversionReport:
+    """What a conversion left out (source key names) and what else is worth knowing."""
+
+    ignored: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"note: {n}" for n in self.notes]
+        if self.ignored:
+            lines.append(f"ignored {len(self.ignored)} key(s): {', '.join(self.ignored)}")
+        return "\n".join(lines)
+
+
+def _state(source: Source) -> StateDict:
+    return load_checkpoint(source) if isinstance(source, (str, Path)) else unwrap(source)
+
+
+def _fuse_qv_bias(state: StateDict) -> None:
+    """``*.q_bias`` + ``*.v_bias`` -> ``*.qkv.bias = cat(q, 0, v)`` (EVA and old transformers layouts)."""
+    for q_key in [k for k in state if k.endswith(".q_bias")]:
+        stem = q_key.removesuffix("q_bias")
+        if stem + "v_bias" in state:
+            q, v = state.pop(q_key), state.pop(stem + "v_bias")
+            state[stem + "qkv.bias"] = torch.cat([q, torch.zeros_like(q), v])
+
+
+def _rename_lavis(eva_state: Source, blip2_state: Source, drop_last_block: bool) -> tuple[StateDict, list[str]]:
+    """Our-named tensors and the source keys no rule matched (or in the dropped last block).
+
+    ``visual_encoder.*`` keys of the BLIP-2 file override the EVA file, as LAVIS' second load does.
+    """
+    source = dict(_state(eva_state))
+    source.update({k.removeprefix("visual_encoder."): v for k, v in _state(blip2_state).items()})
+    blocks = {int(m[1]) for k in source if (m := re.match(r"blocks\.(\d+)\.", k))}
+    last = max(blocks) if drop_last_block and blocks else None
+    state: StateDict = {}
+    unmatched = []
+    for key, tensor in source.items():
+        name = _lavis_to_ours(key)
+        if name is None or (last is not None and key.startswith(f"blocks.{last}.")):
+            unmatched.append(key)
+        else:
+            state[name] = tensor
+    _fuse_qv_bias(state)
+    return state, unmatched
+
+
+def _count(state: Mapping[str, torch.Tensor], prefix: str) -> int:
+    return len({m[1] for k in state if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))})
+
+
+def _infer_config(
+    state: Mapping[str, torch.Tensor], heads: int, qformer_heads: int, describe: Callable[[str], str] = str
+) -> VisionConfig:
+    """Architecture from tensor shapes (our names); head counts cannot be inferred."""
+    def need(key: str) -> torch.Tensor:
+        if key not in state:
+            raise MissingKeysError(f"missing required key: {describe(key)}")
+        return state[key]
+
+    width = need("vision_model.embeddings.class_embedding").shape[-1]
+    patch = need("vision_model.embeddings.patch_embedding.weight").shape[-1]
+    patches = need("vision_model.embeddings.position_embedding").shape[1] - 1
+    grid = math.isqrt(patches)
+    if grid * grid != patches:
+        raise ValueError(f"{describe('vision_model.embeddings.position_embedding')}: {patches} patches, no square")
+    queries = need("query_tokens")
+    qformer_depth = _count(state, "qformer.encoder.layer.")
+    cross_re = re.compile(r"qformer\.encoder\.layer\.(\d+)\.crossattention\.")
+    cross = sorted({int(m[1]) for k in state if (m := cross_re.match(k))})
+    freq = cross[1] - cross[0] if len(cross) > 1 else max(qformer_depth, 1)
+    if cross != list(range(0, qformer_depth, freq)):
+        raise ValueError(f"cross-attention on Q-Former layers {cross} is not every k-th layer from layer 0")
+    for name, dim, count in (("ViT", width, heads), ("Q-Former", queries.shape[2], qformer_heads)):
+        if dim % count:
+            raise ValueError(f"{name} width {dim} is not divisible by {count} heads")
+    return VisionConfig(
+        image_size=grid * patch,
+        patch_size=patch,
+        width=width,
+        depth=_count(state, "vision_model.encoder.layers."),
+        heads=heads,
+        mlp_dim=need("vision_model.encoder.layers.0.mlp.fc1.weight").shape[0],
+        num_query_tokens=queries.shape[1],
+        qformer_width=queries.shape[2],
+        qformer_depth=qformer_depth,
+        qformer_heads=qformer_heads,
+        qformer_mlp_dim=need("qformer.encoder.layer.0.intermediate_query.dense.weight").shape[0],
+        cross_attention_freq=freq,
+    )
+
+
+def _select(
+    config: VisionConfig, state: StateDict, describe: Callable[[str], str] = str
+) -> tuple[StateDict, ConversionReport]:
+    """Keep the keys the encoder has (float32), check shapes, report the rest; missing keys raise."""
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in Blip2VisionEncoder(config).state_dict().items()}
+    missing = [describe(k) for k in shapes if k not in state]
+    if missing:
+        raise MissingKeysError(f"missing {len(missing)} required key(s): {', '.join(missing)}")
+    wrong = [f"{describe(k)} {tuple(state[k].shape)} (need {s})" for k, s in shapes.items() if state[k].shape != s]
+    if wrong:
+        raise ValueError(f"shape mismatch: {'; '.join(wrong)}")
+    report = ConversionReport(ignored=[describe(k) for k in state if k not in shapes])
+    upcast = sorted({str(state[k].dtype) for k in shapes if state[k].dtype != torch.float32})
+    if upcast:
+        report.notes.append(f"upcast {', '.join(upcast)} to torch.float32")
+    return {k: state[k].to(torch.float32).contiguous() for k in shapes}, report
+
+
+def vision_config_from_lavis(
+    eva_state: Source, blip2_state: Source, heads: int = 16, qformer_heads: int = 12, drop_last_block: bool = True
+) -> VisionConfig:
+    """Infer the architecture from an ``eva_vit_g.pth``-style and a ``blip2_pretrained*.pth``-style state.
+
+    ``drop_last_block``: BLIP-2 builds 39 blocks and loads the 40-block EVA file with strict=False.
+    """
+    state, _ = _rename_lavis(eva_state, blip2_state, drop_last_block)
+    return _infer_config(state, heads, qformer_heads, _ours_to_lavis)
+
+
+def convert_lavis_vision(
+    eva_state: Source,
+    blip2_state: Source,
+    heads: int = 16,
+    qformer_heads: int = 12,
+    drop_last_block: bool = True,
+) -> tuple[VisionConfig, StateDict, ConversionReport]:
+    """LAVIS EVA ViT + BLIP-2 (``ln_vision``, Q-Former, queries) -> (config, our float32 state, report)."""
+    state, unmatched = _rename_lavis(eva_state, blip2_state, drop_last_block)
+    config = _infer_config(state, heads, qformer_heads, _ours_to_lavis)
+    out, report = _select(config, state, _ours_to_lavis)
+    report.ignored = unmatched + report.ignored
+    return config, out, report
+
+
+def convert_minigpt4_projector(ckpt: Source) -> tuple[StateDict, ConversionReport]:
+    """``llama_proj`` (MiniGPT-4), ``llm_proj`` (MiniGPT4Qwen) or ``visionpipe.llm_proj`` (MPP pipeline
+    ``layer_00-model_states.pt``) -> float32 ``{"weight", "bias"}`` of an ``nn.Linear``."""
+    state = _state(ckpt)
+    found = [p for p in PROJECTOR_PREFIXES if p + "weight" in state and p + "bias" in state]
+    if len(found) != 1:
+        names = ", ".join(p + "{weight,bias}" for p in PROJECTOR_PREFIXES)
+        raise MissingKeysError(f"expected exactly one projector of {names}; found {found or 'none'}")
+    used = {name: found[0] + name for name in ("weight", "bias")}
+    out = {name: state[key].to(torch.float32).contiguous() for name, key in used.items()}
+    out_dim, in_dim = out["weight"].shape
+    return out, ConversionReport(
+        ignored=[k for k in state if k not in used.values()],
+        notes=[f"{found[0].rstrip('.')}: in {in_dim} -> out {out_dim}"],
+    )
+
+
+def _hf_weights(directory: Path) -> StateDict:
+    """The vision/Q-Former tensors of a transformers checkpoint (the language model is never read)."""
+    state: StateDict = {}
+    if files := sorted(directory.glob("*.safetensors")):
+        for file in files:
+            with safe_open(file, "pt") as f:
+                state.update({k: f.get_tensor(k) for k in f.keys() if k.startswith(HF_PREFIXES)})
+    else:
+        for file in sorted(directory.glob("pytorch_model*.bin")):
+            state.update({k: v for k, v in load_checkpoint(file).items() if k.startswith(HF_PREFIXES)})
+    if not state:
+        raise FileNotFoundError(f"{directory}: no BLIP-2 vision weights in *.safetensors or pytorch_model*.bin")
+    return state
+
+
+def _config_from_hf(hf: Blip2Config) -> VisionConfig:
+    v, q = hf.vision_config, hf.qformer_config
+    if v.hidden_act != "gelu" or q.hidden_act != "gelu" or not v.qkv_bias:
+        raise ValueError(f"unsupported BLIP-2 variant: act {v.hidden_act}/{q.hidden_act}, qkv_bias {v.qkv_bias}")
+    if q.encoder_hidden_size != v.hidden_size:
+        raise ValueError(f"Q-Former encoder_hidden_size {q.encoder_hidden_size} != ViT width {v.hidden_size}")
+    return VisionConfig(
+        image_size=v.image_size, patch_size=v.patch_size, width=v.hidden_size, depth=v.num_hidden_layers,
+        heads=v.num_attention_heads, mlp_dim=v.intermediate_size, vit_eps=v.layer_norm_eps,
+        num_query_tokens=hf.num_query_tokens, qformer_width=q.hidden_size, qformer_depth=q.num_hidden_layers,
+        qformer_heads=q.num_attention_heads, qformer_mlp_dim=q.intermediate_size, qformer_eps=q.layer_norm_eps,
+        cross_attention_freq=q.cross_attention_frequency,
+    )
+
+
+def convert_hf_blip2(
+    directory_or_state: Source, heads: int = 16, qformer_heads: int = 12
+) -> tuple[VisionConfig, StateDict, ConversionReport]:
+    """A transformers BLIP-2 directory (config.json + weights) or state dict -> (config, state, report).
+
+    From a directory the architecture comes from its config.json; from a state dict it is inferred
+    from shapes (then ``heads``/``qformer_heads`` apply). ``ln_vision`` keeps LAVIS' eps 1e-5.
+    """
+    if isinstance(directory_or_state, Mapping):
+        state = {k: v for k, v in unwrap(directory_or_state).items() if k.startswith(HF_PREFIXES)}
+        config, hf_eps = _infer_config(state, heads, qformer_heads), Blip2VisionConfig().layer_norm_eps
+    else:
+        directory = Path(directory_or_state)
+        hf = Blip2Config.from_pretrained(directory)
+        config, state, hf_eps = _config_from_hf(hf), _hf_weights(directory), hf.vision_config.layer_norm_eps
+    _fuse_qv_bias(state)
+    out, report = _select(config, state)
+    report.notes[:0] = [
+        "only vision_model.*, qformer.*, query_tokens read (not language_model.*, language_projection.*)",
+        f"post_layernorm eps {config.ln_vision_eps} (LAVIS ln_vision), not transformers' {hf_eps}",
+    ]
+    return config, out, report
+
+
+def save_vision(directory: str | Path, config: VisionConfig, state_dict: Mapping[str, torch.Tensor]) -> Path:
+    """Write ``vision_config.json`` + ``vision.safetensors`` into ``directory`` (created); returns it."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / VISION_CONFIG).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    tensors = {k: v.contiguous() for k, v in state_dict.items()}
+    save_file(tensors, directory / VISION_WEIGHTS, metadata={"format": "pt"})
+    return directory
+
+
+def load_vision(directory: str | Path) -> Blip2VisionEncoder:
+    """A :func:`save_vision` directory -> encoder in eval mode (strict load, no random init)."""
+    directory = Path(directory)
+    config = VisionConfig.from_dict(json.loads((directory / VISION_CONFIG).read_text()))
+    with torch.device("meta"):
+        model = Blip2VisionEncoder(config)
+    model.load_state_dict(load_file(directory / VISION_WEIGHTS), strict=True, assign=True)
+    return model.eval()

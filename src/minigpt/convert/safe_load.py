@@ -1,0 +1,49 @@
+"""Load foreign checkpoints as flat tensor dicts without ever executing pickled code."""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+#: Wrappers around the state dict: LAVIS/MiniGPT-4 runner (``model``), DeepSpeed ``mp_rank_*`` (``module``).
+WRAPPER_KEYS = ("model", "module")
+
+
+class UnsafeCheckpointError(ValueError):
+    """The file holds pickled objects other than tensors and plain containers."""
+
+
+def unwrap(obj: Any, where: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Strip ``{'model': ...}`` / ``{'module': ...}`` wrappers and check that what is left is a state dict."""
+    while isinstance(obj, Mapping):
+        inner = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            break
+        obj = inner
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{where}: expected a state dict, got {type(obj).__name__}")
+    bad = [str(k) for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ValueError(f"{where}: not a state dict, non-tensor entries: {', '.join(bad[:10])}")
+    return dict(obj)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read ``*.safetensors`` or a torch file with ``weights_only=True`` on CPU; unwrap ``model``/``module``."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return load_file(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = next((line.strip() for line in str(err).splitlines() if "WeightsUnpickler" in line), "")
+        raise UnsafeCheckpointError(
+            f"{path}: refusing to load, it needs unsafe unpickling (objects beyond tensors and plain containers). "
+            f"Re-save its state dict from a trusted environment as safetensors. {reason}"
+        ) from None
+    return unwrap(obj, str(path))

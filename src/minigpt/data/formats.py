@@ -1,0 +1,479 @@
+"""Dataset readers: parse files into :class:`Sample` s (a conversation and its image references).
+
+Readers know nothing of prompts or tokens, and do not open images (paths only; webdataset samples carry the
+encoded bytes). A malformed record is skipped with a :class:`DataWarning` naming its origin and counted in the
+reader's :class:`ReadReport`; a file without any valid record, or that is not valid JSON, raises ``ValueError``.
+Origins are ``"file:index"`` (0-based position in a JSON list), ``"file:line"`` (1-based, JSONL) or ``"shard/key"``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import random
+import re
+import tarfile
+import warnings
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from braceexpand import braceexpand  # installed with webdataset
+
+from .conversation import Conversation, Image, Sample, Text, Turn, parse_content
+
+#: MiniGPT-4 ``prompts/alignment.txt`` instructions (stage 2, cc_sbu_align).
+ALIGNMENT_INSTRUCTIONS: tuple[str, ...] = (
+    "Describe this image in detail.",
+    "Take a look at this image and describe what you notice.",
+    "Please provide a detailed description of the picture.",
+    "Could you describe the contents of this image for me?",
+)
+#: MiniGPT-4's image slot spelling, put before an instruction that has no placeholder.
+MINIGPT4_IMAGE = "<Img><ImageHere></Img>"
+LLAVA_ROLES: dict[str, str] = {"human": "user", "gpt": "assistant", "system": "system"}
+IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
+MAX_WARNINGS = 10  # per report; the rest are summarised in one warning
+
+
+class DataWarning(UserWarning):
+    """A skipped record or shard."""
+
+
+@dataclass
+class ReadReport:
+    """What a reader kept and skipped; ``skipped`` holds ``(origin, reason)`` pairs."""
+
+    source: str
+    read: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def skip(self, origin: str, reason: str) -> None:
+        self.skipped.append((origin, reason))
+        if len(self.skipped) <= MAX_WARNINGS:
+            warnings.warn(f"skipped {origin}: {reason}", DataWarning, stacklevel=4)
+
+    def finish(self) -> None:
+        """Summarise the warnings not shown, and fail when nothing was read."""
+        if len(self.skipped) > MAX_WARNINGS:
+            warnings.warn(
+                f"{self.source}: {len(self.skipped) - MAX_WARNINGS} more records skipped (see ReadReport.skipped)",
+                DataWarning,
+                stacklevel=3,
+            )
+        if self.read == 0:
+            first = f"; first: {self.skipped[0][0]}: {self.skipped[0][1]}" if self.skipped else ""
+            raise ValueError(f"{self.source}: no valid record ({len(self.skipped)} skipped{first})")
+
+
+@dataclass
+class SampleList(Sequence[Sample]):
+    """The samples of a file (a map-style dataset) and its report."""
+
+    samples: list[Sample]
+    report: ReadReport
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Sample:  # type: ignore[override]
+        return self.samples[index]
+
+
+@dataclass(frozen=True)
+class _Invalid:
+    reason: str
+
+
+# ---------------------------------------------------------------------------------------------- JSON helpers
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+
+
+def _json_records(path: Path) -> list[tuple[str, Any]]:
+    """``(origin, record)`` for a JSON list or a JSONL file (a bad JSONL line becomes an :class:`_Invalid`)."""
+    if path.suffix == ".jsonl":
+        records: list[tuple[str, Any]] = []
+        with open(path, encoding="utf-8-sig") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        records.append((f"{path}:{lineno}", json.loads(line)))
+                    except json.JSONDecodeError as e:
+                        records.append((f"{path}:{lineno}", _Invalid(f"invalid JSON at column {e.colno}: {e.msg}")))
+        return records
+    data = _load_json(path)
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of records, got a JSON {type(data).__name__}")
+    return [(f"{path}:{i}", rec) for i, rec in enumerate(data)]
+
+
+def _collect(source: Path, records: Iterable[tuple[str, Any]], parse: Callable[[Any, int], Sample]) -> SampleList:
+    report, samples = ReadReport(str(source)), []
+    for index, (origin, rec) in enumerate(records):
+        try:
+            if isinstance(rec, _Invalid):
+                raise ValueError(rec.reason)
+            if not isinstance(rec, dict):
+                raise ValueError(f"record is a JSON {type(rec).__name__}, not an object")
+            sample = parse(rec, index)
+            sample.check()
+        except ValueError as e:
+            report.skip(origin, str(e))
+            continue
+        sample.origin = origin
+        samples.append(sample)
+    report.read = len(samples)
+    report.finish()
+    return SampleList(samples, report)
+
+
+def _get(rec: Mapping[str, Any], key: str, kind: type | tuple[type, ...] = str) -> Any:
+    if key not in rec:
+        raise ValueError(f"missing key {key!r}")
+    value = rec[key]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise ValueError(f"{key!r} must be {names}, got {type(value).__name__}")
+    return value
+
+
+def _image_path(root: Path, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"image must be a non-empty string, got {value!r}")
+    return str(root / value)
+
+
+def _id(rec: Mapping[str, Any]) -> str | None:
+    return None if rec.get("id") is None else str(rec["id"])
+
+
+def _check_turns(conv: Conversation) -> None:
+    conv.validate()
+    if conv.turns[-1].role != "assistant":
+        raise ValueError("the conversation ends with a user turn (no answer to learn)")
+
+
+def _caption_sample(image: Any, caption: Any, id: str | None) -> Sample:
+    if not isinstance(caption, str) or not caption.strip():
+        raise ValueError(f"caption must be a non-empty string, got {caption!r}")
+    conv = Conversation([Turn("user", [Image()]), Turn("assistant", [Text(caption)])])
+    return Sample(conv, [image], id=id)
+
+
+def _root(path: Path, image_root: str | Path | None) -> Path:
+    return Path(image_root) if image_root is not None else path.parent
+
+
+# ---------------------------------------------------------------------------------------------- readers
+
+
+def read_llava_json(path: str | Path, image_root: str | Path | None = None) -> SampleList:
+    """LLaVA JSON/JSONL: ``{"id", "image"?: str | [str], "conversations": [{"from": "human"|"gpt"|"system",
+    "value"}]}``; ``<image>`` marks the image slot. Image paths are relative to ``image_root`` (default: the file's
+    folder)."""
+    path = Path(path)
+    root = _root(path, image_root)
+
+    def parse(rec: dict[str, Any], _: int) -> Sample:
+        conv = Conversation()
+        for i, turn in enumerate(_get(rec, "conversations", list)):
+            if not isinstance(turn, dict):
+                raise ValueError(f"conversations[{i}] is not an object")
+            role = LLAVA_ROLES.get(turn["from"]) if isinstance(turn.get("from"), str) else None
+            if role is None:
+                expected = ", ".join(LLAVA_ROLES)
+                raise ValueError(f"conversations[{i}] has unknown role {turn.get('from')!r} (expected {expected})")
+            if not isinstance(turn.get("value"), str):
+                raise ValueError(f"conversations[{i}]['value'] must be a string")
+            conv.add(role, turn["value"])  # type: ignore[arg-type]
+        _check_turns(conv)
+        images = rec.get("image")
+        images = [] if images is None else [images] if isinstance(images, str) else images
+        if not isinstance(images, list):
+            raise ValueError(f"'image' must be a string or a list of strings, got {type(images).__name__}")
+        return Sample(conv, [_image_path(root, img) for img in images], id=_id(rec))
+
+    return _collect(path, _json_records(path), parse)
+
+
+def read_minigpt4qwen_json(path: str | Path, image_root: str | Path | None = None) -> SampleList:
+    """MiniGPT4Qwen JSON/JSONL: ``{"image", "instruction": str | [str], "output": str | [str]}`` (lists = turns;
+    the first instruction holds ``<Img><ImageHere></Img>``)."""
+    path = Path(path)
+    root = _root(path, image_root)
+
+    def parse(rec: dict[str, Any], _: int) -> Sample:
+        image = _image_path(root, _get(rec, "image"))
+        questions, answers = _get(rec, "instruction", (str, list)), _get(rec, "output", (str, list))
+        if isinstance(questions, str) != isinstance(answers, str):
+            raise ValueError("'instruction' and 'output' must both be strings or both lists")
+        if isinstance(questions, str):
+            questions, answers = [questions], [answers]
+        if len(questions) != len(answers) or not questions:
+            raise ValueError(f"{len(questions)} instruction(s) but {len(answers)} output(s)")
+        if not all(isinstance(t, str) for t in questions + answers):
+            raise ValueError("'instruction' and 'output' lists must hold strings")
+        conv = Conversation()
+        for q, a in zip(questions, answers):
+            conv.add("user", q).add("assistant", a)
+        return Sample(conv, [image], id=_id(rec))
+
+    return _collect(path, _json_records(path), parse)
+
+
+def read_captions_json(path: str | Path, image_root: str | Path | None = None) -> SampleList:
+    """JSON/JSONL list of ``{"image", "caption", "id"?}``: the user turn is the image alone, the answer the caption."""
+    path = Path(path)
+    root = _root(path, image_root)
+
+    def parse(rec: dict[str, Any], _: int) -> Sample:
+        return _caption_sample(_image_path(root, _get(rec, "image")), _get(rec, "caption"), _id(rec))
+
+    return _collect(path, _json_records(path), parse)
+
+
+def read_cc_sbu_align(
+    root: str | Path,
+    instructions: Sequence[str] = ALIGNMENT_INSTRUCTIONS,
+    mode: str = "instructions",
+    seed: int = 0,
+) -> SampleList:
+    """MiniGPT-4 stage-2 data: ``root/filter_cap.json`` (``{"annotations": [{"image_id", "caption"}]}``) and
+    ``root/image/{image_id}.jpg``. Mode ``"instructions"``: the user turn is the image and an instruction chosen per
+    record index from ``instructions`` with ``seed`` (``<Img><ImageHere></Img> `` is put first when the instruction
+    has no placeholder); ``"captions"``: the image alone. The caption is the raw answer."""
+    if mode not in ("instructions", "captions"):
+        raise ValueError(f"mode must be 'instructions' or 'captions', got {mode!r}")
+    if mode == "instructions" and not instructions:
+        raise ValueError("instructions mode needs at least one instruction")
+    root = Path(root)
+    path = root / "filter_cap.json"
+    data = _load_json(path)
+    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
+        raise ValueError(f'{path}: expected {{"annotations": [...]}}')
+
+    def parse(rec: dict[str, Any], index: int) -> Sample:
+        image_id = str(_get(rec, "image_id", (str, int)))
+        sample = _caption_sample(str(root / "image" / f"{image_id}.jpg"), _get(rec, "caption"), image_id)
+        if mode == "instructions":
+            text = random.Random(f"{seed}:{index}").choice(instructions)
+            parts = parse_content(text)
+            if not any(isinstance(p, Image) for p in parts):
+                parts = parse_content(f"{MINIGPT4_IMAGE} {text}")
+            sample.conversation.turns[0] = Turn("user", parts)
+        return sample
+
+    return _collect(path, ((f"{path}:{i}", rec) for i, rec in enumerate(data["annotations"])), parse)
+
+
+_KEY_RE = re.compile(r"^((?:.*/)?[^./]+)\.([^/]+)$")  # webdataset: key = path up to the first dot of the name
+
+
+class WebDatasetReader(torch.utils.data.IterableDataset):
+    """Caption samples streamed from img2dataset-style tar shards (``key.jpg`` + ``key.json["caption"]`` and/or
+    ``key.txt``; json wins, as in MiniGPT-4). Images stay encoded bytes. With DataLoader workers each worker reads
+    every ``num_workers``-th shard; ``report`` covers the last pass in this process."""
+
+    def __init__(self, urls_or_dir: str | Path | Sequence[str | Path]) -> None:
+        items = [urls_or_dir] if isinstance(urls_or_dir, (str, Path)) else list(urls_or_dir)
+        self.shards: list[str] = []
+        for item in items:
+            if Path(item).is_dir():
+                found = sorted(str(p) for p in Path(item).iterdir() if p.name.endswith((".tar", ".tar.gz", ".tgz")))
+                if not found:
+                    raise ValueError(f"no .tar shards in {item}")
+                self.shards += found
+            else:
+                self.shards += braceexpand(str(item))
+        if not self.shards:
+            raise ValueError("no webdataset shards given")
+        for shard in self.shards:
+            if not Path(shard).is_file():
+                raise FileNotFoundError(f"webdataset shard not found: {shard}")
+        self.report = ReadReport(", ".join(self.shards) if len(self.shards) <= 3 else f"{len(self.shards)} shards")
+
+    def __iter__(self) -> Iterator[Sample]:
+        info = torch.utils.data.get_worker_info()
+        shards = self.shards if info is None else self.shards[info.id :: info.num_workers]
+        self.report = ReadReport(self.report.source)
+        for shard in shards:
+            for sample in self._read_shard(shard):
+                self.report.read += 1
+                yield sample
+        if shards:
+            self.report.finish()
+
+    def _read_shard(self, shard: str) -> Iterator[Sample]:
+        key, group = None, {}
+        try:
+            with tarfile.open(shard, "r|*") as tar:
+                for member in tar:
+                    match = _KEY_RE.match(member.name) if member.isfile() else None
+                    if match is None:
+                        continue
+                    if match[1] != key:
+                        if key is not None:
+                            yield from self._sample(shard, key, group)
+                        key, group = match[1], {}
+                    group[match[2].lower()] = tar.extractfile(member).read()  # type: ignore[union-attr]
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+            self.report.skip(shard, f"unreadable tar after {key or 'the start'}: {e}")
+            return
+        if key is not None:
+            yield from self._sample(shard, key, group)
+
+    def _sample(self, shard: str, key: str, group: dict[str, bytes]) -> Iterator[Sample]:
+        origin = f"{shard}/{key}"
+        try:
+            image = next((group[ext] for ext in IMAGE_EXTENSIONS if ext in group), None)
+            if image is None:
+                raise ValueError(f"no image member ({', '.join(IMAGE_EXTENSIONS)})")
+            caption = None
+            if "json" in group:
+                meta = json.loads(group["json"])
+                caption = meta.get("caption") if isinstance(meta, dict) else None
+            if caption is None and "txt" in group:
+                caption = group["txt"].decode("utf-8")
+            if caption is None:
+                raise ValueError("no caption (key.json 'caption' or key.txt)")
+            sample = _caption_sample(image, caption, key)
+        except ValueError as e:  # includes JSONDecodeError and UnicodeDecodeError
+            self.report.skip(origin, str(e))
+            return
+        sample.origin = origin
+        yield sample
+
+
+def read_webdataset(urls_or_dir: str | Path | Sequence[str | Path]) -> WebDatasetReader:
+    """Tar shards: a folder (all ``*.tar``), a path, a brace pattern ``"shards/{00000..00009}.tar"`` or a list."""
+    return WebDatasetReader(urls_or_dir)
+
+
+# ---------------------------------------------------------------------------------------------- dispatch and mixing
+
+READERS: dict[str, Callable[..., SampleList | WebDatasetReader]] = {
+    "llava": read_llava_json,
+    "cc_sbu_align": read_cc_sbu_align,
+    "minigpt4qwen": read_minigpt4qwen_json,
+    "webdataset": read_webdataset,
+    "captions_json": read_captions_json,
+}
+
+
+def read_dataset(spec: Mapping[str, Any]) -> SampleList | WebDatasetReader:
+    """Read ``{"format": name, **reader keyword arguments}`` (a ``"ratio"`` key, for :func:`read_mixture`, is
+    ignored), e.g. ``{"format": "llava", "path": "llava.json", "image_root": "coco/train2017"}``."""
+    kwargs = {k: v for k, v in spec.items() if k not in ("format", "ratio")}
+    reader = READERS.get(spec.get("format"))  # type: ignore[arg-type]
+    if reader is None:
+        raise ValueError(f"unknown dataset format {spec.get('format')!r}; expected one of {', '.join(READERS)}")
+    try:
+        inspect.signature(reader).bind(**kwargs)
+    except TypeError as e:
+        accepted = ", ".join(inspect.signature(reader).parameters)
+        raise ValueError(f"dataset spec for format {spec['format']!r}: {e} (accepted keys: {accepted})") from None
+    return reader(**kwargs)
+
+
+def _weights(ratios: Sequence[float], n: int) -> np.ndarray:
+    w = np.asarray(ratios, dtype=np.float64)
+    if len(w) != n or n == 0 or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+        raise ValueError(f"need one non-negative ratio per dataset ({n}), not all zero; got {list(ratios)}")
+    return w / w.sum()
+
+
+class MixedDataset(torch.utils.data.Dataset):
+    """Map-style datasets mixed by ratio: index ``i`` maps to a (dataset, position) pair fixed by ``seed`` and the
+    epoch (:meth:`set_epoch`). An epoch has ``length`` samples (default: the sum of the lengths); dataset ``k`` gets
+    exactly its share (largest remainder), read in a seeded random order that restarts reshuffled when exhausted, so
+    a small dataset with a big ratio repeats and a big one with a small ratio is subsampled. ``ratios=None`` weights
+    by size."""
+
+    def __init__(
+        self,
+        datasets: Sequence[Sequence[Sample]],
+        ratios: Sequence[float] | None = None,
+        seed: int = 0,
+        length: int | None = None,
+    ) -> None:
+        self.datasets = list(datasets)
+        sizes = [len(d) for d in self.datasets]
+        if not self.datasets or min(sizes) == 0:
+            raise ValueError(f"MixedDataset needs non-empty datasets, got sizes {sizes}")
+        self.weights = _weights(sizes if ratios is None else ratios, len(sizes))
+        self.seed, self.length = seed, sum(sizes) if length is None else length
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the mix of ``epoch`` (a different subsample / repetition order per epoch, same for all ranks)."""
+        rng = np.random.default_rng([self.seed, epoch])
+        exact = self.weights * self.length
+        counts = np.floor(exact).astype(np.int64)
+        counts[np.argsort(counts - exact, kind="stable")[: self.length - counts.sum()]] += 1
+        which = np.repeat(np.arange(len(self.datasets)), counts)
+        rng.shuffle(which)
+        position = np.empty(self.length, dtype=np.int64)
+        for k, size in enumerate(len(d) for d in self.datasets):
+            slots = np.flatnonzero(which == k)
+            order = [rng.permutation(size) for _ in range(math.ceil(len(slots) / size))]
+            position[slots] = np.concatenate(order)[: len(slots)] if order else []
+        self._plan = np.stack([which, position], axis=1)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> Sample:
+        k, i = self._plan[index]
+        return self.datasets[k][int(i)]
+
+
+class MixedStream(torch.utils.data.IterableDataset):
+    """Endless mix of iterable datasets (e.g. webdataset shards): each step draws a source by ratio from a
+    ``random.Random`` seeded with ``seed`` (and the DataLoader worker id); an exhausted source restarts, as LAVIS's
+    MultiIterLoader does for MiniGPT-4's laion + cc_sbu stage 1."""
+
+    def __init__(self, datasets: Sequence[Iterable[Sample]], ratios: Sequence[float], seed: int = 0) -> None:
+        self.datasets = list(datasets)
+        self.weights = _weights(ratios, len(self.datasets)).tolist()
+        self.seed = seed
+
+    def __iter__(self) -> Iterator[Sample]:
+        info = torch.utils.data.get_worker_info()
+        rng = random.Random(f"{self.seed}:{0 if info is None else info.id}")
+        iterators = [iter(d) for d in self.datasets]
+        while True:
+            k = rng.choices(range(len(self.datasets)), weights=self.weights)[0]
+            try:
+                yield next(iterators[k])
+            except StopIteration:
+                iterators[k] = iter(self.datasets[k])
+                sample = next(iterators[k], None)
+                if sample is None:
+                    raise ValueError(f"mixed dataset {k} yields no sample") from None
+                yield sample
+
+
+def read_mixture(specs: Sequence[Mapping[str, Any]], seed: int = 0) -> Any:
+    """Read several specs (each with an optional ``"ratio"``, default 1) and mix them: one spec gives its dataset,
+    map-style ones a :class:`MixedDataset`, any streamed one a :class:`MixedStream`."""
+    datasets = [read_dataset(spec) for spec in specs]
+    if len(datasets) == 1:
+        return datasets[0]
+    ratios = [float(spec.get("ratio", 1.0)) for spec in specs]
+    if all(isinstance(d, SampleList) for d in datasets):
+        return MixedDataset(datasets, ratios, seed)  # type: ignore[arg-type]
+    return MixedStream(datasets, ratios, seed)
