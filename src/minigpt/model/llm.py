@@ -33,12 +33,16 @@ def load_llm(
     gguf_file: str | None = None,
     trust_remote_code: bool = False,
     attn_implementation: str | None = "sdpa",
+    **extra: Any,
 ) -> PreTrainedModel:
     """``AutoModelForCausalLM.from_pretrained`` on a local directory or a hub id, in ``dtype``.
 
+    ``extra`` goes to ``from_pretrained`` as is (e.g. ``quantization_config``, ``device_map``).
     A GGUF checkpoint is dequantized to ``dtype`` and made saveable as a plain model.
     """
-    kwargs: dict[str, Any] = {"dtype": parse_dtype(dtype), "trust_remote_code": trust_remote_code}
+    if gguf_file and extra.get("quantization_config") is not None:
+        raise ValueError("a GGUF LLM cannot be loaded in 8/4 bits; drop --load-in-8bit/4bit")
+    kwargs: dict[str, Any] = {"dtype": parse_dtype(dtype), "trust_remote_code": trust_remote_code, **extra}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
     if attn_implementation:

@@ -117,12 +117,21 @@ class MiniGPT(nn.Module):
 
     # ------------------------------------------------------------------ building and loading
     @classmethod
-    def build(cls, config: MiniGPTConfig, llm: PreTrainedModel | None = None, tokenizer: Any = None) -> "MiniGPT":
+    def build(
+        cls,
+        config: MiniGPTConfig,
+        llm: PreTrainedModel | None = None,
+        tokenizer: Any = None,
+        llm_kwargs: dict[str, Any] | None = None,
+    ) -> "MiniGPT":
         """Build from a config: vision weights from ``vision_weights`` (random init if None), the LLM
-        from ``config.llm`` unless given, and a fresh (or ``projector_weights``) projector."""
+        from ``config.llm`` unless given (``llm_kwargs`` go to its ``from_pretrained``, e.g. a
+        quantization config), and a fresh (or ``projector_weights``) projector."""
         vision = load_vision_encoder(config)
         if llm is None:
-            llm = load_llm(config.llm, config.llm_dtype, config.llm_gguf_file, config.trust_remote_code)
+            llm = load_llm(
+                config.llm, config.llm_dtype, config.llm_gguf_file, config.trust_remote_code, **(llm_kwargs or {})
+            )
         if tokenizer is None:
             tokenizer = load_tokenizer(config.llm, config.llm_gguf_file, config.trust_remote_code)
         projector = build_projector(config.projector, vision.out_dim, llm.get_input_embeddings().embedding_dim)
@@ -131,9 +140,12 @@ class MiniGPT(nn.Module):
         return cls(config, vision, projector, llm, tokenizer)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, **overrides: Any) -> "MiniGPT":
+    def from_pretrained(
+        cls, directory: str | Path, llm_kwargs: dict[str, Any] | None = None, **overrides: Any
+    ) -> "MiniGPT":
         """Load a directory written by :meth:`save_pretrained`. Parts not stored there come from the
-        sources recorded in its config (``llm``, ``vision_weights``); ``overrides`` change config fields."""
+        sources recorded in its config (``llm``, ``vision_weights``); ``overrides`` change config fields;
+        ``llm_kwargs`` go to the LLM's ``from_pretrained``."""
         directory = Path(directory)
         config_path = directory / CONFIG_FILE
         if not config_path.is_file():
@@ -151,7 +163,7 @@ class MiniGPT(nn.Module):
             config_for_build = config
         if (directory / "vision.safetensors").is_file():
             config_for_build.vision_weights = None
-        model = cls.build(config_for_build)
+        model = cls.build(config_for_build, llm_kwargs=llm_kwargs)
         model.config = config
         for name, module in (("vision", model.vision), ("projector", model.projector)):
             path = directory / f"{name}.safetensors"
@@ -188,6 +200,11 @@ class MiniGPT(nn.Module):
             data["vision_weights"] = None
         (directory / CONFIG_FILE).write_text(json.dumps(data, indent=2) + "\n")
         return written
+
+    def set_template(self, name: str) -> None:
+        """Switch the prompt template (e.g. from stage 1's ``caption`` to a chat template)."""
+        self.template = get_template(name)
+        self.config.template = name
 
     # ------------------------------------------------------------------ freezing
     def parts(self) -> dict[str, list[nn.Module | nn.Parameter]]:
@@ -415,7 +432,7 @@ def load_projector_weights(path: str | Path) -> dict[str, torch.Tensor]:
         return load_file(path)
     from ..convert.lavis import convert_minigpt4_projector, load_checkpoint
 
-    return convert_minigpt4_projector(load_checkpoint(path))
+    return convert_minigpt4_projector(load_checkpoint(path))[0]
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -99,6 +99,8 @@ class Blip2VisionEncoder(nn.Module):
                 layer_norm_eps=config.vit_eps,
                 hidden_act="gelu",
                 qkv_bias=True,
+                # transformers' default (1e-10) assumes pretrained weights; a random encoder needs real noise.
+                initializer_range=0.02,
             )
         )
         # LAVIS' ln_vision is a plain LayerNorm (eps 1e-5); transformers would use the ViT's 1e-6.

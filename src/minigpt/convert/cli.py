@@ -1,0 +1,232 @@
+"""``minigpt convert ...``: bring files of the original projects (and DeepSpeed runs) into minigpt, and
+export minigpt models to plain transformers.
+
+::
+
+    minigpt convert lavis --eva eva_vit_g.pth --blip2 blip2_pretrained_flant5xxl.pth --out vision/
+    minigpt convert hf-blip2 blip2-opt-2.7b/ --out vision/
+    minigpt convert projector pretrained_minigpt4_7b.pth --out projector.safetensors
+    minigpt convert assemble --llm vicuna-7b/ --vision vision/ --projector pretrained_minigpt4_7b.pth \\
+        --template vicuna0 --out minigpt4-7b/
+    minigpt convert deepspeed output/run/ --out model/            # ZeRO or pipeline checkpoints
+    minigpt convert export-hf model/ --out model-hf/               # Blip2ForConditionalGeneration folder
+
+Every input is read with safetensors or ``torch.load(weights_only=True)``; ``--trust-pickle`` (deepspeed
+only) lifts that for files you made yourself. Each command prints what it wrote and a report of the
+keys it ignored and anything else worth knowing.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "convert",
+        help="convert LAVIS / MiniGPT-4 / transformers / DeepSpeed checkpoints; export to transformers",
+        description="Convert checkpoints of the original projects into minigpt parts and model directories, "
+                    "and export a model to a transformers Blip2ForConditionalGeneration folder.",
+    )
+    sub = p.add_subparsers(dest="convert_command", metavar="WHAT")
+    p.set_defaults(func=lambda args: (p.print_help(), 0)[1])
+
+    q = sub.add_parser("lavis", help="LAVIS eva_vit_g.pth + blip2_pretrained*.pth -> vision encoder folder",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    q.add_argument("--eva", required=True, metavar="PTH", help="EVA ViT-g file (eva_vit_g.pth)")
+    q.add_argument("--blip2", required=True, metavar="PTH", help="BLIP-2 file (blip2_pretrained_flant5xxl.pth)")
+    q.add_argument("--out", "-o", required=True, metavar="DIR", help="vision encoder folder to write")
+    _head_arguments(q)
+    q.add_argument("--keep-last-block", action="store_true",
+                   help="use every ViT block of the file (BLIP-2 drops the last of eva_vit_g.pth's 40)")
+    q.set_defaults(func=_lavis)
+
+    q = sub.add_parser("hf-blip2", help="transformers BLIP-2 folder (Salesforce/blip2-*) -> vision encoder folder")
+    q.add_argument("directory", metavar="DIR", help="folder with config.json and the weights")
+    q.add_argument("--out", "-o", required=True, metavar="DIR")
+    q.set_defaults(func=_hf_blip2)
+
+    q = sub.add_parser("projector", help="MiniGPT-4 / MiniGPT4Qwen / MPP layer_00 checkpoint -> projector safetensors")
+    q.add_argument("checkpoint", metavar="CKPT", help="llama_proj / llm_proj / visionpipe.llm_proj checkpoint")
+    q.add_argument("--out", "-o", required=True, metavar="FILE.safetensors")
+    q.set_defaults(func=_projector)
+
+    q = sub.add_parser("assemble", help="LLM + vision folder + projector -> a model directory (chat, eval)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    q.add_argument("--llm", required=True, help="LLM folder or hub id (e.g. Vicuna for MiniGPT-4)")
+    q.add_argument("--vision", required=True, metavar="DIR", help="vision encoder folder (convert lavis / hf-blip2)")
+    q.add_argument("--projector", required=True, metavar="CKPT", help=".safetensors or an original .pth")
+    q.add_argument("--projector-type", default="linear", help="linear or mlp2x_gelu")
+    q.add_argument("--template", default="vicuna0", help="prompt template of the checkpoint")
+    q.add_argument("--out", "-o", required=True, metavar="MODEL_DIR")
+    q.add_argument("--dtype", default="float32", help="LLM dtype recorded (and used with --full)")
+    q.add_argument("--full", action="store_true",
+                   help="copy the LLM and the vision weights in (a self-contained folder); default: reference them")
+    q.add_argument("--trust-remote-code", action="store_true", help="allow the LLM's own modelling code")
+    q.set_defaults(func=_assemble)
+
+    q = sub.add_parser("deepspeed", help="DeepSpeed ZeRO or pipeline checkpoint -> a model directory",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    q.add_argument("checkpoint", metavar="CKPT_DIR", help="the save_dir (uses 'latest') or a global_stepN folder")
+    q.add_argument("--out", "-o", required=True, metavar="MODEL_DIR")
+    q.add_argument("--tag", help="checkpoint tag folder (default: 'latest', else the highest global_stepN)")
+    q.add_argument("--config", metavar="FILE|DIR", help="model config (config.json or a model directory) when the "
+                   "checkpoint records none; pipeline: optional")
+    q.add_argument("--llm", help="base LLM (pipeline: required; ZeRO: overrides the recorded one)")
+    q.add_argument("--vision", metavar="DIR", help="vision encoder folder (else from the checkpoint)")
+    q.add_argument("--template", help="prompt template (pipeline default: chatml)")
+    q.add_argument("--with-llm", action="store_true",
+                   help="pipeline: take the LLM weights from the layer files (the LLM was trained)")
+    q.add_argument("--fp32", action="store_true", help="ZeRO: rebuild fp32 master weights from the optimizer files")
+    _head_arguments(q)
+    q.add_argument("--dtype", help="LLM dtype recorded in the model config")
+    q.add_argument("--full", action="store_true", help="write every part (a self-contained folder)")
+    q.add_argument("--trust-pickle", action="store_true",
+                   help="UNSAFE: load files that need full unpickling (runs code in them); only your own files")
+    q.set_defaults(func=_deepspeed)
+
+    q = sub.add_parser("export-hf", help="model directory -> transformers Blip2ForConditionalGeneration folder")
+    q.add_argument("model", metavar="MODEL_DIR")
+    q.add_argument("--out", "-o", required=True, metavar="HF_DIR")
+    q.add_argument("--dtype", help="weight dtype (default: the model's LLM dtype); the Q-Former stays float32")
+    q.add_argument("--max-shard-size", default="5GB")
+    q.set_defaults(func=_export_hf)
+
+
+def _head_arguments(q: argparse.ArgumentParser) -> None:
+    q.add_argument("--heads", type=int, default=16, help="ViT attention heads (cannot be read from weights)")
+    q.add_argument("--qformer-heads", type=int, default=12, help="Q-Former attention heads")
+
+
+def _print_report(report: Any) -> None:
+    text = str(report)
+    if text:
+        print(text)
+
+
+def _vision_summary(config: Any) -> str:
+    return (f"ViT {config.depth} blocks x {config.width} ({config.heads} heads, mlp {config.mlp_dim}), image "
+            f"{config.image_size}/{config.patch_size}; Q-Former {config.qformer_depth} x {config.qformer_width}, "
+            f"{config.num_query_tokens} queries, cross-attention every {config.cross_attention_freq}")
+
+
+def _lavis(args: argparse.Namespace) -> int:
+    from .lavis import convert_lavis_vision, save_vision
+
+    config, state, report = convert_lavis_vision(
+        args.eva, args.blip2, heads=args.heads, qformer_heads=args.qformer_heads,
+        drop_last_block=not args.keep_last_block,
+    )
+    out = save_vision(args.out, config, state)
+    print(f"wrote {out}: {_vision_summary(config)}")
+    _print_report(report)
+    return 0
+
+
+def _hf_blip2(args: argparse.Namespace) -> int:
+    from .lavis import convert_hf_blip2, save_vision
+
+    if not Path(args.directory).is_dir():
+        raise FileNotFoundError(f"{args.directory}: no such folder")
+    config, state, report = convert_hf_blip2(args.directory)
+    out = save_vision(args.out, config, state)
+    print(f"wrote {out}: {_vision_summary(config)}")
+    _print_report(report)
+    return 0
+
+
+def _projector(args: argparse.Namespace) -> int:
+    from safetensors.torch import save_file
+
+    from .lavis import convert_minigpt4_projector
+
+    if not args.out.endswith(".safetensors"):
+        raise ValueError(f"--out {args.out}: the projector is written as .safetensors")
+    state, report = convert_minigpt4_projector(args.checkpoint)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, args.out, metadata={"format": "pt", "source": Path(args.checkpoint).name})
+    out_dim, in_dim = state["weight"].shape
+    print(f"wrote {args.out}: linear projector {in_dim} -> {out_dim}")
+    _print_report(report)
+    return 0
+
+
+def assemble(
+    llm: str, vision: str | Path, projector: str | Path, out: str | Path, template: str = "vicuna0",
+    projector_type: str = "linear", dtype: str = "float32", full: bool = False, trust_remote_code: bool = False,
+) -> list[str]:
+    """Write a model directory from base parts; returns the parts written (see ``save_pretrained``).
+
+    Without ``full`` the LLM is built on the meta device (only its config and tokenizer are read) and the
+    directory references ``llm`` and ``vision`` (absolute paths for local folders)."""
+    import json
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..model.minigpt import MiniGPT, MiniGPTConfig
+    from .lavis import VISION_CONFIG
+
+    vision = Path(vision)
+    if not (vision / VISION_CONFIG).is_file():
+        raise FileNotFoundError(f"{vision}: not a vision encoder folder (no {VISION_CONFIG}); "
+                                "make one with 'minigpt convert lavis' or 'hf-blip2'")
+    if not Path(projector).is_file():
+        raise FileNotFoundError(f"{projector}: no such file")
+    llm_ref = str(Path(llm).resolve()) if Path(llm).is_dir() else llm
+    config = MiniGPTConfig(
+        llm=llm_ref, vision=json.loads((vision / VISION_CONFIG).read_text()), vision_weights=str(vision.resolve()),
+        projector=projector_type, projector_weights=None, template=template, llm_dtype=dtype,
+        trust_remote_code=trust_remote_code,
+    )
+    meta_llm = None
+    if not full:
+        try:
+            llm_config = AutoConfig.from_pretrained(llm_ref, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as err:
+            raise OSError(f"could not read the LLM config of {llm!r}: {err}") from err
+        with torch.device("meta"):
+            meta_llm = AutoModelForCausalLM.from_config(llm_config, trust_remote_code=trust_remote_code)
+    build = MiniGPTConfig.from_dict({**config.to_dict(), "projector_weights": str(projector)})
+    try:
+        model = MiniGPT.build(build, llm=meta_llm)
+    except RuntimeError as err:  # load_state_dict's size mismatch
+        raise ValueError(f"the projector does not fit this LLM / vision encoder: {err}") from None
+    model.config = config
+    return model.save_pretrained(out, trainable_only=not full)
+
+
+def _assemble(args: argparse.Namespace) -> int:
+    written = assemble(args.llm, args.vision, args.projector, args.out, template=args.template,
+                       projector_type=args.projector_type, dtype=args.dtype, full=args.full,
+                       trust_remote_code=args.trust_remote_code)
+    print(f"wrote {args.out}: {', '.join(written)}" + ("" if args.full else f" (llm {args.llm} and vision "
+                                                       f"{args.vision} are referenced, not copied)"))
+    return 0
+
+
+def _deepspeed(args: argparse.Namespace) -> int:
+    from .deepspeed import convert_deepspeed
+
+    written, report = convert_deepspeed(
+        args.checkpoint, args.out, tag=args.tag, config=args.config, llm=args.llm, vision=args.vision,
+        template=args.template, with_llm=args.with_llm, fp32=args.fp32, heads=args.heads,
+        qformer_heads=args.qformer_heads, llm_dtype=args.dtype, full=args.full, trust_pickle=args.trust_pickle,
+    )
+    print(f"wrote {args.out}: {', '.join(written)}")
+    _print_report(report)
+    return 0
+
+
+def _export_hf(args: argparse.Namespace) -> int:
+    from .export_hf import export_hf
+
+    if not Path(args.model).is_dir():
+        raise FileNotFoundError(f"{args.model}: no such model directory")
+    result = export_hf(args.model, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size)
+    print(f"wrote {result.directory}: Blip2ForConditionalGeneration + Blip2Processor; image token "
+          f"<image> = {result.image_token_index}, {result.num_query_tokens} per image")
+    _print_report(result.report)
+    return 0

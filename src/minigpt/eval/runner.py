@@ -1,0 +1,578 @@
+"""Batched prediction over eval records, resumable from its predictions file, then the task's metrics.
+
+:func:`run_eval` is what ``minigpt eval`` runs: it skips the records already in the predictions JSONL (matched by
+id, and by prompt text so a changed prompt is predicted again), generates the rest in batches (longest prompts
+first, images decoded by a thread pool one batch ahead), appends each batch to the JSONL as it finishes, and
+writes a metrics JSON with the model, data, settings, counts, problems and throughput.
+
+:func:`evaluate_task` is the hook for training loops: same batching and metrics, no files, model put in eval
+mode and restored.
+
+Bad input never stops a run halfway: a missing or unreadable image, a record the model fails on (a failed batch
+is retried one record at a time) and an empty prediction each get an :class:`EvalWarning` naming the record, and
+are counted in the metrics JSON (``counts`` and ``problems``). Records without a prediction are left out of the
+metrics. Only when the first records of a run all fail (a wrong ``--images`` folder, a broken model) does it
+stop, with the first error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import time
+import warnings
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ..data.images import load_image
+from ..infer.generate import GenerationOptions
+from . import metrics as M
+from .tasks import TASKS, EvalRecord, TaskData, apply_limit
+
+log = logging.getLogger(__name__)
+
+MAX_WARNINGS = 10  # per kind of problem; the rest are summarised in one warning
+MAX_EXAMPLES = 20  # per kind, kept in the metrics JSON
+#: A run whose first this-many records all fail stops (a wrong image folder, a broken model).
+ABORT_AFTER = 32
+
+
+class EvalWarning(UserWarning):
+    """A record that could not be evaluated, or a suspicious prediction."""
+
+
+@dataclass
+class Problems:
+    """Counts and examples of bad input, by kind: ``missing_image`` (missing or unreadable image),
+    ``generation_failed``, ``empty_prediction``, ``bad_prediction_line`` (a corrupt line of a resumed predictions
+    file) and ``stale_prediction`` (a resumed prediction whose prompt differs, predicted again)."""
+
+    counts: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+
+    def add(self, kind: str, where: str, message: str) -> None:
+        self.counts[kind] += 1
+        if len(self.examples[kind]) < MAX_EXAMPLES:
+            self.examples[kind].append(f"{where}: {message}")
+        if self.counts[kind] <= MAX_WARNINGS:
+            warnings.warn(f"{kind.replace('_', ' ')}: {where}: {message}", EvalWarning, stacklevel=3)
+
+    def summarize(self) -> None:
+        for kind, n in self.counts.items():
+            if n > MAX_WARNINGS:
+                warnings.warn(f"{n - MAX_WARNINGS} more {kind.replace('_', ' ')} problems (see the metrics JSON)",
+                              EvalWarning, stacklevel=3)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: {"count": n, "examples": self.examples[k]} for k, n in sorted(self.counts.items())}
+
+
+@dataclass
+class EvalResult:
+    """What :func:`run_eval` produced; ``report`` is the metrics JSON's content."""
+
+    metrics: dict[str, Any]
+    predictions: dict[str, str]
+    problems: Problems
+    report: dict[str, Any]
+
+
+# ---------------------------------------------------------------------------------------------- prediction
+
+
+def _load_images(record: EvalRecord) -> list[Any]:
+    return [load_image(img, origin=record.origin or record.id) for img in record.images]
+
+
+def _prefetch(
+    records: Sequence[EvalRecord], batch_size: int, workers: int
+) -> Iterator[list[tuple[EvalRecord, list[Any] | Exception]]]:
+    """Batches of ``(record, images or the error loading them)``; a pool decodes the next batch meanwhile."""
+
+    def load(r: EvalRecord) -> list[Any] | Exception:
+        try:
+            return _load_images(r)
+        except Exception as e:  # noqa: BLE001 - any unreadable image is a per-record problem
+            return e
+
+    batches = [records[i:i + batch_size] for i in range(0, len(records), batch_size)]
+    if workers <= 0:
+        for batch in batches:
+            yield [(r, load(r)) for r in batch]
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="eval-images") as pool:
+        pending: list[list[Future]] = []
+        for i, batch in enumerate(batches):
+            while len(pending) < 2 and i + len(pending) < len(batches):
+                pending.append([pool.submit(load, r) for r in batches[i + len(pending)]])
+            futures = pending.pop(0)
+            yield [(r, f.result()) for r, f in zip(batch, futures)]
+
+
+def _generate(model: Any, recs: list[EvalRecord], images: list[list[Any]], options: GenerationOptions) -> list[Any]:
+    """Answers for a batch; when the batch fails, each record alone (an answer or the exception)."""
+    try:
+        answers = model.generate([r.prompt for r in recs], images, options)
+        if not isinstance(answers, list) or len(answers) != len(recs) or not all(isinstance(a, str) for a in answers):
+            raise RuntimeError(f"model.generate returned {type(answers).__name__}, not {len(recs)} strings")
+        return answers
+    except Exception as e:  # noqa: BLE001 - one bad record must not sink its batch
+        if len(recs) == 1:
+            return [e]
+        log.debug("batch of %d failed (%s); retrying one by one", len(recs), e)
+        return [_generate(model, [r], [imgs], options)[0] for r, imgs in zip(recs, images)]
+
+
+def predict(
+    model: Any,
+    records: Sequence[EvalRecord],
+    options: GenerationOptions | None = None,
+    *,
+    batch_size: int = 8,
+    workers: int = 2,
+    problems: Problems | None = None,
+    on_batch: Callable[[list[tuple[EvalRecord, str]]], None] | None = None,
+    progress: bool | Any = False,
+) -> dict[str, str]:
+    """Predictions ``{id: answer}`` for ``records`` (those that fail are reported in ``problems`` and left out).
+
+    Batches hold records of similar prompt length (longest first); ``on_batch`` gets each batch's results as it
+    finishes; ``progress`` is True for a tqdm bar or a tqdm-like object to ``update``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    options = options or GenerationOptions()
+    problems = problems if problems is not None else Problems()
+    order = sorted(records, key=lambda r: (-len(r.prompt_text), -len(r.images)))
+    bar = _bar(len(order), 0, "predict") if progress is True else (progress or None)
+    out: dict[str, str] = {}
+    attempted = 0
+    first_error: str | None = None
+    for batch in _prefetch(order, batch_size, workers):
+        ready = [(r, imgs) for r, imgs in batch if not isinstance(imgs, Exception)]
+        for r, err in batch:
+            if isinstance(err, Exception):
+                problems.add("missing_image", r.origin or r.id, str(err))
+                first_error = first_error or str(err)
+        answers = _generate(model, [r for r, _ in ready], [imgs for _, imgs in ready], options) if ready else []
+        done = []
+        for (r, _), answer in zip(ready, answers):
+            if isinstance(answer, Exception):
+                problems.add("generation_failed", r.origin or r.id, f"{type(answer).__name__}: {answer}")
+                first_error = first_error or f"{type(answer).__name__}: {answer}"
+            else:
+                out[r.id] = answer
+                done.append((r, answer))
+        attempted += len(batch)
+        if done and on_batch:
+            on_batch(done)
+        if bar is not None:
+            bar.update(len(batch))
+        if not out and attempted >= ABORT_AFTER:
+            raise RuntimeError(f"the first {attempted} records all failed; first error: {first_error}")
+    if not out and attempted:
+        raise RuntimeError(f"all {attempted} records failed; first error: {first_error}")
+    if bar is not None and progress is True:
+        bar.close()
+    return out
+
+
+def _bar(total: int, initial: int, desc: str) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit=" samples", dynamic_ncols=True, smoothing=0.1)
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+
+def compute_metrics(
+    task: str, records: Sequence[EvalRecord], predictions: Mapping[str, str], meteor: bool | None = None
+) -> dict[str, Any]:
+    """The task's metrics over the records that have a prediction (``n``: how many were scored).
+
+    caption: ``Bleu_1..4, METEOR, ROUGE_L, CIDEr`` (:func:`~minigpt.eval.metrics.caption_metrics`; ``meteor`` as
+    there). vqa: VQAv2 ``accuracy`` and ``per_answer_type`` (questions with fewer than 10 answers are scored by
+    exact match, see :func:`vqa_record_accuracy`; ``n_exact_match`` counts them). mcq: ``accuracy`` (original
+    option order, rotation 0), ``unparsed`` (all records), with several rotations per question
+    ``circular_accuracy`` (over ``n_circular`` questions with every rotation predicted) and
+    ``incomplete_questions``; ``per_category``. pope: accuracy, precision, recall, f1, yes_ratio, and
+    ``per_category``. Fractions in [0, 1].
+    """
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; tasks are {', '.join(TASKS)}")
+    recs = [r for r in records if r.id in predictions]
+    if not recs:
+        raise ValueError("no predictions to score")
+    pred = {r.id: predictions[r.id] for r in recs}
+    if task == "caption":
+        return {**M.caption_metrics(pred, {r.id: r.references for r in recs}, meteor=meteor), "n": len(recs)}
+    if task == "vqa":
+        scored = [r for r in recs if r.references]
+        if not scored:
+            return {"accuracy": None, "n": 0, "note": "no reference answers (predictions only)"}
+        acc = {r.id: vqa_record_accuracy(pred[r.id], r.references, bool(r.extra.get("normalize_answers")))
+               for r in scored}
+        out: dict[str, Any] = {"accuracy": _mean(acc.values()), "n": len(scored)}
+        few = sum(len(r.references) < VQA_ANNOTATORS for r in scored)
+        if few:
+            out["n_exact_match"] = few
+        types = defaultdict(list)
+        for r in scored:
+            if r.extra.get("answer_type"):
+                types[r.extra["answer_type"]].append(acc[r.id])
+        if types:
+            out["per_answer_type"] = {t: _mean(v) for t, v in sorted(types.items())}
+        return out
+    if task == "mcq":
+        return _mcq_metrics(records, recs, pred)
+    labels = [r.references[0] for r in recs]
+    out = {**M.pope_metrics([pred[r.id] for r in recs], labels), "n": len(recs)}
+    cats = defaultdict(list)
+    for r in recs:
+        if r.extra.get("category"):
+            cats[r.extra["category"]].append(r)
+    if cats:
+        out["per_category"] = {
+            c: {**M.pope_metrics([pred[r.id] for r in rs], [r.references[0] for r in rs]), "n": len(rs)}
+            for c, rs in sorted(cats.items())
+        }
+    return out
+
+
+#: VQAv2 has 10 answers per question; its leave-one-out formula needs that many (1 answer would always score 0).
+VQA_ANNOTATORS = 10
+
+
+def vqa_record_accuracy(prediction: str, answers: Sequence[str], normalize_answers: bool = False) -> float:
+    """VQAv2 accuracy (:func:`~minigpt.eval.metrics.vqa_accuracy`) for questions with 10 or more answers; with
+    fewer (single-answer JSONL sets), 1.0 when the VQA-normalised prediction equals a normalised answer, else 0."""
+    if len(answers) >= VQA_ANNOTATORS:
+        return M.vqa_accuracy(prediction, answers, normalize_answers)
+    pred = M.normalize_vqa_answer(prediction)
+    return float(any(pred == M.normalize_vqa_answer(a) for a in answers))
+
+
+def _mean(values: Any) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else math.nan
+
+
+def _mcq_metrics(records: Sequence[EvalRecord], recs: list[EvalRecord], pred: Mapping[str, str]) -> dict[str, Any]:
+    choice = {r.id: M.extract_choice(pred[r.id], r.extra["options"]) for r in recs}
+    right = {r.id: choice[r.id] is not None and choice[r.id] == r.references[0].strip().upper() for r in recs}
+    first = [r for r in recs if not r.extra.get("rotation")]
+    out: dict[str, Any] = {
+        "accuracy": _mean(right[r.id] for r in first) if first else None,
+        "unparsed": _mean(choice[r.id] is None for r in recs),
+        "n": len(first),
+    }
+    expected = Counter(r.group for r in records)
+    circular = any(n > 1 for n in expected.values())
+    groups: dict[str, list[bool]] = defaultdict(list)
+    for r in recs:
+        groups[r.group].append(right[r.id])
+    if circular:
+        complete = {g: v for g, v in groups.items() if len(v) == expected[g]}
+        out["circular_accuracy"] = M.circular_accuracy(complete) if complete else None
+        out["n_circular"] = len(complete)
+        out["incomplete_questions"] = len(groups) - len(complete)
+    cats: dict[str, list[bool]] = defaultdict(list)
+    category = {r.group: r.extra.get("category") for r in recs}
+    if circular:
+        for g, v in groups.items():
+            if category.get(g) and len(v) == expected[g]:
+                cats[category[g]].append(all(v))
+    else:
+        for r in recs:
+            if r.extra.get("category"):
+                cats[r.extra["category"]].append(right[r.id])
+    if cats:
+        out["per_category"] = {c: _mean(v) for c, v in sorted(cats.items())}
+    return out
+
+
+def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """``{"accuracy": .9, "per_category": {"x": .8}}`` -> ``{"accuracy": .9, "per_category/x": .8}``, numbers only."""
+    out: dict[str, float] = {}
+    for k, v in metrics.items():
+        if isinstance(v, Mapping):
+            out.update(flatten_metrics(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+def prediction_row(record: EvalRecord, prediction: str, task: str) -> dict[str, Any]:
+    """One predictions-JSONL line: id, prompt, prediction, references, then task details (options, choice...)."""
+    row: dict[str, Any] = {"id": record.id, "prompt": record.prompt_text, "prediction": prediction,
+                           "references": record.references}
+    row.update({k: v for k, v in record.extra.items() if k != "normalize_answers"})
+    if task == "mcq":
+        row["choice"] = M.extract_choice(prediction, record.extra["options"])
+    if record.group != record.id:
+        row["group"] = record.group
+    return row
+
+
+def read_predictions(path: str | Path, problems: Problems | None = None) -> dict[str, dict[str, Any]]:
+    """Rows of a predictions JSONL by id. Corrupt lines (an interrupted write) are reported and dropped, and the
+    file rewritten without them, so appending continues on a clean line."""
+    path = Path(path)
+    problems = problems if problems is not None else Problems()
+    rows: dict[str, dict[str, Any]] = {}
+    if not path.is_file():
+        return rows
+    raw = path.read_bytes()
+    bad = 0
+    for lineno, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("id"), str) or not isinstance(
+                row.get("prediction"), str
+            ):
+                raise ValueError("not an object with string 'id' and 'prediction'")
+        except ValueError as e:
+            problems.add("bad_prediction_line", f"{path}:{lineno}", str(e))
+            bad += 1
+            continue
+        rows[row["id"]] = row
+    if bad or (raw and not raw.endswith(b"\n")):
+        _write_rows(path, rows.values())
+    return rows
+
+
+def _write_rows(path: Path, rows: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    from .. import __version__
+
+    return {"minigpt": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def _device_info(model: Any) -> dict[str, Any]:
+    device = getattr(model, "device", None)
+    if device is None:
+        return {}
+    from ..device import peak_memory_gib
+
+    try:
+        peak = peak_memory_gib(device)
+    except Exception:  # noqa: BLE001 - informational only
+        peak = None
+    return {"device": str(device), "peak_memory_gib": None if peak is None else round(peak, 3)}
+
+
+def _write_json(path: Path, data: Mapping[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+
+def run_eval(
+    model: Any,
+    task: str,
+    data: TaskData | Sequence[EvalRecord],
+    options: GenerationOptions | None = None,
+    *,
+    predictions_path: str | Path | None = None,
+    metrics_path: str | Path | None = None,
+    batch_size: int = 8,
+    limit: int | None = None,
+    resume: bool = True,
+    workers: int = 2,
+    meteor: bool | None = None,
+    progress: bool = True,
+    info: Mapping[str, Any] | None = None,
+    settings: Mapping[str, Any] | None = None,
+) -> EvalResult:
+    """Predict (resuming from ``predictions_path``), score and write the metrics JSON.
+
+    ``info``: descriptive fields for the metrics JSON (``model``, ``data``, ``images``...). ``settings``: extra
+    settings recorded there (prompt, circular...). A resumed run must use the same task, model and generation
+    options as the one that wrote ``metrics_path`` (it is written with ``"status": "running"`` at the start);
+    otherwise ``ValueError`` (use ``resume=False``).
+    """
+    options = options or GenerationOptions()
+    records = list(data.records if isinstance(data, TaskData) else data)
+    records = apply_limit(records, limit)
+    if not records:
+        raise ValueError("no records to evaluate")
+    problems = Problems()
+    info = dict(info or {})
+    run_settings = {"task": task, "model": info.get("model"), "generation": options.to_dict(),
+                    **dict(settings or {})}
+    all_settings = {**run_settings, "batch_size": batch_size, "limit": limit, "meteor": meteor}
+    pred_path = Path(predictions_path) if predictions_path else None
+    met_path = Path(metrics_path) if metrics_path else None
+
+    done: dict[str, str] = {}
+    if pred_path is not None:
+        pred_path.parent.mkdir(parents=True, exist_ok=True)
+        if resume and pred_path.exists():
+            _check_resumable(met_path, run_settings)
+            by_id = {r.id: r for r in records}
+            for id, row in read_predictions(pred_path, problems).items():
+                r = by_id.get(id)
+                if r is None:
+                    continue
+                if row.get("prompt") != r.prompt_text:
+                    problems.add("stale_prediction", id, "prompt differs from this run's; predicted again")
+                    continue
+                done[id] = row["prediction"]
+        elif pred_path.exists():
+            pred_path.unlink()
+    if met_path is not None:
+        _write_json(met_path, {"status": "running", **info, "settings": all_settings})
+
+    pending = [r for r in records if r.id not in done]
+    if done:
+        log.info("resuming: %d of %d records already predicted in %s", len(done), len(records), pred_path)
+    restore = _eval_mode(model)
+    fout = open(pred_path, "a", encoding="utf-8") if pred_path is not None else None  # noqa: SIM115
+
+    def write(batch: list[tuple[EvalRecord, str]]) -> None:
+        if fout is not None:
+            for r, answer in batch:
+                fout.write(json.dumps(prediction_row(r, answer, task), ensure_ascii=False) + "\n")
+            fout.flush()
+
+    bar = _bar(len(records), len(done), task) if progress else None
+    start = time.perf_counter()
+    try:
+        new = predict(model, pending, options, batch_size=batch_size, workers=workers, problems=problems,
+                      on_batch=write, progress=bar) if pending else {}
+    finally:
+        seconds = time.perf_counter() - start
+        if bar is not None:
+            bar.close()
+        if fout is not None:
+            fout.close()
+        restore()
+    predictions = {**done, **new}
+    by_id = {r.id: r for r in records}
+    for id, answer in predictions.items():
+        if not answer.strip():
+            problems.add("empty_prediction", by_id[id].origin or id, "the model answered nothing")
+    problems.summarize()
+    metrics = compute_metrics(task, records, predictions, meteor=meteor)
+
+    read_skipped = len(data.report.skipped) if isinstance(data, TaskData) else 0
+    report = {
+        "status": "done",
+        **info,
+        "task": task,
+        "settings": all_settings,
+        "metrics": metrics,
+        "counts": {
+            "records": len(records),
+            "predicted": len(predictions),
+            "resumed": len(done),
+            "generated": len(new),
+            "failed": problems.counts["missing_image"] + problems.counts["generation_failed"],
+            "empty_predictions": problems.counts["empty_prediction"],
+            "skipped_on_read": read_skipped,
+        },
+        "problems": problems.to_dict(),
+        "throughput": {
+            "samples": len(pending),
+            "seconds": round(seconds, 3),
+            "samples_per_s": round(len(pending) / seconds, 3) if pending and seconds > 0 else None,
+            "batch_size": batch_size,
+            **_device_info(model),
+        },
+        "versions": _versions(),
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    if isinstance(data, TaskData) and data.report.skipped:
+        report["problems"]["malformed_record"] = {
+            "count": read_skipped, "examples": [f"{o}: {m}" for o, m in data.report.skipped[:MAX_EXAMPLES]]}
+    if met_path is not None:
+        _write_json(met_path, report)
+    return EvalResult(metrics, predictions, problems, report)
+
+
+def _check_resumable(metrics_path: Path | None, settings: Mapping[str, Any]) -> None:
+    if metrics_path is None or not metrics_path.is_file():
+        return
+    try:
+        old = json.loads(metrics_path.read_text()).get("settings", {})
+    except (ValueError, AttributeError):
+        return
+    differ = [k for k in settings if k in old and old[k] != settings[k]]
+    if differ:
+        raise ValueError(
+            f"the predictions next to {metrics_path} were made with other settings ({', '.join(differ)} differ); "
+            "pass --no-resume to start over or write to another --output"
+        )
+
+
+def _eval_mode(model: Any) -> Callable[[], None]:
+    """Put a torch module in eval mode; return the function that restores its mode."""
+    training = getattr(model, "training", None)
+    if training and hasattr(model, "train"):
+        model.eval()
+        return lambda: model.train(True)
+    return lambda: None
+
+
+def evaluate_task(
+    model: Any,
+    task: str,
+    records: TaskData | Sequence[EvalRecord],
+    options: GenerationOptions | None = None,
+    limit: int | None = None,
+    *,
+    batch_size: int = 8,
+    meteor: bool | None = False,
+    workers: int = 2,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Evaluate during training: predictions for the first ``limit`` records and the task's metrics, flattened
+    (``{"accuracy": ..., "per_category/x": ...}``, numbers only, ``n`` = records scored). No files written;
+    the model is put in eval mode and restored; problems are warned about as in :func:`run_eval`. METEOR is
+    off by default (it starts a JVM, ~20 s)."""
+    recs = apply_limit(list(records.records if isinstance(records, TaskData) else records), limit)
+    if not recs:
+        raise ValueError("no records to evaluate")
+    restore = _eval_mode(model)
+    try:
+        problems = Problems()
+        predictions = predict(model, recs, options or GenerationOptions(), batch_size=batch_size, workers=workers,
+                              problems=problems, progress=progress)
+    finally:
+        restore()
+    for id, answer in predictions.items():
+        if not answer.strip():
+            problems.add("empty_prediction", id, "the model answered nothing")
+    problems.summarize()
+    out = flatten_metrics(compute_metrics(task, recs, predictions, meteor=meteor))
+    out["failed"] = problems.counts["missing_image"] + problems.counts["generation_failed"]
+    return out

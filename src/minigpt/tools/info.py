@@ -1,0 +1,240 @@
+"""``minigpt info MODEL_DIR``: what a model directory holds, read from configs and safetensors headers.
+
+Nothing is loaded: parameter counts, shapes and dtypes come from the safetensors headers (of the folder,
+or of the sources its config records: ``vision_weights``, a local ``llm`` folder). ``--json`` prints the
+same as one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+PARTS = ("vision", "qformer", "projector", "llm")
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "info", help="describe a model directory (parts, shapes, dtypes, parameters, files)",
+        description="Describe a minigpt model directory without loading it.",
+    )
+    p.add_argument("model", metavar="MODEL_DIR")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=run)
+
+
+def safetensors_header(path: str | Path) -> dict[str, dict[str, Any]]:
+    """``{name: {"dtype", "shape"}}`` from a safetensors file's header (the tensors are not read)."""
+    path = Path(path)
+    with path.open("rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ValueError(f"{path}: not a safetensors file")
+        (size,) = struct.unpack("<Q", raw)
+        if size > 100_000_000:
+            raise ValueError(f"{path}: not a safetensors file (header of {size} bytes)")
+        try:
+            header = json.loads(f.read(size))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path}: not a safetensors file ({err})") from None
+    header.pop("__metadata__", None)
+    return {k: {"dtype": v["dtype"], "shape": list(v["shape"])} for k, v in header.items()}
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _summary(tensors: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "parameters": sum(_numel(t["shape"]) for t in tensors.values()),
+        "tensors": len(tensors),
+        "dtypes": sorted({t["dtype"] for t in tensors.values()}),
+    }
+
+
+def _llm_weights(folder: Path) -> dict[str, dict[str, Any]] | None:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    out: dict[str, dict[str, Any]] = {}
+    for file in files:
+        out.update(safetensors_header(file))
+    return out
+
+
+def _files(directory: Path) -> list[dict[str, Any]]:
+    return [
+        {"file": str(p.relative_to(directory)), "bytes": p.stat().st_size}
+        for p in sorted(directory.rglob("*")) if p.is_file()
+    ]
+
+
+def model_info(directory: str | Path) -> dict[str, Any]:
+    """Everything ``minigpt info`` shows, as a JSON-able dict."""
+    directory = Path(directory)
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{directory} is not a minigpt model directory (no config.json)")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_path}: invalid JSON ({err.msg} at line {err.lineno})") from None
+    vision_cfg = config.get("vision", {})
+    freeze = {p: bool(config.get("freeze", {}).get(p, p != "projector")) for p in PARTS}
+    info: dict[str, Any] = {
+        "directory": str(directory),
+        "format_version": config.get("format_version"),
+        "template": config.get("template"),
+        "max_txt_len": config.get("max_txt_len"),
+        "dtypes": {"llm": config.get("llm_dtype"), "vision": config.get("vision_dtype")},
+        "trained": {p: not frozen for p, frozen in freeze.items()},
+        "parts": {},
+    }
+
+    # vision + qformer
+    stored = directory / "vision.safetensors"
+    source_dir = Path(config["vision_weights"]) if config.get("vision_weights") else None
+    if stored.is_file():
+        vision_file, vision_source = stored, "stored"
+    elif source_dir is not None and (source_dir / "vision.safetensors").is_file():
+        vision_file, vision_source = source_dir / "vision.safetensors", str(source_dir)
+    else:
+        vision_file = None
+        vision_source = f"{source_dir} (missing)" if source_dir else "none: random init"
+    vision_tensors = safetensors_header(vision_file) if vision_file else {}
+    qformer = {k: v for k, v in vision_tensors.items() if k.startswith(("qformer.", "query_tokens"))}
+    vit = {k: v for k, v in vision_tensors.items() if k not in qformer}
+    encoder = {
+        "image_size": vision_cfg.get("image_size"), "patch_size": vision_cfg.get("patch_size"),
+        "width": vision_cfg.get("width"), "depth": vision_cfg.get("depth"), "heads": vision_cfg.get("heads"),
+        "mlp_dim": vision_cfg.get("mlp_dim"),
+    }
+    info["parts"]["vision"] = {"source": vision_source, "encoder": encoder, **(_summary(vit) if vit else {})}
+    if vision_cfg.get("use_qformer", True):
+        info["parts"]["qformer"] = {
+            "source": vision_source,
+            "num_query_tokens": vision_cfg.get("num_query_tokens"), "width": vision_cfg.get("qformer_width"),
+            "depth": vision_cfg.get("qformer_depth"), "heads": vision_cfg.get("qformer_heads"),
+            **(_summary(qformer) if qformer else {}),
+        }
+        out_dim = vision_cfg.get("qformer_width")
+        tokens = vision_cfg.get("num_query_tokens")
+    else:
+        out_dim = (vision_cfg.get("width") or 0) * vision_cfg.get("concat_tokens", 4)
+        tokens = ((vision_cfg.get("image_size") or 0) // (vision_cfg.get("patch_size") or 1)) ** 2 // vision_cfg.get(
+            "concat_tokens", 4)
+    info["image_tokens"] = tokens
+
+    # projector
+    proj_file = directory / "projector.safetensors"
+    proj: dict[str, Any] = {"type": config.get("projector")}
+    if proj_file.is_file():
+        tensors = safetensors_header(proj_file)
+        weights = [v["shape"] for k, v in sorted(tensors.items()) if k.endswith("weight")]
+        proj.update(source="stored", shapes={k: v["shape"] for k, v in tensors.items()}, **_summary(tensors))
+        if weights:
+            proj["in_dim"], proj["out_dim"] = weights[0][1], weights[-1][0]
+    elif config.get("projector_weights"):
+        proj["source"] = config["projector_weights"]
+    else:
+        proj["source"] = "missing"
+    proj.setdefault("in_dim", out_dim)
+    info["parts"]["projector"] = proj
+
+    # llm
+    llm_dir = directory / "llm"
+    llm: dict[str, Any] = {"id": config.get("llm")}
+    if llm_dir.is_dir():
+        folder, llm["source"] = llm_dir, "stored"
+    elif config.get("llm") and Path(config["llm"]).is_dir():
+        folder, llm["source"] = Path(config["llm"]), config["llm"]
+    else:
+        folder, llm["source"] = None, f"{config.get('llm')} (hub id or missing folder: not inspected)"
+    if config.get("llm_gguf_file"):
+        llm["gguf_file"] = config["llm_gguf_file"]
+    if folder is not None and (folder / "config.json").is_file():
+        hf = json.loads((folder / "config.json").read_text())
+        text = hf.get("text_config", hf)
+        llm.update(
+            architectures=hf.get("architectures"), model_type=hf.get("model_type"),
+            hidden_size=text.get("hidden_size"), layers=text.get("num_hidden_layers"),
+            vocab_size=text.get("vocab_size"), stored_dtype=hf.get("dtype", hf.get("torch_dtype")),
+        )
+        weights = _llm_weights(folder)
+        if weights:
+            llm.update(_summary(weights))
+    info["parts"]["llm"] = llm
+
+    counts = {}
+    for part in PARTS:
+        total = info["parts"].get(part, {}).get("parameters")
+        counts[part] = {"total": total, "trainable": (total if info["trained"][part] else 0) if total is not None else None}
+    info["parameters"] = counts
+    known = [c["total"] for c in counts.values() if c["total"] is not None]
+    info["parameters_total"] = sum(known) if len(known) == len(PARTS) else None
+    files = _files(directory)
+    info["files"] = files
+    info["bytes_total"] = sum(f["bytes"] for f in files)
+    return info
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _count(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+def format_info(info: dict[str, Any]) -> str:
+    parts = info["parts"]
+    v, q, p, llm = parts["vision"], parts.get("qformer"), parts["projector"], parts["llm"]
+    e = v["encoder"]
+    lines = [f"model directory {info['directory']} (format {info['format_version']})",
+             f"template        {info['template']} (max_txt_len {info['max_txt_len']}), {info['image_tokens']} tokens per image",
+             f"dtypes          llm {info['dtypes']['llm']}, vision {info['dtypes']['vision']}",
+             f"vision          ViT {e['depth']} x {e['width']} ({e['heads']} heads, mlp {e['mlp_dim']}), image "
+             f"{e['image_size']}/{e['patch_size']}; {v['source']}; {', '.join(v.get('dtypes', []))}"]
+    if q:
+        lines.append(f"qformer         {q['depth']} x {q['width']} ({q['heads']} heads), {q['num_query_tokens']} queries; "
+                     f"{', '.join(q.get('dtypes', []))}")
+    lines.append(f"projector       {p['type']} {p.get('in_dim')} -> {p.get('out_dim', '?')}; {p['source']}; "
+                 f"{', '.join(p.get('dtypes', []))}")
+    arch = ", ".join(llm.get("architectures") or []) or llm.get("model_type") or "?"
+    lines.append(f"llm             {llm['id']} ({arch}; hidden {llm.get('hidden_size', '?')}, {llm.get('layers', '?')} "
+                 f"layers, vocab {llm.get('vocab_size', '?')}); {llm['source']}; {', '.join(llm.get('dtypes', []))}")
+    lines.append("parameters      part        total    trainable")
+    for part, c in info["parameters"].items():
+        lines.append(f"                {part:<10} {_count(c['total']):>7}    {_count(c['trainable']):>7}"
+                     f"{'' if info['trained'][part] else '  (frozen)'}")
+    if info["parameters_total"] is not None:
+        lines.append(f"                {'all':<10} {_count(info['parameters_total']):>7}")
+    lines.append(f"files           {_size(info['bytes_total'])} in {len(info['files'])} file(s)")
+    for f in info["files"]:
+        lines.append(f"                {_size(f['bytes']):>9}  {f['file']}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    info = model_info(args.model)
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
+    return 0
+
+
+__all__ = ["model_info", "format_info", "safetensors_header", "register"]

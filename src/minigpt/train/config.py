@@ -1,0 +1,354 @@
+"""Typed training configuration: a YAML file plus dotted ``key=value`` overrides -> :class:`TrainConfig`.
+
+Three sections, every key checked (unknown keys and wrong types are errors naming the key path and the file):
+
+- ``model``: maps onto :class:`~minigpt.model.minigpt.MiniGPTConfig` (LLM, vision encoder, projector, template,
+  freezing, dtypes, max text length) plus ``lora`` and ``init_from``;
+- ``data``: the training datasets (format, path, ratio) and an optional eval set;
+- ``run``: optimizer, schedule, length, batch, accumulation, precision, checkpoints, logging, seed.
+
+Steps are optimizer steps throughout (``iters_per_epoch``, ``warmup_steps``, ``max_steps``, ``save_every``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PARTS = ("vision", "qformer", "projector", "llm")
+VISION_PRESETS = ("eva_vit_g", "tiny")
+FORMATS = ("llava", "cc_sbu_align", "minigpt4qwen", "webdataset", "captions_json")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be read or does not validate; the message names the file and the key paths."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+class LoraSection(Section):
+    """LoRA on the LLM via peft (the base LLM stays frozen; the adapters train)."""
+
+    r: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+class ModelSection(Section):
+    llm: str = Field(description="hub id or local directory of the causal LM")
+    llm_gguf_file: str | None = None
+    #: A preset name (``eva_vit_g``, ``tiny``) or a mapping of VisionConfig fields (with an optional ``preset``).
+    vision: str | dict[str, Any] = "eva_vit_g"
+    vision_weights: str | None = None
+    projector: Literal["linear", "mlp2x_gelu"] = "linear"
+    projector_weights: str | None = None
+    template: str = "vicuna0"
+    max_txt_len: int = Field(160, gt=0)
+    llm_dtype: str = "float32"
+    vision_dtype: str = "float32"
+    freeze: dict[Literal["vision", "qformer", "projector", "llm"], bool] = {}
+    trust_remote_code: bool = False
+    lora: LoraSection | None = None
+    #: A model directory written by ``save_pretrained`` (e.g. stage 1's ``final``): its saved parts are loaded.
+    init_from: str | None = None
+
+    @field_validator("vision")
+    @classmethod
+    def _check_vision(cls, value: str | dict[str, Any]) -> str | dict[str, Any]:
+        vision_config(value)
+        return value
+
+    @field_validator("template")
+    @classmethod
+    def _check_template(cls, value: str) -> str:
+        from ..data.templates import get_template
+
+        get_template(value)
+        return value
+
+    @field_validator("llm_dtype", "vision_dtype")
+    @classmethod
+    def _check_dtype(cls, value: str) -> str:
+        from ..device import parse_dtype
+
+        parse_dtype(value)
+        return value
+
+    @model_validator(mode="after")
+    def _check_lora(self) -> "ModelSection":
+        if self.lora is not None and not self.frozen("llm"):
+            raise ValueError("lora needs the LLM frozen (freeze.llm: true); unfreeze it or use LoRA, not both")
+        return self
+
+    def frozen(self, part: str) -> bool:
+        return self.freeze.get(part, part != "projector")  # type: ignore[call-overload]
+
+    def minigpt_config(self) -> Any:
+        """The :class:`MiniGPTConfig` this section describes."""
+        from ..model.minigpt import MiniGPTConfig
+
+        return MiniGPTConfig(
+            llm=self.llm, vision=vision_config(self.vision), vision_weights=self.vision_weights,
+            projector=self.projector, projector_weights=self.projector_weights, llm_gguf_file=self.llm_gguf_file,
+            llm_dtype=self.llm_dtype, vision_dtype=self.vision_dtype, template=self.template,
+            max_txt_len=self.max_txt_len, freeze={p: self.frozen(p) for p in PARTS},
+            trust_remote_code=self.trust_remote_code,
+        )
+
+
+def vision_config(value: str | dict[str, Any]) -> Any:
+    from ..model.vision import VisionConfig
+
+    fields = {"preset": value} if isinstance(value, str) else dict(value)
+    preset = fields.pop("preset", "eva_vit_g")
+    if preset not in VISION_PRESETS:
+        raise ValueError(f"unknown vision preset {preset!r}; use one of {', '.join(VISION_PRESETS)}")
+    base = (VisionConfig.tiny() if preset == "tiny" else VisionConfig()).to_dict()
+    return VisionConfig.from_dict({**base, **fields})
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+class DatasetSpec(Section):
+    """One dataset: ``path`` is the JSON file (llava, minigpt4qwen, captions_json), the folder holding
+    ``filter_cap.json`` (cc_sbu_align) or the shards (webdataset: a folder, a brace pattern or a list)."""
+
+    format: Literal["llava", "cc_sbu_align", "minigpt4qwen", "webdataset", "captions_json"]
+    path: str | list[str]
+    image_root: str | None = None
+    ratio: float = Field(1.0, gt=0)
+    #: cc_sbu_align only: ``instructions`` (MiniGPT-4 stage 2) or ``captions``; and the instruction list.
+    mode: Literal["instructions", "captions"] | None = None
+    instructions: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _check_options(self) -> "DatasetSpec":
+        if isinstance(self.path, list) and self.format != "webdataset":
+            raise ValueError(f"a list of paths is for webdataset shards, not {self.format}")
+        if self.image_root is not None and self.format in ("cc_sbu_align", "webdataset"):
+            raise ValueError(f"image_root does not apply to {self.format} (images are under path)")
+        if (self.mode is not None or self.instructions is not None) and self.format != "cc_sbu_align":
+            raise ValueError("mode and instructions apply to cc_sbu_align only")
+        return self
+
+    def reader_spec(self) -> dict[str, Any]:
+        """Keyword arguments for :func:`minigpt.data.formats.read_dataset`."""
+        if self.format == "webdataset":
+            return {"format": self.format, "urls_or_dir": self.path}
+        if self.format == "cc_sbu_align":
+            spec: dict[str, Any] = {"format": self.format, "root": self.path}
+            if self.mode is not None:
+                spec["mode"] = self.mode
+            if self.instructions is not None:
+                spec["instructions"] = self.instructions
+            return spec
+        return {"format": self.format, "path": self.path, "image_root": self.image_root}
+
+
+class DataSection(Section):
+    datasets: list[DatasetSpec] = Field(min_length=1)
+    #: Held-out data for the eval loss (ratios ignored; every record once).
+    eval: list[DatasetSpec] = []
+    num_workers: int = Field(2, ge=0)
+    #: Training images: RandomResizedCrop(scale=(min_scale, 1)) when ``augment``, else the eval resize.
+    augment: bool = True
+    min_scale: float = Field(0.5, gt=0.0, le=1.0)
+    hflip: bool = False
+
+
+# ---------------------------------------------------------------------------------------------- run
+
+
+class OptimizerSection(Section):
+    """AdamW; weight decay applies to matrices only (never to biases, norms or other 1-D parameters)."""
+
+    name: Literal["adamw"] = "adamw"
+    lr: float = Field(1e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+
+
+class ScheduleSection(Section):
+    """``linear_warmup_cosine`` (MiniGPT-4/LAVIS): linear from ``warmup_lr`` to ``lr`` over ``warmup_steps``,
+    then ``min_lr + (lr - min_lr) * (1 + cos(pi * step / total_steps)) / 2`` with the cosine counting the warmup
+    steps too. ``constant``: ``lr`` after the same optional warmup."""
+
+    name: Literal["linear_warmup_cosine", "constant"] = "linear_warmup_cosine"
+    warmup_steps: int = Field(0, ge=0)
+    warmup_lr: float = Field(1e-6, ge=0)
+    min_lr: float = Field(0.0, ge=0)
+
+
+class RunSection(Section):
+    output_dir: str = "outputs/run"
+    seed: int = 42
+    epochs: int = Field(1, gt=0)
+    #: Optimizer steps per epoch; default: the epoch's samples (sum of dataset sizes) / global batch.
+    #: Required when a dataset is streamed (webdataset).
+    iters_per_epoch: int | None = Field(None, gt=0)
+    #: Stop after this many optimizer steps in all (the schedule spans them), whatever ``epochs`` says.
+    max_steps: int | None = Field(None, gt=0)
+    batch_size: int = Field(8, gt=0, description="samples per device per micro-batch")
+    grad_accum: int = Field(1, gt=0)
+    optimizer: OptimizerSection = OptimizerSection()
+    schedule: ScheduleSection = ScheduleSection()
+    max_grad_norm: float | None = Field(None, gt=0)
+    #: Autocast dtype: ``auto`` (bf16 where supported, fp16 + loss scaling otherwise, none on CPU), bf16, fp16, no.
+    amp: Literal["auto", "bf16", "bfloat16", "fp16", "float16", "no"] = "auto"
+    device: str = "auto"
+    strategy: Literal["auto", "single", "ddp"] = "auto"
+    #: DDP only: needed when some trainable parameters get no gradient (e.g. an unfrozen Q-Former's text FFN).
+    find_unused_parameters: bool = False
+    grad_checkpointing: bool = False
+    deterministic: bool = False
+    #: ``auto``: continue from the newest checkpoint in output_dir if any; ``none``: start fresh; or a path.
+    resume: str = "auto"
+    save_every: int = Field(1000, gt=0)
+    keep_last: int = Field(2, gt=0)
+    log_every: int = Field(10, gt=0)
+    eval_every: int = Field(0, ge=0, description="0: evaluate at the end only (when there is eval data)")
+    eval_at_start: bool = False
+    eval_batch_size: int | None = Field(None, gt=0)
+    report_to: list[Literal["tensorboard", "wandb"]] = []
+    wandb_project: str = "minigpt"
+
+
+class TrainConfig(Section):
+    model: ModelSection
+    data: DataSection
+    run: RunSection
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Read ``path`` (YAML), apply ``key.sub=value`` overrides (values parsed as YAML; list items by index,
+    e.g. ``data.datasets.0.path=x.json``) and validate."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML: {err}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping with model, data and run sections")
+    overridden = {}
+    for item in overrides:
+        key, value = apply_override(data, item, path)
+        overridden[key] = item
+    return validate_config(data, str(path), overridden)
+
+
+def apply_override(data: dict[str, Any], item: str, source: str | Path = "<config>") -> tuple[str, Any]:
+    """Set ``a.b.0.c=value`` in ``data`` in place (creating mappings as needed)."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r}: expected KEY=VALUE with a dotted key, e.g. run.batch_size=4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else raw
+    except yaml.YAMLError:
+        value = raw
+    parts = key.split(".")
+    node: Any = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        where = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"override {item!r}: {where} is not an index of a {len(node)}-item list ({source})")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                if node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+        else:
+            raise ConfigError(f"override {item!r}: {'.'.join(parts[:i])} is a value, not a section ({source})")
+    return key, value
+
+
+def validate_config(data: dict[str, Any], source: str = "<config>", overridden: dict[str, str] | None = None) -> TrainConfig:
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as err:
+        lines = [_describe(e, data, overridden or {}) for e in err.errors()]
+        raise ConfigError(f"{source}: invalid config:\n" + "\n".join(f"  {line}" for line in lines)) from None
+
+
+def _describe(error: Any, data: dict[str, Any], overridden: dict[str, str]) -> str:
+    loc = [str(p) for p in error["loc"] if not _is_union_tag(p)]
+    key = ".".join(loc) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        fields = _fields_at(loc[:-1])
+        hint = f" (valid keys here: {', '.join(fields)})" if fields else ""
+        message = f"{key}: unknown key{hint}"
+    elif error["type"] == "missing":
+        message = f"{key}: missing (required)"
+    else:
+        msg = error["msg"].removeprefix("Value error, ")
+        shown = error.get("input")
+        got = f" (got {shown!r})" if not isinstance(shown, (dict, list)) and repr(shown) not in msg else ""
+        message = f"{key}: {msg}{got}"
+    origin = next((item for k, item in overridden.items() if key == k or key.startswith(k + ".")), None)
+    return message + (f" [from override {origin}]" if origin else "")
+
+
+def _is_union_tag(part: Any) -> bool:
+    # pydantic puts the union member tried into the location ("str", "list[str]", "function-after[...]")
+    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool", "dict", "list"))
+
+
+def _fields_at(loc: list[str]) -> list[str]:
+    model: Any = TrainConfig
+    for part in loc:
+        if part.isdigit():
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        model = _model_of(field.annotation)
+        if model is None:
+            return []
+    return list(model.model_fields)
+
+
+def _model_of(annotation: Any) -> Any:
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None
+
+
+__all__ = [
+    "ConfigError", "TrainConfig", "ModelSection", "LoraSection", "DataSection", "DatasetSpec", "RunSection",
+    "OptimizerSection", "ScheduleSection", "load_config", "validate_config", "apply_override",
+]

@@ -1,0 +1,292 @@
+"""Training data: samples -> encoded text + pixels, a deterministic and resumable batch plan, collate.
+
+The path is ``reader -> Sample -> SampleEncoder (template + tokenize + image transform) -> collate -> ModelBatch``.
+A sample that cannot be used (missing or corrupt image, a conversation the template rejects, ...) becomes a
+:class:`Skipped` naming it; :func:`collate` drops it and reports it in :attr:`TrainBatch.skipped`, and the loop warns
+and counts. A dataset of which no record can be used is an error (:func:`check_usable`).
+
+Order is a pure function of (seed, epoch, position): map-style datasets are mixed by ratio with
+:class:`~minigpt.data.formats.MixedDataset` (fixed per epoch), streamed ones (webdataset) with
+:class:`~minigpt.data.formats.MixedStream`; :class:`BatchPlan` cuts that order into micro-batches and shards them over
+processes. The random crop of a sample is seeded by its position too, so resuming at a micro-batch, using DataLoader
+workers or splitting a batch over processes never changes what a step sees.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..data.conversation import Sample
+from ..data.formats import MixedDataset, MixedStream, SampleList, WebDatasetReader, read_dataset
+from ..data.images import ImageProcessor
+from ..data.templates import Template
+from ..data.tokenize import IGNORE_INDEX, Encoded, collate as collate_text, encode_conversation
+from ..model.minigpt import ModelBatch
+
+
+@dataclass(frozen=True)
+class Key:
+    """What the batch plan hands the dataset: a position in an epoch's order (and the sample when streamed)."""
+
+    epoch: int
+    index: int
+    sample: Sample | None = None
+
+
+@dataclass
+class Item:
+    encoded: Encoded
+    pixels: list[torch.Tensor]
+    origin: str
+
+
+@dataclass(frozen=True)
+class Skipped:
+    origin: str
+    reason: str
+
+
+@dataclass
+class TrainBatch:
+    """A collated micro-batch: ``batch`` is None when every sample was skipped."""
+
+    batch: ModelBatch | None
+    num_samples: int
+    num_tokens: int  # supervised (loss) tokens
+    num_input_tokens: int  # non-padding positions, image positions included
+    skipped: list[Skipped]
+
+    @property
+    def empty(self) -> bool:
+        return self.batch is None
+
+
+class SampleEncoder:
+    """Sample -> :class:`Item` (training encoding: labels on answers) or :class:`Skipped`.
+
+    Holds only what it needs (template, tokenizer, processor), so DataLoader workers do not copy the model."""
+
+    def __init__(
+        self,
+        template: Template,
+        tokenizer: Any,
+        image_tokens: int,
+        max_txt_len: int,
+        processor: ImageProcessor,
+        seed: int = 0,
+    ) -> None:
+        self.template, self.tokenizer, self.processor = template, tokenizer, processor
+        self.image_tokens, self.max_txt_len, self.seed = image_tokens, max_txt_len, seed
+
+    @classmethod
+    def for_model(cls, model: Any, train: bool, seed: int = 0, min_scale: float = 0.5, hflip: bool = False) -> "SampleEncoder":
+        vision = model.config.vision
+        processor = ImageProcessor(vision.image_size, vision.mean, vision.std, train=train, min_scale=min_scale, hflip=hflip)
+        return cls(model.template, model.tokenizer, model.image_tokens, model.config.max_txt_len, processor, seed)
+
+    def __call__(self, sample: Sample, position: Any) -> Item | Skipped:
+        origin = sample.origin or (f"sample {sample.id}" if sample.id else f"sample at {position}")
+        try:
+            sample.check()
+            encoded = encode_conversation(
+                sample.conversation, self.template, self.tokenizer, self.image_tokens, self.max_txt_len, train=True
+            )
+            if encoded.num_images_slots != self.image_tokens * len(sample.images):
+                raise ValueError("max_txt_len cuts off an image; raise model.max_txt_len")
+            self.processor.rng.seed(f"{self.seed}:{position}")  # the crop depends on the position only
+            pixels = [self.processor(image, origin) for image in sample.images]
+        except (ValueError, OSError) as err:  # ImageError is a ValueError
+            return Skipped(origin, str(err))
+        return Item(encoded, pixels, origin)
+
+
+class TrainDataset(torch.utils.data.Dataset):
+    """Map from :class:`Key` to an encoded :class:`Item` (or :class:`Skipped`).
+
+    ``source`` is indexed by position (a :class:`MixedDataset`, switched to the key's epoch, or a plain list);
+    streamed keys carry their sample."""
+
+    def __init__(self, source: Sequence[Sample] | None, encoder: SampleEncoder) -> None:
+        self.source, self.encoder = source, encoder
+        self._epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.source) if self.source is not None else 0
+
+    def __getitem__(self, key: Key) -> Item | Skipped:  # type: ignore[override]
+        sample = key.sample
+        if sample is None:
+            if isinstance(self.source, MixedDataset) and key.epoch != self._epoch:
+                self.source.set_epoch(key.epoch)
+                self._epoch = key.epoch
+            sample = self.source[key.index]  # type: ignore[index]
+        return self.encoder(sample, (key.epoch, key.index))
+
+
+def collate(items: list[Item | Skipped], pad_id: int) -> TrainBatch:
+    """Drop skipped samples (reporting them), right-pad the rest and stack their pixels in slot order."""
+    good = [x for x in items if isinstance(x, Item)]
+    skipped = [x for x in items if isinstance(x, Skipped)]
+    if not good:
+        return TrainBatch(None, 0, 0, 0, skipped)
+    text = collate_text([x.encoded for x in good], pad_id, side="right")
+    pixels = [p for x in good for p in x.pixels]
+    batch = ModelBatch(text, torch.stack(pixels) if pixels else None)
+    num_tokens = int((text.labels[:, 1:] != IGNORE_INDEX).sum())
+    return TrainBatch(batch, len(good), num_tokens, int(text.attention_mask.sum()), skipped)
+
+
+class BatchPlan:
+    """The keys of this process's micro-batches ``start .. stop-1`` (counted over the whole run).
+
+    Micro-batch ``m`` is number ``m % micro_per_epoch`` of epoch ``m // micro_per_epoch`` and covers the
+    ``batch_size * world_size`` positions after the previous one; process ``rank`` takes its ``batch_size`` of them.
+    An optimizer step of ``A`` micro-batches therefore covers the same samples whatever the split between
+    accumulation, batch size and processes, and resuming at micro-batch ``m`` continues exactly."""
+
+    def __init__(
+        self,
+        batch_size: int,
+        micro_per_epoch: int,
+        start: int,
+        stop: int,
+        rank: int = 0,
+        world_size: int = 1,
+        stream: Iterable[Sample] | None = None,
+    ) -> None:
+        self.batch_size, self.micro_per_epoch = batch_size, micro_per_epoch
+        self.start, self.stop, self.rank, self.world_size, self.stream = start, stop, rank, world_size, stream
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+    def __iter__(self) -> Iterator[list[Key]]:
+        b, span = self.batch_size, self.batch_size * self.world_size
+        samples = iter(self.stream) if self.stream is not None else None
+        if samples is not None:
+            for _ in range(self.start * span):  # a stream is replayed up to the resume position
+                next(samples)
+        for m in range(self.start, self.stop):
+            epoch, within = divmod(m, self.micro_per_epoch)
+            if samples is None:
+                first = within * span + self.rank * b
+                yield [Key(epoch, first + i) for i in range(b)]
+            else:
+                group = [next(samples) for _ in range(span)]
+                first = m * span + self.rank * b
+                yield [Key(epoch, first + i, s) for i, s in enumerate(group[self.rank * b : (self.rank + 1) * b])]
+
+
+class _Reshuffled:
+    """A map-style dataset as a stream: a new seeded order on every pass (for mixing with webdataset)."""
+
+    def __init__(self, samples: Sequence[Sample], seed: int) -> None:
+        self.samples, self.seed, self.passes = samples, seed, 0
+
+    def __iter__(self) -> Iterator[Sample]:
+        order = list(range(len(self.samples)))
+        random.Random(f"{self.seed}:{self.passes}").shuffle(order)
+        self.passes += 1
+        return (self.samples[i] for i in order)
+
+
+def check_usable(dataset: Iterable[Sample], encoder: SampleEncoder, name: str) -> Item:
+    """The first record of ``dataset`` that encodes; ``ValueError`` when there is none."""
+    skipped: list[Skipped] = []
+    for i, sample in enumerate(dataset):
+        result = encoder(sample, ("check", i))
+        if isinstance(result, Item):
+            return result
+        skipped.append(result)
+    first = f"; first: {skipped[0].origin}: {skipped[0].reason}" if skipped else ""
+    raise ValueError(f"{name}: no valid record ({len(skipped)} skipped{first})")
+
+
+class TrainData:
+    """The training datasets of a config, mixed by ratio, with the epoch length in optimizer steps.
+
+    Every dataset is checked to hold at least one usable record before training starts."""
+
+    def __init__(
+        self,
+        specs: Sequence[Any],
+        encoder: SampleEncoder,
+        seed: int,
+        global_batch: int,
+        iters_per_epoch: int | None = None,
+    ) -> None:
+        datasets = [read_dataset(spec.reader_spec()) for spec in specs]
+        firsts = [check_usable(dataset, encoder, f"dataset {spec.path}") for spec, dataset in zip(specs, datasets)]
+        #: A one-sample batch that stands in (with weight 0) for a micro-batch whose samples were all skipped.
+        self.example = collate(firsts[:1], encoder.tokenizer.pad_token_id).batch
+        ratios = [spec.ratio for spec in specs]
+        self.stream: MixedStream | None = None
+        if any(isinstance(d, WebDatasetReader) for d in datasets):
+            if iters_per_epoch is None:
+                raise ValueError("run.iters_per_epoch is required when a dataset is streamed (webdataset)")
+            parts = [_Reshuffled(d, seed + k) if isinstance(d, SampleList) else d for k, d in enumerate(datasets)]
+            self.stream = MixedStream(parts, ratios, seed)
+            self.source: MixedDataset | None = None
+            self.steps_per_epoch = iters_per_epoch
+        else:
+            total = sum(len(d) for d in datasets)
+            self.steps_per_epoch = iters_per_epoch or total // global_batch
+            if self.steps_per_epoch == 0:
+                raise ValueError(
+                    f"the training data has {total} samples, fewer than one optimizer step's {global_batch} "
+                    "(batch_size x grad_accum x processes)"
+                )
+            self.source = MixedDataset(datasets, ratios, seed, length=self.steps_per_epoch * global_batch)
+        self.sizes = [len(d) if isinstance(d, SampleList) else None for d in datasets]
+        #: Records the readers skipped (malformed), map-style datasets; streamed ones warn as they go.
+        self.read_skipped = sum(len(d.report.skipped) for d in datasets if isinstance(d, SampleList))
+        self.dataset = TrainDataset(self.source, encoder)
+
+    def loader(
+        self, batch_size: int, grad_accum: int, start_step: int, stop_step: int, rank: int, world_size: int,
+        pad_id: int, num_workers: int = 0,
+    ) -> torch.utils.data.DataLoader:
+        """Micro-batches of optimizer steps ``start_step .. stop_step-1`` for this process."""
+        plan = BatchPlan(
+            batch_size, self.steps_per_epoch * grad_accum, start_step * grad_accum, stop_step * grad_accum,
+            rank, world_size, self.stream,
+        )
+        return make_loader(self.dataset, plan, pad_id, num_workers)
+
+
+def eval_loader(
+    specs: Sequence[Any], encoder: SampleEncoder, batch_size: int, rank: int, world_size: int, pad_id: int,
+    num_workers: int = 0,
+) -> torch.utils.data.DataLoader:
+    """Every eval record once, positions ``rank::world_size``, in file order (streamed sets are read into memory)."""
+    samples: list[Sample] = []
+    for spec in specs:
+        dataset = read_dataset(spec.reader_spec())
+        check_usable(dataset, encoder, f"eval dataset {spec.path}")
+        samples.extend(dataset)
+    mine = list(range(rank, len(samples), world_size))
+    batches = [[Key(0, i) for i in mine[j : j + batch_size]] for j in range(0, len(mine), batch_size)]
+    return make_loader(TrainDataset(samples, encoder), batches, pad_id, num_workers)
+
+
+def make_loader(dataset: TrainDataset, plan: Iterable[list[Key]], pad_id: int, num_workers: int) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=plan,  # type: ignore[arg-type]
+        collate_fn=functools.partial(collate, pad_id=pad_id),
+        num_workers=num_workers,
+        # Its own generator: creating a loader must not draw from the global torch RNG (exact resume).
+        generator=torch.Generator().manual_seed(0),
+    )
+
+
+__all__ = [
+    "Key", "Item", "Skipped", "TrainBatch", "SampleEncoder", "TrainDataset", "collate", "BatchPlan", "TrainData",
+    "check_usable", "eval_loader", "make_loader",
+]

@@ -1,0 +1,514 @@
+"""The training recipe: build model, data, optimizer and schedule from a :class:`TrainConfig`, then one loop.
+
+The loop knows nothing of parallelism: the :class:`~minigpt.train.strategy.Strategy` wraps the model and runs
+backward, step and the reductions. Read :meth:`Trainer.fit` top to bottom.
+
+Loss normalisation: a step's loss is the mean over all supervised tokens of the step (every micro-batch of every
+process), so ``grad_accum x batch_size`` and the number of processes change nothing but memory and speed. Each
+micro-batch's mean loss is weighted by its share of the step's tokens before backward.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data.formats import DataWarning
+from ..device import peak_memory_gib
+from .checkpoint import capture_rng, list_checkpoints, load_checkpoint, resolve_resume, restore_rng, save_checkpoint
+from .config import LoraSection, ModelSection, OptimizerSection, ScheduleSection, TrainConfig
+from .data import SampleEncoder, TrainBatch, TrainData, eval_loader
+from .strategy import Strategy, make_strategy
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+FINAL_DIR = "final"
+MAX_SKIP_WARNINGS = 20
+
+
+# ---------------------------------------------------------------------------------------------- building blocks
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_model(section: ModelSection, seed: int = 0) -> Any:
+    """A :class:`MiniGPT` for training: built from ``section`` (random parts seeded with ``seed``), with the parts
+    saved in ``init_from`` loaded and LoRA adapters added when configured."""
+    from safetensors.torch import load_file
+
+    from ..model.minigpt import MiniGPT
+
+    torch.manual_seed(seed)
+    config = section.minigpt_config()
+    init = Path(section.init_from) if section.init_from else None
+    if init is not None:
+        if not (init / "config.json").is_file():
+            raise FileNotFoundError(f"model.init_from: {init} is not a minigpt model directory (no config.json)")
+        if (init / "llm").is_dir():
+            config.llm, config.llm_gguf_file = str(init / "llm"), None
+    model = MiniGPT.build(config)
+    if init is not None:
+        for name, module in (("vision", model.vision), ("projector", model.projector)):
+            if (init / f"{name}.safetensors").is_file():
+                module.load_state_dict(load_file(init / f"{name}.safetensors"), strict=True)
+    if section.lora is not None:
+        apply_lora(model, section.lora)
+    return model
+
+
+def apply_lora(model: Any, lora: LoraSection) -> None:
+    """Wrap the LLM with peft LoRA adapters; the adapters train, the LLM stays frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules, bias="none"
+    )
+    model.llm = get_peft_model(model.llm, config)
+    for name, param in model.llm.named_parameters():
+        param.requires_grad_("lora_" in name)
+
+
+def build_optimizer(model: nn.Module, section: OptimizerSection) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; matrices decay, 1-D parameters (biases, norms) do not."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    if not decay and not no_decay:
+        raise ValueError("nothing to train: every part of the model is frozen (model.freeze)")
+    groups = [
+        {"params": decay, "weight_decay": section.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    try:  # the fused kernel is several times faster (CPU included) where the parameters' device has it
+        return torch.optim.AdamW(groups, lr=section.lr, betas=section.betas, eps=section.eps, fused=True)
+    except RuntimeError:
+        return torch.optim.AdamW(groups, lr=section.lr, betas=section.betas, eps=section.eps)
+
+
+class Schedule:
+    """Learning rate of optimizer step ``t`` (0-based), a pure function of ``t`` (see ScheduleSection)."""
+
+    def __init__(self, section: ScheduleSection, lr: float, total_steps: int) -> None:
+        self.section, self.lr, self.total_steps = section, lr, max(1, total_steps)
+
+    def __call__(self, step: int) -> float:
+        s = self.section
+        if step < s.warmup_steps:
+            return min(self.lr, s.warmup_lr + (self.lr - s.warmup_lr) * step / max(s.warmup_steps, 1))
+        if s.name == "constant":
+            return self.lr
+        return s.min_lr + (self.lr - s.min_lr) * 0.5 * (1.0 + math.cos(math.pi * step / self.total_steps))
+
+    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
+        lr = self(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"name": self.section.name, "lr": self.lr, "total_steps": self.total_steps}
+
+
+# ---------------------------------------------------------------------------------------------- reporting
+
+
+class Reporter:
+    """Rank 0's outputs: ``metrics.jsonl`` (one record per step and per eval), a progress bar (or log lines when
+    stderr is not a terminal), and TensorBoard / Weights & Biases when asked. Other ranks get a silent one."""
+
+    def __init__(self, out: Path, enabled: bool, report_to: list[str], config: TrainConfig) -> None:
+        self.enabled, self.path, self.log_every = enabled, out / METRICS_FILE, config.run.log_every
+        self.bar: Any = None
+        self.tb: Any = None
+        self.wandb: Any = None
+        self.history: list[dict[str, Any]] = []
+        if not enabled:
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        if "tensorboard" in report_to:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise RuntimeError("run.report_to lists tensorboard, which is not installed: pip install tensorboard") from None
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+        if "wandb" in report_to:
+            try:
+                import wandb
+            except ImportError:
+                raise RuntimeError("run.report_to lists wandb, which is not installed: pip install wandb") from None
+            self.wandb = wandb.init(project=config.run.wandb_project, name=out.name, dir=str(out), config=config.to_dict())
+
+    def start(self, step: int, total: int) -> None:
+        """Drop records after ``step`` (left by a run that was killed after its last checkpoint); open the bar."""
+        if not self.enabled:
+            return
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if _record_step(line) <= step] if step else []
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
+        self._file = open(self.path, "a")
+        self.start_step, self.total, self.t0 = step, total, time.perf_counter()
+        if sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.history.append(record)
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        step = record["step"]
+        numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+        if "eval_loss" in record:
+            log.info("step %d: eval loss %.4f", step, record["eval_loss"])
+        elif self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix_str(_summary(record), refresh=False)
+        elif step % self.log_every == 0 or step == self.total:
+            done = step - self.start_step
+            eta = (time.perf_counter() - self.t0) / max(done, 1) * (self.total - step)
+            log.info("step %d/%d  %s  eta %s", step, self.total, _summary(record), _duration(eta))
+        if self.tb is not None and (step % self.log_every == 0 or "eval_loss" in record):
+            for key, value in numbers.items():
+                self.tb.add_scalar(f"train/{key}" if "eval" not in key else key, value, step)
+        if self.wandb is not None and (step % self.log_every == 0 or "eval_loss" in record):
+            self.wandb.log(numbers, step=step)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        if getattr(self, "_file", None) is not None:
+            self._file.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _record_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf  # a line torn by a kill: dropped
+
+
+def _summary(r: dict[str, Any]) -> str:
+    mem = f" mem {r['peak_mem_gib']:.2f}G" if r.get("peak_mem_gib") is not None else ""
+    loss = f"{r['loss']:.4f}" if r.get("loss") is not None else "-"
+    return (f"loss {loss} lr {r['lr']:.2e} {r['tokens_per_s']:.0f} tok/s {r['samples_per_s']:.1f} samples/s"
+            f"{mem}" + (f" skipped {r['skipped']}" if r.get("skipped") else ""))
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _peak_memory(device: torch.device) -> float | None:
+    """Accelerator peak memory, or the process's peak resident memory on CPU (GiB)."""
+    peak = peak_memory_gib(device)
+    if peak is None and device.type == "cpu" and sys.platform.startswith("linux"):
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return None if peak is None else round(peak, 3)
+
+
+# ---------------------------------------------------------------------------------------------- the recipe
+
+
+@dataclass
+class TrainResult:
+    model: Any
+    step: int
+    history: list[dict[str, Any]] = field(default_factory=list)  # this run's records (rank 0)
+    final_dir: Path | None = None
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, strategy: Strategy) -> None:
+        self.config, self.run, self.strategy = config, config.run, strategy
+        run = self.run
+        self.out = Path(run.output_dir)
+        self.reporter = Reporter(self.out, strategy.is_main, run.report_to, config)  # fails early on missing deps
+        if run.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        seed_everything(run.seed)
+
+        model = build_model(config.model, run.seed).to(strategy.device)
+        if run.grad_checkpointing:
+            model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model = model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if strategy.scaler is not None and any(p.dtype == torch.float16 for p in self.params):
+            raise ValueError("fp16 loss scaling needs float32 trainable parameters; use bf16 or a float32 LLM")
+        optimizer = build_optimizer(model, run.optimizer)
+
+        data = config.data
+        self.global_batch = run.batch_size * run.grad_accum * strategy.world_size
+        encoder = SampleEncoder.for_model(model, data.augment, run.seed, data.min_scale, data.hflip)
+        self.data = TrainData(data.datasets, encoder, run.seed, self.global_batch, run.iters_per_epoch)
+        self.total_steps = run.max_steps or run.epochs * self.data.steps_per_epoch
+        self.schedule = Schedule(run.schedule, run.optimizer.lr, self.total_steps)
+        self.eval_loader = None
+        if data.eval:
+            eval_encoder = SampleEncoder.for_model(model, train=False, seed=run.seed)
+            self.eval_loader = eval_loader(
+                data.eval, eval_encoder, run.eval_batch_size or run.batch_size, strategy.rank, strategy.world_size,
+                self.pad_id, data.num_workers,
+            )
+
+        self.step = 0
+        # "skipped": samples dropped while training (bad image, ...); "skipped_records": malformed records
+        self.counters = {"samples": 0, "tokens": 0, "skipped": 0, "skipped_records": self.data.read_skipped}
+        self._warned = 0
+        self._evaluated_at: int | None = None
+        self.optimizer = optimizer
+        self._resume()
+        self.forward_model, self.optimizer = strategy.prepare(model, optimizer)
+
+    @property
+    def pad_id(self) -> int:
+        return self.model.tokenizer.pad_token_id
+
+    # -- the loop
+    def fit(self) -> TrainResult:
+        run, strategy = self.run, self.strategy
+        counts = self.model.parameter_counts()
+        log.info(
+            "training %s for %d steps (%d per epoch, global batch %d = %d x %d accum x %d processes) on %s%s",
+            ", ".join(f"{p} ({c['trainable']:,} params)" for p, c in counts.items() if c["trainable"]) or "nothing",
+            self.total_steps, self.data.steps_per_epoch, self.global_batch, run.batch_size, run.grad_accum,
+            strategy.world_size, strategy.device, f" with {strategy.amp_dtype} autocast" if strategy.amp_dtype else "",
+        )
+        self.reporter.start(self.step, self.total_steps)
+        batches = iter(self.data.loader(
+            run.batch_size, run.grad_accum, self.step, self.total_steps, strategy.rank, strategy.world_size,
+            self.pad_id, self.config.data.num_workers,
+        ))
+        self._train_mode()
+        if run.eval_at_start and self.step == 0:
+            self.evaluate()
+        while self.step < self.total_steps:
+            t0 = time.perf_counter()
+            micro = [next(batches) for _ in range(run.grad_accum)]
+            record = self.train_step(micro)
+            self.step += 1
+            record.update(self._rates(record, time.perf_counter() - t0))
+            self.reporter.log(record)
+            if run.eval_every and self.step % run.eval_every == 0:
+                self.evaluate()
+            if self.step % run.save_every == 0 or self.step == self.total_steps:
+                self.save()
+        if self.eval_loader is not None and self._evaluated_at != self.step:
+            self.evaluate()
+        final = self.save_final()
+        self.reporter.close()
+        return TrainResult(self.model, self.step, self.reporter.history, final)
+
+    def train_step(self, micro: list[TrainBatch]) -> dict[str, Any]:
+        run, strategy = self.run, self.strategy
+        lr = self.schedule.apply(self.optimizer, self.step)
+        self._warn_skipped(micro)
+        local = [sum(b.num_tokens for b in micro), sum(b.num_samples for b in micro),
+                 sum(b.num_input_tokens for b in micro), sum(len(b.skipped) for b in micro)]
+        tokens, samples, input_tokens, skipped = (int(v) for v in strategy.all_reduce(local))
+        self.counters["samples"] += samples
+        self.counters["tokens"] += tokens
+        self.counters["skipped"] += skipped
+        record: dict[str, Any] = {"step": self.step + 1, "epoch": self.step // self.data.steps_per_epoch, "lr": lr}
+        if tokens == 0:  # every sample of the step skipped (or without answer tokens): nothing to learn from
+            warnings.warn(f"step {self.step + 1}: no supervised token in the step, no update", DataWarning, stacklevel=2)
+            record.update(loss=None, grad_norm=None, tokens=0, samples=samples, input_tokens=input_tokens,
+                          skipped=self.counters["skipped"], skipped_records=self.counters["skipped_records"])
+            return record
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for i, b in enumerate(micro):
+            # An all-skipped micro-batch still runs (a stand-in batch, weight 0) so DDP's gradient sync matches.
+            batch, weight = (self.data.example, 0.0) if b.empty else (b.batch, b.num_tokens * strategy.world_size / tokens)
+            with strategy.accumulate(self.forward_model, sync=i == len(micro) - 1):
+                with strategy.autocast():
+                    out = self.forward_model(batch=batch.to(strategy.device))
+                strategy.backward(out.loss * weight)
+            if not b.empty:
+                loss_sum += out.loss.detach().double().cpu() * b.num_tokens
+        grad_norm = strategy.step(self.optimizer, self.params, run.max_grad_norm)
+        self.optimizer.zero_grad(set_to_none=True)
+        (total_loss,) = strategy.all_reduce([float(loss_sum)])
+        record.update(loss=total_loss / tokens, grad_norm=grad_norm, tokens=tokens, samples=samples,
+                      input_tokens=input_tokens, skipped=self.counters["skipped"],
+                      skipped_records=self.counters["skipped_records"])
+        return record
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Token-weighted mean loss over the eval set (all processes), logged as ``eval_loss``."""
+        if self.eval_loader is None:
+            return None
+        model = self.strategy.unwrap(self.forward_model)
+        model.eval()
+        loss_sum, tokens, skipped = 0.0, 0, 0
+        for b in self.eval_loader:
+            skipped += len(b.skipped)
+            if b.empty or b.num_tokens == 0:
+                continue
+            with self.strategy.autocast():
+                out = model(batch=b.batch.to(self.strategy.device))
+            loss_sum += float(out.loss) * b.num_tokens
+            tokens += b.num_tokens
+        loss_sum, tokens, skipped = self.strategy.all_reduce([loss_sum, tokens, skipped])
+        self._train_mode()
+        loss = loss_sum / tokens if tokens else float("nan")
+        self._evaluated_at = self.step
+        self.reporter.log({"step": self.step, "eval_loss": loss, "eval_tokens": int(tokens), "eval_skipped": int(skipped)})
+        return loss
+
+    # -- checkpoints
+    def save(self) -> None:
+        run, strategy = self.run, self.strategy
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "strategy": strategy.state_dict(),
+            "rng": capture_rng(strategy.device),
+            "position": {"step": self.step, "epoch": self.step // self.data.steps_per_epoch},
+            "counters": dict(self.counters),
+            "layout": self._layout(),
+        }
+        weights = strategy.trainable_state(self.forward_model)
+        if strategy.is_main:
+            path = save_checkpoint(self.out, self.step, weights, state, run.keep_last)
+            log.debug("saved %s", path)
+        strategy.barrier()
+
+    def _layout(self) -> dict[str, int]:
+        return {"global_batch": self.global_batch, "steps_per_epoch": self.data.steps_per_epoch,
+                "total_steps": self.total_steps}
+
+    def _resume(self) -> None:
+        path = resolve_resume(self.run.resume, self.out)
+        if path is None:
+            if self.run.resume == "none" and list_checkpoints(self.out):
+                raise ValueError(
+                    f"{self.out} already holds checkpoints of another run; continue it with run.resume=auto "
+                    "or choose another run.output_dir"
+                )
+            return
+        weights, state = load_checkpoint(path)
+        if state["layout"] != self._layout():
+            raise ValueError(
+                f"cannot resume {path}: it was written with {state['layout']}, this run has {self._layout()} "
+                "(keep batch_size x grad_accum x processes, iters_per_epoch and the length of the run)"
+            )
+        trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        if set(weights) != trainable:
+            missing, extra = sorted(trainable - set(weights)), sorted(set(weights) - trainable)
+            raise ValueError(f"cannot resume {path}: trainable parameters differ (missing {missing[:5]}, extra {extra[:5]})")
+        self.model.load_state_dict(weights, strict=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.strategy.load_state_dict(state["strategy"])
+        restore_rng(state["rng"], self.strategy.device)
+        self.step = state["position"]["step"]
+        self.counters = dict(state["counters"])
+        log.info("resumed from %s at step %d", path, self.step)
+
+    def save_final(self) -> Path | None:
+        """``OUTPUT/final``: the model for chat (``MiniGPT.from_pretrained``), trainable parts only."""
+        self.strategy.barrier()
+        if not self.strategy.is_main:
+            return None
+        final = self.out / FINAL_DIR
+        for leftover in self.out.glob(f".*-{FINAL_DIR}-*"):  # from a run killed while writing it
+            shutil.rmtree(leftover, ignore_errors=True)
+        tmp = self.out / f".tmp-{FINAL_DIR}-{os.getpid()}"
+        save_final_model(self.model, tmp, lora=self.config.model.lora is not None)
+        import yaml
+
+        (tmp / "train_config.yaml").write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
+        if final.exists():
+            old = self.out / f".old-{FINAL_DIR}-{os.getpid()}"
+            os.replace(final, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, final)
+        log.info("final model written to %s", final)
+        return final
+
+    # -- helpers
+    def _train_mode(self) -> None:
+        self.model.train()  # frozen parts stay in eval mode
+        if self.config.model.lora is not None or self.run.grad_checkpointing:
+            self.model.llm.train()  # LoRA dropout and HF gradient checkpointing act in training mode only
+
+    def _warn_skipped(self, micro: list[TrainBatch]) -> None:
+        for b in micro:
+            for s in b.skipped:
+                self._warned += 1
+                if self._warned <= MAX_SKIP_WARNINGS:
+                    warnings.warn(f"skipped {s.origin}: {s.reason}", DataWarning, stacklevel=3)
+                elif self._warned == MAX_SKIP_WARNINGS + 1:
+                    warnings.warn("more samples skipped; metrics.jsonl counts them ('skipped')", DataWarning, stacklevel=3)
+
+    def _rates(self, record: dict[str, Any], seconds: float) -> dict[str, Any]:
+        seconds = max(seconds, 1e-9)
+        return {
+            "tokens_per_s": round(record["input_tokens"] / seconds, 1),
+            "samples_per_s": round(record["samples"] / seconds, 2),
+            "step_time": round(seconds, 4),
+            "peak_mem_gib": _peak_memory(self.strategy.device),
+        }
+
+
+def save_final_model(model: Any, directory: Path, lora: bool = False) -> None:
+    """``save_pretrained(trainable_only=True)``; LoRA adapters are merged into the LLM, which is then saved whole."""
+    if not lora:
+        model.save_pretrained(directory, trainable_only=True)
+        return
+    model.llm = model.llm.merge_and_unload()
+    freeze = dict(model.config.freeze)
+    model.config.freeze["llm"] = False  # makes save_pretrained write the (merged) LLM
+    try:
+        model.save_pretrained(directory, trainable_only=True)
+    finally:
+        model.config.freeze = freeze
+    config_path = directory / "config.json"
+    data = json.loads(config_path.read_text())
+    data["freeze"] = freeze
+    config_path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def train(config: TrainConfig, strategy: Strategy | None = None) -> TrainResult:
+    """Run (or resume) the training ``config`` describes; returns the trained model and this run's records."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    strategy = strategy or make_strategy(config.run)
+    try:
+        return Trainer(config, strategy).fit()
+    finally:
+        strategy.close()
+
+
+__all__ = ["train", "Trainer", "TrainResult", "Schedule", "build_model", "build_optimizer", "apply_lora",
+           "seed_everything", "save_final_model"]

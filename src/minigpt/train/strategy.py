@@ -1,0 +1,175 @@
+"""How the loop's model, backward and optimizer step run: on one device or data-parallel (DDP).
+
+The loop only calls the methods of :class:`Strategy`; it never looks at ranks or wrappers itself. A DeepSpeed
+strategy (ZeRO, pipeline) is another subclass: its :meth:`prepare` would call ``deepspeed.initialize`` and its
+:meth:`backward` / :meth:`step` / :meth:`trainable_state` the engine's, which is why those live here and not in
+the loop. The device and the AMP dtype come from :mod:`minigpt.device`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..device import amp_dtype, autocast, dist_backend, resolve_device
+
+log = logging.getLogger(__name__)
+
+
+class Strategy:
+    """Single process, one device. Subclasses change how the model is wrapped and how results are combined."""
+
+    name = "single"
+
+    def __init__(self, device: str = "auto", amp: str = "auto") -> None:
+        self.rank, self.world_size, self.local_rank = 0, 1, 0
+        self.device = self._pick_device(device)
+        self.amp_dtype = amp_dtype(self.device, {"bf16": "bfloat16", "fp16": "float16"}.get(amp, amp))
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
+
+    def _pick_device(self, name: str) -> torch.device:
+        return resolve_device(name)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # -- model and optimizer
+    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """Wrap the (already on-device) model for training; returns what the loop calls forward on."""
+        return model, optimizer
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def autocast(self) -> contextlib.AbstractContextManager[None]:
+        return autocast(self.device, self.amp_dtype)
+
+    @contextlib.contextmanager
+    def accumulate(self, model: nn.Module, sync: bool) -> Iterator[None]:
+        """Context for one micro-batch's forward + backward; ``sync`` is False except on the step's last one."""
+        yield
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def step(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter], max_norm: float | None) -> float:
+        """Unscale, clip (when ``max_norm``), step; returns the gradient norm before clipping."""
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+        grads = [p for p in params if p.grad is not None]
+        if max_norm:
+            norm = torch.nn.utils.clip_grad_norm_(grads, max_norm)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in grads]) if grads else torch.zeros(())
+        if self.scaler is not None:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
+        return float(norm)
+
+    def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The parameters being trained, by name, on CPU (the checkpointed weights)."""
+        return {n: p.detach().cpu() for n, p in self.unwrap(model).named_parameters() if p.requires_grad}
+
+    # -- communication (no-ops on one process)
+    def all_reduce(self, values: list[float]) -> list[float]:
+        """Sum numbers over processes."""
+        return list(values)
+
+    def barrier(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    # -- resumable state
+    def state_dict(self) -> dict[str, Any]:
+        return {"scaler": self.scaler.state_dict() if self.scaler is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+
+SingleDevice = Strategy
+
+
+class DDP(Strategy):
+    """``torch.nn.parallel.DistributedDataParallel`` over the processes started by torchrun (env:// rendezvous)."""
+
+    name = "ddp"
+
+    def __init__(self, device: str = "auto", amp: str = "auto", find_unused_parameters: bool = False) -> None:
+        self.find_unused_parameters = find_unused_parameters
+        self._owns_group = False
+        super().__init__(device, amp)
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+
+    def _pick_device(self, name: str) -> torch.device:
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        device = resolve_device(name)
+        if device.type != "cpu" and device.index is None:
+            device = torch.device(device.type, self.local_rank)
+            module = getattr(torch, device.type, None)
+            if module is not None and hasattr(module, "set_device"):
+                module.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group(backend=dist_backend(device))
+            self._owns_group = True
+        return device
+
+    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
+        ids = [self.device.index] if self.device.type != "cpu" and self.device.index is not None else None
+        wrapped = nn.parallel.DistributedDataParallel(
+            model, device_ids=ids, broadcast_buffers=False, find_unused_parameters=self.find_unused_parameters
+        )
+        return wrapped, optimizer
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+    @contextlib.contextmanager
+    def accumulate(self, model: nn.Module, sync: bool) -> Iterator[None]:
+        if sync or not isinstance(model, nn.parallel.DistributedDataParallel):
+            yield
+        else:
+            with model.no_sync():
+                yield
+
+    def all_reduce(self, values: list[float]) -> list[float]:
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor)
+        return tensor.tolist()
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def close(self) -> None:
+        if self._owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def make_strategy(run: Any) -> Strategy:
+    """``run.strategy``: ``auto`` is DDP when started by torchrun with more than one process, else single."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    name = run.strategy
+    if name == "auto":
+        name = "ddp" if world > 1 else "single"
+    if name == "single":
+        if world > 1:
+            raise ValueError(f"run.strategy single, but {world} processes were started; use ddp")
+        return Strategy(run.device, run.amp)
+    if name == "ddp":
+        return DDP(run.device, run.amp, run.find_unused_parameters)
+    raise ValueError(f"unknown strategy {name!r}")  # DeepSpeed strategies plug in here
+
+
+__all__ = ["Strategy", "SingleDevice", "DDP", "make_strategy"]

@@ -1,0 +1,78 @@
+"""``minigpt chat``: driven through stdin, each command's output checked."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+
+import pytest
+import torch
+
+from minigpt.infer import terminal
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tiny_llama_dir):
+    from minigpt.model.minigpt import MiniGPT, MiniGPTConfig
+    from minigpt.model.vision import VisionConfig
+
+    torch.manual_seed(0)
+    model = MiniGPT.build(MiniGPTConfig(llm=str(tiny_llama_dir), vision=VisionConfig.tiny(), max_txt_len=32))
+    directory = tmp_path_factory.mktemp("terminal-model")
+    model.save_pretrained(directory)
+    return directory
+
+
+def run_chat(argv: list[str], script: str, monkeypatch, capsys) -> tuple[int, str]:
+    """``minigpt chat ARGV`` with ``script`` on stdin; returns (exit code, stdout)."""
+    parser = argparse.ArgumentParser(prog="minigpt")
+    terminal.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["chat", *argv])
+    monkeypatch.setattr(sys, "stdin", io.StringIO(script))
+    code = args.func(args)
+    return code, capsys.readouterr().out
+
+
+def test_registered_as_a_cli_command():
+    from minigpt.cli import COMMANDS
+
+    assert "minigpt.infer.terminal" in COMMANDS
+
+
+def test_commands_through_stdin(model_dir, image_file, tmp_path, monkeypatch, capsys):
+    other = tmp_path / "other.png"
+    other.write_bytes(image_file.read_bytes())
+    script = "\n".join([
+        ":help", ":img", "What is it?", ":his", ":clh", ":his", ":img", f":image {other}", ":img",
+        "Second question?", ":his", ":clear", ":image /no/such.png", ":bogus", ":quit", "never asked",
+    ]) + "\n"
+    argv = [str(model_dir), "--image", str(image_file), "--cpu-only", "--max-new-tokens", "6"]
+    code, out = run_chat(argv, script, monkeypatch, capsys)
+    assert code == 0
+    blocks = out.split("User: ")
+    assert blocks[0].startswith("minigpt chat. Type :help") and str(image_file) in blocks[0]
+    by_command = dict(zip(script.splitlines(), blocks[1:]))  # for repeated commands: the last
+    assert ":clh" in by_command[":help"] and ":image PATH" in by_command[":help"]
+    answer = by_command["What is it?"].removeprefix("Assistant: ").rstrip("\n")
+    assert answer and "\n" not in answer
+    assert by_command[":clh"] == "History cleared (image kept).\n"
+    assert by_command[f":image {other}"].startswith(f"Image set: {other}")
+    assert by_command[":clear"] == terminal.CLEAR_SCREEN
+    assert by_command[":image /no/such.png"].startswith("error: image file not found: /no/such.png")
+    assert by_command[":bogus"].startswith("unknown command :bogus")
+    # Commands that appear twice: look at their occurrences in order.
+    his = [b for line, b in zip(script.splitlines(), blocks[1:]) if line == ":his"]
+    assert his[0] == f"[1] Q: [image: {image_file}] What is it?\n    A: {answer}\n"
+    assert his[1] == "(no history)\n"
+    assert his[2].startswith(f"[1] Q: [image: {other}] Second question?\n    A: ")
+    img = [b for line, b in zip(script.splitlines(), blocks[1:]) if line == ":img"]
+    assert img == [f"Image: {image_file}\n", f"Image: {image_file}\n", f"Image: {other}\n"]
+    assert "never asked" not in out and len(blocks) == len(script.splitlines())
+
+
+def test_end_of_input_quits_and_text_only_chat_works(model_dir, monkeypatch, capsys):
+    argv = [str(model_dir), "--device", "cpu", "--max-new-tokens", "4"]
+    code, out = run_chat(argv, "Hello?\n:img\n", monkeypatch, capsys)
+    assert code == 0
+    assert "Image: (none)" in out and out.count("Assistant: ") == 1 and out.endswith("User: \n")

@@ -1,0 +1,109 @@
+"""The recipe learns: on synthetic coloured shapes a tiny model's held-out loss drops and it uses the image; the
+final folder reloads with ``MiniGPT.from_pretrained``; LoRA adapters train and are merged into the saved LLM."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from minigpt.train.config import DatasetSpec, validate_config
+from minigpt.train.data import SampleEncoder, eval_loader
+from minigpt.train.loop import train
+from test_train_support import losses, make_shapes, tiny_config
+
+
+def sighted_tiny_vision(directory: Path) -> Path:
+    """A frozen tiny vision encoder that can see. transformers' random BLIP-2 ViT init (initializer_range 1e-10)
+    makes every image's features the same, so the ViT gets the usual N(0, 0.02) instead."""
+    from minigpt.convert.lavis import save_vision
+    from minigpt.model.vision import Blip2VisionEncoder, VisionConfig
+
+    torch.manual_seed(0)
+    config = VisionConfig.tiny()
+    encoder = Blip2VisionEncoder(config)
+    with torch.no_grad():
+        for name, param in encoder.vision_model.named_parameters():
+            if param.ndim >= 2 or "embedding" in name:
+                param.normal_(0.0, 0.02)
+    return save_vision(directory, config, encoder.state_dict())
+
+
+@torch.no_grad()
+def held_out_loss(model, path: Path) -> float:
+    model.eval()
+    encoder = SampleEncoder.for_model(model, train=False)
+    total, tokens = 0.0, 0
+    for b in eval_loader([DatasetSpec(format="captions_json", path=str(path))], encoder, 8, 0, 1,
+                         model.tokenizer.pad_token_id):
+        total += float(model(batch=b.batch).loss) * b.num_tokens
+        tokens += b.num_tokens
+    return total / tokens
+
+
+def test_tiny_model_learns_coloured_shapes(tmp_path, tiny_llama_dir):
+    data = tmp_path / "data"
+    train_json = make_shapes(data, 96, seed=0)
+    eval_json = make_shapes(data, 24, seed=1, name="eval")
+    records = json.loads(eval_json.read_text())  # the same pictures with each other's captions
+    swapped = [{"image": r["image"], "caption": s["caption"]} for r, s in zip(records, records[1:] + records[:1])]
+    (data / "swapped.json").write_text(json.dumps(swapped))
+    # Vision frozen; Q-Former, projector and LLM train (a frozen random LLM can hardly move its loss).
+    config = tiny_config(
+        tiny_llama_dir, train_json, tmp_path / "out",
+        model={"vision_weights": str(sighted_tiny_vision(tmp_path / "vision")),
+               "freeze": {"qformer": False, "llm": False}},
+        data={"eval": [{"format": "captions_json", "path": str(eval_json)}]},
+        run={"epochs": 12, "batch_size": 8, "eval_at_start": True,
+             "optimizer": {"lr": 3e-3, "weight_decay": 0.05},
+             "schedule": {"name": "constant"}},
+    )
+    start = time.perf_counter()
+    result = train(validate_config(config))
+    seconds = time.perf_counter() - start
+    evals = [r["eval_loss"] for r in result.history if "eval_loss" in r]
+    before, after = evals[0], evals[-1]
+    print(f"held-out loss {before:.3f} -> {after:.3f} in {len(losses(result.history))} steps, {seconds:.1f} s")
+    assert after < 0.7 * before  # the issue's bar: a clear drop (> 30 %); it is ~95 % here
+    # It looks at the picture: the right captions are clearly likelier than the swapped ones.
+    swapped_loss = held_out_loss(result.model, data / "swapped.json")
+    print(f"held-out loss with swapped captions {swapped_loss:.3f}")
+    assert after < 0.6 * swapped_loss
+    # The final folder is what chat loads.
+    from minigpt.model.minigpt import MiniGPT
+
+    reloaded = MiniGPT.from_pretrained(tmp_path / "out" / "final")
+    assert held_out_loss(reloaded, eval_json) == pytest.approx(after, rel=1e-5)
+
+
+def test_lora_trains_adapters_and_final_holds_the_merged_llm(tmp_path, tiny_llama_dir, image_file):
+    from minigpt.data.conversation import Conversation
+    from minigpt.model.minigpt import MiniGPT
+
+    train_json = make_shapes(tmp_path / "data", 8)
+    config = tiny_config(
+        tiny_llama_dir, train_json, tmp_path / "out",
+        model={"lora": {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]}},
+        run={"max_steps": 3, "optimizer": {"lr": 1e-2, "weight_decay": 0.0}, "save_every": 3},
+    )
+    base = {n: p.clone() for n, p in MiniGPT.build(validate_config(config).model.minigpt_config()).llm.named_parameters()}
+    result = train(validate_config(config))
+    from minigpt.train.checkpoint import latest_checkpoint, load_checkpoint
+
+    weights, _ = load_checkpoint(latest_checkpoint(tmp_path / "out"))
+    assert any("lora_A" in k for k in weights) and any(k.startswith("projector.") for k in weights)
+    assert not any(k.startswith("llm.") and "lora_" not in k for k in weights)  # the base LLM stays frozen
+    final = tmp_path / "out" / "final"
+    assert (final / "llm").is_dir() and json.loads((final / "config.json").read_text())["freeze"]["llm"] is True
+    merged = dict(result.model.llm.named_parameters())
+    assert any(not torch.equal(merged[n], base[n]) for n in base if n in merged)  # the adapters were merged in
+    reloaded = MiniGPT.from_pretrained(final)
+    conv = [Conversation.single("<Img><ImageHere></Img>", "a red square")]
+    result.model.eval()
+    with torch.no_grad():
+        expected = result.model(batch=result.model.prepare(conv, [image_file])).loss
+        got = reloaded(batch=reloaded.prepare(conv, [image_file])).loss
+    assert float(got) == pytest.approx(float(expected), rel=1e-5)
