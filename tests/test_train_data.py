@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import random
 import shutil
 import tarfile
 import warnings
@@ -21,8 +22,6 @@ from minigpt.train.config import DatasetSpec, validate_config
 from minigpt.train.data import BatchPlan, Item, SampleEncoder, Skipped, TrainData, collate
 from minigpt.train.loop import train
 from test_train_support import draw, losses, make_shapes, read_metrics, tiny_config
-
-import random
 
 
 def _png(path: Path, colour=(200, 30, 30)) -> Path:

@@ -35,7 +35,7 @@ def test_two_process_ddp_matches_one_process_with_double_accumulation(tmp_path, 
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
                PYTHONPATH=str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "minigpt.train.cli", str(path), f"run.output_dir={tmp_path / 'ddp'}", "run.grad_accum=1"]
+           "-m", "minigpt.cli", "train", str(path), f"run.output_dir={tmp_path / 'ddp'}", "run.grad_accum=1"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert "2 processes" in done.stderr

@@ -16,22 +16,6 @@ from minigpt.train.loop import train
 from test_train_support import losses, make_shapes, tiny_config
 
 
-def sighted_tiny_vision(directory: Path) -> Path:
-    """A frozen tiny vision encoder that can see. transformers' random BLIP-2 ViT init (initializer_range 1e-10)
-    makes every image's features the same, so the ViT gets the usual N(0, 0.02) instead."""
-    from minigpt.convert.lavis import save_vision
-    from minigpt.model.vision import Blip2VisionEncoder, VisionConfig
-
-    torch.manual_seed(0)
-    config = VisionConfig.tiny()
-    encoder = Blip2VisionEncoder(config)
-    with torch.no_grad():
-        for name, param in encoder.vision_model.named_parameters():
-            if param.ndim >= 2 or "embedding" in name:
-                param.normal_(0.0, 0.02)
-    return save_vision(directory, config, encoder.state_dict())
-
-
 @torch.no_grad()
 def held_out_loss(model, path: Path) -> float:
     model.eval()
@@ -51,11 +35,11 @@ def test_tiny_model_learns_coloured_shapes(tmp_path, tiny_llama_dir):
     records = json.loads(eval_json.read_text())  # the same pictures with each other's captions
     swapped = [{"image": r["image"], "caption": s["caption"]} for r, s in zip(records, records[1:] + records[:1])]
     (data / "swapped.json").write_text(json.dumps(swapped))
-    # Vision frozen; Q-Former, projector and LLM train (a frozen random LLM can hardly move its loss).
+    # The ViT stays frozen; Q-Former, projector and LLM train. With random weights, a frozen LLM hardly moves its loss
+    # (~10.3 -> 9.8) and a frozen Q-Former passes almost nothing of the image (the same loss with swapped captions).
     config = tiny_config(
         tiny_llama_dir, train_json, tmp_path / "out",
-        model={"vision_weights": str(sighted_tiny_vision(tmp_path / "vision")),
-               "freeze": {"qformer": False, "llm": False}},
+        model={"freeze": {"qformer": False, "llm": False}},
         data={"eval": [{"format": "captions_json", "path": str(eval_json)}]},
         run={"epochs": 12, "batch_size": 8, "eval_at_start": True,
              "optimizer": {"lr": 3e-3, "weight_decay": 0.05},

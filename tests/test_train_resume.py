@@ -65,7 +65,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, tiny_
     config = tiny_config(
         tiny_llama_dir, train_json, tmp_path / "unused",
         model={"freeze": {"qformer": False}},
-        run={"epochs": 6, "batch_size": 4, "grad_accum": 2, "save_every": 2, "keep_last": 2,
+        run={"epochs": 6, "batch_size": 4, "grad_accum": 2, "save_every": 5, "keep_last": 2,
              "optimizer": {"lr": 3e-3, "weight_decay": 0.05},
              "schedule": {"name": "linear_warmup_cosine", "warmup_steps": 4, "warmup_lr": 1e-5, "min_lr": 1e-4}},
     )

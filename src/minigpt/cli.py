@@ -20,6 +20,7 @@ COMMANDS: list[str] = [
     "minigpt.infer.server",
     "minigpt.eval.cli",
     "minigpt.convert.cli",
+    "minigpt.data.cli",
     "minigpt.tools.info",
 ]
 

@@ -33,8 +33,7 @@ def register(subparsers: Any) -> None:
     sub = p.add_subparsers(dest="convert_command", metavar="WHAT")
     p.set_defaults(func=lambda args: (p.print_help(), 0)[1])
 
-    q = sub.add_parser("lavis", help="LAVIS eva_vit_g.pth + blip2_pretrained*.pth -> vision encoder folder",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    q = sub.add_parser("lavis", help="LAVIS eva_vit_g.pth + blip2_pretrained*.pth -> vision encoder folder")
     q.add_argument("--eva", required=True, metavar="PTH", help="EVA ViT-g file (eva_vit_g.pth)")
     q.add_argument("--blip2", required=True, metavar="PTH", help="BLIP-2 file (blip2_pretrained_flant5xxl.pth)")
     q.add_argument("--out", "-o", required=True, metavar="DIR", help="vision encoder folder to write")
@@ -67,8 +66,7 @@ def register(subparsers: Any) -> None:
     q.add_argument("--trust-remote-code", action="store_true", help="allow the LLM's own modelling code")
     q.set_defaults(func=_assemble)
 
-    q = sub.add_parser("deepspeed", help="DeepSpeed ZeRO or pipeline checkpoint -> a model directory",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    q = sub.add_parser("deepspeed", help="DeepSpeed ZeRO or pipeline checkpoint -> a model directory")
     q.add_argument("checkpoint", metavar="CKPT_DIR", help="the save_dir (uses 'latest') or a global_stepN folder")
     q.add_argument("--out", "-o", required=True, metavar="MODEL_DIR")
     q.add_argument("--tag", help="checkpoint tag folder (default: 'latest', else the highest global_stepN)")
@@ -83,6 +81,8 @@ def register(subparsers: Any) -> None:
     _head_arguments(q)
     q.add_argument("--dtype", help="LLM dtype recorded in the model config")
     q.add_argument("--full", action="store_true", help="write every part (a self-contained folder)")
+    q.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the LLM's own modelling code (Qwen(1) bases of MPP-Qwen14B)")
     q.add_argument("--trust-pickle", action="store_true",
                    help="UNSAFE: load files that need full unpickling (runs code in them); only your own files")
     q.set_defaults(func=_deepspeed)
@@ -96,8 +96,9 @@ def register(subparsers: Any) -> None:
 
 
 def _head_arguments(q: argparse.ArgumentParser) -> None:
-    q.add_argument("--heads", type=int, default=16, help="ViT attention heads (cannot be read from weights)")
-    q.add_argument("--qformer-heads", type=int, default=12, help="Q-Former attention heads")
+    q.add_argument("--heads", type=int, default=16,
+                   help="ViT attention heads, not readable from weights (default: 16, EVA ViT-g)")
+    q.add_argument("--qformer-heads", type=int, default=12, help="Q-Former attention heads (default: 12)")
 
 
 def _print_report(report: Any) -> None:
@@ -156,8 +157,9 @@ def _projector(args: argparse.Namespace) -> int:
 def assemble(
     llm: str, vision: str | Path, projector: str | Path, out: str | Path, template: str = "vicuna0",
     projector_type: str = "linear", dtype: str = "float32", full: bool = False, trust_remote_code: bool = False,
-) -> list[str]:
-    """Write a model directory from base parts; returns the parts written (see ``save_pretrained``).
+) -> tuple[list[str], Any]:
+    """Write a model directory from base parts; returns the parts written (see ``save_pretrained``) and
+    the projector conversion report.
 
     Without ``full`` the LLM is built on the meta device (only its config and tokenizer are read) and the
     directory references ``llm`` and ``vision`` (absolute paths for local folders)."""
@@ -166,8 +168,8 @@ def assemble(
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ..model.minigpt import MiniGPT, MiniGPTConfig
-    from .lavis import VISION_CONFIG
+    from ..model.minigpt import MiniGPT, MiniGPTConfig, load_projector_weights
+    from .lavis import VISION_CONFIG, ConversionReport, convert_minigpt4_projector
 
     vision = Path(vision)
     if not (vision / VISION_CONFIG).is_file():
@@ -189,21 +191,30 @@ def assemble(
             raise OSError(f"could not read the LLM config of {llm!r}: {err}") from err
         with torch.device("meta"):
             meta_llm = AutoModelForCausalLM.from_config(llm_config, trust_remote_code=trust_remote_code)
-    build = MiniGPTConfig.from_dict({**config.to_dict(), "projector_weights": str(projector)})
-    try:
-        model = MiniGPT.build(build, llm=meta_llm)
-    except RuntimeError as err:  # load_state_dict's size mismatch
-        raise ValueError(f"the projector does not fit this LLM / vision encoder: {err}") from None
-    model.config = config
-    return model.save_pretrained(out, trainable_only=not full)
+    if Path(projector).suffix == ".safetensors":
+        weights, report = load_projector_weights(projector), ConversionReport()
+    else:  # an original MiniGPT-4 / MiniGPT4Qwen / MPP checkpoint
+        weights, report = convert_minigpt4_projector(projector)
+    model = MiniGPT.build(config, llm=meta_llm)
+    want = {k: list(v.shape) for k, v in model.projector.state_dict().items()}
+    got = {k: list(v.shape) for k, v in weights.items()}
+    if want != got:
+        raise ValueError(
+            f"the projector {projector} ({got}) does not fit this LLM (hidden "
+            f"{model.llm.get_input_embeddings().embedding_dim}) and vision encoder (out {model.vision.out_dim}): "
+            f"a {projector_type} projector needs {want}"
+        )
+    model.projector.load_state_dict(weights)
+    return model.save_pretrained(out, trainable_only=not full), report
 
 
 def _assemble(args: argparse.Namespace) -> int:
-    written = assemble(args.llm, args.vision, args.projector, args.out, template=args.template,
+    written, report = assemble(args.llm, args.vision, args.projector, args.out, template=args.template,
                        projector_type=args.projector_type, dtype=args.dtype, full=args.full,
                        trust_remote_code=args.trust_remote_code)
     print(f"wrote {args.out}: {', '.join(written)}" + ("" if args.full else f" (llm {args.llm} and vision "
                                                        f"{args.vision} are referenced, not copied)"))
+    _print_report(report)
     return 0
 
 
@@ -214,6 +225,7 @@ def _deepspeed(args: argparse.Namespace) -> int:
         args.checkpoint, args.out, tag=args.tag, config=args.config, llm=args.llm, vision=args.vision,
         template=args.template, with_llm=args.with_llm, fp32=args.fp32, heads=args.heads,
         qformer_heads=args.qformer_heads, llm_dtype=args.dtype, full=args.full, trust_pickle=args.trust_pickle,
+        trust_remote_code=args.trust_remote_code,
     )
     print(f"wrote {args.out}: {', '.join(written)}")
     _print_report(report)

@@ -225,8 +225,8 @@ def zero_state_dict(tag_dir: str | Path, fp32: bool = False, trust_pickle: bool 
     stage = (obj.get("ds_config") or {}).get("zero_optimization", {}).get("stage", 3 if stage3 else None)
     report = ConversionReport()
     report.notes.append(
-        f"DeepSpeed {obj.get('ds_version', '?')} checkpoint {tag_dir.name}, ZeRO stage {stage if stage is not None else '?'}"
-        f", step {obj.get('global_steps', '?')}"
+        f"DeepSpeed {obj.get('ds_version', '?')} checkpoint {tag_dir.name}, "
+        f"ZeRO stage {stage if stage is not None else '?'}, step {obj.get('global_steps', '?')}"
     )
     if stage3 or fp32:
         if not any(tag_dir.glob("*_optim_states.pt")):
@@ -235,7 +235,7 @@ def zero_state_dict(tag_dir: str | Path, fp32: bool = False, trust_pickle: bool 
         with _zero_to_fp32(trust_pickle) as z, contextlib.redirect_stdout(out):
             state = z.get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
         log.debug("zero_to_fp32: %s", out.getvalue())
-        state = {k: v for k, v in state.items()}
+        state = dict(state)
         report.notes.append("weights: fp32 master copies rebuilt by deepspeed zero_to_fp32")
     else:
         state = unwrap(obj["module"], f"{meta_file} ['module']")
@@ -294,7 +294,8 @@ def pipeline_llm_names(base_names: list[str] | set[str] | Mapping[str, Any]) -> 
     sample = ", ".join(sorted(names)[:4])
     raise ValueError(
         "unsupported LLM architecture for pipeline checkpoints: expected LLaMA-style (model.embed_tokens, "
-        f"model.layers.N: LLaMA, Qwen2, Qwen3, Mistral) or Qwen(1) (transformer.wte, transformer.h.N) names; got {sample}, ..."
+        "model.layers.N: LLaMA, Qwen2, Qwen3, Mistral) or Qwen(1) (transformer.wte, transformer.h.N) names; "
+        f"got {sample}, ..."
     )
 
 
@@ -333,9 +334,12 @@ def map_pipeline_llm(
     if surplus or missing:
         raise ValueError(
             f"the pipeline LLM does not match the base LLM ({arch} names): "
-            f"{len(missing)} missing (e.g. {', '.join(missing[:3])}), {len(surplus)} surplus (e.g. {', '.join(surplus[:3])})"
+            f"{len(missing)} missing (e.g. {', '.join(missing[:3])}), "
+            f"{len(surplus)} surplus (e.g. {', '.join(surplus[:3])})"
         )
-    wrong = [f"{k} {tuple(v.shape)} (base {base_shapes[k]})" for k, v in state.items() if tuple(v.shape) != base_shapes[k]]
+    wrong = [
+        f"{k} {tuple(v.shape)} (base {base_shapes[k]})" for k, v in state.items() if tuple(v.shape) != base_shapes[k]
+    ]
     if wrong:
         raise ValueError(f"pipeline LLM shape mismatch: {'; '.join(wrong[:5])}")
     n_blocks = len(block_layers)
@@ -406,7 +410,10 @@ def _meta_llm(name_or_path: str, state: Mapping[str, torch.Tensor], trust_remote
     """The LLM built on the meta device with ``state`` assigned, when ``state`` is complete; else None."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise OSError(f"could not read the LLM config of {name_or_path!r} (pass --llm): {err}") from err
     with torch.device("meta"):
         llm = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     own = llm.state_dict(keep_vars=True)
@@ -458,7 +465,10 @@ def write_model_dir(
     from ..model.minigpt import MiniGPT, MiniGPTConfig
 
     state, report = converted.state, converted.report
-    parts = {p: {k[len(p) + 1:]: v for k, v in state.items() if k.startswith(p + ".")} for p in ("vision", "projector", "llm")}
+    parts = {
+        part: {k[len(part) + 1:]: v for k, v in state.items() if k.startswith(part + ".")}
+        for part in ("vision", "projector", "llm")
+    }
     others = sorted(k for k in state if not k.startswith(("vision.", "projector.", "llm.")))
     if others:
         raise ValueError(f"{len(others)} key(s) outside vision./projector./llm. (not a MiniGPT state dict): "
@@ -473,7 +483,9 @@ def write_model_dir(
         report.notes.append(f"vision_weights {build.vision_weights} not found: the checkpoint's vision is used")
         build.vision_weights = None
     if not parts["vision"] and not build.vision_weights:
-        raise ValueError("the vision encoder is neither in the checkpoint nor recorded (vision_weights): pass --vision DIR")
+        raise ValueError(
+            "the vision encoder is neither in the checkpoint nor recorded (vision_weights): pass --vision DIR"
+        )
     llm = _meta_llm(build.llm, parts["llm"], build.trust_remote_code) if parts["llm"] else None
     model = MiniGPT.build(build, llm=llm)
     vision_source = build.vision_weights
@@ -506,6 +518,7 @@ def convert_deepspeed(
     llm_dtype: str | None = None,
     full: bool = False,
     trust_pickle: bool = False,
+    trust_remote_code: bool = False,
 ) -> tuple[list[str], ConversionReport]:
     """A ZeRO or pipeline checkpoint folder -> a model directory (see the module docstring).
 
@@ -530,6 +543,8 @@ def convert_deepspeed(
         overrides["template"] = template
     if llm_dtype:
         overrides["llm_dtype"] = llm_dtype
+    if trust_remote_code:
+        overrides["trust_remote_code"] = True
 
     if any(_LAYER_FILE.match(p.name) or _TP_LAYER_FILE.match(p.name) for p in tag_dir.iterdir()):
         if fp32:
@@ -539,7 +554,8 @@ def convert_deepspeed(
             raise ValueError("a pipeline checkpoint needs the base LLM: pass --llm")
         converted, vision_config = pipeline_state_dict(
             tag_dir, base, with_llm=with_llm, with_vision=not vision, heads=heads, qformer_heads=qformer_heads,
-            trust_pickle=trust_pickle, trust_remote_code=bool((_config_dict(config) or {}).get("trust_remote_code")),
+            trust_pickle=trust_pickle,
+            trust_remote_code=trust_remote_code or bool((_config_dict(config) or {}).get("trust_remote_code")),
         )
         data = {"template": "chatml", **(_config_dict(config) or {}), "llm": base}
         data["freeze"] = {"vision": True, "qformer": True, "projector": False, "llm": not with_llm}

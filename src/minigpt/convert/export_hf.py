@@ -154,16 +154,20 @@ def export_hf(
     """Write ``out`` as a ``Blip2ForConditionalGeneration`` folder + ``Blip2Processor`` files.
 
     ``model_or_dir``: a :class:`~minigpt.model.minigpt.MiniGPT` (left unchanged) or its directory.
-    ``dtype``: of the saved weights (default: the model's LLM dtype); the Q-Former and query tokens stay
-    float32, as transformers keeps them (``_keep_in_fp32_modules``).
+    ``dtype``: of the saved weights (default: the model's LLM dtype); the Q-Former and query tokens are saved
+    in float32 (transformers' ``_keep_in_fp32_modules``; its loader may still cast them to ``dtype``).
     """
     from transformers import Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor
     from transformers.image_utils import PILImageResampling
 
-    from ..device import parse_dtype
+    from ..device import dtype_name, parse_dtype
     from ..model.minigpt import MiniGPT
 
-    model = MiniGPT.from_pretrained(model_or_dir) if isinstance(model_or_dir, (str, Path)) else model_or_dir
+    if isinstance(model_or_dir, (str, Path)):  # load the LLM in the export dtype straight away (memory)
+        overrides = {"llm_dtype": dtype_name(parse_dtype(dtype))} if dtype else {}
+        model = MiniGPT.from_pretrained(model_or_dir, **overrides)
+    else:
+        model = model_or_dir
     dtype = parse_dtype(dtype or model.config.llm_dtype)
     out = Path(out)
     report = ConversionReport()
@@ -199,12 +203,15 @@ def export_hf(
     expected = hf.state_dict().keys()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"Blip2ForConditionalGeneration names differ: missing {missing[:8]}, unexpected {unexpected[:8]}")
+        raise ValueError(
+            f"Blip2ForConditionalGeneration names differ: missing {missing[:8]}, unexpected {unexpected[:8]}"
+        )
     hf.load_state_dict(state, strict=True, assign=True)
     hf.generation_config = generation
 
     out.mkdir(parents=True, exist_ok=True)
     hf.save_pretrained(out, max_shard_size=max_shard_size)
+    _record_dtype(out / "config.json", dtype)
     v = model.config.vision
     image_processor = BlipImageProcessor(
         do_resize=True, size={"height": v.image_size, "width": v.image_size}, resample=PILImageResampling.BICUBIC,
@@ -236,6 +243,16 @@ def export_hf(
         pass
     (out / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
     return ExportResult(out, image_index, v.num_query_tokens, added, report)
+
+
+def _record_dtype(path: Path, dtype: torch.dtype) -> None:
+    """transformers records the dtype of the float32 Q-Former; record the weights' (loaders use it for "auto")."""
+    data = json.loads(path.read_text())
+    name = str(dtype).removeprefix("torch.")
+    for section in (data, data.get("text_config"), data.get("vision_config")):
+        if isinstance(section, dict):
+            section["dtype"] = name
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def hf_prompt_ids(template: Template, tokenizer: Any, conversation: Conversation, num_query_tokens: int,

@@ -86,14 +86,16 @@ class SampleList(Sequence[Sample]):
 
 
 @dataclass(frozen=True)
-class _Invalid:
+class InvalidRecord:
+    """A record that could not be parsed (kept so that readers report it by origin)."""
+
     reason: str
 
 
 # ---------------------------------------------------------------------------------------------- JSON helpers
 
 
-def _load_json(path: Path) -> Any:
+def load_json(path: Path) -> Any:
     try:
         with open(path, encoding="utf-8-sig") as f:
             return json.load(f)
@@ -103,8 +105,12 @@ def _load_json(path: Path) -> Any:
         raise ValueError(f"{path}: not UTF-8 text ({e})") from None
 
 
-def _json_records(path: Path) -> list[tuple[str, Any]]:
-    """``(origin, record)`` for a JSON list or a JSONL file (a bad JSONL line becomes an :class:`_Invalid`)."""
+def read_json_any(path: Path) -> list[tuple[str, Any]] | dict[str, Any]:
+    """A JSON object as is, or ``(origin, record)`` pairs for a JSON list or a JSONL file.
+
+    Origins are ``file:index`` (JSON) or ``file:line`` (JSONL); a bad JSONL line becomes an
+    :class:`InvalidRecord` so readers can skip it by name.
+    """
     if path.suffix == ".jsonl":
         records: list[tuple[str, Any]] = []
         with open(path, encoding="utf-8-sig") as f:
@@ -113,19 +119,29 @@ def _json_records(path: Path) -> list[tuple[str, Any]]:
                     try:
                         records.append((f"{path}:{lineno}", json.loads(line)))
                     except json.JSONDecodeError as e:
-                        records.append((f"{path}:{lineno}", _Invalid(f"invalid JSON at column {e.colno}: {e.msg}")))
+                        records.append((f"{path}:{lineno}", InvalidRecord(f"invalid JSON at column {e.colno}: {e.msg}")))
         return records
-    data = _load_json(path)
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of records, got a JSON {type(data).__name__}")
-    return [(f"{path}:{i}", rec) for i, rec in enumerate(data)]
+    data = load_json(path)
+    if isinstance(data, list):
+        return [(f"{path}:{i}", rec) for i, rec in enumerate(data)]
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object or list, got a JSON {type(data).__name__}")
+    return data
+
+
+def json_records(path: Path) -> list[tuple[str, Any]]:
+    """``(origin, record)`` pairs of a JSON list or a JSONL file (see :func:`read_json_any`)."""
+    data = read_json_any(path)
+    if isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON list of records, got a JSON object")
+    return data
 
 
 def _collect(source: Path, records: Iterable[tuple[str, Any]], parse: Callable[[Any, int], Sample]) -> SampleList:
     report, samples = ReadReport(str(source)), []
     for index, (origin, rec) in enumerate(records):
         try:
-            if isinstance(rec, _Invalid):
+            if isinstance(rec, InvalidRecord):
                 raise ValueError(rec.reason)
             if not isinstance(rec, dict):
                 raise ValueError(f"record is a JSON {type(rec).__name__}, not an object")
@@ -207,7 +223,7 @@ def read_llava_json(path: str | Path, image_root: str | Path | None = None) -> S
             raise ValueError(f"'image' must be a string or a list of strings, got {type(images).__name__}")
         return Sample(conv, [_image_path(root, img) for img in images], id=_id(rec))
 
-    return _collect(path, _json_records(path), parse)
+    return _collect(path, json_records(path), parse)
 
 
 def read_minigpt4qwen_json(path: str | Path, image_root: str | Path | None = None) -> SampleList:
@@ -232,7 +248,7 @@ def read_minigpt4qwen_json(path: str | Path, image_root: str | Path | None = Non
             conv.add("user", q).add("assistant", a)
         return Sample(conv, [image], id=_id(rec))
 
-    return _collect(path, _json_records(path), parse)
+    return _collect(path, json_records(path), parse)
 
 
 def read_captions_json(path: str | Path, image_root: str | Path | None = None) -> SampleList:
@@ -243,7 +259,7 @@ def read_captions_json(path: str | Path, image_root: str | Path | None = None) -
     def parse(rec: dict[str, Any], _: int) -> Sample:
         return _caption_sample(_image_path(root, _get(rec, "image")), _get(rec, "caption"), _id(rec))
 
-    return _collect(path, _json_records(path), parse)
+    return _collect(path, json_records(path), parse)
 
 
 def read_cc_sbu_align(
@@ -262,7 +278,7 @@ def read_cc_sbu_align(
         raise ValueError("instructions mode needs at least one instruction")
     root = Path(root)
     path = root / "filter_cap.json"
-    data = _load_json(path)
+    data = load_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
         raise ValueError(f'{path}: expected {{"annotations": [...]}}')
 

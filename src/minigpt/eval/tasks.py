@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data.conversation import Conversation, Image, ImageLike, Text, Turn, parse_content
-from ..data.formats import DataWarning, ReadReport  # noqa: F401  (DataWarning re-exported for callers)
+from ..data.formats import DataWarning, InvalidRecord, ReadReport, read_json_any  # noqa: F401  (DataWarning re-exported for callers)
 from .metrics import LETTERS, circular_answer, circular_options
 
 TASKS: tuple[str, ...] = ("caption", "vqa", "mcq", "pope")
@@ -142,36 +142,9 @@ def mcq_prompt_text(
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def _load_json(path: Path) -> Any:
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
-
-
 def _load_any(path: Path) -> Any:
-    """JSON document, or a list of ``(origin, record | _Skip)`` for JSONL."""
-    if path.suffix == ".jsonl":
-        rows: list[tuple[str, Any]] = []
-        with open(path, encoding="utf-8-sig") as f:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append((f"{path}:{lineno}", json.loads(line)))
-                    except json.JSONDecodeError as e:
-                        rows.append((f"{path}:{lineno}", _Skip(f"invalid JSON at column {e.colno}: {e.msg}")))
-        return rows
-    if path.suffix == ".tsv":
-        return _read_tsv(path)
-    data = _load_json(path)
-    if isinstance(data, list):
-        return [(f"{path}:{i}", rec) for i, rec in enumerate(data)]
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object or list, got a JSON {type(data).__name__}")
-    return data
+    """A JSON object, or ``(origin, record | InvalidRecord)`` pairs for JSON lists, JSONL and TSV."""
+    return _read_tsv(path) if path.suffix == ".tsv" else read_json_any(path)
 
 
 def _read_tsv(path: Path) -> list[tuple[str, Any]]:
@@ -279,8 +252,8 @@ class _Builder:
     ) -> None:
         for origin, rec in rows:
             try:
-                if isinstance(rec, _Skip):
-                    raise rec
+                if isinstance(rec, InvalidRecord):
+                    raise _Skip(rec.reason)
                 if not isinstance(rec, dict):
                     raise _Skip(f"record is a JSON {type(rec).__name__}, not an object")
                 parsed = parse(rec, origin)
@@ -351,8 +324,8 @@ def _read_caption(b: _Builder, path: Path, data: Any, root: Path, split: str | N
         grouped: dict[str, tuple[str, str, list[ImageLike], list[str]]] = {}  # key -> origin, id, images, refs
         for origin, rec in data:
             try:
-                if isinstance(rec, _Skip):
-                    raise rec
+                if isinstance(rec, InvalidRecord):
+                    raise _Skip(rec.reason)
                 if not isinstance(rec, dict):
                     raise _Skip(f"record is a JSON {type(rec).__name__}, not an object")
                 images = _images(rec, root, "image", "images")

@@ -175,7 +175,8 @@ def model_info(directory: str | Path) -> dict[str, Any]:
     counts = {}
     for part in PARTS:
         total = info["parts"].get(part, {}).get("parameters")
-        counts[part] = {"total": total, "trainable": (total if info["trained"][part] else 0) if total is not None else None}
+        trainable = None if total is None else total if info["trained"][part] else 0
+        counts[part] = {"total": total, "trainable": trainable}
     info["parameters"] = counts
     known = [c["total"] for c in counts.values() if c["total"] is not None]
     info["parameters_total"] = sum(known) if len(known) == len(PARTS) else None
@@ -207,13 +208,14 @@ def format_info(info: dict[str, Any]) -> str:
     v, q, p, llm = parts["vision"], parts.get("qformer"), parts["projector"], parts["llm"]
     e = v["encoder"]
     lines = [f"model directory {info['directory']} (format {info['format_version']})",
-             f"template        {info['template']} (max_txt_len {info['max_txt_len']}), {info['image_tokens']} tokens per image",
+             f"template        {info['template']} (max_txt_len {info['max_txt_len']}), "
+             f"{info['image_tokens']} tokens per image",
              f"dtypes          llm {info['dtypes']['llm']}, vision {info['dtypes']['vision']}",
              f"vision          ViT {e['depth']} x {e['width']} ({e['heads']} heads, mlp {e['mlp_dim']}), image "
              f"{e['image_size']}/{e['patch_size']}; {v['source']}; {', '.join(v.get('dtypes', []))}"]
     if q:
-        lines.append(f"qformer         {q['depth']} x {q['width']} ({q['heads']} heads), {q['num_query_tokens']} queries; "
-                     f"{', '.join(q.get('dtypes', []))}")
+        lines.append(f"qformer         {q['depth']} x {q['width']} ({q['heads']} heads), "
+                     f"{q['num_query_tokens']} queries; {', '.join(q.get('dtypes', []))}")
     lines.append(f"projector       {p['type']} {p.get('in_dim')} -> {p.get('out_dim', '?')}; {p['source']}; "
                  f"{', '.join(p.get('dtypes', []))}")
     arch = ", ".join(llm.get("architectures") or []) or llm.get("model_type") or "?"

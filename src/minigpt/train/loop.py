@@ -138,6 +138,7 @@ class Reporter:
     def __init__(self, out: Path, enabled: bool, report_to: list[str], config: TrainConfig) -> None:
         self.enabled, self.path, self.log_every = enabled, out / METRICS_FILE, config.run.log_every
         self.bar: Any = None
+        self._file: Any = None
         self.tb: Any = None
         self.wandb: Any = None
         self.history: list[dict[str, Any]] = []
@@ -197,8 +198,6 @@ class Reporter:
             self.wandb.log(numbers, step=step)
 
     def close(self) -> None:
-        if not self.enabled:
-            return
         if self.bar is not None:
             self.bar.close()
         if getattr(self, "_file", None) is not None:
@@ -207,6 +206,7 @@ class Reporter:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+        self.bar = self.tb = self.wandb = self._file = None
 
 
 def _record_step(line: str) -> float:
@@ -305,6 +305,13 @@ class Trainer:
             self.total_steps, self.data.steps_per_epoch, self.global_batch, run.batch_size, run.grad_accum,
             strategy.world_size, strategy.device, f" with {strategy.amp_dtype} autocast" if strategy.amp_dtype else "",
         )
+        try:
+            return self._fit()
+        finally:
+            self.reporter.close()
+
+    def _fit(self) -> TrainResult:
+        run, strategy = self.run, self.strategy
         self.reporter.start(self.step, self.total_steps)
         batches = iter(self.data.loader(
             run.batch_size, run.grad_accum, self.step, self.total_steps, strategy.rank, strategy.world_size,
@@ -327,7 +334,6 @@ class Trainer:
         if self.eval_loader is not None and self._evaluated_at != self.step:
             self.evaluate()
         final = self.save_final()
-        self.reporter.close()
         return TrainResult(self.model, self.step, self.reporter.history, final)
 
     def train_step(self, micro: list[TrainBatch]) -> dict[str, Any]:

@@ -76,7 +76,10 @@ class Strategy:
         return float(norm)
 
     def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """The parameters being trained, by name, on CPU (the checkpointed weights)."""
+        """The parameters being trained, by name, on CPU: what a checkpoint stores. Called on every process (a
+        sharded strategy gathers here); only the main process's result is written."""
+        if not self.is_main:
+            return {}
         return {n: p.detach().cpu() for n, p in self.unwrap(model).named_parameters() if p.requires_grad}
 
     # -- communication (no-ops on one process)

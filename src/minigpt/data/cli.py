@@ -1,0 +1,157 @@
+"""``minigpt data ...``: look at a dataset before training on it.
+
+::
+
+    minigpt data analyze llava.json --format llava --image-root coco/ --tokenizer Qwen/Qwen-7B-Chat \\
+        --template chatml --max-len 512 --out analysis/        # token lengths, recommended max_txt_len
+    minigpt data check cc_sbu_align/ --format cc_sbu_align --write-clean clean/   # exit 1 when problems found
+    minigpt data convert llava.json --from llava --to minigpt4qwen qwen.json
+    minigpt data convert pairs.csv --from captions_csv --to webdataset shards/ --shard-size 10000
+
+Formats: llava, minigpt4qwen, cc_sbu_align (folder), captions_json (``[{image, caption}]``), captions_csv (columns
+image,caption), webdataset (folder of .tar, a shard or a brace pattern). Exit codes: 0 done (check: no problem),
+1 check found problems, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any
+
+FORMATS_HELP = "llava, minigpt4qwen, cc_sbu_align, captions_json, captions_csv or webdataset"
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "data",
+        help="analyze token lengths, check and clean, convert datasets",
+        description="Dataset tools: token-length analysis with the model's template, integrity checks with a "
+                    "cleaned copy, and conversion between LLaVA, MiniGPT4Qwen, cc_sbu_align and webdataset.",
+    )
+    sub = p.add_subparsers(dest="data_command", metavar="WHAT")
+    p.set_defaults(func=lambda args: (p.print_help(), 0)[1])
+
+    q = sub.add_parser("analyze",
+                       help="token-length distribution, truncation at a max length, recommended max_txt_len",
+                       description="Count the tokens of every sample as training encodes it (template, image slots) "
+                                   "and report percentiles, the fraction a max length truncates and a recommended "
+                                   "max_txt_len (smallest multiple of 32 covering 99%).")
+    _dataset_arguments(q)
+    q.add_argument("--tokenizer", required=True, metavar="TOK", help="tokenizer folder or hub id (the LLM's)")
+    q.add_argument("--template", default="vicuna0", help="prompt template: vicuna0 (default), vicuna0_head, "
+                   "llama2, chatml, caption, hf")
+    q.add_argument("--image-tokens", type=int, default=32, metavar="N", help="positions per image (default 32: Q-Former queries)")
+    q.add_argument("--max-len", type=int, metavar="N", help="report the fraction this max_txt_len truncates")
+    q.add_argument("--out", "-o", metavar="DIR", help="write report.json and lengths.png (histograms) here")
+    q.add_argument("--limit", type=int, metavar="N", help="only the first N samples")
+    q.add_argument("--trust-remote-code", action="store_true", help="allow the tokenizer's own code (Qwen-1)")
+    q.set_defaults(func=_analyze)
+
+    q = sub.add_parser("check",
+                       help="find missing/corrupt images, malformed records, empty answers (exit 1 if any)",
+                       description="Decode every image and inspect every record; print counts per problem kind "
+                                   "with the first origins. Exit code 0 when clean, 1 when problems were found.")
+    _dataset_arguments(q)
+    q.add_argument("--write-clean", metavar="OUT", help="write the good records here, in the same format "
+                   "(a .json/.jsonl/.csv file; cc_sbu_align and webdataset: a folder)")
+    q.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), metavar="N",
+                   help="threads decoding images (default: min(8, CPUs))")
+    q.add_argument("--examples", type=int, default=5, metavar="N", help="origins shown per problem kind (default 5)")
+    q.add_argument("--json", metavar="FILE", help="also write the full report (every problem) as JSON")
+    q.set_defaults(func=_check)
+
+    q = sub.add_parser("convert",
+                       help="convert between llava, minigpt4qwen, cc_sbu_align, captions and webdataset shards",
+                       description="Convert a dataset; samples the target cannot hold (e.g. multi-turn to "
+                                   "cc_sbu_align) are skipped and counted. Reading the output gives the same "
+                                   "conversations as reading the source.")
+    q.add_argument("src", metavar="SRC", help="source file or folder")
+    q.add_argument("--from", dest="source_format", required=True, metavar="FMT", help=FORMATS_HELP)
+    q.add_argument("--to", dest="target_format", required=True, metavar="FMT",
+                   help="llava, minigpt4qwen, cc_sbu_align, captions_json or webdataset")
+    q.add_argument("out", metavar="OUT", help="output file (JSON targets) or folder (cc_sbu_align, webdataset); "
+                   "must not exist")
+    q.add_argument("--image-root", metavar="DIR", help="folder the source's image paths are relative to "
+                   "(default: the source file's folder)")
+    q.add_argument("--out-image-root", metavar="DIR", help="JSON targets: write image paths relative to this "
+                   "folder (default: the source's image root, so paths stay as they were)")
+    q.add_argument("--copy-images", action="store_true",
+                   help="cc_sbu_align target: copy the images (default: symlink to the source images)")
+    q.add_argument("--shard-size", type=int, default=10_000, metavar="N", help="webdataset: samples per shard (default 10000)")
+    q.set_defaults(func=_convert)
+
+
+def _dataset_arguments(q: argparse.ArgumentParser) -> None:
+    q.add_argument("dataset", metavar="DATASET", help="dataset file, cc_sbu_align folder or webdataset shards")
+    q.add_argument("--format", "-f", required=True, metavar="FMT", help=FORMATS_HELP)
+    q.add_argument("--image-root", metavar="DIR", help="folder the image paths are relative to "
+                   "(default: the dataset file's folder)")
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from ..model.llm import load_tokenizer
+    from .analyze import analyze_samples, write_report
+    from .convert import open_dataset, quiet_reader_warnings
+    from .formats import SampleList
+    from .templates import get_template
+
+    template = get_template(args.template)  # fail fast, before loading anything
+    with quiet_reader_warnings():  # the summary counts the skipped records
+        data = open_dataset(args.format, args.dataset, args.image_root)
+        tokenizer = load_tokenizer(args.tokenizer, trust_remote_code=args.trust_remote_code)
+        total = len(data) if isinstance(data, SampleList) else None
+        if total is not None and args.limit is not None:
+            total = min(total, args.limit)
+        report = analyze_samples(
+            data, tokenizer, template, args.image_tokens, args.max_len, args.limit,
+            progress=total or True, dataset=args.dataset, fmt=args.format,
+        )
+    report.tokenizer = args.tokenizer
+    report.reader_skipped = list(data.report.skipped)
+    print(report.summary())
+    if args.out:
+        paths = write_report(report, args.out)
+        print(f"wrote {paths['report']} and {paths['histogram']}")
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from .check import check_dataset, write_clean
+
+    if args.workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {args.workers}")
+    report = check_dataset(args.format, args.dataset, args.image_root, workers=args.workers, progress=True)
+    print(report.summary(args.examples))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(report.to_dict(), f, indent=1, ensure_ascii=False)
+    if args.write_clean:
+        n = write_clean(report, args.write_clean)
+        print(f"wrote {n} good records to {args.write_clean}")
+        if report.format in ("llava", "minigpt4qwen", "captions_json", "captions_csv"):
+            from pathlib import Path
+
+            from .convert import source_image_root
+
+            root = source_image_root(report.format, args.dataset, args.image_root)
+            if root.resolve() != Path(args.write_clean).parent.resolve():
+                print(f"image paths are unchanged: read {args.write_clean} with --image-root {root}")
+    print("clean" if report.clean else f"problems found in {report.bad_records} of {report.records} records")
+    return 0 if report.clean else 1
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .convert import convert_dataset
+
+    report = convert_dataset(
+        args.src, args.source_format, args.out, args.target_format, image_root=args.image_root,
+        out_image_root=args.out_image_root, copy_images=args.copy_images, shard_size=args.shard_size, progress=True,
+    )
+    print(report.summary())
+    if report.image_root is not None and Path(report.image_root).resolve() != Path(args.out).parent.resolve():
+        print(f"image paths are relative to {report.image_root}: read {args.out} with --image-root {report.image_root}")
+    return 0

