@@ -21,7 +21,8 @@ from minigpt.data.tokenize import IGNORE_INDEX
 from minigpt.train.config import DatasetSpec, validate_config
 from minigpt.train.data import BatchPlan, Item, SampleEncoder, Skipped, TrainData, collate
 from minigpt.train.loop import train
-from test_train_support import draw, losses, make_shapes, read_metrics, tiny_config
+from test_train_support import losses, make_shapes, read_metrics, tiny_config
+from minigpt.tools.shapes import draw_shape
 
 
 def _png(path: Path, colour=(200, 30, 30)) -> Path:
@@ -99,7 +100,7 @@ def test_every_format_encodes_for_training(tmp_path, encoder):
         assert any(label != IGNORE_INDEX for label in item.encoded.labels), name
     # Same position -> same random crop; another position -> another crop.
     sample = next(iter(read_dataset(specs["llava"].reader_spec())))
-    sample.images = [draw("red", "circle", 48, random.Random(0))]
+    sample.images = [draw_shape("red", "circle", 48, random.Random(0))]
     a, b, c = encoder(sample, (0, 5)), encoder(sample, (0, 5)), encoder(sample, (0, 6))
     assert torch.equal(a.pixels[0], b.pixels[0]) and not torch.equal(a.pixels[0], c.pixels[0])
 

@@ -91,3 +91,27 @@ def test_lora_trains_adapters_and_final_holds_the_merged_llm(tmp_path, tiny_llam
         expected = result.model(batch=result.model.prepare(conv, [image_file])).loss
         got = reloaded(batch=reloaded.prepare(conv, [image_file])).loss
     assert float(got) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_eval_task_is_scored_during_training_and_logged(tmp_path, tiny_llama_dir):
+    """``run.eval_task`` scores a generation task at each evaluation (here POPE on the shapes)."""
+    data = tmp_path / "data"
+    train_json = make_shapes(data, 8)
+    records = json.loads(train_json.read_text())[:4]
+    pope = tmp_path / "pope.jsonl"
+    pope.write_text("".join(
+        json.dumps({"question_id": i, "image": r["image"], "text": "Is there a red shape?",
+                    "label": "yes" if "red" in r["caption"] else "no"}) + "\n"
+        for i, r in enumerate(records)
+    ))
+    config = tiny_config(tiny_llama_dir, train_json, tmp_path / "out", run={
+        "max_steps": 2, "eval_every": 2, "log_every": 1,
+        "eval_task": {"task": "pope", "data": str(pope), "images": str(data), "limit": 4, "max_new_tokens": 3},
+    })
+    config["data"]["eval"] = [{"format": "captions_json", "path": str(train_json)}]
+    result = train(validate_config(config))
+    scored = [r for r in result.history if "eval/pope/accuracy" in r]
+    assert scored and scored[-1]["step"] == 2
+    assert 0.0 <= scored[-1]["eval/pope/accuracy"] <= 1.0 and scored[-1]["eval/pope/n"] == 4
+    logged = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval/pope/f1" in r for r in logged)

@@ -6,46 +6,17 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 from typing import Any
 
 import yaml
-from PIL import Image, ImageDraw
 
-COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 70, 220), "yellow": (235, 200, 20)}
-SHAPES = ("circle", "square", "triangle")
-
-
-def draw(colour: str, shape: str, size: int, rng: random.Random) -> Image.Image:
-    img = Image.new("RGB", (size, size), tuple(rng.randint(225, 255) for _ in range(3)))
-    d = ImageDraw.Draw(img)
-    extent = rng.randint(size // 2, size * 8 // 10)
-    x, y = rng.randint(0, size - extent), rng.randint(0, size - extent)
-    if shape == "circle":
-        d.ellipse((x, y, x + extent, y + extent), fill=COLOURS[colour])
-    elif shape == "square":
-        d.rectangle((x, y, x + extent, y + extent), fill=COLOURS[colour])
-    else:
-        d.polygon([(x + extent / 2, y), (x, y + extent), (x + extent, y + extent)], fill=COLOURS[colour])
-    return img
-
+from minigpt.tools import shapes
 
 def make_shapes(root: Path, n: int, seed: int = 0, size: int = 32, name: str = "train") -> Path:
-    """``n`` pictures (colour x shape cycled) and ``root/{name}.json`` in the captions_json format."""
-    rng = random.Random(seed)
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    combos = [(c, s) for c in COLOURS for s in SHAPES]
-    records = []
-    for i in range(n):
-        colour, shape = combos[i % len(combos)]
-        rel = f"images/{name}_{i:04d}.png"
-        draw(colour, shape, size, rng).save(root / rel)
-        records.append({"image": rel, "caption": f"a {colour} {shape}"})
-    rng.shuffle(records)
-    path = root / f"{name}.json"
-    path.write_text(json.dumps(records))
-    return path
+    """``n`` pictures (every colour x shape first) and ``root/{name}.json`` in the captions_json format."""
+    items = shapes.make_shapes(root, n, seed=seed, size=size)
+    return shapes.write_caption_json(items, root / f"{name}.json")
 
 
 def tiny_config(llm_dir: Path, train_json: Path, output_dir: Path, **sections: dict[str, Any]) -> dict[str, Any]:

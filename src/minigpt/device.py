@@ -1,12 +1,31 @@
-"""The one place that picks the device, the AMP dtype and the distributed backend.
+"""The one place that picks the device, the AMP dtype, the distributed backend and reports memory.
 
 Nothing else in the code names a device type: other modules call these helpers.
+
+Devices: ``--device auto|cpu|cuda|npu|mps`` (with an index where it applies: ``cuda:1``, ``npu:3``).
+``auto`` prefers cuda, then npu, then mps, then cpu.
+
+- cuda: NVIDIA (and ROCm builds of torch); distributed backend ``nccl``.
+- npu: Huawei Ascend through the optional ``torch_npu`` package (the target of the MiniGPT-4 Ascend port),
+  imported here when asked for; distributed backend ``hccl``. Install the CANN toolkit of your driver, then
+  ``pip install torch-npu==<the version matching your torch>`` (torch_npu's release table pairs each torch
+  release with one torch_npu and CANN release) and ``source /usr/local/Ascend/ascend-toolkit/set_env.sh``.
+- mps: Apple silicon; distributed backend ``gloo``.
+- cpu: always available; distributed backend ``gloo``.
+
+AMP (``amp_dtype``): none on CPU unless asked; bf16 where the device supports it, else fp16 (with loss
+scaling in training); fp16 on mps.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
-from typing import Iterator
+import importlib
+import re
+import sys
+from types import ModuleType
+from typing import Any, Iterator
 
 import torch
 
@@ -15,6 +34,20 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16,
 }
+
+#: Device kinds, in the order ``auto`` tries the accelerators (cpu last).
+DEVICE_KINDS = ("cuda", "npu", "mps", "cpu")
+DEVICE_CHOICES = ("auto",) + DEVICE_KINDS
+DEVICE_HELP = "auto (cuda, npu, mps, then cpu), cpu, cuda, cuda:N, npu, npu:N or mps (default: %(default)s)"
+DIST_BACKENDS = {"cuda": "nccl", "npu": "hccl"}  # everything else: gloo
+NPU_INSTALL_HINT = (
+    "Ascend NPUs need the optional torch_npu package: install the CANN toolkit, then "
+    "'pip install torch-npu' in the version matching your torch (see the README)"
+)
+_NAME = re.compile(r"^(?P<kind>[a-z]+)(?::(?P<index>\d+))?$")
+
+
+# ---------------------------------------------------------------------------------------------- dtypes
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -30,38 +63,179 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _npu_available() -> bool:
+# ---------------------------------------------------------------------------------------------- names and arguments
+
+
+def check_device_name(name: str) -> str:
+    """``name`` lower-cased if it is ``auto`` or ``KIND[:N]`` of a known kind (availability is not checked)."""
+    text = str(name).strip().lower()
+    if text == "auto":
+        return text
+    m = _NAME.match(text)
+    if m is None or m["kind"] not in DEVICE_KINDS:
+        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N, npu, npu:N or mps")
+    if m["index"] is not None and m["kind"] in ("cpu", "mps"):
+        raise ValueError(f"device {name!r}: {m['kind']} takes no index")
+    return text
+
+
+def _device_arg(value: str) -> str:
     try:
-        import torch_npu  # noqa: F401
+        return check_device_name(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def add_device_argument(parser: Any, default: str | None = "auto", help: str | None = None) -> None:
+    """The ``--device`` option every command shares (``parser`` may be an argument group).
+
+    Only the name is checked here; whether the device exists is checked when the command resolves it."""
+    parser.add_argument("--device", type=_device_arg, default=default, metavar="DEVICE", help=help or DEVICE_HELP)
+
+
+# ---------------------------------------------------------------------------------------------- backends
+
+
+def _npu_module() -> ModuleType | None:
+    """``torch.npu`` after importing the optional ``torch_npu`` (which registers it), or None."""
+    try:
+        importlib.import_module("torch_npu")
     except ImportError:
+        return None
+    return getattr(torch, "npu", None)
+
+
+def _npu_available() -> bool:
+    module = _npu_module()
+    try:
+        return bool(module is not None and module.is_available())
+    except RuntimeError:  # driver / CANN problems surface here
         return False
-    return bool(getattr(torch, "npu", None) and torch.npu.is_available())
+
+
+def backend_module(kind: str | torch.device) -> ModuleType | None:
+    """``torch.cuda`` / ``torch.npu`` / ``torch.mps`` for a device (or kind); None for cpu and unknown ones."""
+    kind = kind.type if isinstance(kind, torch.device) else kind
+    if kind == "npu":
+        return _npu_module()
+    if kind in ("cuda", "mps"):
+        return getattr(torch, kind, None)
+    return None
+
+
+def is_available(kind: str) -> bool:
+    if kind == "cpu":
+        return True
+    if kind == "cuda":
+        return torch.cuda.is_available()
+    if kind == "npu":
+        return _npu_available()
+    if kind == "mps":
+        return torch.backends.mps.is_available()
+    return False
+
+
+def device_count(kind: str | torch.device) -> int:
+    """Devices of this kind on the machine (0 when unavailable; cpu and mps count as one)."""
+    kind = kind.type if isinstance(kind, torch.device) else kind
+    if not is_available(kind):
+        return 0
+    if kind in ("cpu", "mps"):
+        return 1
+    module = backend_module(kind)
+    return int(module.device_count()) if module is not None and hasattr(module, "device_count") else 1
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` -> cuda, npu (Ascend via torch_npu), mps, cpu, in that order of preference."""
-    name = name.lower()
+    """``auto`` -> cuda, npu (Ascend via torch_npu), mps, cpu, in that order of preference; else the named
+    device, with an error saying why when it is not available here."""
+    name = check_device_name(name)
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if _npu_available():
-            return torch.device("npu")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    available = {
-        "cpu": True,
-        "cuda": torch.cuda.is_available(),
-        "npu": _npu_available(),
-        "mps": torch.backends.mps.is_available(),
-    }
-    kind = name.split(":")[0]
-    if kind not in available:
-        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda, npu or mps")
-    if not available[kind]:
-        hint = " (install torch_npu for Ascend NPUs)" if kind == "npu" else ""
-        raise RuntimeError(f"device {name!r} was requested but is not available on this machine{hint}")
+        for kind in DEVICE_KINDS:
+            if is_available(kind):
+                return torch.device(kind)
+        return torch.device("cpu")  # pragma: no cover - cpu is always available
+    m = _NAME.match(name)
+    kind, index = m["kind"], m["index"]
+    if not is_available(kind):
+        hint = f"; {NPU_INSTALL_HINT}" if kind == "npu" and _npu_module() is None else ""
+        found = [k for k in DEVICE_KINDS[:-1] if is_available(k)]
+        here = f"this machine has {', '.join(found)} and cpu" if found else "this machine has the cpu only"
+        raise RuntimeError(f"device {name!r} was requested but is not available ({here}){hint}")
+    if index is not None:
+        count = device_count(kind)
+        if int(index) >= count:
+            raise RuntimeError(f"device {name!r} was requested but this machine has {count} {kind} device(s) "
+                               f"({kind}:0 to {kind}:{count - 1})")
     return torch.device(name)
+
+
+def is_accelerator(device: torch.device) -> bool:
+    return device.type != "cpu"
+
+
+def describe_device(device: torch.device) -> str:
+    """``cuda:0 (NVIDIA H200)``-style text for logs and reports."""
+    module = backend_module(device)
+    if module is not None and hasattr(module, "get_device_name"):
+        try:
+            return f"{device} ({module.get_device_name(device.index or 0)})"
+        except (RuntimeError, AssertionError, TypeError):
+            pass
+    return str(device)
+
+
+def set_device(device: torch.device) -> None:
+    """Make ``device`` the current one of its kind (one process per device in distributed runs)."""
+    module = backend_module(device)
+    if module is not None and device.index is not None and hasattr(module, "set_device"):
+        module.set_device(device)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (timings); a no-op on cpu."""
+    module = backend_module(device)
+    if module is not None and hasattr(module, "synchronize"):
+        module.synchronize()
+
+
+def empty_cache(device: torch.device) -> None:
+    """Give the caching allocator's unused memory back; a no-op on cpu."""
+    module = backend_module(device)
+    if module is not None and hasattr(module, "empty_cache"):
+        module.empty_cache()
+
+
+def get_rng_state(device: torch.device) -> torch.Tensor | None:
+    """The accelerator's generator state (None on cpu: torch's own state covers it)."""
+    module = backend_module(device)
+    if is_accelerator(device) and module is not None and hasattr(module, "get_rng_state"):
+        return module.get_rng_state()
+    return None
+
+
+def set_rng_state(device: torch.device, state: torch.Tensor | None) -> None:
+    module = backend_module(device)
+    if state is not None and module is not None and hasattr(module, "set_rng_state"):
+        module.set_rng_state(state)
+
+
+# ---------------------------------------------------------------------------------------------- precision
+
+
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cpu":
+        return True
+    if device.type == "mps":
+        return False  # needs macOS 14+; fp16 works everywhere
+    module = backend_module(device)
+    check = getattr(module, "is_bf16_supported", None)
+    if check is None:
+        return True
+    try:
+        return bool(check())
+    except (RuntimeError, AssertionError):
+        return False
 
 
 def amp_dtype(device: torch.device, requested: str = "auto") -> torch.dtype | None:
@@ -72,9 +246,7 @@ def amp_dtype(device: torch.device, requested: str = "auto") -> torch.dtype | No
         return parse_dtype(requested)
     if device.type == "cpu":
         return None
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
+    return torch.bfloat16 if bf16_supported(device) else torch.float16
 
 
 @contextlib.contextmanager
@@ -86,13 +258,69 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> Iterator[None]:
         yield
 
 
+# ---------------------------------------------------------------------------------------------- distributed
+
+
 def dist_backend(device: torch.device) -> str:
-    return {"cuda": "nccl", "npu": "hccl"}.get(device.type, "gloo")
+    """``torch.distributed`` backend: nccl (cuda), hccl (Ascend npu), gloo (cpu, mps)."""
+    return DIST_BACKENDS.get(device.type, "gloo")
 
 
-def peak_memory_gib(device: torch.device) -> float | None:
-    """Peak allocated accelerator memory since the last reset, or None on CPU."""
-    module = getattr(torch, device.type, None)
-    if device.type == "cpu" or module is None or not hasattr(module, "max_memory_allocated"):
+# ---------------------------------------------------------------------------------------------- memory
+
+
+def _cpu_peak_rss_gib() -> float | None:
+    if not sys.platform.startswith(("linux", "darwin")):
+        return None
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+def peak_memory_gib(device: torch.device, cpu_rss: bool = False) -> float | None:
+    """Peak allocated accelerator memory since the last reset; on cpu None, or with ``cpu_rss`` the process's
+    peak resident memory."""
+    if device.type == "cpu":
+        return _cpu_peak_rss_gib() if cpu_rss else None
+    module = backend_module(device)
+    if module is None or not hasattr(module, "max_memory_allocated"):
         return None
     return module.max_memory_allocated(device) / 2**30
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    module = backend_module(device)
+    if module is not None and hasattr(module, "reset_peak_memory_stats"):
+        module.reset_peak_memory_stats(device)
+
+
+def memory_stats(device: torch.device) -> dict[str, float | None]:
+    """GiB in use now, reserved by the allocator and at peak (accelerators); peak resident memory (cpu)."""
+    if device.type == "cpu":
+        return {"allocated_gib": None, "reserved_gib": None, "peak_gib": _cpu_peak_rss_gib()}
+    module = backend_module(device)
+
+    def read(name: str) -> float | None:
+        fn = getattr(module, name, None)
+        if fn is None:
+            return None
+        try:
+            return round(fn(device) / 2**30, 3)
+        except (RuntimeError, TypeError):
+            return round(fn() / 2**30, 3)  # mps takes no device argument
+
+    if device.type == "mps":
+        return {"allocated_gib": read("current_allocated_memory"), "reserved_gib": read("driver_allocated_memory"),
+                "peak_gib": None}
+    return {"allocated_gib": read("memory_allocated"), "reserved_gib": read("memory_reserved"),
+            "peak_gib": read("max_memory_allocated")}
+
+
+__all__ = [
+    "DTYPES", "DEVICE_KINDS", "DEVICE_CHOICES", "parse_dtype", "dtype_name", "check_device_name",
+    "add_device_argument", "backend_module", "is_available", "device_count", "resolve_device", "is_accelerator",
+    "describe_device", "set_device", "synchronize", "empty_cache", "get_rng_state", "set_rng_state",
+    "bf16_supported", "amp_dtype", "autocast", "dist_backend", "peak_memory_gib", "reset_peak_memory",
+    "memory_stats",
+]

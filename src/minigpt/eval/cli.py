@@ -50,6 +50,8 @@ def generation_options(args: argparse.Namespace, task: str | None = None) -> Any
 
 
 def register(subparsers: Any) -> None:
+    from ..device import add_device_argument
+
     p = subparsers.add_parser(
         "eval",
         help="evaluate a model on captioning, VQA, multiple-choice or POPE",
@@ -73,7 +75,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--no-resume", action="store_true", help="start over instead of continuing the predictions file")
     p.add_argument("--no-meteor", action="store_true", help="caption: skip METEOR (it needs java and ~20 s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, npu, mps")
+    add_device_argument(p)
     p.add_argument("--dtype", help="LLM dtype override (float32, bfloat16, float16)")
     add_generation_args(p)
     p.set_defaults(func=run)

@@ -46,6 +46,8 @@ class LoadSpec:
 # ---------------------------------------------------------------------------------------------- arguments
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """``MODEL`` plus the base-part, device, dtype and quantization options."""
+    from ..device import add_device_argument
+
     parser.add_argument("model", nargs="?", metavar="MODEL", help="model directory (from save_pretrained)")
     g = parser.add_argument_group("model")
     g.add_argument("--projector", metavar="CKPT", help="projector weights (.safetensors, or an original .pth)")
@@ -54,7 +56,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                    "with MODEL: if MODEL has no vision.safetensors")
     g.add_argument("--projector-type", default="linear", help="projector kind for base parts (default: linear)")
     g.add_argument("--template", help="prompt template (default: the model's)")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, npu, mps (default: auto)")
+    add_device_argument(g)
     g.add_argument("--cpu-only", action="store_true", help="same as --device cpu")
     g.add_argument("--dtype", default="auto", help="auto, float32, bfloat16/bf16, float16/fp16 (default: auto)")
     q = g.add_mutually_exclusive_group()

@@ -16,6 +16,7 @@ from transformers import PreTrainedModel, StoppingCriteriaList
 
 from ..data.conversation import Conversation, ImageLike, Sample
 from ..data.images import ImageProcessor
+from ..data.packing import additive_mask
 from ..data.templates import Template, get_template
 from ..data.tokenize import IGNORE_INDEX, Encoded, TextBatch, collate, encode_conversation
 from ..device import parse_dtype
@@ -308,8 +309,11 @@ class MiniGPT(nn.Module):
             batch = self.prepare(conversations, images, train=True).to(self.device)
         embeds = self.embed(batch, image_embeds)
         body = self.llm.get_decoder() if hasattr(self.llm, "get_decoder") else self.llm.base_model
+        mask, positions = batch.text.attention_mask, getattr(batch.text, "position_ids", None)
+        if mask.ndim == 4:  # packed rows (minigpt.data.packing): block-diagonal causal mask, positions per sample
+            mask = additive_mask(mask, embeds.dtype)
         hidden = body(
-            inputs_embeds=embeds, attention_mask=batch.text.attention_mask, use_cache=False
+            inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False
         ).last_hidden_state
         return self._answer_loss(hidden, batch.text.labels)
 

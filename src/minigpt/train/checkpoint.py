@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..device import get_rng_state, set_rng_state
+
 CHECKPOINTS = "checkpoints"
 WEIGHTS = "trainable.safetensors"
 STATE = "state.pt"
@@ -119,9 +121,9 @@ def capture_rng(device: torch.device) -> dict[str, Any]:
                   "gauss": float(gauss)},
         "torch": torch.get_rng_state(),
     }
-    module = getattr(torch, device.type, None)
-    if device.type != "cpu" and module is not None and hasattr(module, "get_rng_state"):
-        state["accelerator"] = module.get_rng_state()
+    accelerator = get_rng_state(device)
+    if accelerator is not None:
+        state["accelerator"] = accelerator
     return state
 
 
@@ -132,9 +134,7 @@ def restore_rng(state: dict[str, Any], device: torch.device) -> None:
         ("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"], np_state["has_gauss"], np_state["gauss"])
     )
     torch.set_rng_state(state["torch"])
-    module = getattr(torch, device.type, None)
-    if "accelerator" in state and module is not None and hasattr(module, "set_rng_state"):
-        module.set_rng_state(state["accelerator"])
+    set_rng_state(device, state.get("accelerator"))
 
 
 def _tuples(value: Any) -> Any:

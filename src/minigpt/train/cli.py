@@ -15,6 +15,8 @@ EPILOG = """examples:
 
 
 def register(subparsers: Any) -> None:
+    from ..device import add_device_argument
+
     parser = subparsers.add_parser(
         "train",
         help="train a model from a YAML config",
@@ -26,13 +28,19 @@ def register(subparsers: Any) -> None:
     parser.add_argument("config", help="YAML config (see configs/)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. run.optimizer.lr=3e-5 run.epochs=2")
     parser.add_argument("--print-config", action="store_true", help="print the validated config and exit")
+    add_device_argument(parser, default=None,
+                        help="auto (cuda, npu, mps, then cpu), cpu, cuda, cuda:N, npu, npu:N or mps; the same as "
+                        "run.device=DEVICE (default: the config's run.device, auto)")
     parser.set_defaults(func=run_train)
 
 
 def run_train(args: argparse.Namespace) -> int:
     from .config import load_config
 
-    config = load_config(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if getattr(args, "device", None):
+        overrides.append(f"run.device={args.device}")
+    config = load_config(args.config, overrides)
     if args.print_config:
         import yaml
 

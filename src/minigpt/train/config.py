@@ -190,6 +190,17 @@ class ScheduleSection(Section):
     min_lr: float = Field(0.0, ge=0)
 
 
+class EvalTaskSection(Section):
+    """A generation task scored during training (see ``minigpt eval``), on the main process."""
+
+    task: Literal["caption", "vqa", "mcq", "pope"]
+    data: str | list[str]
+    images: str | None = None
+    limit: int | None = Field(200, gt=0)
+    batch_size: int = Field(8, gt=0)
+    max_new_tokens: int = Field(10, gt=0)
+
+
 class RunSection(Section):
     output_dir: str = "outputs/run"
     seed: int = 42
@@ -219,9 +230,18 @@ class RunSection(Section):
     log_every: int = Field(10, gt=0)
     eval_every: int = Field(0, ge=0, description="0: evaluate at the end only (when there is eval data)")
     eval_at_start: bool = False
+    #: Also score a task (VQA accuracy, CIDEr, ...) at each evaluation; logged as ``eval/<task>/<metric>``.
+    eval_task: EvalTaskSection | None = None
     eval_batch_size: int | None = Field(None, gt=0)
     report_to: list[Literal["tensorboard", "wandb"]] = []
     wandb_project: str = "minigpt"
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        from ..device import check_device_name
+
+        return check_device_name(value)
 
 
 class TrainConfig(Section):

@@ -183,7 +183,8 @@ class Reporter:
         step = record["step"]
         numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
         if "eval_loss" in record:
-            log.info("step %d: eval loss %.4f", step, record["eval_loss"])
+            scores = "".join(f", {k[5:]} {v:.4f}" for k, v in record.items() if k.startswith("eval/") and k.count("/") == 2)
+            log.info("step %d: eval loss %.4f%s", step, record["eval_loss"], scores)
         elif self.bar is not None:
             self.bar.update(step - self.bar.n)
             self.bar.set_postfix_str(_summary(record), refresh=False)
@@ -230,11 +231,7 @@ def _duration(seconds: float) -> str:
 
 def _peak_memory(device: torch.device) -> float | None:
     """Accelerator peak memory, or the process's peak resident memory on CPU (GiB)."""
-    peak = peak_memory_gib(device)
-    if peak is None and device.type == "cpu" and sys.platform.startswith("linux"):
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    peak = peak_memory_gib(device, cpu_rss=True)
     return None if peak is None else round(peak, 3)
 
 
@@ -287,6 +284,7 @@ class Trainer:
         self.counters = {"samples": 0, "tokens": 0, "skipped": 0, "skipped_records": self.data.read_skipped}
         self._warned = 0
         self._evaluated_at: int | None = None
+        self._eval_task_data: Any = None
         self.optimizer = optimizer
         self._resume()
         self.forward_model, self.optimizer = strategy.prepare(model, optimizer)
@@ -390,8 +388,34 @@ class Trainer:
         self._train_mode()
         loss = loss_sum / tokens if tokens else float("nan")
         self._evaluated_at = self.step
-        self.reporter.log({"step": self.step, "eval_loss": loss, "eval_tokens": int(tokens), "eval_skipped": int(skipped)})
+        record = {"step": self.step, "eval_loss": loss, "eval_tokens": int(tokens), "eval_skipped": int(skipped)}
+        record.update(self.evaluate_task())
+        self.reporter.log(record)
         return loss
+
+    def evaluate_task(self) -> dict[str, float]:
+        """Metrics of ``run.eval_task`` on the main process (others wait), as ``eval/<task>/<metric>``."""
+        section = self.run.eval_task
+        if section is None:
+            return {}
+        metrics: dict[str, float] = {}
+        if self.strategy.is_main:
+            from ..eval.runner import evaluate_task
+            from ..eval.tasks import load_task
+            from ..infer.generate import GenerationOptions
+
+            if self._eval_task_data is None:
+                self._eval_task_data = load_task(section.task, section.data, section.images)
+            model = self.strategy.unwrap(self.forward_model)
+            with self.strategy.autocast():
+                scores = evaluate_task(
+                    model, section.task, self._eval_task_data, GenerationOptions(max_new_tokens=section.max_new_tokens),
+                    limit=section.limit, batch_size=section.batch_size,
+                )
+            self._train_mode()
+            metrics = {f"eval/{section.task}/{k}": v for k, v in scores.items()}
+        self.strategy.barrier()
+        return metrics
 
     # -- checkpoints
     def save(self) -> None:

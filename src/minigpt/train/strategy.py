@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..device import amp_dtype, autocast, dist_backend, resolve_device
+from ..device import amp_dtype, autocast, dist_backend, resolve_device, set_device
 
 log = logging.getLogger(__name__)
 
@@ -121,9 +121,7 @@ class DDP(Strategy):
         device = resolve_device(name)
         if device.type != "cpu" and device.index is None:
             device = torch.device(device.type, self.local_rank)
-            module = getattr(torch, device.type, None)
-            if module is not None and hasattr(module, "set_device"):
-                module.set_device(device)
+            set_device(device)
         if not dist.is_initialized():
             dist.init_process_group(backend=dist_backend(device))
             self._owns_group = True
