@@ -10,6 +10,8 @@ export minigpt models to plain transformers.
         --template vicuna0 --out minigpt4-7b/
     minigpt convert deepspeed output/run/ --out model/            # ZeRO or pipeline checkpoints
     minigpt convert export-hf model/ --out model-hf/               # Blip2ForConditionalGeneration folder
+    minigpt convert apply-delta --base llama-7b/ --delta vicuna-7b-delta-v0/ --target vicuna-7b/
+    minigpt convert merge-lora output/run/ --base model/ --lora-alpha 16 --out merged/ [--export-hf merged-hf/]
 
 Every input is read with safetensors or ``torch.load(weights_only=True)``; ``--trust-pickle`` (deepspeed
 only) lifts that for files you made yourself. Each command prints what it wrote and a report of the
@@ -93,6 +95,40 @@ def register(subparsers: Any) -> None:
     q.add_argument("--dtype", help="weight dtype (default: the model's LLM dtype); the Q-Former stays float32")
     q.add_argument("--max-shard-size", default="5GB")
     q.set_defaults(func=_export_hf)
+
+    q = sub.add_parser("apply-delta", help="LLaMA + a published delta (Vicuna) -> working weights, shard by shard",
+                       description="target = base + delta, tensor by tensor (FastChat's apply_delta), written one "
+                                   "output shard at a time: peak memory is about --max-shard-size.")
+    q.add_argument("--base", required=True, metavar="LLAMA_DIR", help="the original LLaMA in transformers format")
+    q.add_argument("--delta", required=True, metavar="DELTA_DIR", help="the delta (e.g. lmsys/vicuna-7b-delta-v0)")
+    q.add_argument("--target", "--out", "-o", dest="target", required=True, metavar="OUT_DIR",
+                   help="folder to write (new or empty)")
+    q.add_argument("--dtype", help="weight dtype written (default: the delta's, float16 for Vicuna)")
+    q.add_argument("--max-shard-size", default="2GB",
+                   help="output shard size, about the peak memory needed (default: 2GB)")
+    q.set_defaults(func=_apply_delta)
+
+    q = sub.add_parser("merge-lora", help="fold a LoRA adapter into the LLM -> a plain model directory",
+                       description="Merge a LoRA adapter (a training checkpoint or run folder, a weights file, or a "
+                                   "peft adapter folder) into the base LLM and save a model directory without "
+                                   "adapters (and optionally its transformers export).")
+    q.add_argument("adapter", metavar="ADAPTER",
+                   help="checkpoint folder (trainable.safetensors), run output folder (its newest checkpoint), "
+                        ".safetensors/.pth file, or peft adapter folder (adapter_config.json)")
+    q.add_argument("--base", metavar="DIR", help="minigpt model directory or transformers LLM folder the adapter "
+                   "was trained on (default: built from --config)")
+    q.add_argument("--config", metavar="TRAIN.yaml", help="the run's training config: LoRA alpha (and the base "
+                   "model when --base is not given); found as OUTPUT/final/train_config.yaml when it exists")
+    q.add_argument("--lora-alpha", type=float, help="LoRA alpha (checkpoints do not record it; peft folders do)")
+    q.add_argument("--out", "-o", required=True, metavar="DIR", help="folder to write (new or empty)")
+    q.add_argument("--dtype", help="LLM dtype to load and save (default: the base's)")
+    q.add_argument("--full", action="store_true", help="store every part (default: reference the frozen vision "
+                   "encoder's recorded source, as training's final folder)")
+    q.add_argument("--export-hf", metavar="HF_DIR", help="also write the transformers Blip2ForConditionalGeneration "
+                   "export (as 'convert export-hf')")
+    q.add_argument("--max-shard-size", default="5GB")
+    q.add_argument("--trust-remote-code", action="store_true", help="allow the LLM's own modelling code")
+    q.set_defaults(func=_merge_lora)
 
 
 def _head_arguments(q: argparse.ArgumentParser) -> None:
@@ -240,5 +276,31 @@ def _export_hf(args: argparse.Namespace) -> int:
     result = export_hf(args.model, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size)
     print(f"wrote {result.directory}: Blip2ForConditionalGeneration + Blip2Processor; image token "
           f"<image> = {result.image_token_index}, {result.num_query_tokens} per image")
+    _print_report(result.report)
+    return 0
+
+
+def _apply_delta(args: argparse.Namespace) -> int:
+    from .delta import apply_delta
+
+    result = apply_delta(args.base, args.delta, args.target, dtype=args.dtype, max_shard_size=args.max_shard_size)
+    size = f"{result.total_bytes / 1e9:.2f} GB" if result.total_bytes >= 1e8 else f"{result.total_bytes / 1e6:.1f} MB"
+    print(f"wrote {result.directory}: {result.tensors} tensors, {size} in {len(result.shards)} shard(s)")
+    _print_report(result.report)
+    return 0
+
+
+def _merge_lora(args: argparse.Namespace) -> int:
+    from .lora import merge_lora
+
+    result = merge_lora(
+        args.adapter, args.out, base=args.base, config=args.config, lora_alpha=args.lora_alpha, dtype=args.dtype,
+        full=args.full, export_hf_dir=args.export_hf, max_shard_size=args.max_shard_size,
+        trust_remote_code=args.trust_remote_code,
+    )
+    what = "model directory" if result.kind == "minigpt" else "LLM folder"
+    print(f"wrote {result.directory}: {what} ({', '.join(result.written)}), LoRA merged")
+    if result.hf is not None:
+        print(f"wrote {result.hf.directory}: Blip2ForConditionalGeneration + Blip2Processor")
     _print_report(result.report)
     return 0

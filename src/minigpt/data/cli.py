@@ -7,6 +7,7 @@
     minigpt data check cc_sbu_align/ --format cc_sbu_align --write-clean clean/   # exit 1 when problems found
     minigpt data convert llava.json --from llava --to minigpt4qwen qwen.json
     minigpt data convert pairs.csv --from captions_csv --to webdataset shards/ --shard-size 10000
+    minigpt data cache-features --config stage1.yaml --out features/   # frozen ViT + Q-Former outputs, once
 
 Formats: llava, minigpt4qwen, cc_sbu_align (folder), captions_json (``[{image, caption}]``), captions_csv (columns
 image,caption), webdataset (folder of .tar, a shard or a brace pattern). Exit codes: 0 done (check: no problem),
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 FORMATS_HELP = "llava, minigpt4qwen, cc_sbu_align, captions_json, captions_csv or webdataset"
@@ -82,6 +84,36 @@ def register(subparsers: Any) -> None:
     q.add_argument("--shard-size", type=int, default=10_000, metavar="N", help="webdataset: samples per shard (default 10000)")
     q.set_defaults(func=_convert)
 
+    q = sub.add_parser("cache-features",
+                       help="compute the frozen vision encoder + Q-Former outputs once (for data.feature_cache)",
+                       description="Run the frozen vision encoder (ViT + Q-Former) over every distinct image of the "
+                                   "training data (eval resize, no augmentation) and store its outputs (before the "
+                                   "projector) as sharded safetensors. Train with data.feature_cache=OUT and "
+                                   "data.augment=false. Images already in OUT are not computed again.")
+    q.add_argument("dataset", metavar="DATASET", nargs="?", help="with --model: dataset file, cc_sbu_align folder or "
+                   "webdataset shards")
+    src = q.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config", metavar="YAML", help="a training config: its datasets and its vision encoder "
+                     "(vision_weights / init_from / the seeded random init)")
+    src.add_argument("--model", metavar="DIR", help="a minigpt model folder whose vision encoder to use (with DATASET)")
+    q.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, as for `minigpt train` (repeatable)")
+    q.add_argument("--format", "-f", metavar="FMT", help=f"with --model: {FORMATS_HELP}")
+    q.add_argument("--image-root", metavar="DIR", help="with --model: folder the image paths are relative to")
+    q.add_argument("--eval-data", action="store_true", help="with --config: also cache the eval datasets")
+    q.add_argument("--out", "-o", required=True, metavar="DIR", help="cache folder (new, or one to add to)")
+    q.add_argument("--dtype", default="float16", help="stored dtype: float16 (default), bfloat16, float32")
+    q.add_argument("--amp", default="auto", help="autocast for the encoder: auto (bf16/fp16 on accelerators, none "
+                   "on CPU), bf16, fp16, no")
+    q.add_argument("--batch-size", type=int, default=32, metavar="N", help="images per forward (default 32)")
+    q.add_argument("--shard-size", type=int, default=4096, metavar="N", help="images per shard (default 4096)")
+    q.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), metavar="N",
+                   help="threads decoding images (default: min(8, CPUs))")
+    from ..device import add_device_argument
+
+    add_device_argument(q)
+    q.set_defaults(func=_cache_features)
+
 
 def _dataset_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("dataset", metavar="DATASET", help="dataset file, cc_sbu_align folder or webdataset shards")
@@ -140,6 +172,65 @@ def _check(args: argparse.Namespace) -> int:
                 print(f"image paths are unchanged: read {args.write_clean} with --image-root {root}")
     print("clean" if report.clean else f"problems found in {report.bad_records} of {report.records} records")
     return 0 if report.clean else 1
+
+
+def _cache_features(args: argparse.Namespace) -> int:
+    import itertools
+
+    import torch
+
+    from ..device import amp_dtype, resolve_device
+    from .features import cache_features
+    from .formats import read_dataset
+
+    if min(args.batch_size, args.shard_size, args.workers) < 1:
+        raise ValueError("--batch-size, --shard-size and --workers must be at least 1")
+    if args.config:
+        from safetensors.torch import load_file
+
+        from ..model.minigpt import load_vision_encoder
+        from ..train.config import load_config
+
+        if args.dataset or args.format or args.image_root:
+            raise ValueError("with --config the datasets come from the config; drop DATASET/--format/--image-root")
+        config = load_config(args.config, args.overrides)
+        specs = list(config.data.datasets) + (list(config.data.eval) if args.eval_data else [])
+        sources = [read_dataset(spec.reader_spec()) for spec in specs]
+        torch.manual_seed(config.run.seed)  # the same random init as training's build_model
+        encoder = load_vision_encoder(config.model.minigpt_config())
+        init = config.model.init_from
+        if init and (Path(init) / "vision.safetensors").is_file():
+            encoder.load_state_dict(load_file(Path(init) / "vision.safetensors"), strict=True)
+    else:
+        from ..model.minigpt import CONFIG_FILE, MiniGPTConfig, load_vision_encoder
+        from ..model.vision import Blip2VisionEncoder
+        from .convert import open_dataset
+
+        if not args.dataset or not args.format:
+            raise ValueError("with --model give DATASET and --format")
+        directory = Path(args.model)
+        if not (directory / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"{directory} is not a minigpt model directory (no {CONFIG_FILE})")
+        model_config = MiniGPTConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
+        if (directory / "vision.safetensors").is_file():
+            from safetensors.torch import load_file
+
+            encoder = Blip2VisionEncoder(model_config.vision)
+            encoder.load_state_dict(load_file(directory / "vision.safetensors"), strict=True)
+        elif model_config.vision_weights:
+            encoder = load_vision_encoder(model_config)
+        else:
+            raise ValueError(f"{directory} has no vision weights (vision.safetensors or vision_weights)")
+        sources = [open_dataset(args.format, args.dataset, args.image_root)]
+    device = resolve_device(args.device)
+    amp = amp_dtype(device, {"bf16": "bfloat16", "fp16": "float16"}.get(args.amp, args.amp))
+    report = cache_features(
+        encoder, itertools.chain.from_iterable(sources), args.out, device=device, dtype=args.dtype, amp=amp,
+        batch_size=args.batch_size, shard_size=args.shard_size, workers=args.workers, progress=True,
+    )
+    print(report.summary())
+    print(f"train with data.feature_cache={args.out} data.augment=false")
+    return 0
 
 
 def _convert(args: argparse.Namespace) -> int:

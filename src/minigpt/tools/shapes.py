@@ -99,9 +99,9 @@ def write_instruction_json(items: list[ShapeItem], path: str | Path, seed: int =
     return path
 
 
-def named_correctly(answer: str, item: ShapeItem) -> bool:
-    """The answer names the right colour and the right shape (and no other)."""
+def named(answer: str, item: ShapeItem) -> dict[str, bool]:
+    """Whether the answer names exactly the right colour, the right shape, and both."""
     words = answer.lower().replace(".", " ").replace(",", " ").split()
-    colours = {w for w in words if w in COLOURS}
-    shapes = {w for w in words if w in SHAPES}
-    return colours == {item.colour} and shapes == {item.shape}
+    colour = {w for w in words if w in COLOURS} == {item.colour}
+    shape = {w for w in words if w in SHAPES} == {item.shape}
+    return {"colour": colour, "shape": shape, "both": colour and shape}

@@ -164,6 +164,22 @@ class DataSection(Section):
     augment: bool = True
     min_scale: float = Field(0.5, gt=0.0, le=1.0)
     hflip: bool = False
+    #: A folder written by ``minigpt data cache-features``: the frozen encoder's outputs are read instead of the
+    #: images (needs model.freeze.vision/qformer true and augment false). Eval data still reads images.
+    feature_cache: str | None = None
+    #: Pack each micro-batch's samples into rows of up to ``pack_len`` positions (block-diagonal attention).
+    packing: bool = False
+    pack_len: int = Field(1024, gt=0)
+    #: Order each epoch so that an optimizer step holds samples of similar length (map-style datasets only), in
+    #: windows of ``group_window`` optimizer steps.
+    group_by_length: bool = False
+    group_window: int = Field(64, gt=0)
+
+    @model_validator(mode="after")
+    def _check_grouping(self) -> "DataSection":
+        if self.group_by_length and any(d.format == "webdataset" for d in self.datasets):
+            raise ValueError("group_by_length needs map-style datasets; a webdataset is streamed (use packing)")
+        return self
 
 
 # ---------------------------------------------------------------------------------------------- run
@@ -201,6 +217,24 @@ class EvalTaskSection(Section):
     max_new_tokens: int = Field(10, gt=0)
 
 
+class DeepSpeedSection(Section):
+    """``run.strategy: deepspeed_zero | deepspeed_pipeline`` (see :mod:`minigpt.train.deepspeed`). Batch size,
+    accumulation, clipping and precision always come from ``run``; the JSON holds the rest (ZeRO buckets, offload)."""
+
+    #: A DeepSpeed JSON config (e.g. configs/ds_zero2.json); no ``optimizer``/``scheduler`` (ours are used).
+    config: str | None = None
+    #: ZeRO stage; default: the JSON's, else 2 (deepspeed_zero) or 0 (deepspeed_pipeline, which allows 0-1).
+    zero_stage: Literal[0, 1, 2, 3] | None = None
+    #: ZeRO-3: build the LLM already partitioned (transformers + deepspeed.zero.Init) instead of whole per process.
+    zero_init: bool = False
+    #: Pipeline: number of stages (divides the number of processes; the rest is data parallelism).
+    pipeline_stages: int = Field(1, gt=0)
+    #: Pipeline: ``uniform`` (layers), ``parameters`` (trainable ones) or ``type:REGEX`` (e.g. ``type:PipeBlock``).
+    partition_method: str = Field("uniform", pattern=r"^(uniform|parameters|type:.+)$")
+    #: Pipeline: parameter-free layers after layer 0 (MPP-Qwen14B: 4) to lighten stage 0 under ``uniform``.
+    identity_layers: int = Field(0, ge=0)
+
+
 class RunSection(Section):
     output_dir: str = "outputs/run"
     seed: int = 42
@@ -218,10 +252,15 @@ class RunSection(Section):
     #: Autocast dtype: ``auto`` (bf16 where supported, fp16 + loss scaling otherwise, none on CPU), bf16, fp16, no.
     amp: Literal["auto", "bf16", "bfloat16", "fp16", "float16", "no"] = "auto"
     device: str = "auto"
-    strategy: Literal["auto", "single", "ddp"] = "auto"
+    strategy: Literal["auto", "single", "ddp", "deepspeed_zero", "deepspeed_pipeline"] = "auto"
+    deepspeed: DeepSpeedSection = DeepSpeedSection()
     #: DDP only: needed when some trainable parameters get no gradient (e.g. an unfrozen Q-Former's text FFN).
     find_unused_parameters: bool = False
     grad_checkpointing: bool = False
+    #: LLM attention kernel: sdpa, eager (as the original code) or flash_attention_2 (needs flash-attn, no packing).
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    #: torch.compile each LLM decoder layer (regional compilation: the first steps are slow while it compiles).
+    compile: bool = False
     deterministic: bool = False
     #: ``auto``: continue from the newest checkpoint in output_dir if any; ``none``: start fresh; or a path.
     resume: str = "auto"
@@ -248,6 +287,17 @@ class TrainConfig(Section):
     model: ModelSection
     data: DataSection
     run: RunSection
+
+    @model_validator(mode="after")
+    def _check_speedups(self) -> "TrainConfig":
+        if self.data.feature_cache is not None:
+            from ..data.features import check_trainable
+
+            freeze = {p: self.model.frozen(p) for p in PARTS}
+            check_trainable(freeze, self.data.augment, vision_config(self.model.vision).use_qformer)
+        if self.data.packing and self.run.attn_implementation == "flash_attention_2":
+            raise ValueError("data.packing needs run.attn_implementation sdpa or eager (a 4-D attention mask)")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -370,5 +420,6 @@ def _model_of(annotation: Any) -> Any:
 
 __all__ = [
     "ConfigError", "TrainConfig", "ModelSection", "LoraSection", "DataSection", "DatasetSpec", "RunSection",
+    "DeepSpeedSection",
     "OptimizerSection", "ScheduleSection", "load_config", "validate_config", "apply_override",
 ]

@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import functools
 import random
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..data.conversation import Sample
+from ..data.features import FeatureCache
 from ..data.formats import MixedDataset, MixedStream, SampleList, WebDatasetReader, read_dataset
 from ..data.images import ImageProcessor
+from ..data.packing import collate_packed, length_grouped_order
 from ..data.templates import Template
 from ..data.tokenize import IGNORE_INDEX, Encoded, collate as collate_text, encode_conversation
 from ..model.minigpt import ModelBatch
@@ -44,6 +46,8 @@ class Item:
     encoded: Encoded
     pixels: list[torch.Tensor]
     origin: str
+    #: With a feature cache: the cached encoder outputs of the images (``pixels`` is then empty).
+    features: list[torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,8 @@ class TrainBatch:
     num_tokens: int  # supervised (loss) tokens
     num_input_tokens: int  # non-padding positions, image positions included
     skipped: list[Skipped]
+    #: With a feature cache: ``[N_images, tokens, dim]`` encoder outputs in slot order (``batch.pixel_values`` is None).
+    features: torch.Tensor | None = None
 
     @property
     def empty(self) -> bool:
@@ -70,7 +76,8 @@ class TrainBatch:
 class SampleEncoder:
     """Sample -> :class:`Item` (training encoding: labels on answers) or :class:`Skipped`.
 
-    Holds only what it needs (template, tokenizer, processor), so DataLoader workers do not copy the model."""
+    Holds only what it needs (template, tokenizer, processor), so DataLoader workers do not copy the model. With
+    ``features`` (a :class:`FeatureCache`) images are looked up there instead of being loaded and transformed."""
 
     def __init__(
         self,
@@ -80,15 +87,29 @@ class SampleEncoder:
         max_txt_len: int,
         processor: ImageProcessor,
         seed: int = 0,
+        features: FeatureCache | None = None,
     ) -> None:
         self.template, self.tokenizer, self.processor = template, tokenizer, processor
         self.image_tokens, self.max_txt_len, self.seed = image_tokens, max_txt_len, seed
+        self.features = features
 
     @classmethod
-    def for_model(cls, model: Any, train: bool, seed: int = 0, min_scale: float = 0.5, hflip: bool = False) -> "SampleEncoder":
+    def for_model(
+        cls, model: Any, train: bool, seed: int = 0, min_scale: float = 0.5, hflip: bool = False,
+        features: FeatureCache | None = None,
+    ) -> "SampleEncoder":
         vision = model.config.vision
         processor = ImageProcessor(vision.image_size, vision.mean, vision.std, train=train, min_scale=min_scale, hflip=hflip)
-        return cls(model.template, model.tokenizer, model.image_tokens, model.config.max_txt_len, processor, seed)
+        return cls(model.template, model.tokenizer, model.image_tokens, model.config.max_txt_len, processor, seed, features)
+
+    def length(self, sample: Sample) -> int:
+        """Positions the sample takes (text tokens + image slots), without opening its images; 0 if it cannot encode."""
+        try:
+            return len(encode_conversation(
+                sample.conversation, self.template, self.tokenizer, self.image_tokens, self.max_txt_len, train=True
+            ))
+        except ValueError:
+            return 0
 
     def __call__(self, sample: Sample, position: Any) -> Item | Skipped:
         origin = sample.origin or (f"sample {sample.id}" if sample.id else f"sample at {position}")
@@ -99,6 +120,9 @@ class SampleEncoder:
             )
             if encoded.num_images_slots != self.image_tokens * len(sample.images):
                 raise ValueError("max_txt_len cuts off an image; raise model.max_txt_len")
+            if self.features is not None:
+                features = [self.features.lookup(image, origin) for image in sample.images]
+                return Item(encoded, [], origin, features)
             self.processor.rng.seed(f"{self.seed}:{position}")  # the crop depends on the position only
             pixels = [self.processor(image, origin) for image in sample.images]
         except (ValueError, OSError) as err:  # ImageError is a ValueError
@@ -129,17 +153,24 @@ class TrainDataset(torch.utils.data.Dataset):
         return self.encoder(sample, (key.epoch, key.index))
 
 
-def collate(items: list[Item | Skipped], pad_id: int) -> TrainBatch:
-    """Drop skipped samples (reporting them), right-pad the rest and stack their pixels in slot order."""
+def collate(items: list[Item | Skipped], pad_id: int, pack_len: int | None = None) -> TrainBatch:
+    """Drop skipped samples (reporting them), right-pad the rest (or, with ``pack_len``, pack them into rows of that
+    many positions: :mod:`minigpt.data.packing`) and stack their pixels or cached features in slot order."""
     good = [x for x in items if isinstance(x, Item)]
     skipped = [x for x in items if isinstance(x, Skipped)]
     if not good:
         return TrainBatch(None, 0, 0, 0, skipped)
-    text = collate_text([x.encoded for x in good], pad_id, side="right")
+    if pack_len is None:
+        text = collate_text([x.encoded for x in good], pad_id, side="right")
+    else:
+        text, order = collate_packed([x.encoded for x in good], pad_id, pack_len)
+        good = [good[i] for i in order]
     pixels = [p for x in good for p in x.pixels]
+    feats = [f for x in good for f in (x.features or [])]
     batch = ModelBatch(text, torch.stack(pixels) if pixels else None)
     num_tokens = int((text.labels[:, 1:] != IGNORE_INDEX).sum())
-    return TrainBatch(batch, len(good), num_tokens, int(text.attention_mask.sum()), skipped)
+    num_input = sum(len(x.encoded) for x in good)
+    return TrainBatch(batch, len(good), num_tokens, num_input, skipped, torch.stack(feats) if feats else None)
 
 
 class BatchPlan:
@@ -148,7 +179,8 @@ class BatchPlan:
     Micro-batch ``m`` is number ``m % micro_per_epoch`` of epoch ``m // micro_per_epoch`` and covers the
     ``batch_size * world_size`` positions after the previous one; process ``rank`` takes its ``batch_size`` of them.
     An optimizer step of ``A`` micro-batches therefore covers the same samples whatever the split between
-    accumulation, batch size and processes, and resuming at micro-batch ``m`` continues exactly."""
+    accumulation, batch size and processes, and resuming at micro-batch ``m`` continues exactly. ``order`` (map-style
+    data only) maps an epoch to a permutation of its positions, e.g. :class:`LengthGrouper`."""
 
     def __init__(
         self,
@@ -159,9 +191,11 @@ class BatchPlan:
         rank: int = 0,
         world_size: int = 1,
         stream: Iterable[Sample] | None = None,
+        order: Callable[[int], Sequence[int]] | None = None,
     ) -> None:
         self.batch_size, self.micro_per_epoch = batch_size, micro_per_epoch
         self.start, self.stop, self.rank, self.world_size, self.stream = start, stop, rank, world_size, stream
+        self.order = order
 
     def __len__(self) -> int:
         return max(0, self.stop - self.start)
@@ -176,7 +210,11 @@ class BatchPlan:
             epoch, within = divmod(m, self.micro_per_epoch)
             if samples is None:
                 first = within * span + self.rank * b
-                yield [Key(epoch, first + i) for i in range(b)]
+                if self.order is None:
+                    yield [Key(epoch, first + i) for i in range(b)]
+                else:
+                    order = self.order(epoch)
+                    yield [Key(epoch, int(order[first + i])) for i in range(b)]
             else:
                 group = [next(samples) for _ in range(span)]
                 first = m * span + self.rank * b
@@ -208,10 +246,43 @@ def check_usable(dataset: Iterable[Sample], encoder: SampleEncoder, name: str) -
     raise ValueError(f"{name}: no valid record ({len(skipped)} skipped{first})")
 
 
+class LengthGrouper:
+    """The length-grouped order of an epoch's positions (:func:`minigpt.data.packing.length_grouped_order`).
+
+    Lengths come from tokenizing each distinct sample once (text only, images are not opened); the epoch's mix is
+    drawn by a private copy of the :class:`MixedDataset`, so the loader's own is not disturbed."""
+
+    def __init__(self, mixed: MixedDataset, encoder: SampleEncoder, step_size: int, window_steps: int, seed: int) -> None:
+        self.mixed = MixedDataset(mixed.datasets, mixed.weights.tolist(), mixed.seed, mixed.length)
+        self.encoder, self.step_size, self.window_steps, self.seed = encoder, step_size, window_steps, seed
+        self._lengths: dict[int, int] = {}
+        self._epoch: int | None = None
+        self._order: list[int] = []
+
+    def lengths(self, epoch: int) -> list[int]:
+        self.mixed.set_epoch(epoch)
+        out = []
+        for i in range(len(self.mixed)):
+            sample = self.mixed[i]
+            n = self._lengths.get(id(sample))
+            if n is None:
+                n = self._lengths[id(sample)] = self.encoder.length(sample)
+            out.append(n)
+        return out
+
+    def __call__(self, epoch: int) -> list[int]:
+        if epoch != self._epoch:
+            self._order = length_grouped_order(self.lengths(epoch), self.step_size, self.window_steps, self.seed, epoch)
+            self._epoch = epoch
+        return self._order
+
+
 class TrainData:
     """The training datasets of a config, mixed by ratio, with the epoch length in optimizer steps.
 
-    Every dataset is checked to hold at least one usable record before training starts."""
+    Every dataset is checked to hold at least one usable record before training starts. ``group_by_length`` orders
+    each epoch so that optimizer steps hold samples of similar length (:class:`LengthGrouper`, windows of
+    ``group_window`` steps; map-style datasets only)."""
 
     def __init__(
         self,
@@ -220,11 +291,14 @@ class TrainData:
         seed: int,
         global_batch: int,
         iters_per_epoch: int | None = None,
+        group_by_length: bool = False,
+        group_window: int = 64,
     ) -> None:
         datasets = [read_dataset(spec.reader_spec()) for spec in specs]
         firsts = [check_usable(dataset, encoder, f"dataset {spec.path}") for spec, dataset in zip(specs, datasets)]
         #: A one-sample batch that stands in (with weight 0) for a micro-batch whose samples were all skipped.
-        self.example = collate(firsts[:1], encoder.tokenizer.pad_token_id).batch
+        self.example_batch = collate(firsts[:1], encoder.tokenizer.pad_token_id)
+        self.example = self.example_batch.batch
         ratios = [spec.ratio for spec in specs]
         self.stream: MixedStream | None = None
         if any(isinstance(d, WebDatasetReader) for d in datasets):
@@ -247,17 +321,24 @@ class TrainData:
         #: Records the readers skipped (malformed), map-style datasets; streamed ones warn as they go.
         self.read_skipped = sum(len(d.report.skipped) for d in datasets if isinstance(d, SampleList))
         self.dataset = TrainDataset(self.source, encoder)
+        self.grouper: LengthGrouper | None = None
+        if group_by_length:
+            if self.source is None:
+                raise ValueError("data.group_by_length needs map-style datasets; a webdataset is streamed "
+                                 "(use data.packing for less padding there)")
+            self.grouper = LengthGrouper(self.source, encoder, global_batch, group_window, seed)
 
     def loader(
         self, batch_size: int, grad_accum: int, start_step: int, stop_step: int, rank: int, world_size: int,
-        pad_id: int, num_workers: int = 0,
+        pad_id: int, num_workers: int = 0, pack_len: int | None = None,
     ) -> torch.utils.data.DataLoader:
-        """Micro-batches of optimizer steps ``start_step .. stop_step-1`` for this process."""
+        """Micro-batches of optimizer steps ``start_step .. stop_step-1`` for this process (packed into rows of
+        ``pack_len`` positions when given)."""
         plan = BatchPlan(
             batch_size, self.steps_per_epoch * grad_accum, start_step * grad_accum, stop_step * grad_accum,
-            rank, world_size, self.stream,
+            rank, world_size, self.stream, self.grouper,
         )
-        return make_loader(self.dataset, plan, pad_id, num_workers)
+        return make_loader(self.dataset, plan, pad_id, num_workers, pack_len)
 
 
 def eval_loader(
@@ -275,11 +356,13 @@ def eval_loader(
     return make_loader(TrainDataset(samples, encoder), batches, pad_id, num_workers)
 
 
-def make_loader(dataset: TrainDataset, plan: Iterable[list[Key]], pad_id: int, num_workers: int) -> torch.utils.data.DataLoader:
+def make_loader(
+    dataset: TrainDataset, plan: Iterable[list[Key]], pad_id: int, num_workers: int, pack_len: int | None = None
+) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=plan,  # type: ignore[arg-type]
-        collate_fn=functools.partial(collate, pad_id=pad_id),
+        collate_fn=functools.partial(collate, pad_id=pad_id, pack_len=pack_len),
         num_workers=num_workers,
         # Its own generator: creating a loader must not draw from the global torch RNG (exact resume).
         generator=torch.Generator().manual_seed(0),
@@ -288,5 +371,6 @@ def make_loader(dataset: TrainDataset, plan: Iterable[list[Key]], pad_id: int, n
 
 __all__ = [
     "Key", "Item", "Skipped", "TrainBatch", "SampleEncoder", "TrainDataset", "collate", "BatchPlan", "TrainData",
+    "LengthGrouper",
     "check_usable", "eval_loader", "make_loader",
 ]

@@ -27,9 +27,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..data.features import open_feature_cache, project_features
 from ..data.formats import DataWarning
 from ..device import peak_memory_gib
-from .checkpoint import capture_rng, list_checkpoints, load_checkpoint, resolve_resume, restore_rng, save_checkpoint
+from .checkpoint import capture_rng, list_checkpoints, load_checkpoint, resolve_resume, restore_rng
 from .config import LoraSection, ModelSection, OptimizerSection, ScheduleSection, TrainConfig
 from .data import SampleEncoder, TrainBatch, TrainData, eval_loader
 from .strategy import Strategy, make_strategy
@@ -75,6 +76,17 @@ def build_model(section: ModelSection, seed: int = 0) -> Any:
     return model
 
 
+def compile_decoder_layers(llm: nn.Module) -> None:
+    """Regional compilation: ``torch.compile`` each decoder layer of the LLM (compiles once, reused by every layer
+    of the same shape); the training forward passes ``use_cache=False``, so no cache object forces recompiles."""
+    body = llm.get_decoder() if hasattr(llm, "get_decoder") else llm.base_model
+    layers = getattr(body, "layers", None)
+    if layers is None:
+        raise ValueError(f"run.compile: cannot find the decoder layers of {type(llm).__name__}")
+    for layer in layers:
+        layer.compile()
+
+
 def apply_lora(model: Any, lora: LoraSection) -> None:
     """Wrap the LLM with peft LoRA adapters; the adapters train, the LLM stays frozen."""
     from peft import LoraConfig, get_peft_model
@@ -89,8 +101,11 @@ def apply_lora(model: Any, lora: LoraSection) -> None:
 
 def build_optimizer(model: nn.Module, section: OptimizerSection) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; matrices decay, 1-D parameters (biases, norms) do not."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    def ndim(p: nn.Parameter) -> int:  # a ZeRO-3 partitioned parameter keeps its real shape in ds_shape
+        return len(getattr(p, "ds_shape", p.shape))
+
+    decay = [p for p in model.parameters() if p.requires_grad and ndim(p) >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and ndim(p) < 2]
     if not decay and not no_decay:
         raise ValueError("nothing to train: every part of the model is frozen (model.freeze)")
     groups = [
@@ -256,9 +271,14 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
         seed_everything(run.seed)
 
-        model = build_model(config.model, run.seed).to(strategy.device)
+        with strategy.model_init():
+            model = build_model(config.model, run.seed).to(strategy.device)
         if run.grad_checkpointing:
             model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if run.attn_implementation != "sdpa":  # load_llm's default
+            model.llm.set_attn_implementation(run.attn_implementation)
+        if run.compile:
+            compile_decoder_layers(model.llm)
         self.model = model
         self.params = [p for p in model.parameters() if p.requires_grad]
         if strategy.scaler is not None and any(p.dtype == torch.float16 for p in self.params):
@@ -267,8 +287,10 @@ class Trainer:
 
         data = config.data
         self.global_batch = run.batch_size * run.grad_accum * strategy.world_size
-        encoder = SampleEncoder.for_model(model, data.augment, run.seed, data.min_scale, data.hflip)
-        self.data = TrainData(data.datasets, encoder, run.seed, self.global_batch, run.iters_per_epoch)
+        features = open_feature_cache(data.feature_cache, model, data.augment) if data.feature_cache else None
+        encoder = SampleEncoder.for_model(model, data.augment, run.seed, data.min_scale, data.hflip, features)
+        self.data = TrainData(data.datasets, encoder, run.seed, self.global_batch, run.iters_per_epoch,
+                              data.group_by_length, data.group_window)
         self.total_steps = run.max_steps or run.epochs * self.data.steps_per_epoch
         self.schedule = Schedule(run.schedule, run.optimizer.lr, self.total_steps)
         self.eval_loader = None
@@ -313,7 +335,7 @@ class Trainer:
         self.reporter.start(self.step, self.total_steps)
         batches = iter(self.data.loader(
             run.batch_size, run.grad_accum, self.step, self.total_steps, strategy.rank, strategy.world_size,
-            self.pad_id, self.config.data.num_workers,
+            self.pad_id, self.config.data.num_workers, self.config.data.pack_len if self.config.data.packing else None,
         ))
         self._train_mode()
         if run.eval_at_start and self.step == 0:
@@ -353,10 +375,10 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64)
         for i, b in enumerate(micro):
             # An all-skipped micro-batch still runs (a stand-in batch, weight 0) so DDP's gradient sync matches.
-            batch, weight = (self.data.example, 0.0) if b.empty else (b.batch, b.num_tokens * strategy.world_size / tokens)
+            weight = 0.0 if b.empty else b.num_tokens * strategy.world_size / tokens
             with strategy.accumulate(self.forward_model, sync=i == len(micro) - 1):
                 with strategy.autocast():
-                    out = self.forward_model(batch=batch.to(strategy.device))
+                    out = self.forward_model(**self._inputs(self.data.example_batch if b.empty else b))
                 strategy.backward(out.loss * weight)
             if not b.empty:
                 loss_sum += out.loss.detach().double().cpu() * b.num_tokens
@@ -421,7 +443,7 @@ class Trainer:
     def save(self) -> None:
         run, strategy = self.run, self.strategy
         state = {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": strategy.optimizer_state(self.optimizer),
             "schedule": self.schedule.state_dict(),
             "strategy": strategy.state_dict(),
             "rng": capture_rng(strategy.device),
@@ -430,8 +452,8 @@ class Trainer:
             "layout": self._layout(),
         }
         weights = strategy.trainable_state(self.forward_model)
-        if strategy.is_main:
-            path = save_checkpoint(self.out, self.step, weights, state, run.keep_last)
+        path = strategy.save_checkpoint(self.out, self.step, weights, state, run.keep_last)
+        if path is not None:
             log.debug("saved %s", path)
         strategy.barrier()
 
@@ -458,8 +480,7 @@ class Trainer:
         if set(weights) != trainable:
             missing, extra = sorted(trainable - set(weights)), sorted(set(weights) - trainable)
             raise ValueError(f"cannot resume {path}: trainable parameters differ (missing {missing[:5]}, extra {extra[:5]})")
-        self.model.load_state_dict(weights, strict=False)
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.strategy.restore(path, self.model, self.optimizer, weights, state)
         self.strategy.load_state_dict(state["strategy"])
         restore_rng(state["rng"], self.strategy.device)
         self.step = state["position"]["step"]
@@ -469,13 +490,14 @@ class Trainer:
     def save_final(self) -> Path | None:
         """``OUTPUT/final``: the model for chat (``MiniGPT.from_pretrained``), trainable parts only."""
         self.strategy.barrier()
+        model = self.strategy.final_model(self.model)  # on every process: a sharded strategy gathers here
         if not self.strategy.is_main:
             return None
         final = self.out / FINAL_DIR
         for leftover in self.out.glob(f".*-{FINAL_DIR}-*"):  # from a run killed while writing it
             shutil.rmtree(leftover, ignore_errors=True)
         tmp = self.out / f".tmp-{FINAL_DIR}-{os.getpid()}"
-        save_final_model(self.model, tmp, lora=self.config.model.lora is not None)
+        save_final_model(model, tmp, lora=self.config.model.lora is not None)
         import yaml
 
         (tmp / "train_config.yaml").write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
@@ -488,6 +510,14 @@ class Trainer:
         return final
 
     # -- helpers
+    def _inputs(self, b: TrainBatch) -> dict[str, Any]:
+        """Forward arguments of a micro-batch: the batch, plus the projected image features when they come from the
+        feature cache (the projector runs here, outside the vision encoder, and still trains)."""
+        inputs: dict[str, Any] = {"batch": b.batch.to(self.strategy.device)}
+        if b.features is not None:
+            inputs["image_embeds"] = project_features(self.strategy.unwrap(self.forward_model), b.features)
+        return inputs
+
     def _train_mode(self) -> None:
         self.model.train()  # frozen parts stay in eval mode
         if self.config.model.lora is not None or self.run.grad_checkpointing:
@@ -535,7 +565,8 @@ def train(config: TrainConfig, strategy: Strategy | None = None) -> TrainResult:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     strategy = strategy or make_strategy(config.run)
     try:
-        return Trainer(config, strategy).fit()
+        trainer = getattr(strategy, "trainer_class", None) or Trainer  # the pipeline strategy brings its own
+        return trainer(config, strategy).fit()
     finally:
         strategy.close()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -18,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..device import amp_dtype, autocast, dist_backend, resolve_device, set_device
+from .checkpoint import save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,10 @@ class Strategy:
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model
+
+    def model_init(self) -> contextlib.AbstractContextManager[Any]:
+        """Context the model is built in (DeepSpeed ZeRO-3 builds the LLM already partitioned)."""
+        return contextlib.nullcontext()
 
     def autocast(self) -> contextlib.AbstractContextManager[None]:
         return autocast(self.device, self.amp_dtype)
@@ -92,6 +98,26 @@ class Strategy:
 
     def close(self) -> None:
         pass
+
+    # -- checkpoints (a DeepSpeed strategy keeps weights and optimizer state in DeepSpeed's own files too)
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """The optimizer's entry of ``state.pt``."""
+        return optimizer.state_dict()
+
+    def restore(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                weights: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        """Load checkpoint ``path`` (its trainable weights and ``state.pt``) before :meth:`prepare`."""
+        model.load_state_dict(weights, strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+
+    def save_checkpoint(self, output_dir: Path, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any],
+                        keep_last: int | None) -> Path | None:
+        """Write checkpoint ``step`` (called on every process; the main one writes)."""
+        return save_checkpoint(output_dir, step, weights, state, keep_last) if self.is_main else None
+
+    def final_model(self, model: nn.Module) -> nn.Module:
+        """The model ``OUTPUT/final`` is written from (called on every process; used on the main one)."""
+        return model
 
     # -- resumable state
     def state_dict(self) -> dict[str, Any]:
@@ -170,7 +196,11 @@ def make_strategy(run: Any) -> Strategy:
         return Strategy(run.device, run.amp)
     if name == "ddp":
         return DDP(run.device, run.amp, run.find_unused_parameters)
-    raise ValueError(f"unknown strategy {name!r}")  # DeepSpeed strategies plug in here
+    if name in ("deepspeed_zero", "deepspeed_pipeline"):
+        from .deepspeed import make_deepspeed_strategy
+
+        return make_deepspeed_strategy(run)
+    raise ValueError(f"unknown strategy {name!r}")
 
 
 __all__ = ["Strategy", "SingleDevice", "DDP", "make_strategy"]
