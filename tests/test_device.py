@@ -5,6 +5,9 @@ the AMP dtype, the messages and that every command takes ``--device``."""
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import subprocess
 import sys
 import types
 
@@ -24,16 +27,31 @@ def nothing(monkeypatch):
     monkeypatch.delattr(torch, "npu", raising=False)
 
 
-def _rename_privateuse1() -> None:
-    # What importing the real torch_npu does first; process-wide and only possible once.
-    if torch._C._get_privateuse1_backend_name() == "privateuseone":
-        torch.utils.rename_privateuse1_backend("npu")
+#: Renaming torch's privateuse1 backend to "npu" (what importing torch_npu does) is process-wide and
+#: permanent, and later tests would then look for ``torch.npu``: the fake-NPU tests run in a child pytest.
+IN_NPU_PROCESS = os.environ.get("MINIGPT_FAKE_NPU_PROCESS") == "1"
+
+
+def test_fake_npu_tests_in_their_own_process():
+    if IN_NPU_PROCESS:
+        pytest.skip("this is the child process")
+    env = {**os.environ, "MINIGPT_FAKE_NPU_PROCESS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", __file__, "-k", "npu"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # Only this test itself is skipped in the child: the fake-NPU tests ran.
+    assert re.search(r"\b[2-9] passed, 1 skipped", result.stdout), result.stdout[-500:]
 
 
 @pytest.fixture()
 def fake_npu(nothing, monkeypatch):
     """A stand-in torch_npu: ``torch.npu`` with 2 Ascend devices without bf16 (910A-like)."""
-    _rename_privateuse1()
+    if not IN_NPU_PROCESS:
+        pytest.skip("runs in its own process (test_fake_npu_tests_in_their_own_process)")
+    if torch._C._get_privateuse1_backend_name() == "privateuseone":
+        torch.utils.rename_privateuse1_backend("npu")
     calls: list[tuple] = []
     npu = types.SimpleNamespace(
         is_available=lambda: True, device_count=lambda: 2, is_bf16_supported=lambda: False,
