@@ -19,11 +19,14 @@ from test_train_support import losses, make_shapes, tiny_config
 WORDS = "a red circle on the left of a big blue square near some green triangle under yellow light".split()
 
 
-def test_pack_rows_is_first_fit_decreasing():
-    rows = pack_rows([5, 9, 3, 7, 2, 12], capacity=10)
+def test_pack_rows_fewest_balanced_rows():
+    lengths = [5, 9, 3, 7, 2, 12]
+    rows = pack_rows(lengths, capacity=10)
     assert sorted(i for row in rows for i in row) == list(range(6))
-    assert rows == [[5], [1], [3, 2], [0, 4]]  # 12 alone (over capacity), 9, 7+3, 5+2
+    assert rows == [[5], [1], [3, 4], [0, 2]]  # 12 alone (over capacity), 9, 7+2, 5+3
     assert pack_rows([4, 4], 8) == [[0, 1]]
+    assert pack_rows([6, 5, 4, 3, 2], 10) == [[0], [1, 4], [2, 3]]  # two rows would be 9 + 11 (> 10): three
+    assert pack_rows([], 8) == []
     with pytest.raises(ValueError):
         pack_rows([1], 0)
 
@@ -33,7 +36,8 @@ def _items(model, n: int, seed: int = 0) -> list[Item]:
     items = []
     for i in range(n):
         answer = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 12)))
-        conv = Conversation.single("<Img><ImageHere></Img> " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(0, 6))), answer)
+        question = " ".join(rng.choice(WORDS) for _ in range(rng.randint(0, 6)))
+        conv = Conversation.single("<Img><ImageHere></Img> " + question, answer)
         colour = tuple(rng.randrange(256) for _ in range(3))
         pixels = model.image_processor(Image.new("RGB", (40, 30), colour))
         items.append(Item(model.encode(conv), [pixels], f"sample {i}"))

@@ -1,8 +1,8 @@
 """Less padding: sequence packing (several samples per row) and a length-grouped batch order.
 
-**Packing.** :func:`collate_packed` puts the samples of a micro-batch into as few rows of ``capacity`` positions as
-first-fit decreasing allows (a longer sample gets a row of its own) and pads the rows to the longest. Samples in a
-row must not see each other, so the batch carries
+**Packing.** :func:`collate_packed` puts the samples of a micro-batch into the fewest rows of at most ``capacity``
+positions, balanced so that padding the rows to the longest wastes little (:func:`pack_rows`). Samples in a row must
+not see each other, so the batch carries
 
 - ``attention_mask``: a boolean ``[B, 1, T, T]`` block-diagonal causal mask (True = may attend); pads attend to
   pads only, so no row of the softmax is empty. :func:`additive_mask` turns it into the additive float mask that
@@ -52,22 +52,27 @@ class PackedTextBatch(TextBatch):
 
 
 def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
-    """First-fit decreasing: the sample indices of each row (longest first; ties by index, so deterministic).
-    A sample longer than ``capacity`` gets a row of its own."""
+    """The sample indices of each row: the fewest rows of at most ``capacity`` positions (or of the longest sample,
+    when that is longer), balanced so that the rows, which are padded to the longest, are about equally long.
+
+    For ``n = ceil(total / capacity), n + 1, ...`` the samples go longest first into the least-filled row (ties by
+    index, so the result is deterministic) until no row is too long."""
     if capacity <= 0:
         raise ValueError(f"the packing capacity must be positive, got {capacity}")
-    rows: list[list[int]] = []
-    room: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        for r, free in enumerate(room):
-            if lengths[i] <= free:
-                rows[r].append(i)
-                room[r] -= lengths[i]
-                break
-        else:
-            rows.append([i])
-            room.append(capacity - lengths[i])
-    return rows
+    if not lengths:
+        return []
+    limit = max(capacity, max(lengths))
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    for n in range(max(1, -(-sum(lengths) // capacity)), len(lengths) + 1):
+        rows: list[list[int]] = [[] for _ in range(n)]
+        fill = [0] * n
+        for i in order:
+            r = min(range(n), key=lambda r: (fill[r], r))
+            rows[r].append(i)
+            fill[r] += lengths[i]
+        if max(fill) <= limit:
+            break
+    return [row for row in rows if row]
 
 
 def collate_packed(samples: Sequence[Encoded], pad_id: int, capacity: int) -> tuple[PackedTextBatch, list[int]]:
@@ -124,7 +129,9 @@ def length_grouped_order(
     return order
 
 
-def padding_stats(lengths: Sequence[int], batches: Sequence[Sequence[int]], capacity: int | None = None) -> dict[str, float]:
+def padding_stats(
+    lengths: Sequence[int], batches: Sequence[Sequence[int]], capacity: int | None = None
+) -> dict[str, float]:
     """Positions computed and wasted when ``batches`` (lists of indices into ``lengths``) are padded to their longest
     sample, or packed into rows of ``capacity``."""
     tokens = computed = 0

@@ -345,25 +345,33 @@ def _to_reference_precision(model: Any) -> None:
             module.half()
 
 
-def _time_steps(step: Callable[[Any], torch.Tensor], work: Workload, warmup: int, device: torch.device) -> dict[str, Any]:
-    from ..device import synchronize
+def _time_interleaved(
+    steps: list[Callable[[Any], torch.Tensor]], works: list[Workload], warmup: int, device: torch.device
+) -> list[dict[str, Any]]:
+    """Warm each case up, then time step ``i`` of every case in turn (round-robin), so that whatever else runs on
+    the machine slows all cases alike. Per case: step times, the first loss, the allocator peak of its steps."""
+    from ..device import peak_memory_gib, reset_peak_memory, synchronize
 
-    n = len(work.batches)
-    first = None
-    for i in range(warmup):
-        loss = step(work.batches[i % n])
-        if first is None:
-            first = float(loss)
+    out: list[dict[str, Any]] = [{"times": [], "first_loss": None, "peak_mem_gib": 0.0} for _ in steps]
+    for step, work, rec in zip(steps, works, out):
+        for i in range(warmup):
+            loss = step(work.batches[i % len(work.batches)])
+            if rec["first_loss"] is None:
+                rec["first_loss"] = float(loss)
     synchronize(device)
-    times = []
-    for i in range(n):
-        t0 = time.perf_counter()
-        loss = step(work.batches[i])
-        synchronize(device)
-        times.append(time.perf_counter() - t0)
-        if first is None:
-            first = float(loss)
-    return {"times": times, "first_loss": first}
+    for i in range(max(len(w.batches) for w in works)):
+        for step, work, rec in zip(steps, works, out):
+            if i >= len(work.batches):
+                continue
+            reset_peak_memory(device)
+            t0 = time.perf_counter()
+            loss = step(work.batches[i])
+            synchronize(device)
+            rec["times"].append(time.perf_counter() - t0)
+            rec["peak_mem_gib"] = max(rec["peak_mem_gib"], peak_memory_gib(device) or 0.0)
+            if rec["first_loss"] is None:
+                rec["first_loss"] = float(loss)
+    return out
 
 
 @dataclass
@@ -374,82 +382,83 @@ class TrainCase:
     vision_every_step: bool = False
 
 
-def run_train_case(
-    case: TrainCase, args: argparse.Namespace, device: torch.device, ceilings: dict[torch.dtype, float]
-) -> dict[str, Any]:
-    from ..device import amp_dtype, empty_cache, parse_dtype, peak_memory_gib, reset_peak_memory
+def run_train_cases(
+    cases: list[TrainCase], args: argparse.Namespace, device: torch.device, ceilings: dict[torch.dtype, float]
+) -> list[dict[str, Any]]:
+    """Cases that share one model (the same step, other batchings): built once, timed interleaved."""
+    from ..device import amp_dtype, empty_cache, parse_dtype
     from ..train.loop import compile_decoder_layers
 
     accel = device.type != "cpu"
-    llm_cfg, vcfg = llm_config(args.llm), vision_config(args.vision)
-    if case.reference:
+    reference, vision_every_step = cases[0].reference, cases[0].vision_every_step
+    if reference:
         llm_dtype, amp, attn = (torch.float16, torch.float16, "eager") if accel else (torch.float32, None, "eager")
     else:
-        amp = amp_dtype(device) if args.dtype == "auto" else (None if args.dtype in ("float32", "fp32") else parse_dtype(args.dtype))
+        amp = amp_dtype(device, args.dtype)  # auto: bf16 on accelerators, none (fp32) on CPU
         llm_dtype, attn = amp or torch.float32, args.attn
-    model = build_bench_model(llm_cfg, vcfg, device, llm_dtype, attn, args.seed)
-    if case.reference and accel:
+    model = build_bench_model(llm_config(args.llm), vision_config(args.vision), device, llm_dtype, attn, args.seed)
+    if reference and accel:
         _to_reference_precision(model)
     model.train()
-    if args.grad_checkpointing and not case.reference:
+    if args.grad_checkpointing and not reference:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.llm.train()
-    if args.compile and not case.reference:
+    if args.compile and not reference:
         compile_decoder_layers(model.llm)
     flops = FlopModel.of(model)
-    uses_vision = case.reference or case.vision_every_step
+    uses_vision = reference or vision_every_step
     if uses_vision:
         flops.vision_per_image = vision_flops_per_image(model, device, amp)
-    work = make_workload(
-        model, args.stage, args.batch_size, args.steps, args.lengths, args.text_tokens or (32 if args.stage == 1 else 128),
-        case.batching, args.pack_len, args.seed, device, parse_dtype(args.feature_dtype), features=not uses_vision,
-        pixels=uses_vision,
-    )
+    supervised = args.text_tokens or (32 if args.stage == 1 else 128)
+    works = [make_workload(model, args.stage, args.batch_size, args.steps, args.lengths, supervised, case.batching,
+                           args.pack_len, args.seed, device, parse_dtype(args.feature_dtype), features=not uses_vision,
+                           pixels=uses_vision) for case in cases]
     params = [p for p in model.parameters() if p.requires_grad]
-    try:
-        optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True)
+    try:  # lr 0: the same work as training, but the weights (and so the reported losses) stay put
+        optimizer = torch.optim.AdamW(params, lr=0.0, fused=True)
     except RuntimeError:
-        optimizer = torch.optim.AdamW(params, lr=1e-5)
-    scaler = torch.amp.GradScaler(device.type) if case.reference and amp == torch.float16 else None
-    step = (reference_step(model, optimizer, device, amp, scaler) if case.reference
+        optimizer = torch.optim.AdamW(params, lr=0.0)
+    scaler = torch.amp.GradScaler(device.type) if reference and amp == torch.float16 else None
+    step = (reference_step(model, optimizer, device, amp, scaler) if reference
             else careful_step(model, optimizer, device, amp, use_features=not uses_vision))
-    reset_peak_memory(device)
-    timing = _time_steps(step, work, args.warmup, device)
-    times = timing["times"]
-    total = sum(times)
-    samples = args.batch_size * len(times)
-    useful = sum(flops.step(lens, ans, len(lens), uses_vision) for lens, ans in zip(work.lengths, work.answers))
-    achieved = useful / total / 1e12
+    timings = _time_interleaved([step] * len(cases), works, args.warmup, device)
     if args.peak_tflops is None:
         if llm_dtype not in ceilings:
             ceilings[llm_dtype] = matmul_ceiling_tflops(device, llm_dtype)
         peak: float | None = ceilings[llm_dtype]
     else:
         peak = args.peak_tflops or None
-    result = {
-        "name": case.name,
-        "step": "reference-style" if case.reference else "ours",
-        "batching": case.batching,
-        "vision_in_step": uses_vision,
-        "precision": _precision(case, llm_dtype, amp),
-        "attention": "eager" if case.reference else attn,
-        "compile": bool(args.compile and not case.reference),
-        "grad_checkpointing": bool(args.grad_checkpointing and not case.reference),
-        "step_time_s": round(statistics.median(times), 5),
-        "samples_per_s": round(samples / total, 3),
-        "tokens_per_s": round(work.tokens / total, 1),
-        "pad_fraction": round(1 - work.tokens / work.positions, 4),
-        "useful_tflop_per_sample": _sig(useful / samples / 1e12),
-        "achieved_tflops": _sig(achieved),
-        "peak_tflops": _sig(peak) if peak else None,
-        "mfu": _sig(achieved / peak) if peak else None,
-        "peak_mem_gib": None if device.type == "cpu" else round(peak_memory_gib(device) or 0.0, 3),
-        "loss": round(timing["first_loss"], 6),
-    }
-    del model, optimizer, work, step
+    results = []
+    for case, work, timing in zip(cases, works, timings):
+        times = timing["times"]
+        total = sum(times)
+        samples = args.batch_size * len(times)
+        useful = sum(flops.step(lens, ans, len(lens), uses_vision) for lens, ans in zip(work.lengths, work.answers))
+        achieved = useful / total / 1e12
+        results.append({
+            "name": case.name,
+            "step": "reference-style" if reference else "ours",
+            "batching": case.batching,
+            "vision_in_step": uses_vision,
+            "precision": _precision(case, llm_dtype, amp),
+            "attention": attn,
+            "compile": bool(args.compile and not reference),
+            "grad_checkpointing": bool(args.grad_checkpointing and not reference),
+            "step_time_s": round(statistics.median(times), 5),
+            "samples_per_s": round(samples / total, 3),
+            "tokens_per_s": round(work.tokens / total, 1),
+            "pad_fraction": round(1 - work.tokens / work.positions, 4),
+            "useful_tflop_per_sample": _sig(useful / samples / 1e12),
+            "achieved_tflops": _sig(achieved),
+            "peak_tflops": _sig(peak) if peak else None,
+            "mfu": _sig(achieved / peak) if peak else None,
+            "peak_mem_gib": None if device.type == "cpu" else round(timing["peak_mem_gib"], 3),
+            "loss": round(timing["first_loss"], 6),
+        })
+    del model, optimizer, works, step
     gc.collect()
     empty_cache(device)
-    return result
+    return results
 
 
 def _sig(x: float, digits: int = 4) -> float:
@@ -482,7 +491,9 @@ def bench_train(args: argparse.Namespace) -> dict[str, Any]:
     if args.reference_style:
         cases.append(TrainCase("reference-style", reference=True))
     ceilings: dict[torch.dtype, float] = {}
-    results = [run_train_case(case, args, device, ceilings) for case in cases]
+    results = run_train_cases(cases[: len(batching)], args, device, ceilings)  # ours: one model, interleaved
+    if args.reference_style:
+        results += run_train_cases(cases[len(batching) :], args, device, ceilings)
     report = {
         "benchmark": "train",
         "machine": machine_info(device),
