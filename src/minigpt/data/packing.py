@@ -38,13 +38,8 @@ from .tokenize import IGNORE_INDEX, Encoded, TextBatch
 class PackedTextBatch(TextBatch):
     """A :class:`TextBatch` whose rows hold several samples: ``attention_mask`` is ``[B, 1, T, T]`` (bool)."""
 
-    position_ids: torch.Tensor = None  # type: ignore[assignment]  # [B, T]
     #: ``[B, T]``: 1, 2, ... for the samples of a row, 0 on padding.
-    segment_ids: torch.Tensor = None  # type: ignore[assignment]
-
-    def to(self, device: torch.device | str) -> "PackedTextBatch":
-        return PackedTextBatch(*(t.to(device) for t in (
-            self.input_ids, self.attention_mask, self.labels, self.image_mask, self.position_ids, self.segment_ids)))
+    segment_ids: torch.Tensor | None = None
 
     @property
     def num_positions(self) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal, Sequence
 
 import torch
@@ -94,9 +94,12 @@ class TextBatch:
     attention_mask: torch.Tensor  # [B, T]
     labels: torch.Tensor  # [B, T]
     image_mask: torch.Tensor  # [B, T] bool
+    #: Positions restarting per sample in packed rows (None: 0..T-1, the LLM's default).
+    position_ids: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> "TextBatch":
-        return TextBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.labels, self.image_mask)))
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        return replace(self, **{k: v.to(device) for k, v in moved.items() if isinstance(v, torch.Tensor)})
 
 
 def collate(

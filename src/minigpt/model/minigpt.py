@@ -309,7 +309,7 @@ class MiniGPT(nn.Module):
             batch = self.prepare(conversations, images, train=True).to(self.device)
         embeds = self.embed(batch, image_embeds)
         body = self.llm.get_decoder() if hasattr(self.llm, "get_decoder") else self.llm.base_model
-        mask, positions = batch.text.attention_mask, getattr(batch.text, "position_ids", None)
+        mask, positions = batch.text.attention_mask, batch.text.position_ids
         if mask.ndim == 4:  # packed rows (minigpt.data.packing): block-diagonal causal mask, positions per sample
             mask = additive_mask(mask, embeds.dtype)
         hidden = body(
