@@ -223,7 +223,7 @@ class DeepSpeedSection(Section):
 
     #: A DeepSpeed JSON config (e.g. configs/ds_zero2.json); no ``optimizer``/``scheduler`` (ours are used).
     config: str | None = None
-    #: ZeRO stage; default: the JSON's, else 2 (deepspeed_zero) or 0 (deepspeed_pipeline, which allows 0-1).
+    #: ZeRO stage; default: the JSON's, else 2 (deepspeed_zero) or 1 (deepspeed_pipeline, which allows 0-1).
     zero_stage: Literal[0, 1, 2, 3] | None = None
     #: ZeRO-3: build the LLM already partitioned (transformers + deepspeed.zero.Init) instead of whole per process.
     zero_init: bool = False

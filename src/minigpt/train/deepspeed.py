@@ -23,6 +23,12 @@ last       :class:`PipeTail`: ``final_layernorm.weight``,   final norm; :class:`
            ``lm_head.weight``                                at the supervised positions only (``_answer_loss``)
 =========  ===============================================  =====================================================
 
+A stage without both a trained matrix and a trained vector (e.g. a frozen LLM's) gets ``occupy.{weight,bias}`` (a
+zero Linear(1, 1)) in its last layer, as MPP-Qwen14B's ``occupy`` layer. Every process builds the whole model on the
+CPU and moves its stage's layers to its device. Parameters are marked model-parallel so that DeepSpeed's gradient
+norm (clipping, ``grad_norm``) covers all stages. Default ZeRO stage 1 (0 allowed); LoRA, packing, the feature cache
+and ``run.compile`` are not supported here; LLaMA-style LLMs only (LLaMA, Mistral, Qwen2/2.5/3).
+
 The engine's ``train_batch`` runs a whole optimizer step (1F1B schedule over the stages), so the pipeline has its
 own :class:`PipelineTrainer` (a :class:`~.loop.Trainer` with its own set-up, ``train_step`` and ``evaluate``).
 The micro-batch tuple (:func:`pipe_batch`) is ``((input_ids, attention_mask, image_mask, pixel_values), (labels,
@@ -61,7 +67,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..data.formats import DataWarning
-from ..device import amp_dtype, dist_backend, resolve_device, set_device
+from ..device import dist_backend, resolve_device, set_device
 from .checkpoint import checkpoint_dir, list_checkpoints, save_checkpoint
 from .data import SampleEncoder, TrainData, eval_loader
 from .loop import Reporter, Schedule, Trainer, build_model, build_optimizer, seed_everything
@@ -73,8 +79,6 @@ log = logging.getLogger(__name__)
 DS_DIR = "deepspeed"
 #: The client_state key holding ``MiniGPTConfig.to_dict()`` (read by :mod:`minigpt.convert.deepspeed`).
 CONFIG_KEY = "minigpt_config"
-#: Keys the run section decides; a DeepSpeed JSON may leave them out, say ``"auto"`` or agree.
-RUN_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "gradient_clipping")
 PIPELINE_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 
 
@@ -120,7 +124,7 @@ def deepspeed_config(run: Any, dp_world_size: int, precision: torch.dtype | None
         sub["enabled"] = key == wanted
         cfg[key] = sub
     zero = dict(base.get("zero_optimization") or {})
-    stage = section.zero_stage if section.zero_stage is not None else zero.get("stage", 0 if pipeline else 2)
+    stage = section.zero_stage if section.zero_stage is not None else zero.get("stage", 1 if pipeline else 2)
     if pipeline and stage > 1:
         raise ValueError(f"{source}: DeepSpeed pipelines allow ZeRO stage 0 or 1, not {stage}")
     zero["stage"] = stage
@@ -193,8 +197,6 @@ def init_deepspeed(device: torch.device) -> bool:
 
 class _DeepSpeed(Strategy):
     """What both DeepSpeed strategies share: process set-up, precision, reductions and checkpoints."""
-
-    pipeline = False
 
     def __init__(self, run: Any) -> None:
         self.run = run
@@ -346,13 +348,13 @@ class DeepSpeedZeRO(_DeepSpeed):
         log.info("DeepSpeed ZeRO-%d, %s, %d processes", self.stage, self.ds_precision, self.world_size)
 
     def model_init(self) -> contextlib.AbstractContextManager[Any]:
-        if not self.run.deepspeed.zero_init:
-            return contextlib.nullcontext()
-        # transformers builds and loads the LLM under deepspeed.zero.Init while this object lives (kept for the
-        # run: transformers also asks it later, e.g. when saving)
-        from transformers.integrations import HfDeepSpeedConfig
+        if self.run.deepspeed.zero_init:
+            # While this object lives, transformers' from_pretrained builds and loads the LLM under
+            # deepspeed.zero.Init (each process holds its partition only). It stays for the run, as transformers
+            # asks for it later too; the vision encoder and projector are built whole and partitioned by initialize.
+            from transformers.integrations import HfDeepSpeedConfig
 
-        self._hf_config = HfDeepSpeedConfig(self.ds_config)
+            self._hf_config = HfDeepSpeedConfig(self.ds_config)
         return contextlib.nullcontext()
 
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -384,7 +386,14 @@ class DeepSpeedZeRO(_DeepSpeed):
     def final_model(self, model: nn.Module) -> nn.Module:
         if self.stage < 3:
             return model  # whole on every process (in the training precision)
-        return gather_zero3(model, self.is_main)
+        from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()  # the CPU copy is built plainly, not under zero.Init
+        try:
+            return gather_zero3(model, self.is_main)
+        finally:
+            if self._hf_config is not None:
+                set_hf_deepspeed_config(self._hf_config)
 
 
 def gather_zero3(model: Any, main: bool) -> Any:
@@ -452,6 +461,19 @@ class _PipeLayer(nn.Module):
         self._owner[0].train(mode)
         return self
 
+    def occupy_stage(self, device: torch.device) -> None:
+        """Give this layer a trained ``occupy`` Linear(1, 1) that takes part in its forward with weight 0 (so it
+        always has a gradient, of 0). Every stage's optimizer needs a matrix and a vector (its two parameter groups:
+        DeepSpeed's ZeRO-1 gradient norm runs one collective per group); MPP-Qwen14B adds a 1000x1000 ``occupy``
+        layer for the same reason when the LLM is frozen."""
+        self.occupy = nn.Linear(1, 1, device=device)
+        nn.init.zeros_(self.occupy.weight)
+        nn.init.zeros_(self.occupy.bias)
+
+    def _occupied(self, x: torch.Tensor) -> torch.Tensor:
+        occupy = getattr(self, "occupy", None)
+        return x if occupy is None else x + ((occupy.weight.sum() + occupy.bias.sum()) * 0).to(x.dtype)
+
 
 class PipeHead(_PipeLayer):
     """Layer 0 (MPP: ViT + ln_vision + Q-Former + query tokens + llm_proj + word embeddings): ``(input_ids,
@@ -474,7 +496,7 @@ class PipeHead(_PipeLayer):
         embeds = self._owner[0].embed(ModelBatch(text, pixel_values if pixel_values.numel() else None))
         if not embeds.requires_grad:  # nothing before the LLM trains: still a tensor the engine can backward into
             embeds = embeds.detach().requires_grad_()
-        return embeds, attention_mask
+        return self._occupied(embeds), attention_mask
 
 
 class PipeBlock(_PipeLayer):
@@ -496,7 +518,7 @@ class PipeBlock(_PipeLayer):
         mask = causal_mask(self._config, hidden, attention_mask, positions, self.attention_type)
         out = self.layer(hidden, attention_mask=mask, position_ids=positions,
                          position_embeddings=self.rotary(hidden, positions))
-        return (out[0] if isinstance(out, tuple) else out), attention_mask
+        return self._occupied(out[0] if isinstance(out, tuple) else out), attention_mask
 
 
 def causal_mask(config: Any, embeds: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
@@ -526,7 +548,7 @@ class PipeTail(_PipeLayer):
         self.lm_head = llm.get_output_embeddings()
 
     def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        return self.final_layernorm(inputs[0])
+        return self._occupied(self.final_layernorm(inputs[0]))
 
 
 class AnswerLoss:
@@ -577,8 +599,8 @@ def build_pipeline(
     """``deepspeed.pipe.PipelineModule`` of ``model`` (see :func:`pipeline_layers`) over the processes started
     (their number is a multiple of ``num_stages``; the rest is data parallelism). This process's layers are moved
     to its device; the others stay where they are (the whole model is built on every process). A stage without a
-    trained parameter gets a one-element ``occupy`` parameter (MPP-Qwen14B does the same) so that its optimizer
-    has something to hold."""
+    trained matrix and a trained vector gets an ``occupy`` Linear(1, 1) in its last layer
+    (:meth:`_PipeLayer.occupy_stage`)."""
     from deepspeed.pipe import PipelineModule
 
     _, llm = _llm_parts(model)
@@ -591,8 +613,17 @@ def build_pipeline(
         partition_method=partition_method, activation_checkpoint_interval=activation_checkpoint_interval,
         dynamic_shape=True,  # micro-batches differ in length (and in size when samples are skipped)
     )
-    if not any(p.requires_grad for p in pipe.parameters()):
-        pipe.register_parameter("occupy", nn.Parameter(torch.zeros(1, device=_pipe_device())))
+    trained = [p for p in pipe.parameters() if p.requires_grad]
+    if not (any(p.ndim >= 2 for p in trained) and any(p.ndim < 2 for p in trained)):
+        local = [f for f in pipe.forward_funcs if isinstance(f, _PipeLayer)]
+        if not local:
+            raise ValueError(f"pipeline stage {pipe.stage_id} holds no layer (only identities); use fewer stages or "
+                             "fewer identity_layers")
+        local[-1].occupy_stage(_pipe_device())
+    for param in pipe.parameters():
+        # Every parameter lives on one stage only. DeepSpeed's gradient norm (clipping) sums over the pipeline
+        # the parameters marked model-parallel and, of the others, only stage 0's: mark them all.
+        param.model_parallel = True
     return pipe
 
 
@@ -612,7 +643,6 @@ class DeepSpeedPipeline(_DeepSpeed):
     ``is_main`` is global rank 0 (stage 0 of the first pipeline), which writes the outputs."""
 
     name = "deepspeed_pipeline"
-    pipeline = True
 
     def __init__(self, run: Any) -> None:
         super().__init__(run)
@@ -648,11 +678,10 @@ class DeepSpeedPipeline(_DeepSpeed):
         """This process's part of the pipeline (see :func:`build_pipeline`)."""
         section = self.run.deepspeed
         self._names = {id(p): n for n, p in model.named_parameters()}
+        self._model_config = model.config.to_dict()
         return build_pipeline(model, self.stages, section.partition_method, section.identity_layers)
 
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
-        owner = next(layer for layer in model.forward_funcs if isinstance(layer, _PipeLayer))._owner[0]  # type: ignore[attr-defined]
-        self._model_config = owner.config.to_dict()
         ds_optimizer = self._initialize(model, optimizer, self.ds_config)
         return self.engine, ds_optimizer
 

@@ -107,6 +107,9 @@ class Strategy:
     def restore(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                 weights: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
         """Load checkpoint ``path`` (its trainable weights and ``state.pt``) before :meth:`prepare`."""
+        if "deepspeed" in (state.get("strategy") or {}):
+            raise ValueError(f"cannot resume {path} with run.strategy {self.name}: its optimizer state is in "
+                             "DeepSpeed's files; resume with the DeepSpeed strategy that wrote it")
         model.load_state_dict(weights, strict=False)
         optimizer.load_state_dict(state["optimizer"])
 
