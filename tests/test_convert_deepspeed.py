@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import pathlib
+import shutil
 import socket
 import sys
 from collections import OrderedDict
@@ -347,3 +348,108 @@ def test_real_zero2_checkpoint(tiny_llama_dir, image_file, tmp_path):
         loaded = MiniGPT.from_pretrained(tmp_path / f"model-{fp32}")
         _assert_same_weights(loaded, reference)
     assert json.loads((tmp_path / "model-True" / "config.json").read_text())["template"] == "vicuna0"
+
+
+# ---------------------------------------------------------------------------------------------- our pipeline strategy
+def _our_pipeline_run(model: MiniGPT, out: Path, step: int = 4, client_config: bool = True) -> Path:
+    """What ``run.strategy: deepspeed_pipeline`` leaves in a training ``OUTPUT``: DeepSpeed's layer files
+    (``PipelineModule.save_state_dict(exclude_frozen_params=True)`` of our real pipeline layers), its
+    ``mp_rank_00_model_states.pt`` (module None + client state) and our ``checkpoints/step_N/state.pt``."""
+    from minigpt.train.deepspeed import pipeline_layers
+
+    tag = f"global_step{step}"
+    ds = out / "checkpoints" / "deepspeed"
+    (ds / tag).mkdir(parents=True)
+    (ds / "latest").write_text(tag)
+    layers = [x for x in pipeline_layers(model, identity_layers=1)]
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, torch.nn.Module):
+            continue
+        sd = layer.state_dict()
+        for name, p in layer.named_parameters():
+            if not p.requires_grad:
+                del sd[name]
+        torch.save({k: v.detach().clone() for k, v in sd.items()}, ds / tag / f"layer_{i:02d}-model_states.pt")
+    extra = {"minigpt_config": model.config.to_dict()} if client_config else {}
+    torch.save({**_model_states(model, None, stage=1), **extra}, ds / tag / "mp_rank_00_model_states.pt")
+    step_dir = out / "checkpoints" / f"step_{step:08d}"
+    step_dir.mkdir(parents=True)
+    torch.save({"step": step, "strategy": {"name": "deepspeed_pipeline", "deepspeed": {
+        "dir": "deepspeed", "tag": tag, "layout": {"mode": "deepspeed_pipeline", "processes": 1, "stages": 1}}}},
+        step_dir / "state.pt")
+    return step_dir
+
+
+def test_our_pipeline_trained_vision_and_mlp_projector(tiny_model_factory, image_file, tmp_path):
+    """Layer 0 holds our own ``vision.*`` names (a trained ViT + Q-Former) and an mlp2x_gelu projector
+    (``visionpipe.llm_proj.{0,2}.*``); the LLM trains too. The recorded minigpt_config is enough: no options."""
+    src = tiny_model_factory(projector="mlp2x_gelu", freeze={"vision": False, "qformer": False, "llm": False})
+    _perturb(src.vision, 7)
+    _perturb(src.projector, 8)
+    _perturb(src.llm, 9)
+    step_dir = _our_pipeline_run(src, tmp_path / "run")
+    layer0 = torch.load(step_dir.parent / "deepspeed" / "global_step4" / "layer_00-model_states.pt")
+    assert {"visionpipe.llm_proj.0.weight", "visionpipe.llm_proj.2.bias"} <= set(layer0)
+    assert any(k.startswith("vision.qformer.") for k in layer0)
+    written, report = convert_deepspeed(tmp_path / "run" / "checkpoints" / "deepspeed", tmp_path / "out")
+    assert "mlp2x_gelu projector" in str(report) and "trained tensor(s) from layer_00" in str(report)
+    assert "as --with-llm" in str(report)
+    loaded = MiniGPT.from_pretrained(tmp_path / "out")
+    assert loaded.config.projector == "mlp2x_gelu" and loaded.config.template == "vicuna0"
+    assert loaded.config.freeze == src.config.freeze
+    _assert_same_weights(loaded, src.state_dict())
+    assert torch.equal(_loss(loaded, image_file), _loss(src, image_file))
+    # A projector of an unknown layout is refused.
+    path = step_dir.parent / "deepspeed" / "global_step4" / "layer_00-model_states.pt"
+    torch.save({**layer0, "visionpipe.llm_proj.4.weight": torch.zeros(2, 2)}, path)
+    with pytest.raises(ValueError, match="no projector of a known type"):
+        convert_deepspeed(tmp_path / "run" / "checkpoints" / "deepspeed", tmp_path / "out2")
+
+
+def test_our_pipeline_reads_the_recorded_config(tiny_model_factory, image_file, tmp_path):
+    """Frozen vision and LLM (only projector files): the client state's minigpt_config gives llm, template and
+    vision; without it --llm is needed, as for MPP's files."""
+    src = tiny_model_factory()
+    _perturb(src.projector, 10)
+    vision_dir = save_vision(tmp_path / "vision", src.config.vision, src.vision.state_dict())
+    src.config.vision_weights = str(vision_dir.resolve())
+    _our_pipeline_run(src, tmp_path / "run")
+    written, report = convert_deepspeed(tmp_path / "run" / "checkpoints" / "deepspeed", tmp_path / "out")
+    assert written == ["projector"] and "linear projector" in str(report)
+    loaded = MiniGPT.from_pretrained(tmp_path / "out")
+    assert loaded.config.template == "vicuna0" and loaded.config.vision_weights == str(vision_dir.resolve())
+    _assert_same_weights(loaded, src.state_dict())
+    assert torch.equal(_loss(loaded, image_file), _loss(src, image_file))
+
+    _our_pipeline_run(src, tmp_path / "bare", client_config=False)
+    with pytest.raises(ValueError, match="needs the base LLM"):
+        convert_deepspeed(tmp_path / "bare" / "checkpoints" / "deepspeed", tmp_path / "out2")
+    written, _ = convert_deepspeed(tmp_path / "bare" / "checkpoints" / "deepspeed", tmp_path / "out2",
+                                   llm=src.config.llm, vision=str(vision_dir))
+    assert MiniGPT.from_pretrained(tmp_path / "out2").config.template == "chatml"  # the MPP default
+
+
+def test_training_output_and_step_folders_find_the_deepspeed_tag(tiny_model_factory, tmp_path):
+    src = tiny_model_factory()
+    _perturb(src.projector, 11)
+    src.config.vision_weights = str(save_vision(tmp_path / "vision", src.config.vision, src.vision.state_dict()))
+    step_dir = _our_pipeline_run(src, tmp_path / "run", step=4)
+    ds = tmp_path / "run" / "checkpoints" / "deepspeed"
+    # A newer DeepSpeed tag without its step folder (not committed) is not picked from OUTPUT or a step folder.
+    (ds / "global_step6").mkdir()
+    assert resolve_tag_dir(ds) == ds / "global_step4"  # 'latest'
+    assert resolve_tag_dir(tmp_path / "run") == ds / "global_step4"
+    assert resolve_tag_dir(step_dir) == ds / "global_step4"
+    assert resolve_tag_dir(tmp_path / "run", tag="global_step6") == ds / "global_step6"
+    written, _ = convert_deepspeed(tmp_path / "run", tmp_path / "out")
+    assert written == ["projector"]
+    _assert_same_weights(MiniGPT.from_pretrained(tmp_path / "out"), src.state_dict())
+    written, _ = convert_deepspeed(step_dir, tmp_path / "out2")
+    assert written == ["projector"]
+    # A step folder of another strategy has no DeepSpeed files; a missing tag folder is reported.
+    torch.save({"step": 2, "strategy": {"name": "single"}}, tmp_path / "state.pt")
+    with pytest.raises(ValueError, match="not written by a DeepSpeed strategy"):
+        resolve_tag_dir(tmp_path)
+    shutil.rmtree(ds / "global_step4")
+    with pytest.raises(FileNotFoundError, match="DeepSpeed files .* are missing"):
+        resolve_tag_dir(step_dir)

@@ -8,7 +8,7 @@ import pytest
 
 from minigpt.cli import main
 from minigpt.convert.lavis import save_vision
-from minigpt.tools.info import model_info, safetensors_header
+from minigpt.tools.info import format_info, model_info, safetensors_header
 
 
 def test_full_directory_matches_loaded_model(tiny_model_factory, tmp_path, capsys):
@@ -66,3 +66,34 @@ def test_errors(tmp_path, capsys):
     (tmp_path / "bad.safetensors").write_bytes(b"\xff" * 16)
     with pytest.raises(ValueError, match="not a safetensors file"):
         safetensors_header(tmp_path / "bad.safetensors")
+
+
+def test_merged_lora_llm_is_not_shown_frozen(tiny_model_factory, tmp_path, capsys):
+    """Training's final/ after LoRA (train_config.yaml with model.lora) and merge-lora's merged_lora.json: the LLM
+    is stored merged, its recorded freeze stays true; info says LoRA r/alpha, merged, not (frozen)."""
+    import yaml
+
+    model = tiny_model_factory()
+    model.save_pretrained(tmp_path / "final")
+    info = model_info(tmp_path / "final")
+    assert info["lora"] is None
+    (tmp_path / "final" / "train_config.yaml").write_text(yaml.safe_dump(
+        {"model": {"llm": "x", "lora": {"r": 4, "alpha": 8.0, "dropout": 0.0}}, "run": {"epochs": 1}}))
+    info = model_info(tmp_path / "final")
+    assert info["lora"] == {"r": 4, "alpha": 8.0, "source": "train_config.yaml"}
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "final")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    llm_line = next(x for x in lines if x.strip().startswith("llm ") and "(" in x and "LoRA" in x)
+    assert llm_line.endswith("(LoRA r=4, alpha=8, merged)") and "(frozen)" not in llm_line
+    assert any(x.strip().startswith("vision") and x.endswith("(frozen)") for x in lines)
+
+    model.save_pretrained(tmp_path / "merged")
+    (tmp_path / "merged" / "merged_lora.json").write_text(json.dumps(
+        {"merged_by": "minigpt convert merge-lora", "rank": 16, "alpha": 32.0, "modules": 4}))
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "merged")]) == 0
+    assert "(LoRA r=16, alpha=32, merged)" in capsys.readouterr().out
+    # A run without LoRA keeps (frozen).
+    (tmp_path / "final" / "train_config.yaml").write_text(yaml.safe_dump({"model": {"llm": "x"}}))
+    assert "LoRA" not in format_info(model_info(tmp_path / "final"))

@@ -69,7 +69,8 @@ def register(subparsers: Any) -> None:
     q.set_defaults(func=_assemble)
 
     q = sub.add_parser("deepspeed", help="DeepSpeed ZeRO or pipeline checkpoint -> a model directory")
-    q.add_argument("checkpoint", metavar="CKPT_DIR", help="the save_dir (uses 'latest') or a global_stepN folder")
+    q.add_argument("checkpoint", metavar="CKPT_DIR", help="the save_dir (uses 'latest'), a global_stepN folder, or a training OUTPUT "
+                   "or OUTPUT/checkpoints/step_N folder")
     q.add_argument("--out", "-o", required=True, metavar="MODEL_DIR")
     q.add_argument("--tag", help="checkpoint tag folder (default: 'latest', else the highest global_stepN)")
     q.add_argument("--config", metavar="FILE|DIR", help="model config (config.json or a model directory) when the "

@@ -32,7 +32,9 @@ mapped by :data:`PIPELINE_LLM_NAMES` (layer ``i`` = global pipeline index):
 =====================  ====================================  ======================  ======================
 layer                  key                                   LLaMA-style base        Qwen(1) base
 =====================  ====================================  ======================  ======================
-00                     ``visionpipe.llm_proj.{weight,bias}``  projector              projector
+00                     ``visionpipe.llm_proj.{weight,bias}``  projector (linear)     projector (linear)
+00                     ``visionpipe.llm_proj.{0,2}.*``       projector (mlp2x_gelu)  projector (mlp2x_gelu)
+00                     ``vision.*`` (our strategy, trained)  vision (as is)          vision (as is)
 00                     ``visionpipe.{visual_encoder,ln_vision,Qformer,query_tokens}*``  vision (LAVIS names)
 00                     ``wtepipe.word_embeddings.weight``    model.embed_tokens      transformer.wte
 01-04                  (identity layers, no tensors)
@@ -47,6 +49,13 @@ LLaMA-style = the base LLM's own names are ``model.embed_tokens`` / ``model.laye
 ``QWenLMHeadModel`` (trust_remote_code), the LLM MPP-Qwen14B trains. The block index is the pipeline index
 minus the first block's (5 in MPP); ``final_layernorm``/``lm_head`` are recognised by name, in any layer.
 Other architectures are refused. Tensor-parallel layer files (``layer_XX-model_YY-...``) are not supported.
+Our ``deepspeed_pipeline`` strategy also writes ``mp_rank_00_model_states.pt`` with the ``minigpt_config`` client
+state: when present it gives the base LLM, template, vision, projector and freeze (no ``--llm``/``--template``
+needed; a trained LLM's layers are then read as with ``--with-llm``).
+
+Input: DeepSpeed's save dir (``latest``), a tag folder, or a training run: ``OUTPUT`` (its newest
+``checkpoints/step_N``) or ``OUTPUT/checkpoints/step_N``, whose ``state.pt`` (read with ``weights_only=True``)
+records the DeepSpeed folder and tag (``strategy.deepspeed = {dir, tag, layout}``).
 """
 
 from __future__ import annotations
@@ -77,6 +86,7 @@ __all__ = [
 MODEL_STATES = "mp_rank_00_model_states.pt"
 ZERO3_MODEL_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"
 CONFIG_KEY = "minigpt_config"
+DS_DIR = "deepspeed"  # DeepSpeed's save_dir inside a training run's OUTPUT/checkpoints
 _LAYER_FILE = re.compile(r"^layer_(\d+)-model_states\.pt$")
 _TP_LAYER_FILE = re.compile(r"^layer_(\d+)-model_\d+-model_states\.pt$")
 _TAG_DIR = re.compile(r"^global_step(\d+)$")
@@ -113,6 +123,9 @@ def resolve_tag_dir(path: str | Path, tag: str | None = None) -> Path:
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such checkpoint folder")
+    training = _training_tag_dir(path, tag)
+    if training is not None:
+        return training
     if tag:
         found = path / tag
         if not found.is_dir():
@@ -130,6 +143,32 @@ def resolve_tag_dir(path: str | Path, tag: str | None = None) -> Path:
     if steps:
         return steps[-1][1]
     raise FileNotFoundError(f"{path}: no DeepSpeed checkpoint (no *model_states.pt, 'latest' or global_stepN)")
+
+
+def _training_tag_dir(path: Path, tag: str | None) -> Path | None:
+    """A training ``OUTPUT`` (its newest ``checkpoints/step_N``) or a ``step_N`` folder -> the DeepSpeed tag folder
+    its ``state.pt`` records (``strategy.deepspeed = {dir, tag, ...}``); None for other folders."""
+    from ..train.checkpoint import CHECKPOINTS, STATE, latest_checkpoint
+
+    if (path / STATE).is_file():
+        step = path
+    elif (path / CHECKPOINTS).is_dir():
+        step = latest_checkpoint(path)
+        if step is None:  # no step folder (yet): DeepSpeed's own save dir, if any
+            ds_dir = path / CHECKPOINTS / DS_DIR
+            return resolve_tag_dir(ds_dir, tag) if ds_dir.is_dir() else None
+    else:
+        return None
+    state = load_torch_file(step / STATE)  # weights_only=True
+    info = ((state.get("strategy") or {}) if isinstance(state, Mapping) else {}).get("deepspeed")
+    if not isinstance(info, Mapping) or "dir" not in info or "tag" not in info:
+        raise ValueError(f"{step}: not written by a DeepSpeed strategy (its {STATE} records no strategy.deepspeed): "
+                         "nothing to convert; its trainable.safetensors holds the trained weights")
+    ds_dir = step.parent / info["dir"]
+    found = ds_dir / (tag or info["tag"])
+    if not found.is_dir():
+        raise FileNotFoundError(f"{step}: its DeepSpeed files {found} are missing")
+    return found
 
 
 def _safe_classes() -> list[Any]:
@@ -347,6 +386,29 @@ def map_pipeline_llm(
     return state, ignored, notes
 
 
+#: Projector key sets under ``visionpipe.llm_proj.`` -> minigpt projector type.
+PIPELINE_PROJECTORS = {
+    frozenset({"weight", "bias"}): "linear",
+    frozenset({"0.weight", "0.bias", "2.weight", "2.bias"}): "mlp2x_gelu",
+}
+_PROJ = "visionpipe.llm_proj."
+
+
+def pipeline_projector(layer0: Mapping[str, torch.Tensor]) -> tuple[str, dict[str, torch.Tensor]]:
+    """Layer 0's ``visionpipe.llm_proj.*`` -> (projector type, float32 projector state): ``linear``
+    (``weight``/``bias``) or ``mlp2x_gelu`` (``0.*`` and ``2.*``: Linear-GELU-Linear)."""
+    state = {k.removeprefix(_PROJ): v for k, v in layer0.items() if k.startswith(_PROJ)}
+    kind = PIPELINE_PROJECTORS.get(frozenset(state))
+    if kind is None:
+        raise ValueError(f"layer_00: no projector of a known type under {_PROJ}* (linear: weight/bias; mlp2x_gelu: "
+                         f"0.*/2.*); found {sorted(state) or 'none'}")
+    if kind == "mlp2x_gelu":
+        (o0, i0), (o2, i2) = state["0.weight"].shape, state["2.weight"].shape
+        if i2 != o0 or o2 != o0:
+            raise ValueError(f"layer_00: mlp2x_gelu projector shapes do not chain: 0 {i0}->{o0}, 2 {i2}->{o2}")
+    return kind, {k: v.to(torch.float32).contiguous() for k, v in state.items()}
+
+
 def pipeline_state_dict(
     tag_dir: str | Path,
     base_llm: str | None = None,
@@ -357,21 +419,32 @@ def pipeline_state_dict(
     trust_remote_code: bool = False,
     trust_pickle: bool = False,
 ) -> tuple[ConvertedCheckpoint, Any]:
-    """A pipeline checkpoint folder -> (MiniGPT-named state, vision config or None).
+    """A pipeline checkpoint folder -> (MiniGPT-named state, LAVIS vision config or None).
 
-    Always the projector; the vision stack from layer 0's LAVIS-named ``visionpipe.*`` when ``with_vision``
-    (its ViT depth is what the file holds: the pipeline model was built with BLIP-2's 39 blocks); the
-    LLM (mapped onto ``base_llm``'s names) only ``with_llm``: a frozen LLM equals its base.
+    Always the projector (``linear`` or ``mlp2x_gelu``: ``converted.config["projector"]``); a trained vision
+    encoder written by our pipeline strategy with its own names (``vision.*``) as it is; else the vision stack
+    from layer 0's LAVIS-named ``visionpipe.*`` when ``with_vision`` (its ViT depth is what the file holds: the
+    pipeline model was built with BLIP-2's 39 blocks); the LLM (mapped onto ``base_llm``'s names) only
+    ``with_llm``: a frozen LLM equals its base.
     """
     tag_dir = Path(tag_dir)
     files = _layer_files(tag_dir)
     layer0 = _load_state(files[0], trust_pickle)
-    projector, report = convert_minigpt4_projector(layer0)
-    report.ignored = []
+    kind, projector = pipeline_projector(layer0)
+    report = ConversionReport()
+    shapes = " -> ".join(str(projector[k].shape[1 - i]) for i, k in enumerate(
+        ("weight", "weight") if kind == "linear" else ("0.weight", "2.weight")))
+    report.notes.append(f"visionpipe.llm_proj: {kind} projector ({shapes})")
     state = {f"projector.{k}": v for k, v in projector.items()}
     vision_config = None
-    vision_keys = [k for k in layer0 if k.startswith("visionpipe.") and not k.startswith("visionpipe.llm_proj.")]
-    if with_vision and vision_keys:
+    ours = {k: v for k, v in layer0.items() if k.startswith("vision.")}
+    vision_keys = [k for k in layer0 if k.startswith("visionpipe.") and not k.startswith(_PROJ)]
+    if ours and vision_keys:
+        raise ValueError("layer_00 holds both vision.* (minigpt names) and LAVIS-named visionpipe.* vision tensors")
+    if ours:
+        state.update(ours)
+        report.notes.append(f"vision: {len(ours)} trained tensor(s) from layer_00 (vision.*)")
+    elif with_vision and vision_keys:
         eva = {k.removeprefix("visionpipe.visual_encoder."): v for k, v in layer0.items()
                if k.startswith("visionpipe.visual_encoder.")}
         blip2 = {k.removeprefix("visionpipe."): v for k, v in layer0.items()
@@ -388,7 +461,7 @@ def pipeline_state_dict(
     elif vision_keys:
         report.notes.append(f"layer_00: {len(vision_keys)} visionpipe.* tensors not used (vision given separately)")
     elif with_vision:
-        report.notes.append("layer_00 holds no vision stack: give the vision encoder separately")
+        report.notes.append("layer_00 holds no vision tensors: the vision encoder comes from its source")
     if with_llm:
         if not base_llm:
             raise ValueError("mapping the pipeline LLM needs the base LLM (--llm) for its names and config")
@@ -400,9 +473,24 @@ def pipeline_state_dict(
         report.notes += notes
     else:
         report.notes.append("LLM layers not read: the base LLM is used (pass --with-llm if the LLM was trained)")
-    other0 = [k for k in layer0 if not k.startswith("visionpipe.") and k != "wtepipe.word_embeddings.weight"]
+    other0 = [k for k in layer0 if not k.startswith(("visionpipe.", "vision."))
+              and k != "wtepipe.word_embeddings.weight"]
     report.ignored += [f"layer_00:{k}" for k in other0]
-    return ConvertedCheckpoint(state, None, report), vision_config
+    return ConvertedCheckpoint(state, {"projector": kind}, report), vision_config
+
+
+def _pipeline_client_config(tag_dir: Path, trust_pickle: bool, report: ConversionReport) -> dict[str, Any] | None:
+    """The ``minigpt_config`` our pipeline strategy records in ``mp_rank_00_model_states.pt`` (client state)."""
+    meta = tag_dir / MODEL_STATES
+    if not meta.is_file():
+        return None
+    try:
+        obj = load_torch_file(meta, trust_pickle)
+    except UnsafeCheckpointError as err:  # e.g. an MPP run's own client state: the config then comes from options
+        report.notes.append(f"{MODEL_STATES} not read ({err})")
+        return None
+    config = obj.get(CONFIG_KEY) if isinstance(obj, Mapping) else None
+    return {k: v for k, v in config.items() if k != "format_version"} if isinstance(config, Mapping) else None
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -549,20 +637,35 @@ def convert_deepspeed(
     if any(_LAYER_FILE.match(p.name) or _TP_LAYER_FILE.match(p.name) for p in tag_dir.iterdir()):
         if fp32:
             raise ValueError("--fp32 applies to ZeRO checkpoints, not pipeline layer files")
-        base = overrides.get("llm") or (_config_dict(config) or {}).get("llm")
+        report = ConversionReport()
+        recorded = _pipeline_client_config(tag_dir, trust_pickle, report)
+        given = _config_dict(config)
+        if recorded is not None and given is not None:
+            report.notes.append(f"--config ignored: the checkpoint records its {CONFIG_KEY}")
+        source = recorded if recorded is not None else (given or {})
+        base = overrides.get("llm") or source.get("llm")
         if not base:
             raise ValueError("a pipeline checkpoint needs the base LLM: pass --llm")
+        freeze = {"vision": True, "qformer": True, "projector": False, "llm": True, **(source.get("freeze") or {})}
+        if recorded is not None and not freeze["llm"] and not with_llm:
+            with_llm = True
+            report.notes.append(f"the recorded {CONFIG_KEY} trains the LLM: its layers are read (as --with-llm)")
         converted, vision_config = pipeline_state_dict(
             tag_dir, base, with_llm=with_llm, with_vision=not vision, heads=heads, qformer_heads=qformer_heads,
             trust_pickle=trust_pickle,
-            trust_remote_code=trust_remote_code or bool((_config_dict(config) or {}).get("trust_remote_code")),
+            trust_remote_code=trust_remote_code or bool(source.get("trust_remote_code")),
         )
-        data = {"template": "chatml", **(_config_dict(config) or {}), "llm": base}
-        data["freeze"] = {"vision": True, "qformer": True, "projector": False, "llm": not with_llm}
+        converted.report.notes[:0] = report.notes
+        kind = converted.config["projector"]
+        if source.get("projector") not in (None, kind):
+            raise ValueError(f"the layer files hold a {kind} projector, the config says {source['projector']!r}")
+        data = {"template": "chatml", **source, "llm": base}
+        data["freeze"] = {**freeze, "llm": not with_llm}
         if vision_config is not None:
             data["vision"], data["vision_weights"] = vision_config.to_dict(), None
         data.update({k: v for k, v in overrides.items() if k != "llm"})
-        data["projector"] = "linear"
+        data["projector"] = kind
+        converted.config = recorded
     else:
         if with_llm:
             raise ValueError("--with-llm applies to pipeline checkpoints; a ZeRO checkpoint holds what was saved")

@@ -69,6 +69,30 @@ def _llm_weights(folder: Path) -> dict[str, dict[str, Any]] | None:
     return out
 
 
+def merged_lora(directory: Path) -> dict[str, Any] | None:
+    """``{"r", "alpha", "source"}`` of a LoRA adapter merged into this folder's LLM (``merge-lora``'s
+    ``merged_lora.json``, or training's ``final/train_config.yaml`` with ``model.lora``); None otherwise."""
+    merge_info = directory / "merged_lora.json"
+    if merge_info.is_file():
+        try:
+            data = json.loads(merge_info.read_text())
+            return {"r": data.get("rank"), "alpha": data.get("alpha"), "source": merge_info.name}
+        except json.JSONDecodeError:
+            return {"r": None, "alpha": None, "source": merge_info.name}
+    train_config = directory / "train_config.yaml"
+    if train_config.is_file():
+        import yaml
+
+        try:
+            data = yaml.safe_load(train_config.read_text()) or {}
+        except yaml.YAMLError:
+            return None
+        lora = (data.get("model") or {}).get("lora") if isinstance(data, dict) else None
+        if isinstance(lora, dict):
+            return {"r": lora.get("r", 8), "alpha": lora.get("alpha", 16.0), "source": train_config.name}
+    return None
+
+
 def _files(directory: Path) -> list[dict[str, Any]]:
     return [
         {"file": str(p.relative_to(directory)), "bytes": p.stat().st_size}
@@ -171,6 +195,7 @@ def model_info(directory: str | Path) -> dict[str, Any]:
         if weights:
             llm.update(_summary(weights))
     info["parts"]["llm"] = llm
+    info["lora"] = merged_lora(directory)
 
     counts = {}
     for part in PARTS:
@@ -203,6 +228,10 @@ def _count(n: int | None) -> str:
     return str(n)
 
 
+def _num(x: Any) -> str:
+    return "?" if x is None else f"{x:g}" if isinstance(x, (int, float)) else str(x)
+
+
 def format_info(info: dict[str, Any]) -> str:
     parts = info["parts"]
     v, q, p, llm = parts["vision"], parts.get("qformer"), parts["projector"], parts["llm"]
@@ -222,9 +251,13 @@ def format_info(info: dict[str, Any]) -> str:
     lines.append(f"llm             {llm['id']} ({arch}; hidden {llm.get('hidden_size', '?')}, {llm.get('layers', '?')} "
                  f"layers, vocab {llm.get('vocab_size', '?')}); {llm['source']}; {', '.join(llm.get('dtypes', []))}")
     lines.append("parameters      part        total    trainable")
+    lora = info.get("lora")
     for part, c in info["parameters"].items():
-        lines.append(f"                {part:<10} {_count(c['total']):>7}    {_count(c['trainable']):>7}"
-                     f"{'' if info['trained'][part] else '  (frozen)'}")
+        if part == "llm" and lora:
+            note = f"  (LoRA r={lora['r'] if lora['r'] is not None else '?'}, alpha={_num(lora['alpha'])}, merged)"
+        else:
+            note = "" if info["trained"][part] else "  (frozen)"
+        lines.append(f"                {part:<10} {_count(c['total']):>7}    {_count(c['trainable']):>7}{note}")
     if info["parameters_total"] is not None:
         lines.append(f"                {'all':<10} {_count(info['parameters_total']):>7}")
     lines.append(f"files           {_size(info['bytes_total'])} in {len(info['files'])} file(s)")
