@@ -72,7 +72,7 @@ from typing import Any
 
 import torch
 
-from .lavis import ConversionReport, convert_lavis_vision, convert_minigpt4_projector
+from .lavis import ConversionReport, convert_lavis_vision
 from .safe_load import UnsafeCheckpointError, load_checkpoint, unwrap
 
 log = logging.getLogger(__name__)

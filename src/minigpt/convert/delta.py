@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import pickle
 import re
 import shutil
@@ -31,6 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .lavis import ConversionReport
+from ..files import atomic_directory
 
 log = logging.getLogger(__name__)
 
@@ -339,13 +339,9 @@ def apply_delta(
     count = len(shards)
     files = ["model.safetensors"] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors"
                                                        for i in range(count)]
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
     weight_map: dict[str, str] = {}
     total = 0
-    try:
+    with atomic_directory(target) as tmp:
         for i, (shard, file) in enumerate(zip(shards, files)):
             tensors: dict[str, torch.Tensor] = {}
             for name in shard:
@@ -362,11 +358,4 @@ def apply_delta(
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
         _copy_files(base_w.directory, delta_w.directory, tmp, vocab[1] if vocab else None, out_dtype, report)
-        if target.exists():
-            target.rmdir()
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return DeltaResult(target, files, len(names), total, vocab, added, report)

@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +33,7 @@ import torch
 from torch import nn
 
 from .lavis import ConversionReport
+from ..files import atomic_directory
 
 log = logging.getLogger(__name__)
 
@@ -218,17 +217,7 @@ def _load_base(base: Path | None, config: Any, dtype: str | None, trust_remote_c
 
 def _save_minigpt(model: Any, out: Path, full: bool) -> list[str]:
     """``save_pretrained`` with the (merged) LLM stored and the base's ``freeze`` recorded (as training's final)."""
-    freeze = dict(model.config.freeze)
-    model.config.freeze["llm"] = False  # makes save_pretrained write the LLM
-    try:
-        written = model.save_pretrained(out, trainable_only=not full)
-    finally:
-        model.config.freeze = freeze
-    path = out / "config.json"
-    data = json.loads(path.read_text())
-    data["freeze"] = freeze
-    path.write_text(json.dumps(data, indent=2) + "\n")
-    return written
+    return model.save_pretrained(out, trainable_only=not full, include=("llm",))
 
 
 def _fresh(path: Path, what: str) -> None:
@@ -325,12 +314,10 @@ def merge_lora(
     report.notes.append(f"merged LoRA into {modules} module(s): rank {rank}, alpha {alpha:g} "
                         f"(scale {alpha / rank:g})")
 
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     info = {"merged_by": "minigpt convert merge-lora", "adapter": str(adapter.resolve()),
             "base": str(Path(base).resolve()) if base else None, "config": str(config) if config else None,
             "rank": rank, "alpha": alpha, "modules": modules}
-    try:
+    with atomic_directory(out) as tmp:
         if kind == "minigpt":
             loaded.llm = merged
             written = _save_minigpt(loaded, tmp, full)
@@ -342,13 +329,6 @@ def merge_lora(
             tokenizer.save_pretrained(tmp)
             written = ["llm"]
         (tmp / MERGE_INFO).write_text(json.dumps(info, indent=2) + "\n")
-        if out.exists():
-            out.rmdir()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     result = MergeResult(out, kind, modules, rank, alpha, written, report=report)
     if export_hf_dir is not None:
         from .export_hf import export_hf

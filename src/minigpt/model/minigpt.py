@@ -173,16 +173,19 @@ class MiniGPT(nn.Module):
         model.apply_freeze(config.freeze)
         return model
 
-    def save_pretrained(self, directory: str | Path, trainable_only: bool = False) -> list[str]:
+    def save_pretrained(
+        self, directory: str | Path, trainable_only: bool = False, include: Sequence[str] = ()
+    ) -> list[str]:
         """Write ``config.json`` and the parts as safetensors (LLM as a ``transformers`` folder).
 
         With ``trainable_only`` the frozen parts that can be rebuilt from their recorded source
         (``config.llm``, ``config.vision_weights``) are left out, so a projector-only checkpoint
-        is a few MB. Returns the names of the parts written.
+        is a few MB; ``include`` names frozen parts to write anyway (e.g. an LLM with merged LoRA
+        weights). Returns the names of the parts written.
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        trainable = {p for p in PARTS if not self.config.freeze[p]}
+        trainable = {p for p in PARTS if not self.config.freeze[p]} | set(include)
         written = []
         vision_trainable = bool(trainable & {"vision", "qformer"})
         if not trainable_only or vision_trainable or not self.config.vision_weights:

@@ -34,6 +34,7 @@ from .checkpoint import capture_rng, list_checkpoints, load_checkpoint, resolve_
 from .config import LoraSection, ModelSection, OptimizerSection, ScheduleSection, TrainConfig
 from .data import SampleEncoder, TrainBatch, TrainData, eval_loader
 from .strategy import Strategy, make_strategy
+from ..files import atomic_directory
 
 log = logging.getLogger(__name__)
 
@@ -494,18 +495,13 @@ class Trainer:
         if not self.strategy.is_main:
             return None
         final = self.out / FINAL_DIR
-        for leftover in self.out.glob(f".*-{FINAL_DIR}-*"):  # from a run killed while writing it
+        for leftover in self.out.glob(f".{FINAL_DIR}.*-*"):  # from a run killed while writing it
             shutil.rmtree(leftover, ignore_errors=True)
-        tmp = self.out / f".tmp-{FINAL_DIR}-{os.getpid()}"
-        save_final_model(model, tmp, lora=self.config.model.lora is not None)
         import yaml
 
-        (tmp / "train_config.yaml").write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
-        if final.exists():
-            old = self.out / f".old-{FINAL_DIR}-{os.getpid()}"
-            os.replace(final, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, final)
+        with atomic_directory(final) as tmp:
+            save_final_model(model, tmp, lora=self.config.model.lora is not None)
+            (tmp / "train_config.yaml").write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
         log.info("final model written to %s", final)
         return final
 
@@ -544,20 +540,9 @@ class Trainer:
 
 def save_final_model(model: Any, directory: Path, lora: bool = False) -> None:
     """``save_pretrained(trainable_only=True)``; LoRA adapters are merged into the LLM, which is then saved whole."""
-    if not lora:
-        model.save_pretrained(directory, trainable_only=True)
-        return
-    model.llm = model.llm.merge_and_unload()
-    freeze = dict(model.config.freeze)
-    model.config.freeze["llm"] = False  # makes save_pretrained write the (merged) LLM
-    try:
-        model.save_pretrained(directory, trainable_only=True)
-    finally:
-        model.config.freeze = freeze
-    config_path = directory / "config.json"
-    data = json.loads(config_path.read_text())
-    data["freeze"] = freeze
-    config_path.write_text(json.dumps(data, indent=2) + "\n")
+    if lora:
+        model.llm = model.llm.merge_and_unload()
+    model.save_pretrained(directory, trainable_only=True, include=("llm",) if lora else ())
 
 
 def train(config: TrainConfig, strategy: Strategy | None = None) -> TrainResult:
