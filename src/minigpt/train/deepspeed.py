@@ -58,7 +58,6 @@ import logging
 import os
 import shutil
 import socket
-import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -66,7 +65,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..data.formats import DataWarning
 from ..device import dist_backend, resolve_device, set_device
 from .checkpoint import checkpoint_dir, list_checkpoints, save_checkpoint
 from .data import SampleEncoder, TrainData, eval_loader
@@ -764,21 +762,8 @@ class PipelineTrainer(Trainer):
 
     def train_step(self, micro: list[Any]) -> dict[str, Any]:
         run, strategy = self.run, self.strategy
-        lr = self.schedule.apply(self.optimizer, self.step)
-        self._warn_skipped(micro)
-        local = [sum(b.num_tokens for b in micro), sum(b.num_samples for b in micro),
-                 sum(b.num_input_tokens for b in micro), sum(len(b.skipped) for b in micro)]
-        tokens, samples, input_tokens, skipped = (int(v) for v in strategy.all_reduce(local))
-        self.counters["samples"] += samples
-        self.counters["tokens"] += tokens
-        self.counters["skipped"] += skipped
-        record: dict[str, Any] = {"step": self.step + 1, "epoch": self.step // self.data.steps_per_epoch, "lr": lr}
-        counts = dict(tokens=tokens, samples=samples, input_tokens=input_tokens, skipped=self.counters["skipped"],
-                      skipped_records=self.counters["skipped_records"])
+        record, tokens = self.begin_step(micro)
         if tokens == 0:
-            warnings.warn(f"step {self.step + 1}: no supervised token in the step, no update", DataWarning,
-                          stacklevel=2)
-            record.update(loss=None, grad_norm=None, **counts)
             return record
         # DeepSpeed averages the micro-batch losses over accumulation and data parallelism: this weight makes
         # that average the step's token-weighted mean (stand-in batches for all-skipped ones weigh 0).
@@ -786,7 +771,7 @@ class PipelineTrainer(Trainer):
         items = [self._pipe_inputs(self.data.example, 0.0) if b.empty else self._pipe_inputs(b.batch, scale) for b in micro]
         loss = self.engine.train_batch(data_iter=iter(items))
         norm = self.engine.get_global_grad_norm()
-        record.update(loss=float(loss), grad_norm=None if norm is None else float(norm), **counts)
+        record.update(loss=float(loss), grad_norm=None if norm is None else float(norm))
         return record
 
     @torch.no_grad()

@@ -357,21 +357,31 @@ class Trainer:
         final = self.save_final()
         return TrainResult(self.model, self.step, self.reporter.history, final)
 
-    def train_step(self, micro: list[TrainBatch]) -> dict[str, Any]:
-        run, strategy = self.run, self.strategy
+    def begin_step(self, micro: list[TrainBatch]) -> tuple[dict[str, Any], int]:
+        """Set the step's learning rate and count its tokens and samples over all processes: the record to log
+        and the supervised token count (0: the step has nothing to learn from and ``loss`` is None)."""
         lr = self.schedule.apply(self.optimizer, self.step)
         self._warn_skipped(micro)
         local = [sum(b.num_tokens for b in micro), sum(b.num_samples for b in micro),
                  sum(b.num_input_tokens for b in micro), sum(len(b.skipped) for b in micro)]
-        tokens, samples, input_tokens, skipped = (int(v) for v in strategy.all_reduce(local))
+        tokens, samples, input_tokens, skipped = (int(v) for v in self.strategy.all_reduce(local))
         self.counters["samples"] += samples
         self.counters["tokens"] += tokens
         self.counters["skipped"] += skipped
-        record: dict[str, Any] = {"step": self.step + 1, "epoch": self.step // self.data.steps_per_epoch, "lr": lr}
-        if tokens == 0:  # every sample of the step skipped (or without answer tokens): nothing to learn from
-            warnings.warn(f"step {self.step + 1}: no supervised token in the step, no update", DataWarning, stacklevel=2)
-            record.update(loss=None, grad_norm=None, tokens=0, samples=samples, input_tokens=input_tokens,
-                          skipped=self.counters["skipped"], skipped_records=self.counters["skipped_records"])
+        record: dict[str, Any] = {
+            "step": self.step + 1, "epoch": self.step // self.data.steps_per_epoch, "lr": lr, "tokens": tokens,
+            "samples": samples, "input_tokens": input_tokens, "skipped": self.counters["skipped"],
+            "skipped_records": self.counters["skipped_records"],
+        }
+        if tokens == 0:  # every sample of the step skipped (or without answer tokens)
+            warnings.warn(f"step {self.step + 1}: no supervised token in the step, no update", DataWarning, stacklevel=3)
+            record.update(loss=None, grad_norm=None)
+        return record, tokens
+
+    def train_step(self, micro: list[TrainBatch]) -> dict[str, Any]:
+        run, strategy = self.run, self.strategy
+        record, tokens = self.begin_step(micro)
+        if tokens == 0:
             return record
         loss_sum = torch.zeros((), dtype=torch.float64)
         for i, b in enumerate(micro):
@@ -386,9 +396,7 @@ class Trainer:
         grad_norm = strategy.step(self.optimizer, self.params, run.max_grad_norm)
         self.optimizer.zero_grad(set_to_none=True)
         (total_loss,) = strategy.all_reduce([float(loss_sum)])
-        record.update(loss=total_loss / tokens, grad_norm=grad_norm, tokens=tokens, samples=samples,
-                      input_tokens=input_tokens, skipped=self.counters["skipped"],
-                      skipped_records=self.counters["skipped_records"])
+        record.update(loss=total_loss / tokens, grad_norm=grad_norm)
         return record
 
     @torch.no_grad()
