@@ -117,3 +117,18 @@ def image_file(tmp_path) -> Path:
     path = tmp_path / "red.png"
     Image.new("RGB", (40, 30), (220, 20, 20)).save(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_llama_dir) -> Path:
+    """A saved tiny MiniGPT (vicuna0 template), as ``minigpt chat`` / ``serve`` load it."""
+    import torch
+
+    from minigpt.model.minigpt import MiniGPT, MiniGPTConfig
+    from minigpt.model.vision import VisionConfig
+
+    torch.manual_seed(0)
+    model = MiniGPT.build(MiniGPTConfig(llm=str(tiny_llama_dir), vision=VisionConfig.tiny(), max_txt_len=32))
+    directory = tmp_path_factory.mktemp("tiny-model")
+    model.save_pretrained(directory)
+    return directory

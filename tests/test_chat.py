@@ -15,20 +15,8 @@ GREEDY = GenerationOptions(max_new_tokens=12)
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tiny_llama_dir):
-    from minigpt.model.minigpt import MiniGPT, MiniGPTConfig
-    from minigpt.model.vision import VisionConfig
-
-    torch.manual_seed(0)
-    model = MiniGPT.build(MiniGPTConfig(llm=str(tiny_llama_dir), vision=VisionConfig.tiny(), max_txt_len=32))
-    directory = tmp_path_factory.mktemp("chat-model")
-    model.save_pretrained(directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def engine(model_dir):
-    return ChatEngine(load_model(LoadSpec(model=str(model_dir))), GREEDY)
+def engine(tiny_model_dir):
+    return ChatEngine(load_model(LoadSpec(model=str(tiny_model_dir))), GREEDY)
 
 
 @pytest.fixture()
@@ -137,8 +125,8 @@ def test_closing_a_stream_early_stops_generation_and_frees_the_model(engine, ima
     assert not engine.lock.locked()
 
 
-def test_history_is_trimmed_to_fit_and_the_image_is_attached_again(model_dir, image_file):
-    small = ChatEngine(load_model(LoadSpec(model=str(model_dir))), GREEDY, max_context=90)
+def test_history_is_trimmed_to_fit_and_the_image_is_attached_again(tiny_model_dir, image_file):
+    small = ChatEngine(load_model(LoadSpec(model=str(tiny_model_dir))), GREEDY, max_context=90)
     chat = small.chat()
     chat.upload(image_file)
     chat.ask("What is it?")
@@ -166,7 +154,7 @@ def test_override_options_temperature_zero_is_greedy():
 
 
 def test_base_parts_and_projector_override_load_the_same_model(
-    model_dir, tiny_llama_dir, tmp_path, engine, image_file
+    tiny_model_dir, tiny_llama_dir, tmp_path, engine, image_file
 ):
     from safetensors.torch import save_file
 
@@ -184,7 +172,7 @@ def test_base_parts_and_projector_override_load_the_same_model(
     # --projector replaces a directory's projector.
     zero = {k: torch.zeros_like(v) for k, v in model.projector.state_dict().items()}
     save_file(zero, tmp_path / "zero.safetensors")
-    swapped = load_model(LoadSpec(model=str(model_dir), projector=str(tmp_path / "zero.safetensors")))
+    swapped = load_model(LoadSpec(model=str(tiny_model_dir), projector=str(tmp_path / "zero.safetensors")))
     assert all(float(p.detach().abs().sum()) == 0 for p in swapped.projector.parameters())
 
 
@@ -199,18 +187,18 @@ def test_gpu_only_options_give_a_clear_message_on_cpu():
         load_model(LoadSpec(device="cpu"))
 
 
-def test_bfloat16_weights_on_cpu(model_dir, image_file):
-    chat = Chat.load(model_dir, device="cpu", dtype="bf16", options=GREEDY)
+def test_bfloat16_weights_on_cpu(tiny_model_dir, image_file):
+    chat = Chat.load(tiny_model_dir, device="cpu", dtype="bf16", options=GREEDY)
     assert chat.engine.model.llm.dtype == torch.bfloat16
     chat.upload(image_file)
     assert chat.ask("What is it?")
 
 
-def test_llm_kwargs_reach_the_llm_loader(model_dir, engine, image_file):
+def test_llm_kwargs_reach_the_llm_loader(tiny_model_dir, engine, image_file):
     """The 8/4-bit path passes a quantization config through ``llm_kwargs``; checked with a device map (no GPU)."""
     from minigpt.model.minigpt import MiniGPT
 
-    model = MiniGPT.from_pretrained(model_dir, llm_kwargs={"device_map": {"": "cpu"}})
+    model = MiniGPT.from_pretrained(tiny_model_dir, llm_kwargs={"device_map": {"": "cpu"}})
     chat, reference = Chat(ChatEngine(model, GREEDY)), engine.chat()
     for c in (chat, reference):
         c.upload(image_file)

@@ -6,22 +6,8 @@ import argparse
 import io
 import sys
 
-import pytest
-import torch
 
 from minigpt.infer import terminal
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tiny_llama_dir):
-    from minigpt.model.minigpt import MiniGPT, MiniGPTConfig
-    from minigpt.model.vision import VisionConfig
-
-    torch.manual_seed(0)
-    model = MiniGPT.build(MiniGPTConfig(llm=str(tiny_llama_dir), vision=VisionConfig.tiny(), max_txt_len=32))
-    directory = tmp_path_factory.mktemp("terminal-model")
-    model.save_pretrained(directory)
-    return directory
 
 
 def run_chat(argv: list[str], script: str, monkeypatch, capsys) -> tuple[int, str]:
@@ -40,14 +26,14 @@ def test_registered_as_a_cli_command():
     assert "minigpt.infer.terminal" in COMMANDS
 
 
-def test_commands_through_stdin(model_dir, image_file, tmp_path, monkeypatch, capsys):
+def test_commands_through_stdin(tiny_model_dir, image_file, tmp_path, monkeypatch, capsys):
     other = tmp_path / "other.png"
     other.write_bytes(image_file.read_bytes())
     script = "\n".join([
         ":help", ":img", "What is it?", ":his", ":clh", ":his", ":img", f":image {other}", ":img",
         "Second question?", ":his", ":clear", ":image /no/such.png", ":bogus", ":quit", "never asked",
     ]) + "\n"
-    argv = [str(model_dir), "--image", str(image_file), "--cpu-only", "--max-new-tokens", "6"]
+    argv = [str(tiny_model_dir), "--image", str(image_file), "--cpu-only", "--max-new-tokens", "6"]
     code, out = run_chat(argv, script, monkeypatch, capsys)
     assert code == 0
     blocks = out.split("User: ")
@@ -71,8 +57,8 @@ def test_commands_through_stdin(model_dir, image_file, tmp_path, monkeypatch, ca
     assert "never asked" not in out and len(blocks) == len(script.splitlines())
 
 
-def test_end_of_input_quits_and_text_only_chat_works(model_dir, monkeypatch, capsys):
-    argv = [str(model_dir), "--device", "cpu", "--max-new-tokens", "4"]
+def test_end_of_input_quits_and_text_only_chat_works(tiny_model_dir, monkeypatch, capsys):
+    argv = [str(tiny_model_dir), "--device", "cpu", "--max-new-tokens", "4"]
     code, out = run_chat(argv, "Hello?\n:img\n", monkeypatch, capsys)
     assert code == 0
     assert "Image: (none)" in out and out.count("Assistant: ") == 1 and out.endswith("User: \n")

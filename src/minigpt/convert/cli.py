@@ -202,9 +202,7 @@ def assemble(
     directory references ``llm`` and ``vision`` (absolute paths for local folders)."""
     import json
 
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
+    from ..model.llm import meta_llm as build_meta_llm
     from ..model.minigpt import MiniGPT, MiniGPTConfig, load_projector_weights
     from .lavis import VISION_CONFIG, ConversionReport, convert_minigpt4_projector
 
@@ -222,12 +220,7 @@ def assemble(
     )
     meta_llm = None
     if not full:
-        try:
-            llm_config = AutoConfig.from_pretrained(llm_ref, trust_remote_code=trust_remote_code)
-        except (OSError, ValueError) as err:
-            raise OSError(f"could not read the LLM config of {llm!r}: {err}") from err
-        with torch.device("meta"):
-            meta_llm = AutoModelForCausalLM.from_config(llm_config, trust_remote_code=trust_remote_code)
+        meta_llm = build_meta_llm(llm_ref, trust_remote_code)
     if Path(projector).suffix == ".safetensors":
         weights, report = load_projector_weights(projector), ConversionReport()
     else:  # an original MiniGPT-4 / MiniGPT4Qwen / MPP checkpoint

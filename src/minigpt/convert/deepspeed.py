@@ -72,6 +72,7 @@ from typing import Any
 
 import torch
 
+from ..model.llm import meta_llm
 from .lavis import ConversionReport, convert_lavis_vision
 from .safe_load import UnsafeCheckpointError, load_checkpoint, unwrap
 
@@ -310,14 +311,7 @@ def _layer_files(tag_dir: Path) -> dict[int, Path]:
 def llm_parameter_shapes(name_or_path: str, trust_remote_code: bool = False) -> tuple[dict[str, tuple], bool]:
     """Names and shapes of a causal LM's state dict (built on the meta device: nothing is loaded), and
     whether its LM head is tied to the input embedding."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise OSError(f"could not read the LLM config of {name_or_path!r}: {err}") from err
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    model = meta_llm(name_or_path, trust_remote_code)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     out, emb = model.get_output_embeddings(), model.get_input_embeddings()
     tied = out is not None and out.weight is emb.weight
@@ -496,14 +490,10 @@ def _pipeline_client_config(tag_dir: Path, trust_pickle: bool, report: Conversio
 # ---------------------------------------------------------------------------------------------- writing
 def _meta_llm(name_or_path: str, state: Mapping[str, torch.Tensor], trust_remote_code: bool) -> Any | None:
     """The LLM built on the meta device with ``state`` assigned, when ``state`` is complete; else None."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     try:
-        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise OSError(f"could not read the LLM config of {name_or_path!r} (pass --llm): {err}") from err
-    with torch.device("meta"):
-        llm = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        llm = meta_llm(name_or_path, trust_remote_code)
+    except OSError as err:
+        raise OSError(f"{err} (pass --llm)") from err
     own = llm.state_dict(keep_vars=True)
     emb, head = llm.get_input_embeddings(), llm.get_output_embeddings()
     tied: set[str] = set()

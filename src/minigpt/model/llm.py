@@ -57,3 +57,15 @@ def load_llm(
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
     return model
+
+
+def meta_llm(name_or_path: str | Path, trust_remote_code: bool = False) -> PreTrainedModel:
+    """The LLM's architecture on the meta device (names and shapes, no memory, nothing loaded)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise OSError(f"could not read the LLM config of {str(name_or_path)!r}: {err}") from err
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
