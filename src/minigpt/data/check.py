@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 from .conversation import Sample
 from .convert import _check_out, _write_json, open_dataset, quiet_reader_warnings
-from .formats import _KEY_RE, SampleList, WebDatasetReader, load_json
+from .formats import WDS_KEY_RE, SampleList, WebDatasetReader, load_json
 from .images import ImageError, load_image
 
 PROBLEM_KINDS: tuple[str, ...] = ("malformed", "missing_image", "corrupt_image", "undecodable_image", "empty_answer")
@@ -234,7 +234,7 @@ def _clean_shards(shards: list[str], out: Path, good: set[str]) -> int:
             name = name[: -len(suffix)] + plain if name.endswith(suffix) else name
         with tarfile.open(shard, "r|*") as src, tarfile.open(out / name, "w") as dst:
             for member in src:
-                match = _KEY_RE.match(member.name) if member.isfile() else None
+                match = WDS_KEY_RE.match(member.name) if member.isfile() else None
                 if match is not None and match[1] in keys:
                     dst.addfile(member, src.extractfile(member))
         kept += len(keys)

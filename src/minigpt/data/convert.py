@@ -52,12 +52,12 @@ from .formats import (
     DataWarning,
     SampleList,
     WebDatasetReader,
-    _caption_sample,
-    _collect,
-    _get,
-    _id,
-    _image_path,
-    _root,
+    caption_sample,
+    collect_samples,
+    get_field,
+    image_root_of,
+    record_id,
+    resolve_image,
     read_captions_json,
     read_cc_sbu_align,
     read_llava_json,
@@ -87,7 +87,7 @@ def read_captions_csv(path: str | Path, image_root: str | Path | None = None) ->
     ``file:line`` (1-based line where the record starts). Image paths are relative to ``image_root`` (default: the
     file's folder)."""
     path = Path(path)
-    root = _root(path, image_root)
+    root = image_root_of(path, image_root)
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:
             reader = csv.DictReader(f)
@@ -108,9 +108,9 @@ def read_captions_csv(path: str | Path, image_root: str | Path | None = None) ->
     def parse(rec: dict[str, Any], _: int) -> Sample:
         if None in rec:
             raise ValueError(f"{len(rec[None])} more field(s) than the header has")
-        return _caption_sample(_image_path(root, _get(rec, "image")), rec.get("caption"), _id(rec) or None)
+        return caption_sample(resolve_image(root, get_field(rec, "image")), rec.get("caption"), record_id(rec) or None)
 
-    return _collect(path, records, parse)
+    return collect_samples(path, records, parse)
 
 
 def open_dataset(fmt: str, path: str | Path, image_root: str | Path | None = None) -> SampleList | WebDatasetReader:
@@ -142,7 +142,7 @@ def source_image_root(fmt: str, path: str | Path, image_root: str | Path | None 
         return None
     if fmt == "cc_sbu_align":
         return Path(path)
-    return _root(Path(path), image_root)
+    return image_root_of(Path(path), image_root)
 
 
 @contextlib.contextmanager

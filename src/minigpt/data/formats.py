@@ -137,7 +137,7 @@ def json_records(path: Path) -> list[tuple[str, Any]]:
     return data
 
 
-def _collect(source: Path, records: Iterable[tuple[str, Any]], parse: Callable[[Any, int], Sample]) -> SampleList:
+def collect_samples(source: Path, records: Iterable[tuple[str, Any]], parse: Callable[[Any, int], Sample]) -> SampleList:
     report, samples = ReadReport(str(source)), []
     for index, (origin, rec) in enumerate(records):
         try:
@@ -157,7 +157,7 @@ def _collect(source: Path, records: Iterable[tuple[str, Any]], parse: Callable[[
     return SampleList(samples, report)
 
 
-def _get(rec: Mapping[str, Any], key: str, kind: type | tuple[type, ...] = str) -> Any:
+def get_field(rec: Mapping[str, Any], key: str, kind: type | tuple[type, ...] = str) -> Any:
     if key not in rec:
         raise ValueError(f"missing key {key!r}")
     value = rec[key]
@@ -167,13 +167,13 @@ def _get(rec: Mapping[str, Any], key: str, kind: type | tuple[type, ...] = str) 
     return value
 
 
-def _image_path(root: Path, value: Any) -> str:
+def resolve_image(root: Path, value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise ValueError(f"image must be a non-empty string, got {value!r}")
     return str(root / value)
 
 
-def _id(rec: Mapping[str, Any]) -> str | None:
+def record_id(rec: Mapping[str, Any]) -> str | None:
     return None if rec.get("id") is None else str(rec["id"])
 
 
@@ -183,14 +183,14 @@ def _check_turns(conv: Conversation) -> None:
         raise ValueError("the conversation ends with a user turn (no answer to learn)")
 
 
-def _caption_sample(image: Any, caption: Any, id: str | None) -> Sample:
+def caption_sample(image: Any, caption: Any, id: str | None) -> Sample:
     if not isinstance(caption, str) or not caption.strip():
         raise ValueError(f"caption must be a non-empty string, got {caption!r}")
     conv = Conversation([Turn("user", [Image()]), Turn("assistant", [Text(caption)])])
     return Sample(conv, [image], id=id)
 
 
-def _root(path: Path, image_root: str | Path | None) -> Path:
+def image_root_of(path: Path, image_root: str | Path | None) -> Path:
     return Path(image_root) if image_root is not None else path.parent
 
 
@@ -202,11 +202,11 @@ def read_llava_json(path: str | Path, image_root: str | Path | None = None) -> S
     "value"}]}``; ``<image>`` marks the image slot. Image paths are relative to ``image_root`` (default: the file's
     folder)."""
     path = Path(path)
-    root = _root(path, image_root)
+    root = image_root_of(path, image_root)
 
     def parse(rec: dict[str, Any], _: int) -> Sample:
         conv = Conversation()
-        for i, turn in enumerate(_get(rec, "conversations", list)):
+        for i, turn in enumerate(get_field(rec, "conversations", list)):
             if not isinstance(turn, dict):
                 raise ValueError(f"conversations[{i}] is not an object")
             role = LLAVA_ROLES.get(turn["from"]) if isinstance(turn.get("from"), str) else None
@@ -221,20 +221,20 @@ def read_llava_json(path: str | Path, image_root: str | Path | None = None) -> S
         images = [] if images is None else [images] if isinstance(images, str) else images
         if not isinstance(images, list):
             raise ValueError(f"'image' must be a string or a list of strings, got {type(images).__name__}")
-        return Sample(conv, [_image_path(root, img) for img in images], id=_id(rec))
+        return Sample(conv, [resolve_image(root, img) for img in images], id=record_id(rec))
 
-    return _collect(path, json_records(path), parse)
+    return collect_samples(path, json_records(path), parse)
 
 
 def read_minigpt4qwen_json(path: str | Path, image_root: str | Path | None = None) -> SampleList:
     """MiniGPT4Qwen JSON/JSONL: ``{"image", "instruction": str | [str], "output": str | [str]}`` (lists = turns;
     the first instruction holds ``<Img><ImageHere></Img>``)."""
     path = Path(path)
-    root = _root(path, image_root)
+    root = image_root_of(path, image_root)
 
     def parse(rec: dict[str, Any], _: int) -> Sample:
-        image = _image_path(root, _get(rec, "image"))
-        questions, answers = _get(rec, "instruction", (str, list)), _get(rec, "output", (str, list))
+        image = resolve_image(root, get_field(rec, "image"))
+        questions, answers = get_field(rec, "instruction", (str, list)), get_field(rec, "output", (str, list))
         if isinstance(questions, str) != isinstance(answers, str):
             raise ValueError("'instruction' and 'output' must both be strings or both lists")
         if isinstance(questions, str):
@@ -246,20 +246,20 @@ def read_minigpt4qwen_json(path: str | Path, image_root: str | Path | None = Non
         conv = Conversation()
         for q, a in zip(questions, answers):
             conv.add("user", q).add("assistant", a)
-        return Sample(conv, [image], id=_id(rec))
+        return Sample(conv, [image], id=record_id(rec))
 
-    return _collect(path, json_records(path), parse)
+    return collect_samples(path, json_records(path), parse)
 
 
 def read_captions_json(path: str | Path, image_root: str | Path | None = None) -> SampleList:
     """JSON/JSONL list of ``{"image", "caption", "id"?}``: the user turn is the image alone, the answer the caption."""
     path = Path(path)
-    root = _root(path, image_root)
+    root = image_root_of(path, image_root)
 
     def parse(rec: dict[str, Any], _: int) -> Sample:
-        return _caption_sample(_image_path(root, _get(rec, "image")), _get(rec, "caption"), _id(rec))
+        return caption_sample(resolve_image(root, get_field(rec, "image")), get_field(rec, "caption"), record_id(rec))
 
-    return _collect(path, json_records(path), parse)
+    return collect_samples(path, json_records(path), parse)
 
 
 def read_cc_sbu_align(
@@ -283,8 +283,8 @@ def read_cc_sbu_align(
         raise ValueError(f'{path}: expected {{"annotations": [...]}}')
 
     def parse(rec: dict[str, Any], index: int) -> Sample:
-        image_id = str(_get(rec, "image_id", (str, int)))
-        sample = _caption_sample(str(root / "image" / f"{image_id}.jpg"), _get(rec, "caption"), image_id)
+        image_id = str(get_field(rec, "image_id", (str, int)))
+        sample = caption_sample(str(root / "image" / f"{image_id}.jpg"), get_field(rec, "caption"), image_id)
         if mode == "instructions":
             text = random.Random(f"{seed}:{index}").choice(instructions)
             parts = parse_content(text)
@@ -293,10 +293,10 @@ def read_cc_sbu_align(
             sample.conversation.turns[0] = Turn("user", parts)
         return sample
 
-    return _collect(path, ((f"{path}:{i}", rec) for i, rec in enumerate(data["annotations"])), parse)
+    return collect_samples(path, ((f"{path}:{i}", rec) for i, rec in enumerate(data["annotations"])), parse)
 
 
-_KEY_RE = re.compile(r"^((?:.*/)?[^./]+)\.([^/]+)$")  # webdataset: key = path up to the first dot of the name
+WDS_KEY_RE = re.compile(r"^((?:.*/)?[^./]+)\.([^/]+)$")  # webdataset: key = path up to the first dot of the name
 
 
 class WebDatasetReader(torch.utils.data.IterableDataset):
@@ -338,7 +338,7 @@ class WebDatasetReader(torch.utils.data.IterableDataset):
         try:
             with tarfile.open(shard, "r|*") as tar:
                 for member in tar:
-                    match = _KEY_RE.match(member.name) if member.isfile() else None
+                    match = WDS_KEY_RE.match(member.name) if member.isfile() else None
                     if match is None:
                         continue
                     if match[1] != key:
@@ -366,7 +366,7 @@ class WebDatasetReader(torch.utils.data.IterableDataset):
                 caption = group["txt"].decode("utf-8")
             if caption is None:
                 raise ValueError("no caption (key.json 'caption' or key.txt)")
-            sample = _caption_sample(image, caption, key)
+            sample = caption_sample(image, caption, key)
         except ValueError as e:  # includes JSONDecodeError and UnicodeDecodeError
             self.report.skip(origin, str(e))
             return
