@@ -137,15 +137,20 @@ def json_records(path: Path) -> list[tuple[str, Any]]:
     return data
 
 
+def record_object(rec: Any, error: type[Exception] = ValueError) -> dict[str, Any]:
+    """``rec`` if it is a JSON object; else ``error`` saying what it is (or why it could not be parsed)."""
+    if isinstance(rec, InvalidRecord):
+        raise error(rec.reason)
+    if not isinstance(rec, dict):
+        raise error(f"record is a JSON {type(rec).__name__}, not an object")
+    return rec
+
+
 def collect_samples(source: Path, records: Iterable[tuple[str, Any]], parse: Callable[[Any, int], Sample]) -> SampleList:
     report, samples = ReadReport(str(source)), []
     for index, (origin, rec) in enumerate(records):
         try:
-            if isinstance(rec, InvalidRecord):
-                raise ValueError(rec.reason)
-            if not isinstance(rec, dict):
-                raise ValueError(f"record is a JSON {type(rec).__name__}, not an object")
-            sample = parse(rec, index)
+            sample = parse(record_object(rec), index)
             sample.check()
         except ValueError as e:
             report.skip(origin, str(e))

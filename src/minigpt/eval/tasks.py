@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data.conversation import Conversation, Image, ImageLike, Text, Turn, parse_content
-from ..data.formats import DataWarning, InvalidRecord, ReadReport, read_json_any  # noqa: F401  (DataWarning re-exported for callers)
+from ..data.formats import DataWarning, ReadReport, read_json_any, record_object  # noqa: F401  (DataWarning re-exported for callers)
 from .metrics import LETTERS, circular_answer, circular_options
 
 TASKS: tuple[str, ...] = ("caption", "vqa", "mcq", "pope")
@@ -252,11 +252,7 @@ class _Builder:
     ) -> None:
         for origin, rec in rows:
             try:
-                if isinstance(rec, InvalidRecord):
-                    raise _Skip(rec.reason)
-                if not isinstance(rec, dict):
-                    raise _Skip(f"record is a JSON {type(rec).__name__}, not an object")
-                parsed = parse(rec, origin)
+                parsed = parse(record_object(rec, _Skip), origin)
             except _Skip as e:
                 self.report.skip(origin, str(e))
                 continue
@@ -324,10 +320,7 @@ def _read_caption(b: _Builder, path: Path, data: Any, root: Path, split: str | N
         grouped: dict[str, tuple[str, str, list[ImageLike], list[str]]] = {}  # key -> origin, id, images, refs
         for origin, rec in data:
             try:
-                if isinstance(rec, InvalidRecord):
-                    raise _Skip(rec.reason)
-                if not isinstance(rec, dict):
-                    raise _Skip(f"record is a JSON {type(rec).__name__}, not an object")
+                rec = record_object(rec, _Skip)
                 images = _images(rec, root, "image", "images")
                 caps = rec.get("captions", rec.get("caption", rec.get("references")))
                 caps = [c for c in (caps if isinstance(caps, list) else [caps]) if isinstance(c, str) and c.strip()]
