@@ -195,15 +195,20 @@ def test_peak_rss_loosely(tmp_path):
     assert grew < total
 
 
+def _as_one_safetensors(shards: Path, out: Path) -> Path:
+    """The ``.bin`` shards of ``shards`` as one ``model.safetensors`` in ``out`` (old rotary buffers dropped)."""
+    out.mkdir()
+    state = {}
+    for f in sorted(shards.glob("*.bin")):
+        state.update(torch.load(f, weights_only=True))
+    save_file({k: v for k, v in state.items() if "inv_freq" not in k}, out / "model.safetensors",
+              metadata={"format": "pt"})
+    return out
+
+
 def test_safetensors_delta_and_dtype(models, tmp_path, capsys):
     base_dir, delta_dir, target, vocab = models
-    single = tmp_path / "delta-st"
-    single.mkdir()
-    state = {}
-    for f in sorted(delta_dir.glob("*.bin")):
-        state.update(torch.load(f, weights_only=True))
-    save_file({k: v for k, v in state.items() if "inv_freq" not in k}, single / "model.safetensors",
-              metadata={"format": "pt"})
+    single = _as_one_safetensors(delta_dir, tmp_path / "delta-st")
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         (single / name).write_bytes((delta_dir / name).read_bytes())
     out = tmp_path / "out"
@@ -231,14 +236,7 @@ def test_mismatches_are_clear_errors(models, tmp_path, capsys):
     assert "same size" in str(err.value) and not (tmp_path / "x").exists()
     # the delta of a model with fewer tokens than the base
     with pytest.raises(ValueError, match=f"the delta has fewer rows \\({vocab}\\) than the base \\({vocab + 1}\\)"):
-        _grown_base = tmp_path / "grown"
-        _grown_base.mkdir()
-        st = {}
-        for f in sorted(delta_dir.glob("*.bin")):
-            st.update(torch.load(f, weights_only=True))
-        save_file({k: v for k, v in st.items() if "inv_freq" not in k}, _grown_base / "model.safetensors",
-                  metadata={"format": "pt"})
-        apply_delta(_grown_base, base_dir, tmp_path / "y")
+        apply_delta(_as_one_safetensors(delta_dir, tmp_path / "grown"), base_dir, tmp_path / "y")
     # a tensor missing from the delta
     partial = tmp_path / "partial"
     partial.mkdir()
