@@ -12,7 +12,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from minigpt.cli import build_parser, main
 from minigpt.data.packing import collate_packed
 from minigpt.model.minigpt import ModelBatch
-from minigpt.tools.bench import FlopModel, build_bench_model, llm_config, synthetic_encoded, vision_config
+from minigpt.tools.bench.common import FlopModel, build_bench_model, llm_config, vision_config
+from minigpt.tools.bench.train import synthetic_encoded
 
 CASE_KEYS = {
     "name", "step", "batching", "vision_in_step", "precision", "attention", "compile", "grad_checkpointing",
