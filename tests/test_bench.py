@@ -18,7 +18,7 @@ from minigpt.tools.bench.train import synthetic_encoded
 CASE_KEYS = {
     "name", "step", "batching", "vision_in_step", "precision", "attention", "compile", "grad_checkpointing",
     "step_time_s", "samples_per_s", "tokens_per_s", "pad_fraction", "useful_tflop_per_sample", "achieved_tflops",
-    "peak_tflops", "mfu", "peak_mem_gib", "loss",
+    "peak_tflops", "mfu", "peak_mem_gib", "loss", "loss_impl",
 }
 
 
@@ -40,6 +40,7 @@ def test_bench_train_json(tmp_path, capsys):
         assert 0 <= case["pad_fraction"] < 1
     ours, grouped, packed, ref = report["cases"]
     assert ref["vision_in_step"] and not ours["vision_in_step"] and ref["attention"] == "eager"
+    assert ours["loss_impl"] == "plain" and ref["loss_impl"] == "full-sequence"  # auto, few answer tokens on a CPU
     # Same weights, same samples: the lean loss on cached (float32) features is the full-sequence loss of the original.
     assert ours["loss"] == pytest.approx(ref["loss"], abs=1e-5)
     assert packed["loss"] == pytest.approx(ours["loss"], abs=1e-5)
@@ -50,12 +51,19 @@ def test_bench_train_json(tmp_path, capsys):
 
 def test_bench_generate_json_and_null_mfu(capsys):
     args = build_parser().parse_args(["bench", "generate", "--device", "cpu", "--new-tokens", "4", "--repeats", "1",
-                                      "--prompt-tokens", "10", "--reference-style"])
+                                      "--prompt-tokens", "10", "--reference-style", "--concurrent", "3"])
     report = args.bench(args)
-    assert [c["name"] for c in report["cases"]] == ["ours", "reference-style"]
-    for case in report["cases"]:
+    names = [c["name"] for c in report["cases"]]
+    assert names == ["ours-static", "ours-static-concurrent", "ours-plain", "reference-style"]
+    single = [c for c in report["cases"] if "requests" not in c]
+    for case in single:
         assert case["time_to_first_token_ms"] > 0 and case["decode_tokens_per_s"] > 0
-        assert case["total_tokens_per_s"] > 0 and case["cache"] == "dynamic"
+        assert case["total_tokens_per_s"] > 0 and case["cuda_graphs"] is False  # CPU: no graphs
+    assert [c["engine"] for c in single] == ["slot decoder", "transformers generate", "transformers generate"]
+    assert report["cases"][0]["greedy_tokens_equal_to_plain"] == "4/4"
+    concurrent = report["cases"][1]
+    assert concurrent["requests"] == 3 and concurrent["aggregate_tokens_per_s"] > 0
+    assert 0 < concurrent["mean_time_to_first_token_ms"] < concurrent["wall_s"] * 1000
     args = build_parser().parse_args(["bench", "train", "--device", "cpu", "--steps", "1", "--warmup", "0",
                                       "--peak-tflops", "0"])
     case = args.bench(args)["cases"][0]

@@ -20,6 +20,7 @@ from openai import OpenAI
 from PIL import Image as PILImage
 
 from minigpt.infer.chat import ChatEngine
+from minigpt.infer.decoding import DecodingSettings
 from minigpt.infer.generate import GenerationOptions
 from minigpt.infer.server import ServerSettings, create_app
 
@@ -50,14 +51,21 @@ def serve(engine: ChatEngine, settings: ServerSettings) -> Iterator[str]:
         thread.join(10)
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_llama_dir):
+@pytest.fixture(scope="module", params=["one-at-a-time", "batched"])
+def engine(request, tiny_llama_dir):
+    """The server's engine: transformers' generate under a lock, or continuous batching on the slot decoder."""
     from minigpt.model.minigpt import MiniGPT, MiniGPTConfig
     from minigpt.model.vision import VisionConfig
 
     torch.manual_seed(0)
     model = MiniGPT.build(MiniGPTConfig(llm=str(tiny_llama_dir), vision=VisionConfig.tiny(), max_txt_len=32))
-    return ChatEngine(model, GenerationOptions(max_new_tokens=10), name="tiny")
+    batched = request.param == "batched"
+    model.decoding = DecodingSettings("static" if batched else "plain")
+    engine = ChatEngine(model, GenerationOptions(max_new_tokens=10), max_context=512, name="tiny",
+                        batch_slots=4 if batched else 1)
+    assert (engine.scheduler is not None) == batched
+    yield engine
+    engine.close()
 
 
 SETTINGS = dict(api_key=KEY, max_request_bytes=400_000, max_image_bytes=60_000, max_queue=8)

@@ -25,7 +25,7 @@ import importlib
 import re
 import sys
 from types import ModuleType
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -174,6 +174,16 @@ def is_accelerator(device: torch.device) -> bool:
     return device.type != "cpu"
 
 
+def pins_memory(device: torch.device) -> bool:
+    """Whether host->``device`` copies benefit from pinned (page-locked) host memory: cuda and npu."""
+    return device.type in ("cuda", "npu")
+
+
+def runs_triton(device: torch.device) -> bool:
+    """Whether Triton kernels (e.g. Liger-Kernel's) run on ``device``: cuda (NVIDIA and ROCm builds)."""
+    return device.type == "cuda"
+
+
 def describe_device(device: torch.device) -> str:
     """``cuda:0 (NVIDIA H200)``-style text for logs and reports."""
     module = backend_module(device)
@@ -204,6 +214,30 @@ def empty_cache(device: torch.device) -> None:
     module = backend_module(device)
     if module is not None and hasattr(module, "empty_cache"):
         module.empty_cache()
+
+
+def supports_graph_capture(device: torch.device) -> bool:
+    """Whether :func:`capture_graph` can record work on ``device`` (CUDA graphs: cuda only)."""
+    return device.type == "cuda"
+
+
+def capture_graph(fn: Callable[[], Any], device: torch.device, warmup: int = 2) -> tuple[Callable[[], None], Any]:
+    """Run ``fn`` ``warmup`` times on a side stream (lazy allocations, autotuning), then record one call as a
+    CUDA graph. Returns ``(replay, out)``: ``replay()`` re-runs the recorded kernels on the same memory, and ``out``
+    (what the recorded call returned) holds the results of each replay. ``fn`` must read and write only tensors
+    that stay allocated (static buffers) and must not synchronise with the host."""
+    if not supports_graph_capture(device):
+        raise RuntimeError(f"graph capture needs a cuda device, not {device}")
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph.replay, out
 
 
 def get_rng_state(device: torch.device) -> torch.Tensor | None:
@@ -320,7 +354,7 @@ def memory_stats(device: torch.device) -> dict[str, float | None]:
 __all__ = [
     "DTYPES", "DEVICE_KINDS", "DEVICE_CHOICES", "parse_dtype", "dtype_name", "check_device_name",
     "add_device_argument", "backend_module", "is_available", "device_count", "resolve_device", "is_accelerator",
-    "describe_device", "set_device", "synchronize", "empty_cache", "get_rng_state", "set_rng_state",
-    "bf16_supported", "amp_dtype", "autocast", "dist_backend", "peak_memory_gib", "reset_peak_memory",
+    "pins_memory", "runs_triton", "describe_device", "set_device", "synchronize", "empty_cache", "get_rng_state",
+    "set_rng_state", "bf16_supported", "amp_dtype", "autocast", "dist_backend", "peak_memory_gib", "reset_peak_memory",
     "memory_stats",
 ]

@@ -97,7 +97,7 @@ def collate_packed(samples: Sequence[Encoded], pad_id: int, capacity: int) -> tu
     same = segment_ids[:, :, None] == segment_ids[:, None, :]
     causal = torch.ones(width, width, dtype=torch.bool).tril()
     mask = (same & causal).unsqueeze(1)
-    batch = PackedTextBatch(input_ids, mask, labels, image_mask, position_ids, segment_ids)
+    batch = PackedTextBatch(input_ids, mask, labels, image_mask, position_ids=position_ids, segment_ids=segment_ids)
     return batch, [i for row in rows for i in row]
 
 

@@ -90,16 +90,50 @@ def encode_conversation(
 
 @dataclass
 class TextBatch:
+    """Padded (or packed) token ids, masks and labels of a batch.
+
+    The ``*_index`` / ``target_ids`` fields are what the training step needs from the masks, computed on the CPU by
+    :meth:`with_indices` (in collation) so that the step on an accelerator never waits for a data-dependent shape;
+    when None the model computes them from the masks (a host sync on an accelerator)."""
+
     input_ids: torch.Tensor  # [B, T]
     attention_mask: torch.Tensor  # [B, T]
     labels: torch.Tensor  # [B, T]
     image_mask: torch.Tensor  # [B, T] bool
     #: Positions restarting per sample in packed rows (None: 0..T-1, the LLM's default).
     position_ids: torch.Tensor | None = None
+    #: Rows padded at the end only (:func:`collate` ``side="right"``): causal attention alone keeps real tokens off
+    #: the pads, so the training forward needs no padding mask.
+    right_padded: bool = False
+    #: ``[N_slots]`` flat indices into ``[B * T]`` of the image positions, in slot order.
+    image_index: torch.Tensor | None = None
+    #: ``[N]`` flat indices into ``[B * T]`` of the positions whose next token is supervised, and ``[N]`` those tokens.
+    target_index: torch.Tensor | None = None
+    target_ids: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> "TextBatch":
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         return replace(self, **{k: v.to(device) for k, v in moved.items() if isinstance(v, torch.Tensor)})
+
+    def with_indices(self) -> "TextBatch":
+        """A copy with ``image_index``, ``target_index`` and ``target_ids`` computed from the masks and labels (meant
+        for CPU tensors: on an accelerator this reads back)."""
+        target_index, target_ids = next_token_targets(self.labels)
+        return replace(self, image_index=image_positions(self.image_mask), target_index=target_index,
+                       target_ids=target_ids)
+
+
+def image_positions(image_mask: torch.Tensor) -> torch.Tensor:
+    """Flat indices into ``[B * T]`` of the True positions of ``image_mask`` (row-major: slot order)."""
+    return image_mask.reshape(-1).nonzero().squeeze(1)
+
+
+def next_token_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat indices into ``[B * T]`` of the positions whose next label is supervised (not ``IGNORE_INDEX``), and
+    those labels: the rows and targets of the shifted next-token loss."""
+    following = labels[:, 1:]
+    rows, cols = (following != IGNORE_INDEX).nonzero(as_tuple=True)
+    return rows * labels.shape[1] + cols, following[rows, cols]
 
 
 def collate(
@@ -125,4 +159,5 @@ def collate(
         attention_mask=torch.tensor(rows["att"], dtype=torch.long),
         labels=torch.tensor(rows["lab"], dtype=torch.long),
         image_mask=torch.tensor(rows["img"], dtype=torch.bool),
+        right_padded=side == "right",
     )

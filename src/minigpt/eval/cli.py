@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..infer.decoding import add_decoding_arguments, settings_from_args
 from .tasks import TASKS
 
 
@@ -31,6 +32,7 @@ def add_generation_args(parser: argparse.ArgumentParser, max_new_tokens: int | N
     g.add_argument("--min-new-tokens", type=int, default=0)
     g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="extra stop string (repeatable)")
     g.add_argument("--seed", type=int, default=None)
+    add_decoding_arguments(g)
 
 
 #: Default answer lengths: short answers for VQA/MCQ/POPE, a sentence for captions.
@@ -101,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     overrides = {"llm_dtype": args.dtype} if args.dtype else {}
     model = MiniGPT.from_pretrained(args.model, **overrides).to(device).eval()
+    model.decoding = settings_from_args(args)
 
     out = Path(args.output) if args.output else default_output(args.model, args.task, args.data)
     info = {

@@ -16,9 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
+import torch
+
 from ..data.conversation import Conversation, Image, ImageLike, Part, Text
 from ..data.images import load_image
 from ..data.templates import IMAGE_SLOT, Template
+from .batching import DecodeRequest, SlotScheduler
 from .generate import GenerationOptions
 
 if TYPE_CHECKING:
@@ -129,7 +132,12 @@ class _Cancelled(Exception):
 
 # ---------------------------------------------------------------------------------------------- engine
 class ChatEngine:
-    """A loaded :class:`MiniGPT` with default options; one generation at a time (a lock)."""
+    """A loaded :class:`MiniGPT` with default options.
+
+    With ``batch_slots`` > 1 (and a model that decodes on the slot decoder, see
+    :class:`~minigpt.infer.decoding.DecodingSettings`) requests from many threads decode together in one batch
+    (continuous batching, :class:`~minigpt.infer.batching.SlotScheduler`); otherwise one generation runs at a time
+    (a lock)."""
 
     def __init__(
         self,
@@ -137,12 +145,35 @@ class ChatEngine:
         options: GenerationOptions | None = None,
         max_context: int | None = None,
         name: str = "minigpt",
+        batch_slots: int = 1,
     ) -> None:
         self.model = model.eval()
         self.options = options or GenerationOptions()
         self.max_context = max_context or int(getattr(model.llm.config, "max_position_embeddings", 0) or 2048)
         self.name = name
         self.lock = threading.Lock()
+        self.scheduler: SlotScheduler | None = None
+        if batch_slots > 1:
+            self.scheduler = self._start_scheduler(batch_slots)
+
+    def _start_scheduler(self, slots: int) -> "SlotScheduler | None":
+        settings = self.model.decoding
+        if not settings.use_static(self.model.device):
+            log.info("decoding is %s on %s: requests are answered one at a time", settings.mode, self.model.device)
+            return None
+        try:
+            scheduler = SlotScheduler(self.model, slots, self.max_context, settings.cuda_graphs, settings.compile)
+        except Exception as err:  # unsupported model, or a transformers version whose cache API differs
+            log.warning("continuous batching is not available (%s: %s): requests are answered one at a time",
+                        type(err).__name__, err)
+            return None
+        log.info("continuous batching: %d slots of %d positions", slots, self.max_context)
+        return scheduler.start()
+
+    def close(self) -> None:
+        """Stop the batching thread (if any)."""
+        if self.scheduler is not None:
+            self.scheduler.stop()
 
     @property
     def template(self) -> Template:
@@ -173,9 +204,35 @@ class ChatEngine:
     def generate(
         self, conversation: Conversation, images: Sequence[ImageLike] = (), options: GenerationOptions | None = None
     ) -> str:
-        """The answer to the last user turn (waits for the model lock)."""
-        with self.lock:
-            return self.model.generate([conversation], [list(images)], options or self.options)[0]
+        """The answer to the last user turn (waits for the model lock, or for a batch slot)."""
+        return self._answer(conversation, images, options or self.options, streamer=None)
+
+    def _answer(self, conversation: Conversation, images: Sequence[ImageLike], options: GenerationOptions,
+                streamer: Any) -> str:
+        """Generate on the batch scheduler when there is one (beam search: alone, between its steps), else
+        under the lock; ``streamer`` (transformers' protocol) sees the tokens."""
+        model = self.model
+        if self.scheduler is None or options.num_beams > 1:
+            def alone() -> str:
+                return model.generate([conversation], [list(images)], options, streamer=streamer)[0]
+
+            if self.scheduler is not None:
+                return self.scheduler.run_exclusive(alone)
+            with self.lock:
+                return alone()
+        batch = model.prepare([conversation], [list(images)], train=False)
+        prompt = batch.text.input_ids[0].tolist()
+        on_token = None
+        if streamer is not None:
+            streamer.put(batch.text.input_ids[0])
+            on_token = lambda token: streamer.put(torch.tensor([token]))  # noqa: E731
+        stops = [*model.template.stop_strings, *options.stop]
+        try:
+            request = self.scheduler.generate(DecodeRequest(prompt, options, stops, batch=batch, on_token=on_token))
+        finally:
+            if streamer is not None:
+                streamer.end()
+        return model.decode(request.tokens, options.stop)
 
     def stream(
         self, conversation: Conversation, images: Sequence[ImageLike] = (), options: GenerationOptions | None = None
@@ -198,7 +255,7 @@ class ChatEngine:
 
         def run() -> None:
             try:
-                result["text"] = model.generate([conversation], [list(images)], options, streamer=streamer)[0]
+                result["text"] = self._answer(conversation, images, options, streamer)
             except _Cancelled:
                 pass
             except BaseException as err:  # re-raised in the consumer
@@ -206,18 +263,17 @@ class ChatEngine:
             finally:
                 streamer.end()
 
-        with self.lock:
-            thread = threading.Thread(target=run, name="minigpt-generate", daemon=True)
-            thread.start()
-            try:
-                for piece in streamer:
-                    delta = cutter.feed(piece)
-                    if delta:
-                        yield delta
-            finally:
-                if thread.is_alive():
-                    cancel.set()
-                thread.join()
+        thread = threading.Thread(target=run, name="minigpt-generate", daemon=True)
+        thread.start()
+        try:
+            for piece in streamer:
+                delta = cutter.feed(piece)
+                if delta:
+                    yield delta
+        finally:
+            if thread.is_alive():
+                cancel.set()
+            thread.join()
         if "error" in result:
             raise result["error"]
         text = result["text"]

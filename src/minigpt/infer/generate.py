@@ -61,12 +61,18 @@ class GenerationOptions:
         return asdict(self)
 
 
-class StopOnStrings(StoppingCriteria):
-    """Stops each sequence once its generated text contains a stop string.
+def hits_stop(tokenizer: Any, ids: list[int], stops: list[str], tail_tokens: int = 16) -> bool:
+    """Whether the text of the last ``tail_tokens`` generated ids contains a stop string. Decoding a short tail
+    catches a stop string however it was tokenized (``###`` is one token after a space and two when glued to a
+    word)."""
+    if not stops:
+        return False
+    text = tokenizer.decode(ids[-tail_tokens:], skip_special_tokens=False)
+    return any(s in text for s in stops)
 
-    Decoding a short tail of new tokens catches a stop string however it was tokenized
-    (``###`` is one token after a space and two when glued to a word).
-    """
+
+class StopOnStrings(StoppingCriteria):
+    """Stops each sequence of transformers' ``generate`` once its generated text contains a stop string."""
 
     def __init__(self, tokenizer: Any, stops: list[str], prompt_len: int, tail_tokens: int = 16) -> None:
         self.tokenizer = tokenizer
@@ -80,6 +86,5 @@ class StopOnStrings(StoppingCriteria):
             return done
         start = max(self.prompt_len, input_ids.shape[1] - self.tail)
         for row, ids in enumerate(input_ids[:, start:].tolist()):
-            text = self.tokenizer.decode(ids, skip_special_tokens=False)
-            done[row] = any(s in text for s in self.stops)
+            done[row] = hits_stop(self.tokenizer, ids, self.stops, self.tail)
         return done

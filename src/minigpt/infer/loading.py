@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
+
+from .decoding import DecodingSettings, add_decoding_arguments, settings_from_args
 
 if TYPE_CHECKING:
     import torch
@@ -41,6 +43,7 @@ class LoadSpec:
     dtype: str = "auto"
     quantize: Quantize | None = None
     trust_remote_code: bool = False
+    decoding: DecodingSettings = field(default_factory=DecodingSettings)
 
 
 # ---------------------------------------------------------------------------------------------- arguments
@@ -77,6 +80,7 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--seed", type=int)
     g.add_argument("--max-context", type=int, help="prompt + answer tokens (default: the LLM's maximum)")
+    add_decoding_arguments(g)
 
 
 def spec_from_args(args: argparse.Namespace) -> LoadSpec:
@@ -87,7 +91,7 @@ def spec_from_args(args: argparse.Namespace) -> LoadSpec:
         model=args.model, projector=args.projector, llm=args.llm, vision=args.vision,
         projector_type=args.projector_type, template=args.template,
         device="cpu" if args.cpu_only else args.device, dtype=args.dtype, quantize=quantize,
-        trust_remote_code=args.trust_remote_code,
+        trust_remote_code=args.trust_remote_code, decoding=settings_from_args(args),
     )
 
 
@@ -110,7 +114,8 @@ def engine_from_args(args: argparse.Namespace) -> "ChatEngine":
     spec = spec_from_args(args)
     model = load_model(spec)
     name = Path(spec.model).name if spec.model else Path(spec.llm or "minigpt").name
-    return ChatEngine(model, options, max_context=args.max_context, name=name or "minigpt")
+    slots = getattr(args, "batch_slots", 1)
+    return ChatEngine(model, options, max_context=args.max_context, name=name or "minigpt", batch_slots=slots)
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -167,6 +172,10 @@ def load_model(spec: LoadSpec) -> "MiniGPT":
             projector_weights=spec.projector, **overrides,
         )
         model = MiniGPT.build(config, llm_kwargs=_quantization_kwargs(config.llm_dtype, spec.quantize, device))
+    decoding = spec.decoding
+    if spec.quantize and decoding.mode == "auto":  # bitsandbytes kernels: not recorded in graphs
+        decoding = DecodingSettings("plain")
+    model.decoding = decoding
     return _place(model, device, quantized=bool(spec.quantize)).eval()
 
 

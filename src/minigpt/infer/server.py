@@ -49,7 +49,7 @@ class ServerSettings:
     max_request_bytes: int = 32 * MIB
     max_image_bytes: int = 10 * MIB
     max_images: int = 8
-    #: Requests admitted at once (one generates, the rest wait); beyond that: 429.
+    #: Requests admitted at once (decoding in the batch slots or waiting); beyond that: 429.
     max_queue: int = 16
     #: Upper bound for a request's ``max_tokens``.
     max_tokens_limit: int = 2048
@@ -404,6 +404,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="require this bearer key (default: env MINIGPT_API_KEY)")
     g.add_argument("--allow-local-images", metavar="DIR", help="accept image paths inside DIR")
     g.add_argument("--max-queue", type=int, default=16, help="requests admitted at once; more get 429")
+    g.add_argument("--batch-slots", type=int, default=16, metavar="N",
+                   help="requests decoded together (continuous batching, with static decoding; 1: one at a time; "
+                        "KV cache memory grows with N x --max-context)")
     g.add_argument("--max-request-mb", type=float, default=32.0)
     g.add_argument("--max-image-mb", type=float, default=10.0)
     g.add_argument("--max-images", type=int, default=8, help="images per request")

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel, StoppingCriteriaList
@@ -18,10 +17,13 @@ from ..data.conversation import Conversation, ImageLike, Sample
 from ..data.images import ImageProcessor
 from ..data.packing import additive_mask
 from ..data.templates import Template, get_template
-from ..data.tokenize import IGNORE_INDEX, Encoded, TextBatch, collate, encode_conversation
+from ..data.tokenize import Encoded, TextBatch, collate, encode_conversation, image_positions, next_token_targets
 from ..device import parse_dtype
+from ..infer.batching import SlotScheduler, generate_batch
+from ..infer.decoding import DecodingSettings
 from ..infer.generate import GenerationOptions, StopOnStrings
 from .llm import load_llm, load_tokenizer
+from .loss import linear_cross_entropy, resolve_loss_impl
 from .projector import build_projector
 from .vision import Blip2VisionEncoder, VisionConfig
 
@@ -114,6 +116,10 @@ class MiniGPT(nn.Module):
         self.tokenizer = tokenizer
         self.template: Template = get_template(config.template)
         self.image_processor = ImageProcessor(size=config.vision.image_size, mean=config.vision.mean, std=config.vision.std)
+        #: How the loss is computed: auto, plain, chunked or liger (:mod:`minigpt.model.loss`); training sets it.
+        self.loss_impl = "auto"
+        self._decoding = DecodingSettings()
+        self._slot_scheduler: SlotScheduler | None = None
         self.apply_freeze(config.freeze)
 
     # ------------------------------------------------------------------ building and loading
@@ -285,15 +291,17 @@ class MiniGPT(nn.Module):
         """Token embeddings with the visual tokens written into the image slots."""
         text = batch.text
         embeds = self.llm.get_input_embeddings()(text.input_ids)
-        slots = int(text.image_mask.sum())
+        index = text.image_index if text.image_index is not None else image_positions(text.image_mask)
+        slots = index.numel()
         if image_embeds is None and batch.pixel_values is not None:
             image_embeds = self.encode_images(batch.pixel_values)
         given = 0 if image_embeds is None else image_embeds.shape[0] * image_embeds.shape[1]
         if slots != given:
             raise ValueError(f"the batch has {slots} image positions but {given} image embeddings")
         if slots:
-            mask = text.image_mask.unsqueeze(-1).expand_as(embeds)
-            embeds = embeds.masked_scatter(mask, image_embeds.to(embeds.dtype).reshape(-1, embeds.shape[-1]))
+            width = embeds.shape[-1]
+            flat = embeds.reshape(-1, width).index_copy(0, index, image_embeds.to(embeds.dtype).reshape(-1, width))
+            embeds = flat.view_as(embeds)
         return embeds
 
     def forward(
@@ -312,32 +320,71 @@ class MiniGPT(nn.Module):
             batch = self.prepare(conversations, images, train=True).to(self.device)
         embeds = self.embed(batch, image_embeds)
         body = self.llm.get_decoder() if hasattr(self.llm, "get_decoder") else self.llm.base_model
-        mask, positions = batch.text.attention_mask, batch.text.position_ids
-        if mask.ndim == 4:  # packed rows (minigpt.data.packing): block-diagonal causal mask, positions per sample
-            mask = additive_mask(mask, embeds.dtype)
+        text = batch.text
         hidden = body(
-            inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False
+            inputs_embeds=embeds, attention_mask=self._attention_mask(text, embeds.dtype),
+            position_ids=text.position_ids, use_cache=False,
         ).last_hidden_state
-        return self._answer_loss(hidden, batch.text.labels)
+        return self._answer_loss(hidden, text.labels, text.target_index, text.target_ids)
 
-    def _answer_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> MiniGPTOutput:
-        """Next-token cross-entropy, with the LM head applied only at supervised positions."""
-        targets = labels[:, 1:]
-        keep = targets != IGNORE_INDEX
-        count = int(keep.sum())
+    def _attention_mask(self, text: TextBatch, dtype: torch.dtype) -> torch.Tensor:
+        """The mask the LLM body gets: packed rows' block-diagonal causal mask, or for right-padded rows a plain
+        causal one (pads only ever follow the real tokens; SDPA/eager attention, rows within any sliding window),
+        both 4-D additive masks that transformers takes as they are, without reading them back (its 2-D mask
+        handling syncs with the host); else the 2-D padding mask."""
+        mask = text.attention_mask
+        if mask.ndim == 4:
+            return additive_mask(mask, dtype)
+        config, width = self.llm.config, mask.shape[1]
+        if (text.right_padded and getattr(config, "_attn_implementation", None) in ("sdpa", "eager")
+                and width <= (getattr(config, "sliding_window", None) or width)):
+            return additive_mask(torch.ones(1, 1, width, width, dtype=torch.bool, device=mask.device).tril(), dtype)
+        return mask
+
+    def _answer_loss(
+        self,
+        hidden: torch.Tensor,
+        labels: torch.Tensor,
+        target_index: torch.Tensor | None = None,
+        target_ids: torch.Tensor | None = None,
+    ) -> MiniGPTOutput:
+        """Next-token cross-entropy, with the LM head applied only at supervised positions: ``target_index`` (flat
+        into ``[B * T]``) and ``target_ids`` as :meth:`TextBatch.with_indices` gives them, else from ``labels``."""
+        if target_index is None or target_ids is None:
+            target_index, target_ids = next_token_targets(labels)
+        count = target_index.numel()
         if count == 0:
             return MiniGPTOutput(loss=hidden.sum() * 0.0, num_tokens=0)
-        logits = self.llm.get_output_embeddings()(hidden[:, :-1][keep])
-        scale = getattr(self.llm.config, "logit_scale", None)
-        if scale:
-            logits = logits * scale
-        cap = getattr(self.llm.config, "final_logit_softcapping", None)
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        loss = F.cross_entropy(logits.float(), targets[keep])
+        rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, target_index)
+        config = self.llm.config
+        loss = linear_cross_entropy(
+            rows, self.llm.get_output_embeddings(), target_ids, self.loss_impl,
+            scale=getattr(config, "logit_scale", None), softcap=getattr(config, "final_logit_softcapping", None),
+        )
         return MiniGPTOutput(loss=loss, num_tokens=count)
 
+    def resolved_loss_impl(self, num_tokens: int) -> str:
+        """The loss implementation a batch of ``num_tokens`` supervised tokens runs (``loss_impl`` resolved)."""
+        return resolve_loss_impl(self.loss_impl, self.llm.get_output_embeddings(), num_tokens, self.device)
+
     # ------------------------------------------------------------------ generation
+    @property
+    def decoding(self) -> DecodingSettings:
+        """How :meth:`generate` decodes (:class:`~minigpt.infer.decoding.DecodingSettings`); setting it frees the
+        slot decoder's cache."""
+        return self._decoding
+
+    @decoding.setter
+    def decoding(self, settings: DecodingSettings) -> None:
+        self._decoding, self._slot_scheduler = settings, None
+
+    def end_token_ids(self) -> list[int]:
+        """Ids that end an answer: the template's one-token stop ids and the tokenizer's EOS."""
+        ends = {ids[0] for ids in self.template.stop_token_ids(self.tokenizer) if len(ids) == 1}
+        if self.tokenizer.eos_token_id is not None:
+            ends.add(self.tokenizer.eos_token_id)
+        return sorted(ends)
+
     @torch.inference_mode()
     def generate(
         self,
@@ -346,7 +393,8 @@ class MiniGPT(nn.Module):
         options: GenerationOptions | None = None,
         streamer: Any = None,
     ) -> list[str]:
-        """Answer the last user turn of each conversation (batched, left-padded)."""
+        """Answer the last user turn of each conversation (batched, left-padded). Decodes on the slot decoder
+        (static KV cache, CUDA graph) or with transformers' ``generate``, as ``self.decoding`` says."""
         if isinstance(conversations, Conversation):
             conversations = [conversations]
         options = options or GenerationOptions()
@@ -355,22 +403,49 @@ class MiniGPT(nn.Module):
         stops = list(self.template.stop_strings) + list(options.stop)
         if options.seed is not None:
             torch.manual_seed(options.seed)
-        eos = [ids[0] for ids in self.template.stop_token_ids(self.tokenizer) if len(ids) == 1]
-        if self.tokenizer.eos_token_id is not None:
-            eos.append(self.tokenizer.eos_token_id)
-        prompt_len = batch.text.input_ids.shape[1]
+        text = batch.text
+        static = self.decoding.use_static(self.device, options.num_beams)
+        scheduler = self._scheduler(text.input_ids, options) if static else None
+        if scheduler is not None:
+            rows = generate_batch(scheduler, embeds, text.attention_mask, text.input_ids, options, stops, streamer)
+            return [self.decode(ids, options.stop) for ids in rows]
+        prompt_len = text.input_ids.shape[1]
         # input_ids ride along with the embeddings so repetition penalty also sees the prompt.
         out = self.llm.generate(
-            input_ids=batch.text.input_ids,
+            input_ids=text.input_ids,
             inputs_embeds=embeds,
-            attention_mask=batch.text.attention_mask,
+            attention_mask=text.attention_mask,
             stopping_criteria=StoppingCriteriaList([StopOnStrings(self.tokenizer, stops, prompt_len)]),
-            eos_token_id=sorted(set(eos)) or None,
+            eos_token_id=self.end_token_ids() or None,
             pad_token_id=self.tokenizer.pad_token_id,
             streamer=streamer,
             **options.hf_kwargs(),
         )
         return [self.decode(row[prompt_len:], options.stop) for row in out]
+
+    def _scheduler(self, input_ids: torch.Tensor, options: GenerationOptions) -> SlotScheduler | None:
+        """The slot scheduler for a batch like this one (reused while it fits), or None where the LLM cannot use
+        it (then the plain path runs; the reason is logged once)."""
+        settings = self.decoding
+        if settings.max_len:
+            max_len = settings.max_len
+        else:
+            limit = int(getattr(self.llm.config, "max_position_embeddings", 0) or 1 << 30)
+            needed = input_ids.shape[1] + options.max_new_tokens
+            max_len = min(-(-needed // 256) * 256, max(limit, needed))
+        current = self._slot_scheduler
+        if current is not None and current.slots >= input_ids.shape[0] and current.max_len >= max_len:
+            return current
+        self._slot_scheduler = None  # free the old cache first
+        try:
+            scheduler = SlotScheduler(self, input_ids.shape[0], max_len, settings.cuda_graphs, settings.compile)
+        except Exception as err:  # unsupported model, or a transformers version whose cache API differs
+            log.warning("static decoding is not available (%s: %s); using transformers' generate",
+                        type(err).__name__, err)
+            self.decoding = DecodingSettings(mode="plain")
+            return None
+        self._slot_scheduler = scheduler
+        return scheduler
 
     def decode(self, ids: torch.Tensor | list[int], extra_stops: Sequence[str] = ()) -> str:
         """Generated ids -> answer text, cut at EOS/pad and at the first stop string."""

@@ -60,6 +60,10 @@ class ModelSection(Section):
     lora: LoraSection | None = None
     #: A model directory written by ``save_pretrained`` (e.g. stage 1's ``final``): its saved parts are loaded.
     init_from: str | None = None
+    #: The LM head + cross-entropy on the answer tokens: ``auto`` (Liger-Kernel's fused kernel on CUDA when installed,
+    #: else ``plain`` for few tokens and ``chunked`` for many), ``plain``, ``chunked`` or ``liger``
+    #: (:mod:`minigpt.model.loss`).
+    loss_impl: Literal["auto", "plain", "chunked", "liger"] = "auto"
 
     @field_validator("vision")
     @classmethod

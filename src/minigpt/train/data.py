@@ -14,6 +14,7 @@ workers or splitting a batch over processes never changes what a step sees.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -28,7 +29,8 @@ from ..data.formats import MixedDataset, MixedStream, SampleList, WebDatasetRead
 from ..data.images import ImageProcessor
 from ..data.packing import collate_packed, length_grouped_order
 from ..data.templates import Template
-from ..data.tokenize import IGNORE_INDEX, Encoded, collate as collate_text, encode_conversation
+from ..data.tokenize import Encoded, collate as collate_text, encode_conversation
+from ..device import pins_memory
 from ..model.minigpt import ModelBatch
 
 
@@ -71,6 +73,42 @@ class TrainBatch:
     @property
     def empty(self) -> bool:
         return self.batch is None
+
+    def pin_memory(self) -> "TrainBatch":
+        """A copy in pinned host memory (what ``DataLoader(pin_memory=True)`` calls)."""
+        return _map_tensors(self, torch.Tensor.pin_memory)
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "TrainBatch":
+        return _map_tensors(self, lambda t: t.to(device, non_blocking=non_blocking))
+
+
+def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``obj`` with ``fn`` applied to every tensor in it, through (nested) dataclasses."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{f.name: _map_tensors(getattr(obj, f.name), fn)
+                                           for f in dataclasses.fields(obj) if f.init})
+    return obj
+
+
+class DevicePrefetcher:
+    """The micro-batches of ``batches`` on ``device``, each one's host->device copy issued before the previous one is
+    handed out, so it overlaps that step's work. On an accelerator the copies are ``non_blocking`` (the loader pins
+    the batches: ``make_loader(pin_memory=True)``); on the CPU ``to`` returns the same tensors."""
+
+    def __init__(self, batches: Iterable[TrainBatch], device: torch.device) -> None:
+        self.batches, self.device = batches, device
+
+    def __iter__(self) -> Iterator[TrainBatch]:
+        source = iter(self.batches)
+        ahead = self._copy(next(source, None))
+        while ahead is not None:
+            current, ahead = ahead, self._copy(next(source, None))  # issued before ``current``'s step runs
+            yield current
+
+    def _copy(self, batch: TrainBatch | None) -> TrainBatch | None:
+        return None if batch is None else batch.to(self.device, non_blocking=pins_memory(self.device))
 
 
 class SampleEncoder:
@@ -165,12 +203,13 @@ def collate(items: list[Item | Skipped], pad_id: int, pack_len: int | None = Non
     else:
         text, order = collate_packed([x.encoded for x in good], pad_id, pack_len)
         good = [good[i] for i in order]
+    text = text.with_indices()  # here, on the CPU: the step then reads no mask back from the device
     pixels = [p for x in good for p in x.pixels]
     feats = [f for x in good for f in (x.features or [])]
     batch = ModelBatch(text, torch.stack(pixels) if pixels else None)
-    num_tokens = int((text.labels[:, 1:] != IGNORE_INDEX).sum())
     num_input = sum(len(x.encoded) for x in good)
-    return TrainBatch(batch, len(good), num_tokens, num_input, skipped, torch.stack(feats) if feats else None)
+    return TrainBatch(batch, len(good), text.target_index.numel(), num_input, skipped,
+                      torch.stack(feats) if feats else None)
 
 
 class BatchPlan:
@@ -330,15 +369,15 @@ class TrainData:
 
     def loader(
         self, batch_size: int, grad_accum: int, start_step: int, stop_step: int, rank: int, world_size: int,
-        pad_id: int, num_workers: int = 0, pack_len: int | None = None,
+        pad_id: int, num_workers: int = 0, pack_len: int | None = None, pin_memory: bool = False,
     ) -> torch.utils.data.DataLoader:
         """Micro-batches of optimizer steps ``start_step .. stop_step-1`` for this process (packed into rows of
-        ``pack_len`` positions when given)."""
+        ``pack_len`` positions when given; in pinned memory with ``pin_memory``)."""
         plan = BatchPlan(
             batch_size, self.steps_per_epoch * grad_accum, start_step * grad_accum, stop_step * grad_accum,
             rank, world_size, self.stream, self.grouper,
         )
-        return make_loader(self.dataset, plan, pad_id, num_workers, pack_len)
+        return make_loader(self.dataset, plan, pad_id, num_workers, pack_len, pin_memory)
 
 
 def eval_loader(
@@ -357,20 +396,21 @@ def eval_loader(
 
 
 def make_loader(
-    dataset: TrainDataset, plan: Iterable[list[Key]], pad_id: int, num_workers: int, pack_len: int | None = None
+    dataset: TrainDataset, plan: Iterable[list[Key]], pad_id: int, num_workers: int, pack_len: int | None = None,
+    pin_memory: bool = False,
 ) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=plan,  # type: ignore[arg-type]
         collate_fn=functools.partial(collate, pad_id=pad_id, pack_len=pack_len),
         num_workers=num_workers,
+        pin_memory=pin_memory,
         # Its own generator: creating a loader must not draw from the global torch RNG (exact resume).
         generator=torch.Generator().manual_seed(0),
     )
 
 
 __all__ = [
-    "Key", "Item", "Skipped", "TrainBatch", "SampleEncoder", "TrainDataset", "collate", "BatchPlan", "TrainData",
-    "LengthGrouper",
-    "check_usable", "eval_loader", "make_loader",
+    "Key", "Item", "Skipped", "TrainBatch", "DevicePrefetcher", "SampleEncoder", "TrainDataset", "collate",
+    "BatchPlan", "TrainData", "LengthGrouper", "check_usable", "eval_loader", "make_loader",
 ]

@@ -29,10 +29,10 @@ from torch import nn
 
 from ..data.features import open_feature_cache, project_features
 from ..data.formats import DataWarning
-from ..device import peak_memory_gib
+from ..device import peak_memory_gib, pins_memory
 from .checkpoint import capture_rng, list_checkpoints, load_checkpoint, resolve_resume, restore_rng
 from .config import LoraSection, ModelSection, OptimizerSection, ScheduleSection, TrainConfig
-from .data import SampleEncoder, TrainBatch, TrainData, eval_loader
+from .data import DevicePrefetcher, SampleEncoder, TrainBatch, TrainData, eval_loader
 from .strategy import Strategy, make_strategy
 from ..files import atomic_directory
 
@@ -68,6 +68,7 @@ def build_model(section: ModelSection, seed: int = 0) -> Any:
         if (init / "llm").is_dir():
             config.llm, config.llm_gguf_file = str(init / "llm"), None
     model = MiniGPT.build(config)
+    model.loss_impl = section.loss_impl
     if init is not None:
         for name, module in (("vision", model.vision), ("projector", model.projector)):
             if (init / f"{name}.safetensors").is_file():
@@ -142,6 +143,48 @@ class Schedule:
 
     def state_dict(self) -> dict[str, Any]:
         return {"name": self.section.name, "lr": self.lr, "total_steps": self.total_steps}
+
+
+def run_step(
+    model: nn.Module, strategy: Strategy, optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
+    micro: list[TrainBatch], tokens: int, stand_in: TrainBatch, max_grad_norm: float | None,
+) -> tuple[float, float]:
+    """One optimizer step (the Trainer's, and ``minigpt bench train``'s): :func:`forward_backward`, the strategy's
+    step (clipping to ``max_grad_norm``), zeroed gradients. Returns the token-weighted loss sum over all processes
+    and the gradient norm: the step's only reads of device values, after all its work is queued."""
+    loss_sum = forward_backward(model, strategy, micro, tokens, stand_in)
+    grad_norm = strategy.step(optimizer, params, max_grad_norm)
+    optimizer.zero_grad(set_to_none=True)
+    (total,) = strategy.all_reduce([float(loss_sum)])
+    return total, grad_norm
+
+
+def forward_backward(
+    model: nn.Module, strategy: Strategy, micro: list[TrainBatch], tokens: int, stand_in: TrainBatch
+) -> torch.Tensor:
+    """Forward and backward of an optimizer step's micro-batches (``tokens``: the step's supervised tokens over all
+    processes), each micro-batch's mean loss weighted by its share of them. Returns this process's token-weighted
+    loss sum on the device: nothing here waits for the device, so read it once, after the step."""
+    loss_sum = torch.zeros((), device=strategy.device)
+    for i, b in enumerate(micro):
+        # An all-skipped micro-batch still runs (``stand_in``, weight 0) so DDP's gradient sync matches.
+        weight = 0.0 if b.empty else b.num_tokens * strategy.world_size / tokens
+        with strategy.accumulate(model, sync=i == len(micro) - 1):
+            with strategy.autocast():
+                out = model(**step_inputs(strategy.unwrap(model), stand_in if b.empty else b, strategy.device))
+            strategy.backward(out.loss * weight)
+        if not b.empty:
+            loss_sum += out.loss.detach().float() * b.num_tokens
+    return loss_sum
+
+
+def step_inputs(model: Any, b: TrainBatch, device: torch.device) -> dict[str, Any]:
+    """Forward arguments of a micro-batch: the batch on ``device``, plus the projected image features when they come
+    from the feature cache (the projector runs here, outside the vision encoder, and still trains)."""
+    inputs: dict[str, Any] = {"batch": b.batch.to(device)}
+    if b.features is not None:
+        inputs["image_embeds"] = project_features(model, b.features)
+    return inputs
 
 
 # ---------------------------------------------------------------------------------------------- reporting
@@ -334,10 +377,12 @@ class Trainer:
     def _fit(self) -> TrainResult:
         run, strategy = self.run, self.strategy
         self.reporter.start(self.step, self.total_steps)
-        batches = iter(self.data.loader(
+        loader = self.data.loader(
             run.batch_size, run.grad_accum, self.step, self.total_steps, strategy.rank, strategy.world_size,
             self.pad_id, self.config.data.num_workers, self.config.data.pack_len if self.config.data.packing else None,
-        ))
+            pin_memory=pins_memory(strategy.device),
+        )
+        batches = iter(DevicePrefetcher(loader, strategy.device))
         self._train_mode()
         if run.eval_at_start and self.step == 0:
             self.evaluate()
@@ -383,20 +428,9 @@ class Trainer:
         record, tokens = self.begin_step(micro)
         if tokens == 0:
             return record
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        for i, b in enumerate(micro):
-            # An all-skipped micro-batch still runs (a stand-in batch, weight 0) so DDP's gradient sync matches.
-            weight = 0.0 if b.empty else b.num_tokens * strategy.world_size / tokens
-            with strategy.accumulate(self.forward_model, sync=i == len(micro) - 1):
-                with strategy.autocast():
-                    out = self.forward_model(**self._inputs(self.data.example_batch if b.empty else b))
-                strategy.backward(out.loss * weight)
-            if not b.empty:
-                loss_sum += out.loss.detach().double().cpu() * b.num_tokens
-        grad_norm = strategy.step(self.optimizer, self.params, run.max_grad_norm)
-        self.optimizer.zero_grad(set_to_none=True)
-        (total_loss,) = strategy.all_reduce([float(loss_sum)])
-        record.update(loss=total_loss / tokens, grad_norm=grad_norm)
+        loss_sum, grad_norm = run_step(self.forward_model, strategy, self.optimizer, self.params, micro, tokens,
+                                       self.data.example_batch, run.max_grad_norm)
+        record.update(loss=loss_sum / tokens, grad_norm=grad_norm)
         return record
 
     @torch.no_grad()
@@ -514,14 +548,6 @@ class Trainer:
         return final
 
     # -- helpers
-    def _inputs(self, b: TrainBatch) -> dict[str, Any]:
-        """Forward arguments of a micro-batch: the batch, plus the projected image features when they come from the
-        feature cache (the projector runs here, outside the vision encoder, and still trains)."""
-        inputs: dict[str, Any] = {"batch": b.batch.to(self.strategy.device)}
-        if b.features is not None:
-            inputs["image_embeds"] = project_features(self.strategy.unwrap(self.forward_model), b.features)
-        return inputs
-
     def _train_mode(self) -> None:
         self.model.train()  # frozen parts stay in eval mode
         if self.config.model.lora is not None or self.run.grad_checkpointing:
@@ -565,4 +591,4 @@ def train(config: TrainConfig, strategy: Strategy | None = None) -> TrainResult:
 
 
 __all__ = ["train", "Trainer", "TrainResult", "Schedule", "build_model", "build_optimizer", "apply_lora",
-           "seed_everything", "save_final_model"]
+           "seed_everything", "save_final_model", "run_step", "forward_backward", "step_inputs"]

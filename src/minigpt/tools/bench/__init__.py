@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .common import LLM_SHAPES, VISION_SHAPES, FlopModel, build_bench_model
-from .generate import bench_generate
+from .generate import add_generate_arguments, bench_generate
 from .train import bench_train
 
 # ---------------------------------------------------------------------------------------------- command line
@@ -25,6 +25,7 @@ from .train import bench_train
 
 def register(subparsers: Any) -> None:
     from ...device import add_device_argument
+    from ...model.loss import LOSS_IMPLS
 
     p = subparsers.add_parser(
         "bench", help="benchmark the training step and generation (JSON: samples/s, MFU, memory, TTFT)",
@@ -62,6 +63,8 @@ def register(subparsers: Any) -> None:
     q.add_argument("--warmup", type=int, default=3, metavar="N", help="untimed steps first (default 3)")
     q.add_argument("--vision-every-step", action="store_true", help="ours runs ViT + Q-Former in the step (no cache)")
     q.add_argument("--grad-checkpointing", action="store_true", help="checkpoint the LLM's layers (ours)")
+    q.add_argument("--loss-impl", default="auto", choices=LOSS_IMPLS,
+                   help="our LM head + cross-entropy: auto, plain, chunked or liger (default auto)")
     q.add_argument("--feature-dtype", default="float16", help="dtype of the cached features (default float16)")
     q.add_argument("--peak-tflops", type=float, metavar="X",
                    help="peak TFLOP/s for MFU (default: measure a matmul ceiling here; 0: report MFU as null)")
@@ -70,11 +73,7 @@ def register(subparsers: Any) -> None:
     q = sub.add_parser("generate", help="time to first token and decode tokens/s",
                        description="Time generation from a one-image prompt (image tokens + --prompt-tokens).")
     common(q)
-    q.set_defaults(batch_size=1)
-    q.add_argument("--prompt-tokens", type=int, default=36, metavar="N", help="text tokens around the image (default 36)")
-    q.add_argument("--new-tokens", type=int, default=32, metavar="N", help="tokens generated (default 32)")
-    q.add_argument("--repeats", type=int, default=3, metavar="N", help="runs per figure, median (default 3)")
-    q.add_argument("--cache", default="dynamic", choices=("dynamic", "static"), help="our KV cache")
+    add_generate_arguments(q)
     q.set_defaults(func=_run, bench=bench_generate)
 
 

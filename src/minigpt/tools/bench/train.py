@@ -1,9 +1,11 @@
 """``minigpt bench train``: the training step, ours and reference-style, side by side.
 
-**Train cases.** ``ours`` is the step :class:`~minigpt.train.loop.Trainer` runs: bf16 weights on accelerators (fp32
+**Train cases.** ``ours`` is the step :class:`~minigpt.train.loop.Trainer` runs (its
+:func:`~minigpt.train.loop.run_step`, reading back the loss and gradient norm): bf16 weights on accelerators (fp32
 on CPU), SDPA, Q-Former outputs from the feature cache (the bench computes them once from the batch's pixels, stored
 in float16 like ``cache-features``) projected by the trainable projector, LM head and loss on answer tokens only,
-``use_cache=False``; ``--vision-every-step`` runs ViT + Q-Former in the step instead, ``--compile`` compiles each
+``use_cache=False``, the loss implementation of ``--loss-impl`` (:mod:`minigpt.model.loss`; the case's ``loss_impl``
+says which ran); ``--vision-every-step`` runs ViT + Q-Former in the step instead, ``--compile`` compiles each
 decoder layer, ``--grad-checkpointing`` checkpoints them. ``reference-style`` (``--reference-style``, measured in
 the same run) is the step as the original MiniGPT-4 code takes it: fp16 LLM and ViT weights, AMP fp16 with a
 GradScaler on accelerators (fp32 on CPU), eager attention, ViT + Q-Former every step, the LLM's own LM head and
@@ -131,20 +133,20 @@ def make_workload(
 # ---------------------------------------------------------------------------------------------- steps
 
 
-def careful_step(model: Any, optimizer: torch.optim.Optimizer, device: torch.device, amp: torch.dtype | None,
-                 use_features: bool) -> Callable[[Any], torch.Tensor]:
-    """The Trainer's step (single device): cached features -> projector -> LLM body -> lean loss."""
-    from ...data.features import project_features
-    from ...device import autocast
+def careful_step(model: Any, optimizer: torch.optim.Optimizer, device: torch.device,
+                 amp: torch.dtype | None) -> Callable[[Any], float]:
+    """The Trainer's step on one device (:func:`~minigpt.train.loop.run_step`, one micro-batch): cached features (or
+    pixels) -> projector -> LLM body -> answer-token loss, backward, optimizer step, the loss read back."""
+    from ...device import dtype_name
+    from ...train.loop import run_step
+    from ...train.strategy import Strategy
 
-    def step(tb: Any) -> torch.Tensor:
-        with autocast(device, amp):
-            embeds = project_features(model, tb.features) if use_features else None
-            out = model(batch=tb.batch, image_embeds=embeds)
-        out.loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return out.loss.detach()
+    strategy = Strategy(str(device), dtype_name(amp) if amp is not None else "no")
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step(tb: Any) -> float:
+        loss_sum, _ = run_step(model, strategy, optimizer, params, [tb], tb.num_tokens, tb, None)
+        return loss_sum / tb.num_tokens
 
     return step
 
@@ -175,7 +177,7 @@ def reference_step(model: Any, optimizer: torch.optim.Optimizer, device: torch.d
 
 
 def _time_interleaved(
-    steps: list[Callable[[Any], torch.Tensor]], works: list[Workload], warmup: int, device: torch.device
+    steps: list[Callable[[Any], torch.Tensor | float]], works: list[Workload], warmup: int, device: torch.device
 ) -> list[dict[str, Any]]:
     """Warm each case up, then time step ``i`` of every case in turn (round-robin), so that whatever else runs on
     the machine slows all cases alike. Per case: step times, the first loss, the allocator peak of its steps."""
@@ -234,6 +236,7 @@ def run_train_cases(
         model.llm.train()
     if args.compile and not reference:
         compile_decoder_layers(model.llm)
+    model.loss_impl = args.loss_impl
     flops = FlopModel.of(model)
     uses_vision = reference or vision_every_step
     if uses_vision:
@@ -249,7 +252,7 @@ def run_train_cases(
         optimizer = torch.optim.AdamW(params, lr=0.0)
     scaler = torch.amp.GradScaler(device.type) if reference and amp == torch.float16 else None
     step = (reference_step(model, optimizer, device, amp, scaler) if reference
-            else careful_step(model, optimizer, device, amp, use_features=not uses_vision))
+            else careful_step(model, optimizer, device, amp))
     timings = _time_interleaved([step] * len(cases), works, args.warmup, device)
     if args.peak_tflops is None:
         if llm_dtype not in ceilings:
@@ -270,6 +273,8 @@ def run_train_cases(
             "batching": case.batching,
             "vision_in_step": uses_vision,
             "precision": _precision(case, llm_dtype, amp),
+            "loss_impl": "full-sequence" if reference else ",".join(sorted({model.resolved_loss_impl(n)
+                                                                           for n in work.answers})),
             "attention": attn,
             "compile": bool(args.compile and not reference),
             "grad_checkpointing": bool(args.grad_checkpointing and not reference),

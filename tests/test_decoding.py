@@ -1,0 +1,288 @@
+"""The slot decoder (static KV cache, graph-ready step) and continuous batching, against transformers' generate.
+
+CUDA graphs cannot run here; the graph path is exercised with a stand-in recorder that replays the recorded step
+function (same buffers, same protocol), and the decoder's greedy output is compared token for token with the plain
+path on LLaMA and Qwen2 models."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from PIL import Image as PILImage
+from transformers import (
+    LogitsProcessorList, MinNewTokensLengthLogitsProcessor, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+    TopKLogitsWarper, TopPLogitsWarper,
+)
+
+from minigpt.data.conversation import Conversation, Image, Text
+from minigpt.infer import slots as slots_module
+from minigpt.infer.batching import DecodeRequest, SlotScheduler
+from minigpt.infer.chat import ChatEngine
+from minigpt.infer.decoding import DecodingSettings
+from minigpt.infer.generate import GenerationOptions
+from minigpt.infer.slots import SlotDecoder, SlotSampler
+
+RED = PILImage.new("RGB", (40, 30), (220, 20, 20))
+QUESTIONS = ["What is this?", "Describe the picture in detail please, every part of it", "Hi"]
+
+
+def conversations(questions=QUESTIONS) -> list[Conversation]:
+    out = []
+    for q in questions:
+        conv = Conversation()
+        conv.add("user", [Image(), Text(" " + q)])
+        out.append(conv)
+    return out
+
+
+def answers(model, mode: str, options: GenerationOptions, questions=QUESTIONS, **settings) -> list[str]:
+    model.decoding = DecodingSettings(mode, **settings)
+    return model.generate(conversations(questions), [RED] * len(questions), options)
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_llama_dir):
+    from minigpt.model.minigpt import MiniGPT, MiniGPTConfig
+    from minigpt.model.vision import VisionConfig
+
+    torch.manual_seed(0)
+    return MiniGPT.build(MiniGPTConfig(llm=str(tiny_llama_dir), vision=VisionConfig.tiny(), max_txt_len=48)).eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_static_greedy_equals_plain_for_a_batch_of_different_lengths(arch, llama, tiny_model_factory, tiny_qwen_dir):
+    model = llama if arch == "llama" else tiny_model_factory(llm=str(tiny_qwen_dir), template="chatml").eval()
+    options = GenerationOptions(max_new_tokens=20)
+    plain = answers(model, "plain", options)
+    assert len(set(plain)) == 3 and all(len(a.split()) >= 5 for a in plain)
+    assert answers(model, "static", options) == plain
+    assert model._slot_scheduler is not None and model._slot_scheduler.slots == 3
+    # One at a time on the same (reused, larger) decoder: the same answers.
+    assert [answers(model, "static", options, [q])[0] for q in QUESTIONS] == plain
+
+
+def test_stop_strings_min_tokens_and_penalty_match_plain(llama):
+    base = answers(llama, "plain", GenerationOptions(max_new_tokens=16))
+    stop = " " + base[0].split()[3]
+    for options in (
+        GenerationOptions(max_new_tokens=16, stop=[stop]),
+        GenerationOptions(max_new_tokens=16, repetition_penalty=1.5, min_new_tokens=4),
+    ):
+        assert answers(llama, "static", options) == answers(llama, "plain", options)
+    cut = answers(llama, "static", GenerationOptions(max_new_tokens=16, stop=[stop]))
+    assert cut[0] == " ".join(base[0].split()[:3])
+
+
+def test_seeded_sampling_is_reproducible_and_seeds_differ(llama):
+    def sampled(seed: int) -> list[str]:
+        return answers(llama, "static", GenerationOptions(max_new_tokens=12, do_sample=True, top_p=0.95, seed=seed))
+
+    first = sampled(1)
+    assert sampled(1) == first and sampled(2) != first
+    assert first != answers(llama, "static", GenerationOptions(max_new_tokens=12))
+
+
+def test_compiled_decoder_layers_give_the_same_tokens(tiny_model_factory, tiny_llama_dir):
+    model = tiny_model_factory().eval()  # its own copy: compiling changes the layers for good
+    options = GenerationOptions(max_new_tokens=10)
+    plain = answers(model, "plain", options, QUESTIONS[:2])
+    assert answers(model, "static", options, QUESTIONS[:2], compile=True) == plain
+    assert model._slot_scheduler.decoder.compiled
+
+
+def test_recorded_step_replays_on_static_buffers(llama, monkeypatch):
+    """The graph protocol without a GPU: warm-up and recording run the step on inactive rows, ``reset`` cleans up,
+    and each replay re-runs the recorded function, whose only inputs are the decoder's buffers."""
+    recorded = {}
+
+    def fake_capture(fn, device, warmup=2):
+        for _ in range(warmup):
+            fn()
+        out = fn().clone()
+        recorded["calls"] = 0
+
+        def replay():
+            recorded["calls"] += 1
+            out.copy_(fn())
+
+        return replay, out
+
+    monkeypatch.setattr(slots_module, "supports_graph_capture", lambda device: True)
+    monkeypatch.setattr(slots_module, "capture_graph", fake_capture)
+    options = GenerationOptions(max_new_tokens=12)
+    plain = answers(llama, "plain", options)
+    assert answers(llama, "static", options) == plain
+    decoder = llama._slot_scheduler.decoder
+    assert decoder.graphed and recorded["calls"] == 11  # first token from prefill, then one replay per token
+    assert not decoder.active.any() and decoder.cache.positions.tolist() == [0, 0, 0]
+
+
+def test_a_step_that_cannot_be_recorded_decodes_eagerly(llama, monkeypatch, caplog):
+    def refuse(fn, device, warmup=2):
+        fn()
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(slots_module, "supports_graph_capture", lambda device: True)
+    monkeypatch.setattr(slots_module, "capture_graph", refuse)
+    options = GenerationOptions(max_new_tokens=8)
+    expected = answers(llama, "plain", options)
+    assert answers(llama, "static", options) == expected
+    assert not llama._slot_scheduler.decoder.graphed and "stream is capturing" in caplog.text
+
+
+def test_unsupported_llm_falls_back_to_plain_generate(llama, monkeypatch, caplog):
+    def refuse(llm):
+        raise slots_module.FastDecodingUnsupported("remote code model")
+
+    monkeypatch.setattr(slots_module, "_forward_keywords", refuse)
+    options = GenerationOptions(max_new_tokens=6)
+    expected = answers(llama, "plain", options)
+    assert answers(llama, "static", options) == expected
+    assert llama.decoding.mode == "plain" and "remote code model" in caplog.text
+
+
+def test_attention_span_grows_in_buckets_with_the_longest_row(llama):
+    llm, length = llama.llm, 140
+    ids = torch.randint(3, 1000, (1, length), generator=torch.Generator().manual_seed(0))
+    expected = llm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)[0, length:]
+    decoder = SlotDecoder(llm, slots=2, max_len=512)
+    assert decoder.spans == [128, 256, 512]
+    with torch.inference_mode():
+        tokens = [int(decoder.prefill([1], [llm.get_input_embeddings()(ids[0])])[0].argmax())]
+        last = torch.zeros(2, dtype=torch.long)
+        for _ in range(7):
+            last[1] = tokens[-1]
+            tokens.append(int(decoder.step(last)[1].argmax()))
+    assert tokens == expected.tolist() and decoder.cache.span == 256 and decoder.lengths == [0, length + 7]
+
+
+def test_decoder_refuses_prompts_longer_than_a_slot(llama):
+    decoder = SlotDecoder(llama.llm, slots=1, max_len=8)
+    with pytest.raises(ValueError, match="does not fit a decoding slot of 8 positions"):
+        decoder.prefill([0], [torch.zeros(8, llama.llm.config.hidden_size)])
+    with pytest.raises(ValueError, match="unknown decoding mode 'fast'"):
+        DecodingSettings("fast")
+
+
+# ---------------------------------------------------------------------------------------------- sampler
+def test_sampler_matches_transformers_logits_processors():
+    torch.manual_seed(0)
+    vocab, ends = 50, [2, 7]
+    logits = torch.randn(3, vocab) * 3
+    prompts = [[5, 6, 9], [1, 2], [11]]
+    options = [
+        GenerationOptions(repetition_penalty=1.7, min_new_tokens=3),
+        GenerationOptions(do_sample=True, temperature=0.7, top_k=10, top_p=0.8, repetition_penalty=1.2),
+        GenerationOptions(do_sample=True, temperature=1.3, top_p=0.5),
+    ]
+    sampler = SlotSampler(3, vocab, torch.device("cpu"), ends)
+    for row, (opts, ids) in enumerate(zip(options, prompts)):
+        sampler.admit(row, opts, ids)
+    index = torch.arange(3)
+    scores = sampler.process(logits, index, options)
+    probs = sampler.sampling_probs(scores, index)
+    for row, (opts, ids) in enumerate(zip(options, prompts)):
+        input_ids = torch.tensor([ids])
+        hf = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(opts.repetition_penalty)])
+        if opts.min_new_tokens:
+            hf.append(MinNewTokensLengthLogitsProcessor(len(ids), opts.min_new_tokens, ends))
+        expected = hf(input_ids, logits[row : row + 1].clone())
+        assert torch.allclose(scores[row], expected[0])
+        if opts.do_sample:
+            warp = LogitsProcessorList([TemperatureLogitsWarper(opts.temperature)])
+            if opts.top_k:
+                warp.append(TopKLogitsWarper(opts.top_k))
+            warp.append(TopPLogitsWarper(opts.top_p))
+            hf_probs = warp(input_ids, expected).softmax(-1)[0]
+            assert torch.allclose(probs[row], hf_probs, atol=1e-6)
+            assert 1 <= int((probs[row] > 0).sum()) < vocab
+    assert torch.isinf(scores[0, ends]).all()  # held back until min_new_tokens
+    sampler.produced(0, 3)
+    assert torch.isfinite(sampler.process(logits, index, options)[0, ends]).all()
+
+
+# ---------------------------------------------------------------------------------------------- batching
+@pytest.fixture()
+def batched(llama):
+    llama.decoding = DecodingSettings("static")
+    engine = ChatEngine(llama, GenerationOptions(max_new_tokens=12), max_context=128, batch_slots=2)
+    assert engine.scheduler is not None and engine.scheduler.thread is not None
+    yield engine
+    engine.close()
+
+
+def test_concurrent_requests_share_the_batch_and_match_one_by_one(llama, batched):
+    expected = answers(llama, "plain", GenerationOptions(max_new_tokens=12))
+    convs = conversations()
+    seen_running = []
+    original = batched.scheduler.tick
+
+    def tick():
+        seen_running.append(len(batched.scheduler.running))
+        original()
+
+    batched.scheduler.tick = tick
+    jobs = [(convs[i % 3], i % 3) for i in range(6)]  # six requests, two slots: they queue and join mid-batch
+    with ThreadPoolExecutor(6) as pool:
+        got = list(pool.map(lambda job: batched.generate(job[0], [RED]), jobs))
+    assert got == [expected[i] for _, i in jobs]
+    assert max(seen_running) == 2 and not batched.scheduler.running
+
+
+def test_streams_beam_search_and_cancellation_on_the_batch(llama, batched):
+    conv = conversations()[:1][0]
+    expected = batched.generate(conv, [RED])
+    assert "".join(batched.stream(conv, [RED])) == expected
+    beams = GenerationOptions(max_new_tokens=8, num_beams=2)
+    llama.decoding = DecodingSettings("plain")
+    assert batched.generate(conv, [RED], beams) == llama.generate([conv], [RED], beams)[0]
+    llama.decoding = DecodingSettings("static")
+    stream = batched.stream(conv, [RED], GenerationOptions(max_new_tokens=60))
+    next(stream)
+    stream.close()
+    assert not batched.scheduler.running and not batched.scheduler.waiting
+    assert batched.generate(conv, [RED]) == expected  # the freed slot serves the next request
+
+
+def test_scheduler_rejects_what_does_not_fit_and_reports_errors(llama):
+    scheduler = SlotScheduler(llama, slots=1, max_len=64)
+    with pytest.raises(ValueError, match="does not fit a decoding slot of 64 positions"):
+        scheduler.submit(DecodeRequest(list(range(60)), GenerationOptions(max_new_tokens=10)))
+    scheduler = SlotScheduler(llama, slots=2, max_len=64)
+    width = llama.llm.config.hidden_size
+    good = DecodeRequest([1, 2], GenerationOptions(max_new_tokens=3), embeds=torch.randn(2, width))
+    bad = DecodeRequest([1, 2], GenerationOptions(max_new_tokens=3), embeds=torch.zeros(2, 3))  # wrong width
+    scheduler.submit(good)
+    scheduler.submit(bad)
+    scheduler.run_until_idle()  # admitted together, the prefill fails; retried alone, only the bad one fails
+    assert bad.done.is_set() and bad.error is not None and not scheduler.running
+    assert good.error is None and len(good.tokens) == 3 and good.finish_reason in ("stop", "length")
+    with pytest.raises(RuntimeError, match="call start"):
+        scheduler.generate(DecodeRequest([1], GenerationOptions(max_new_tokens=2)))
+
+
+def test_stopping_the_scheduler_fails_what_is_still_queued(llama):
+    scheduler = SlotScheduler(llama, slots=1, max_len=64).start()
+    gate, entered = threading.Event(), threading.Event()
+
+    def blocking():
+        entered.set()
+        gate.wait()
+
+    with ThreadPoolExecutor(3) as pool:
+        first = pool.submit(scheduler.run_exclusive, blocking)
+        assert entered.wait(10)
+        queued = DecodeRequest([1, 2], GenerationOptions(max_new_tokens=10), embeds=torch.zeros(2, 64))
+        waiter = pool.submit(scheduler.generate, queued)
+        stopper = pool.submit(scheduler.stop)
+        while not (scheduler.waiting and scheduler.stopping):
+            threading.Event().wait(0.01)
+        gate.set()  # the tick ends (admitting the request), then the thread stops and fails it
+        stopper.result(10)
+        first.result(10)
+        with pytest.raises(RuntimeError, match="scheduler was stopped"):
+            waiter.result(10)
+    assert not scheduler.running and not scheduler.waiting and scheduler.thread is None
