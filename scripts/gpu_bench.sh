@@ -2,8 +2,9 @@
 # The GPU measurements behind the README's performance table, in one run on one GPU (an H200 took the
 # shapes of shared/PERFORMANCE.md). Needs a python3 with CUDA torch and transformers; the package runs from src/.
 #
-#   bash scripts/gpu_bench.sh [decode|train|all] [OUT_DIR]
+#   bash scripts/gpu_bench.sh [decode|train|all|smoke] [OUT_DIR]
 #
+# smoke: every case at tiny shapes on the CPU, in seconds (checks the script itself).
 # Writes one JSON per case into OUT_DIR (default: $OUT, else bench-out) and a log. Each case is a separate
 # process, so one failure (reported in the log) does not stop the others.
 set -uo pipefail
@@ -13,6 +14,11 @@ mkdir -p "$out"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 py=${PYTHON:-python3}
 log="$out/gpu_bench.log"
+l7=llama-7b l13=llama-13b vision=eva_vit_g gen=() train=() new=128
+if [[ $part == smoke ]]; then
+    l7=tiny l13=tiny vision=tiny new=4 part=all
+    gen=(--device cpu --repeats 1) train=(--device cpu --steps 1 --warmup 0 --peak-tflops 0)
+fi
 
 case_() {  # NAME ARGS...: one bench run, its JSON in $out/NAME.json
     local name=$1
@@ -26,23 +32,25 @@ case_() {  # NAME ARGS...: one bench run, its JSON in $out/NAME.json
 }
 
 "$py" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, \
-torch.cuda.get_device_name(0))" | tee -a "$log"
+torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')" | tee -a "$log"
 
 if [[ $part == decode || $part == all ]]; then
     # Batch-1 chat decode (static engine vs transformers generate vs the original demos' fp16 eager), TTFT for a
     # one-image prompt, 16 concurrent requests through the scheduler, and the greedy-identity check on the GPU.
-    case_ decode_7b generate --llm llama-7b --vision eva_vit_g --prompt-tokens 36 --new-tokens 128 --repeats 3 \
-        --concurrent 16 --reference-style
-    case_ decode_7b_compiled generate --llm llama-7b --vision eva_vit_g --prompt-tokens 36 --new-tokens 128 \
-        --repeats 3 --engines static --compile --concurrent 16
+    case_ decode_7b generate --llm $l7 --vision $vision --prompt-tokens 36 --new-tokens $new --repeats 3 \
+        --concurrent 16 --reference-style "${gen[@]}"
+    case_ decode_7b_compiled generate --llm $l7 --vision $vision --prompt-tokens 36 --new-tokens $new \
+        --repeats 3 --engines static --compile --concurrent 16 "${gen[@]}"
 fi
 if [[ $part == train || $part == all ]]; then
-    case_ train_7b_stage1 train --llm llama-7b --vision eva_vit_g --stage 1 --batch-size 64 --compile --reference-style
-    case_ train_7b_stage2 train --llm llama-7b --vision eva_vit_g --stage 2 --batch-size 12 --compile --reference-style
-    case_ train_13b_stage1 train --llm llama-13b --vision eva_vit_g --stage 1 --batch-size 64 --compile
-    case_ train_7b_vision_every_step train --llm llama-7b --vision eva_vit_g --stage 1 --batch-size 64 --compile \
-        --vision-every-step
-    case_ train_7b_lengths train --llm llama-7b --vision eva_vit_g --stage 2 --batch-size 12 --lengths cc_sbu_align \
-        --batching pad,group,pack --pack-len 2048 --compile
+    case_ train_7b_stage1 train --llm $l7 --vision $vision --stage 1 --batch-size 64 --compile --reference-style \
+        "${train[@]}"
+    case_ train_7b_stage2 train --llm $l7 --vision $vision --stage 2 --batch-size 12 --compile --reference-style \
+        "${train[@]}"
+    case_ train_13b_stage1 train --llm $l13 --vision $vision --stage 1 --batch-size 64 --compile "${train[@]}"
+    case_ train_7b_vision_every_step train --llm $l7 --vision $vision --stage 1 --batch-size 64 --compile \
+        --vision-every-step "${train[@]}"
+    case_ train_7b_lengths train --llm $l7 --vision $vision --stage 2 --batch-size 12 --lengths cc_sbu_align \
+        --batching pad,group,pack --pack-len 2048 --compile "${train[@]}"
 fi
 echo "done: $(ls "$out")" | tee -a "$log"

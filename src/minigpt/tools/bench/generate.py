@@ -158,11 +158,10 @@ def bench_generate(args: argparse.Namespace) -> dict[str, Any]:
         prompt = ModelBatch(collate_text([enc], SLOT, side="left"), pixels).to(device)
         reset_peak_memory(device)
         scheduler = None
+        new_scheduler = functools.partial(SlotScheduler, model, max_len=-(-(len(enc) + args.new_tokens) // 64) * 64,
+                                          cuda_graphs=args.cuda_graphs, compile=args.compile, end_ids=[EOS])
         if engine == "static":
-            slots = max(args.batch_size, args.concurrent)
-            max_len = -(-(len(enc) + args.new_tokens) // 64) * 64
-            scheduler = SlotScheduler(model, slots, max_len, cuda_graphs=args.cuda_graphs, compile=args.compile,
-                                      end_ids=[EOS])
+            scheduler = new_scheduler(slots=args.batch_size)
             run = _static_runner(scheduler, prompt, args.batch_size)
         else:
             if args.compile and not reference:
@@ -194,10 +193,12 @@ def bench_generate(args: argparse.Namespace) -> dict[str, Any]:
         })
         greedy[name] = generated[0]
         if scheduler is not None and args.concurrent:
+            del scheduler, run  # free its cache first
+            scheduler = new_scheduler(slots=args.concurrent)
             results.append({"name": f"{name}-concurrent", "engine": "slot decoder", "cuda_graphs": graphed,
                             "compile": bool(args.compile), **_concurrent_case(scheduler, prompt, args, device),
                             "peak_mem_gib": None if device.type == "cpu" else round(peak_memory_gib(device) or 0.0, 3)})
-        del model, scheduler, run, timed
+        del model, scheduler, timed, new_scheduler
         gc.collect()
         empty_cache(device)
     if {"ours-static", "ours-plain"} <= set(greedy):
