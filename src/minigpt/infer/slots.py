@@ -76,7 +76,7 @@ class SlotLayer(CacheLayerMixin):
         self.keys[row, :, :length] = keys[0]
         self.values[row, :, :length] = values[0]
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+    def get_mask_sizes(self, *args: Any) -> tuple[int, int]:
         return self.owner.span, 0
 
     def get_seq_length(self) -> int:
@@ -84,6 +84,8 @@ class SlotLayer(CacheLayerMixin):
 
     def get_max_length(self) -> int:
         return self.owner.max_len
+
+    get_max_cache_shape = get_max_length  # its name in earlier transformers releases
 
 
 class SlotCache(Cache):
