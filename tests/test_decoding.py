@@ -232,6 +232,19 @@ def test_concurrent_requests_share_the_batch_and_match_one_by_one(llama, batched
     assert max(seen_running) == 2 and not batched.scheduler.running
 
 
+def test_batched_requests_with_penalty_min_tokens_and_sampling(llama, batched):
+    """The scheduler thread runs outside any caller's inference mode: each option still works there."""
+    conv = conversations()[0]
+    for options in (GenerationOptions(max_new_tokens=10, min_new_tokens=6),
+                    GenerationOptions(max_new_tokens=10, repetition_penalty=1.5)):
+        llama.decoding = DecodingSettings("plain")
+        expected = llama.generate([conv], [RED], options)[0]
+        llama.decoding = DecodingSettings("static")
+        assert batched.generate(conv, [RED], options) == expected
+    sampling = GenerationOptions(max_new_tokens=10, do_sample=True, temperature=0.8, top_k=50, seed=3)
+    assert batched.generate(conv, [RED], sampling) == batched.generate(conv, [RED], sampling)
+
+
 def test_streams_beam_search_and_cancellation_on_the_batch(llama, batched):
     conv = conversations()[:1][0]
     expected = batched.generate(conv, [RED])

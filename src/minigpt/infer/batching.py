@@ -123,10 +123,13 @@ class SlotScheduler:
                     self.wake.wait()
                 if self.stopping:
                     break
-            self.tick()
+            try:
+                self.tick()
+            except BaseException as err:  # keep serving: the requests in flight fail, the next ones run
+                log.exception("decoding failed")
+                self._fail_running(err)
         stopped = RuntimeError("the decoding scheduler was stopped")
-        for row in list(self.running):
-            self._finish(row, None, stopped)
+        self._fail_running(stopped)
         with self.wake:
             for request in self.waiting:
                 request.error = stopped
@@ -140,6 +143,7 @@ class SlotScheduler:
         while self.waiting or self.running or self.exclusive:
             self.tick()
 
+    @torch.inference_mode()
     def tick(self) -> None:
         """Run exclusive work, admit what fits, then one decode step for the running rows."""
         while self.exclusive:
@@ -164,8 +168,7 @@ class SlotScheduler:
             picked = tokens.tolist()
         except BaseException as err:  # a failed step fails the requests in it, not the scheduler
             log.exception("decoding step failed")
-            for row in list(self.running):
-                self._finish(row, None, err)
+            self._fail_running(err)
             return
         for row, token in enumerate(picked):
             if row in self.running:
@@ -186,12 +189,19 @@ class SlotScheduler:
             request.error = err
             request.done.set()
             return
-        for row, request in admitted:
-            self.running[row] = request
-            self.sampler.admit(row, request.options, request.prompt_ids)
-        tokens = self.sampler.pick(logits, rows)
-        self.last[rows] = tokens
-        for row, token in zip(rows, tokens.tolist()):
+        self.running.update(admitted)
+        try:
+            for row, request in admitted:
+                self.sampler.admit(row, request.options, request.prompt_ids)
+            tokens = self.sampler.pick(logits, rows)
+            self.last[rows] = tokens
+            picked = tokens.tolist()
+        except BaseException as err:
+            log.exception("choosing the first tokens failed")
+            for row in rows:
+                self._finish(row, None, err)
+            return
+        for row, token in zip(rows, picked):
             self._emit(row, token)
 
     def _embed(self, requests: list[DecodeRequest]) -> list[torch.Tensor]:
@@ -225,6 +235,10 @@ class SlotScheduler:
             self._finish(row, "stop")
         elif len(request.tokens) >= request.options.max_new_tokens:
             self._finish(row, "length")
+
+    def _fail_running(self, error: BaseException) -> None:
+        for row in list(self.running):
+            self._finish(row, None, error)
 
     def _finish(self, row: int, reason: str | None, error: BaseException | None = None) -> None:
         request = self.running.pop(row)

@@ -321,6 +321,7 @@ class SlotSampler:
             penalised = torch.where(scores > 0, scores / penalty, scores * penalty)
             scores = torch.where(self.seen[index], penalised, scores)
         if any(o is not None and o.min_new_tokens for o in options) and self.end_ids.numel():
+            scores = scores.clone()  # float32 logits may be the decoder's output buffer itself
             ends = scores[:, self.end_ids]
             scores[:, self.end_ids] = torch.where(self.hold_end[index, None], float("-inf"), ends)
         return scores
