@@ -8,15 +8,17 @@ from PIL import Image as PILImage
 
 from minigpt.data.conversation import Image, Text
 from minigpt.infer.chat import Chat, ChatEngine, ContextTooLong, _StopCutter, override_options
+from minigpt.infer.decoding import DecodingSettings
 from minigpt.infer.generate import GenerationOptions
 from minigpt.infer.loading import LoadSpec, load_model, resolve_placement
 
 GREEDY = GenerationOptions(max_new_tokens=12)
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir):
-    return ChatEngine(load_model(LoadSpec(model=str(tiny_model_dir))), GREEDY)
+@pytest.fixture(scope="module", params=["plain", "static"])
+def engine(request, tiny_model_dir):
+    """An engine on transformers' generate, or on the slot decoder (the GPU default; eager here)."""
+    return ChatEngine(load_model(LoadSpec(model=str(tiny_model_dir), decoding=DecodingSettings(request.param))), GREEDY)
 
 
 @pytest.fixture()

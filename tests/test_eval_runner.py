@@ -309,6 +309,27 @@ def test_cli_end_to_end_and_resume(tiny_model_factory, tmp_path, images, capsys)
     assert report["counts"]["resumed"] == 3 and report["counts"]["generated"] == 0
 
 
+def test_cli_static_and_plain_decoding_give_the_same_predictions(tiny_model_factory, tmp_path, images):
+    model_dir = tmp_path / "model"
+    tiny_model_factory().save_pretrained(model_dir)
+    data = write(tmp_path / "vqa.jsonl", [
+        {"question_id": i, "image": "abc"[i] + ".png", "question": f"What is {i}?", "answers": ["red"]}
+        for i in range(3)])
+    predictions = {}
+    for mode in ("plain", "static"):
+        out = tmp_path / mode
+        argv = ["eval", str(model_dir), "--task", "vqa", "--data", str(data), "--images", str(images),
+                "--batch-size", "2", "--max-new-tokens", "6", "--output", str(out), "--no-progress",
+                "--decoding", mode]
+        args = _eval_parser().parse_args(argv)
+        assert args.func(args) == 0
+        rows = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+        predictions[mode] = {r["id"]: r["prediction"] for r in rows}
+        assert json.loads((out / "metrics.json").read_text())["settings"]["decoding"] == mode
+    assert predictions["static"] == predictions["plain"] and len(predictions["plain"]) == 3
+    assert any(predictions["plain"].values())
+
+
 # ---------------------------------------------------------------------------------------------- lmms-eval adapter
 
 

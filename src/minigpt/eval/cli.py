@@ -112,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
                                                               if args.annotations else []),
         "images": str(Path(args.images).resolve()) if args.images else None,
     }
-    settings = {"prompt": args.prompt, "circular": args.circular, "split": args.split}
+    settings = {"prompt": args.prompt, "circular": args.circular, "split": args.split,
+                "decoding": model.decoding.mode if model.decoding.use_static(device, options.num_beams) else "plain"}
     result = run_eval(
         model, args.task, data, options,
         predictions_path=out / "predictions.jsonl", metrics_path=out / "metrics.json",
