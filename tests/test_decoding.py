@@ -260,6 +260,24 @@ def test_streams_beam_search_and_cancellation_on_the_batch(llama, batched):
     assert batched.generate(conv, [RED]) == expected  # the freed slot serves the next request
 
 
+def test_batch_slots_shrink_to_the_free_memory(llama, monkeypatch, caplog):
+    from minigpt.infer import chat as chat_module
+    from minigpt.infer.slots import kv_bytes_per_position
+
+    config = llama.llm.config
+    per_position = kv_bytes_per_position(llama.llm)
+    assert per_position == 2 * config.num_hidden_layers * config.num_key_value_heads * 16 * 4  # fp32, head_dim 16
+    llama.decoding = DecodingSettings("static")
+    per_slot = 100 * per_position
+    monkeypatch.setattr(chat_module, "free_memory_bytes", lambda device: int(3.9 * per_slot / 0.8))
+    engine = ChatEngine(llama, max_context=100, batch_slots=8)
+    assert engine.scheduler.slots == 3 and "using 3 slots" in caplog.text
+    engine.close()
+    monkeypatch.setattr(chat_module, "free_memory_bytes", lambda device: per_slot)
+    engine = ChatEngine(llama, max_context=100, batch_slots=8)
+    assert engine.scheduler is None and "one at a time" in caplog.text
+
+
 def test_scheduler_rejects_what_does_not_fit_and_reports_errors(llama):
     scheduler = SlotScheduler(llama, slots=1, max_len=64)
     with pytest.raises(ValueError, match="does not fit a decoding slot of 64 positions"):

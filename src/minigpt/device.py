@@ -329,6 +329,18 @@ def reset_peak_memory(device: torch.device) -> None:
         module.reset_peak_memory_stats(device)
 
 
+def free_memory_bytes(device: torch.device) -> int | None:
+    """Bytes the device can still allocate (free device memory plus the allocator's unused reserve); None where it
+    is unknown (cpu, mps)."""
+    module = backend_module(device)
+    if device.type == "cpu" or module is None or not hasattr(module, "mem_get_info"):
+        return None
+    free, _ = module.mem_get_info(device)
+    reserved = getattr(module, "memory_reserved", lambda d: 0)(device)
+    allocated = getattr(module, "memory_allocated", lambda d: 0)(device)
+    return int(free + reserved - allocated)
+
+
 def memory_stats(device: torch.device) -> dict[str, float | None]:
     """GiB in use now, reserved by the allocator and at peak (accelerators); peak resident memory (cpu)."""
     if device.type == "cpu":
@@ -354,7 +366,7 @@ def memory_stats(device: torch.device) -> dict[str, float | None]:
 __all__ = [
     "DTYPES", "DEVICE_KINDS", "DEVICE_CHOICES", "parse_dtype", "dtype_name", "check_device_name",
     "add_device_argument", "backend_module", "is_available", "device_count", "resolve_device", "is_accelerator",
-    "pins_memory", "runs_triton", "describe_device", "set_device", "synchronize", "empty_cache", "get_rng_state",
-    "set_rng_state", "bf16_supported", "amp_dtype", "autocast", "dist_backend", "peak_memory_gib", "reset_peak_memory",
+    "pins_memory", "runs_triton", "free_memory_bytes", "supports_graph_capture", "capture_graph", "describe_device",
+    "set_device", "synchronize", "empty_cache", "get_rng_state", "set_rng_state", "bf16_supported", "amp_dtype", "autocast", "dist_backend", "peak_memory_gib", "reset_peak_memory",
     "memory_stats",
 ]

@@ -21,8 +21,10 @@ import torch
 from ..data.conversation import Conversation, Image, ImageLike, Part, Text
 from ..data.images import load_image
 from ..data.templates import IMAGE_SLOT, Template
+from ..device import free_memory_bytes
 from .batching import DecodeRequest, SlotScheduler
 from .generate import GenerationOptions
+from .slots import kv_bytes_per_position
 
 if TYPE_CHECKING:
     from ..model.minigpt import MiniGPT
@@ -161,6 +163,9 @@ class ChatEngine:
         if not settings.use_static(self.model.device):
             log.info("decoding is %s on %s: requests are answered one at a time", settings.mode, self.model.device)
             return None
+        slots = self._slots_that_fit(slots)
+        if slots < 2:
+            return None
         try:
             scheduler = SlotScheduler(self.model, slots, self.max_context, settings.cuda_graphs, settings.compile)
         except Exception as err:  # unsupported model, or a transformers version whose cache API differs
@@ -169,6 +174,23 @@ class ChatEngine:
             return None
         log.info("continuous batching: %d slots of %d positions", slots, self.max_context)
         return scheduler.start()
+
+    def _slots_that_fit(self, slots: int) -> int:
+        """``slots``, or fewer when their KV cache (``max_context`` positions each) would take more than 80% of the
+        device's free memory (logged)."""
+        free = free_memory_bytes(self.model.device)
+        if free is None:
+            return slots
+        per_slot = self.max_context * kv_bytes_per_position(self.model.llm)
+        fits = int(0.8 * free // per_slot)
+        if fits < slots:
+            log.warning(
+                "%d batch slots of %d positions need %.1f GiB of KV cache, but %.1f GiB is free: %s", slots,
+                self.max_context, slots * per_slot / 2**30, free / 2**30,
+                f"using {fits} slots (lower --max-context for more)" if fits >= 2
+                else "answering requests one at a time (lower --max-context or --batch-slots)",
+            )
+        return min(slots, fits)
 
     def close(self) -> None:
         """Stop the batching thread (if any)."""

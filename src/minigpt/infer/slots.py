@@ -111,6 +111,15 @@ def _forward_keywords(llm: Any) -> tuple[str, bool]:
     return kw, "logits_to_keep" in params
 
 
+def kv_bytes_per_position(llm: Any) -> int:
+    """Bytes of keys and values that one cached position takes, over all layers (the LLM's dtype)."""
+    config = llm.config.get_text_config() if hasattr(llm.config, "get_text_config") else llm.config
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * next(llm.parameters()).element_size()
+
+
 def span_buckets(max_len: int, smallest: int = 128) -> list[int]:
     """Attention spans a step is recorded for: powers of two from ``smallest``, then ``max_len``."""
     spans, span = [], smallest
@@ -340,4 +349,4 @@ class SlotSampler:
         return scores.masked_fill(drop, float("-inf")).softmax(-1)
 
 
-__all__ = ["SlotCache", "SlotDecoder", "SlotLayer", "SlotSampler"]
+__all__ = ["SlotCache", "SlotDecoder", "SlotLayer", "SlotSampler", "kv_bytes_per_position", "span_buckets"]
