@@ -4,15 +4,21 @@
 #
 #   bash scripts/gpu_bench.sh [decode|train|all|smoke] [OUT_DIR]
 #
-# smoke: every case at tiny shapes on the CPU, in seconds (checks the script itself).
+# smoke: every case at tiny shapes on the CPU (about 2 minutes; checks the script itself).
+# Wheels in .whl/ (e.g. `pip download --no-deps liger-kernel -d .whl`) are installed first, into /tmp/site; with
+# liger-kernel importable, the training cases use its fused loss (model.loss_impl auto) and one case compares.
 # Writes one JSON per case into OUT_DIR (default: $OUT, else bench-out) and a log. Each case is a separate
 # process, so one failure (reported in the log) does not stop the others.
 set -uo pipefail
 part=${1:-all}
 out=${2:-${OUT:-bench-out}}
 mkdir -p "$out"
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 py=${PYTHON:-python3}
+site=
+if compgen -G ".whl/*.whl" >/dev/null; then
+    "$py" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && site=/tmp/site
+fi
+export PYTHONPATH="$PWD/src${site:+:$site}${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 log="$out/gpu_bench.log"
 l7=llama-7b l13=llama-13b vision=eva_vit_g gen=() train=() new=128
 if [[ $part == smoke ]]; then
@@ -52,5 +58,9 @@ if [[ $part == train || $part == all ]]; then
         --vision-every-step "${train[@]}"
     case_ train_7b_lengths train --llm $l7 --vision $vision --stage 2 --batch-size 12 --lengths cc_sbu_align \
         --batching pad,group,pack --pack-len 2048 --compile "${train[@]}"
+    if "$py" -c "import liger_kernel" 2>/dev/null; then
+        case_ train_7b_stage2_plain_loss train --llm $l7 --vision $vision --stage 2 --batch-size 12 --compile \
+            --loss-impl plain "${train[@]}"
+    fi
 fi
 echo "done: $(ls "$out")" | tee -a "$log"
