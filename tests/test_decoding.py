@@ -159,6 +159,30 @@ def test_attention_span_grows_in_buckets_with_the_longest_row(llama):
     assert tokens == expected.tolist() and decoder.cache.span == 256 and decoder.lengths == [0, length + 7]
 
 
+def test_prompts_the_slot_cache_cannot_hold_fall_back_to_plain(llama, monkeypatch, caplog):
+    """A model whose cache keeps fewer positions than a long prompt (a sliding window) answers it with transformers'
+    generate: from generate, and from a batched engine, streaming included."""
+    options = GenerationOptions(max_new_tokens=8)
+    expected = answers(llama, "plain", options)
+    original = SlotDecoder.prefill
+
+    def prefill(self, rows, prompts):
+        if max(p.shape[0] for p in prompts) > 60:
+            raise slots_module.FastDecodingUnsupported("the model's cache keeps fewer positions than the prompt")
+        return original(self, rows, prompts)
+
+    monkeypatch.setattr(SlotDecoder, "prefill", prefill)
+    assert answers(llama, "static", options) == expected and "using transformers' generate" in caplog.text
+    engine = ChatEngine(llama, options, max_context=128, batch_slots=2)
+    try:
+        long_question = conversations()[1]
+        assert engine.generate(long_question, [RED]) == expected[1]
+        assert "".join(engine.stream(long_question, [RED])) == expected[1]
+        assert "answering it alone" in caplog.text and not engine.scheduler.running
+    finally:
+        engine.close()
+
+
 def test_decoder_refuses_prompts_longer_than_a_slot(llama):
     decoder = SlotDecoder(llama.llm, slots=1, max_len=8)
     with pytest.raises(ValueError, match="does not fit a decoding slot of 8 positions"):

@@ -248,32 +248,44 @@ class SlotScheduler:
         request.done.set()
 
 
+def stream_callback(streamer: Any, prompt_ids: torch.Tensor) -> Callable[[int], None] | None:
+    """A per-token callback feeding a transformers-style ``streamer``: the prompt with the first token (so a request
+    that fails before its first token has streamed nothing), then each token."""
+    if streamer is None:
+        return None
+    started = []
+
+    def on_token(token: int) -> None:
+        if not started:
+            streamer.put(prompt_ids.cpu())
+            started.append(True)
+        streamer.put(torch.tensor([token]))
+
+    return on_token
+
+
 def generate_batch(
     scheduler: SlotScheduler, embeds: torch.Tensor, attention_mask: torch.Tensor, prompt_ids: torch.Tensor,
     options: GenerationOptions, stops: Sequence[str], streamer: Any = None,
 ) -> list[list[int]]:
     """Answer a left-padded batch synchronously on ``scheduler``; the generated ids of each row. A ``streamer``
-    (transformers' protocol: the prompt first, then each token; batch size 1) sees the tokens as they come."""
+    (transformers' protocol: the prompt first, then each token; batch size 1) sees the tokens as they come and is
+    ended when all are done."""
     requests = []
     for row in range(embeds.shape[0]):
         keep = attention_mask[row].bool()
-        ids = prompt_ids[row][keep].tolist()
-        on_token = None
-        if streamer is not None:
-            streamer.put(prompt_ids[row][keep].cpu())
-            on_token = lambda token: streamer.put(torch.tensor([token]))  # noqa: E731
-        requests.append(DecodeRequest(ids, options, list(stops), embeds=embeds[row][keep], on_token=on_token))
+        ids = prompt_ids[row][keep]
+        requests.append(DecodeRequest(ids.tolist(), options, list(stops), embeds=embeds[row][keep],
+                                      on_token=stream_callback(streamer, ids)))
     for request in requests:
         scheduler.submit(request)
-    try:
-        scheduler.run_until_idle()
-    finally:
-        if streamer is not None:
-            streamer.end()
+    scheduler.run_until_idle()
     for request in requests:
         if request.error is not None:
             raise request.error
+    if streamer is not None:
+        streamer.end()
     return [r.tokens for r in requests]
 
 
-__all__ = ["DecodeRequest", "SlotScheduler", "generate_batch"]
+__all__ = ["DecodeRequest", "SlotScheduler", "generate_batch", "stream_callback"]

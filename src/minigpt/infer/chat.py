@@ -16,13 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
-import torch
-
 from ..data.conversation import Conversation, Image, ImageLike, Part, Text
 from ..data.images import load_image
 from ..data.templates import IMAGE_SLOT, Template
 from ..device import free_memory_bytes
-from .batching import DecodeRequest, SlotScheduler
+from .batching import DecodeRequest, SlotScheduler, stream_callback
+from .decoding import FastDecodingUnsupported
 from .generate import GenerationOptions
 from .slots import kv_bytes_per_position
 
@@ -234,26 +233,24 @@ class ChatEngine:
         """Generate on the batch scheduler when there is one (beam search: alone, between its steps), else
         under the lock; ``streamer`` (transformers' protocol) sees the tokens."""
         model = self.model
-        if self.scheduler is None or options.num_beams > 1:
-            def alone() -> str:
-                return model.generate([conversation], [list(images)], options, streamer=streamer)[0]
 
+        def alone() -> str:
+            return model.generate([conversation], [list(images)], options, streamer=streamer)[0]
+
+        if self.scheduler is None or options.num_beams > 1:
             if self.scheduler is not None:
                 return self.scheduler.run_exclusive(alone)
             with self.lock:
                 return alone()
         batch = model.prepare([conversation], [list(images)], train=False)
-        prompt = batch.text.input_ids[0].tolist()
-        on_token = None
-        if streamer is not None:
-            streamer.put(batch.text.input_ids[0])
-            on_token = lambda token: streamer.put(torch.tensor([token]))  # noqa: E731
+        ids = batch.text.input_ids[0]
         stops = [*model.template.stop_strings, *options.stop]
+        request = DecodeRequest(ids.tolist(), options, stops, batch=batch, on_token=stream_callback(streamer, ids))
         try:
-            request = self.scheduler.generate(DecodeRequest(prompt, options, stops, batch=batch, on_token=on_token))
-        finally:
-            if streamer is not None:
-                streamer.end()
+            self.scheduler.generate(request)
+        except FastDecodingUnsupported as err:  # e.g. a prompt beyond a sliding window: answer it alone
+            log.warning("this request cannot join the batch (%s); answering it alone", err)
+            return self.scheduler.run_exclusive(alone)
         return model.decode(request.tokens, options.stop)
 
     def stream(

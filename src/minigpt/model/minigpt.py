@@ -20,7 +20,7 @@ from ..data.templates import Template, get_template
 from ..data.tokenize import Encoded, TextBatch, collate, encode_conversation, image_positions, next_token_targets
 from ..device import parse_dtype
 from ..infer.batching import SlotScheduler, generate_batch
-from ..infer.decoding import DecodingSettings
+from ..infer.decoding import DecodingSettings, FastDecodingUnsupported
 from ..infer.generate import GenerationOptions, StopOnStrings
 from .llm import load_llm, load_tokenizer
 from .loss import linear_cross_entropy, resolve_loss_impl
@@ -407,8 +407,11 @@ class MiniGPT(nn.Module):
         static = self.decoding.use_static(self.device, options.num_beams)
         scheduler = self._scheduler(text.input_ids, options) if static else None
         if scheduler is not None:
-            rows = generate_batch(scheduler, embeds, text.attention_mask, text.input_ids, options, stops, streamer)
-            return [self.decode(ids, options.stop) for ids in rows]
+            try:
+                rows = generate_batch(scheduler, embeds, text.attention_mask, text.input_ids, options, stops, streamer)
+                return [self.decode(ids, options.stop) for ids in rows]
+            except FastDecodingUnsupported as err:  # e.g. a prompt beyond a sliding window
+                log.warning("static decoding cannot answer this batch (%s); using transformers' generate", err)
         prompt_len = text.input_ids.shape[1]
         # input_ids ride along with the embeddings so repetition penalty also sees the prompt.
         out = self.llm.generate(
