@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
-from .slots import SlotDecoder, SlotSampler
 from .generate import GenerationOptions, hits_stop
+from .slots import SlotDecoder, SlotSampler
 
 if TYPE_CHECKING:
     from ..model.minigpt import MiniGPT, ModelBatch
@@ -62,6 +62,18 @@ class SlotScheduler:
         self.wake = threading.Condition()
         self.thread: threading.Thread | None = None
         self.stopping = False
+
+    @classmethod
+    def for_model(cls, model: "MiniGPT", slots: int, max_len: int) -> "SlotScheduler | None":
+        """A scheduler with ``model.decoding``'s settings, or None (the reason logged) where the model's LLM cannot
+        run the slot decoder: an unsupported model, or a transformers version whose cache API differs."""
+        settings = model.decoding
+        try:
+            return cls(model, slots, max_len, settings.cuda_graphs, settings.compile)
+        except Exception as err:
+            log.warning("static decoding is not available (%s: %s); using transformers' generate",
+                        type(err).__name__, err)
+            return None
 
     @property
     def slots(self) -> int:

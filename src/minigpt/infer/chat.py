@@ -165,11 +165,9 @@ class ChatEngine:
         slots = self._slots_that_fit(slots)
         if slots < 2:
             return None
-        try:
-            scheduler = SlotScheduler(self.model, slots, self.max_context, settings.cuda_graphs, settings.compile)
-        except Exception as err:  # unsupported model, or a transformers version whose cache API differs
-            log.warning("continuous batching is not available (%s: %s): requests are answered one at a time",
-                        type(err).__name__, err)
+        scheduler = SlotScheduler.for_model(self.model, slots, self.max_context)
+        if scheduler is None:
+            log.warning("no continuous batching: requests are answered one at a time")
             return None
         log.info("continuous batching: %d slots of %d positions", slots, self.max_context)
         return scheduler.start()

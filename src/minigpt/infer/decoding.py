@@ -57,4 +57,6 @@ def settings_from_args(args: Any) -> DecodingSettings:
     return DecodingSettings(args.decoding, cuda_graphs=args.cuda_graphs, compile=args.compile_decode)
 
 
-__all__ = ["DECODING_MODES", "DecodingSettings", "FastDecodingUnsupported", "add_decoding_arguments", "settings_from_args"]
+__all__ = [
+    "DECODING_MODES", "DecodingSettings", "FastDecodingUnsupported", "add_decoding_arguments", "settings_from_args",
+]

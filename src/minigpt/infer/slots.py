@@ -8,8 +8,8 @@ transformers' ``generate`` spends most of a batch-1 decode step launching kernel
   own write position, so requests of any prompt length share one batch and can join or leave between steps
   (continuous batching, :mod:`minigpt.infer.batching`).
 - :class:`SlotDecoder` prefills new rows together (their prompts right-padded through the model with a dynamic
-  cache, then copied into the rows) and decodes all rows together: one token per row per step, with a 4-D additive attention mask that opens
-  each row's own positions. The step reads and writes only static buffers, so on CUDA it is captured once as a graph
+  cache, then copied into the rows) and decodes all rows together: one token per row per step, with a 4-D additive
+  attention mask that opens each row's own positions. The step reads and writes only static buffers, so on CUDA it is captured once as a graph
   and then replayed (``--no-cuda-graphs`` turns that off); ``compile`` also compiles each decoder layer inside the
   graph (fused kernels).
 - :class:`SlotSampler` picks the next token of every row at once: greedy, or temperature / top-k / top-p sampling,
@@ -174,19 +174,15 @@ class SlotDecoder:
         for row in range(self.slots):
             self.release(row)
 
-    def _kwargs(self, **extra: Any) -> dict[str, Any]:
-        if self.keep_kw:
-            extra["logits_to_keep"] = 1
-        return extra
-
     def _step(self, span: int) -> torch.Tensor:
         """One token for every row, attending to the first ``span`` positions: open each row's write position, run
         the LLM, advance the active rows."""
         cache = self.cache
         cache.span = span
         self.mask.index_put_((cache.rows, self._zeros, self._zeros, cache.positions), self._open)
+        extra = {"logits_to_keep": 1} if self.keep_kw else {}
         out = self.llm(input_ids=self.input_ids, position_ids=cache.positions[:, None],
-                       attention_mask=self.mask[..., :span], use_cache=True, **self._kwargs(**{self.cache_kw: cache}))
+                       attention_mask=self.mask[..., :span], use_cache=True, **{self.cache_kw: cache}, **extra)
         cache.positions.add_(self.active.long())
         return out.logits[:, -1]
 
@@ -337,16 +333,15 @@ class SlotSampler:
 
     def sampling_probs(self, scores: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """The distribution each row samples from: temperature, then top-k (0: off), then top-p."""
-        scores = scores / self.temperature[index]
+        ordered, order = (scores / self.temperature[index]).sort(dim=-1, descending=True)  # one sort serves both
         k = self.top_k[index]
-        kth = scores.sort(dim=-1, descending=True).values.gather(1, (k - 1).clamp(min=0))
-        scores = torch.where((k > 0) & (scores < kth), float("-inf"), scores)
-        ordered, order = scores.sort(dim=-1, descending=True)
+        kth = ordered.gather(1, (k - 1).clamp(min=0))
+        ordered = ordered.masked_fill((k > 0) & (ordered < kth), float("-inf"))
         probs = ordered.softmax(-1)
         better = probs.cumsum(-1) - probs  # the mass of the tokens ranked above each one
         top_p = self.top_p[index]
-        drop = torch.zeros_like(better, dtype=torch.bool).scatter(1, order, (better >= top_p) & (top_p < 1))
-        return scores.masked_fill(drop, float("-inf")).softmax(-1)
+        probs = ordered.masked_fill((better >= top_p) & (top_p < 1), float("-inf")).softmax(-1)
+        return torch.zeros_like(probs).scatter(1, order, probs)
 
 
 __all__ = ["SlotCache", "SlotDecoder", "SlotLayer", "SlotSampler", "kv_bytes_per_position", "span_buckets"]

@@ -440,13 +440,9 @@ class MiniGPT(nn.Module):
         if current is not None and current.slots >= input_ids.shape[0] and current.max_len >= max_len:
             return current
         self._slot_scheduler = None  # free the old cache first
-        try:
-            scheduler = SlotScheduler(self, input_ids.shape[0], max_len, settings.cuda_graphs, settings.compile)
-        except Exception as err:  # unsupported model, or a transformers version whose cache API differs
-            log.warning("static decoding is not available (%s: %s); using transformers' generate",
-                        type(err).__name__, err)
+        scheduler = SlotScheduler.for_model(self, input_ids.shape[0], max_len)
+        if scheduler is None:
             self.decoding = DecodingSettings(mode="plain")
-            return None
         self._slot_scheduler = scheduler
         return scheduler
 

@@ -53,23 +53,27 @@ def _plain_runner(model: Any, batch: Any) -> Callable[[int], list[int]]:
     return run
 
 
-def _static_runner(scheduler: Any, prompt: Any, requests: int) -> Callable[[int], list[int]]:
-    """Submit ``requests`` copies of the one-prompt ``prompt`` batch and decode them; the first one's ids."""
+def _decode_copies(scheduler: Any, prompt: Any, new_tokens: int, count: int,
+                   on_token: Callable[[int], Callable[[int], None]] | None = None) -> list[Any]:
+    """``count`` copies of the one-prompt ``prompt`` batch decoded together on ``scheduler``, exactly ``new_tokens``
+    each (``on_token(i)``: request i's per-token callback); the finished requests."""
     from ...infer.batching import DecodeRequest
     from ...infer.generate import GenerationOptions
 
     ids = prompt.text.input_ids[0].tolist()
+    options = GenerationOptions(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    reqs = [scheduler.submit(DecodeRequest(ids, options, batch=prompt, on_token=on_token(i) if on_token else None))
+            for i in range(count)]
+    scheduler.run_until_idle()
+    for req in reqs:
+        if req.error is not None:
+            raise req.error
+    return reqs
 
-    def run(new_tokens: int) -> list[int]:
-        options = GenerationOptions(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
-        reqs = [scheduler.submit(DecodeRequest(ids, options, batch=prompt)) for _ in range(requests)]
-        scheduler.run_until_idle()
-        for req in reqs:
-            if req.error is not None:
-                raise req.error
-        return reqs[0].tokens
 
-    return run
+def _static_runner(scheduler: Any, prompt: Any, requests: int) -> Callable[[int], list[int]]:
+    """Decode ``requests`` copies of the one-prompt ``prompt`` batch; the first one's ids."""
+    return lambda new_tokens: _decode_copies(scheduler, prompt, new_tokens, requests)[0].tokens
 
 
 def _timed(run: Callable[[int], list[int]], device: torch.device, tokens: list[list[int]]) -> Callable[[int], float]:
@@ -95,20 +99,14 @@ def _first_time(mark: list[float], token: int) -> None:
 def _concurrent_case(scheduler: Any, prompt: Any, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """``--concurrent`` requests at once: aggregate tokens/s and mean time to first token (measured per request)."""
     from ...device import synchronize
-    from ...infer.batching import DecodeRequest
-    from ...infer.generate import GenerationOptions
 
-    ids = prompt.text.input_ids[0].tolist()
-    options = GenerationOptions(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
     walls, ttfts = [], []
     for _ in range(args.repeats + 1):  # the first round warms up
         marks: list[list[float]] = [[] for _ in range(args.concurrent)]
         synchronize(device)
         start = time.perf_counter()
-        for mark in marks:
-            scheduler.submit(DecodeRequest(ids, options, batch=prompt, on_token=functools.partial(_first_time, mark)))
-        with torch.inference_mode():
-            scheduler.run_until_idle()
+        _decode_copies(scheduler, prompt, args.new_tokens, args.concurrent,
+                       on_token=lambda i: functools.partial(_first_time, marks[i]))
         synchronize(device)
         walls.append(time.perf_counter() - start)
         ttfts.append(statistics.mean(mark[0] - start for mark in marks))
