@@ -67,8 +67,7 @@ from torch import nn
 
 from ..device import dist_backend, resolve_device, set_device
 from .checkpoint import checkpoint_dir, list_checkpoints, save_checkpoint
-from .data import SampleEncoder, TrainData, eval_loader
-from .loop import Reporter, Schedule, Trainer, build_model, build_optimizer, seed_everything
+from .loop import Trainer, build_model, build_optimizer
 from .strategy import Strategy
 
 log = logging.getLogger(__name__)
@@ -711,7 +710,7 @@ class PipelineTrainer(Trainer):
     """The loop of :class:`~.loop.Trainer` with DeepSpeed's pipeline engine doing each step
     (``engine.train_batch``) and each evaluation (``engine.eval_batch``)."""
 
-    def __init__(self, config: Any, strategy: DeepSpeedPipeline) -> None:  # noqa: C901 - the Trainer's set-up
+    def __init__(self, config: Any, strategy: DeepSpeedPipeline) -> None:
         run, data = config.run, config.data
         problems = [what for what, bad in (
             ("model.lora", config.model.lora is not None), ("data.packing", getattr(data, "packing", False)),
@@ -720,40 +719,15 @@ class PipelineTrainer(Trainer):
         ) if bad]
         if problems:
             raise ValueError(f"run.strategy deepspeed_pipeline does not support {', '.join(problems)}")
-        self.config, self.run, self.strategy = config, run, strategy
-        self.out = Path(run.output_dir)
-        self.reporter = Reporter(self.out, strategy.is_main, run.report_to, config)
-        if run.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
-        seed_everything(run.seed)
-
+        self._begin(config, strategy)
         model = build_model(config.model, run.seed)  # whole and on the CPU; build() moves this stage's layers
         if getattr(run, "attn_implementation", "sdpa") != "sdpa":
             model.llm.set_attn_implementation(run.attn_implementation)
         self.model = model
         self.pipe = strategy.build(model)
         self.params = [p for p in self.pipe.parameters() if p.requires_grad]
-        optimizer = build_optimizer(self.pipe, run.optimizer)
-
-        self.global_batch = run.batch_size * run.grad_accum * strategy.world_size
-        encoder = SampleEncoder.for_model(model, data.augment, run.seed, data.min_scale, data.hflip)
-        self.data = TrainData(data.datasets, encoder, run.seed, self.global_batch, run.iters_per_epoch)
-        self.total_steps = run.max_steps or run.epochs * self.data.steps_per_epoch
-        self.schedule = Schedule(run.schedule, run.optimizer.lr, self.total_steps)
-        self.eval_loader = None
-        if data.eval:
-            eval_encoder = SampleEncoder.for_model(model, train=False, seed=run.seed)
-            self.eval_loader = eval_loader(
-                data.eval, eval_encoder, run.eval_batch_size or run.batch_size, strategy.rank,
-                strategy.world_size, self.pad_id, data.num_workers,
-            )
-        self.step = 0
-        self.counters = {"samples": 0, "tokens": 0, "skipped": 0, "skipped_records": self.data.read_skipped}
-        self._warned = 0
-        self._evaluated_at = None
-        self.optimizer = optimizer
-        self._resume()
-        self.forward_model, self.optimizer = strategy.prepare(self.pipe, optimizer)
+        self._plan_data()
+        self._ready(self.pipe, build_optimizer(self.pipe, run.optimizer))
         self.engine = strategy.engine
         self.image_size = model.config.vision.image_size
 

@@ -307,14 +307,8 @@ class TrainResult:
 
 class Trainer:
     def __init__(self, config: TrainConfig, strategy: Strategy) -> None:
-        self.config, self.run, self.strategy = config, config.run, strategy
+        self._begin(config, strategy)
         run = self.run
-        self.out = Path(run.output_dir)
-        self.reporter = Reporter(self.out, strategy.is_main, run.report_to, config)  # fails early on missing deps
-        if run.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
-        seed_everything(run.seed)
-
         with strategy.model_init():
             model = build_model(config.model, run.seed).to(strategy.device)
         if run.grad_checkpointing:
@@ -328,10 +322,25 @@ class Trainer:
         if strategy.scaler is not None and any(p.dtype == torch.float16 for p in self.params):
             raise ValueError("fp16 loss scaling needs float32 trainable parameters; use bf16 or a float32 LLM")
         optimizer = build_optimizer(model, run.optimizer)
-
         data = config.data
+        self._plan_data(open_feature_cache(data.feature_cache, model, data.augment) if data.feature_cache else None)
+        self._ready(model, optimizer)
+
+    # Set-up phases, shared with the pipeline's Trainer (minigpt.train.deepspeed), which builds its model otherwise.
+    def _begin(self, config: TrainConfig, strategy: Strategy) -> None:
+        """Configuration, outputs (failing early on missing reporting packages), determinism and seeds."""
+        self.config, self.run, self.strategy = config, config.run, strategy
+        run = self.run
+        self.out = Path(run.output_dir)
+        self.reporter = Reporter(self.out, strategy.is_main, run.report_to, config)
+        if run.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        seed_everything(run.seed)
+
+    def _plan_data(self, features: Any = None) -> None:
+        """The training data of ``self.model`` (visual features from a cache when given), the schedule, the eval set."""
+        run, data, strategy, model = self.run, self.config.data, self.strategy, self.model
         self.global_batch = run.batch_size * run.grad_accum * strategy.world_size
-        features = open_feature_cache(data.feature_cache, model, data.augment) if data.feature_cache else None
         encoder = SampleEncoder.for_model(model, data.augment, run.seed, data.min_scale, data.hflip, features)
         self.data = TrainData(data.datasets, encoder, run.seed, self.global_batch, run.iters_per_epoch,
                               data.group_by_length, data.group_window)
@@ -345,6 +354,9 @@ class Trainer:
                 self.pad_id, data.num_workers,
             )
 
+    def _ready(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Counters, the resumed state (when a checkpoint is there), and ``module`` + ``optimizer`` prepared by the
+        strategy."""
         self.step = 0
         # "skipped": samples dropped while training (bad image, ...); "skipped_records": malformed records
         self.counters = {"samples": 0, "tokens": 0, "skipped": 0, "skipped_records": self.data.read_skipped}
@@ -353,7 +365,7 @@ class Trainer:
         self._eval_task_data: Any = None
         self.optimizer = optimizer
         self._resume()
-        self.forward_model, self.optimizer = strategy.prepare(model, optimizer)
+        self.forward_model, self.optimizer = self.strategy.prepare(module, optimizer)
 
     @property
     def pad_id(self) -> int:
