@@ -26,6 +26,15 @@ COMMANDS: list[str] = [
 ]
 
 
+def add_command_group(subparsers: argparse._SubParsersAction, name: str, help: str, description: str
+                      ) -> argparse._SubParsersAction:
+    """A command made of sub-commands (``minigpt NAME WHAT``; ``minigpt NAME`` alone prints its help): the
+    sub-parsers to add them to."""
+    parser = subparsers.add_parser(name, help=help, description=description)
+    parser.set_defaults(func=lambda args: (parser.print_help(), 0)[1])
+    return parser.add_subparsers(dest=f"{name}_command", metavar="WHAT")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 

@@ -26,14 +26,14 @@ from typing import Any
 
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "convert",
+    from ..cli import add_command_group
+
+    sub = add_command_group(
+        subparsers, "convert",
         help="convert LAVIS / MiniGPT-4 / transformers / DeepSpeed checkpoints; export to transformers",
         description="Convert checkpoints of the original projects into minigpt parts and model directories, "
                     "and export a model to a transformers Blip2ForConditionalGeneration folder.",
     )
-    sub = p.add_subparsers(dest="convert_command", metavar="WHAT")
-    p.set_defaults(func=lambda args: (p.print_help(), 0)[1])
 
     q = sub.add_parser("lavis", help="LAVIS eva_vit_g.pth + blip2_pretrained*.pth -> vision encoder folder")
     q.add_argument("--eva", required=True, metavar="PTH", help="EVA ViT-g file (eva_vit_g.pth)")

@@ -26,14 +26,14 @@ FORMATS_HELP = "llava, minigpt4qwen, cc_sbu_align, captions_json, captions_csv o
 
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "data",
+    from ..cli import add_command_group
+
+    sub = add_command_group(
+        subparsers, "data",
         help="analyze token lengths, check and clean, convert datasets",
         description="Dataset tools: token-length analysis with the model's template, integrity checks with a "
                     "cleaned copy, and conversion between LLaVA, MiniGPT4Qwen, cc_sbu_align and webdataset.",
     )
-    sub = p.add_subparsers(dest="data_command", metavar="WHAT")
-    p.set_defaults(func=lambda args: (p.print_help(), 0)[1])
 
     q = sub.add_parser("analyze",
                        help="token-length distribution, truncation at a max length, recommended max_txt_len",

@@ -24,16 +24,16 @@ from .train import bench_train
 
 
 def register(subparsers: Any) -> None:
+    from ...cli import add_command_group
     from ...device import add_device_argument
     from ...model.loss import LOSS_IMPLS
 
-    p = subparsers.add_parser(
-        "bench", help="benchmark the training step and generation (JSON: samples/s, MFU, memory, TTFT)",
+    sub = add_command_group(
+        subparsers, "bench",
+        help="benchmark the training step and generation (JSON: samples/s, MFU, memory, TTFT)",
         description="Time a MiniGPT of real (or small) shapes with random weights on synthetic batches and print "
                     "the figures as JSON. Runs on CPU with small shapes and on a GPU with real ones.",
     )
-    sub = p.add_subparsers(dest="bench_command", metavar="WHAT")
-    p.set_defaults(func=lambda args: (p.print_help(), 0)[1])
 
     def common(q: argparse.ArgumentParser) -> None:
         q.add_argument("--llm", default="tiny", metavar="SHAPE",
