@@ -22,7 +22,7 @@ from minigpt.convert.lavis import (
     save_vision,
     vision_config_from_lavis,
 )
-from minigpt.convert.safe_load import UnsafeCheckpointError
+from minigpt.safe_load import UnsafeCheckpointError
 from minigpt.model.vision import Blip2VisionEncoder, VisionConfig
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "lavis-tiny"

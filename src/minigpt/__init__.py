@@ -8,13 +8,18 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .data.conversation import Conversation, Image, Sample, Text
+    from .infer.engine import Engine
     from .infer.generate import GenerationOptions
-    from .model.minigpt import MiniGPT, MiniGPTConfig
+    from .model.config import MiniGPTConfig
+    from .model.minigpt import MiniGPT
+    from .model.processor import MiniGPTProcessor
     from .model.vision import VisionConfig
 
 _LAZY = {
+    "Engine": "minigpt.infer.engine",
     "MiniGPT": "minigpt.model.minigpt",
-    "MiniGPTConfig": "minigpt.model.minigpt",
+    "MiniGPTConfig": "minigpt.model.config",
+    "MiniGPTProcessor": "minigpt.model.processor",
     "VisionConfig": "minigpt.model.vision",
     "Conversation": "minigpt.data.conversation",
     "Image": "minigpt.data.conversation",

@@ -22,7 +22,7 @@ COMMANDS: list[str] = [
     "minigpt.convert.cli",
     "minigpt.data.cli",
     "minigpt.tools.info",
-    "minigpt.tools.bench",
+    "minigpt.tools.bench.cli",
 ]
 
 

@@ -203,8 +203,12 @@ def assemble(
     import json
 
     from ..model.llm import meta_llm as build_meta_llm
-    from ..model.minigpt import MiniGPT, MiniGPTConfig, load_projector_weights
-    from .lavis import VISION_CONFIG, ConversionReport, convert_minigpt4_projector
+    from ..model.config import MiniGPTConfig
+    from ..model.minigpt import MiniGPT
+    from ..model.processor import MiniGPTProcessor
+    from ..model.projector import load_projector_weights
+    from ..model.vision import VISION_CONFIG
+    from .lavis import ConversionReport, convert_minigpt4_projector
 
     vision = Path(vision)
     if not (vision / VISION_CONFIG).is_file():
@@ -235,7 +239,9 @@ def assemble(
             f"a {projector_type} projector needs {want}"
         )
     model.projector.load_state_dict(weights)
-    return model.save_pretrained(out, trainable_only=not full), report
+    written = model.save_pretrained(out, trainable_only=not full)
+    MiniGPTProcessor.from_config(config).save_pretrained(out)
+    return written, report
 
 
 def _assemble(args: argparse.Namespace) -> int:

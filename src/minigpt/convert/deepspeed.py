@@ -74,7 +74,7 @@ import torch
 
 from ..model.llm import meta_llm
 from .lavis import ConversionReport, convert_lavis_vision
-from .safe_load import UnsafeCheckpointError, load_checkpoint, unwrap
+from ..safe_load import UnsafeCheckpointError, load_checkpoint, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -540,7 +540,9 @@ def write_model_dir(
     ``full`` every part is written (a self-contained folder); otherwise as training writes its results
     (``trainable_only``: frozen parts with a recorded source are referenced, not copied).
     """
-    from ..model.minigpt import MiniGPT, MiniGPTConfig
+    from ..model.config import MiniGPTConfig
+    from ..model.minigpt import MiniGPT
+    from ..model.processor import MiniGPTProcessor
 
     state, report = converted.state, converted.report
     parts = {
@@ -577,7 +579,9 @@ def write_model_dir(
     else:
         report.notes.append(f"llm: from {build.llm}")
     model.apply_freeze(build.freeze)
-    return model.save_pretrained(out, trainable_only=not full)
+    written = model.save_pretrained(out, trainable_only=not full)
+    MiniGPTProcessor.from_config(build).save_pretrained(out)
+    return written
 
 
 def convert_deepspeed(
@@ -606,8 +610,8 @@ def convert_deepspeed(
     """
     import json
 
-    from ..model.minigpt import CONFIG_FILE, MiniGPTConfig
-    from .lavis import VISION_CONFIG
+    from ..model.config import CONFIG_FILE, MiniGPTConfig
+    from ..model.vision import VISION_CONFIG
 
     tag_dir = resolve_tag_dir(checkpoint, tag)
     overrides: dict[str, Any] = {}
@@ -675,7 +679,7 @@ def convert_deepspeed(
 def _config_dict(config: Any) -> dict[str, Any] | None:
     import json
 
-    from ..model.minigpt import CONFIG_FILE
+    from ..model.config import CONFIG_FILE
 
     if config is None:
         return None

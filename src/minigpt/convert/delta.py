@@ -130,7 +130,7 @@ class ShardedWeights:
                 yield name, list(value.shape), value.dtype
 
     def _load_bin(self, file: Path) -> dict[str, torch.Tensor]:
-        from .safe_load import UnsafeCheckpointError, unwrap
+        from ..safe_load import UnsafeCheckpointError, unwrap
 
         try:
             try:

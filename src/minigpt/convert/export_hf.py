@@ -136,10 +136,10 @@ def _llm_state(llm: nn.Module, rows: int) -> dict[str, torch.Tensor]:
     return state
 
 
-def _generation_config(model: Any, tokenizer: Any) -> Any:
+def _generation_config(template: Template, tokenizer: Any) -> Any:
     from transformers import GenerationConfig
 
-    eos = [ids[0] for ids in model.template.stop_token_ids(tokenizer) if len(ids) == 1]
+    eos = [ids[0] for ids in template.stop_token_ids(tokenizer) if len(ids) == 1]
     if tokenizer.eos_token_id is not None:
         eos.append(tokenizer.eos_token_id)
     return GenerationConfig(
@@ -149,11 +149,13 @@ def _generation_config(model: Any, tokenizer: Any) -> Any:
 
 
 def export_hf(
-    model_or_dir: Any, out: str | Path, dtype: str | torch.dtype | None = None, max_shard_size: str = "5GB"
+    model_or_dir: Any, out: str | Path, dtype: str | torch.dtype | None = None, max_shard_size: str = "5GB",
+    processor: Any = None,
 ) -> ExportResult:
     """Write ``out`` as a ``Blip2ForConditionalGeneration`` folder + ``Blip2Processor`` files.
 
-    ``model_or_dir``: a :class:`~minigpt.model.minigpt.MiniGPT` (left unchanged) or its directory.
+    ``model_or_dir``: a :class:`~minigpt.model.minigpt.MiniGPT` (left unchanged; ``processor``: its processor, else
+    the one its config names) or its directory.
     ``dtype``: of the saved weights (default: the model's LLM dtype); the Q-Former and query tokens are saved
     in float32 (transformers' ``_keep_in_fp32_modules``; its loader may still cast them to ``dtype``).
     """
@@ -162,17 +164,20 @@ def export_hf(
 
     from ..device import dtype_name, parse_dtype
     from ..model.minigpt import MiniGPT
+    from ..model.processor import MiniGPTProcessor
 
     if isinstance(model_or_dir, (str, Path)):  # load the LLM in the export dtype straight away (memory)
         overrides = {"llm_dtype": dtype_name(parse_dtype(dtype))} if dtype else {}
         model = MiniGPT.from_pretrained(model_or_dir, **overrides)
+        processor = MiniGPTProcessor.from_pretrained(model_or_dir, model.config)
     else:
         model = model_or_dir
+        processor = processor or MiniGPTProcessor.from_config(model.config)
     dtype = parse_dtype(dtype or model.config.llm_dtype)
     out = Path(out)
     report = ConversionReport()
 
-    tokenizer, image_index = _image_token(model.tokenizer, model.config.trust_remote_code)
+    tokenizer, image_index = _image_token(processor.tokenizer, model.config.trust_remote_code)
     rows = model.llm.get_input_embeddings().weight.shape[0]
     added = max(0, image_index + 1 - rows)
     text_config = copy.deepcopy(model.llm.config)
@@ -182,7 +187,7 @@ def export_hf(
                             "rows (new rows = mean of the old)")
     else:
         report.notes.append(f"{IMAGE_TOKEN} is token {image_index} (inside the existing {rows} embedding rows)")
-    generation = _generation_config(model, tokenizer)
+    generation = _generation_config(processor.template, tokenizer)
     # Blip2ForConditionalGeneration.generate runs language_model.generate, whose defaults come from text_config:
     # give it the template's single-token stops too.
     text_config.eos_token_id = generation.eos_token_id
@@ -226,7 +231,7 @@ def export_hf(
         f"post_layernorm (ln_vision) eps: transformers uses the ViT's {v.vit_eps}, minigpt {v.ln_vision_eps} "
         "(image embeddings differ by ~3e-6)"
     )
-    example = Conversation().add("user", [Image(), Text(model.template.image_separator + "Describe the image.")])
+    example = Conversation().add("user", [Image(), Text(processor.template.image_separator + "Describe the image.")])
     info: dict[str, Any] = {
         "exported_by": "minigpt convert export-hf",
         "template": model.config.template,
@@ -238,7 +243,7 @@ def export_hf(
         "source_llm": model.config.llm,
     }
     try:
-        info["prompt_example"] = hf_prompt(model.template, tokenizer, example, v.num_query_tokens)
+        info["prompt_example"] = hf_prompt(processor.template, tokenizer, example, v.num_query_tokens)
     except ValueError:  # a template that cannot render the example (e.g. 'hf' without chat_template)
         pass
     (out / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from transformers import Blip2Config, Blip2VisionConfig
 
-from minigpt.convert.safe_load import load_checkpoint, unwrap
-from minigpt.model.vision import Blip2VisionEncoder, VisionConfig
+from minigpt.safe_load import load_checkpoint, unwrap
+from minigpt.model.projector import PROJECTOR_PREFIXES, projector_state
+from minigpt.model.vision import Blip2VisionEncoder, VisionConfig, load_vision, save_vision
 
 __all__ = [
     "ConversionReport", "MissingKeysError", "load_checkpoint", "vision_config_from_lavis", "convert_lavis_vision",
@@ -32,10 +32,7 @@ __all__ = [
 StateDict = dict[str, torch.Tensor]
 Source = str | Path | Mapping[str, torch.Tensor]
 
-VISION_CONFIG = "vision_config.json"
-VISION_WEIGHTS = "vision.safetensors"
 HF_PREFIXES = ("vision_model.", "qformer.", "query_tokens")
-PROJECTOR_PREFIXES = ("llama_proj.", "llm_proj.", "visionpipe.llm_proj.")
 
 #: (LAVIS name, our name); ``{i}``/``{n}`` are numbers, ``{a}`` one name part, ``{r}`` the rest. First match wins.
 LAVIS_RULES = [
@@ -228,16 +225,14 @@ def convert_minigpt4_projector(ckpt: Source) -> tuple[StateDict, ConversionRepor
     """``llama_proj`` (MiniGPT-4), ``llm_proj`` (MiniGPT4Qwen) or ``visionpipe.llm_proj`` (MPP pipeline
     ``layer_00-model_states.pt``) -> float32 ``{"weight", "bias"}`` of an ``nn.Linear``."""
     state = _state(ckpt)
-    found = [p for p in PROJECTOR_PREFIXES if p + "weight" in state and p + "bias" in state]
-    if len(found) != 1:
-        names = ", ".join(p + "{weight,bias}" for p in PROJECTOR_PREFIXES)
-        raise MissingKeysError(f"expected exactly one projector of {names}; found {found or 'none'}")
-    used = {name: found[0] + name for name in ("weight", "bias")}
-    out = {name: state[key].to(torch.float32).contiguous() for name, key in used.items()}
+    try:
+        out, prefix = projector_state(state)
+    except ValueError as err:
+        raise MissingKeysError(str(err)) from None
     out_dim, in_dim = out["weight"].shape
     return out, ConversionReport(
-        ignored=[k for k in state if k not in used.values()],
-        notes=[f"{found[0].rstrip('.')}: in {in_dim} -> out {out_dim}"],
+        ignored=[k for k in state if not k.startswith(prefix) or k[len(prefix):] not in out],
+        notes=[f"{prefix.rstrip('.')}: in {in_dim} -> out {out_dim}"],
     )
 
 
@@ -293,23 +288,3 @@ def convert_hf_blip2(
         f"post_layernorm eps {config.ln_vision_eps} (LAVIS ln_vision), not transformers' {hf_eps}",
     ]
     return config, out, report
-
-
-def save_vision(directory: str | Path, config: VisionConfig, state_dict: Mapping[str, torch.Tensor]) -> Path:
-    """Write ``vision_config.json`` + ``vision.safetensors`` into ``directory`` (created); returns it."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / VISION_CONFIG).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    tensors = {k: v.contiguous() for k, v in state_dict.items()}
-    save_file(tensors, directory / VISION_WEIGHTS, metadata={"format": "pt"})
-    return directory
-
-
-def load_vision(directory: str | Path) -> Blip2VisionEncoder:
-    """A :func:`save_vision` directory -> encoder in eval mode (strict load, no random init)."""
-    directory = Path(directory)
-    config = VisionConfig.from_dict(json.loads((directory / VISION_CONFIG).read_text()))
-    with torch.device("meta"):
-        model = Blip2VisionEncoder(config)
-    model.load_state_dict(load_file(directory / VISION_WEIGHTS), strict=True, assign=True)
-    return model.eval()

@@ -93,7 +93,7 @@ def _checkpoint_file(path: Path) -> Path:
 
 def read_lora_weights(path: str | Path) -> LoraWeights:
     """The LoRA (and other) tensors of a checkpoint folder, a run folder or a weights file."""
-    from .safe_load import load_checkpoint
+    from ..safe_load import load_checkpoint
 
     file = _checkpoint_file(Path(path))
     state = load_checkpoint(file)
@@ -184,40 +184,43 @@ def _is_minigpt_dir(path: Path) -> bool:
     return "vision" in data and "llm" in data and "model_type" not in data
 
 
-def _load_base(base: Path | None, config: Any, dtype: str | None, trust_remote_code: bool) -> tuple[str, Any]:
-    """("minigpt", MiniGPT) or ("llm", (llm, tokenizer))."""
+def _load_base(base: Path | None, config: Any, dtype: str | None, trust_remote_code: bool) -> tuple[str, Any, Any]:
+    """("minigpt", MiniGPT, its processor) or ("llm", llm, its tokenizer)."""
     if base is None:
         if config is None:
             raise ValueError("give the base model: --base (a minigpt model directory or an LLM folder), or --config "
                              "(the run's training YAML) to build it as the run did")
-        from ..train.loop import build_model
+        from ..train.loop import build_model, build_processor
 
         section = config.model.model_copy(update={"lora": None})
         if dtype:
             section = section.model_copy(update={"llm_dtype": dtype})
-        return "minigpt", build_model(section, config.run.seed)
+        model = build_model(section, config.run.seed)
+        return "minigpt", model, build_processor(section, model)
     if not base.is_dir():
         raise FileNotFoundError(f"--base {base}: no such folder")
     if _is_minigpt_dir(base):
         from ..model.minigpt import MiniGPT
+        from ..model.processor import MiniGPTProcessor
 
         overrides: dict[str, Any] = {"llm_dtype": dtype} if dtype else {}
-        if trust_remote_code:
-            overrides["trust_remote_code"] = True
-        return "minigpt", MiniGPT.from_pretrained(base, **overrides)
+        model = MiniGPT.from_pretrained(base, trust_remote_code=trust_remote_code, **overrides)
+        return "minigpt", model, MiniGPTProcessor.from_pretrained(base, model.config)
     if (base / "config.json").is_file():
         from transformers import AutoTokenizer
 
         from ..model.llm import load_llm
 
         llm = load_llm(base, dtype or "float32", trust_remote_code=trust_remote_code)
-        return "llm", (llm, AutoTokenizer.from_pretrained(str(base), trust_remote_code=trust_remote_code))
+        return "llm", llm, AutoTokenizer.from_pretrained(str(base), trust_remote_code=trust_remote_code)
     raise FileNotFoundError(f"--base {base}: neither a minigpt model directory nor a transformers LLM folder")
 
 
-def _save_minigpt(model: Any, out: Path, full: bool) -> list[str]:
+def _save_minigpt(model: Any, processor: Any, out: Path, full: bool) -> list[str]:
     """``save_pretrained`` with the (merged) LLM stored and the base's ``freeze`` recorded (as training's final)."""
-    return model.save_pretrained(out, trainable_only=not full, include=("llm",))
+    written = model.save_pretrained(out, trainable_only=not full, include=("llm",))
+    processor.save_pretrained(out)
+    return written
 
 
 def _fresh(path: Path, what: str) -> None:
@@ -259,8 +262,8 @@ def merge_lora(
 
                 train_config = load_config(found)
                 report.notes.append(f"LoRA settings from {found}")
-    kind, loaded = _load_base(Path(base) if base is not None else None, train_config, dtype, trust_remote_code)
-    llm = loaded.llm if kind == "minigpt" else loaded[0]
+    kind, loaded, text = _load_base(Path(base) if base is not None else None, train_config, dtype, trust_remote_code)
+    llm = loaded.llm if kind == "minigpt" else loaded
 
     if peft_dir:
         from peft import PeftConfig, PeftModel
@@ -320,19 +323,18 @@ def merge_lora(
     with atomic_directory(out) as tmp:
         if kind == "minigpt":
             loaded.llm = merged
-            written = _save_minigpt(loaded, tmp, full)
+            written = _save_minigpt(loaded, text, tmp, full)
         else:
             if export_hf_dir is not None:
                 raise ValueError("--export-hf needs a minigpt model as the base (a plain LLM folder was given)")
-            tokenizer = loaded[1]
             merged.save_pretrained(tmp, max_shard_size=max_shard_size)
-            tokenizer.save_pretrained(tmp)
+            text.save_pretrained(tmp)
             written = ["llm"]
         (tmp / MERGE_INFO).write_text(json.dumps(info, indent=2) + "\n")
     result = MergeResult(out, kind, modules, rank, alpha, written, report=report)
     if export_hf_dir is not None:
         from .export_hf import export_hf
 
-        result.hf = export_hf(loaded.eval(), export_hf_dir, max_shard_size=max_shard_size)
+        result.hf = export_hf(loaded.eval(), export_hf_dir, max_shard_size=max_shard_size, processor=text)
         report.notes.extend(result.hf.report.notes)
     return result

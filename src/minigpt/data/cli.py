@@ -186,8 +186,6 @@ def _cache_features(args: argparse.Namespace) -> int:
     if min(args.batch_size, args.shard_size, args.workers) < 1:
         raise ValueError("--batch-size, --shard-size and --workers must be at least 1")
     if args.config:
-        from safetensors.torch import load_file
-
         from ..model.minigpt import load_vision_encoder
         from ..train.config import load_config
 
@@ -197,30 +195,19 @@ def _cache_features(args: argparse.Namespace) -> int:
         specs = list(config.data.datasets) + (list(config.data.eval) if args.eval_data else [])
         sources = [read_dataset(spec.reader_spec()) for spec in specs]
         torch.manual_seed(config.run.seed)  # the same random init as training's build_model
-        encoder = load_vision_encoder(config.model.minigpt_config())
         init = config.model.init_from
-        if init and (Path(init) / "vision.safetensors").is_file():
-            encoder.load_state_dict(load_file(Path(init) / "vision.safetensors"), strict=True)
+        encoder = load_vision_encoder(config.model.minigpt_config(), Path(init) if init else None)
     else:
-        from ..model.minigpt import CONFIG_FILE, MiniGPTConfig, load_vision_encoder
-        from ..model.vision import Blip2VisionEncoder
+        from ..model.minigpt import PART_FILES, load_config as load_model_config, load_vision_encoder
         from .convert import open_dataset
 
         if not args.dataset or not args.format:
             raise ValueError("with --model give DATASET and --format")
         directory = Path(args.model)
-        if not (directory / CONFIG_FILE).is_file():
-            raise FileNotFoundError(f"{directory} is not a minigpt model directory (no {CONFIG_FILE})")
-        model_config = MiniGPTConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
-        if (directory / "vision.safetensors").is_file():
-            from safetensors.torch import load_file
-
-            encoder = Blip2VisionEncoder(model_config.vision)
-            encoder.load_state_dict(load_file(directory / "vision.safetensors"), strict=True)
-        elif model_config.vision_weights:
-            encoder = load_vision_encoder(model_config)
-        else:
+        model_config = load_model_config(directory)
+        if not (directory / PART_FILES["vision"]).is_file() and not model_config.vision_weights:
             raise ValueError(f"{directory} has no vision weights (vision.safetensors or vision_weights)")
+        encoder = load_vision_encoder(model_config, directory)
         sources = [open_dataset(args.format, args.dataset, args.image_root)]
     device = resolve_device(args.device)
     amp = amp_dtype(device, {"bf16": "bfloat16", "fp16": "float16"}.get(args.amp, args.amp))

@@ -123,6 +123,18 @@ class TextBatch:
                        target_ids=target_ids)
 
 
+@dataclass
+class ModelBatch:
+    """What the model takes: tokenized conversations plus the pixels of all their images, in slot order."""
+
+    text: TextBatch
+    pixel_values: torch.Tensor | None  # [N_images, 3, S, S]
+
+    def to(self, device: torch.device | str) -> "ModelBatch":
+        pixels = self.pixel_values.to(device) if self.pixel_values is not None else None
+        return ModelBatch(self.text.to(device), pixels)
+
+
 def image_positions(image_mask: torch.Tensor) -> torch.Tensor:
     """Flat indices into ``[B * T]`` of the True positions of ``image_mask`` (row-major: slot order)."""
     return image_mask.reshape(-1).nonzero().squeeze(1)

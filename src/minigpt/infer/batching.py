@@ -2,7 +2,7 @@
 they finish, so one GPU serves many chats at the speed of a batched step.
 
 :class:`SlotScheduler` owns a :class:`~minigpt.infer.decoding.SlotDecoder` (and so the model's LLM) while it runs.
-:meth:`MiniGPT.generate` uses it synchronously (submit the batch, :meth:`~SlotScheduler.run_until_idle`); the
+:meth:`Engine.generate <minigpt.infer.engine.Engine.generate>` uses it synchronously (submit the batch, :meth:`~SlotScheduler.run_until_idle`); the
 server starts its thread (:meth:`~SlotScheduler.start`), and each request thread blocks in
 :meth:`~SlotScheduler.generate` while tokens stream to its callback. Work that cannot join a batch (beam search)
 runs in the same thread between steps (:meth:`~SlotScheduler.run_exclusive`).
@@ -19,11 +19,14 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
+from ..data.tokenize import ModelBatch
+from .decoding import DecodingSettings
 from .generate import GenerationOptions, hits_stop
 from .slots import SlotDecoder, SlotSampler
 
 if TYPE_CHECKING:
-    from ..model.minigpt import MiniGPT, ModelBatch
+    from ..model.minigpt import MiniGPT
+    from ..model.processor import MiniGPTProcessor
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +40,7 @@ class DecodeRequest:
     options: GenerationOptions
     stops: list[str] = field(default_factory=list)
     embeds: torch.Tensor | None = None  # [T, D]
-    batch: "ModelBatch | None" = None
+    batch: ModelBatch | None = None
     on_token: Callable[[int], None] | None = None
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
@@ -49,11 +52,12 @@ class SlotScheduler:
     """Admits waiting requests into free slots (prefill), then decodes all running rows one token per step."""
 
     def __init__(self, model: "MiniGPT", slots: int, max_len: int, cuda_graphs: bool = True,
-                 compile: bool = False, end_ids: Sequence[int] | None = None) -> None:
+                 compile: bool = False, end_ids: Sequence[int] = (), tokenizer: Any = None) -> None:
         self.model = model
+        self.tokenizer = tokenizer  # decodes the tail of an answer to look for stop strings
         self.decoder = SlotDecoder(model.llm, slots, max_len, cuda_graphs=cuda_graphs, compile=compile)
         vocab = model.llm.get_output_embeddings().weight.shape[0]
-        self.end_ids = set(model.end_token_ids() if end_ids is None else end_ids)
+        self.end_ids = set(end_ids)
         self.sampler = SlotSampler(slots, vocab, self.decoder.device, sorted(self.end_ids))
         self.last = torch.zeros(slots, dtype=torch.long, device=self.decoder.device)
         self.waiting: collections.deque[DecodeRequest] = collections.deque()
@@ -64,12 +68,13 @@ class SlotScheduler:
         self.stopping = False
 
     @classmethod
-    def for_model(cls, model: "MiniGPT", slots: int, max_len: int) -> "SlotScheduler | None":
-        """A scheduler with ``model.decoding``'s settings, or None (the reason logged) where the model's LLM cannot
-        run the slot decoder: an unsupported model, or a transformers version whose cache API differs."""
-        settings = model.decoding
+    def for_model(cls, model: "MiniGPT", processor: "MiniGPTProcessor", settings: DecodingSettings, slots: int,
+                  max_len: int) -> "SlotScheduler | None":
+        """A scheduler with ``settings``, or None (the reason logged) where the model's LLM cannot run the slot
+        decoder: an unsupported model, or a transformers version whose cache API differs."""
         try:
-            return cls(model, slots, max_len, settings.cuda_graphs, settings.compile)
+            return cls(model, slots, max_len, settings.cuda_graphs, settings.compile, processor.end_token_ids(),
+                       processor.tokenizer)
         except Exception as err:
             log.warning("static decoding is not available (%s: %s); using transformers' generate",
                         type(err).__name__, err)
@@ -85,6 +90,8 @@ class SlotScheduler:
 
     # ------------------------------------------------------------------------------------------ submitting
     def submit(self, request: DecodeRequest) -> DecodeRequest:
+        if request.stops and self.tokenizer is None:
+            raise ValueError("stop strings need the scheduler's tokenizer")
         length = len(request.prompt_ids)
         if length + request.options.max_new_tokens > self.max_len:
             raise ValueError(f"a prompt of {length} tokens plus max_new_tokens {request.options.max_new_tokens} "
@@ -243,7 +250,7 @@ class SlotScheduler:
         except BaseException as err:  # the consumer cancelled (or failed): free the slot
             self._finish(row, None, err)
             return
-        if token in self.end_ids or (request.stops and hits_stop(self.model.tokenizer, request.tokens, request.stops)):
+        if token in self.end_ids or (request.stops and hits_stop(self.tokenizer, request.tokens, request.stops)):
             self._finish(row, "stop")
         elif len(request.tokens) >= request.options.max_new_tokens:
             self._finish(row, "length")

@@ -1,7 +1,7 @@
-"""Chat on top of :meth:`MiniGPT.generate`: an engine that owns the model, and multi-turn sessions.
+"""Chat on top of the :class:`~minigpt.infer.engine.Engine`: default options and streaming, and multi-turn sessions.
 
-:class:`ChatEngine` is what every front-end (terminal, web UI, OpenAI server) holds: it serialises
-model access with a lock, checks that prompts fit the context, and streams answers as text deltas.
+:class:`ChatEngine` is what every front-end (terminal, web UI, OpenAI server) holds: it checks that prompts fit
+the context and streams answers as text deltas.
 :class:`Chat` is one conversation with images and history, as in the MiniGPT-4 / MiniGPT4Qwen demos:
 images attach to the next user turn (``<Img><ImageHere></Img>`` per image, then the template's
 ``image_separator``, then the question).
@@ -9,7 +9,6 @@ images attach to the next user turn (``<Img><ImageHere></Img>`` per image, then 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -19,14 +18,12 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 from ..data.conversation import Conversation, Image, ImageLike, Part, Text
 from ..data.images import load_image
 from ..data.templates import IMAGE_SLOT, Template
-from ..device import free_memory_bytes
-from .batching import DecodeRequest, SlotScheduler, stream_callback
-from .decoding import FastDecodingUnsupported
+from .engine import Engine
 from .generate import GenerationOptions
-from .slots import kv_bytes_per_position
+from .loading import LoadSpec, decoding_for, load_model
 
 if TYPE_CHECKING:
-    from ..model.minigpt import MiniGPT
+    from ..model.processor import MiniGPTProcessor
 
 log = logging.getLogger(__name__)
 
@@ -54,37 +51,6 @@ def user_parts(template: Template, pieces: Sequence[str | Image]) -> list[Part]:
             sep = template.image_separator if parts and isinstance(parts[-1], Image) else ""
             parts.append(text_part(sep + piece))
     return parts
-
-
-def override_options(
-    base: GenerationOptions,
-    *,
-    temperature: float | None = None,
-    top_p: float | None = None,
-    top_k: int | None = None,
-    num_beams: int | None = None,
-    max_new_tokens: int | None = None,
-    repetition_penalty: float | None = None,
-    seed: int | None = None,
-    stop: Sequence[str] | None = None,
-) -> GenerationOptions:
-    """``base`` with the given fields changed (validated). ``temperature`` 0 means greedy, > 0 sampling."""
-    changes: dict[str, Any] = {}
-    if temperature is not None:
-        if temperature < 0:
-            raise ValueError("temperature must be >= 0 (0 = greedy)")
-        changes["do_sample"] = temperature > 0
-        if temperature > 0:
-            changes["temperature"] = float(temperature)
-    for name, value in (
-        ("top_p", top_p), ("top_k", top_k), ("num_beams", num_beams), ("max_new_tokens", max_new_tokens),
-        ("repetition_penalty", repetition_penalty), ("seed", seed),
-    ):
-        if value is not None:
-            changes[name] = value
-    if stop is not None:
-        changes["stop"] = list(stop)
-    return dataclasses.replace(base, **changes)
 
 
 class _StopCutter:
@@ -133,70 +99,38 @@ class _Cancelled(Exception):
 
 # ---------------------------------------------------------------------------------------------- engine
 class ChatEngine:
-    """A loaded :class:`MiniGPT` with default options.
-
-    With ``batch_slots`` > 1 (and a model that decodes on the slot decoder, see
-    :class:`~minigpt.infer.decoding.DecodingSettings`) requests from many threads decode together in one batch
-    (continuous batching, :class:`~minigpt.infer.batching.SlotScheduler`); otherwise one generation runs at a time
-    (a lock)."""
+    """An :class:`Engine` with default options and a context size, as every front-end (terminal, web UI, OpenAI
+    server) holds it: prompts are checked against the context, answers stream as text deltas. With ``batch_slots``
+    > 1 (and a model that decodes on the slot decoder, see :class:`~minigpt.infer.decoding.DecodingSettings`)
+    requests from many threads decode together (continuous batching); otherwise they take turns."""
 
     def __init__(
         self,
-        model: "MiniGPT",
+        engine: Engine,
         options: GenerationOptions | None = None,
         max_context: int | None = None,
         name: str = "minigpt",
         batch_slots: int = 1,
     ) -> None:
-        self.model = model.eval()
+        self.engine = engine
         self.options = options or GenerationOptions()
-        self.max_context = max_context or int(getattr(model.llm.config, "max_position_embeddings", 0) or 2048)
+        llm_context = getattr(engine.model.llm.config, "max_position_embeddings", 0)
+        self.max_context = max_context or int(llm_context or 2048)
         self.name = name
-        self.lock = threading.Lock()
-        self.scheduler: SlotScheduler | None = None
         if batch_slots > 1:
-            self.scheduler = self._start_scheduler(batch_slots)
-
-    def _start_scheduler(self, slots: int) -> "SlotScheduler | None":
-        settings = self.model.decoding
-        if not settings.use_static(self.model.device):
-            log.info("decoding is %s on %s: requests are answered one at a time", settings.mode, self.model.device)
-            return None
-        slots = self._slots_that_fit(slots)
-        if slots < 2:
-            return None
-        scheduler = SlotScheduler.for_model(self.model, slots, self.max_context)
-        if scheduler is None:
-            log.warning("no continuous batching: requests are answered one at a time")
-            return None
-        log.info("continuous batching: %d slots of %d positions", slots, self.max_context)
-        return scheduler.start()
-
-    def _slots_that_fit(self, slots: int) -> int:
-        """``slots``, or fewer when their KV cache (``max_context`` positions each) would take more than 80% of the
-        device's free memory (logged)."""
-        free = free_memory_bytes(self.model.device)
-        if free is None:
-            return slots
-        per_slot = self.max_context * kv_bytes_per_position(self.model.llm)
-        fits = int(0.8 * free // per_slot)
-        if fits < slots:
-            log.warning(
-                "%d batch slots of %d positions need %.1f GiB of KV cache, but %.1f GiB is free: %s", slots,
-                self.max_context, slots * per_slot / 2**30, free / 2**30,
-                f"using {fits} slots (lower --max-context for more)" if fits >= 2
-                else "answering requests one at a time (lower --max-context or --batch-slots)",
-            )
-        return min(slots, fits)
+            engine.start_batching(batch_slots, self.max_context)
 
     def close(self) -> None:
         """Stop the batching thread (if any)."""
-        if self.scheduler is not None:
-            self.scheduler.stop()
+        self.engine.close()
+
+    @property
+    def processor(self) -> "MiniGPTProcessor":
+        return self.engine.processor
 
     @property
     def template(self) -> Template:
-        return self.model.template
+        return self.processor.template
 
     def chat(self, system: str | None = None, options: GenerationOptions | None = None) -> "Chat":
         """A new session on this engine."""
@@ -204,7 +138,7 @@ class ChatEngine:
 
     def prompt_length(self, conversation: Conversation) -> int:
         """Tokens of the generation prompt (image slots included)."""
-        return len(self.model.encode(conversation, train=False))
+        return len(self.processor.encode(conversation, train=False))
 
     def check_length(self, conversation: Conversation, options: GenerationOptions | None = None) -> int:
         """The prompt length; :class:`ContextTooLong` when prompt + ``max_new_tokens`` exceed the context."""
@@ -218,38 +152,13 @@ class ChatEngine:
         return n
 
     def count_tokens(self, text: str) -> int:
-        return len(self.model.tokenizer.encode(text, add_special_tokens=False))
+        return self.processor.count_tokens(text)
 
     def generate(
         self, conversation: Conversation, images: Sequence[ImageLike] = (), options: GenerationOptions | None = None
     ) -> str:
-        """The answer to the last user turn (waits for the model lock, or for a batch slot)."""
-        return self._answer(conversation, images, options or self.options, streamer=None)
-
-    def _answer(self, conversation: Conversation, images: Sequence[ImageLike], options: GenerationOptions,
-                streamer: Any) -> str:
-        """Generate on the batch scheduler when there is one (beam search: alone, between its steps), else
-        under the lock; ``streamer`` (transformers' protocol) sees the tokens."""
-        model = self.model
-
-        def alone() -> str:
-            return model.generate([conversation], [list(images)], options, streamer=streamer)[0]
-
-        if self.scheduler is None or options.num_beams > 1:
-            if self.scheduler is not None:
-                return self.scheduler.run_exclusive(alone)
-            with self.lock:
-                return alone()
-        batch = model.prepare([conversation], [list(images)], train=False)
-        ids = batch.text.input_ids[0]
-        stops = [*model.template.stop_strings, *options.stop]
-        request = DecodeRequest(ids.tolist(), options, stops, batch=batch, on_token=stream_callback(streamer, ids))
-        try:
-            self.scheduler.generate(request)
-        except FastDecodingUnsupported as err:  # e.g. a prompt beyond a sliding window: answer it alone
-            log.warning("this request cannot join the batch (%s); answering it alone", err)
-            return self.scheduler.run_exclusive(alone)
-        return model.decode(request.tokens, options.stop)
+        """The answer to the last user turn (waits for its turn, or for a batch slot)."""
+        return self.engine.generate([conversation], [list(images)], options or self.options)[0]
 
     def stream(
         self, conversation: Conversation, images: Sequence[ImageLike] = (), options: GenerationOptions | None = None
@@ -263,16 +172,16 @@ class ChatEngine:
         if options.num_beams > 1:
             yield self.generate(conversation, images, options)
             return
-        model = self.model
-        stops = [*model.template.stop_strings, *options.stop, model.tokenizer.eos_token, model.tokenizer.pad_token]
+        tokenizer = self.processor.tokenizer
+        stops = [*self.processor.stop_strings(options.stop), tokenizer.eos_token, tokenizer.pad_token]
         cutter = _StopCutter([s for s in stops if isinstance(s, str)])
         cancel = threading.Event()
-        streamer = _streamer(model.tokenizer, cancel)
+        streamer = _streamer(tokenizer, cancel)
         result: dict[str, Any] = {}
 
         def run() -> None:
             try:
-                result["text"] = self._answer(conversation, images, options, streamer)
+                result["text"] = self.engine.generate([conversation], [list(images)], options, streamer=streamer)[0]
             except _Cancelled:
                 pass
             except BaseException as err:  # re-raised in the consumer
@@ -347,11 +256,11 @@ class Chat:
 
     def __init__(
         self,
-        engine: ChatEngine | "MiniGPT",
+        engine: ChatEngine | Engine,
         system: str | None = None,
         options: GenerationOptions | None = None,
     ) -> None:
-        self.engine = engine if isinstance(engine, ChatEngine) else ChatEngine(engine)
+        self.engine = engine if isinstance(engine, ChatEngine) else ChatEngine(engine, options)
         self.system = system
         self.options = options
         self.history: list[Exchange] = []
@@ -369,10 +278,9 @@ class Chat:
     ) -> "Chat":
         """Load a model directory (or ``llm=``, ``vision=``, ``projector=`` base parts; see
         :class:`minigpt.infer.loading.LoadSpec` for ``device``, ``dtype``, ``quantize``...) and start a session."""
-        from .loading import LoadSpec, load_model
-
         spec = LoadSpec(model=str(model) if model is not None else None, **load_kwargs)
-        return cls(ChatEngine(load_model(spec), options, max_context), system=system)
+        model, processor = load_model(spec)
+        return cls(ChatEngine(Engine(model, processor, decoding_for(spec)), options, max_context), system=system)
 
     # -------------------------------------------------------------------------------- images, history
     def upload(self, *images: ImageLike) -> None:
@@ -443,6 +351,5 @@ class Chat:
 
 
 __all__ = [
-    "Chat", "ChatEngine", "ChatImage", "ContextTooLong", "Exchange", "Prompt", "override_options", "text_part",
-    "user_parts",
+    "Chat", "ChatEngine", "ChatImage", "ContextTooLong", "Exchange", "Prompt", "text_part", "user_parts",
 ]

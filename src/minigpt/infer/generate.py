@@ -1,9 +1,10 @@
-"""Decoding options and the stop-string criterion shared by chat, web, server and eval."""
+"""Decoding options (and their overrides from a request) and the stop-string criterion."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from transformers import StoppingCriteria
@@ -59,6 +60,37 @@ class GenerationOptions:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def override_options(
+    base: GenerationOptions,
+    *,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    num_beams: int | None = None,
+    max_new_tokens: int | None = None,
+    repetition_penalty: float | None = None,
+    seed: int | None = None,
+    stop: Sequence[str] | None = None,
+) -> GenerationOptions:
+    """``base`` with the given fields changed (validated). ``temperature`` 0 means greedy, > 0 sampling."""
+    changes: dict[str, Any] = {}
+    if temperature is not None:
+        if temperature < 0:
+            raise ValueError("temperature must be >= 0 (0 = greedy)")
+        changes["do_sample"] = temperature > 0
+        if temperature > 0:
+            changes["temperature"] = float(temperature)
+    for name, value in (
+        ("top_p", top_p), ("top_k", top_k), ("num_beams", num_beams), ("max_new_tokens", max_new_tokens),
+        ("repetition_penalty", repetition_penalty), ("seed", seed),
+    ):
+        if value is not None:
+            changes[name] = value
+    if stop is not None:
+        changes["stop"] = list(stop)
+    return dataclasses.replace(base, **changes)
 
 
 def hits_stop(tokenizer: Any, ids: list[int], stops: list[str], tail_tokens: int = 16) -> bool:

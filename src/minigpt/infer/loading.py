@@ -1,4 +1,4 @@
-"""The ``MODEL`` and generation arguments shared by ``minigpt chat``, ``web`` and ``serve``, and loading.
+"""Loading a model and its processor for inference: from a model directory or from base parts.
 
 A model is a directory written by :meth:`MiniGPT.save_pretrained`, or base parts: ``--llm`` (a
 ``transformers`` folder or hub id), ``--vision`` (a :func:`minigpt.convert.lavis.save_vision` folder)
@@ -9,20 +9,18 @@ it does not store (a ``trainable_only`` checkpoint). Devices and dtypes come fro
 
 from __future__ import annotations
 
-import argparse
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from .decoding import DecodingSettings, add_decoding_arguments, settings_from_args
+from .decoding import DecodingSettings
 
 if TYPE_CHECKING:
     import torch
 
     from ..model.minigpt import MiniGPT
-    from .chat import ChatEngine
-    from .generate import GenerationOptions
+    from ..model.processor import MiniGPTProcessor
 
 log = logging.getLogger(__name__)
 
@@ -44,78 +42,6 @@ class LoadSpec:
     quantize: Quantize | None = None
     trust_remote_code: bool = False
     decoding: DecodingSettings = field(default_factory=DecodingSettings)
-
-
-# ---------------------------------------------------------------------------------------------- arguments
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """``MODEL`` plus the base-part, device, dtype and quantization options."""
-    from ..device import add_device_argument
-
-    parser.add_argument("model", nargs="?", metavar="MODEL", help="model directory (from save_pretrained)")
-    g = parser.add_argument_group("model")
-    g.add_argument("--projector", metavar="CKPT", help="projector weights (.safetensors, or an original .pth)")
-    g.add_argument("--llm", help="LLM folder or hub id (base parts; with MODEL: if MODEL has no llm/ folder)")
-    g.add_argument("--vision", metavar="DIR", help="vision folder (vision_config.json + vision.safetensors); "
-                   "with MODEL: if MODEL has no vision.safetensors")
-    g.add_argument("--projector-type", default="linear", help="projector kind for base parts (default: linear)")
-    g.add_argument("--template", help="prompt template (default: the model's)")
-    add_device_argument(g)
-    g.add_argument("--cpu-only", action="store_true", help="same as --device cpu")
-    g.add_argument("--dtype", default="auto", help="auto, float32, bfloat16/bf16, float16/fp16 (default: auto)")
-    q = g.add_mutually_exclusive_group()
-    q.add_argument("--load-in-8bit", action="store_true", help="8-bit LLM via bitsandbytes (GPU only)")
-    q.add_argument("--load-in-4bit", action="store_true", help="4-bit NF4 LLM via bitsandbytes (GPU only)")
-    g.add_argument("--trust-remote-code", action="store_true", help="allow the LLM's own modelling code")
-
-
-def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
-    """Decoding defaults (greedy unless ``--do-sample`` or ``--temperature`` > 0) and the context size."""
-    g = parser.add_argument_group("generation")
-    g.add_argument("--max-new-tokens", type=int, default=300)
-    g.add_argument("--do-sample", action="store_true", help="sample (temperature / top-p) instead of greedy")
-    g.add_argument("--temperature", type=float, help="> 0 turns sampling on; 0 = greedy")
-    g.add_argument("--top-p", type=float, default=0.9)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--num-beams", type=int, default=1)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--seed", type=int)
-    g.add_argument("--max-context", type=int, help="prompt + answer tokens (default: the LLM's maximum)")
-    add_decoding_arguments(g)
-
-
-def spec_from_args(args: argparse.Namespace) -> LoadSpec:
-    if args.cpu_only and args.device not in ("auto", "cpu"):
-        raise ValueError(f"--cpu-only contradicts --device {args.device}")
-    quantize: Quantize | None = "8bit" if args.load_in_8bit else "4bit" if args.load_in_4bit else None
-    return LoadSpec(
-        model=args.model, projector=args.projector, llm=args.llm, vision=args.vision,
-        projector_type=args.projector_type, template=args.template,
-        device="cpu" if args.cpu_only else args.device, dtype=args.dtype, quantize=quantize,
-        trust_remote_code=args.trust_remote_code, decoding=settings_from_args(args),
-    )
-
-
-def options_from_args(args: argparse.Namespace) -> "GenerationOptions":
-    from .chat import override_options
-    from .generate import GenerationOptions
-
-    base = GenerationOptions(
-        max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, top_p=args.top_p, top_k=args.top_k,
-        num_beams=args.num_beams, repetition_penalty=args.repetition_penalty, seed=args.seed,
-    )
-    return override_options(base, temperature=args.temperature)
-
-
-def engine_from_args(args: argparse.Namespace) -> "ChatEngine":
-    """Load the model named by the arguments into a :class:`ChatEngine` with their options."""
-    from .chat import ChatEngine
-
-    options = options_from_args(args)  # validate before the (slow) load
-    spec = spec_from_args(args)
-    model = load_model(spec)
-    name = Path(spec.model).name if spec.model else Path(spec.llm or "minigpt").name
-    slots = getattr(args, "batch_slots", 1)
-    return ChatEngine(model, options, max_context=args.max_context, name=name or "minigpt", batch_slots=slots)
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -141,25 +67,28 @@ def resolve_placement(spec: LoadSpec) -> tuple["torch.device", "torch.dtype"]:
     return device, dtype
 
 
-def load_model(spec: LoadSpec) -> "MiniGPT":
-    """Load ``spec`` onto its device in eval mode."""
+def load_model(spec: LoadSpec) -> tuple["MiniGPT", "MiniGPTProcessor"]:
+    """Load ``spec``: the model on its device in eval mode, and its processor."""
     from ..device import dtype_name
-    from ..model.minigpt import MiniGPT, MiniGPTConfig, load_projector_weights
+    from ..model.config import MiniGPTConfig
+    from ..model.minigpt import MiniGPT, load_config
+    from ..model.processor import MiniGPTProcessor
+    from ..model.projector import load_projector_weights
 
     device, dtype = resolve_placement(spec)
     overrides: dict[str, Any] = {"llm_dtype": dtype_name(dtype), "vision_dtype": dtype_name(dtype)}
     if spec.template:
         overrides["template"] = spec.template
-    if spec.trust_remote_code:
-        overrides["trust_remote_code"] = True
+    llm_kwargs = _quantization_kwargs(overrides["llm_dtype"], spec.quantize, device)
     if spec.model:
         directory = Path(spec.model)
         if spec.llm:
             overrides["llm"] = spec.llm
         if spec.vision:
             overrides["vision_weights"] = spec.vision
-        llm_kwargs = _quantization_kwargs(overrides["llm_dtype"], spec.quantize, device)
-        model = MiniGPT.from_pretrained(directory, llm_kwargs=llm_kwargs, **overrides)
+        config = load_config(directory, spec.trust_remote_code, **overrides)
+        model = MiniGPT.build(config, llm_kwargs=llm_kwargs, init_from=directory)
+        processor = MiniGPTProcessor.from_pretrained(directory, config)
         if spec.projector:
             model.projector.load_state_dict(load_projector_weights(spec.projector))
     else:
@@ -168,15 +97,20 @@ def load_model(spec: LoadSpec) -> "MiniGPT":
         if not spec.vision:
             log.warning("no --vision weights: the vision encoder is randomly initialised")
         config = MiniGPTConfig(
-            llm=spec.llm, vision_weights=spec.vision, projector=spec.projector_type,
-            projector_weights=spec.projector, **overrides,
+            llm=spec.llm, vision_weights=spec.vision, projector=spec.projector_type, projector_weights=spec.projector,
+            trust_remote_code=spec.trust_remote_code, **overrides,
         )
-        model = MiniGPT.build(config, llm_kwargs=_quantization_kwargs(config.llm_dtype, spec.quantize, device))
-    decoding = spec.decoding
-    if spec.quantize and decoding.mode == "auto":  # bitsandbytes kernels: not recorded in graphs
-        decoding = DecodingSettings("plain")
-    model.decoding = decoding
-    return _place(model, device, quantized=bool(spec.quantize)).eval()
+        model = MiniGPT.build(config, llm_kwargs=llm_kwargs)
+        processor = MiniGPTProcessor.from_config(config)
+    return _place(model, device, quantized=bool(spec.quantize)).eval(), processor
+
+
+def decoding_for(spec: LoadSpec) -> DecodingSettings:
+    """``spec.decoding``, made plain for a quantized LLM under ``auto`` (bitsandbytes kernels are not recorded in
+    graphs)."""
+    if spec.quantize and spec.decoding.mode == "auto":
+        return DecodingSettings("plain")
+    return spec.decoding
 
 
 def _place(model: "MiniGPT", device: "torch.device", quantized: bool) -> "MiniGPT":
@@ -209,7 +143,4 @@ def _quantization_kwargs(config_dtype: str, quantize: Quantize | None, device: "
     return {"quantization_config": quant, "device_map": {"": str(device)}}
 
 
-__all__ = [
-    "LoadSpec", "add_generation_arguments", "add_model_arguments", "engine_from_args", "load_model",
-    "options_from_args", "resolve_placement", "spec_from_args",
-]
+__all__ = ["LoadSpec", "decoding_for", "load_model", "resolve_placement"]

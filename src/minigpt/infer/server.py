@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator
 from urllib.parse import unquote
 
-from .loading import add_generation_arguments, add_model_arguments
+from .args import add_generation_arguments, add_model_arguments
 
 if TYPE_CHECKING:
     from fastapi import FastAPI, Request
@@ -416,7 +416,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .loading import engine_from_args
+    from .args import engine_from_args
 
     settings = ServerSettings(
         api_key=args.api_key, allow_local_images=args.allow_local_images, max_queue=args.max_queue,

@@ -32,6 +32,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..device import capture_graph, supports_graph_capture
+from ..model.llm import compile_decoder_layers
 from .decoding import FastDecodingUnsupported
 from .generate import GenerationOptions
 
@@ -151,8 +152,6 @@ class SlotDecoder:
         self.spans = span_buckets(max_len)
         self.compiled = False
         if compile:
-            from ..train.loop import compile_decoder_layers
-
             compile_decoder_layers(llm)
             self.compiled = True
         self._graphs: dict[int, tuple[Callable[[], None], torch.Tensor]] = {}

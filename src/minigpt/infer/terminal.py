@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING, Callable, TextIO
 
-from .loading import add_generation_arguments, add_model_arguments
+from .args import add_generation_arguments, add_model_arguments
 
 HELP = """Commands:
   :help  :h              show this help
@@ -37,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .loading import engine_from_args
+    from .args import engine_from_args
 
     chat = engine_from_args(args).chat(system=args.system)
     if args.image:

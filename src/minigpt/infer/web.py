@@ -11,7 +11,7 @@ import argparse
 import os
 from typing import TYPE_CHECKING, Any, Iterator
 
-from .loading import add_generation_arguments, add_model_arguments
+from .args import add_generation_arguments, add_model_arguments
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -112,7 +112,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .loading import engine_from_args
+    from .args import engine_from_args
 
     demo = build_ui(engine_from_args(args))
     demo.queue(max_size=args.queue_size)

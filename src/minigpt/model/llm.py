@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from ..device import parse_dtype
@@ -69,3 +70,23 @@ def meta_llm(name_or_path: str | Path, trust_remote_code: bool = False) -> PreTr
         raise OSError(f"could not read the LLM config of {str(name_or_path)!r}: {err}") from err
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def decoder_body(llm: nn.Module) -> nn.Module:
+    """The causal LM without its head: embeddings, decoder layers, final norm (``get_decoder()`` or ``base_model``)."""
+    return llm.get_decoder() if hasattr(llm, "get_decoder") else llm.base_model
+
+
+def decoder_layers(llm: nn.Module) -> nn.ModuleList:
+    """The LLM's stack of decoder layers (``model.layers`` in LLaMA/Qwen2/Mistral)."""
+    layers = getattr(decoder_body(llm), "layers", None)
+    if layers is None:
+        raise ValueError(f"cannot find the decoder layers of {type(llm).__name__}")
+    return layers
+
+
+def compile_decoder_layers(llm: nn.Module) -> None:
+    """Regional compilation: ``torch.compile`` each decoder layer (compiled once, reused by every layer of the same
+    shape). Callers pass ``use_cache=False`` in training so that no cache object forces recompiles."""
+    for layer in decoder_layers(llm):
+        layer.compile()

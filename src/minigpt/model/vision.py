@@ -9,12 +9,21 @@ weights load directly and the converters in :mod:`minigpt.convert` map LAVIS fil
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Blip2QFormerConfig, Blip2QFormerModel, Blip2VisionConfig, Blip2VisionModel
+
+#: A vision folder (what ``minigpt convert lavis|hf-blip2`` writes and ``vision_weights`` names): the architecture
+#: and the encoder's tensors.
+VISION_CONFIG = "vision_config.json"
+VISION_WEIGHTS = "vision.safetensors"
 
 
 @dataclass
@@ -151,3 +160,23 @@ class Blip2VisionEncoder(nn.Module):
         if self.config.use_qformer:
             parts["qformer"] = [self.qformer, self.query_tokens]
         return parts
+
+
+def save_vision(directory: str | Path, config: VisionConfig, state_dict: Mapping[str, torch.Tensor]) -> Path:
+    """Write ``vision_config.json`` + ``vision.safetensors`` into ``directory`` (created); returns it."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / VISION_CONFIG).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    tensors = {k: v.contiguous() for k, v in state_dict.items()}
+    save_file(tensors, directory / VISION_WEIGHTS, metadata={"format": "pt"})
+    return directory
+
+
+def load_vision(directory: str | Path) -> Blip2VisionEncoder:
+    """A :func:`save_vision` directory -> encoder in eval mode (strict load, no random init)."""
+    directory = Path(directory)
+    config = VisionConfig.from_dict(json.loads((directory / VISION_CONFIG).read_text()))
+    with torch.device("meta"):
+        model = Blip2VisionEncoder(config)
+    model.load_state_dict(load_file(directory / VISION_WEIGHTS), strict=True, assign=True)
+    return model.eval()

@@ -2,7 +2,7 @@
 
 Three sections, every key checked (unknown keys and wrong types are errors naming the key path and the file):
 
-- ``model``: maps onto :class:`~minigpt.model.minigpt.MiniGPTConfig` (LLM, vision encoder, projector, template,
+- ``model``: the model config, :class:`~minigpt.model.config.MiniGPTConfig` (LLM, vision encoder, projector, template,
   freezing, dtypes, max text length) plus ``lora`` and ``init_from``;
 - ``data``: the training datasets (format, path, ratio) and an optional eval set;
 - ``run``: optimizer, schedule, length, batch, accumulation, precision, checkpoints, logging, seed.
@@ -18,8 +18,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-PARTS = ("vision", "qformer", "projector", "llm")
-VISION_PRESETS = ("eva_vit_g", "tiny")
+from ..model.config import MiniGPTConfig
+
 FORMATS = ("llava", "cc_sbu_align", "minigpt4qwen", "webdataset", "captions_json")
 
 
@@ -43,20 +43,9 @@ class LoraSection(Section):
     target_modules: list[str] | Literal["all-linear"] = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
-class ModelSection(Section):
-    llm: str = Field(description="hub id or local directory of the causal LM")
-    llm_gguf_file: str | None = None
-    #: A preset name (``eva_vit_g``, ``tiny``) or a mapping of VisionConfig fields (with an optional ``preset``).
-    vision: str | dict[str, Any] = "eva_vit_g"
-    vision_weights: str | None = None
-    projector: Literal["linear", "mlp2x_gelu"] = "linear"
-    projector_weights: str | None = None
-    template: str = "vicuna0"
-    max_txt_len: int = Field(160, gt=0)
-    llm_dtype: str = "float32"
-    vision_dtype: str = "float32"
-    freeze: dict[Literal["vision", "qformer", "projector", "llm"], bool] = {}
-    trust_remote_code: bool = False
+class ModelSection(MiniGPTConfig):
+    """The model config (:class:`~minigpt.model.config.MiniGPTConfig`) plus the keys only training reads."""
+
     lora: LoraSection | None = None
     #: A model directory written by ``save_pretrained`` (e.g. stage 1's ``final``): its saved parts are loaded.
     init_from: str | None = None
@@ -65,59 +54,15 @@ class ModelSection(Section):
     #: (:mod:`minigpt.model.loss`).
     loss_impl: Literal["auto", "plain", "chunked", "liger"] = "auto"
 
-    @field_validator("vision")
-    @classmethod
-    def _check_vision(cls, value: str | dict[str, Any]) -> str | dict[str, Any]:
-        vision_config(value)
-        return value
-
-    @field_validator("template")
-    @classmethod
-    def _check_template(cls, value: str) -> str:
-        from ..data.templates import get_template
-
-        get_template(value)
-        return value
-
-    @field_validator("llm_dtype", "vision_dtype")
-    @classmethod
-    def _check_dtype(cls, value: str) -> str:
-        from ..device import parse_dtype
-
-        parse_dtype(value)
-        return value
-
     @model_validator(mode="after")
     def _check_lora(self) -> "ModelSection":
-        if self.lora is not None and not self.frozen("llm"):
+        if self.lora is not None and not self.freeze["llm"]:
             raise ValueError("lora needs the LLM frozen (freeze.llm: true); unfreeze it or use LoRA, not both")
         return self
 
-    def frozen(self, part: str) -> bool:
-        return self.freeze.get(part, part != "projector")  # type: ignore[call-overload]
-
-    def minigpt_config(self) -> Any:
-        """The :class:`MiniGPTConfig` this section describes."""
-        from ..model.minigpt import MiniGPTConfig
-
-        return MiniGPTConfig(
-            llm=self.llm, vision=vision_config(self.vision), vision_weights=self.vision_weights,
-            projector=self.projector, projector_weights=self.projector_weights, llm_gguf_file=self.llm_gguf_file,
-            llm_dtype=self.llm_dtype, vision_dtype=self.vision_dtype, template=self.template,
-            max_txt_len=self.max_txt_len, freeze={p: self.frozen(p) for p in PARTS},
-            trust_remote_code=self.trust_remote_code,
-        )
-
-
-def vision_config(value: str | dict[str, Any]) -> Any:
-    from ..model.vision import VisionConfig
-
-    fields = {"preset": value} if isinstance(value, str) else dict(value)
-    preset = fields.pop("preset", "eva_vit_g")
-    if preset not in VISION_PRESETS:
-        raise ValueError(f"unknown vision preset {preset!r}; use one of {', '.join(VISION_PRESETS)}")
-    base = (VisionConfig.tiny() if preset == "tiny" else VisionConfig()).to_dict()
-    return VisionConfig.from_dict({**base, **fields})
+    def minigpt_config(self) -> MiniGPTConfig:
+        """The :class:`MiniGPTConfig` this section describes (without the training-only keys)."""
+        return MiniGPTConfig.from_dict(self.to_dict())
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -297,8 +242,7 @@ class TrainConfig(Section):
         if self.data.feature_cache is not None:
             from ..data.features import check_trainable
 
-            freeze = {p: self.model.frozen(p) for p in PARTS}
-            check_trainable(freeze, self.data.augment, vision_config(self.model.vision).use_qformer)
+            check_trainable(self.model.freeze, self.data.augment, self.model.vision.use_qformer)
         if self.data.packing and self.run.attn_implementation == "flash_attention_2":
             raise ValueError("data.packing needs run.attn_implementation sdpa or eager (a 4-D attention mask)")
         return self

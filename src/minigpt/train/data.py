@@ -31,7 +31,8 @@ from ..data.packing import collate_packed, length_grouped_order
 from ..data.templates import Template
 from ..data.tokenize import Encoded, collate as collate_text, encode_conversation
 from ..device import pins_memory
-from ..model.minigpt import ModelBatch
+from ..data.tokenize import ModelBatch
+from ..model.processor import MiniGPTProcessor
 
 
 @dataclass(frozen=True)
@@ -132,13 +133,16 @@ class SampleEncoder:
         self.features = features
 
     @classmethod
-    def for_model(
-        cls, model: Any, train: bool, seed: int = 0, min_scale: float = 0.5, hflip: bool = False,
+    def for_processor(
+        cls, processor: MiniGPTProcessor, train: bool, seed: int = 0, min_scale: float = 0.5, hflip: bool = False,
         features: FeatureCache | None = None,
     ) -> "SampleEncoder":
-        vision = model.config.vision
-        processor = ImageProcessor(vision.image_size, vision.mean, vision.std, train=train, min_scale=min_scale, hflip=hflip)
-        return cls(model.template, model.tokenizer, model.image_tokens, model.config.max_txt_len, processor, seed, features)
+        """The encoder of a model's processor (training image transforms when ``train``)."""
+        config = processor.config
+        vision = config.vision
+        images = ImageProcessor(vision.image_size, vision.mean, vision.std, train=train, min_scale=min_scale, hflip=hflip)
+        return cls(processor.template, processor.tokenizer, processor.image_tokens, config.max_txt_len, images, seed,
+                   features)
 
     def length(self, sample: Sample) -> int:
         """Positions the sample takes (text tokens + image slots), without opening its images; 0 if it cannot encode."""

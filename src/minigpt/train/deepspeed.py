@@ -67,7 +67,7 @@ from torch import nn
 
 from ..device import dist_backend, resolve_device, set_device
 from .checkpoint import checkpoint_dir, list_checkpoints, save_checkpoint
-from .loop import Trainer, build_model, build_optimizer
+from .loop import Trainer, build_model, build_optimizer, build_processor
 from .strategy import Strategy
 
 log = logging.getLogger(__name__)
@@ -424,7 +424,7 @@ def gather_zero3(model: Any, main: bool) -> Any:
         vision = Blip2VisionEncoder(config.vision)
         llm = AutoModelForCausalLM.from_config(model.llm.config, trust_remote_code=config.trust_remote_code)
         projector = build_projector(config.projector, vision.out_dim, llm.get_input_embeddings().embedding_dim)
-    copy = MiniGPT(config, vision, projector, llm, model.tokenizer)
+    copy = MiniGPT(config, vision, projector, llm)
     copy.load_state_dict(state, strict=True, assign=True)
     llm.tie_weights()
     return copy
@@ -485,8 +485,7 @@ class PipeHead(_PipeLayer):
         self.wtepipe.word_embeddings = model.llm.get_input_embeddings()
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        from ..data.tokenize import TextBatch
-        from ..model.minigpt import ModelBatch
+        from ..data.tokenize import ModelBatch, TextBatch
 
         input_ids, attention_mask, image_mask, pixel_values = inputs
         text = TextBatch(input_ids, attention_mask, None, image_mask.bool())  # type: ignore[arg-type]
@@ -721,6 +720,7 @@ class PipelineTrainer(Trainer):
             raise ValueError(f"run.strategy deepspeed_pipeline does not support {', '.join(problems)}")
         self._begin(config, strategy)
         model = build_model(config.model, run.seed)  # whole and on the CPU; build() moves this stage's layers
+        self.processor = build_processor(config.model, model)
         if getattr(run, "attn_implementation", "sdpa") != "sdpa":
             model.llm.set_attn_implementation(run.attn_implementation)
         self.model = model

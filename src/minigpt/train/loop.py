@@ -30,6 +30,10 @@ from torch import nn
 from ..data.features import open_feature_cache, project_features
 from ..data.formats import DataWarning
 from ..device import peak_memory_gib, pins_memory
+from ..model.config import read_config
+from ..model.llm import compile_decoder_layers
+from ..model.minigpt import MiniGPT
+from ..model.processor import MiniGPTProcessor
 from .checkpoint import capture_rng, list_checkpoints, load_checkpoint, resolve_resume, restore_rng
 from .config import LoraSection, ModelSection, OptimizerSection, ScheduleSection, TrainConfig
 from .data import DevicePrefetcher, SampleEncoder, TrainBatch, TrainData, eval_loader
@@ -52,41 +56,28 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_model(section: ModelSection, seed: int = 0) -> Any:
+def build_model(section: ModelSection, seed: int = 0) -> MiniGPT:
     """A :class:`MiniGPT` for training: built from ``section`` (random parts seeded with ``seed``), with the parts
     saved in ``init_from`` loaded and LoRA adapters added when configured."""
-    from safetensors.torch import load_file
-
-    from ..model.minigpt import MiniGPT
-
     torch.manual_seed(seed)
-    config = section.minigpt_config()
-    init = Path(section.init_from) if section.init_from else None
-    if init is not None:
-        if not (init / "config.json").is_file():
-            raise FileNotFoundError(f"model.init_from: {init} is not a minigpt model directory (no config.json)")
-        if (init / "llm").is_dir():
-            config.llm, config.llm_gguf_file = str(init / "llm"), None
-    model = MiniGPT.build(config)
+    if section.init_from:
+        try:
+            read_config(section.init_from)
+        except (FileNotFoundError, ValueError) as err:
+            raise type(err)(f"model.init_from: {err}") from None
+    model = MiniGPT.build(section.minigpt_config(), init_from=section.init_from)
     model.loss_impl = section.loss_impl
-    if init is not None:
-        for name, module in (("vision", model.vision), ("projector", model.projector)):
-            if (init / f"{name}.safetensors").is_file():
-                module.load_state_dict(load_file(init / f"{name}.safetensors"), strict=True)
     if section.lora is not None:
         apply_lora(model, section.lora)
     return model
 
 
-def compile_decoder_layers(llm: nn.Module) -> None:
-    """Regional compilation: ``torch.compile`` each decoder layer of the LLM (compiles once, reused by every layer
-    of the same shape); the training forward passes ``use_cache=False``, so no cache object forces recompiles."""
-    body = llm.get_decoder() if hasattr(llm, "get_decoder") else llm.base_model
-    layers = getattr(body, "layers", None)
-    if layers is None:
-        raise ValueError(f"run.compile: cannot find the decoder layers of {type(llm).__name__}")
-    for layer in layers:
-        layer.compile()
+def build_processor(section: ModelSection, model: MiniGPT) -> MiniGPTProcessor:
+    """The processor of a model :func:`build_model` made (sharing its config): the tokenizer ``init_from`` saved,
+    else the LLM's."""
+    if section.init_from:
+        return MiniGPTProcessor.from_pretrained(section.init_from, model.config)
+    return MiniGPTProcessor.from_config(model.config)
 
 
 def apply_lora(model: Any, lora: LoraSection) -> None:
@@ -299,7 +290,8 @@ def _peak_memory(device: torch.device) -> float | None:
 
 @dataclass
 class TrainResult:
-    model: Any
+    model: MiniGPT
+    processor: MiniGPTProcessor
     step: int
     history: list[dict[str, Any]] = field(default_factory=list)  # this run's records (rank 0)
     final_dir: Path | None = None
@@ -311,6 +303,7 @@ class Trainer:
         run = self.run
         with strategy.model_init():
             model = build_model(config.model, run.seed).to(strategy.device)
+        self.processor = build_processor(config.model, model)
         if run.grad_checkpointing:
             model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if run.attn_implementation != "sdpa":  # load_llm's default
@@ -341,14 +334,14 @@ class Trainer:
         """The training data of ``self.model`` (visual features from a cache when given), the schedule, the eval set."""
         run, data, strategy, model = self.run, self.config.data, self.strategy, self.model
         self.global_batch = run.batch_size * run.grad_accum * strategy.world_size
-        encoder = SampleEncoder.for_model(model, data.augment, run.seed, data.min_scale, data.hflip, features)
+        encoder = SampleEncoder.for_processor(self.processor, data.augment, run.seed, data.min_scale, data.hflip, features)
         self.data = TrainData(data.datasets, encoder, run.seed, self.global_batch, run.iters_per_epoch,
                               data.group_by_length, data.group_window)
         self.total_steps = run.max_steps or run.epochs * self.data.steps_per_epoch
         self.schedule = Schedule(run.schedule, run.optimizer.lr, self.total_steps)
         self.eval_loader = None
         if data.eval:
-            eval_encoder = SampleEncoder.for_model(model, train=False, seed=run.seed)
+            eval_encoder = SampleEncoder.for_processor(self.processor, train=False, seed=run.seed)
             self.eval_loader = eval_loader(
                 data.eval, eval_encoder, run.eval_batch_size or run.batch_size, strategy.rank, strategy.world_size,
                 self.pad_id, data.num_workers,
@@ -369,7 +362,7 @@ class Trainer:
 
     @property
     def pad_id(self) -> int:
-        return self.model.tokenizer.pad_token_id
+        return self.processor.pad_token_id
 
     # -- the loop
     def fit(self) -> TrainResult:
@@ -412,7 +405,7 @@ class Trainer:
         if self.eval_loader is not None and self._evaluated_at != self.step:
             self.evaluate()
         final = self.save_final()
-        return TrainResult(self.model, self.step, self.reporter.history, final)
+        return TrainResult(self.model, self.processor, self.step, self.reporter.history, final)
 
     def begin_step(self, micro: list[TrainBatch]) -> tuple[dict[str, Any], int]:
         """Set the step's learning rate and count its tokens and samples over all processes: the record to log
@@ -479,14 +472,15 @@ class Trainer:
         if self.strategy.is_main:
             from ..eval.runner import evaluate_task
             from ..eval.tasks import load_task
+            from ..infer.engine import Engine
             from ..infer.generate import GenerationOptions
 
             if self._eval_task_data is None:
                 self._eval_task_data = load_task(section.task, section.data, section.images)
-            model = self.strategy.unwrap(self.forward_model)
+            engine = Engine(self.strategy.unwrap(self.forward_model), self.processor)
             with self.strategy.autocast():
                 scores = evaluate_task(
-                    model, section.task, self._eval_task_data, GenerationOptions(max_new_tokens=section.max_new_tokens),
+                    engine, section.task, self._eval_task_data, GenerationOptions(max_new_tokens=section.max_new_tokens),
                     limit=section.limit, batch_size=section.batch_size,
                 )
             self._train_mode()
@@ -554,7 +548,7 @@ class Trainer:
         import yaml
 
         with atomic_directory(final) as tmp:
-            save_final_model(model, tmp, lora=self.config.model.lora is not None)
+            save_final_model(model, self.processor, tmp, lora=self.config.model.lora is not None)
             (tmp / "train_config.yaml").write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
         log.info("final model written to %s", final)
         return final
@@ -584,11 +578,13 @@ class Trainer:
         }
 
 
-def save_final_model(model: Any, directory: Path, lora: bool = False) -> None:
-    """``save_pretrained(trainable_only=True)``; LoRA adapters are merged into the LLM, which is then saved whole."""
+def save_final_model(model: Any, processor: MiniGPTProcessor, directory: Path, lora: bool = False) -> None:
+    """``save_pretrained(trainable_only=True)`` and the processor; LoRA adapters are merged into the LLM, which is then
+    saved whole."""
     if lora:
         model.llm = model.llm.merge_and_unload()
     model.save_pretrained(directory, trainable_only=True, include=("llm",) if lora else ())
+    processor.save_pretrained(directory)
 
 
 def train(config: TrainConfig, strategy: Strategy | None = None) -> TrainResult:

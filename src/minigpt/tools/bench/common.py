@@ -70,7 +70,8 @@ def build_bench_model(
     """A MiniGPT with random weights, built on ``device`` (projector float32, vision float32, LLM ``llm_dtype``)."""
     from transformers import AutoModelForCausalLM
 
-    from ...model.minigpt import MiniGPT, MiniGPTConfig
+    from ...model.config import MiniGPTConfig
+    from ...model.minigpt import MiniGPT
     from ...model.projector import build_projector
     from ...model.vision import Blip2VisionEncoder
 
@@ -80,12 +81,13 @@ def build_bench_model(
         llm = AutoModelForCausalLM.from_config(llm_cfg, dtype=llm_dtype, attn_implementation=attn)
         projector = build_projector("linear", vision.out_dim, llm_cfg.hidden_size)
     config = MiniGPTConfig(llm="bench", vision=vision_cfg, template="caption")
-    return MiniGPT(config, vision, projector, llm, tokenizer=None)
+    return MiniGPT(config, vision, projector, llm)
 
 
 def decoder_matmul_params(llm: nn.Module) -> int:
-    body = llm.get_decoder()
-    return sum(m.weight.numel() for m in body.layers.modules() if isinstance(m, nn.Linear))
+    from ...model.llm import decoder_layers
+
+    return sum(m.weight.numel() for m in decoder_layers(llm).modules() if isinstance(m, nn.Linear))
 
 
 @dataclass

@@ -125,7 +125,7 @@ def bench_generate(args: argparse.Namespace) -> dict[str, Any]:
         amp_dtype, dtype_name, empty_cache, parse_dtype, peak_memory_gib, reset_peak_memory, resolve_device,
     )
     from ...infer.batching import SlotScheduler
-    from ...model.minigpt import ModelBatch
+    from ...data.tokenize import ModelBatch
 
     device = resolve_device(args.device)
     accel = device.type != "cpu"
@@ -163,7 +163,7 @@ def bench_generate(args: argparse.Namespace) -> dict[str, Any]:
             run = _static_runner(scheduler, prompt, args.batch_size)
         else:
             if args.compile and not reference:
-                from ...train.loop import compile_decoder_layers
+                from ...model.llm import compile_decoder_layers
 
                 compile_decoder_layers(model.llm)
             batch = ModelBatch(collate_text([enc] * args.batch_size, SLOT, side="left"),

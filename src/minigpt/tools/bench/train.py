@@ -218,7 +218,7 @@ def run_train_cases(
 ) -> list[dict[str, Any]]:
     """Cases that share one model (the same step, other batchings): built once, timed interleaved."""
     from ...device import amp_dtype, empty_cache, parse_dtype
-    from ...train.loop import compile_decoder_layers
+    from ...model.llm import compile_decoder_layers
 
     accel = device.type != "cpu"
     reference, vision_every_step = cases[0].reference, cases[0].vision_every_step

@@ -1,0 +1,93 @@
+"""The ``MODEL`` and generation arguments shared by ``minigpt chat``, ``web`` and ``serve``.
+
+A model is a directory written by :meth:`MiniGPT.save_pretrained`, or base parts (``--llm``, ``--vision``,
+``--projector``); see :mod:`minigpt.infer.loading`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .decoding import add_decoding_arguments, settings_from_args
+from .generate import GenerationOptions, override_options
+from .loading import LoadSpec, Quantize
+
+if TYPE_CHECKING:
+    from .chat import ChatEngine
+
+
+# ---------------------------------------------------------------------------------------------- arguments
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``MODEL`` plus the base-part, device, dtype and quantization options."""
+    from ..device import add_device_argument
+
+    parser.add_argument("model", nargs="?", metavar="MODEL", help="model directory (from save_pretrained)")
+    g = parser.add_argument_group("model")
+    g.add_argument("--projector", metavar="CKPT", help="projector weights (.safetensors, or an original .pth)")
+    g.add_argument("--llm", help="LLM folder or hub id (base parts; with MODEL: if MODEL has no llm/ folder)")
+    g.add_argument("--vision", metavar="DIR", help="vision folder (vision_config.json + vision.safetensors); "
+                   "with MODEL: if MODEL has no vision.safetensors")
+    g.add_argument("--projector-type", default="linear", help="projector kind for base parts (default: linear)")
+    g.add_argument("--template", help="prompt template (default: the model's)")
+    add_device_argument(g)
+    g.add_argument("--cpu-only", action="store_true", help="same as --device cpu")
+    g.add_argument("--dtype", default="auto", help="auto, float32, bfloat16/bf16, float16/fp16 (default: auto)")
+    q = g.add_mutually_exclusive_group()
+    q.add_argument("--load-in-8bit", action="store_true", help="8-bit LLM via bitsandbytes (GPU only)")
+    q.add_argument("--load-in-4bit", action="store_true", help="4-bit NF4 LLM via bitsandbytes (GPU only)")
+    g.add_argument("--trust-remote-code", action="store_true", help="allow the LLM's own modelling code")
+
+
+def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
+    """Decoding defaults (greedy unless ``--do-sample`` or ``--temperature`` > 0) and the context size."""
+    g = parser.add_argument_group("generation")
+    g.add_argument("--max-new-tokens", type=int, default=300)
+    g.add_argument("--do-sample", action="store_true", help="sample (temperature / top-p) instead of greedy")
+    g.add_argument("--temperature", type=float, help="> 0 turns sampling on; 0 = greedy")
+    g.add_argument("--top-p", type=float, default=0.9)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--num-beams", type=int, default=1)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--max-context", type=int, help="prompt + answer tokens (default: the LLM's maximum)")
+    add_decoding_arguments(g)
+
+
+def spec_from_args(args: argparse.Namespace) -> LoadSpec:
+    if args.cpu_only and args.device not in ("auto", "cpu"):
+        raise ValueError(f"--cpu-only contradicts --device {args.device}")
+    quantize: Quantize | None = "8bit" if args.load_in_8bit else "4bit" if args.load_in_4bit else None
+    return LoadSpec(
+        model=args.model, projector=args.projector, llm=args.llm, vision=args.vision,
+        projector_type=args.projector_type, template=args.template,
+        device="cpu" if args.cpu_only else args.device, dtype=args.dtype, quantize=quantize,
+        trust_remote_code=args.trust_remote_code, decoding=settings_from_args(args),
+    )
+
+
+def options_from_args(args: argparse.Namespace) -> GenerationOptions:
+    base = GenerationOptions(
+        max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, top_p=args.top_p, top_k=args.top_k,
+        num_beams=args.num_beams, repetition_penalty=args.repetition_penalty, seed=args.seed,
+    )
+    return override_options(base, temperature=args.temperature)
+
+
+def engine_from_args(args: argparse.Namespace) -> "ChatEngine":
+    """Load the model named by the arguments into a :class:`ChatEngine` with their options."""
+    from .chat import ChatEngine
+    from .engine import Engine
+    from .loading import decoding_for, load_model
+
+    options = options_from_args(args)  # validate before the (slow) load
+    spec = spec_from_args(args)
+    model, processor = load_model(spec)
+    name = Path(spec.model).name if spec.model else Path(spec.llm or "minigpt").name
+    slots = getattr(args, "batch_slots", 1)
+    return ChatEngine(Engine(model, processor, decoding_for(spec)), options, max_context=args.max_context,
+                      name=name or "minigpt", batch_slots=slots)
+
+
+__all__ = ["add_generation_arguments", "add_model_arguments", "engine_from_args", "options_from_args", "spec_from_args"]
