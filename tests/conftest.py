@@ -111,6 +111,19 @@ def tiny_model_factory(tiny_llama_dir):
 
 
 @pytest.fixture()
+def tiny_pair_factory(tiny_model_factory):
+    """``(model, processor)``: a tiny MiniGPT as ``tiny_model_factory`` builds it and its processor (sharing the
+    model's config)."""
+    from minigpt.model.processor import MiniGPTProcessor
+
+    def make(**overrides):
+        model = tiny_model_factory(**overrides)
+        return model, MiniGPTProcessor.from_config(model.config)
+
+    return make
+
+
+@pytest.fixture()
 def image_file(tmp_path) -> Path:
     from PIL import Image
 
@@ -125,10 +138,12 @@ def tiny_model_dir(tmp_path_factory, tiny_llama_dir) -> Path:
     import torch
 
     from minigpt.model.minigpt import MiniGPT, MiniGPTConfig
+    from minigpt.model.processor import MiniGPTProcessor
     from minigpt.model.vision import VisionConfig
 
     torch.manual_seed(0)
     model = MiniGPT.build(MiniGPTConfig(llm=str(tiny_llama_dir), vision=VisionConfig.tiny(), max_txt_len=32))
     directory = tmp_path_factory.mktemp("tiny-model")
     model.save_pretrained(directory)
+    MiniGPTProcessor.from_config(model.config).save_pretrained(directory)
     return directory

@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from minigpt.cli import build_parser, main
 from minigpt.data.packing import collate_packed
-from minigpt.model.minigpt import ModelBatch
+from minigpt.data.tokenize import ModelBatch
 from minigpt.tools.bench.common import FlopModel, build_bench_model, llm_config, vision_config
 from minigpt.tools.bench.train import synthetic_encoded
 

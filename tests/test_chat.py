@@ -7,9 +7,10 @@ import torch
 from PIL import Image as PILImage
 
 from minigpt.data.conversation import Image, Text
-from minigpt.infer.chat import Chat, ChatEngine, ContextTooLong, _StopCutter, override_options
+from minigpt.infer.chat import Chat, ChatEngine, ContextTooLong, _StopCutter
 from minigpt.infer.decoding import DecodingSettings
-from minigpt.infer.generate import GenerationOptions
+from minigpt.infer.engine import Engine
+from minigpt.infer.generate import GenerationOptions, override_options
 from minigpt.infer.loading import LoadSpec, load_model, resolve_placement
 
 GREEDY = GenerationOptions(max_new_tokens=12)
@@ -18,7 +19,8 @@ GREEDY = GenerationOptions(max_new_tokens=12)
 @pytest.fixture(scope="module", params=["plain", "static"])
 def engine(request, tiny_model_dir):
     """An engine on transformers' generate, or on the slot decoder (the GPU default; eager here)."""
-    return ChatEngine(load_model(LoadSpec(model=str(tiny_model_dir), decoding=DecodingSettings(request.param))), GREEDY)
+    spec = LoadSpec(model=str(tiny_model_dir), decoding=DecodingSettings(request.param))
+    return ChatEngine(Engine(*load_model(spec), spec.decoding), GREEDY)
 
 
 @pytest.fixture()
@@ -30,7 +32,7 @@ def blue_file(tmp_path):
 
 def prompt_text(chat: Chat, question: str) -> str:
     """The rendered prompt that ``chat.ask(question)`` would send (BOS chunk left out)."""
-    chunks = chat.engine.template.render_prompt(chat.prepare(question).conversation, chat.engine.model.tokenizer)
+    chunks = chat.engine.template.render_prompt(chat.prepare(question).conversation, chat.engine.processor.tokenizer)
     return "".join(c.text for c in chunks)
 
 
@@ -121,14 +123,16 @@ def test_stop_cutter_holds_back_partial_stop_strings():
 
 def test_closing_a_stream_early_stops_generation_and_frees_the_model(engine, image_file):
     stream = engine.stream(engine.chat().prepare("Hi").conversation, [], GenerationOptions(max_new_tokens=200))
+    lock = engine.engine._lock  # held by the generating thread while it decodes
     next(stream)
-    assert engine.lock.locked()
+    assert not lock.acquire(blocking=False)
     stream.close()
-    assert not engine.lock.locked()
+    assert lock.acquire(blocking=False)
+    lock.release()
 
 
 def test_history_is_trimmed_to_fit_and_the_image_is_attached_again(tiny_model_dir, image_file):
-    small = ChatEngine(load_model(LoadSpec(model=str(tiny_model_dir))), GREEDY, max_context=90)
+    small = ChatEngine(Engine(*load_model(LoadSpec(model=str(tiny_model_dir)))), GREEDY, max_context=90)
     chat = small.chat()
     chat.upload(image_file)
     chat.ask("What is it?")
@@ -162,7 +166,7 @@ def test_base_parts_and_projector_override_load_the_same_model(
 
     from minigpt.convert.lavis import save_vision
 
-    model = engine.model
+    model = engine.engine.model
     save_vision(tmp_path / "vision", model.vision.config, model.vision.state_dict())
     # The projector as a MiniGPT4Qwen checkpoint ({"model": {"llm_proj.*"}}).
     torch.save({"model": {f"llm_proj.{k}": v for k, v in model.projector.state_dict().items()}}, tmp_path / "q.pth")
@@ -174,7 +178,7 @@ def test_base_parts_and_projector_override_load_the_same_model(
     # --projector replaces a directory's projector.
     zero = {k: torch.zeros_like(v) for k, v in model.projector.state_dict().items()}
     save_file(zero, tmp_path / "zero.safetensors")
-    swapped = load_model(LoadSpec(model=str(tiny_model_dir), projector=str(tmp_path / "zero.safetensors")))
+    swapped, _ = load_model(LoadSpec(model=str(tiny_model_dir), projector=str(tmp_path / "zero.safetensors")))
     assert all(float(p.detach().abs().sum()) == 0 for p in swapped.projector.parameters())
 
 
@@ -191,7 +195,7 @@ def test_gpu_only_options_give_a_clear_message_on_cpu():
 
 def test_bfloat16_weights_on_cpu(tiny_model_dir, image_file):
     chat = Chat.load(tiny_model_dir, device="cpu", dtype="bf16", options=GREEDY)
-    assert chat.engine.model.llm.dtype == torch.bfloat16
+    assert chat.engine.engine.model.llm.dtype == torch.bfloat16
     chat.upload(image_file)
     assert chat.ask("What is it?")
 
@@ -199,9 +203,11 @@ def test_bfloat16_weights_on_cpu(tiny_model_dir, image_file):
 def test_llm_kwargs_reach_the_llm_loader(tiny_model_dir, engine, image_file):
     """The 8/4-bit path passes a quantization config through ``llm_kwargs``; checked with a device map (no GPU)."""
     from minigpt.model.minigpt import MiniGPT
+    from minigpt.model.processor import MiniGPTProcessor
 
     model = MiniGPT.from_pretrained(tiny_model_dir, llm_kwargs={"device_map": {"": "cpu"}})
-    chat, reference = Chat(ChatEngine(model, GREEDY)), engine.chat()
+    chat, reference = Chat(ChatEngine(Engine(model, MiniGPTProcessor.from_pretrained(tiny_model_dir)), GREEDY)), \
+        engine.chat()
     for c in (chat, reference):
         c.upload(image_file)
     assert chat.ask("What is it?") == reference.ask("What is it?")

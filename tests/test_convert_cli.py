@@ -121,9 +121,9 @@ def test_assemble(vision_dir, expected, tiny_llama_dir, tmp_path, capsys, full):
     assert "note: llama_proj: in 32 -> out 64" in printed
     files = sorted(p.name for p in out.iterdir())
     if full:
-        assert files == ["config.json", "llm", "projector.safetensors", "vision.safetensors"]
+        assert files == ["config.json", "llm", "projector.safetensors", "tokenizer", "vision.safetensors"]
     else:
-        assert files == ["config.json", "projector.safetensors"] and "referenced, not copied" in printed
+        assert files == ["config.json", "projector.safetensors", "tokenizer"] and "referenced, not copied" in printed
     model = MiniGPT.from_pretrained(out).eval()
     assert model.config.template == "vicuna0" and model.config.llm in (str(tiny_llama_dir.resolve()), str(tiny_llama_dir))
     with torch.no_grad():

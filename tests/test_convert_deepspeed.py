@@ -33,6 +33,7 @@ from minigpt.convert.deepspeed import (
 from minigpt.convert.lavis import load_checkpoint, save_vision
 from minigpt.data.conversation import Conversation
 from minigpt.model.minigpt import MiniGPT
+from minigpt.model.processor import MiniGPTProcessor
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "lavis-tiny"
 TAG = "global_step10"
@@ -52,7 +53,7 @@ def _perturb(module: torch.nn.Module, seed: int, scale: float = 0.05) -> None:
 def _loss(model: MiniGPT, image_file: Path) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
-        return model(batch=model.prepare([_conv()], [image_file])).loss
+        return model(batch=MiniGPTProcessor.from_config(model.config).prepare([_conv()], [image_file])).loss
 
 
 def _assert_same_weights(loaded: MiniGPT, expected: dict[str, torch.Tensor]) -> None:
@@ -318,7 +319,7 @@ def _ds_worker(rank: int, world: int, port: int, llm_dir: str, image: str, out: 
               "zero_allow_untested_optimizer": True, "steps_per_print": 10**6}
     deepspeed.init_distributed(dist_backend="gloo")
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-    batch = model.prepare([_conv()], [image])
+    batch = MiniGPTProcessor.from_config(model.config).prepare([_conv()], [image])
     for _ in range(2):
         loss = engine(batch=batch).loss
         engine.backward(loss)

@@ -22,6 +22,7 @@ from minigpt.infer import slots as slots_module
 from minigpt.infer.batching import DecodeRequest, SlotScheduler
 from minigpt.infer.chat import ChatEngine
 from minigpt.infer.decoding import DecodingSettings
+from minigpt.infer.engine import Engine
 from minigpt.infer.generate import GenerationOptions
 from minigpt.infer.slots import SlotDecoder, SlotSampler
 
@@ -38,28 +39,38 @@ def conversations(questions=QUESTIONS) -> list[Conversation]:
     return out
 
 
-def answers(model, mode: str, options: GenerationOptions, questions=QUESTIONS, **settings) -> list[str]:
-    model.decoding = DecodingSettings(mode, **settings)
-    return model.generate(conversations(questions), [RED] * len(questions), options)
+def answers(engine: Engine, mode: str, options: GenerationOptions, questions=QUESTIONS, **settings) -> list[str]:
+    settings = DecodingSettings(mode, **settings)
+    if engine.decoding != settings:  # a change frees the slot decoder; the same settings keep (reuse) it
+        engine.decoding = settings
+    return engine.generate(conversations(questions), [RED] * len(questions), options)
+
+
+def plain_engine(engine: Engine) -> Engine:
+    """Another engine on the same model and processor, on transformers' generate (the reference)."""
+    return Engine(engine.model, engine.processor, DecodingSettings("plain"))
 
 
 @pytest.fixture(scope="module")
 def llama(tiny_llama_dir):
+    """An engine on a tiny LLaMA MiniGPT."""
     from minigpt.model.minigpt import MiniGPT, MiniGPTConfig
+    from minigpt.model.processor import MiniGPTProcessor
     from minigpt.model.vision import VisionConfig
 
     torch.manual_seed(0)
-    return MiniGPT.build(MiniGPTConfig(llm=str(tiny_llama_dir), vision=VisionConfig.tiny(), max_txt_len=48)).eval()
+    model = MiniGPT.build(MiniGPTConfig(llm=str(tiny_llama_dir), vision=VisionConfig.tiny(), max_txt_len=48)).eval()
+    return Engine(model, MiniGPTProcessor.from_config(model.config))
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_static_greedy_equals_plain_for_a_batch_of_different_lengths(arch, llama, tiny_model_factory, tiny_qwen_dir):
-    model = llama if arch == "llama" else tiny_model_factory(llm=str(tiny_qwen_dir), template="chatml").eval()
+def test_static_greedy_equals_plain_for_a_batch_of_different_lengths(arch, llama, tiny_pair_factory, tiny_qwen_dir):
+    model = llama if arch == "llama" else Engine(*tiny_pair_factory(llm=str(tiny_qwen_dir), template="chatml"))
     options = GenerationOptions(max_new_tokens=20)
     plain = answers(model, "plain", options)
     assert len(set(plain)) == 3 and all(len(a.split()) >= 5 for a in plain)
     assert answers(model, "static", options) == plain
-    assert model._slot_scheduler is not None and model._slot_scheduler.slots == 3
+    assert model._scheduler is not None and model._scheduler.slots == 3
     # One at a time on the same (reused, larger) decoder: the same answers.
     assert [answers(model, "static", options, [q])[0] for q in QUESTIONS] == plain
 
@@ -85,12 +96,12 @@ def test_seeded_sampling_is_reproducible_and_seeds_differ(llama):
     assert first != answers(llama, "static", GenerationOptions(max_new_tokens=12))
 
 
-def test_compiled_decoder_layers_give_the_same_tokens(tiny_model_factory, tiny_llama_dir):
-    model = tiny_model_factory().eval()  # its own copy: compiling changes the layers for good
+def test_compiled_decoder_layers_give_the_same_tokens(tiny_pair_factory, tiny_llama_dir):
+    model = Engine(*tiny_pair_factory())  # its own copy: compiling changes the layers for good
     options = GenerationOptions(max_new_tokens=10)
     plain = answers(model, "plain", options, QUESTIONS[:2])
     assert answers(model, "static", options, QUESTIONS[:2], compile=True) == plain
-    assert model._slot_scheduler.decoder.compiled
+    assert model._scheduler.decoder.compiled
 
 
 def test_recorded_step_replays_on_static_buffers(llama, monkeypatch):
@@ -115,7 +126,7 @@ def test_recorded_step_replays_on_static_buffers(llama, monkeypatch):
     options = GenerationOptions(max_new_tokens=12)
     plain = answers(llama, "plain", options)
     assert answers(llama, "static", options) == plain
-    decoder = llama._slot_scheduler.decoder
+    decoder = llama._scheduler.decoder
     assert decoder.graphed and recorded["calls"] == 11  # first token from prefill, then one replay per token
     assert not decoder.active.any() and decoder.cache.positions.tolist() == [0, 0, 0]
 
@@ -130,7 +141,7 @@ def test_a_step_that_cannot_be_recorded_decodes_eagerly(llama, monkeypatch, capl
     options = GenerationOptions(max_new_tokens=8)
     expected = answers(llama, "plain", options)
     assert answers(llama, "static", options) == expected
-    assert not llama._slot_scheduler.decoder.graphed and "stream is capturing" in caplog.text
+    assert not llama._scheduler.decoder.graphed and "stream is capturing" in caplog.text
 
 
 def test_unsupported_llm_falls_back_to_plain_generate(llama, monkeypatch, caplog):
@@ -145,7 +156,7 @@ def test_unsupported_llm_falls_back_to_plain_generate(llama, monkeypatch, caplog
 
 
 def test_attention_span_grows_in_buckets_with_the_longest_row(llama):
-    llm, length = llama.llm, 140
+    llm, length = llama.model.llm, 140
     ids = torch.randint(3, 1000, (1, length), generator=torch.Generator().manual_seed(0))
     expected = llm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)[0, length:]
     decoder = SlotDecoder(llm, slots=2, max_len=512)
@@ -178,15 +189,15 @@ def test_prompts_the_slot_cache_cannot_hold_fall_back_to_plain(llama, monkeypatc
         long_question = conversations()[1]
         assert engine.generate(long_question, [RED]) == expected[1]
         assert "".join(engine.stream(long_question, [RED])) == expected[1]
-        assert "answering it alone" in caplog.text and not engine.scheduler.running
+        assert "answering it alone" in caplog.text and not engine.engine._scheduler.running
     finally:
         engine.close()
 
 
 def test_decoder_refuses_prompts_longer_than_a_slot(llama):
-    decoder = SlotDecoder(llama.llm, slots=1, max_len=8)
+    decoder = SlotDecoder(llama.model.llm, slots=1, max_len=8)
     with pytest.raises(ValueError, match="does not fit a decoding slot of 8 positions"):
-        decoder.prefill([0], [torch.zeros(8, llama.llm.config.hidden_size)])
+        decoder.prefill([0], [torch.zeros(8, llama.model.llm.config.hidden_size)])
     with pytest.raises(ValueError, match="unknown decoding mode 'fast'"):
         DecodingSettings("fast")
 
@@ -233,27 +244,27 @@ def test_sampler_matches_transformers_logits_processors():
 def batched(llama):
     llama.decoding = DecodingSettings("static")
     engine = ChatEngine(llama, GenerationOptions(max_new_tokens=12), max_context=128, batch_slots=2)
-    assert engine.scheduler is not None and engine.scheduler.thread is not None
+    assert engine.engine._scheduler is not None and engine.engine._scheduler.thread is not None
     yield engine
     engine.close()
 
 
 def test_concurrent_requests_share_the_batch_and_match_one_by_one(llama, batched):
-    expected = answers(llama, "plain", GenerationOptions(max_new_tokens=12))
+    expected = answers(plain_engine(llama), "plain", GenerationOptions(max_new_tokens=12))
     convs = conversations()
     seen_running = []
-    original = batched.scheduler.tick
+    original = batched.engine._scheduler.tick
 
     def tick():
-        seen_running.append(len(batched.scheduler.running))
+        seen_running.append(len(batched.engine._scheduler.running))
         original()
 
-    batched.scheduler.tick = tick
+    batched.engine._scheduler.tick = tick
     jobs = [(convs[i % 3], i % 3) for i in range(6)]  # six requests, two slots: they queue and join mid-batch
     with ThreadPoolExecutor(6) as pool:
         got = list(pool.map(lambda job: batched.generate(job[0], [RED]), jobs))
     assert got == [expected[i] for _, i in jobs]
-    assert max(seen_running) == 2 and not batched.scheduler.running
+    assert max(seen_running) == 2 and not batched.engine._scheduler.running
 
 
 def test_batched_requests_with_penalty_min_tokens_and_sampling(llama, batched):
@@ -261,9 +272,7 @@ def test_batched_requests_with_penalty_min_tokens_and_sampling(llama, batched):
     conv = conversations()[0]
     for options in (GenerationOptions(max_new_tokens=10, min_new_tokens=6),
                     GenerationOptions(max_new_tokens=10, repetition_penalty=1.5)):
-        llama.decoding = DecodingSettings("plain")
-        expected = llama.generate([conv], [RED], options)[0]
-        llama.decoding = DecodingSettings("static")
+        expected = plain_engine(llama).generate([conv], [RED], options)[0]
         assert batched.generate(conv, [RED], options) == expected
     sampling = GenerationOptions(max_new_tokens=10, do_sample=True, temperature=0.8, top_k=50, seed=3)
     assert batched.generate(conv, [RED], sampling) == batched.generate(conv, [RED], sampling)
@@ -274,40 +283,38 @@ def test_streams_beam_search_and_cancellation_on_the_batch(llama, batched):
     expected = batched.generate(conv, [RED])
     assert "".join(batched.stream(conv, [RED])) == expected
     beams = GenerationOptions(max_new_tokens=8, num_beams=2)
-    llama.decoding = DecodingSettings("plain")
-    assert batched.generate(conv, [RED], beams) == llama.generate([conv], [RED], beams)[0]
-    llama.decoding = DecodingSettings("static")
+    assert batched.generate(conv, [RED], beams) == plain_engine(llama).generate([conv], [RED], beams)[0]
     stream = batched.stream(conv, [RED], GenerationOptions(max_new_tokens=60))
     next(stream)
     stream.close()
-    assert not batched.scheduler.running and not batched.scheduler.waiting
+    assert not batched.engine._scheduler.running and not batched.engine._scheduler.waiting
     assert batched.generate(conv, [RED]) == expected  # the freed slot serves the next request
 
 
 def test_batch_slots_shrink_to_the_free_memory(llama, monkeypatch, caplog):
-    from minigpt.infer import chat as chat_module
+    from minigpt.infer import engine as engine_module
     from minigpt.infer.slots import kv_bytes_per_position
 
-    config = llama.llm.config
-    per_position = kv_bytes_per_position(llama.llm)
+    config = llama.model.llm.config
+    per_position = kv_bytes_per_position(llama.model.llm)
     assert per_position == 2 * config.num_hidden_layers * config.num_key_value_heads * 16 * 4  # fp32, head_dim 16
     llama.decoding = DecodingSettings("static")
     per_slot = 100 * per_position
-    monkeypatch.setattr(chat_module, "free_memory_bytes", lambda device: int(3.9 * per_slot / 0.8))
+    monkeypatch.setattr(engine_module, "free_memory_bytes", lambda device: int(3.9 * per_slot / 0.8))
     engine = ChatEngine(llama, max_context=100, batch_slots=8)
-    assert engine.scheduler.slots == 3 and "using 3 slots" in caplog.text
+    assert engine.engine._scheduler.slots == 3 and "using 3 slots" in caplog.text
     engine.close()
-    monkeypatch.setattr(chat_module, "free_memory_bytes", lambda device: per_slot)
+    monkeypatch.setattr(engine_module, "free_memory_bytes", lambda device: per_slot)
     engine = ChatEngine(llama, max_context=100, batch_slots=8)
-    assert engine.scheduler is None and "one at a time" in caplog.text
+    assert engine.engine._scheduler is None and "one at a time" in caplog.text
 
 
 def test_scheduler_rejects_what_does_not_fit_and_reports_errors(llama):
-    scheduler = SlotScheduler(llama, slots=1, max_len=64)
+    scheduler = SlotScheduler(llama.model, slots=1, max_len=64)
     with pytest.raises(ValueError, match="does not fit a decoding slot of 64 positions"):
         scheduler.submit(DecodeRequest(list(range(60)), GenerationOptions(max_new_tokens=10)))
-    scheduler = SlotScheduler(llama, slots=2, max_len=64)
-    width = llama.llm.config.hidden_size
+    scheduler = SlotScheduler(llama.model, slots=2, max_len=64)
+    width = llama.model.llm.config.hidden_size
     good = DecodeRequest([1, 2], GenerationOptions(max_new_tokens=3), embeds=torch.randn(2, width))
     bad = DecodeRequest([1, 2], GenerationOptions(max_new_tokens=3), embeds=torch.zeros(2, 3))  # wrong width
     scheduler.submit(good)
@@ -320,7 +327,7 @@ def test_scheduler_rejects_what_does_not_fit_and_reports_errors(llama):
 
 
 def test_stopping_the_scheduler_fails_what_is_still_queued(llama):
-    scheduler = SlotScheduler(llama, slots=1, max_len=64).start()
+    scheduler = SlotScheduler(llama.model, slots=1, max_len=64).start()
     gate, entered = threading.Event(), threading.Event()
 
     def blocking():

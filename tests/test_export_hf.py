@@ -11,8 +11,10 @@ from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
 from minigpt.convert.export_hf import IMAGE_TOKEN, export_hf, hf_prompt, hf_prompt_ids
 from minigpt.data.conversation import Conversation, Image, Text
+from minigpt.infer.engine import Engine
 from minigpt.infer.generate import GenerationOptions
 from minigpt.model.minigpt import MiniGPT
+from minigpt.model.processor import MiniGPTProcessor
 
 
 def _convs():
@@ -33,10 +35,12 @@ def exported(tmp_path_factory, tiny_llama_dir):
         model.projector.weight.normal_(0.0, 0.5)
     out = tmp_path_factory.mktemp("hf")
     model.save_pretrained(out / "minigpt")
+    ours = MiniGPTProcessor.from_config(model.config)
+    ours.save_pretrained(out / "minigpt")
     result = export_hf(out / "minigpt", out / "hf")  # from the directory, as the CLI does
     hf = Blip2ForConditionalGeneration.from_pretrained(out / "hf").eval()
     processor = Blip2Processor.from_pretrained(out / "hf")
-    return model.eval(), result, hf, processor
+    return model.eval(), ours, result, hf, processor
 
 
 def _hf_inputs(model, hf, batch):
@@ -46,8 +50,8 @@ def _hf_inputs(model, hf, batch):
 
 
 def test_config_tokenizer_and_processor(exported, image_file):
-    model, result, hf, processor = exported
-    vocab = len(model.tokenizer)
+    model, mp, result, hf, processor = exported
+    vocab = len(mp.tokenizer)
     assert result.image_token_index == vocab == hf.config.image_token_index and result.added_rows == 1
     assert hf.config.num_query_tokens == 8 and hf.config.text_config.model_type == "llama"
     assert hf.config.vision_config.layer_norm_eps == 1e-6  # transformers' post_layernorm eps (ours: 1e-5)
@@ -60,7 +64,7 @@ def test_config_tokenizer_and_processor(exported, image_file):
     assert torch.equal(emb[:vocab], model.llm.get_input_embeddings().weight)
     assert torch.equal(hf.language_projection.weight, model.projector.weight)
     # BlipImageProcessor settings reproduce our preprocessing (bicubic, CLIP mean/std, no crop).
-    ours = model.image_processor(image_file)
+    ours = mp.image_processor(image_file)
     theirs = processor(images=PILImage.open(image_file), return_tensors="pt").pixel_values[0]
     assert (ours - theirs).abs().max().item() < 1e-6
     info = json.loads((result.directory / "minigpt_export.json").read_text())
@@ -68,12 +72,12 @@ def test_config_tokenizer_and_processor(exported, image_file):
 
 
 def test_same_logits_and_greedy_tokens(exported, image_file):
-    model, _, hf, processor = exported
+    model, mp, _, hf, processor = exported
     convs = _convs()
-    batch = model.prepare(convs, [image_file, image_file], train=False)
+    batch = mp.prepare(convs, [image_file, image_file], train=False)
     ids, mask = _hf_inputs(model, hf, batch)
-    assert ids[0, -len(hf_prompt_ids(model.template, processor.tokenizer, convs[0], 8, hf.config.image_token_index)):].tolist() \
-        == hf_prompt_ids(model.template, processor.tokenizer, convs[0], 8, hf.config.image_token_index)
+    assert ids[0, -len(hf_prompt_ids(mp.template, processor.tokenizer, convs[0], 8, hf.config.image_token_index)):].tolist() \
+        == hf_prompt_ids(mp.template, processor.tokenizer, convs[0], 8, hf.config.image_token_index)
     with torch.no_grad():
         embeds = model.embed(batch)
         ours = model.llm(inputs_embeds=embeds, attention_mask=mask).logits
@@ -90,20 +94,20 @@ def test_same_logits_and_greedy_tokens(exported, image_file):
                           do_sample=False)
         want = model.llm.generate(input_ids=batch.text.input_ids, inputs_embeds=embeds, attention_mask=mask,
                                   max_new_tokens=20, do_sample=False, eos_token_id=eos,
-                                  pad_token_id=model.tokenizer.pad_token_id)
+                                  pad_token_id=mp.tokenizer.pad_token_id)
     prompt_len = ids.shape[1]
     assert got[:, prompt_len:].tolist() == want[:, prompt_len:].tolist()
     assert got.shape[1] > prompt_len + 5
     # And the text our generate() returns is what the exported model's tokens decode to.
-    answers = model.generate(convs, [image_file, image_file], GenerationOptions(max_new_tokens=20))
-    assert answers == [model.decode(row[prompt_len:]) for row in got]
+    answers = Engine(model, mp).generate(convs, [image_file, image_file], GenerationOptions(max_new_tokens=20))
+    assert answers == [mp.decode(row[prompt_len:]) for row in got]
 
 
 def test_ln_vision_eps_is_the_only_difference(exported, image_file):
     import dataclasses
 
-    model, _, hf, _ = exported
-    pixels = model.image_processor(image_file)[None]
+    model, mp, _, hf, _ = exported
+    pixels = mp.image_processor(image_file)[None]
     with torch.no_grad():
         hf_image = hf.get_image_features(pixel_values=pixels).pooler_output
         ours = model.encode_images(pixels)
@@ -122,8 +126,8 @@ def test_ln_vision_eps_is_the_only_difference(exported, image_file):
 
 
 def test_prompt_text_rendering(exported):
-    model, _, hf, processor = exported
-    text = hf_prompt(model.template, processor.tokenizer, _convs()[0], 8)
+    _, mp, _, hf, processor = exported
+    text = hf_prompt(mp.template, processor.tokenizer, _convs()[0], 8)
     assert text.startswith("<s>Give the following image") and (IMAGE_TOKEN * 8) in text
     assert text.endswith("What is in the picture?###Assistant:")
 

@@ -12,6 +12,7 @@ from minigpt.cli import main
 from minigpt.convert.lora import merge_lora, read_lora_weights
 from minigpt.data.conversation import Conversation, Image, Text
 from minigpt.model.minigpt import MiniGPT
+from minigpt.model.processor import MiniGPTProcessor
 from minigpt.train.checkpoint import save_checkpoint
 from minigpt.train.config import LoraSection
 from minigpt.train.loop import apply_lora
@@ -48,7 +49,7 @@ def trained(tmp_path_factory, tiny_llama_dir, llama_tokenizer):
 
 def _inputs(model, image_file):
     conv = Conversation().add("user", [Image(), Text(" What colour is the square?")])
-    return model.prepare([conv], [image_file], train=False)
+    return MiniGPTProcessor.from_config(model.config).prepare([conv], [image_file], train=False)
 
 
 def _logits(model, batch):

@@ -31,7 +31,7 @@ def test_pack_rows_fewest_balanced_rows():
         pack_rows([1], 0)
 
 
-def _items(model, n: int, seed: int = 0) -> list[Item]:
+def _items(processor, n: int, seed: int = 0) -> list[Item]:
     rng = random.Random(seed)
     items = []
     for i in range(n):
@@ -39,8 +39,8 @@ def _items(model, n: int, seed: int = 0) -> list[Item]:
         question = " ".join(rng.choice(WORDS) for _ in range(rng.randint(0, 6)))
         conv = Conversation.single("<Img><ImageHere></Img> " + question, answer)
         colour = tuple(rng.randrange(256) for _ in range(3))
-        pixels = model.image_processor(Image.new("RGB", (40, 30), colour))
-        items.append(Item(model.encode(conv), [pixels], f"sample {i}"))
+        pixels = processor.image_processor(Image.new("RGB", (40, 30), colour))
+        items.append(Item(processor.encode(conv), [pixels], f"sample {i}"))
     return items
 
 
@@ -52,12 +52,12 @@ def _loss_and_grad(model, tb):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_packed_loss_equals_unpacked(tiny_model_factory, attn):
-    model = tiny_model_factory()
+def test_packed_loss_equals_unpacked(tiny_pair_factory, attn):
+    model, processor = tiny_pair_factory()
     model.llm.set_attn_implementation(attn)
     model.train()
-    items = _items(model, 7)
-    pad_id = model.tokenizer.pad_token_id
+    items = _items(processor, 7)
+    pad_id = processor.tokenizer.pad_token_id
     padded = collate(items, pad_id)
     loss, grad, count = _loss_and_grad(model, padded)
     longest = max(len(x.encoded) for x in items)
@@ -70,9 +70,9 @@ def test_packed_loss_equals_unpacked(tiny_model_factory, attn):
         torch.testing.assert_close(p_grad, grad, atol=1e-5, rtol=1e-4)
 
 
-def test_packed_batch_layout(tiny_model_factory):
-    model = tiny_model_factory()
-    encs = [x.encoded for x in _items(model, 3, seed=1)]
+def test_packed_batch_layout(tiny_pair_factory):
+    _, processor = tiny_pair_factory()
+    encs = [x.encoded for x in _items(processor, 3, seed=1)]
     batch, order = collate_packed(encs, 0, capacity=10_000)
     assert batch.input_ids.shape[0] == 1 and sorted(order) == [0, 1, 2]
     starts = [0]

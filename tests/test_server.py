@@ -21,6 +21,7 @@ from PIL import Image as PILImage
 
 from minigpt.infer.chat import ChatEngine
 from minigpt.infer.decoding import DecodingSettings
+from minigpt.infer.engine import Engine
 from minigpt.infer.generate import GenerationOptions
 from minigpt.infer.server import ServerSettings, create_app
 
@@ -55,15 +56,17 @@ def serve(engine: ChatEngine, settings: ServerSettings) -> Iterator[str]:
 def engine(request, tiny_llama_dir):
     """The server's engine: transformers' generate under a lock, or continuous batching on the slot decoder."""
     from minigpt.model.minigpt import MiniGPT, MiniGPTConfig
+    from minigpt.model.processor import MiniGPTProcessor
     from minigpt.model.vision import VisionConfig
 
     torch.manual_seed(0)
     model = MiniGPT.build(MiniGPTConfig(llm=str(tiny_llama_dir), vision=VisionConfig.tiny(), max_txt_len=32))
     batched = request.param == "batched"
-    model.decoding = DecodingSettings("static" if batched else "plain")
-    engine = ChatEngine(model, GenerationOptions(max_new_tokens=10), max_context=512, name="tiny",
+    decoding = DecodingSettings("static" if batched else "plain")
+    engine = ChatEngine(Engine(model, MiniGPTProcessor.from_config(model.config), decoding),
+                        GenerationOptions(max_new_tokens=10), max_context=512, name="tiny",
                         batch_slots=4 if batched else 1)
-    assert (engine.scheduler is not None) == batched
+    assert engine.engine.batching == batched
     yield engine
     engine.close()
 
@@ -203,6 +206,14 @@ def test_local_images_only_inside_the_allowed_dir(engine, tmp_path, image_file):
         assert status_of(client, messages=ask("../red.png"))[0] == 403
 
 
+def held(lock) -> bool:
+    """Whether another thread holds ``lock`` (the engine's generation lock)."""
+    if lock.acquire(blocking=False):
+        lock.release()
+        return False
+    return True
+
+
 def test_full_queue_answers_429_and_a_dropped_stream_frees_the_model(engine):
     gate = threading.Event()
 
@@ -211,7 +222,8 @@ def test_full_queue_answers_429_and_a_dropped_stream_frees_the_model(engine):
             gate.wait(30)
             return super().generate(*args, **kwargs)
 
-    gated = Gated(engine.model, engine.options, name="tiny")
+    inner = engine.engine
+    gated = Gated(Engine(inner.model, inner.processor, inner.decoding), engine.options, name="tiny")
     with serve(gated, ServerSettings(**{**SETTINGS, "max_queue": 1})) as base:
         client = OpenAI(base_url=base, api_key=KEY, max_retries=0)
         with ThreadPoolExecutor(1) as pool:
@@ -228,7 +240,7 @@ def test_full_queue_answers_429_and_a_dropped_stream_frees_the_model(engine):
         with client.chat.completions.create(model="tiny", messages=ask(), stream=True, max_tokens=400) as stream:
             next(iter(stream))
         deadline = time.monotonic() + 10
-        while gated.lock.locked() or active_requests(base):
+        while held(gated.engine._lock) or active_requests(base):
             assert time.monotonic() < deadline, "the model stayed locked after the client left"
             time.sleep(0.05)
         assert client.chat.completions.create(model="tiny", messages=ask()).choices[0].message.content

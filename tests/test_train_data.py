@@ -82,9 +82,9 @@ def write_shards(directory: Path, records: list[tuple[str, bytes, str]], per_sha
 
 
 @pytest.fixture()
-def encoder(tiny_model_factory):
-    model = tiny_model_factory()
-    return SampleEncoder.for_model(model, train=True, seed=1)
+def encoder(tiny_pair_factory):
+    _, processor = tiny_pair_factory()
+    return SampleEncoder.for_processor(processor, train=True, seed=1)
 
 
 def test_every_format_encodes_for_training(tmp_path, encoder):

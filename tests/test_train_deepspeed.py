@@ -141,7 +141,7 @@ def test_weight_decay_groups_use_the_zero3_shape():
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_pipeline_layers_compute_minigpt_forward(arch, tiny_model_factory, tiny_qwen_dir, image_file):
+def test_pipeline_layers_compute_minigpt_forward(arch, tiny_pair_factory, tiny_qwen_dir, image_file):
     """Head, identities, one layer per LLM block and the tail, run one after the other, give MiniGPT.forward's
     loss and gradients (fp32, one process, no DeepSpeed); the layers' state-dict keys are the ones the DeepSpeed
     converter reads (MPP-Qwen14B's names)."""
@@ -151,12 +151,12 @@ def test_pipeline_layers_compute_minigpt_forward(arch, tiny_model_factory, tiny_
     from minigpt.train.deepspeed import AnswerLoss, PipeBlock, PipeHead, PipeTail, pipe_batch, pipeline_layers
 
     extra = {"llm": str(tiny_qwen_dir), "template": "chatml"} if arch == "qwen2" else {}
-    model = tiny_model_factory(freeze={"llm": False}, **extra)
+    model, processor = tiny_pair_factory(freeze={"llm": False}, **extra)
     model.train()
     convs = [Conversation.single("<Img><ImageHere></Img> What colour is it?", "It is red."),
              Conversation.single("Say hello.", "Hello there, friend."),  # text only
              Conversation.single("<Img><ImageHere></Img> And this one?", "Green.")]
-    batch = model.prepare(convs, [image_file, Image.new("RGB", (30, 30), (20, 200, 20))])
+    batch = processor.prepare(convs, [image_file, Image.new("RGB", (30, 30), (20, 200, 20))])
     tokens = int((batch.text.labels[:, 1:] != -100).sum())
 
     ref = model(batch=batch).loss

@@ -17,12 +17,12 @@ from test_train_support import losses, make_shapes, tiny_config
 
 
 @torch.no_grad()
-def held_out_loss(model, path: Path) -> float:
+def held_out_loss(model, processor, path: Path) -> float:
     model.eval()
-    encoder = SampleEncoder.for_model(model, train=False)
+    encoder = SampleEncoder.for_processor(processor, train=False)
     total, tokens = 0.0, 0
     for b in eval_loader([DatasetSpec(format="captions_json", path=str(path))], encoder, 8, 0, 1,
-                         model.tokenizer.pad_token_id):
+                         processor.pad_token_id):
         total += float(model(batch=b.batch).loss) * b.num_tokens
         tokens += b.num_tokens
     return total / tokens
@@ -53,19 +53,22 @@ def test_tiny_model_learns_coloured_shapes(tmp_path, tiny_llama_dir):
     print(f"held-out loss {before:.3f} -> {after:.3f} in {len(losses(result.history))} steps, {seconds:.1f} s")
     assert after < 0.7 * before  # the bar: a clear drop (> 30 %); it is ~95 % here
     # It looks at the picture: the right captions are clearly likelier than the swapped ones.
-    swapped_loss = held_out_loss(result.model, data / "swapped.json")
+    swapped_loss = held_out_loss(result.model, result.processor, data / "swapped.json")
     print(f"held-out loss with swapped captions {swapped_loss:.3f}")
     assert after < 0.6 * swapped_loss
     # The final folder is what chat loads.
     from minigpt.model.minigpt import MiniGPT
+    from minigpt.model.processor import MiniGPTProcessor
 
     reloaded = MiniGPT.from_pretrained(tmp_path / "out" / "final")
-    assert held_out_loss(reloaded, eval_json) == pytest.approx(after, rel=1e-5)
+    processor = MiniGPTProcessor.from_pretrained(tmp_path / "out" / "final")
+    assert held_out_loss(reloaded, processor, eval_json) == pytest.approx(after, rel=1e-5)
 
 
 def test_lora_trains_adapters_and_final_holds_the_merged_llm(tmp_path, tiny_llama_dir, image_file):
     from minigpt.data.conversation import Conversation
     from minigpt.model.minigpt import MiniGPT
+    from minigpt.model.processor import MiniGPTProcessor
 
     train_json = make_shapes(tmp_path / "data", 8)
     config = tiny_config(
@@ -88,8 +91,8 @@ def test_lora_trains_adapters_and_final_holds_the_merged_llm(tmp_path, tiny_llam
     conv = [Conversation.single("<Img><ImageHere></Img>", "a red square")]
     result.model.eval()
     with torch.no_grad():
-        expected = result.model(batch=result.model.prepare(conv, [image_file])).loss
-        got = reloaded(batch=reloaded.prepare(conv, [image_file])).loss
+        expected = result.model(batch=result.processor.prepare(conv, [image_file])).loss
+        got = reloaded(batch=MiniGPTProcessor.from_pretrained(final).prepare(conv, [image_file])).loss
     assert float(got) == pytest.approx(float(expected), rel=1e-5)
 
 

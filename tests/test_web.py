@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from minigpt.infer.chat import ChatEngine
+from minigpt.infer.engine import Engine
 from minigpt.infer.generate import GenerationOptions
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -19,11 +20,13 @@ QUESTION = "What is it?"
 @pytest.fixture(scope="module")
 def engine(tiny_llama_dir):
     from minigpt.model.minigpt import MiniGPT, MiniGPTConfig
+    from minigpt.model.processor import MiniGPTProcessor
     from minigpt.model.vision import VisionConfig
 
     torch.manual_seed(0)
     model = MiniGPT.build(MiniGPTConfig(llm=str(tiny_llama_dir), vision=VisionConfig.tiny(), max_txt_len=32))
-    return ChatEngine(model, GenerationOptions(max_new_tokens=8), name="tiny")
+    return ChatEngine(Engine(model, MiniGPTProcessor.from_config(model.config)), GenerationOptions(max_new_tokens=8),
+                      name="tiny")
 
 
 @pytest.fixture(scope="module")

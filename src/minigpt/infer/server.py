@@ -197,7 +197,7 @@ def parse_messages(
 
 
 def request_options(request: Any, engine: "ChatEngine", settings: ServerSettings) -> "GenerationOptions":
-    from .chat import override_options
+    from .generate import override_options
 
     max_tokens = request.max_completion_tokens or request.max_tokens
     if max_tokens is not None and max_tokens > settings.max_tokens_limit:

@@ -32,7 +32,7 @@ def build_ui(engine: "ChatEngine") -> "gr.Blocks":
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     import gradio as gr
 
-    from .chat import override_options
+    from .generate import override_options
 
     defaults = engine.options
 
