@@ -171,3 +171,13 @@ def test_missing_report_backend_is_a_clear_error(tmp_path, monkeypatch, backend)
     data["run"].update(report_to=[backend], device="cpu", output_dir=str(tmp_path / "out"))
     with pytest.raises(RuntimeError, match=f"pip install {backend}"):
         train(validate_config(data))
+
+
+@pytest.mark.parametrize("text", ["no", "off", "false", "'no'"])
+def test_amp_no_is_accepted_as_yaml_reads_it(tmp_path, text):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(_base()).replace("run:\n", f"run:\n  amp: {text}\n"), encoding="utf-8")
+    assert yaml.safe_load(path.read_text())["run"]["amp"] in (False, "no")
+    assert load_config(path).run.amp == "no"
+    assert load_config(path, ["run.amp=no"]).run.amp == "no"
+    assert "run.amp" in _error(tmp_path, _base(), "run.amp=true")

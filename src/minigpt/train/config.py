@@ -279,6 +279,11 @@ class RunSection(Section):
     report_to: list[Literal["tensorboard", "wandb"]] = []
     wandb_project: str = "minigpt"
 
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _amp_no(cls, value: Any) -> Any:
+        return "no" if value is False else value  # YAML 1.1 reads a bare ``no`` (or ``off``, ``false``) as false
+
     @field_validator("device")
     @classmethod
     def _check_device(cls, value: str) -> str:
