@@ -232,3 +232,23 @@ def test_full_queue_answers_429_and_a_dropped_stream_frees_the_model(engine):
             assert time.monotonic() < deadline, "the model stayed locked after the client left"
             time.sleep(0.05)
         assert client.chat.completions.create(model="tiny", messages=ask()).choices[0].message.content
+
+
+def test_unknown_paths_and_wrong_methods_answer_the_openai_error_shape():
+    """Routing errors come as ``{"error": {...}}`` like every other error, not FastAPI's ``{"detail": ...}``."""
+    from types import SimpleNamespace
+
+    from fastapi.testclient import TestClient
+
+    app = create_app(SimpleNamespace(name="tiny", template=None), ServerSettings(api_key=KEY))
+    with TestClient(app) as http:
+        unknown = http.post("/v1/completions", json={"model": "tiny", "prompt": "hi"})
+        wrong = http.get("/v1/chat/completions")
+        health = http.get("/health")
+    assert unknown.status_code == 404 and unknown.json() == {"error": {
+        "message": "unknown path /v1/completions; this server serves /v1/chat/completions and /v1/models",
+        "type": "not_found_error", "param": None, "code": "unknown_url"}}
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
+    assert wrong.json()["error"] == {"message": "method GET not allowed for /v1/chat/completions (allowed: POST)",
+                                     "type": "invalid_request_error", "param": None, "code": "method_not_allowed"}
+    assert health.json() == {"status": "ok", "active": 0}

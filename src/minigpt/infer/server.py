@@ -251,6 +251,7 @@ def create_app(chat_engine: "ChatEngine", settings: ServerSettings | None = None
     from fastapi.responses import JSONResponse
     from pydantic import ValidationError
     from sse_starlette.sse import EventSourceResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
     from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
     from .chat import ContextTooLong
@@ -264,6 +265,12 @@ def create_app(chat_engine: "ChatEngine", settings: ServerSettings | None = None
     async def api_error(_: Request, err: APIError) -> JSONResponse:
         headers = {"Retry-After": "1"} if err.status == 429 else None
         return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        """Routing errors (unknown path, wrong method) in OpenAI's shape, not FastAPI's ``{"detail": ...}``."""
+        error = _routing_error(request.method, request.url.path, err.status_code, err.headers)
+        return JSONResponse(error.body(), status_code=error.status, headers=err.headers)
 
     @app.exception_handler(Exception)
     async def server_error(_: Request, err: Exception) -> JSONResponse:
@@ -382,6 +389,18 @@ def _model_card(name: str) -> dict[str, Any]:
 def _check_model(requested: str, served: str) -> None:
     if requested != served:
         raise APIError(404, f"model {requested!r} not found; this server serves {served!r}", "model_not_found", "model")
+
+
+def _routing_error(method: str, path: str, status: int, headers: dict[str, str] | None) -> APIError:
+    """The :class:`APIError` for a request that matched no route (404) or not with its method (405)."""
+    if status == 404:
+        return APIError(404, f"unknown path {path}; this server serves /v1/chat/completions and /v1/models",
+                        "unknown_url")
+    if status == 405:
+        allowed = next((v for k, v in (headers or {}).items() if k.lower() == "allow"), "")
+        return APIError(405, f"method {method} not allowed for {path}" + (f" (allowed: {allowed})" if allowed else ""),
+                        "method_not_allowed")
+    return APIError(status, f"{method} {path}: HTTP {status}")
 
 
 def _summary(err: Any) -> str:
