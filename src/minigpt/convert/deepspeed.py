@@ -72,6 +72,7 @@ from typing import Any
 
 import torch
 
+from ..files import unsafe_global
 from ..model.llm import meta_llm
 from .lavis import ConversionReport, convert_lavis_vision
 from .safe_load import UnsafeCheckpointError, load_checkpoint, unwrap
@@ -208,10 +209,8 @@ def load_torch_file(path: str | Path, trust_pickle: bool = False, mmap: bool | N
 
 
 def _unsafe(path: Path, err: Exception) -> UnsafeCheckpointError:
-    found = re.search(r"GLOBAL ([\w.]+)", str(err)) or re.search(r"Unsupported global: ([^\s]+)", str(err))
-    what = found[1] if found else "an object beyond tensors and plain containers"
     return UnsafeCheckpointError(
-        f"{path}: refusing to load, it needs unsafe unpickling ({what}). If you made this file yourself, "
+        f"{path}: refusing to load, it needs unsafe unpickling ({unsafe_global(err)}). If you made this file yourself, "
         "pass --trust-pickle (trust_pickle=True): that runs any code the file contains."
     )
 

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .lavis import ConversionReport
-from ..files import atomic_directory
+from ..files import atomic_directory, refuse_unsafe_pickle
 
 log = logging.getLogger(__name__)
 
@@ -268,10 +268,11 @@ def merge_lora(
         peft_config = PeftConfig.from_pretrained(str(adapter))
         if peft_config.peft_type != "LORA":
             raise ValueError(f"{adapter}: a {peft_config.peft_type} adapter, not LoRA")
-        try:
-            peft_model = PeftModel.from_pretrained(llm, str(adapter), is_trainable=False)
-        except (RuntimeError, ValueError, KeyError) as err:
-            raise ValueError(f"{adapter}: the adapter does not fit the base LLM: {err}") from None
+        with refuse_unsafe_pickle(adapter):  # adapter_model.bin is read with weights_only=True
+            try:
+                peft_model = PeftModel.from_pretrained(llm, str(adapter), is_trainable=False)
+            except (RuntimeError, ValueError, KeyError) as err:
+                raise ValueError(f"{adapter}: the adapter does not fit the base LLM: {err}") from None
         modules = sum(1 for n, _ in peft_model.named_modules() if n.endswith(".lora_A"))
         merged = peft_model.merge_and_unload()
         rank, alpha = int(peft_config.r), float(peft_config.lora_alpha)
