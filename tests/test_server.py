@@ -23,6 +23,7 @@ from minigpt.infer.chat import ChatEngine
 from minigpt.infer.decoding import DecodingSettings
 from minigpt.infer.generate import GenerationOptions
 from minigpt.infer.server import ServerSettings, create_app
+from test_images import png_bomb
 
 KEY = "test-key"
 QUESTION = "What is it?"
@@ -169,11 +170,13 @@ def test_api_key_required(url):
 
 def test_bad_input_is_a_clear_4xx(client, url):
     noise = PILImage.fromarray(np.random.default_rng(0).integers(0, 255, (200, 200, 3), dtype=np.uint8))
+    bomb_url = "data:image/png;base64," + base64.b64encode(png_bomb(13000, 13000)).decode()  # 82 bytes
     cases = [
         (ask("data:image/png;base64,not*base64!"), 400, "invalid base64"),
         (ask("data:image/png;base64," + base64.b64encode(b"plain text").decode()), 400, "not a readable image"),
         (ask("data:text/plain;base64,aGVsbG8="), 400, "not an image"),
         (ask(png_url(noise)), 413, "image larger than 60000 bytes"),
+        (ask(bomb_url), 413, "13000x13000 = 169,000,000 pixels, more than the limit of 16,777,216"),
         (ask(None, "x" * 500_000), 413, "request body larger than 400000 bytes"),
         (ask("/etc/hostname"), 400, "--allow-local-images"),
         (ask("https://example.com/cat.png"), 400, "not fetched"),

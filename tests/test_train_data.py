@@ -252,3 +252,15 @@ def test_dataloader_workers_change_nothing(tmp_path, encoder):
         for a, b in zip(*runs):
             assert torch.equal(a.batch.text.input_ids, b.batch.text.input_ids)
             assert torch.equal(a.batch.pixel_values, b.batch.pixel_values)
+
+
+def test_images_over_the_pixel_limit_are_skipped_and_named(tmp_path, tiny_llama_dir):
+    path = make_shapes(tmp_path / "data", 4)  # 32x32 pictures
+    config = tiny_config(tiny_llama_dir, path, tmp_path / "out")
+    assert validate_config(config).data.max_image_pixels == 4096 * 4096
+    config["data"]["max_image_pixels"] = 1000
+    with pytest.raises(ValueError, match=r"4 skipped; first: .*\.png \(in .*train.json:0\) has 32x32 = 1,024 pixels, "
+                                         r"more than the limit of 1,000\)$"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            train(validate_config(config))

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from ..data.conversation import Conversation, Image, ImageLike, Part, Text
-from ..data.images import load_image
+from ..data.images import DEFAULT_MAX_PIXELS, load_image
 from ..data.templates import IMAGE_SLOT, Template
 from ..device import free_memory_bytes
 from .batching import DecodeRequest, SlotScheduler, stream_callback
@@ -139,6 +139,9 @@ class ChatEngine:
     :class:`~minigpt.infer.decoding.DecodingSettings`) requests from many threads decode together in one batch
     (continuous batching, :class:`~minigpt.infer.batching.SlotScheduler`); otherwise one generation runs at a time
     (a lock)."""
+
+    #: Images with more pixels are refused from their header, before decoding (None: no limit); chat, web, server.
+    max_image_pixels: int | None = DEFAULT_MAX_PIXELS
 
     def __init__(
         self,
@@ -310,9 +313,9 @@ class ChatImage:
     image: Any
 
     @classmethod
-    def load(cls, source: ImageLike) -> "ChatImage":
+    def load(cls, source: ImageLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> "ChatImage":
         name = str(source) if isinstance(source, (str, Path)) else "<image>"
-        return cls(name, load_image(source))
+        return cls(name, load_image(source, max_pixels=max_pixels))
 
 
 @dataclass
@@ -377,11 +380,11 @@ class Chat:
     # -------------------------------------------------------------------------------- images, history
     def upload(self, *images: ImageLike) -> None:
         """Add images; they are shown to the model with the next question."""
-        self.images += [ChatImage.load(img) for img in images]
+        self.images += [ChatImage.load(img, self.engine.max_image_pixels) for img in images]
 
     def set_images(self, *images: ImageLike) -> None:
         """Replace the current images (history is kept; use :meth:`reset` to forget it)."""
-        self.images = [ChatImage.load(img) for img in images]
+        self.images = [ChatImage.load(img, self.engine.max_image_pixels) for img in images]
 
     def reset(self, images: bool = False) -> None:
         """Clear the history; with ``images`` forget the images too."""

@@ -112,9 +112,10 @@ def _request_models() -> Any:
     return ChatRequest
 
 
-def load_image_url(url: str, settings: ServerSettings, where: str) -> Any:
-    """An ``image_url`` -> RGB PIL image, or an :class:`APIError` saying what is wrong with it."""
-    from ..data.images import ImageError, load_image
+def load_image_url(url: str, settings: ServerSettings, where: str, max_pixels: int | None) -> Any:
+    """An ``image_url`` -> RGB PIL image, or an :class:`APIError` saying what is wrong with it (413 for more than
+    ``max_pixels`` pixels, found from the header before decoding)."""
+    from ..data.images import ImageError, ImageTooLargeError, load_image
 
     if url.startswith("data:"):
         header, comma, payload = url.partition(",")
@@ -135,7 +136,9 @@ def load_image_url(url: str, settings: ServerSettings, where: str) -> Any:
     else:
         source = _local_image(unquote(url.removeprefix("file://")), settings, where)
     try:
-        return load_image(source)
+        return load_image(source, max_pixels=max_pixels)
+    except ImageTooLargeError as err:
+        raise APIError(413, f"{where}: {err}", "image_too_large") from None
     except ImageError:
         raise APIError(400, f"{where}: not a readable image", "invalid_image") from None
 
@@ -182,7 +185,8 @@ def parse_messages(
                 if len(images) >= settings.max_images:
                     raise APIError(400, f"{where}: more than {settings.max_images} images", "too_many_images")
                 url = part.image_url if isinstance(part.image_url, str) else part.image_url.url
-                images.append(load_image_url(url, settings, where))
+                image = load_image_url(url, settings, where, engine.max_image_pixels)
+                images.append(engine.model.image_processor(image))  # kept until answered: model-size pixels
                 pieces.append(Image())
             else:
                 raise APIError(400, f"{where}: unsupported content part type {part.type!r}", "invalid_content")

@@ -18,6 +18,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ..data.images import DEFAULT_MAX_PIXELS
+
 PARTS = ("vision", "qformer", "projector", "llm")
 VISION_PRESETS = ("eva_vit_g", "tiny")
 FORMATS = ("llava", "cc_sbu_align", "minigpt4qwen", "webdataset", "captions_json")
@@ -168,6 +170,8 @@ class DataSection(Section):
     augment: bool = True
     min_scale: float = Field(0.5, gt=0.0, le=1.0)
     hflip: bool = False
+    #: Images with more pixels are skipped (counted) without being decoded; null: no limit.
+    max_image_pixels: int | None = Field(DEFAULT_MAX_PIXELS, gt=0)
     #: A folder written by ``minigpt data cache-features``: the frozen encoder's outputs are read instead of the
     #: images (needs model.freeze.vision/qformer true and augment false). Eval data still reads images.
     feature_cache: str | None = None

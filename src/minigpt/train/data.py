@@ -26,7 +26,7 @@ import torch
 from ..data.conversation import Sample
 from ..data.features import FeatureCache
 from ..data.formats import MixedDataset, MixedStream, SampleList, WebDatasetReader, read_dataset
-from ..data.images import ImageProcessor
+from ..data.images import DEFAULT_MAX_PIXELS, ImageProcessor
 from ..data.packing import collate_packed, length_grouped_order
 from ..data.templates import Template
 from ..data.tokenize import Encoded, collate as collate_text, encode_conversation
@@ -134,10 +134,11 @@ class SampleEncoder:
     @classmethod
     def for_model(
         cls, model: Any, train: bool, seed: int = 0, min_scale: float = 0.5, hflip: bool = False,
-        features: FeatureCache | None = None,
+        features: FeatureCache | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ) -> "SampleEncoder":
         vision = model.config.vision
-        processor = ImageProcessor(vision.image_size, vision.mean, vision.std, train=train, min_scale=min_scale, hflip=hflip)
+        processor = ImageProcessor(vision.image_size, vision.mean, vision.std, train=train, min_scale=min_scale,
+                                   hflip=hflip, max_pixels=max_pixels)
         return cls(model.template, model.tokenizer, model.image_tokens, model.config.max_txt_len, processor, seed, features)
 
     def length(self, sample: Sample) -> int:

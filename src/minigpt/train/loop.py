@@ -341,14 +341,15 @@ class Trainer:
         """The training data of ``self.model`` (visual features from a cache when given), the schedule, the eval set."""
         run, data, strategy, model = self.run, self.config.data, self.strategy, self.model
         self.global_batch = run.batch_size * run.grad_accum * strategy.world_size
-        encoder = SampleEncoder.for_model(model, data.augment, run.seed, data.min_scale, data.hflip, features)
+        encoder = SampleEncoder.for_model(model, data.augment, run.seed, data.min_scale, data.hflip, features,
+                                          data.max_image_pixels)
         self.data = TrainData(data.datasets, encoder, run.seed, self.global_batch, run.iters_per_epoch,
                               data.group_by_length, data.group_window)
         self.total_steps = run.max_steps or run.epochs * self.data.steps_per_epoch
         self.schedule = Schedule(run.schedule, run.optimizer.lr, self.total_steps)
         self.eval_loader = None
         if data.eval:
-            eval_encoder = SampleEncoder.for_model(model, train=False, seed=run.seed)
+            eval_encoder = SampleEncoder.for_model(model, train=False, seed=run.seed, max_pixels=data.max_image_pixels)
             self.eval_loader = eval_loader(
                 data.eval, eval_encoder, run.eval_batch_size or run.batch_size, strategy.rank, strategy.world_size,
                 self.pad_id, data.num_workers,
