@@ -26,7 +26,8 @@ from minigpt.model.vision import Blip2VisionEncoder, VisionConfig
 
 __all__ = [
     "ConversionReport", "MissingKeysError", "load_checkpoint", "vision_config_from_lavis", "convert_lavis_vision",
-    "convert_minigpt4_projector", "convert_hf_blip2", "save_vision", "load_vision",
+    "convert_minigpt4_projector", "convert_hf_blip2", "checkpoint_vision", "is_hf_blip2", "save_vision",
+    "load_vision",
 ]
 
 StateDict = dict[str, torch.Tensor]
@@ -35,7 +36,7 @@ Source = str | Path | Mapping[str, torch.Tensor]
 VISION_CONFIG = "vision_config.json"
 VISION_WEIGHTS = "vision.safetensors"
 HF_PREFIXES = ("vision_model.", "qformer.", "query_tokens")
-PROJECTOR_PREFIXES = ("llama_proj.", "llm_proj.", "visionpipe.llm_proj.")
+PROJECTOR_PREFIXES = ("llama_proj.", "llm_proj.", "visionpipe.llm_proj.", "language_projection.")
 
 #: (LAVIS name, our name); ``{i}``/``{n}`` are numbers, ``{a}`` one name part, ``{r}`` the rest. First match wins.
 LAVIS_RULES = [
@@ -225,9 +226,10 @@ def convert_lavis_vision(
 
 
 def convert_minigpt4_projector(ckpt: Source) -> tuple[StateDict, ConversionReport]:
-    """``llama_proj`` (MiniGPT-4), ``llm_proj`` (MiniGPT4Qwen) or ``visionpipe.llm_proj`` (MPP pipeline
-    ``layer_00-model_states.pt``) -> float32 ``{"weight", "bias"}`` of an ``nn.Linear``."""
-    state = _state(ckpt)
+    """``llama_proj`` (MiniGPT-4), ``llm_proj`` (MiniGPT4Qwen), ``visionpipe.llm_proj`` (MPP pipeline
+    ``layer_00-model_states.pt``) or ``language_projection`` (a transformers BLIP-2 folder) -> float32
+    ``{"weight", "bias"}`` of an ``nn.Linear``."""
+    state = _hf_weights(Path(ckpt), ("language_projection.",)) if is_hf_blip2(ckpt) else _state(ckpt)
     found = [p for p in PROJECTOR_PREFIXES if p + "weight" in state and p + "bias" in state]
     if len(found) != 1:
         names = ", ".join(p + "{weight,bias}" for p in PROJECTOR_PREFIXES)
@@ -235,24 +237,65 @@ def convert_minigpt4_projector(ckpt: Source) -> tuple[StateDict, ConversionRepor
     used = {name: found[0] + name for name in ("weight", "bias")}
     out = {name: state[key].to(torch.float32).contiguous() for name, key in used.items()}
     out_dim, in_dim = out["weight"].shape
-    return out, ConversionReport(
-        ignored=[k for k in state if k not in used.values()],
-        notes=[f"{found[0].rstrip('.')}: in {in_dim} -> out {out_dim}"],
-    )
+    ignored = [k for k in state if k not in used.values()]
+    notes = [f"{found[0].rstrip('.')}: in {in_dim} -> out {out_dim}"]
+    vision = [k for k in ignored if _lavis_to_ours(k.removeprefix("visual_encoder.")) is not None]
+    if vision:
+        notes.append(f"{len(vision)} key(s) belong to the vision stack (e.g. {vision[0]}: a trained Q-Former), not "
+                     "to a projector; 'minigpt convert assemble' loads them into the model")
+    return out, ConversionReport(ignored=ignored, notes=notes)
 
 
-def _hf_weights(directory: Path) -> StateDict:
-    """The vision/Q-Former tensors of a transformers checkpoint (the language model is never read)."""
+def checkpoint_vision(config: VisionConfig, ckpt: Mapping[str, torch.Tensor]) -> tuple[StateDict, list[str]]:
+    """The vision-stack tensors a MiniGPT-4 / MiniGPT4Qwen checkpoint holds besides its projector (a trained
+    Q-Former: ``query_tokens``, ``Qformer.bert.*``; ``ln_vision.*``, ``visual_encoder.*``), on our names, in
+    float32, for an encoder of ``config``; and the checkpoint keys they came from. Text-side Q-Former keys have no
+    place in the encoder and are left out (not returned); a tensor of the wrong shape is an error."""
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in Blip2VisionEncoder(config).state_dict().items()}
+    renamed: StateDict = {}
+    sources: dict[str, list[str]] = {}
+    for key, tensor in unwrap(ckpt).items():
+        name = _lavis_to_ours(key.removeprefix("visual_encoder."))
+        if name is not None:
+            renamed[name] = tensor
+            sources[name] = [key]
+    for q_key in [k for k in renamed if k.endswith(".q_bias")]:  # EVA's q/v biases become one qkv.bias
+        stem = q_key.removesuffix("q_bias")
+        sources[stem + "qkv.bias"] = sources.pop(q_key) + sources.pop(stem + "v_bias", [])
+    _fuse_qv_bias(renamed)
+    kept = {k: v for k, v in renamed.items() if k in shapes}
+    wrong = [f"{_ours_to_lavis(k)} {tuple(v.shape)} (need {shapes[k]})"
+             for k, v in kept.items() if v.shape != shapes[k]]
+    if wrong:
+        raise ValueError(f"the checkpoint's vision tensors do not fit the vision encoder: {'; '.join(wrong)}")
+    return {k: v.to(torch.float32).contiguous() for k, v in kept.items()}, [s for k in kept for s in sources[k]]
+
+
+def is_hf_blip2(path: str | Path | Mapping[str, torch.Tensor]) -> bool:
+    """Whether ``path`` is a transformers BLIP-2 folder (``config.json`` with ``model_type`` ``blip-2``)."""
+    if not isinstance(path, (str, Path)) or not (Path(path) / "config.json").is_file():
+        return False
+    try:
+        return json.loads((Path(path) / "config.json").read_text()).get("model_type") == "blip-2"
+    except (json.JSONDecodeError, AttributeError):
+        return False
+
+
+def _hf_weights(directory: Path, prefixes: tuple[str, ...] = HF_PREFIXES) -> StateDict:
+    """The tensors under ``prefixes`` of a transformers checkpoint (the rest, e.g. the language model, is never
+    read)."""
     state: StateDict = {}
     if files := sorted(directory.glob("*.safetensors")):
         for file in files:
             with safe_open(file, "pt") as f:
-                state.update({k: f.get_tensor(k) for k in f.keys() if k.startswith(HF_PREFIXES)})
+                state.update({k: f.get_tensor(k) for k in f.keys() if k.startswith(prefixes)})
     else:
         for file in sorted(directory.glob("pytorch_model*.bin")):
-            state.update({k: v for k, v in load_checkpoint(file).items() if k.startswith(HF_PREFIXES)})
+            state.update({k: v for k, v in load_checkpoint(file).items() if k.startswith(prefixes)})
     if not state:
-        raise FileNotFoundError(f"{directory}: no BLIP-2 vision weights in *.safetensors or pytorch_model*.bin")
+        raise FileNotFoundError(f"{directory}: no {' / '.join(p.rstrip('.') for p in prefixes)} weights in "
+                                "*.safetensors or pytorch_model*.bin")
     return state
 
 
@@ -306,10 +349,25 @@ def save_vision(directory: str | Path, config: VisionConfig, state_dict: Mapping
 
 
 def load_vision(directory: str | Path) -> Blip2VisionEncoder:
-    """A :func:`save_vision` directory -> encoder in eval mode (strict load, no random init)."""
+    """A :func:`save_vision` directory, or a transformers BLIP-2 folder (converted as ``convert hf-blip2`` does)
+    -> encoder in eval mode (strict load, no random init)."""
     directory = Path(directory)
-    config = VisionConfig.from_dict(json.loads((directory / VISION_CONFIG).read_text()))
+    if (directory / VISION_CONFIG).is_file():
+        config = VisionConfig.from_dict(json.loads((directory / VISION_CONFIG).read_text()))
+        state = load_file(directory / VISION_WEIGHTS)
+    elif is_hf_blip2(directory):
+        config, state, _ = convert_hf_blip2(directory)
+    else:
+        raise FileNotFoundError(
+            f"{directory}: not a vision encoder folder ({VISION_CONFIG} + {VISION_WEIGHTS}, from 'minigpt convert "
+            "lavis' or 'hf-blip2') nor a transformers BLIP-2 folder (config.json with model_type blip-2)"
+        )
+    return vision_encoder(config, state)
+
+
+def vision_encoder(config: VisionConfig, state: Mapping[str, torch.Tensor]) -> Blip2VisionEncoder:
+    """An encoder of ``config`` holding ``state`` (strict; built on the meta device, no random init), in eval mode."""
     with torch.device("meta"):
         model = Blip2VisionEncoder(config)
-    model.load_state_dict(load_file(directory / VISION_WEIGHTS), strict=True, assign=True)
+    model.load_state_dict(state, strict=True, assign=True)
     return model.eval()

@@ -161,7 +161,7 @@ class MiniGPT(nn.Module):
             data = json.loads(config_path.read_text())
         except json.JSONDecodeError as err:
             raise ValueError(f"{config_path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from err
-        data.update(overrides)
+        data = {**resolve_sources(data, directory), **overrides}
         config = MiniGPTConfig.from_dict(data)
         llm_dir = directory / "llm"
         if llm_dir.is_dir():
@@ -490,6 +490,17 @@ def distribute_images(
     if flat:
         # Leave the surplus with the last conversation so Sample.check names the problem.
         out[-1].extend(flat)
+    return out
+
+
+def resolve_sources(data: dict[str, Any], directory: Path) -> dict[str, Any]:
+    """``data`` with the sources recorded relative to the model ``directory`` (``llm``, ``vision_weights``,
+    ``projector_weights``; ``convert assemble`` writes them so) as absolute paths; hub ids and others unchanged."""
+    out = dict(data)
+    for key in ("llm", "vision_weights", "projector_weights"):
+        value = out.get(key)
+        if isinstance(value, str) and value and not Path(value).is_absolute() and (directory / value).exists():
+            out[key] = str((directory / value).resolve())
     return out
 
 
