@@ -13,16 +13,15 @@ Use it from Python::
 
     results = simple_evaluate(model=MiniGPTLmms(pretrained="runs/stage2", batch_size=8), tasks=["mme"])
 
-or from lmms-eval's command line, after declaring the entry point in your own package (or this one's)
-``pyproject.toml``::
-
-    [project.entry-points."lmms_eval.models"]
-    minigpt = "minigpt.eval.lmms_adapter:manifest"
+or from lmms-eval's command line (this package declares the ``lmms_eval.models`` entry point ``minigpt``)::
 
     lmms-eval --model minigpt --model_args pretrained=runs/stage2,batch_size=8 --tasks mme,pope
 
 Model arguments: ``pretrained`` (model directory), ``device`` (``auto``), ``dtype`` (LLM dtype override),
-``batch_size`` (1), ``max_new_tokens`` (default when a task sets none: 128).
+``batch_size`` (1), ``max_new_tokens`` (default when a task sets none: 128). lmms-eval also passes its own
+``--batch_size`` (default 1), ``max_batch_size`` and ``--device`` to :meth:`MiniGPTLmms.create_from_arg_string`:
+a value in ``--model_args`` wins over them, ``--batch_size auto`` means :data:`AUTO_BATCH_SIZE`, and
+``max_batch_size`` is ignored (:func:`model_arguments`).
 
 How requests map onto the model: the task's context becomes one user turn; its ``<image>`` placeholders mark
 where the visuals go, and when it has none the visuals come first (MiniGPT-4's ``<Img><ImageHere></Img> text``).
@@ -47,6 +46,35 @@ from ..data.conversation import Conversation, Image, Text, Turn, parse_content
 from ..infer.generate import GenerationOptions
 
 log = logging.getLogger(__name__)
+
+
+#: Requests per generate call for lmms-eval's ``--batch_size auto`` (there is no automatic search).
+AUTO_BATCH_SIZE = 8
+
+
+def parse_batch_size(value: int | str) -> int:
+    """``8`` / ``"8"`` -> 8; lmms-eval's ``"auto"`` / ``"auto:N"`` -> :data:`AUTO_BATCH_SIZE`; else ``ValueError``."""
+    if isinstance(value, str) and value.strip().lower().startswith("auto"):
+        return AUTO_BATCH_SIZE
+    try:
+        size = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"batch_size must be a positive integer or 'auto', got {value!r}") from None
+    if size < 1:
+        raise ValueError(f"batch_size must be a positive integer or 'auto', got {value!r}")
+    return size
+
+
+def model_arguments(model_args: dict[str, Any], additional_config: dict[str, Any] | None) -> dict[str, Any]:
+    """The constructor arguments from lmms-eval's parsed ``--model_args`` and the ``additional_config`` it adds
+    (``batch_size``, ``max_batch_size``, ``device``): ``--model_args`` wins on a key both give, ``None`` values and
+    ``max_batch_size`` are dropped."""
+    extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k != "max_batch_size"}
+    for key in sorted(extra.keys() & model_args.keys()):
+        if str(extra[key]) != str(model_args[key]):
+            log.info("minigpt lmms adapter: %s=%s from --model_args (lmms-eval passed %s)", key, model_args[key],
+                     extra[key])
+    return {**extra, **{k: v for k, v in model_args.items() if k != "max_batch_size"}}
 
 
 class AdapterWarning(UserWarning):
@@ -314,8 +342,15 @@ if _LmmsBase is not None:  # pragma: no cover
 
         is_simple = True
 
-        def __init__(self, pretrained: str, device: str = "auto", dtype: str | None = None, batch_size: int = 1,
-                     max_new_tokens: int = 128, **kwargs: Any) -> None:
+        @classmethod
+        def create_from_arg_string(cls, arg_string: str, additional_config: dict[str, Any] | None = None) -> Any:
+            """What lmms-eval calls: ``--model_args`` plus its own batch size and device (:func:`model_arguments`)."""
+            from lmms_eval import utils
+
+            return cls(**model_arguments(utils.simple_parse_args_string(arg_string), additional_config))
+
+        def __init__(self, pretrained: str, device: str = "auto", dtype: str | None = None,
+                     batch_size: int | str = 1, max_new_tokens: int = 128, **kwargs: Any) -> None:
             _LmmsBase.__init__(self)
             if kwargs:
                 log.warning("minigpt lmms adapter: ignoring unknown model_args %s", sorted(kwargs))
@@ -329,7 +364,7 @@ if _LmmsBase is not None:  # pragma: no cover
             if self._world_size > 1 and device == "auto" and dev.type != "cpu":
                 dev = resolve_device(f"{dev.type}:{local}")
             model = MiniGPT.from_pretrained(pretrained, **({"llm_dtype": dtype} if dtype else {})).to(dev).eval()
-            MiniGPTLmmsCore.__init__(self, model, batch_size=batch_size, max_new_tokens=max_new_tokens)
+            MiniGPTLmmsCore.__init__(self, model, batch_size=parse_batch_size(batch_size), max_new_tokens=max_new_tokens)
 
     try:
         from lmms_eval.api.registry import register_model
@@ -346,5 +381,5 @@ else:
             raise ImportError("the lmms-eval adapter needs lmms-eval: pip install lmms-eval")
 
 
-__all__ = ["MiniGPTLmms", "MiniGPTLmmsCore", "continuation_logprobs", "generation_options", "manifest",
-           "request_conversation"]
+__all__ = ["AUTO_BATCH_SIZE", "MiniGPTLmms", "MiniGPTLmmsCore", "continuation_logprobs", "generation_options",
+           "manifest", "model_arguments", "parse_batch_size", "request_conversation"]
