@@ -185,6 +185,8 @@ def _hf_blip2(args: argparse.Namespace) -> int:
     if not Path(args.directory).is_dir():
         raise FileNotFoundError(f"{args.directory}: no such folder")
     config, state, report = convert_hf_blip2(args.directory)
+    report.notes.insert(0, "only vision_model.*, qformer.*, query_tokens read (not language_model.*, "
+                           "language_projection.*: 'convert import-hf' takes the whole model)")
     out = save_vision(args.out, config, state)
     print(f"wrote {out}: {_vision_summary(config)}")
     _print_report(report)

@@ -331,10 +331,7 @@ def convert_hf_blip2(
         config, state, hf_eps = _config_from_hf(hf), _hf_weights(directory), hf.vision_config.layer_norm_eps
     _fuse_qv_bias(state)
     out, report = _select(config, state)
-    report.notes[:0] = [
-        "only vision_model.*, qformer.*, query_tokens read (not language_model.*, language_projection.*)",
-        f"post_layernorm eps {config.ln_vision_eps} (LAVIS ln_vision), not transformers' {hf_eps}",
-    ]
+    report.notes.insert(0, f"post_layernorm eps {config.ln_vision_eps} (LAVIS ln_vision), not transformers' {hf_eps}")
     return config, out, report
 
 
