@@ -4,12 +4,13 @@ Problem kinds (:data:`PROBLEM_KINDS`), each reported with the record's origin (`
 ``shard/key``, as the readers name them):
 
 - ``malformed``: the reader skipped the record (bad JSON, missing key, wrong type, image/placeholder mismatch, ...);
+- ``outside_root``: a relative image path that leaves the image root (``../``), which training skips too;
 - ``missing_image``: an image path that is not a file;
 - ``corrupt_image``: a file in a format PIL recognises whose data is broken (truncated, bad checksum), found by a full
   decode with :func:`~minigpt.data.images.load_image`, as training does;
 - ``undecodable_image``: a file PIL cannot identify as an image (empty, text, unsupported format);
 - ``oversized_image``: more pixels than training's ``data.max_image_pixels`` allows (read from the header);
-- ``empty_answer``: an assistant turn with no text (nothing to learn).
+- ``empty_answer``: an assistant turn with no text (nothing to learn; the readers skip it, as training does).
 
 A record can have several problems; it is counted once per kind. The cleaned copy keeps the good records verbatim
 (the source's own JSON objects, CSV rows or tar members), in the same format and order.
@@ -34,7 +35,7 @@ from .formats import WDS_KEY_RE, SampleList, WebDatasetReader, load_json
 from .images import DEFAULT_MAX_PIXELS, ImageError, ImageTooLargeError, load_image
 
 PROBLEM_KINDS: tuple[str, ...] = (
-    "malformed", "missing_image", "corrupt_image", "undecodable_image", "oversized_image", "empty_answer",
+    "malformed", "outside_root", "missing_image", "corrupt_image", "undecodable_image", "oversized_image", "empty_answer",
 )
 
 T = TypeVar("T")
@@ -125,12 +126,7 @@ def _image_problem(image: Any, origin: str, max_pixels: int | None) -> Problem |
 def sample_problems(sample: Sample, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> list[Problem]:
     """The problems of one sample that the reader accepted (images decoded fully, up to ``max_pixels``)."""
     origin = sample.origin or f"sample {sample.id}"
-    problems = [p for image in sample.images if (p := _image_problem(image, origin, max_pixels)) is not None]
-    for i, turn in enumerate(sample.conversation.turns):
-        if turn.role == "assistant" and not turn.num_images and not turn.text.strip():
-            problems.append(Problem("empty_answer", origin, f"turn {i + 1} (assistant) is empty"))
-            break
-    return problems
+    return [p for image in sample.images if (p := _image_problem(image, origin, max_pixels)) is not None]
 
 
 def check_dataset(
@@ -167,9 +163,10 @@ def _check(fmt: str, path: str | Path, image_root: str | Path | None, workers: i
             report.problems += problems
         else:
             report.good.append(sample.origin)
-    malformed = [Problem("malformed", origin, reason) for origin, reason in data.report.skipped]
-    report.records += len(malformed)
-    report.problems = malformed + report.problems
+    skipped = [Problem(data.report.kinds.get(origin, "malformed"), origin, reason)
+               for origin, reason in data.report.skipped]
+    report.records += len(skipped)
+    report.problems = skipped + report.problems
     return report
 
 

@@ -136,11 +136,15 @@ class DatasetSpec(Section):
     #: cc_sbu_align only: ``instructions`` (MiniGPT-4 stage 2) or ``captions``; and the instruction list.
     mode: Literal["instructions", "captions"] | None = None
     instructions: list[str] | None = None
+    #: Read image paths that leave the image root (``../x.jpg``); by default such records are skipped and counted.
+    allow_outside_root: bool = False
 
     @model_validator(mode="after")
     def _check_options(self) -> "DatasetSpec":
         if isinstance(self.path, list) and self.format != "webdataset":
             raise ValueError(f"a list of paths is for webdataset shards, not {self.format}")
+        if self.allow_outside_root and self.format == "webdataset":
+            raise ValueError("allow_outside_root does not apply to webdataset (images are inside the shards)")
         if self.image_root is not None and self.format in ("cc_sbu_align", "webdataset"):
             raise ValueError(f"image_root does not apply to {self.format} (images are under path)")
         if (self.mode is not None or self.instructions is not None) and self.format != "cc_sbu_align":
@@ -157,8 +161,11 @@ class DatasetSpec(Section):
                 spec["mode"] = self.mode
             if self.instructions is not None:
                 spec["instructions"] = self.instructions
-            return spec
-        return {"format": self.format, "path": self.path, "image_root": self.image_root}
+        else:
+            spec = {"format": self.format, "path": self.path, "image_root": self.image_root}
+        if self.allow_outside_root:
+            spec["allow_outside_root"] = True
+        return spec
 
 
 class DataSection(Section):

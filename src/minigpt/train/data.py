@@ -358,8 +358,9 @@ class TrainData:
                 )
             self.source = MixedDataset(datasets, ratios, seed, length=self.steps_per_epoch * global_batch)
         self.sizes = [len(d) if isinstance(d, SampleList) else None for d in datasets]
-        #: Records the readers skipped (malformed), map-style datasets; streamed ones warn as they go.
         self.read_skipped = sum(len(d.report.skipped) for d in datasets if isinstance(d, SampleList))
+        self._streamed = [d for d in datasets if isinstance(d, WebDatasetReader)]
+        self._checked = sum(d.skipped_total for d in self._streamed)  # skipped by check_usable, before training
         self.dataset = TrainDataset(self.source, encoder)
         self.grouper: LengthGrouper | None = None
         if group_by_length:
@@ -367,6 +368,12 @@ class TrainData:
                 raise ValueError("data.group_by_length needs map-style datasets; a webdataset is streamed "
                                  "(use data.packing for less padding there)")
             self.grouper = LengthGrouper(self.source, encoder, global_batch, group_window, seed)
+
+    @property
+    def skipped_records(self) -> int:
+        """Malformed records skipped: those of the map-style datasets (read up front) and those of the streamed ones
+        that this process's batch plan has read so far."""
+        return self.read_skipped + sum(d.skipped_total for d in self._streamed) - self._checked
 
     def loader(
         self, batch_size: int, grad_accum: int, start_step: int, stop_step: int, rank: int, world_size: int,
