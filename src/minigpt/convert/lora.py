@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -276,6 +277,7 @@ def merge_lora(
         modules = sum(1 for n, _ in peft_model.named_modules() if n.endswith(".lora_A"))
         merged = peft_model.merge_and_unload()
         rank, alpha = int(peft_config.r), float(peft_config.lora_alpha)
+        scale = alpha / (math.sqrt(rank) if peft_config.use_rslora else rank)
         if peft_config.use_rslora:
             report.notes.append("rank-stabilised LoRA (scale alpha / sqrt(r))")
     else:
@@ -293,6 +295,7 @@ def merge_lora(
                 "model.lora.alpha, 16 by default) or --config with the run's training YAML"
             )
         merged, rank = merge_lora_into(llm, lora, alpha)
+        scale = alpha / rank
         modules = len(lora.a)
         if lora_section is not None and lora_section.r != rank:
             report.notes.append(f"the tensors have rank {rank}, the config says r={lora_section.r}: used {rank}")
@@ -313,7 +316,7 @@ def merge_lora(
             else:
                 report.ignored.extend(sorted(lora.other))
     report.notes.append(f"merged LoRA into {modules} module(s): rank {rank}, alpha {alpha:g} "
-                        f"(scale {alpha / rank:g})")
+                        f"(scale {scale:g})")
 
     info = {"merged_by": "minigpt convert merge-lora", "adapter": str(adapter.resolve()),
             "base": str(Path(base).resolve()) if base else None, "config": str(config) if config else None,
