@@ -364,7 +364,7 @@ if _LmmsBase is not None:  # pragma: no cover
             if self._world_size > 1 and device == "auto" and dev.type != "cpu":
                 dev = resolve_device(f"{dev.type}:{local}")
             model = MiniGPT.from_pretrained(pretrained, **({"llm_dtype": dtype} if dtype else {})).to(dev).eval()
-            MiniGPTLmmsCore.__init__(self, model, batch_size=parse_batch_size(batch_size), max_new_tokens=max_new_tokens)
+            MiniGPTLmmsCore.__init__(self, model, parse_batch_size(batch_size), max_new_tokens)
 
     try:
         from lmms_eval.api.registry import register_model

@@ -4,8 +4,8 @@
 id, and by prompt text so a changed prompt is predicted again), generates the rest in batches (longest prompts
 first, images decoded by a thread pool one batch ahead), appends each batch to the JSONL as it finishes, and
 writes a metrics JSON with the model, data, settings, counts, problems and throughput, and a scores JSONL with
-the per-record scores (per image, question or circular group). :func:`score_predictions` scores an existing predictions file
-(minigpt's, LLaVA answers or lmms-eval sample logs) the same way, without a model.
+the per-record scores (per image, question or circular group). :func:`score_predictions` scores an existing
+predictions file (minigpt's, LLaVA answers or lmms-eval sample logs) the same way, without a model.
 
 :func:`evaluate_task` is the hook for training loops: same batching and metrics, no files, model put in eval
 mode and restored.
@@ -13,15 +13,14 @@ mode and restored.
 Bad input never stops a run halfway: a missing or unreadable image, a record the model fails on (a failed batch
 is retried one record at a time) and an empty prediction each get an :class:`EvalWarning` naming the record, and
 are counted in the metrics JSON (``counts`` and ``problems``). Records without a prediction are left out of the
-metrics, except for multiple choice, where they count as misses (as in VLMEvalKit). Only when the first records of a run all fail (a wrong ``--images`` folder, a broken model) does it
-stop, with the first error.
+metrics, except for multiple choice, where they count as misses (as in VLMEvalKit). Only when the first records
+of a run all fail (a wrong ``--images`` folder, a broken model) does it stop, with the first error.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import platform
 import time

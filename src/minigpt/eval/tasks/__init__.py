@@ -12,7 +12,6 @@ import pkgutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from ...data.formats import DataWarning  # noqa: F401  (re-exported for callers)
 from .base import EvalRecord, ReadOptions, Scores, Task, TaskData, build_prompt, load_any
 
 __all__ = ["REGISTRY", "TASKS", "EvalRecord", "Scores", "Task", "TaskData", "apply_limit", "build_prompt",

@@ -68,8 +68,9 @@ class Pope(Task):
         rows = []
         for r in recs:
             parsed = M.parse_yes_no(predictions[r.id])
+            category = {"category": r.extra["category"]} if r.extra.get("category") else {}
             rows.append({"id": r.id, "parsed": parsed, "label": r.references[0], "correct": parsed == r.references[0],
-                         "prediction": predictions[r.id], **({"category": r.extra["category"]} if r.extra.get("category") else {})})
+                         "prediction": predictions[r.id], **category})
         return Scores(out, rows)
 
 

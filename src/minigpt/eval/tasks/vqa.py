@@ -68,7 +68,7 @@ class VQA(Task):
             raise ValueError("only annotation files given: pass the VQAv2 questions file too")
         return super().read(questions, _Options(options.instruction, options.root, options.split, answers=answers))
 
-    def read_file(self, b: Builder, path: Path, data: Any, root: Path, options: _Options) -> None:  # type: ignore[override]
+    def read_file(self, b: Builder, path: Path, data: Any, root: Path, options: ReadOptions) -> None:
         instruction = options.instruction
 
         def text(question: str) -> str:
@@ -76,7 +76,7 @@ class VQA(Task):
 
         if isinstance(data, dict) and isinstance(data.get("questions"), list):  # VQAv2 questions file
             subtype = data.get("data_subtype") if isinstance(data.get("data_subtype"), str) else None
-            anns = options.answers
+            anns = getattr(options, "answers", None)  # set by read(): the annotations, if any
 
             def parse_v2(q: dict[str, Any], _: str) -> EvalRecord:
                 qid = record_id(q, "question_id")
