@@ -12,6 +12,8 @@ Steps are optimizer steps throughout (``iters_per_epoch``, ``warmup_steps``, ``m
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -438,8 +440,62 @@ def _model_of(annotation: Any) -> Any:
     return None
 
 
+# ---------------------------------------------------------------------------------------------- paths
+
+#: A Hugging Face hub id: ``NAME`` or ``ORG/NAME``.
+HUB_ID = re.compile(r"^(?!\.)[\w.-]{1,96}(/(?!\.)[\w.-]{1,96})?$")
+
+
+def check_paths(config: TrainConfig) -> None:
+    """:class:`ConfigError` listing every file or folder of ``config`` that is not there, by key path, so that a
+    typo stops the run before anything (a 7B LLM) is loaded."""
+    problems = [f"  {key}: {problem}" for key, problem in _path_problems(config)]
+    if problems:
+        raise ConfigError("paths not found:\n" + "\n".join(problems))
+
+
+def _path_problems(config: TrainConfig) -> Iterator[tuple[str, str]]:
+    model, data, run = config.model, config.data, config.run
+    if not Path(model.llm).exists() and not HUB_ID.match(model.llm):
+        yield "model.llm", f"no such folder: {model.llm} (nor a hub id ORG/NAME)"
+    for key in ("vision_weights", "projector_weights", "init_from"):
+        yield from _missing(f"model.{key}", getattr(model, key))
+    for section, specs in (("datasets", data.datasets), ("eval", data.eval)):
+        for i, spec in enumerate(specs):
+            yield from _dataset_problems(f"data.{section}.{i}", spec)
+    yield from _missing("data.feature_cache", data.feature_cache)
+    if run.resume not in ("auto", "none"):
+        yield from _missing("run.resume", run.resume)
+    yield from _missing("run.deepspeed.config", run.deepspeed.config)
+    if run.eval_task is not None:
+        yield from _missing("run.eval_task.data", run.eval_task.data)
+        yield from _missing("run.eval_task.images", run.eval_task.images)
+
+
+def _dataset_problems(key: str, spec: DatasetSpec) -> Iterator[tuple[str, str]]:
+    if spec.format == "webdataset":
+        from ..data.formats import WebDatasetReader
+
+        try:
+            WebDatasetReader(spec.path)  # expands brace patterns and checks every shard
+        except (ValueError, FileNotFoundError) as err:
+            yield f"{key}.path", str(err)
+    elif spec.format == "cc_sbu_align":
+        yield from _missing(f"{key}.path", str(Path(str(spec.path)) / "filter_cap.json"))
+    else:
+        yield from _missing(f"{key}.path", spec.path)
+    yield from _missing(f"{key}.image_root", spec.image_root)
+
+
+def _missing(key: str, path: str | list[str] | None) -> Iterator[tuple[str, str]]:
+    """``(key, problem)`` for ``path`` (or each path of a list, ``key.N``) that does not exist."""
+    for sub, item in ([("", path)] if not isinstance(path, list) else [(f".{j}", p) for j, p in enumerate(path)]):
+        if item is not None and not Path(item).exists():
+            yield key + sub, f"not found: {item}"
+
+
 __all__ = [
     "ConfigError", "TrainConfig", "ModelSection", "LoraSection", "DataSection", "DatasetSpec", "RunSection",
     "DeepSpeedSection",
-    "OptimizerSection", "ScheduleSection", "load_config", "validate_config", "apply_override",
+    "OptimizerSection", "ScheduleSection", "load_config", "validate_config", "apply_override", "check_paths",
 ]
