@@ -163,7 +163,7 @@ def test_train_is_a_registered_subcommand():
 def test_missing_report_backend_is_a_clear_error(tmp_path, monkeypatch, backend):
     import sys
 
-    from minigpt.train.loop import train
+    from minigpt.train.launch import train
 
     for module in (backend, "torch.utils.tensorboard"):
         monkeypatch.setitem(sys.modules, module, None)  # as if not installed

@@ -20,7 +20,8 @@ pytest.importorskip("deepspeed")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from minigpt.train.config import ConfigError, validate_config  # noqa: E402
-from minigpt.train.loop import build_optimizer, train  # noqa: E402
+from minigpt.train.launch import train  # noqa: E402
+from minigpt.train.loop import build_optimizer  # noqa: E402
 from test_train_support import losses, make_shapes, read_metrics, tiny_config, write_yaml  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,7 +99,7 @@ def _files(folder: Path) -> list[str]:
 
 
 def test_deepspeed_config_follows_the_run(tmp_path, tiny_llama_dir, shapes):
-    from minigpt.train.deepspeed import deepspeed_config
+    from minigpt.train.deepspeed.config import deepspeed_config
 
     run = validate_config(_config(tiny_llama_dir, shapes, tmp_path, "deepspeed_zero")).run
     cfg = deepspeed_config(run, 4, torch.bfloat16)
@@ -148,7 +149,7 @@ def test_pipeline_layers_compute_minigpt_forward(arch, tiny_model_factory, tiny_
     from PIL import Image
 
     from minigpt.data.conversation import Conversation
-    from minigpt.train.deepspeed import AnswerLoss, PipeBlock, PipeHead, PipeTail, pipe_batch, pipeline_layers
+    from minigpt.train.deepspeed.pipeline import AnswerLoss, PipeBlock, PipeHead, PipeTail, pipe_batch, pipeline_layers
 
     extra = {"llm": str(tiny_qwen_dir), "template": "chatml"} if arch == "qwen2" else {}
     model = tiny_model_factory(freeze={"llm": False}, **extra)
@@ -349,7 +350,7 @@ def test_shipped_deepspeed_recipes(monkeypatch):
     """configs/mpp_sft_zero2.yaml and configs/mpp_pipeline.yaml validate and give REFERENCE 8's values; the JSONs
     they name (paths relative to the repository) map onto DeepSpeed configs."""
     from minigpt.train.config import load_config
-    from minigpt.train.deepspeed import deepspeed_config
+    from minigpt.train.deepspeed.config import deepspeed_config
 
     monkeypatch.chdir(REPO)
     zero = load_config("configs/mpp_sft_zero2.yaml").run

@@ -142,7 +142,8 @@ def plot_losses(histories: dict[str, list[dict[str, Any]]], path: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train.loop import build_model, train
+    from ..train.launch import train
+    from ..train.loop import build_model
     from .shapes import COLOURS, QUESTIONS, SHAPES, make_shapes, write_caption_json, write_instruction_json
 
     out = Path(args.out)

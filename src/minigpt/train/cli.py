@@ -46,7 +46,7 @@ def run_train(args: argparse.Namespace) -> int:
 
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
         return 0
-    from .loop import train
+    from .launch import train
 
     result = train(config)
     if result.final_dir is not None:

@@ -33,7 +33,7 @@ from ..device import peak_memory_gib, pins_memory
 from .checkpoint import capture_rng, list_checkpoints, load_checkpoint, resolve_resume, restore_rng
 from .config import LoraSection, ModelSection, OptimizerSection, ScheduleSection, TrainConfig
 from .data import DevicePrefetcher, SampleEncoder, TrainBatch, TrainData, eval_loader
-from .strategy import Strategy, make_strategy
+from .strategy import Strategy
 from ..files import atomic_directory
 
 log = logging.getLogger(__name__)
@@ -326,7 +326,8 @@ class Trainer:
         self._plan_data(open_feature_cache(data.feature_cache, model, data.augment) if data.feature_cache else None)
         self._ready(model, optimizer)
 
-    # Set-up phases, shared with the pipeline's Trainer (minigpt.train.deepspeed), which builds its model otherwise.
+    # Set-up phases, shared with the pipeline's Trainer (minigpt.train.deepspeed.trainer), which builds its model
+    # otherwise.
     def _begin(self, config: TrainConfig, strategy: Strategy) -> None:
         """Configuration, outputs (failing early on missing reporting packages), determinism and seeds."""
         self.config, self.run, self.strategy = config, config.run, strategy
@@ -592,16 +593,5 @@ def save_final_model(model: Any, directory: Path, lora: bool = False) -> None:
     model.save_pretrained(directory, trainable_only=True, include=("llm",) if lora else ())
 
 
-def train(config: TrainConfig, strategy: Strategy | None = None) -> TrainResult:
-    """Run (or resume) the training ``config`` describes; returns the trained model and this run's records."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    strategy = strategy or make_strategy(config.run)
-    try:
-        trainer = getattr(strategy, "trainer_class", None) or Trainer  # the pipeline strategy brings its own
-        return trainer(config, strategy).fit()
-    finally:
-        strategy.close()
-
-
-__all__ = ["train", "Trainer", "TrainResult", "Schedule", "build_model", "build_optimizer", "apply_lora",
+__all__ = ["Trainer", "TrainResult", "Schedule", "build_model", "build_optimizer", "apply_lora",
            "seed_everything", "save_final_model", "run_step", "forward_backward", "step_inputs"]
