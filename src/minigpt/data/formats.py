@@ -234,9 +234,26 @@ def _check_turns(conv: Conversation) -> None:
         raise ValueError("the conversation ends with a user turn (no answer to learn)")
 
 
-def caption_sample(image: Any, caption: Any, id: str | None) -> Sample:
+_BLIP_PUNCTUATION = re.compile(r"([.!\"()*#:;~])")
+
+
+def pre_caption(caption: str, max_words: int = 50) -> str:
+    """MiniGPT-4's (and LAVIS's) ``blip_caption`` text processor, as its ``pre_caption``: lowercase, each of
+    ``.!"()*#:;~`` -> a space, runs of whitespace -> one space, trailing newline and outer spaces stripped, then the
+    first ``max_words`` words (split on spaces)."""
+    caption = re.sub(r"\s{2,}", " ", _BLIP_PUNCTUATION.sub(" ", caption.lower()))
+    caption = caption.rstrip("\n").strip(" ")
+    words = caption.split(" ")
+    return " ".join(words[:max_words]) if len(words) > max_words else caption
+
+
+def caption_sample(image: Any, caption: Any, id: str | None, blip_caption: int | None = None) -> Sample:
+    """The sample "image -> caption"; with ``blip_caption`` (max words) the caption goes through :func:`pre_caption`
+    first."""
     if not isinstance(caption, str):
         raise ValueError(f"caption must be a non-empty string, got {caption!r}")
+    if blip_caption is not None:
+        caption = pre_caption(caption, blip_caption)
     if not caption.strip():
         raise EmptyAnswerError(f"caption must be a non-empty string, got {caption!r}")
     conv = Conversation([Turn("user", [Image()]), Turn("assistant", [Text(caption)])])
@@ -309,15 +326,17 @@ def read_minigpt4qwen_json(
 
 
 def read_captions_json(
-    path: str | Path, image_root: str | Path | None = None, allow_outside_root: bool = False
+    path: str | Path, image_root: str | Path | None = None, allow_outside_root: bool = False,
+    blip_caption: int | None = None,
 ) -> SampleList:
-    """JSON/JSONL list of ``{"image", "caption", "id"?}``: the user turn is the image alone, the answer the caption."""
+    """JSON/JSONL list of ``{"image", "caption", "id"?}``: the user turn is the image alone, the answer the caption
+    (cleaned as MiniGPT-4's stage 1 does with ``blip_caption``, the max words: :func:`pre_caption`)."""
     path = Path(path)
     root = image_root_of(path, image_root)
 
     def parse(rec: dict[str, Any], _: int) -> Sample:
         image = resolve_image(root, get_field(rec, "image"), allow_outside_root)
-        return caption_sample(image, get_field(rec, "caption"), record_id(rec))
+        return caption_sample(image, get_field(rec, "caption"), record_id(rec), blip_caption)
 
     return collect_samples(path, json_records(path), parse)
 
@@ -328,11 +347,13 @@ def read_cc_sbu_align(
     mode: str = "instructions",
     seed: int = 0,
     allow_outside_root: bool = False,
+    blip_caption: int | None = None,
 ) -> SampleList:
     """MiniGPT-4 stage-2 data: ``root/filter_cap.json`` (``{"annotations": [{"image_id", "caption"}]}``) and
     ``root/image/{image_id}.jpg``. Mode ``"instructions"``: the user turn is the image and an instruction chosen per
     record index from ``instructions`` with ``seed`` (``<Img><ImageHere></Img> `` is put first when the instruction
-    has no placeholder); ``"captions"``: the image alone. The caption is the raw answer."""
+    has no placeholder); ``"captions"``: the image alone. The caption is the raw answer (as MiniGPT-4 uses
+    cc_sbu_align), or with ``blip_caption`` (max words) cleaned by :func:`pre_caption`."""
     if mode not in ("instructions", "captions"):
         raise ValueError(f"mode must be 'instructions' or 'captions', got {mode!r}")
     if mode == "instructions" and not instructions:
@@ -346,7 +367,7 @@ def read_cc_sbu_align(
     def parse(rec: dict[str, Any], index: int) -> Sample:
         image_id = str(get_field(rec, "image_id", (str, int)))
         image = resolve_image(root / "image", f"{image_id}.jpg", allow_outside_root)
-        sample = caption_sample(image, get_field(rec, "caption"), image_id)
+        sample = caption_sample(image, get_field(rec, "caption"), image_id, blip_caption)
         if mode == "instructions":
             text = random.Random(f"{seed}:{index}").choice(instructions)
             parts = parse_content(text)
@@ -370,7 +391,8 @@ class WebDatasetReader(torch.utils.data.IterableDataset):
     that is cut short (it lacks tar's end-of-archive blocks, or breaks off inside a member) or unreadable is
     reported once, naming the shard and the last sample read, whose members may be incomplete and which is dropped."""
 
-    def __init__(self, urls_or_dir: str | Path | Sequence[str | Path]) -> None:
+    def __init__(self, urls_or_dir: str | Path | Sequence[str | Path], blip_caption: int | None = None) -> None:
+        self.blip_caption = blip_caption
         items = [urls_or_dir] if isinstance(urls_or_dir, (str, Path)) else list(urls_or_dir)
         self.shards: list[str] = []
         for item in items:
@@ -438,7 +460,7 @@ class WebDatasetReader(torch.utils.data.IterableDataset):
                 caption = group["txt"].decode("utf-8")
             if caption is None:
                 raise ValueError("no caption (key.json 'caption' or key.txt)")
-            sample = caption_sample(image, caption, key)
+            sample = caption_sample(image, caption, key, self.blip_caption)
         except ValueError as e:  # includes JSONDecodeError and UnicodeDecodeError
             self._skip(origin, str(e), e.kind if isinstance(e, RecordProblem) else None)
             return
@@ -450,9 +472,11 @@ class WebDatasetReader(torch.utils.data.IterableDataset):
         self.skipped_total += 1
 
 
-def read_webdataset(urls_or_dir: str | Path | Sequence[str | Path]) -> WebDatasetReader:
-    """Tar shards: a folder (all ``*.tar``), a path, a brace pattern ``"shards/{00000..00009}.tar"`` or a list."""
-    return WebDatasetReader(urls_or_dir)
+def read_webdataset(urls_or_dir: str | Path | Sequence[str | Path], blip_caption: int | None = None
+                    ) -> WebDatasetReader:
+    """Tar shards: a folder (all ``*.tar``), a path, a brace pattern ``"shards/{00000..00009}.tar"`` or a list;
+    ``blip_caption`` (max words): captions cleaned by :func:`pre_caption`, as MiniGPT-4's stage 1 does."""
+    return WebDatasetReader(urls_or_dir, blip_caption)
 
 
 # ---------------------------------------------------------------------------------------------- dispatch and mixing

@@ -140,6 +140,9 @@ class DatasetSpec(Section):
     instructions: list[str] | None = None
     #: Read image paths that leave the image root (``../x.jpg``); by default such records are skipped and counted.
     allow_outside_root: bool = False
+    #: Caption formats: clean captions with MiniGPT-4's ``blip_caption`` processor keeping this many words (its
+    #: stage 1 uses 50, MiniGPT4Qwen 100); null: captions as given.
+    blip_caption: int | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _check_options(self) -> "DatasetSpec":
@@ -151,14 +154,16 @@ class DatasetSpec(Section):
             raise ValueError(f"image_root does not apply to {self.format} (images are under path)")
         if (self.mode is not None or self.instructions is not None) and self.format != "cc_sbu_align":
             raise ValueError("mode and instructions apply to cc_sbu_align only")
+        if self.blip_caption is not None and self.format not in ("captions_json", "cc_sbu_align", "webdataset"):
+            raise ValueError(f"blip_caption applies to the caption formats, not {self.format}")
         return self
 
     def reader_spec(self) -> dict[str, Any]:
         """Keyword arguments for :func:`minigpt.data.formats.read_dataset`."""
         if self.format == "webdataset":
-            return {"format": self.format, "urls_or_dir": self.path}
-        if self.format == "cc_sbu_align":
-            spec: dict[str, Any] = {"format": self.format, "root": self.path}
+            spec: dict[str, Any] = {"format": self.format, "urls_or_dir": self.path}
+        elif self.format == "cc_sbu_align":
+            spec = {"format": self.format, "root": self.path}
             if self.mode is not None:
                 spec["mode"] = self.mode
             if self.instructions is not None:
@@ -167,6 +172,8 @@ class DatasetSpec(Section):
             spec = {"format": self.format, "path": self.path, "image_root": self.image_root}
         if self.allow_outside_root:
             spec["allow_outside_root"] = True
+        if self.blip_caption is not None:
+            spec["blip_caption"] = self.blip_caption
         return spec
 
 
