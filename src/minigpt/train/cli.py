@@ -35,12 +35,13 @@ def register(subparsers: Any) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .config import load_config
+    from .config import check_paths, load_config
 
     overrides = list(args.overrides)
     if getattr(args, "device", None):
         overrides.append(f"run.device={args.device}")
     config = load_config(args.config, overrides)
+    check_paths(config)  # before anything is loaded, and for --print-config too
     if args.print_config:
         import yaml
 

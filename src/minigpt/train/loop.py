@@ -360,8 +360,8 @@ class Trainer:
         """Counters, the resumed state (when a checkpoint is there), and ``module`` + ``optimizer`` prepared by the
         strategy."""
         self.step = 0
-        # "skipped": samples dropped while training (bad image, ...); "skipped_records": malformed records
-        self.counters = {"samples": 0, "tokens": 0, "skipped": 0, "skipped_records": self.data.read_skipped}
+        # "skipped": samples dropped while training (bad image, ...); malformed records: data.skipped_records
+        self.counters = {"samples": 0, "tokens": 0, "skipped": 0}
         self._warned = 0
         self._evaluated_at: int | None = None
         self._eval_task_data: Any = None
@@ -430,7 +430,7 @@ class Trainer:
         record: dict[str, Any] = {
             "step": self.step + 1, "epoch": self.step // self.data.steps_per_epoch, "lr": lr, "tokens": tokens,
             "samples": samples, "input_tokens": input_tokens, "skipped": self.counters["skipped"],
-            "skipped_records": self.counters["skipped_records"],
+            "skipped_records": self.data.skipped_records,
         }
         if tokens == 0:  # every sample of the step skipped (or without answer tokens)
             warnings.warn(f"step {self.step + 1}: no supervised token in the step, no update", DataWarning, stacklevel=3)
