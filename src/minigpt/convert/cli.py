@@ -92,7 +92,8 @@ def register(subparsers: Any) -> None:
     q.add_argument("--config", metavar="FILE|DIR", help="model config (config.json or a model directory) when the "
                    "checkpoint records none; pipeline: optional")
     q.add_argument("--llm", help="base LLM (pipeline: required; ZeRO: overrides the recorded one)")
-    q.add_argument("--vision", metavar="DIR", help="vision encoder folder (else from the checkpoint)")
+    q.add_argument("--vision", metavar="DIR", help="vision encoder folder, or a model directory such as the run's "
+                   "final/ (else from the checkpoint)")
     q.add_argument("--template", help="prompt template (pipeline default: chatml)")
     q.add_argument("--with-llm", action="store_true",
                    help="pipeline: take the LLM weights from the layer files (the LLM was trained)")
