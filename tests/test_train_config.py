@@ -171,6 +171,8 @@ def test_missing_report_backend_is_a_clear_error(tmp_path, monkeypatch, backend)
     for module in (backend, "torch.utils.tensorboard"):
         monkeypatch.setitem(sys.modules, module, None)  # as if not installed
     data = _base()
+    data["data"]["datasets"][0]["path"] = str(tmp_path / "llava.json")
+    (tmp_path / "llava.json").write_text("[]")
     data["run"].update(report_to=[backend], device="cpu", output_dir=str(tmp_path / "out"))
     with pytest.raises(RuntimeError, match=f"pip install {backend}"):
         train(validate_config(data))
@@ -220,3 +222,13 @@ def test_missing_paths_are_named_by_key_before_anything_loads(tmp_path, capsys):
     assert main([str(path), "--print-config"]) == 2
     assert "model.vision_weights: not found" in capsys.readouterr().err
     check_paths(validate_config(_base() | {"data": {"datasets": [{"format": "llava", "path": str(path)}]}}))
+
+
+def test_train_checks_paths_before_building_anything(tmp_path, monkeypatch):
+    from minigpt.train import launch
+
+    monkeypatch.setattr(launch, "make_strategy", lambda run: pytest.fail("a strategy was made before the check"))
+    data = _base()
+    data["data"]["datasets"][0]["path"] = str(tmp_path / "nope.json")
+    with pytest.raises(ConfigError, match=r"data.datasets.0.path: not found: .*nope.json"):
+        launch.train(validate_config(data))

@@ -41,10 +41,10 @@ def run_train(args: argparse.Namespace) -> int:
     if getattr(args, "device", None):
         overrides.append(f"run.device={args.device}")
     config = load_config(args.config, overrides)
-    check_paths(config)  # before anything is loaded, and for --print-config too
     if args.print_config:
         import yaml
 
+        check_paths(config)  # as train() does first
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
         return 0
     from .launch import train

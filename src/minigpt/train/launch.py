@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from .config import RunSection, TrainConfig
+from .config import RunSection, TrainConfig, check_paths
 from .deepspeed.pipeline import DeepSpeedPipeline
 from .deepspeed.trainer import PipelineTrainer
 from .deepspeed.zero import DeepSpeedZeRO
@@ -39,7 +39,9 @@ def make_strategy(run: RunSection) -> Strategy:
 
 
 def train(config: TrainConfig, strategy: Strategy | None = None) -> TrainResult:
-    """Run (or resume) the training ``config`` describes; returns the trained model and this run's records."""
+    """Run (or resume) the training ``config`` describes; returns the trained model and this run's records.
+    Every path of the config is checked first (:func:`~.config.check_paths`), before anything is loaded."""
+    check_paths(config)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     strategy = strategy or make_strategy(config.run)
     try:
