@@ -336,8 +336,10 @@ def test_empty_answers_are_skipped_as_their_own_kind(tmp_path):
     with pytest.warns(DataWarning, match=r"d.json:0: turn 4 \(assistant\) is empty"):
         data = read_llava_json(path)
     assert len(data) == 1 and data.report.kinds == {f"{path}:0": "empty_answer"}
-    qwen = write_json(tmp_path / "q.json", [{"image": "a.jpg", "instruction": ["<Img><ImageHere></Img> Q", "Q2"],
-                                             "output": ["A", ""]}, {"image": "a.jpg", "instruction": "<ImageHere> Q", "output": "A"}])
+    qwen = write_json(tmp_path / "q.json", [
+        {"image": "a.jpg", "instruction": ["<Img><ImageHere></Img> Q", "Q2"], "output": ["A", ""]},
+        {"image": "a.jpg", "instruction": "<ImageHere> Q", "output": "A"},
+    ])
     with pytest.warns(DataWarning, match="turn 4 .assistant. is empty"):
         assert len(read_minigpt4qwen_json(qwen)) == 1
 

@@ -35,7 +35,8 @@ from .formats import WDS_KEY_RE, SampleList, WebDatasetReader, load_json
 from .images import DEFAULT_MAX_PIXELS, ImageError, ImageTooLargeError, load_image
 
 PROBLEM_KINDS: tuple[str, ...] = (
-    "malformed", "outside_root", "missing_image", "corrupt_image", "undecodable_image", "oversized_image", "empty_answer",
+    "malformed", "outside_root", "missing_image", "corrupt_image", "undecodable_image", "oversized_image",
+    "empty_answer",
 )
 
 T = TypeVar("T")

@@ -202,12 +202,13 @@ def get_field(rec: Mapping[str, Any], key: str, kind: type | tuple[type, ...] = 
 
 
 def resolve_image(root: Path, value: Any, allow_outside_root: bool = False) -> str:
-    """``root / value``; :class:`OutsideRootError` when the relative ``value`` leaves ``root`` and that is not allowed."""
+    """``root / value``; :class:`OutsideRootError` when the relative ``value`` leaves ``root``, unless allowed."""
     if not isinstance(value, str) or not value:
         raise ValueError(f"image must be a non-empty string, got {value!r}")
     if not allow_outside_root and leaves_root(value):
         raise OutsideRootError(
-            f"image path {value!r} leaves the image root {root} (set allow_outside_root: true on the dataset to read it)"
+            f"image path {value!r} leaves the image root {root} "
+            "(set allow_outside_root: true on the dataset to read it)"
         )
     return str(root / value)
 
