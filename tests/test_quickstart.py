@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
+import logging
+import re
+import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -43,6 +48,36 @@ def test_quickstart_runs_end_to_end_with_tiny_llm(tmp_path, capsys):
     assert (out / "stage2" / "final" / "config.json").is_file()
     assert set(summary["naming_accuracy"]["after"]) == {"colour", "shape", "both"}
     assert "names colour and shape correctly" in capsys.readouterr().out
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_log_lines_print_above_the_progress_bar(tmp_path, monkeypatch, caplog):
+    """Hardening item 10: a log line during training gets a line of its own, not glued after the bar."""
+    from minigpt.train.loop import Reporter
+
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    console = logging.StreamHandler(terminal)
+    console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    caplog.set_level(logging.INFO)
+    logging.root.addHandler(console)
+    try:
+        reporter = Reporter(tmp_path / "stage1", True, [], SimpleNamespace(run=SimpleNamespace(log_every=1)))
+        reporter.start(0, 4)
+        reporter.log({"step": 1, "loss": 2.5, "lr": 1e-3, "tokens_per_s": 10.0, "samples_per_s": 1.0,
+                      "peak_mem_gib": 0.45})
+        reporter.log({"step": 1, "eval_loss": 0.5})
+        reporter.close()
+    finally:
+        logging.root.removeHandler(console)
+    lines = re.split(r"[\r\n]", terminal.getvalue())
+    assert "INFO minigpt.train.loop: step 1: eval loss 0.5000" in lines
+    assert any(line.startswith("stage1:") and "mem 0.45G" in line for line in lines)  # the bar, named by the run
+    assert console.stream is terminal  # restored when the bar closes
 
 
 @pytest.mark.slow

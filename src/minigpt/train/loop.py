@@ -19,6 +19,8 @@ import shutil
 import sys
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -197,6 +199,7 @@ class Reporter:
     def __init__(self, out: Path, enabled: bool, report_to: list[str], config: TrainConfig) -> None:
         self.enabled, self.path, self.log_every = enabled, out / METRICS_FILE, config.run.log_every
         self.bar: Any = None
+        self._console = ExitStack()  # console logging goes above the bar while it is open
         self._file: Any = None
         self.tb: Any = None
         self.wandb: Any = None
@@ -231,7 +234,8 @@ class Reporter:
         if sys.stderr.isatty():
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=total, initial=step, desc=self.path.parent.name, unit="step", dynamic_ncols=True)
+            self._console.enter_context(logs_above_bars())
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -258,6 +262,7 @@ class Reporter:
             self.wandb.log(numbers, step=step)
 
     def close(self) -> None:
+        self._console.close()
         if self.bar is not None:
             self.bar.close()
         if getattr(self, "_file", None) is not None:
@@ -267,6 +272,35 @@ class Reporter:
         if self.wandb is not None:
             self.wandb.finish()
         self.bar = self.tb = self.wandb = self._file = None
+
+
+class _AboveBars:
+    """A console stream whose writes go above the progress bars (``tqdm.write``) instead of after them."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(text, file=self.stream, end="")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+@contextmanager
+def logs_above_bars() -> Iterator[None]:
+    """Within the block, the root logger's console handlers (stdout/stderr) print above the progress bars, each
+    record on its own line, keeping their levels, formats and filters; other handlers (files) are left alone."""
+    handlers = [h for h in logging.root.handlers
+                if isinstance(h, logging.StreamHandler) and h.stream in (sys.stdout, sys.stderr)]
+    streams = [h.setStream(_AboveBars(h.stream)) for h in handlers]
+    try:
+        yield
+    finally:
+        for handler, stream in zip(handlers, streams):
+            handler.setStream(stream)
 
 
 def _record_step(line: str) -> float:
