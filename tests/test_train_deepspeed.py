@@ -343,6 +343,52 @@ def test_two_stage_pipeline_with_a_frozen_llm_matches_single(tmp_path, shapes, t
     assert set(occupy) == {"occupy.weight", "occupy.bias"} and not any(v.any() for v in occupy.values())
 
 
+# ---------------------------------------------------------------------------------------------- modules
+
+
+def _train_imports() -> dict[str, set[str]]:
+    """minigpt.train's modules -> the minigpt.train modules they import (anywhere in the file, lazily too)."""
+    import ast
+
+    root = REPO / "src"
+    files = {".".join(p.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in (root / "minigpt" / "train").rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1]) if node.level else ""
+                module = ".".join(x for x in (base, node.module or "") if x)
+                targets |= {f"{module}.{a.name}" if f"{module}.{a.name}" in files else module for a in node.names}
+            elif isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names}
+        graph[name] = {t for t in targets if t in files and t != name}
+    return graph
+
+
+def test_no_import_cycle_in_train():
+    """The strategy does not choose the trainer (train/launch.py does): strategy, the DeepSpeed modules and the
+    loop import one another one way only, lazy imports included."""
+    graph = _train_imports()
+    assert "minigpt.train.loop" in graph["minigpt.train.deepspeed.trainer"]
+    assert "minigpt.train.deepspeed.trainer" in graph["minigpt.train.launch"]
+    state: dict[str, str] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            assert state.get(nxt) != "open", " -> ".join([*path, node, nxt])
+            if nxt not in state:
+                visit(nxt, [*path, node])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [])
+
+
 # ---------------------------------------------------------------------------------------------- recipes
 
 
