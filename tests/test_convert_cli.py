@@ -112,20 +112,34 @@ def _minigpt4_projector(path: Path, out_dim: int = 64, in_dim: int = 32) -> dict
 
 @pytest.mark.parametrize("full", [False, True])
 def test_assemble(vision_dir, expected, tiny_llama_dir, tmp_path, capsys, full):
-    proj = _minigpt4_projector(tmp_path / "pretrained_minigpt4.pth")
-    out = tmp_path / "model"
-    argv = ["convert", "assemble", "--llm", str(tiny_llama_dir), "--vision", str(vision_dir),
-            "--projector", str(tmp_path / "pretrained_minigpt4.pth"), "--template", "vicuna0", "--out", str(out)]
+    """The directory (default: referencing the LLM and vision folders by relative paths) still loads after the
+    whole tree moved (absolute paths were recorded before)."""
+    import json
+    import shutil
+
+    tree = tmp_path / "tree"
+    shutil.copytree(tiny_llama_dir, tree / "vicuna-7b")
+    shutil.copytree(vision_dir, tree / "vision")
+    proj = _minigpt4_projector(tree / "pretrained_minigpt4.pth")
+    out = tree / "models" / "minigpt4"
+    argv = ["convert", "assemble", "--llm", str(tree / "vicuna-7b"), "--vision", str(tree / "vision"),
+            "--projector", str(tree / "pretrained_minigpt4.pth"), "--out", str(out)]
     assert main(argv + (["--full"] if full else [])) == 0
     printed = capsys.readouterr().out
     assert "note: llama_proj: in 32 -> out 64" in printed
+    assert "note: template vicuna0: a MiniGPT-4 (Vicuna v0) checkpoint (--template to choose another)" in printed
     files = sorted(p.name for p in out.iterdir())
+    config = json.loads((out / "config.json").read_text())
+    assert config["llm"] == "../../vicuna-7b"
     if full:
         assert files == ["config.json", "llm", "projector.safetensors", "tokenizer", "vision.safetensors"]
     else:
-        assert files == ["config.json", "projector.safetensors", "tokenizer"] and "referenced, not copied" in printed
-    model = MiniGPT.from_pretrained(out).eval()
-    assert model.config.template == "vicuna0" and model.config.llm in (str(tiny_llama_dir.resolve()), str(tiny_llama_dir))
+        assert files == ["config.json", "projector.safetensors", "tokenizer"] and config["vision_weights"] == "../../vision"
+        assert "referenced relative to it, not copied: move them together" in printed
+    shutil.move(tree, tmp_path / "moved")
+    model = MiniGPT.from_pretrained(tmp_path / "moved" / "models" / "minigpt4").eval()
+    assert model.config.template == "vicuna0"
+    assert model.config.llm == str((tmp_path / "moved" / "vicuna-7b").resolve())
     with torch.no_grad():
         got = model.encode_images(expected["pixel_values"])
     want = F.linear(expected["query_output"], proj["llama_proj.weight"], proj["llama_proj.bias"])
@@ -174,3 +188,40 @@ def test_deepspeed_and_export(tiny_model_factory, tmp_path, capsys, image_file):
         p.name for p in (tmp_path / "hf").iterdir()}
     assert main(["convert", "export-hf", str(tmp_path / "missing"), "--out", str(tmp_path / "hf2")]) == 2
     assert "no such model directory" in capsys.readouterr().err
+
+
+def test_assemble_minigpt4qwen_checkpoint_with_trained_qformer(vision_dir, tiny_qwen_dir, tmp_path, capsys):
+    """A MiniGPT4Qwen checkpoint (llm_proj + a trained Q-Former) onto a Qwen LLM: ChatML chosen (not vicuna0), the
+    checkpoint's query_tokens / Qformer.bert.* load over the base Q-Former, text-side keys are ignored, and the
+    encoder is stored (it no longer equals its source)."""
+    base = load_vision(vision_dir).state_dict()
+    torch.manual_seed(2)
+    query_key = "Qformer.bert.encoder.layer.0.attention.self.query.weight"
+    trained = {
+        "llm_proj.weight": torch.randn(64, 32) * 0.1, "llm_proj.bias": torch.zeros(64),
+        "query_tokens": torch.randn(1, 8, 32), query_key: torch.randn(32, 32),
+        "Qformer.bert.encoder.layer.0.intermediate.dense.weight": torch.randn(64, 32),  # text side: no place
+    }
+    torch.save({"model": trained, "epoch": 9}, tmp_path / "model.pth")
+    out = tmp_path / "qwen-model"
+    assert main(["convert", "assemble", "--llm", str(tiny_qwen_dir), "--vision", str(vision_dir),
+                 "--projector", str(tmp_path / "model.pth"), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "note: template chatml: an llm_proj checkpoint (MiniGPT4Qwen / MPP-Qwen)" in printed
+    assert "loaded 2 vision-stack tensor(s) of the checkpoint (qformer, query_tokens)" in printed
+    assert "ignored 1 key(s): Qformer.bert.encoder.layer.0.intermediate.dense.weight" in printed
+    assert "vision.safetensors" in {p.name for p in out.iterdir()}
+    model = MiniGPT.from_pretrained(out)
+    state = model.vision.state_dict()
+    assert model.config.template == "chatml" and model.config.vision_weights is None
+    assert torch.equal(state["query_tokens"], trained["query_tokens"])
+    assert torch.equal(state["qformer.encoder.layer.0.attention.attention.query.weight"], trained[query_key])
+    changed = ("query_tokens", "qformer.encoder.layer.0.attention.attention.query.weight")
+    assert all(torch.equal(state[k], base[k]) for k in base if k not in changed)
+    # An explicit template is kept, with a note; a Qwen LLM alone also suggests ChatML.
+    llama_proj = {"llama_proj.weight": trained["llm_proj.weight"], "llama_proj.bias": trained["llm_proj.bias"]}
+    torch.save({"model": llama_proj}, tmp_path / "llama.pth")
+    assert main(["convert", "assemble", "--llm", str(tiny_qwen_dir), "--vision", str(vision_dir), "--projector",
+                 str(tmp_path / "llama.pth"), "--out", str(tmp_path / "m2"), "--template", "vicuna0"]) == 0
+    printed = capsys.readouterr().out
+    assert "template vicuna0 as asked, though a qwen2 LLM (MiniGPT4Qwen style) suggests chatml" in printed

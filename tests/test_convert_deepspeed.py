@@ -36,6 +36,7 @@ from minigpt.model.minigpt import MiniGPT
 from minigpt.model.processor import MiniGPTProcessor
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "lavis-tiny"
+MODEL_STATES = "mp_rank_00_model_states.pt"
 TAG = "global_step10"
 
 
@@ -127,6 +128,53 @@ def test_zero_partial_module_takes_frozen_parts_from_sources(tiny_model_factory,
     assert loaded.config.vision_weights == str(vision_dir.resolve())
     _assert_same_weights(loaded, src.state_dict())
     assert torch.equal(_loss(loaded, image_file), _loss(src, image_file))
+
+
+def test_frozen_vision_in_the_checkpoint_is_referenced_only_when_equal_to_its_source(tiny_model_factory, tmp_path):
+    """A ZeRO-2 'module' holds the frozen vision encoder too. Equal to the recorded source: the folder refers to the
+    source and the report says so (it used to say "all N tensors from the checkpoint"); different: written."""
+    src = tiny_model_factory()
+    vision_dir = save_vision(tmp_path / "vision", src.config.vision, src.vision.state_dict())
+    src.config.vision_weights = str(vision_dir.resolve())
+    n = len(src.vision.state_dict())
+    module = {k: v.detach().to(torch.bfloat16) for k, v in src.state_dict().items() if not k.startswith("llm.")}
+    ckpt = _save_dir(tmp_path / "run", {
+        "mp_rank_00_model_states.pt": _model_states(src, module, minigpt_config=src.config.to_dict()),
+    })
+    written, report = convert_deepspeed(ckpt, tmp_path / "out")
+    assert written == ["projector"]
+    assert f"vision: the checkpoint's {n} tensors equal {vision_dir.resolve()}, which the folder refers to " \
+           "(not copied)" in report.notes
+    assert MiniGPT.from_pretrained(tmp_path / "out").config.vision_weights == str(vision_dir.resolve())
+
+    module["vision.query_tokens"] = module["vision.query_tokens"] + 1
+    torch.save(_model_states(src, module, minigpt_config=src.config.to_dict()), ckpt / TAG / MODEL_STATES)
+    written, report = convert_deepspeed(ckpt, tmp_path / "out2")
+    assert written == ["vision", "projector"]
+    assert f"vision: all {n} tensors from the checkpoint; they differ from {vision_dir.resolve()}" in report.notes
+    loaded = MiniGPT.from_pretrained(tmp_path / "out2")
+    assert loaded.config.vision_weights is None
+    assert torch.equal(loaded.vision.query_tokens, module["vision.query_tokens"].float())
+
+
+def test_a_random_vision_encoder_comes_from_the_runs_final_folder(tiny_model_factory, image_file, tmp_path):
+    """A run whose vision encoder was random (no vision_weights) and frozen: its DeepSpeed files lack the encoder,
+    which only the run's final/ holds; --vision accepts that model directory and copies its encoder."""
+    src = tiny_model_factory()
+    _perturb(src.projector, 12)
+    step_dir = _our_pipeline_run(src, tmp_path / "run")
+    final = tmp_path / "run" / "final"
+    assert src.save_pretrained(final, trainable_only=True) == ["vision", "projector"]
+    with pytest.raises(ValueError, match="neither in the checkpoint nor recorded.*such as the run's final/"):
+        convert_deepspeed(step_dir, tmp_path / "out")
+    written, report = convert_deepspeed(step_dir, tmp_path / "out", vision=str(final))
+    assert written == ["vision", "projector"]
+    assert f"vision: from {final / 'vision.safetensors'}" in report.notes
+    loaded = MiniGPT.from_pretrained(tmp_path / "out")
+    _assert_same_weights(loaded, src.state_dict())
+    assert torch.equal(_loss(loaded, image_file), _loss(src, image_file))
+    with pytest.raises(FileNotFoundError, match="neither a vision folder .* nor a minigpt model directory"):
+        convert_deepspeed(step_dir, tmp_path / "out3", vision=str(tmp_path))
 
 
 def test_zero_bad_inputs(tiny_model_factory, tmp_path):
@@ -356,7 +404,7 @@ def _our_pipeline_run(model: MiniGPT, out: Path, step: int = 4, client_config: b
     """What ``run.strategy: deepspeed_pipeline`` leaves in a training ``OUTPUT``: DeepSpeed's layer files
     (``PipelineModule.save_state_dict(exclude_frozen_params=True)`` of our real pipeline layers), its
     ``mp_rank_00_model_states.pt`` (module None + client state) and our ``checkpoints/step_N/state.pt``."""
-    from minigpt.train.deepspeed import pipeline_layers
+    from minigpt.train.deepspeed.pipeline import pipeline_layers
 
     tag = f"global_step{step}"
     ds = out / "checkpoints" / "deepspeed"

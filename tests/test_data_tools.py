@@ -158,6 +158,21 @@ def test_analyze_counts_samples_the_template_rejects(llama_tokenizer):
 # ============================================================================================ check
 
 
+def test_check_reports_paths_outside_the_root_and_oversized_images(tmp_path):
+    from test_images import png_bomb
+
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "bomb.png").write_bytes(png_bomb(13000, 13000))
+    save_image(tmp_path / "secret.png")  # a readable image, but above the image root
+    conv = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A square."}]
+    path = write_json(tmp_path / "data" / "llava.json", [{"image": "../secret.png", "conversations": conv},
+                                                        {"image": "bomb.png", "conversations": conv}])
+    report = check_dataset("llava", path, image_root=tmp_path / "imgs", workers=1)
+    assert report.good == [] and report.records == 2
+    assert {p.kind: p.origin for p in report.problems} == {"outside_root": f"{path}:0", "oversized_image": f"{path}:1"}
+    assert "169,000,000 pixels" in report.summary() and "'../secret.png' leaves the image root" in report.summary()
+
+
 def problem_llava(tmp_path: Path) -> Path:
     """Records 0 and 6 good; 1 missing image; 2 truncated JPEG; 3 not an image; 4 empty answer; 5 malformed."""
     img = tmp_path / "imgs"
@@ -182,8 +197,8 @@ def test_check_finds_each_problem_kind_with_origins(tmp_path):
     path = problem_llava(tmp_path)
     report = check_dataset("llava", path, image_root=tmp_path / "imgs", workers=2)
     assert report.records == 7 and report.good == [f"{path}:0", f"{path}:6"] and not report.clean
-    assert report.counts() == {"malformed": 1, "missing_image": 1, "corrupt_image": 1, "undecodable_image": 1,
-                               "empty_answer": 1}
+    assert report.counts() == {"malformed": 1, "outside_root": 0, "missing_image": 1, "corrupt_image": 1,
+                               "undecodable_image": 1, "oversized_image": 0, "empty_answer": 1}
     origins = {p.kind: p.origin for p in report.problems}
     assert origins == {"malformed": f"{path}:5", "missing_image": f"{path}:1", "corrupt_image": f"{path}:2",
                        "undecodable_image": f"{path}:3", "empty_answer": f"{path}:4"}

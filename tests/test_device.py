@@ -189,8 +189,9 @@ def test_every_command_takes_device(name, capsys):
 def test_train_device_flag_sets_run_device(tmp_path, capsys):
     from minigpt.cli import main
 
-    config = tmp_path / "c.yaml"
-    config.write_text("model: {llm: x}\ndata: {datasets: [{format: llava, path: d.json}]}\nrun: {device: cuda}\n")
+    config, data = tmp_path / "c.yaml", tmp_path / "d.json"
+    data.write_text("[]")
+    config.write_text(f"model: {{llm: x}}\ndata: {{datasets: [{{format: llava, path: {data}}}]}}\nrun: {{device: cuda}}\n")
     assert main(["train", str(config), "--print-config"]) == 0
     assert "device: cuda" in capsys.readouterr().out
     assert main(["train", str(config), "--print-config", "--device", "cpu"]) == 0

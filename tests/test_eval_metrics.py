@@ -115,6 +115,54 @@ def test_meteor_with_java():
     assert out["Bleu_4"] == pytest.approx(1.0, abs=1e-6) and out["CIDEr"] == pytest.approx(10.0, abs=1e-6)
 
 
+def test_per_image_scores_and_blank_references(no_java):
+    refs = {1: ["A man riding a wave.", "A surfer on a wave."], 2: ["Two dogs in the snow.", "Dogs playing."],
+            3: ["A red bus on the street.", "A bus."]}
+    preds = {1: "A man riding a wave.", 2: "Two dogs playing in snow.", 3: "A bus parked on a street."}
+    totals, per = M.caption_scores(preds, refs)
+    assert list(per) == [1, 2, 3] and set(per[1]) == set(M.CAPTION_METRICS)
+    assert totals["CIDEr"] == pytest.approx(sum(p["CIDEr"] for p in per.values()) / 3)  # CIDEr-D: mean per image
+    assert totals["ROUGE_L"] == pytest.approx(sum(p["ROUGE_L"] for p in per.values()) / 3)
+    assert per[1]["METEOR"] is None and per[1]["Bleu_1"] == pytest.approx(1.0)
+    # a blank reference is kept (as COCOEvalCap keeps it): it joins CIDEr's mean over references
+    blank = M.caption_scores(preds, {**refs, 1: [*refs[1], ""]})[1]
+    assert blank[1]["CIDEr"] == pytest.approx(per[1]["CIDEr"] * 2 / 3)
+
+
+@needs_java
+def test_equal_to_reference_cocoevalcap(monkeypatch):
+    """The reference scorer itself (pycocoevalcap COCOEvalCap, PTBTokenizer and METEOR through Java) on captions
+    with blank references and the constructs where the fallback tokenizer differs; SPICE stubbed out (it would
+    download Stanford models)."""
+    from pycocoevalcap import eval as coco_eval
+    from pycocotools.coco import COCO
+
+    class NoSpice:
+        def method(self):
+            return "SPICE"
+
+        def compute_score(self, gts, res):
+            return 0.0, [0.0] * len(gts)
+
+    monkeypatch.setattr(coco_eval, "Spice", NoSpice)
+    refs = {1: ["A man riding a wave at 10:30.", "", "Surfer -- in red -- on a wave."],
+            2: ["Two dogs play in the snow!", "Dogs' day in the snow", " "],
+            3: ["A red bus parked on the street.", "@home: a #bus."], 4: ["A cat on a mat.", "A cat sleeping."]}
+    preds = {1: "A man rides a wave on his surfboard at 10:30", 2: "Two dogs, playing in snow.",
+             3: "A bus isn't parked @home.", 4: "A cat on a mat."}
+    gt = COCO()
+    gt.dataset = {"images": [{"id": k} for k in refs],
+                  "annotations": [{"image_id": k, "id": 10 * k + i, "caption": c}
+                                  for k, cs in refs.items() for i, c in enumerate(cs)]}
+    gt.createIndex()
+    ref = coco_eval.COCOEvalCap(gt, gt.loadRes([{"image_id": k, "caption": v} for k, v in preds.items()]))
+    ref.evaluate()
+    totals, per = M.caption_scores(preds, refs)
+    for m in M.CAPTION_METRICS:
+        assert totals[m] == pytest.approx(ref.eval[m], abs=1e-9), m
+        assert [per[k][m] for k in refs] == pytest.approx([ref.imgToEval[k][m] for k in refs], abs=1e-9), m
+
+
 # ----------------------------------------------------------------------------- VQA
 
 
@@ -146,22 +194,35 @@ def test_vqa_accuracy_ten_answers(matches, acc):
     assert M.vqa_accuracy("Two", answers) == pytest.approx(acc)
 
 
-def test_vqa_accuracy_official_quirks():
+def test_vqa_accuracy_lavis_quirks():
     # fewer than 10 answers: same leave-one-out formula -> (2 * 1/3 + 1 * 2/3) / 3
     assert M.vqa_accuracy("cat", ["cat", "cat", "dog"]) == pytest.approx(4 / 9)
     # ground-truth answers get punctuation processing only when they disagree ...
     assert M.vqa_accuracy("dog", ["dog."] * 3 + ["cat"] * 7) == pytest.approx(0.9)
-    # ... and never the digit/article step, unless asked for
+    # ... never the digit/article step, and they are not stripped
     assert M.vqa_accuracy("2", ["two"] * 10) == 0.0
-    assert M.vqa_accuracy("2", ["two"] * 10, normalize_answers=True) == 1.0
+    assert M.vqa_accuracy("yes", [" yes"] * 4 + ["no"] * 6) == 0.0
+    # periodStrip.sub("", text, re.UNICODE): re.UNICODE (32) is the count, so at most 32 periods go
+    assert M.vqa_process_punctuation("yes" + "." * 40) == "yes" + "." * 8
+    assert M.vqa_accuracy("yes" + "." * 32, ["yes"] * 10) == 1.0
+    assert M.vqa_accuracy("yes" + "." * 33, ["yes"] * 10) == 0.0
 
 
-def test_vqa_score():
-    gts = {1: ["yes"] * 10, 2: ["2"] * 2 + ["3"] * 8, 3: ["red"] * 10}
-    out = M.vqa_score({1: "Yes.", 2: "two", 3: "blue"}, gts)
-    assert out["accuracy"] == pytest.approx((1.0 + 0.6 + 0.0) / 3)
-    with pytest.raises(ValueError):
-        M.vqa_score({1: "yes"}, gts)
+@pytest.mark.parametrize(
+    ("prediction", "answers", "lavis", "vqaeval2021"),
+    [
+        ("Yes.", ["yes"] * 10, 1.0, 0.0),  # identical answers: 2021 compares the raw (stripped) prediction
+        ("two", ["two"] * 10, 0.0, 1.0),  # LAVIS normalises the prediction to "2" but not the answers
+        ("2", ["two"] * 3 + ["three"] * 7, 0.0, 0.9),  # disagreeing answers: 2021 normalises them fully
+        ("yes", [" yes"] * 4 + ["no"] * 6, 0.0, 1.0),  # 2021 strips the answers
+        (" yes\n", ["yes"] * 10, 1.0, 1.0),
+    ],
+)
+def test_vqa_accuracy_lavis_and_2021_logic(prediction, answers, lavis, vqaeval2021):
+    assert M.vqa_accuracy(prediction, answers, "lavis") == pytest.approx(lavis)
+    assert M.vqa_accuracy(prediction, answers, "vqaeval2021") == pytest.approx(vqaeval2021)
+    with pytest.raises(ValueError, match="unknown VQA logic 'x'; choose from lavis, vqaeval2021"):
+        M.vqa_accuracy(prediction, answers, "x")
 
 
 # ----------------------------------------------------------------------------- multiple choice
@@ -197,11 +258,29 @@ def test_extract_choice(text, letter):
     assert M.extract_choice(text, OPTS) == letter
 
 
-def test_extract_choice_dict_options_and_mcq_accuracy():
-    opts = {"A": "cat", "B": "dog"}
-    assert M.extract_choice("a dog", opts) == "B"
-    out = M.mcq_accuracy({1: "B", 2: "cat", 3: "no idea"}, {1: "B", 2: "B", 3: "A"}, {k: opts for k in (1, 2, 3)})
-    assert out == pytest.approx({"accuracy": 1 / 3, "unparsed": 1 / 3})
+def test_extract_choice_dict_options():
+    assert M.extract_choice("a dog", {"A": "cat", "B": "dog"}) == "B"
+
+
+@pytest.mark.parametrize(
+    ("text", "letter"),
+    [
+        ("A dog.", "A"),  # the leading "A" is taken as the letter (ours: an article)
+        ("A horse is shown.", "A"),
+        ("B", "B"),
+        ("(C)", "C"),
+        ("The answer is B.", "B"),
+        ("A or B", None),  # two letters, and no option text
+        ("I think it is a dog", "B"),  # no letter: the one option text found in the answer
+        ("cat and dog", None),
+        ("Cannot determine the answer", "Z"),  # refusals and a standalone Z -> Z (scored as a miss)
+        ("Z", "Z"),
+        ("Failed to obtain answer via API: dog", "B"),  # no letter inferred, the text match still runs
+        ("", None),
+    ],
+)
+def test_vlmevalkit_exact_matcher(text, letter):
+    assert M.vlmevalkit_choice(text, {"A": "cat", "B": "dog", "C": "horse", "D": "bird"}) == letter
 
 
 def test_circular_eval():
@@ -211,8 +290,6 @@ def test_circular_eval():
     assert [M.circular_answer("C", 4, i) for i in range(4)] == ["C", "B", "A", "D"]
     assert all(rots[i][M.LETTERS.index(M.circular_answer("C", 4, i))] == "y" for i in range(4))
     assert M.circular_options({"A": "yes", "B": "no"}) == [["yes", "no"], ["no", "yes"]]
-    results = {"q1": [True, True, True, True], "q2": [True, False, True, True], "q3": [True, True]}
-    assert M.circular_accuracy(results) == pytest.approx(2 / 3)
 
 
 # ----------------------------------------------------------------------------- POPE

@@ -187,7 +187,9 @@ def test_bad_input_is_named_counted_and_never_fatal(tmp_path, images):
     assert set(report["problems"]) == {"missing_image", "generation_failed", "empty_prediction", "malformed_record"}
     assert report["problems"]["missing_image"]["count"] == 2
     # single-answer questions are scored by exact match: "yes" right, the empty answer wrong
-    assert result.metrics == {"accuracy": pytest.approx(0.5), "n": 2, "n_exact_match": 2}
+    assert {k: result.metrics[k] for k in ("scorer", "accuracy", "n", "n_exact_match")} == {
+        "scorer": "lavis", "accuracy": pytest.approx(0.5), "n": 2, "n_exact_match": 2}
+    assert result.metrics["notes"] == ["2 question(s) with fewer than 10 answers scored by exact match"]
     first = model.calls[0]  # the failed batch is retried one record at a time
     assert len(first) > 1 and any("Explode" in t for t in first)
     assert model.calls[1:len(first) + 1] == [[t] for t in first]

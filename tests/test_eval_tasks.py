@@ -1,4 +1,4 @@
-"""Eval-set readers: every input format, prompts, circular expansion, malformed records."""
+"""Eval-set readers: every input format, prompts, circular expansion, malformed records; the task registry."""
 
 from __future__ import annotations
 
@@ -11,17 +11,13 @@ import pytest
 from PIL import Image as PILImage
 
 from minigpt.data.formats import DataWarning
-from minigpt.eval.tasks import (
-    CAPTION_PROMPT,
-    MCQ_INSTRUCTION,
-    POPE_INSTRUCTION,
-    VQA_INSTRUCTION,
-    apply_limit,
-    coco_image_path,
-    load_task,
-    mcq_prompt_text,
-    split_inline_options,
-)
+from minigpt.eval.tasks import REGISTRY, TASKS, apply_limit, load_task
+from minigpt.eval.tasks.base import coco_image_path
+from minigpt.eval.tasks.caption import PROMPT as CAPTION_PROMPT
+from minigpt.eval.tasks.mcq import PROMPT as MCQ_INSTRUCTION
+from minigpt.eval.tasks.mcq import mcq_prompt_text, split_inline_options
+from minigpt.eval.tasks.pope import PROMPT as POPE_INSTRUCTION
+from minigpt.eval.tasks.vqa import PROMPT as VQA_INSTRUCTION
 
 
 def write(path: Path, data) -> Path:
@@ -35,6 +31,13 @@ def write(path: Path, data) -> Path:
 
 def user_text(record) -> str:
     return record.prompt.turns[-1].text
+
+
+def test_every_task_module_registers_itself():
+    assert TASKS == ("caption", "mcq", "pope", "vqa")
+    for name, task in REGISTRY.items():
+        assert task.name == name and task.prompt and task.scorers  # readers, prompt and scoring in one module
+        assert type(task).__module__ == f"minigpt.eval.tasks.{name}"
 
 
 # ---------------------------------------------------------------------------------------------- caption
@@ -58,6 +61,14 @@ def test_coco_caption_annotations_group_references(tmp_path):
     assert td.records[0].images == [str(tmp_path / "imgs" / "a.jpg")]
     assert user_text(td.records[0]) == "<ImageHere> " + CAPTION_PROMPT
     assert len(td.report.skipped) == 2
+
+
+def test_blank_reference_captions_are_kept_as_cocoevalcap_keeps_them(tmp_path):
+    data = write(tmp_path / "gt.json", {"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [
+        {"image_id": 1, "caption": "A cat."}, {"image_id": 1, "caption": " "}, {"image_id": 1, "caption": ""}]})
+    assert load_task("caption", data).records[0].references == ["A cat.", " ", ""]
+    jl = write(tmp_path / "caps.jsonl", [{"id": "q", "image": "a.png", "captions": ["x", ""]}])
+    assert load_task("caption", jl).records[0].references == ["x", ""]
 
 
 def test_coco_images_without_file_name_use_coco_names(tmp_path):
@@ -122,7 +133,7 @@ def test_vqav2_questions_and_annotations(tmp_path):
         assert [r.id for r in td.records] == ["90", "91"]  # the annotation file does not prefix ids
         r = td.records[0]
         assert r.references == ["2"] * 3 + ["3"] * 7
-        assert r.extra == {"normalize_answers": False, "answer_type": "number"}
+        assert r.extra == {"answer_type": "number"}
         assert r.images == [str(tmp_path / "COCO_val2014_000000000009.jpg")]
         assert user_text(r) == f"<ImageHere> How many dogs?\n{VQA_INSTRUCTION}"
     no_answers = load_task("vqa", questions)  # test-dev: predictions only
@@ -141,7 +152,8 @@ def test_vqa_simple_jsonl_with_malformed_lines(tmp_path):
     with pytest.warns(DataWarning) as caught:
         td = load_task("vqa", data, images="/imgs")
     assert [r.id for r in td.records] == ["a", "7"]
-    assert td.records[0].images == ["/imgs/1.png"] and td.records[0].extra["normalize_answers"] is True
+    assert td.records[0].images == ["/imgs/1.png"]
+    assert td.records[0].references == ["cat", "cat"]  # raw answers are VQA-normalised when read
     reasons = dict(td.report.skipped)
     assert "answers" in reasons[f"{data}:3"] and "image" in reasons[f"{data}:4"]
     assert "invalid JSON" in reasons[f"{data}:5"] and "duplicate id" in reasons[f"{data}:6"]

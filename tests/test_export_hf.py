@@ -128,8 +128,45 @@ def test_ln_vision_eps_is_the_only_difference(exported, image_file):
 def test_prompt_text_rendering(exported):
     _, mp, _, hf, processor = exported
     text = hf_prompt(mp.template, processor.tokenizer, _convs()[0], 8)
-    assert text.startswith("<s>Give the following image") and (IMAGE_TOKEN * 8) in text
+    # No literal <s> (the tokenizer adds BOS), a space after the image tokens where minigpt starts a word.
+    assert text.startswith("Give the following image") and f"<Img>{IMAGE_TOKEN * 8} </Img> What" in text
     assert text.endswith("What is in the picture?###Assistant:")
+
+
+@pytest.mark.parametrize("template", ["vicuna0", "vicuna0_head", "llama2", "caption"])
+def test_prompt_text_tokenizes_to_minigpt_ids(exported, template):
+    """Multi-turn prompts of every LLaMA template: the text gives minigpt's ids through the processor's tokenizer
+    (a second BOS, 'G','ive' for '▁Give' and '</' for '▁</' before the fix)."""
+    from minigpt.data.templates import get_template
+
+    _, _, _, hf, processor = exported
+    tpl = get_template(template)
+    conv = (Conversation().add("user", [Image(), Text(tpl.image_separator + "Give it a look?")])
+            .add("assistant", [Text("A cat.")]).add("user", [Text("And then?")]))
+    text = hf_prompt(tpl, processor.tokenizer, conv, 8)
+    want = hf_prompt_ids(tpl, processor.tokenizer, conv, 8, hf.config.image_token_index)
+    assert processor(text=text).input_ids[0] == want
+
+
+def test_documented_transformers_route_is_token_exact(exported, image_file):
+    """The README's route, exactly: Blip2Processor(images, text=minigpt_export.json's prompt_example) ->
+    Blip2ForConditionalGeneration.generate gives minigpt's ids, logits and answer."""
+    model, mp, result, hf, processor = exported
+    info = json.loads((result.directory / "minigpt_export.json").read_text())
+    inputs = processor(images=PILImage.open(image_file), text=info["prompt_example"], return_tensors="pt")
+    conv = Conversation().add("user", [Image(), Text(" Describe the image.")])
+    batch = mp.prepare([conv], [image_file], train=False)
+    ours_ids = batch.text.input_ids.masked_fill(batch.text.image_mask, hf.config.image_token_index)
+    assert inputs.input_ids.tolist() == ours_ids.tolist() == [info["prompt_example_ids"]]
+    with torch.no_grad():
+        theirs = hf(**inputs).logits[..., : model.llm.config.vocab_size]
+        ours = model.llm(inputs_embeds=model.embed(batch), attention_mask=batch.text.attention_mask).logits
+        got = hf.generate(**inputs, max_new_tokens=20, do_sample=False)
+    diff = (ours - theirs).abs().max().item()
+    print(f"documented route: logits max abs diff {diff:.3g}")
+    assert diff < 1e-4
+    answer = Engine(model, mp).generate([conv], [image_file], GenerationOptions(max_new_tokens=20))[0]
+    assert mp.decode(got[0, inputs.input_ids.shape[1]:]) == answer
 
 
 def test_tied_embeddings_and_unrepresentable_models(tmp_path, llama_tokenizer, tiny_model_factory):

@@ -14,7 +14,7 @@ from minigpt.data.formats import read_dataset
 from minigpt.data.images import ImageProcessor
 from minigpt.model.vision import Blip2VisionEncoder, VisionConfig
 from minigpt.train.config import ConfigError, validate_config
-from minigpt.train.loop import train
+from minigpt.train.launch import train
 from minigpt.cli import main
 from test_train_support import losses, make_shapes, tiny_config, write_yaml
 

@@ -1,5 +1,6 @@
 import io
 import json
+import re
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -23,6 +24,7 @@ from minigpt.data.formats import (
     read_minigpt4qwen_json,
     read_mixture,
     read_webdataset,
+    resolve_image,
 )
 from minigpt.data.images import load_image
 
@@ -292,7 +294,7 @@ def test_webdataset_patterns_truncated_shard_and_workers(tmp_path):
     assert [s.conversation.turns[1].text for s in reader] == ["cap 00", "cap 01", "cap 10", "cap 11"]
     raw = (tmp_path / "00002.tar").read_bytes()
     (tmp_path / "00002.tar").write_bytes(raw[:1500])  # cut inside the second member
-    with pytest.warns(DataWarning, match="00002.tar: unreadable tar"):
+    with pytest.warns(DataWarning, match="00002.tar: truncated or unreadable tar in sample 20 .dropped."):
         got = [s.id for s in WebDatasetReader([tmp_path / "00000.tar", tmp_path / "00002.tar"])]
     assert got == ["00", "01"]
     loader = torch.utils.data.DataLoader(WebDatasetReader(sorted(tmp_path.glob("0000[01].tar"))), batch_size=None,
@@ -303,6 +305,71 @@ def test_webdataset_patterns_truncated_shard_and_workers(tmp_path):
     empty = write_tar(tmp_path / "x.tar", [("a.txt", b"caption without image")])
     with pytest.warns(DataWarning), pytest.raises(ValueError, match="no valid record"):
         list(WebDatasetReader(empty))
+
+
+def test_webdataset_cut_between_members_is_reported_and_skips_are_counted(tmp_path):
+    img = jpeg_bytes()
+    members = [("k0.jpg", img), ("k0.txt", b"first"), ("k1.jpg", img), ("k1.txt", b""), ("k2.jpg", img),
+               ("k2.txt", b"third")]
+    raw = write_tar(tmp_path / "whole.tar", members).read_bytes()
+    reader = WebDatasetReader(tmp_path / "whole.tar")
+    with pytest.warns(DataWarning, match="k1: caption must be a non-empty string"):
+        assert [s.id for s in reader] == ["k0", "k2"]
+    assert reader.report.kinds == {f"{tmp_path / 'whole.tar'}/k1": "empty_answer"}
+    with pytest.warns(DataWarning):
+        list(reader)
+    assert reader.skipped_total == 2 and len(reader.report.skipped) == 1  # all passes / the last pass
+    # Cut exactly after k2.jpg's data (a member boundary): tarfile alone would end quietly and keep "k2".
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(raw[: 5 * 1024 + 512 + 512])
+    reader = WebDatasetReader(cut)
+    with pytest.warns(DataWarning, match=r"cut.tar: truncated or unreadable tar in sample k2 \(dropped\): .*end-of"):
+        assert [s.id for s in reader] == ["k0"]
+    assert [o for o, _ in reader.report.skipped] == [f"{cut}/k1", str(cut)]
+
+
+def test_empty_answers_are_skipped_as_their_own_kind(tmp_path):
+    turns = [{"from": "human", "value": "<image> Q"}, {"from": "gpt", "value": "A"}, {"from": "human", "value": "Q2"},
+             {"from": "gpt", "value": " \n"}]
+    path = write_json(tmp_path / "d.json", [{"image": "a.jpg", "conversations": turns},
+                                            {"image": "a.jpg", "conversations": turns[:2]}])
+    with pytest.warns(DataWarning, match=r"d.json:0: turn 4 \(assistant\) is empty"):
+        data = read_llava_json(path)
+    assert len(data) == 1 and data.report.kinds == {f"{path}:0": "empty_answer"}
+    qwen = write_json(tmp_path / "q.json", [
+        {"image": "a.jpg", "instruction": ["<Img><ImageHere></Img> Q", "Q2"], "output": ["A", ""]},
+        {"image": "a.jpg", "instruction": "<ImageHere> Q", "output": "A"},
+    ])
+    with pytest.warns(DataWarning, match="turn 4 .assistant. is empty"):
+        assert len(read_minigpt4qwen_json(qwen)) == 1
+
+
+def test_image_paths_stay_under_the_image_root_unless_allowed(tmp_path):
+    root = tmp_path / "imgs"
+    assert resolve_image(root, "a/../b.jpg") == str(root / "a/../b.jpg")
+    assert resolve_image(root, "/data/x.jpg") == "/data/x.jpg"  # absolute paths are taken as written
+    for bad in ("../x.jpg", "a/../../x.jpg", "./../x.jpg"):
+        with pytest.raises(ValueError, match=f"image path '{re.escape(bad)}' leaves the image root {root} .*allow_"):
+            resolve_image(root, bad)
+    assert resolve_image(root, "../x.jpg", allow_outside_root=True) == str(root / "../x.jpg")
+    conv = [{"from": "human", "value": "<image> Q"}, {"from": "gpt", "value": "A"}]
+    path = write_json(tmp_path / "d.json", [{"image": "../../etc/x.jpg", "conversations": conv},
+                                            {"image": "ok.jpg", "conversations": conv}])
+    with pytest.warns(DataWarning, match="d.json:0: image path '../../etc/x.jpg' leaves the image root"):
+        data = read_dataset({"format": "llava", "path": str(path), "image_root": str(root)})
+    assert [s.images for s in data] == [[str(root / "ok.jpg")]] and data.report.kinds == {f"{path}:0": "outside_root"}
+    allowed = read_dataset({"format": "llava", "path": str(path), "image_root": str(root), "allow_outside_root": True})
+    assert allowed[0].images == [str(root / "../../etc/x.jpg")]
+    cc = tmp_path / "cc"
+    cc.mkdir()
+    write_json(cc / "filter_cap.json",
+               {"annotations": [{"image_id": "../../secret", "caption": "c"}, {"image_id": "2", "caption": "c"}]})
+    with pytest.warns(DataWarning, match="'../../secret.jpg' leaves the image root"):
+        assert [s.id for s in read_cc_sbu_align(cc)] == ["2"]
+    for reader in (read_captions_json, read_minigpt4qwen_json):
+        records = [{"image": "../x.jpg", "caption": "c", "instruction": "Q", "output": "A"}] * 2
+        with pytest.warns(DataWarning), pytest.raises(ValueError, match=r"no valid record \(2 skipped; .*leaves"):
+            reader(write_json(tmp_path / "r.json", records))
 
 
 # ------------------------------------------------------------------------------------------ dispatch, mixing

@@ -1,4 +1,6 @@
 import io
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -6,7 +8,15 @@ import pytest
 import torch
 from PIL import Image
 
-from minigpt.data.images import CLIP_MEAN, CLIP_STD, ImageError, ImageProcessor, load_image
+from minigpt.data.images import (
+    CLIP_MEAN,
+    CLIP_STD,
+    DEFAULT_MAX_PIXELS,
+    ImageError,
+    ImageProcessor,
+    ImageTooLargeError,
+    load_image,
+)
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "lavis-tiny"
 
@@ -158,3 +168,52 @@ def test_batch_of_nothing_and_invalid_min_scale():
     assert ImageProcessor(size=8).batch([]).shape == (0, 3, 8, 8)
     with pytest.raises(ValueError, match="min_scale"):
         ImageProcessor(min_scale=0)
+
+
+def png_bomb(width: int, height: int) -> bytes:
+    """A few-byte PNG whose header claims ``width`` x ``height`` (a pixel bomb as far as the header goes)."""
+    buf = io.BytesIO()
+    Image.new("L", (1, 1)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    data[16:24] = struct.pack(">II", width, height)  # IHDR width, height
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))  # its CRC (type + data)
+    return bytes(data)
+
+
+@pytest.fixture()
+def no_decoding(monkeypatch):
+    """Any pixel decode fails the test: what is refused must be refused from the header."""
+    from PIL import ImageFile
+
+    def load(self):
+        raise AssertionError(f"decoded {self.size}")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+
+
+def test_pixel_bomb_is_refused_from_the_header(tmp_path, no_decoding):
+    (tmp_path / "bomb.png").write_bytes(png_bomb(13000, 13000))
+    message = f"13000x13000 = 169,000,000 pixels, more than the limit of {DEFAULT_MAX_PIXELS:,}"
+    assert DEFAULT_MAX_PIXELS == 16_777_216
+    with pytest.raises(ImageTooLargeError, match=rf"image .*bomb.png \(in data.json:4\) has {message}$"):
+        load_image(tmp_path / "bomb.png", origin="data.json:4")
+    with pytest.raises(ImageTooLargeError, match="<bytes> has 13000x13000"):
+        load_image(png_bomb(13000, 13000))
+    with pytest.raises(ImageTooLargeError, match="bomb.png has 13000x13000"):
+        load_image(Image.open(tmp_path / "bomb.png"))  # a lazily opened PIL image: checked before load()
+    with pytest.raises(ImageTooLargeError, match="more than the limit of 1,000"):
+        ImageProcessor(max_pixels=1000)(png_bomb(40, 30))
+    with pytest.raises(ImageTooLargeError, match="Image size .* exceeds limit"):  # beyond Pillow's own limit too
+        load_image(png_bomb(20000, 20000), max_pixels=None)
+
+
+def test_pixel_limit_is_a_parameter(tmp_path):
+    path = tmp_path / "g.png"
+    gradient(40, 30).save(path)
+    with pytest.raises(ImageTooLargeError, match=r"g.png has 40x30 = 1,200 pixels, more than the limit of 1,199$"):
+        load_image(path, max_pixels=1199)
+    assert load_image(path, max_pixels=1200).size == (40, 30)
+    decoded = load_image(path, max_pixels=None)  # in memory already: a later step does not refuse it
+    assert load_image(decoded, max_pixels=1000).size == (40, 30)
+    assert load_image(np.zeros((30, 40, 3), np.uint8), max_pixels=1000).size == (40, 30)
+    assert ImageProcessor(max_pixels=None)(path).shape == (3, 224, 224)

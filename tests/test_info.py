@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from minigpt.cli import main
 from minigpt.convert.lavis import save_vision
-from minigpt.tools.info import format_info, model_info, safetensors_header
+from minigpt.tools.info import describe, format_info, model_info, safetensors_header
 
 
 def test_full_directory_matches_loaded_model(tiny_model_factory, tmp_path, capsys):
@@ -62,7 +63,10 @@ def test_referenced_parts_and_hub_llm(tiny_model_factory, tiny_llama_dir, tmp_pa
 
 def test_errors(tmp_path, capsys):
     assert main(["info", str(tmp_path)]) == 2
-    assert "no config.json" in capsys.readouterr().err
+    assert capsys.readouterr().err == (
+        f"minigpt info: error: {tmp_path} is not a minigpt model directory, a transformers model, a vision encoder "
+        "folder or a training run folder (it has no config.json, vision_config.json, metrics.jsonl, checkpoints, "
+        "final)\n")
     (tmp_path / "bad.safetensors").write_bytes(b"\xff" * 16)
     with pytest.raises(ValueError, match="not a safetensors file"):
         safetensors_header(tmp_path / "bad.safetensors")
@@ -97,3 +101,76 @@ def test_merged_lora_llm_is_not_shown_frozen(tiny_model_factory, tmp_path, capsy
     # A run without LoRA keeps (frozen).
     (tmp_path / "final" / "train_config.yaml").write_text(yaml.safe_dump({"model": {"llm": "x"}}))
     assert "LoRA" not in format_info(model_info(tmp_path / "final"))
+
+
+def test_transformers_folders_are_described_not_reported_as_nones(tiny_llama_dir, tiny_model_factory, tmp_path,
+                                                                  capsys):
+    """An LLM folder and a BLIP-2 folder (here an export): architecture, parameters, dtype, what to do with it."""
+    from minigpt.convert.export_hf import export_hf
+
+    info = describe(tiny_llama_dir)
+    assert (info["kind"], info["architectures"], info["model_type"]) == ("transformers", ["LlamaForCausalLM"], "llama")
+    header = safetensors_header(tiny_llama_dir / "model.safetensors")
+    assert info["parameters"] == sum(torch.Size(t["shape"]).numel() for t in header.values())
+    assert info["dtypes"] == ["F32"] and set(info["modules"]) == {"model", "lm_head"}
+    capsys.readouterr()
+    assert main(["info", str(tiny_llama_dir)]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"transformers model {tiny_llama_dir} (not a minigpt model directory)")
+    assert "LlamaForCausalLM (model_type llama)" in text and f"--llm {tiny_llama_dir}" in text and "None" not in text
+
+    model = tiny_model_factory()
+    export_hf(model, tmp_path / "hf")
+    info = describe(tmp_path / "hf")
+    assert info["model_type"] == "blip-2" and info["language_model"] == "llama"
+    assert set(info["modules"]) == {"vision_model", "qformer", "query_tokens", "language_projection",
+                                    "language_model"}
+    assert info["modules"]["qformer"]["parameters"] == model.parameter_counts()["qformer"]["total"] - 8 * 32
+    assert info["export"]["template"] == "vicuna0"
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "hf")]) == 0
+    text = capsys.readouterr().out
+    assert "Blip2ForConditionalGeneration (model_type blip-2, language model llama)" in text
+    assert "minigpt convert import-hf" in text and "export          minigpt convert export-hf: template vicuna0" in text
+
+
+def test_vision_and_run_folders(tiny_model_factory, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    model = tiny_model_factory()
+    save_vision(tmp_path / "vision", model.config.vision, model.vision.state_dict())
+    info = describe(tmp_path / "vision")
+    counts = model.parameter_counts()
+    assert info["kind"] == "vision" and info["vision"]["parameters"] == counts["vision"]["total"]
+    assert info["qformer"]["parameters"] == counts["qformer"]["total"]
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "vision")]) == 0
+    assert "qformer         2 x 32 (4 heads), 8 queries; 23.74K parameters" in capsys.readouterr().out
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_00000002").mkdir(parents=True)
+    (run / "checkpoints" / "step_00000002" / "meta.json").write_text('{"step": 2}')
+    save_file({"w": torch.zeros(4)}, run / "checkpoints" / "step_00000002" / "trainable.safetensors")
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in (
+        {"step": 1, "loss": 2.5}, {"step": 2, "loss": 2.25}, {"step": 2, "eval_loss": 2.4}, {"step": 3, "loss": 2.0},
+    )) + '\n{"step": 4, "lo')  # the last line torn by a kill
+    info = describe(run)
+    assert (info["kind"], info["steps_done"], info["last_loss"], info["last_eval_loss"]) == ("run", 3, 2.0, 2.4)
+    assert [c["step"] for c in info["checkpoints"]] == [2] and info["final"] is None
+    capsys.readouterr()
+    assert main(["info", str(run)]) == 0
+    text = capsys.readouterr().out
+    assert "steps done      3 (last loss 2.0000, last eval loss 2.4000)" in text
+    assert "checkpoints/step_00000002 (step 2)" in text and "none yet (the run has not finished)" in text
+    model.save_pretrained(run / "final", trainable_only=True)
+    assert describe(run)["final"]["template"] == "vicuna0"
+    assert main(["info", str(run)]) == 0
+    assert "final           final/: template vicuna0" in capsys.readouterr().out
+
+
+def test_other_folders_are_a_clear_error(tmp_path, capsys):
+    (tmp_path / "config.json").write_text('{"hidden": 3}')
+    assert main(["info", str(tmp_path)]) == 2
+    assert "neither a minigpt model config (llm, vision) nor a transformers config" in capsys.readouterr().err
+    assert main(["info", str(tmp_path / "nope")]) == 2
+    assert f"{tmp_path / 'nope'}: no such folder" in capsys.readouterr().err

@@ -118,6 +118,27 @@ def test_merge_peft_folder_into_llm_and_model(trained, tmp_path, image_file, tin
     assert (tmp_path / "llm" / "tokenizer_config.json").is_file()
 
 
+def test_rslora_reports_the_scale_peft_applies(trained, tmp_path, tiny_llama_dir):
+    """rsLoRA scales by alpha / sqrt(r): 8 / sqrt(4) = 4 (not alpha / r = 2), in the report and in the weights."""
+    import shutil
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    root, _ = trained
+    adapter = shutil.copytree(root / "peft", tmp_path / "rslora")
+    settings = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**settings, "use_rslora": True}))
+    result = merge_lora(adapter, tmp_path / "llm", base=tiny_llama_dir)
+    assert result.report.notes[-1] == "merged LoRA into 8 module(s): rank 4, alpha 8 (scale 4)"
+    lora = load_file(adapter / "adapter_model.safetensors")
+    module = "model.layers.0.self_attn.q_proj"
+    a, b = (lora[f"base_model.model.{module}.lora_{x}.weight"] for x in "AB")
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).get_submodule(module).weight
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "llm").get_submodule(module).weight
+    torch.testing.assert_close(merged - base, 4.0 * b @ a, rtol=0, atol=TOL)
+
+
 def test_merge_from_training_config(trained, tmp_path, tiny_llama_dir, image_file):
     """No --base: the run's YAML builds the base as training did and gives alpha (found in OUTPUT/final)."""
     root, model = trained

@@ -13,7 +13,6 @@ from minigpt.data.tokenize import IGNORE_INDEX
 from minigpt.infer.engine import Engine
 from minigpt.infer.generate import GenerationOptions
 from minigpt.model.minigpt import MiniGPT
-from minigpt.model.processor import MiniGPTProcessor
 
 
 def _single(question="<Img><ImageHere></Img> What colour is it?", answer="It is red."):

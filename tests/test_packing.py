@@ -13,7 +13,7 @@ from minigpt.data.conversation import Conversation
 from minigpt.data.packing import collate_packed, length_grouped_order, pack_rows, padding_stats
 from minigpt.train.config import validate_config
 from minigpt.train.data import BatchPlan, Item, collate
-from minigpt.train.loop import train
+from minigpt.train.launch import train
 from test_train_support import losses, make_shapes, tiny_config
 
 WORDS = "a red circle on the left of a big blue square near some green triangle under yellow light".split()

@@ -24,6 +24,7 @@ from minigpt.infer.decoding import DecodingSettings
 from minigpt.infer.engine import Engine
 from minigpt.infer.generate import GenerationOptions
 from minigpt.infer.server import ServerSettings, create_app
+from test_images import png_bomb
 
 KEY = "test-key"
 QUESTION = "What is it?"
@@ -172,11 +173,13 @@ def test_api_key_required(url):
 
 def test_bad_input_is_a_clear_4xx(client, url):
     noise = PILImage.fromarray(np.random.default_rng(0).integers(0, 255, (200, 200, 3), dtype=np.uint8))
+    bomb_url = "data:image/png;base64," + base64.b64encode(png_bomb(13000, 13000)).decode()  # 82 bytes
     cases = [
         (ask("data:image/png;base64,not*base64!"), 400, "invalid base64"),
         (ask("data:image/png;base64," + base64.b64encode(b"plain text").decode()), 400, "not a readable image"),
         (ask("data:text/plain;base64,aGVsbG8="), 400, "not an image"),
         (ask(png_url(noise)), 413, "image larger than 60000 bytes"),
+        (ask(bomb_url), 413, "13000x13000 = 169,000,000 pixels, more than the limit of 16,777,216"),
         (ask(None, "x" * 500_000), 413, "request body larger than 400000 bytes"),
         (ask("/etc/hostname"), 400, "--allow-local-images"),
         (ask("https://example.com/cat.png"), 400, "not fetched"),
@@ -244,3 +247,23 @@ def test_full_queue_answers_429_and_a_dropped_stream_frees_the_model(engine):
             assert time.monotonic() < deadline, "the model stayed locked after the client left"
             time.sleep(0.05)
         assert client.chat.completions.create(model="tiny", messages=ask()).choices[0].message.content
+
+
+def test_unknown_paths_and_wrong_methods_answer_the_openai_error_shape():
+    """Routing errors come as ``{"error": {...}}`` like every other error, not FastAPI's ``{"detail": ...}``."""
+    from types import SimpleNamespace
+
+    from fastapi.testclient import TestClient
+
+    app = create_app(SimpleNamespace(name="tiny", template=None), ServerSettings(api_key=KEY))
+    with TestClient(app) as http:
+        unknown = http.post("/v1/completions", json={"model": "tiny", "prompt": "hi"})
+        wrong = http.get("/v1/chat/completions")
+        health = http.get("/health")
+    assert unknown.status_code == 404 and unknown.json() == {"error": {
+        "message": "unknown path /v1/completions; this server serves /v1/chat/completions and /v1/models",
+        "type": "not_found_error", "param": None, "code": "unknown_url"}}
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
+    assert wrong.json()["error"] == {"message": "method GET not allowed for /v1/chat/completions (allowed: POST)",
+                                     "type": "invalid_request_error", "param": None, "code": "method_not_allowed"}
+    assert health.json() == {"status": "ok", "active": 0}

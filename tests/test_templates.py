@@ -6,7 +6,7 @@ import pytest
 
 from minigpt.data.conversation import Conversation, Image, Text, parse_content
 from minigpt.data.templates import get_template
-from minigpt.data.tokenize import IGNORE_INDEX, collate, encode_chunks, encode_conversation
+from minigpt.data.tokenize import collate, encode_chunks, encode_conversation
 
 TRAIN_CASES = {
     # case name: (template, tokenizer fixture)

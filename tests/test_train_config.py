@@ -138,7 +138,10 @@ def test_defaults_and_section_mapping():
 def test_cli_prints_the_validated_config(tmp_path, capsys):
     from minigpt.train.cli import main
 
-    path = write_yaml(tmp_path / "cfg.yaml", _base())
+    data = _base()
+    data["data"]["datasets"][0]["path"] = str(tmp_path / "llava.json")
+    (tmp_path / "llava.json").write_text("[]")
+    path = write_yaml(tmp_path / "cfg.yaml", data)
     assert main([str(path), "run.seed=3", "--print-config"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["run"]["seed"] == 3 and printed["run"]["batch_size"] == 2
@@ -163,11 +166,69 @@ def test_train_is_a_registered_subcommand():
 def test_missing_report_backend_is_a_clear_error(tmp_path, monkeypatch, backend):
     import sys
 
-    from minigpt.train.loop import train
+    from minigpt.train.launch import train
 
     for module in (backend, "torch.utils.tensorboard"):
         monkeypatch.setitem(sys.modules, module, None)  # as if not installed
     data = _base()
+    data["data"]["datasets"][0]["path"] = str(tmp_path / "llava.json")
+    (tmp_path / "llava.json").write_text("[]")
     data["run"].update(report_to=[backend], device="cpu", output_dir=str(tmp_path / "out"))
     with pytest.raises(RuntimeError, match=f"pip install {backend}"):
         train(validate_config(data))
+
+
+@pytest.mark.parametrize("text", ["no", "off", "false", "'no'"])
+def test_amp_no_is_accepted_as_yaml_reads_it(tmp_path, text):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(_base()).replace("run:\n", f"run:\n  amp: {text}\n"), encoding="utf-8")
+    assert yaml.safe_load(path.read_text())["run"]["amp"] in (False, "no")
+    assert load_config(path).run.amp == "no"
+    assert load_config(path, ["run.amp=no"]).run.amp == "no"
+    assert "run.amp" in _error(tmp_path, _base(), "run.amp=true")
+
+
+def test_missing_paths_are_named_by_key_before_anything_loads(tmp_path, capsys):
+    from minigpt.train.cli import main
+    from minigpt.train.config import check_paths
+
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "00000.tar").write_bytes(b"")
+    (tmp_path / "cc").mkdir()
+    data = _base()
+    data["model"].update(llm=str(tmp_path / "vicuna-7b"), vision_weights=str(tmp_path / "eva"),
+                         projector_weights="proj.pth")
+    data["data"]["datasets"] = [
+        {"format": "llava", "path": str(tmp_path / "nope.json"), "image_root": str(tmp_path / "imgs")},
+        {"format": "webdataset", "path": str(tmp_path / "shards" / "{00000..00001}.tar")},
+        {"format": "cc_sbu_align", "path": str(tmp_path / "cc")},
+    ]
+    data["run"]["resume"] = str(tmp_path / "old-run")
+    config = validate_config(data)
+    with pytest.raises(ConfigError) as err:
+        check_paths(config)
+    assert str(err.value).splitlines() == [
+        "paths not found:",
+        f"  model.llm: no such folder: {tmp_path / 'vicuna-7b'} (nor a hub id ORG/NAME)",
+        f"  model.vision_weights: not found: {tmp_path / 'eva'}",
+        "  model.projector_weights: not found: proj.pth",
+        f"  data.datasets.0.path: not found: {tmp_path / 'nope.json'}",
+        f"  data.datasets.0.image_root: not found: {tmp_path / 'imgs'}",
+        f"  data.datasets.1.path: webdataset shard not found: {tmp_path / 'shards' / '00001.tar'}",
+        f"  data.datasets.2.path: not found: {tmp_path / 'cc' / 'filter_cap.json'}",
+        f"  run.resume: not found: {tmp_path / 'old-run'}",
+    ]
+    path = write_yaml(tmp_path / "cfg.yaml", data)
+    assert main([str(path), "--print-config"]) == 2
+    assert "model.vision_weights: not found" in capsys.readouterr().err
+    check_paths(validate_config(_base() | {"data": {"datasets": [{"format": "llava", "path": str(path)}]}}))
+
+
+def test_train_checks_paths_before_building_anything(tmp_path, monkeypatch):
+    from minigpt.train import launch
+
+    monkeypatch.setattr(launch, "make_strategy", lambda run: pytest.fail("a strategy was made before the check"))
+    data = _base()
+    data["data"]["datasets"][0]["path"] = str(tmp_path / "nope.json")
+    with pytest.raises(ConfigError, match=r"data.datasets.0.path: not found: .*nope.json"):
+        launch.train(validate_config(data))

@@ -20,7 +20,7 @@ from minigpt.data.formats import DataWarning
 from minigpt.data.tokenize import IGNORE_INDEX
 from minigpt.train.config import DatasetSpec, validate_config
 from minigpt.train.data import BatchPlan, Item, SampleEncoder, Skipped, TrainData, collate
-from minigpt.train.loop import train
+from minigpt.train.launch import train
 from test_train_support import losses, make_shapes, read_metrics, tiny_config
 from minigpt.tools.shapes import draw_shape
 
@@ -252,3 +252,42 @@ def test_dataloader_workers_change_nothing(tmp_path, encoder):
         for a, b in zip(*runs):
             assert torch.equal(a.batch.text.input_ids, b.batch.text.input_ids)
             assert torch.equal(a.batch.pixel_values, b.batch.pixel_values)
+
+
+def test_images_over_the_pixel_limit_are_skipped_and_named(tmp_path, tiny_llama_dir):
+    path = make_shapes(tmp_path / "data", 4)  # 32x32 pictures
+    config = tiny_config(tiny_llama_dir, path, tmp_path / "out")
+    assert validate_config(config).data.max_image_pixels == 4096 * 4096
+    config["data"]["max_image_pixels"] = 1000
+    with pytest.raises(ValueError, match=r"4 skipped; first: .*\.png \(in .*train.json:0\) has 32x32 = 1,024 pixels, "
+                                         r"more than the limit of 1,000\)$"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            train(validate_config(config))
+
+
+def test_malformed_webdataset_samples_and_empty_answers_count_as_skipped_records(tmp_path, tiny_llama_dir):
+    shards = tmp_path / "shards"
+    write_shards(shards, [("a0", _jpeg_bytes(), "")] + [(f"g{i}", _jpeg_bytes(), f"a blue square {i}")
+                                                          for i in range(8)], per_shard=9)
+    with tarfile.open(shards / "00000.tar", "a") as tar:  # a sample without caption after the good ones
+        info = tarfile.TarInfo("z9.jpg")
+        info.size = len(_jpeg_bytes())
+        tar.addfile(info, io.BytesIO(_jpeg_bytes()))
+    json_path = make_shapes(tmp_path / "data", 4)
+    records = json.loads(json_path.read_text())
+    records[0]["caption"] = "  "  # an empty answer: skipped at reading, counted
+    json_path.write_text(json.dumps(records))
+    # The stream is counted as the loader reads it, one micro-batch ahead: 9 samples in 3 steps read a0 (skipped),
+    # g0-g7, z9 (skipped) and, on the second pass, a0 (skipped) again, g0.
+    for spec, per_step in (({"format": "webdataset", "path": str(shards)}, [1, 3, 3]),
+                           ({"format": "captions_json", "path": str(json_path)}, [1, 1, 1])):
+        out = tmp_path / spec["format"]
+        config = tiny_config(tiny_llama_dir, json_path, out, data={"datasets": [spec]},
+                             run={"iters_per_epoch": 3, "batch_size": 3 if spec["format"] == "webdataset" else 1})
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            train(validate_config(config))
+        assert [r["skipped_records"] for r in read_metrics(out) if "loss" in r] == per_step, spec["format"]
+        messages = [str(w.message) for w in caught if issubclass(w.category, DataWarning)]
+        assert any("caption must be a non-empty string" in m for m in messages)

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from minigpt.train.config import validate_config
-from minigpt.train.loop import train
+from minigpt.train.launch import train
 from test_train_support import losses, make_shapes, read_metrics, tiny_config, write_yaml
 
 REPO = Path(__file__).resolve().parents[1]

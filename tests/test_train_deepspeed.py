@@ -20,7 +20,8 @@ pytest.importorskip("deepspeed")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from minigpt.train.config import ConfigError, validate_config  # noqa: E402
-from minigpt.train.loop import build_optimizer, train  # noqa: E402
+from minigpt.train.launch import train  # noqa: E402
+from minigpt.train.loop import build_optimizer  # noqa: E402
 from test_train_support import losses, make_shapes, read_metrics, tiny_config, write_yaml  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,7 +99,7 @@ def _files(folder: Path) -> list[str]:
 
 
 def test_deepspeed_config_follows_the_run(tmp_path, tiny_llama_dir, shapes):
-    from minigpt.train.deepspeed import deepspeed_config
+    from minigpt.train.deepspeed.config import deepspeed_config
 
     run = validate_config(_config(tiny_llama_dir, shapes, tmp_path, "deepspeed_zero")).run
     cfg = deepspeed_config(run, 4, torch.bfloat16)
@@ -148,7 +149,7 @@ def test_pipeline_layers_compute_minigpt_forward(arch, tiny_pair_factory, tiny_q
     from PIL import Image
 
     from minigpt.data.conversation import Conversation
-    from minigpt.train.deepspeed import AnswerLoss, PipeBlock, PipeHead, PipeTail, pipe_batch, pipeline_layers
+    from minigpt.train.deepspeed.pipeline import AnswerLoss, PipeBlock, PipeHead, PipeTail, pipe_batch, pipeline_layers
 
     extra = {"llm": str(tiny_qwen_dir), "template": "chatml"} if arch == "qwen2" else {}
     model, processor = tiny_pair_factory(freeze={"llm": False}, **extra)
@@ -342,6 +343,52 @@ def test_two_stage_pipeline_with_a_frozen_llm_matches_single(tmp_path, shapes, t
     assert set(occupy) == {"occupy.weight", "occupy.bias"} and not any(v.any() for v in occupy.values())
 
 
+# ---------------------------------------------------------------------------------------------- modules
+
+
+def _train_imports() -> dict[str, set[str]]:
+    """minigpt.train's modules -> the minigpt.train modules they import (anywhere in the file, lazily too)."""
+    import ast
+
+    root = REPO / "src"
+    files = {".".join(p.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in (root / "minigpt" / "train").rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1]) if node.level else ""
+                module = ".".join(x for x in (base, node.module or "") if x)
+                targets |= {f"{module}.{a.name}" if f"{module}.{a.name}" in files else module for a in node.names}
+            elif isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names}
+        graph[name] = {t for t in targets if t in files and t != name}
+    return graph
+
+
+def test_no_import_cycle_in_train():
+    """The strategy does not choose the trainer (train/launch.py does): strategy, the DeepSpeed modules and the
+    loop import one another one way only, lazy imports included."""
+    graph = _train_imports()
+    assert "minigpt.train.loop" in graph["minigpt.train.deepspeed.trainer"]
+    assert "minigpt.train.deepspeed.trainer" in graph["minigpt.train.launch"]
+    state: dict[str, str] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            assert state.get(nxt) != "open", " -> ".join([*path, node, nxt])
+            if nxt not in state:
+                visit(nxt, [*path, node])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [])
+
+
 # ---------------------------------------------------------------------------------------------- recipes
 
 
@@ -349,7 +396,7 @@ def test_shipped_deepspeed_recipes(monkeypatch):
     """configs/mpp_sft_zero2.yaml and configs/mpp_pipeline.yaml validate and give REFERENCE 8's values; the JSONs
     they name (paths relative to the repository) map onto DeepSpeed configs."""
     from minigpt.train.config import load_config
-    from minigpt.train.deepspeed import deepspeed_config
+    from minigpt.train.deepspeed.config import deepspeed_config
 
     monkeypatch.chdir(REPO)
     zero = load_config("configs/mpp_sft_zero2.yaml").run

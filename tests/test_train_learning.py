@@ -12,7 +12,7 @@ import torch
 
 from minigpt.train.config import DatasetSpec, validate_config
 from minigpt.train.data import SampleEncoder, eval_loader
-from minigpt.train.loop import train
+from minigpt.train.launch import train
 from test_train_support import losses, make_shapes, tiny_config
 
 

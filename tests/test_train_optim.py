@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from minigpt.train.config import OptimizerSection, ScheduleSection, validate_config
-from minigpt.train.loop import Schedule, build_optimizer, train
+from minigpt.train.launch import train
+from minigpt.train.loop import Schedule, build_optimizer
 from minigpt.train.strategy import Strategy
 from test_train_support import losses, make_shapes, tiny_config
 

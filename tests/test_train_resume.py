@@ -108,7 +108,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, tiny_
 
 def test_resume_rules(tmp_path, tiny_llama_dir):
     from minigpt.train.config import validate_config
-    from minigpt.train.loop import train
+    from minigpt.train.launch import train
 
     config = tiny_config(tiny_llama_dir, make_shapes(tmp_path / "data", 8), tmp_path / "out",
                          run={"max_steps": 2, "save_every": 1})

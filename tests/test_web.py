@@ -76,6 +76,16 @@ def test_api_upload_ask_reset(url, engine, image_file):
     assert image is None and messages == []
 
 
+def test_pixel_bomb_upload_is_refused_before_decoding(url, tmp_path):
+    from gradio_client import Client, handle_file
+    from test_images import png_bomb
+
+    bomb = tmp_path / "bomb.png"  # a grey-level PNG: Gradio's default RGB conversion would decode it
+    bomb.write_bytes(png_bomb(13000, 13000))
+    with pytest.raises(Exception, match="has 13000x13000 = 169,000,000 pixels, more than the limit of 16,777,216"):
+        Client(url, verbose=False).predict(handle_file(str(bomb)), api_name="/set_image")
+
+
 @pytest.mark.skipif(
     not CHROMIUM.exists(), reason="needs /usr/bin/chromium: apt-get install -y --no-install-recommends chromium"
 )

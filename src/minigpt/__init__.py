@@ -36,3 +36,9 @@ def __getattr__(name: str) -> Any:
 
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'minigpt' has no attribute {name!r}")
+
+
+__all__ = [
+    "Conversation", "Engine", "GenerationOptions", "Image", "MiniGPT", "MiniGPTConfig", "MiniGPTProcessor", "Sample",
+    "Text", "VisionConfig", "__version__",
+]

@@ -1,9 +1,12 @@
-"""Writing folders atomically: readers see the old folder or the finished new one, never a half."""
+"""File helpers every layer uses: writing folders atomically (readers see the old folder or the finished new
+one, never a half), and refusing pickled files that would run code."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import pickle
+import re
 import shutil
 from pathlib import Path
 from typing import Iterator
@@ -28,3 +31,38 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+#: What a refusal suggests by default.
+RESAVE_ADVICE = "Re-save its state dict from a trusted environment as safetensors."
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+class UnsafeCheckpointError(ValueError):
+    """A pickled file holds objects other than tensors and plain containers: refused, never executed."""
+
+
+def unsafe_global(err: BaseException) -> str:
+    """The global that a ``torch.load(weights_only=True)`` refusal names (e.g. ``posix.system``)."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(err)) or re.search(r"Unsupported global: ([^\s]+)", str(err))
+    return found[1] if found else "an object beyond tensors and plain containers"
+
+
+def pickled_file(path: str | Path) -> Path:
+    """``path``, or for a folder with exactly one pickled weights file (``*.bin``, ``*.pt``...) that file."""
+    path = Path(path)
+    found = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES) if path.is_dir() else []
+    return found[0] if len(found) == 1 else path
+
+
+@contextlib.contextmanager
+def refuse_unsafe_pickle(path: str | Path, advice: str = RESAVE_ADVICE) -> Iterator[None]:
+    """Turn a ``weights_only`` unpickling failure inside the block (``torch.load``, transformers, peft) into one
+    :class:`UnsafeCheckpointError` line naming the file and the refused global, instead of torch's traceback and
+    its advice to load with ``weights_only=False``."""
+    try:
+        yield
+    except pickle.UnpicklingError as err:
+        raise UnsafeCheckpointError(
+            f"{pickled_file(path)}: refusing to load, it needs unsafe unpickling ({unsafe_global(err)}). {advice}"
+        ) from None

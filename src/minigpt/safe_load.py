@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -10,12 +9,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from .files import UnsafeCheckpointError, refuse_unsafe_pickle
+
 #: Wrappers around the state dict: LAVIS/MiniGPT-4 runner (``model``), DeepSpeed ``mp_rank_*`` (``module``).
 WRAPPER_KEYS = ("model", "module")
-
-
-class UnsafeCheckpointError(ValueError):
-    """The file holds pickled objects other than tensors and plain containers."""
 
 
 def unwrap(obj: Any, where: str = "checkpoint") -> dict[str, torch.Tensor]:
@@ -38,12 +35,9 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if path.suffix == ".safetensors":
         return load_file(path)
-    try:
+    with refuse_unsafe_pickle(path):
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        reason = next((line.strip() for line in str(err).splitlines() if "WeightsUnpickler" in line), "")
-        raise UnsafeCheckpointError(
-            f"{path}: refusing to load, it needs unsafe unpickling (objects beyond tensors and plain containers). "
-            f"Re-save its state dict from a trusted environment as safetensors. {reason}"
-        ) from None
     return unwrap(obj, str(path))
+
+
+__all__ = ["WRAPPER_KEYS", "UnsafeCheckpointError", "load_checkpoint", "unwrap"]

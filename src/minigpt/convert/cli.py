@@ -5,9 +5,10 @@ export minigpt models to plain transformers.
 
     minigpt convert lavis --eva eva_vit_g.pth --blip2 blip2_pretrained_flant5xxl.pth --out vision/
     minigpt convert hf-blip2 blip2-opt-2.7b/ --out vision/
+    minigpt convert import-hf blip2-opt-2.7b/ --out blip2-opt/     # the whole BLIP-2 as a model directory
     minigpt convert projector pretrained_minigpt4_7b.pth --out projector.safetensors
     minigpt convert assemble --llm vicuna-7b/ --vision vision/ --projector pretrained_minigpt4_7b.pth \\
-        --template vicuna0 --out minigpt4-7b/
+        --out minigpt4-7b/
     minigpt convert deepspeed output/run/ --out model/            # ZeRO or pipeline checkpoints
     minigpt convert export-hf model/ --out model-hf/               # Blip2ForConditionalGeneration folder
     minigpt convert apply-delta --base llama-7b/ --delta vicuna-7b-delta-v0/ --target vicuna-7b/
@@ -21,6 +22,7 @@ keys it ignored and anything else worth knowing.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
@@ -49,22 +51,36 @@ def register(subparsers: Any) -> None:
     q.add_argument("--out", "-o", required=True, metavar="DIR")
     q.set_defaults(func=_hf_blip2)
 
-    q = sub.add_parser("projector", help="MiniGPT-4 / MiniGPT4Qwen / MPP layer_00 checkpoint -> projector safetensors")
-    q.add_argument("checkpoint", metavar="CKPT", help="llama_proj / llm_proj / visionpipe.llm_proj checkpoint")
+    q = sub.add_parser("import-hf", help="transformers BLIP-2 folder (Salesforce/blip2-*, an export) -> a complete "
+                       "model directory (chat, eval, train)")
+    q.add_argument("directory", metavar="DIR", help="Blip2ForConditionalGeneration folder (config, weights, tokenizer)")
+    q.add_argument("--out", "-o", required=True, metavar="MODEL_DIR")
+    q.add_argument("--template", help="prompt template (default: an export's recorded one, else caption: BLIP-2 "
+                   "continues the text after the image)")
+    q.add_argument("--dtype", help="LLM dtype (default: the folder's)")
+    q.set_defaults(func=_import_hf)
+
+    q = sub.add_parser("projector", help="MiniGPT-4 / MiniGPT4Qwen / MPP layer_00 checkpoint or transformers BLIP-2 "
+                       "folder -> projector safetensors")
+    q.add_argument("checkpoint", metavar="CKPT", help="llama_proj / llm_proj / visionpipe.llm_proj checkpoint, or a "
+                   "BLIP-2 folder (language_projection)")
     q.add_argument("--out", "-o", required=True, metavar="FILE.safetensors")
     q.set_defaults(func=_projector)
 
     q = sub.add_parser("assemble", help="LLM + vision folder + projector -> a model directory (chat, eval)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     q.add_argument("--llm", required=True, help="LLM folder or hub id (e.g. Vicuna for MiniGPT-4)")
-    q.add_argument("--vision", required=True, metavar="DIR", help="vision encoder folder (convert lavis / hf-blip2)")
+    q.add_argument("--vision", required=True, metavar="DIR",
+                   help="vision encoder folder (convert lavis / hf-blip2) or a transformers BLIP-2 folder")
     q.add_argument("--projector", required=True, metavar="CKPT", help=".safetensors or an original .pth")
     q.add_argument("--projector-type", default="linear", help="linear or mlp2x_gelu")
-    q.add_argument("--template", default="vicuna0", help="prompt template of the checkpoint")
+    q.add_argument("--template", help="prompt template of the checkpoint (default: from the checkpoint and the LLM: "
+                   "chatml for MiniGPT4Qwen llm_proj or a Qwen LLM, llama2 without Q-Former, else vicuna0)")
     q.add_argument("--out", "-o", required=True, metavar="MODEL_DIR")
     q.add_argument("--dtype", default="float32", help="LLM dtype recorded (and used with --full)")
     q.add_argument("--full", action="store_true",
-                   help="copy the LLM and the vision weights in (a self-contained folder); default: reference them")
+                   help="copy the LLM and the vision weights in (a self-contained folder); default: reference them "
+                        "by their path relative to --out")
     q.add_argument("--trust-remote-code", action="store_true", help="allow the LLM's own modelling code")
     q.set_defaults(func=_assemble)
 
@@ -76,7 +92,8 @@ def register(subparsers: Any) -> None:
     q.add_argument("--config", metavar="FILE|DIR", help="model config (config.json or a model directory) when the "
                    "checkpoint records none; pipeline: optional")
     q.add_argument("--llm", help="base LLM (pipeline: required; ZeRO: overrides the recorded one)")
-    q.add_argument("--vision", metavar="DIR", help="vision encoder folder (else from the checkpoint)")
+    q.add_argument("--vision", metavar="DIR", help="vision encoder folder, or a model directory such as the run's "
+                   "final/ (else from the checkpoint)")
     q.add_argument("--template", help="prompt template (pipeline default: chatml)")
     q.add_argument("--with-llm", action="store_true",
                    help="pipeline: take the LLM weights from the layer files (the LLM was trained)")
@@ -169,8 +186,21 @@ def _hf_blip2(args: argparse.Namespace) -> int:
     if not Path(args.directory).is_dir():
         raise FileNotFoundError(f"{args.directory}: no such folder")
     config, state, report = convert_hf_blip2(args.directory)
+    report.notes.insert(0, "only vision_model.*, qformer.*, query_tokens read (not language_model.*, "
+                           "language_projection.*: 'convert import-hf' takes the whole model)")
     out = save_vision(args.out, config, state)
     print(f"wrote {out}: {_vision_summary(config)}")
+    _print_report(report)
+    return 0
+
+
+def _import_hf(args: argparse.Namespace) -> int:
+    from .import_hf import import_hf
+
+    if not Path(args.directory).is_dir():
+        raise FileNotFoundError(f"{args.directory}: no such folder")
+    written, report = import_hf(args.directory, args.out, template=args.template, dtype=args.dtype)
+    print(f"wrote {args.out}: {', '.join(written)} (a complete model directory)")
     _print_report(report)
     return 0
 
@@ -192,44 +222,41 @@ def _projector(args: argparse.Namespace) -> int:
 
 
 def assemble(
-    llm: str, vision: str | Path, projector: str | Path, out: str | Path, template: str = "vicuna0",
+    llm: str, vision: str | Path, projector: str | Path, out: str | Path, template: str | None = None,
     projector_type: str = "linear", dtype: str = "float32", full: bool = False, trust_remote_code: bool = False,
 ) -> tuple[list[str], Any]:
     """Write a model directory from base parts; returns the parts written (see ``save_pretrained``) and
-    the projector conversion report.
+    the conversion report.
 
-    Without ``full`` the LLM is built on the meta device (only its config and tokenizer are read) and the
-    directory references ``llm`` and ``vision`` (absolute paths for local folders)."""
-    import json
-
+    ``vision``: a vision encoder folder or a transformers BLIP-2 folder. A checkpoint that also holds vision-stack
+    tensors (a trained Q-Former: ``query_tokens``, ``Qformer.bert.*``) gets them loaded; the encoder is then stored.
+    ``template`` None: :func:`suggested_template`. Without ``full`` the LLM is built on the meta device (only its
+    config and tokenizer are read) and the directory references ``llm`` and ``vision``: a hub id as is, a local
+    folder by its path relative to ``out`` (resolved against the directory when it loads), so the tree can move."""
     from ..model.llm import meta_llm as build_meta_llm
     from ..model.config import MiniGPTConfig
     from ..model.minigpt import MiniGPT
     from ..model.processor import MiniGPTProcessor
-    from ..model.projector import load_projector_weights
     from ..model.vision import VISION_CONFIG
-    from .lavis import ConversionReport, convert_minigpt4_projector
+    from .lavis import ConversionReport, checkpoint_vision, convert_minigpt4_projector, is_hf_blip2, load_checkpoint
 
-    vision = Path(vision)
-    if not (vision / VISION_CONFIG).is_file():
-        raise FileNotFoundError(f"{vision}: not a vision encoder folder (no {VISION_CONFIG}); "
-                                "make one with 'minigpt convert lavis' or 'hf-blip2'")
+    vision, out = Path(vision), Path(out)
+    if not (vision / VISION_CONFIG).is_file() and not is_hf_blip2(vision):
+        raise FileNotFoundError(f"{vision}: not a vision encoder folder (no {VISION_CONFIG}) nor a transformers BLIP-2 "
+                                "folder; make one with 'minigpt convert lavis' or 'hf-blip2'")
     if not Path(projector).is_file():
         raise FileNotFoundError(f"{projector}: no such file")
-    llm_ref = str(Path(llm).resolve()) if Path(llm).is_dir() else llm
-    config = MiniGPTConfig(
-        llm=llm_ref, vision=json.loads((vision / VISION_CONFIG).read_text()), vision_weights=str(vision.resolve()),
-        projector=projector_type, projector_weights=None, template=template, llm_dtype=dtype,
-        trust_remote_code=trust_remote_code,
-    )
-    meta_llm = None
-    if not full:
-        meta_llm = build_meta_llm(llm_ref, trust_remote_code)
-    if Path(projector).suffix == ".safetensors":
-        weights, report = load_projector_weights(projector), ConversionReport()
+    checkpoint = load_checkpoint(projector)
+    if Path(projector).suffix == ".safetensors":  # ours
+        weights, report = checkpoint, ConversionReport()
     else:  # an original MiniGPT-4 / MiniGPT4Qwen / MPP checkpoint
-        weights, report = convert_minigpt4_projector(projector)
-    model = MiniGPT.build(config, llm=meta_llm)
+        weights, report = convert_minigpt4_projector(checkpoint)
+    config = MiniGPTConfig(
+        llm=llm, vision_weights=str(vision), projector=projector_type, template=template or "vicuna0",
+        llm_dtype=dtype, trust_remote_code=trust_remote_code,
+    )
+    model = MiniGPT.build(config, llm=None if full else build_meta_llm(llm, trust_remote_code))
+    config.llm, config.vision_weights = _relative_reference(llm, out), _relative_reference(str(vision), out)
     want = {k: list(v.shape) for k, v in model.projector.state_dict().items()}
     got = {k: list(v.shape) for k, v in weights.items()}
     if want != got:
@@ -239,17 +266,58 @@ def assemble(
             f"a {projector_type} projector needs {want}"
         )
     model.projector.load_state_dict(weights)
+    trained_vision, used = checkpoint_vision(model.config.vision, checkpoint)
+    if trained_vision:
+        model.vision.load_state_dict(trained_vision, strict=False)
+        config.vision_weights = None  # the encoder differs from its source now: stored in the directory
+        report.ignored = [k for k in report.ignored if k not in set(used)]
+        report.notes = [n for n in report.notes if "belong to the vision stack" not in n]
+        report.notes.append(f"loaded {len(used)} vision-stack tensor(s) of the checkpoint ({_parts_of(trained_vision)})"
+                            " over the base encoder; the vision encoder is stored in the directory")
+    suggested, why = suggested_template(checkpoint, model.llm.config.model_type, model.config.vision.use_qformer)
+    processor = MiniGPTProcessor.from_config(model.config)
+    if template is None:
+        processor.set_template(suggested)
+        report.notes.append(f"template {suggested}: {why} (--template to choose another)")
+    elif template != suggested:
+        report.notes.append(f"template {template} as asked, though {why} suggests {suggested}")
     written = model.save_pretrained(out, trainable_only=not full)
-    MiniGPTProcessor.from_config(config).save_pretrained(out)
+    processor.save_pretrained(out)
     return written, report
+
+
+def suggested_template(checkpoint: dict[str, Any], llm_type: str, use_qformer: bool) -> tuple[str, str]:
+    """The template an original checkpoint was trained with, and why: MiniGPT4Qwen / MPP (``llm_proj``) and Qwen
+    LLMs use ChatML, MiniGPT-4 LLaMA-2 (no Q-Former) ``[INST]``, MiniGPT-4 otherwise Vicuna v0."""
+    if any(k.startswith(("llm_proj.", "visionpipe.llm_proj.")) for k in checkpoint):
+        return "chatml", "an llm_proj checkpoint (MiniGPT4Qwen / MPP-Qwen)"
+    if llm_type.startswith("qwen"):
+        return "chatml", f"a {llm_type} LLM (MiniGPT4Qwen style)"
+    if not use_qformer:
+        return "llama2", "a vision encoder without Q-Former (MiniGPT-4 LLaMA-2)"
+    return "vicuna0", "a MiniGPT-4 (Vicuna v0) checkpoint"
+
+
+def _parts_of(state: dict[str, Any]) -> str:
+    parts = {"query_tokens" if k == "query_tokens" else k.split(".")[0] for k in state}
+    return ", ".join(sorted(parts))
+
+
+def _relative_reference(source: str, out: Path) -> str:
+    """A local folder as its path relative to the model directory ``out``; anything else (a hub id) as is."""
+    if not Path(source).exists():
+        return source
+    return os.path.relpath(Path(source).resolve(), out.resolve())
 
 
 def _assemble(args: argparse.Namespace) -> int:
     written, report = assemble(args.llm, args.vision, args.projector, args.out, template=args.template,
-                       projector_type=args.projector_type, dtype=args.dtype, full=args.full,
-                       trust_remote_code=args.trust_remote_code)
-    print(f"wrote {args.out}: {', '.join(written)}" + ("" if args.full else f" (llm {args.llm} and vision "
-                                                       f"{args.vision} are referenced, not copied)"))
+                               projector_type=args.projector_type, dtype=args.dtype, full=args.full,
+                               trust_remote_code=args.trust_remote_code)
+    referenced = [f"{name} {source}" for name, source, part in (("llm", args.llm, "llm"),
+                  ("vision", args.vision, "vision")) if part not in written]
+    print(f"wrote {args.out}: {', '.join(written)}" + (f" ({' and '.join(referenced)} referenced relative to it, not "
+                                                       "copied: move them together)" if referenced else ""))
     _print_report(report)
     return 0
 

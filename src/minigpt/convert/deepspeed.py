@@ -55,7 +55,13 @@ needed; a trained LLM's layers are then read as with ``--with-llm``).
 
 Input: DeepSpeed's save dir (``latest``), a tag folder, or a training run: ``OUTPUT`` (its newest
 ``checkpoints/step_N``) or ``OUTPUT/checkpoints/step_N``, whose ``state.pt`` (read with ``weights_only=True``)
-records the DeepSpeed folder and tag (``strategy.deepspeed = {dir, tag, layout}``).
+records the DeepSpeed folder and tag (``strategy.deepspeed = {dir, tag, layout}``). Key and folder names shared
+with the strategies that write these files come from :mod:`minigpt.model.deepspeed_names`.
+
+Output: frozen parts with a recorded source are referenced, not copied (unless ``full``), as training's ``final/``;
+a frozen vision encoder whose checkpoint tensors differ from its source's is written. ``--vision DIR`` takes a
+vision folder (recorded as the source) or a model directory such as the run's ``final/`` (its encoder is copied):
+the way in for a run whose vision encoder was random and frozen, so in no DeepSpeed file.
 """
 
 from __future__ import annotations
@@ -72,6 +78,10 @@ from typing import Any
 
 import torch
 
+from ..files import unsafe_global
+from ..model.deepspeed_names import (
+    BLOCK, CONFIG_KEY, DS_DIR, EMBEDDING, FINAL_NORM, LM_HEAD, PROJECTOR, VISION, VISIONPIPE,
+)
 from ..model.llm import meta_llm
 from .lavis import ConversionReport, convert_lavis_vision
 from ..safe_load import UnsafeCheckpointError, load_checkpoint, unwrap
@@ -86,8 +96,6 @@ __all__ = [
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 ZERO3_MODEL_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"
-CONFIG_KEY = "minigpt_config"
-DS_DIR = "deepspeed"  # DeepSpeed's save_dir inside a training run's OUTPUT/checkpoints
 _LAYER_FILE = re.compile(r"^layer_(\d+)-model_states\.pt$")
 _TP_LAYER_FILE = re.compile(r"^layer_(\d+)-model_\d+-model_states\.pt$")
 _TAG_DIR = re.compile(r"^global_step(\d+)$")
@@ -208,10 +216,8 @@ def load_torch_file(path: str | Path, trust_pickle: bool = False, mmap: bool | N
 
 
 def _unsafe(path: Path, err: Exception) -> UnsafeCheckpointError:
-    found = re.search(r"GLOBAL ([\w.]+)", str(err)) or re.search(r"Unsupported global: ([^\s]+)", str(err))
-    what = found[1] if found else "an object beyond tensors and plain containers"
     return UnsafeCheckpointError(
-        f"{path}: refusing to load, it needs unsafe unpickling ({what}). If you made this file yourself, "
+        f"{path}: refusing to load, it needs unsafe unpickling ({unsafe_global(err)}). If you made this file yourself, "
         "pass --trust-pickle (trust_pickle=True): that runs any code the file contains."
     )
 
@@ -340,22 +346,22 @@ def map_pipeline_llm(
     arch, (embed, block, norm, head) = pipeline_llm_names(base_shapes)
     state: dict[str, torch.Tensor] = {}
     ignored: list[str] = []
-    block_layers = [i for i, sd in layers.items() if any(k.startswith("layer.") for k in sd)]
+    block_layers = [i for i, sd in layers.items() if any(k.startswith(f"{BLOCK}.") for k in sd)]
     first = block_layers[0] if block_layers else None
     if block_layers and block_layers != list(range(first, first + len(block_layers))):
         raise ValueError(f"pipeline block layers are not contiguous: {block_layers}")
     for i, sd in layers.items():
         for key, tensor in sd.items():
-            if i == 0 and key == "wtepipe.word_embeddings.weight":
+            if i == 0 and key == _EMBEDDING:
                 name = embed
             elif i == 0:
                 continue  # vision / projector: handled elsewhere
-            elif key.startswith("layer."):
-                name = block.format(j=i - first) + key.removeprefix("layer.")
-            elif key.startswith("final_layernorm."):
-                name = norm + key.removeprefix("final_layernorm.")
-            elif key.startswith("lm_head."):
-                name = head + key.removeprefix("lm_head.")
+            elif key.startswith(f"{BLOCK}."):
+                name = block.format(j=i - first) + key.removeprefix(f"{BLOCK}.")
+            elif key.startswith(f"{FINAL_NORM}."):
+                name = norm + key.removeprefix(f"{FINAL_NORM}.")
+            elif key.startswith(f"{LM_HEAD}."):
+                name = head + key.removeprefix(f"{LM_HEAD}.")
             else:
                 ignored.append(f"layer_{i:02d}:{key}")
                 continue
@@ -385,7 +391,9 @@ PIPELINE_PROJECTORS = {
     frozenset({"weight", "bias"}): "linear",
     frozenset({"0.weight", "0.bias", "2.weight", "2.bias"}): "mlp2x_gelu",
 }
-_PROJ = "visionpipe.llm_proj."
+_PROJ = f"{PROJECTOR}."
+_VISIONPIPE = f"{VISIONPIPE}."
+_EMBEDDING = f"{EMBEDDING}.weight"
 
 
 def pipeline_projector(layer0: Mapping[str, torch.Tensor]) -> tuple[str, dict[str, torch.Tensor]]:
@@ -428,32 +436,33 @@ def pipeline_state_dict(
     report = ConversionReport()
     shapes = " -> ".join(str(projector[k].shape[1 - i]) for i, k in enumerate(
         ("weight", "weight") if kind == "linear" else ("0.weight", "2.weight")))
-    report.notes.append(f"visionpipe.llm_proj: {kind} projector ({shapes})")
+    report.notes.append(f"{PROJECTOR}: {kind} projector ({shapes})")
     state = {f"projector.{k}": v for k, v in projector.items()}
     vision_config = None
-    ours = {k: v for k, v in layer0.items() if k.startswith("vision.")}
-    vision_keys = [k for k in layer0 if k.startswith("visionpipe.") and not k.startswith(_PROJ)]
+    ours = {k: v for k, v in layer0.items() if k.startswith(f"{VISION}.")}
+    vision_keys = [k for k in layer0 if k.startswith(_VISIONPIPE) and not k.startswith(_PROJ)]
     if ours and vision_keys:
-        raise ValueError("layer_00 holds both vision.* (minigpt names) and LAVIS-named visionpipe.* vision tensors")
+        raise ValueError(f"layer_00 holds both {VISION}.* (minigpt names) and LAVIS-named {VISIONPIPE}.* vision "
+                         "tensors")
     if ours:
         state.update(ours)
         report.notes.append(f"vision: {len(ours)} trained tensor(s) from layer_00 (vision.*)")
     elif with_vision and vision_keys:
-        eva = {k.removeprefix("visionpipe.visual_encoder."): v for k, v in layer0.items()
-               if k.startswith("visionpipe.visual_encoder.")}
-        blip2 = {k.removeprefix("visionpipe."): v for k, v in layer0.items()
-                 if k.startswith(("visionpipe.ln_vision.", "visionpipe.Qformer.", "visionpipe.query_tokens"))}
+        eva = {k.removeprefix(f"{_VISIONPIPE}visual_encoder."): v for k, v in layer0.items()
+               if k.startswith(f"{_VISIONPIPE}visual_encoder.")}
+        blip2_keys = tuple(_VISIONPIPE + k for k in ("ln_vision.", "Qformer.", "query_tokens"))
+        blip2 = {k.removeprefix(_VISIONPIPE): v for k, v in layer0.items() if k.startswith(blip2_keys)}
         vision_config, vision_state, vision_report = convert_lavis_vision(
             eva, blip2, heads=heads, qformer_heads=qformer_heads, drop_last_block=False
         )
         state.update({f"vision.{k}": v for k, v in vision_state.items()})
-        report.ignored += [f"layer_00:visionpipe.{k}" for k in vision_report.ignored]
+        report.ignored += [f"layer_00:{_VISIONPIPE}{k}" for k in vision_report.ignored]
         report.notes.append(
             f"vision stack from layer_00 (ViT depth {vision_config.depth}, {vision_config.num_query_tokens} queries)"
         )
         report.notes += vision_report.notes
     elif vision_keys:
-        report.notes.append(f"layer_00: {len(vision_keys)} visionpipe.* tensors not used (vision given separately)")
+        report.notes.append(f"layer_00: {len(vision_keys)} {VISIONPIPE}.* tensors not used (vision given separately)")
     elif with_vision:
         report.notes.append("layer_00 holds no vision tensors: the vision encoder comes from its source")
     if with_llm:
@@ -467,8 +476,7 @@ def pipeline_state_dict(
         report.notes += notes
     else:
         report.notes.append("LLM layers not read: the base LLM is used (pass --with-llm if the LLM was trained)")
-    other0 = [k for k in layer0 if not k.startswith(("visionpipe.", "vision."))
-              and k != "wtepipe.word_embeddings.weight"]
+    other0 = [k for k in layer0 if not k.startswith((_VISIONPIPE, f"{VISION}.")) and k != _EMBEDDING]
     report.ignored += [f"layer_00:{k}" for k in other0]
     return ConvertedCheckpoint(state, {"projector": kind}, report), vision_config
 
@@ -532,14 +540,18 @@ def _load_part(module: torch.nn.Module, part: str, state: Mapping[str, torch.Ten
 
 
 def write_model_dir(
-    converted: ConvertedCheckpoint, config: Any, out: str | Path, full: bool = False
+    converted: ConvertedCheckpoint, config: Any, out: str | Path, full: bool = False, vision_file: Path | None = None
 ) -> list[str]:
     """Build a MiniGPT from ``config`` with ``converted.state`` loaded and ``save_pretrained`` it to ``out``.
 
-    Parts absent from the checkpoint come from the config's sources (``llm``, ``vision_weights``). With
-    ``full`` every part is written (a self-contained folder); otherwise as training writes its results
-    (``trainable_only``: frozen parts with a recorded source are referenced, not copied).
+    Parts absent from the checkpoint come from the config's sources (``llm``, ``vision_weights``) or, for the
+    vision encoder, from ``vision_file`` (a model directory's ``vision.safetensors``: then written into ``out``).
+    With ``full`` every part is written (a self-contained folder); otherwise as training writes its results
+    (``trainable_only``: frozen parts with a recorded source are referenced, not copied). A frozen vision encoder
+    whose checkpoint tensors differ from its source's is written too.
     """
+    from safetensors.torch import load_file
+
     from ..model.config import MiniGPTConfig
     from ..model.minigpt import MiniGPT
     from ..model.processor import MiniGPTProcessor
@@ -562,15 +574,22 @@ def write_model_dir(
                                     "has no vision tensors: pass --vision DIR")
         report.notes.append(f"vision_weights {build.vision_weights} not found: the checkpoint's vision is used")
         build.vision_weights = None
-    if not parts["vision"] and not build.vision_weights:
-        raise ValueError(
-            "the vision encoder is neither in the checkpoint nor recorded (vision_weights): pass --vision DIR"
-        )
+    if not parts["vision"] and not build.vision_weights and vision_file is None:
+        raise ValueError("the vision encoder is neither in the checkpoint nor recorded (vision_weights): pass --vision "
+                         "DIR (a vision folder, or a model directory such as the run's final/)")
     llm = _meta_llm(build.llm, parts["llm"], build.trust_remote_code) if parts["llm"] else None
     model = MiniGPT.build(build, llm=llm)
     vision_source = build.vision_weights
-    report.notes.append(_load_part(model.vision, "vision", parts["vision"], vision_source) if parts["vision"]
-                        else f"vision: from {vision_source}")
+    if vision_file is not None:
+        _load_part(model.vision, f"--vision {vision_file}", load_file(vision_file), None)
+        vision_source = str(vision_file)
+    differs = vision_source is not None and _differs(model.vision, parts["vision"])
+    vision_note = len(report.notes)
+    if parts["vision"]:
+        report.notes.append(_load_part(model.vision, "vision", parts["vision"], vision_source)
+                            + (f"; they differ from {vision_source}" if differs else ""))
+    else:
+        report.notes.append(f"vision: from {vision_source}")
     report.notes.append(_load_part(model.projector, "projector", parts["projector"], None))
     if llm is not None:
         report.notes.append(f"llm: all {len(parts['llm'])} tensors from the checkpoint")
@@ -579,9 +598,18 @@ def write_model_dir(
     else:
         report.notes.append(f"llm: from {build.llm}")
     model.apply_freeze(build.freeze)
-    written = model.save_pretrained(out, trainable_only=not full)
+    written = model.save_pretrained(out, trainable_only=not full, include=("vision",) if differs else ())
+    if parts["vision"] and "vision" not in written:
+        report.notes[vision_note] = (f"vision: the checkpoint's {len(parts['vision'])} tensors equal {vision_source}, "
+                                     "which the folder refers to (not copied)")
     MiniGPTProcessor.from_config(build).save_pretrained(out)
     return written
+
+
+def _differs(module: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> bool:
+    """Whether a tensor of ``state`` differs from ``module``'s (compared in the checkpoint's dtype)."""
+    own = module.state_dict()
+    return any(k in own and not torch.equal(own[k].to(v.dtype), v) for k, v in state.items())
 
 
 def convert_deepspeed(
@@ -608,19 +636,16 @@ def convert_deepspeed(
     when the checkpoint records none; ``llm``/``vision``/``template``/``llm_dtype`` override its fields.
     Returns the parts written and the report.
     """
-    import json
-
     from ..model.config import CONFIG_FILE, MiniGPTConfig
-    from ..model.vision import VISION_CONFIG
 
     tag_dir = resolve_tag_dir(checkpoint, tag)
     overrides: dict[str, Any] = {}
+    vision_file = None
     if llm:
         overrides["llm"] = llm
     if vision:
-        overrides["vision_weights"] = str(Path(vision).resolve())
-        vision_dict = json.loads((Path(vision) / VISION_CONFIG).read_text())
-        overrides["vision"] = vision_dict
+        vision_overrides, vision_file = _vision_option(Path(vision))
+        overrides.update(vision_overrides)
     if template:
         overrides["template"] = template
     if llm_dtype:
@@ -672,8 +697,31 @@ def convert_deepspeed(
         data.update(overrides)
         if converted.config is not None and config is not None:
             converted.report.notes.append(f"--config ignored: the checkpoint records its {CONFIG_KEY}")
-    written = write_model_dir(converted, MiniGPTConfig.from_dict(data), out, full=full)
+    written = write_model_dir(converted, MiniGPTConfig.from_dict(data), out, full=full, vision_file=vision_file)
     return written, converted.report
+
+
+def _vision_option(path: Path) -> tuple[dict[str, Any], Path | None]:
+    """``--vision DIR`` -> (config overrides, weights file to copy). A vision folder (``vision_config.json``) is
+    recorded as the source; a model directory (e.g. the run's own ``final/``) gives its vision config and its
+    ``vision.safetensors`` (copied), or the vision source it records."""
+    import json
+
+    from ..model.config import CONFIG_FILE
+    from ..model.vision import VISION_CONFIG, VISION_WEIGHTS
+
+    if (path / VISION_CONFIG).is_file():
+        return {"vision_weights": str(path.resolve()), "vision": json.loads((path / VISION_CONFIG).read_text())}, None
+    recorded = json.loads((path / CONFIG_FILE).read_text()) if (path / CONFIG_FILE).is_file() else {}
+    if not isinstance(recorded.get("vision"), Mapping):
+        raise FileNotFoundError(f"--vision {path}: neither a vision folder ({VISION_CONFIG}) nor a minigpt model "
+                                f"directory ({CONFIG_FILE} with a vision section)")
+    if (path / VISION_WEIGHTS).is_file():
+        return {"vision_weights": None, "vision": recorded["vision"]}, path / VISION_WEIGHTS
+    if not recorded.get("vision_weights"):
+        raise FileNotFoundError(f"--vision {path}: the model directory has no {VISION_WEIGHTS} and records no "
+                                "vision_weights")
+    return {"vision_weights": recorded["vision_weights"], "vision": recorded["vision"]}, None
 
 
 def _config_dict(config: Any) -> dict[str, Any] | None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import pickle
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -130,9 +129,10 @@ class ShardedWeights:
                 yield name, list(value.shape), value.dtype
 
     def _load_bin(self, file: Path) -> dict[str, torch.Tensor]:
-        from ..safe_load import UnsafeCheckpointError, unwrap
+        from ..files import refuse_unsafe_pickle
+        from ..safe_load import unwrap
 
-        try:
+        with refuse_unsafe_pickle(file):
             try:
                 obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
             except RuntimeError as err:  # the legacy (pre torch 1.6) format cannot be memory-mapped
@@ -140,10 +140,6 @@ class ShardedWeights:
                     raise
                 log.warning("%s cannot be memory-mapped (old torch format): it is read whole", file.name)
                 obj = torch.load(file, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            raise UnsafeCheckpointError(
-                f"{file}: refusing to load, it needs unsafe unpickling (objects beyond tensors and plain "
-                "containers); re-save its state dict as safetensors from a trusted environment") from None
         return unwrap(obj, str(file))
 
     def __contains__(self, name: str) -> bool:

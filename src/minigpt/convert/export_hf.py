@@ -17,7 +17,8 @@ What plain transformers does differently, and what that costs:
 - The image position: ``Blip2Processor`` with ``num_query_tokens`` set puts the image tokens before BOS (the
   BLIP-2 layout). MiniGPT-4 templates put them inside the prompt (``<Img><ImageHere></Img>``), so the
   processor is saved with ``num_query_tokens=None`` and the prompt text must carry the ``<image>`` tokens
-  where our template has its image slot: :func:`hf_prompt` renders it (``minigpt_export.json`` has an example).
+  where our template has its image slot: :func:`hf_prompt` renders it as a text that the processor tokenizes to
+  exactly our ids (``minigpt_export.json`` has an example, and its ids).
 - Stop strings spanning several tokens (``###`` as two tokens) are not in ``generation_config``; single-token
   stops and EOS are (``eos_token_id``), the rest is the serving stack's ``stop`` option.
 """
@@ -238,14 +239,16 @@ def export_hf(
         "image_token": IMAGE_TOKEN,
         "image_token_index": image_index,
         "num_query_tokens": v.num_query_tokens,
-        "prompt": "render the minigpt template, with each image slot replaced by num_query_tokens image tokens",
+        "prompt": "render the minigpt template, with each image slot replaced by num_query_tokens image tokens; "
+                  "processor(images=..., text=prompt_example) gives exactly prompt_example_ids, minigpt's ids",
         "ln_vision_eps": {"minigpt": v.ln_vision_eps, "transformers": v.vit_eps},
         "source_llm": model.config.llm,
     }
     try:
+        info["prompt_example_ids"] = hf_prompt_ids(processor.template, tokenizer, example, v.num_query_tokens, image_index)
         info["prompt_example"] = hf_prompt(processor.template, tokenizer, example, v.num_query_tokens)
-    except ValueError:  # a template that cannot render the example (e.g. 'hf' without chat_template)
-        pass
+    except ValueError as err:  # a template that cannot render the example (e.g. 'hf' without chat_template)
+        report.notes.append(f"{EXPORT_INFO}: no prompt example ({err})")
     (out / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
     return ExportResult(out, image_index, v.num_query_tokens, added, report)
 
@@ -269,12 +272,36 @@ def hf_prompt_ids(template: Template, tokenizer: Any, conversation: Conversation
 
 
 def hf_prompt(template: Template, tokenizer: Any, conversation: Conversation, num_query_tokens: int) -> str:
-    """The same prompt as text (literal-id chunks decoded, e.g. BOS as ``<s>``). Tokenizing this string in one
-    go can differ from :func:`hf_prompt_ids` at chunk borders (SentencePiece prefix spaces): prefer the ids."""
-    parts = []
-    for chunk in template.render_prompt(conversation, tokenizer):
+    """The generation prompt as a text that ``tokenizer`` (the export's, with ``<image>``), called as
+    ``Blip2Processor`` calls it, turns into exactly :func:`hf_prompt_ids`; a ValueError when no such text exists.
+
+    minigpt tokenizes each chunk on its own; one string differs in two ways, both undone here and checked piece by
+    piece: the tokenizer adds its own BOS (so the literal BOS is left out), and after a special token (BOS,
+    ``<image>``) a SentencePiece tokenizer starts no new word (so a space is written where a chunk starts one).
+    """
+    image_index = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    want = hf_prompt_ids(template, tokenizer, conversation, num_query_tokens, image_index)
+    text, end = "", 0
+    for candidates, length in _prompt_pieces(template.render_prompt(conversation, tokenizer), tokenizer,
+                                             num_query_tokens):
+        end += length
+        text = next((text + c for c in candidates if tokenizer(text + c).input_ids == want[:end]), None)
+        if text is None:
+            raise ValueError(f"no text tokenizes to minigpt's prompt ids at {candidates[0]!r}: use the ids")
+    return text
+
+
+def _prompt_pieces(chunks: list[Any], tokenizer: Any, num_query_tokens: int) -> list[tuple[list[str], int]]:
+    """Each piece of the prompt (literal ids, text, an image's tokens): the texts that may stand for it, best
+    first, and how many ids minigpt gives it."""
+    pieces = []
+    for chunk in chunks:
         if chunk.ids is not None:
-            parts.append(tokenizer.decode(list(chunk.ids)))
-        else:
-            parts.append(chunk.text.replace(IMAGE_SLOT, IMAGE_TOKEN * num_query_tokens))
-    return "".join(parts)
+            pieces.append((["", tokenizer.decode(list(chunk.ids))], len(chunk.ids)))  # "": the tokenizer's own BOS
+            continue
+        for i, text in enumerate(chunk.text.split(IMAGE_SLOT)):
+            if i:
+                pieces.append(([IMAGE_TOKEN * num_query_tokens], num_query_tokens))
+            if text:
+                pieces.append(([text, " " + text], len(tokenizer.encode(text, add_special_tokens=False))))
+    return pieces

@@ -21,12 +21,16 @@ from safetensors import safe_open
 from transformers import Blip2Config, Blip2VisionConfig
 
 from minigpt.safe_load import load_checkpoint, unwrap
-from minigpt.model.projector import PROJECTOR_PREFIXES, projector_state
-from minigpt.model.vision import Blip2VisionEncoder, VisionConfig, load_vision, save_vision
+from minigpt.model.projector import projector_state
+from minigpt.model.vision import (
+    VISION_CONFIG, Blip2VisionEncoder, VisionConfig, save_vision, vision_encoder,
+)
+from minigpt.model.vision import load_vision as load_vision_folder
 
 __all__ = [
     "ConversionReport", "MissingKeysError", "load_checkpoint", "vision_config_from_lavis", "convert_lavis_vision",
-    "convert_minigpt4_projector", "convert_hf_blip2", "save_vision", "load_vision",
+    "convert_minigpt4_projector", "convert_hf_blip2", "checkpoint_vision", "is_hf_blip2", "save_vision",
+    "load_vision",
 ]
 
 StateDict = dict[str, torch.Tensor]
@@ -222,32 +226,75 @@ def convert_lavis_vision(
 
 
 def convert_minigpt4_projector(ckpt: Source) -> tuple[StateDict, ConversionReport]:
-    """``llama_proj`` (MiniGPT-4), ``llm_proj`` (MiniGPT4Qwen) or ``visionpipe.llm_proj`` (MPP pipeline
-    ``layer_00-model_states.pt``) -> float32 ``{"weight", "bias"}`` of an ``nn.Linear``."""
-    state = _state(ckpt)
+    """``llama_proj`` (MiniGPT-4), ``llm_proj`` (MiniGPT4Qwen), ``visionpipe.llm_proj`` (MPP pipeline
+    ``layer_00-model_states.pt``) or ``language_projection`` (a transformers BLIP-2 folder) -> float32
+    ``{"weight", "bias"}`` of an ``nn.Linear``."""
+    state = _hf_weights(Path(ckpt), ("language_projection.",)) if is_hf_blip2(ckpt) else _state(ckpt)
     try:
         out, prefix = projector_state(state)
     except ValueError as err:
         raise MissingKeysError(str(err)) from None
     out_dim, in_dim = out["weight"].shape
-    return out, ConversionReport(
-        ignored=[k for k in state if not k.startswith(prefix) or k[len(prefix):] not in out],
-        notes=[f"{prefix.rstrip('.')}: in {in_dim} -> out {out_dim}"],
-    )
+    used = {prefix + name for name in out}
+    ignored = [k for k in state if k not in used]
+    notes = [f"{prefix.rstrip('.')}: in {in_dim} -> out {out_dim}"]
+    vision = [k for k in ignored if _lavis_to_ours(k.removeprefix("visual_encoder.")) is not None]
+    if vision:
+        notes.append(f"{len(vision)} key(s) belong to the vision stack (e.g. {vision[0]}: a trained Q-Former), not "
+                     "to a projector; 'minigpt convert assemble' loads them into the model")
+    return out, ConversionReport(ignored=ignored, notes=notes)
 
 
-def _hf_weights(directory: Path) -> StateDict:
-    """The vision/Q-Former tensors of a transformers checkpoint (the language model is never read)."""
+def checkpoint_vision(config: VisionConfig, ckpt: Mapping[str, torch.Tensor]) -> tuple[StateDict, list[str]]:
+    """The vision-stack tensors a MiniGPT-4 / MiniGPT4Qwen checkpoint holds besides its projector (a trained
+    Q-Former: ``query_tokens``, ``Qformer.bert.*``; ``ln_vision.*``, ``visual_encoder.*``), on our names, in
+    float32, for an encoder of ``config``; and the checkpoint keys they came from. Text-side Q-Former keys have no
+    place in the encoder and are left out (not returned); a tensor of the wrong shape is an error."""
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in Blip2VisionEncoder(config).state_dict().items()}
+    renamed: StateDict = {}
+    sources: dict[str, list[str]] = {}
+    for key, tensor in unwrap(ckpt).items():
+        name = _lavis_to_ours(key.removeprefix("visual_encoder."))
+        if name is not None:
+            renamed[name] = tensor
+            sources[name] = [key]
+    for q_key in [k for k in renamed if k.endswith(".q_bias")]:  # EVA's q/v biases become one qkv.bias
+        stem = q_key.removesuffix("q_bias")
+        sources[stem + "qkv.bias"] = sources.pop(q_key) + sources.pop(stem + "v_bias", [])
+    _fuse_qv_bias(renamed)
+    kept = {k: v for k, v in renamed.items() if k in shapes}
+    wrong = [f"{_ours_to_lavis(k)} {tuple(v.shape)} (need {shapes[k]})"
+             for k, v in kept.items() if v.shape != shapes[k]]
+    if wrong:
+        raise ValueError(f"the checkpoint's vision tensors do not fit the vision encoder: {'; '.join(wrong)}")
+    return {k: v.to(torch.float32).contiguous() for k, v in kept.items()}, [s for k in kept for s in sources[k]]
+
+
+def is_hf_blip2(path: str | Path | Mapping[str, torch.Tensor]) -> bool:
+    """Whether ``path`` is a transformers BLIP-2 folder (``config.json`` with ``model_type`` ``blip-2``)."""
+    if not isinstance(path, (str, Path)) or not (Path(path) / "config.json").is_file():
+        return False
+    try:
+        return json.loads((Path(path) / "config.json").read_text()).get("model_type") == "blip-2"
+    except (json.JSONDecodeError, AttributeError):
+        return False
+
+
+def _hf_weights(directory: Path, prefixes: tuple[str, ...] = HF_PREFIXES) -> StateDict:
+    """The tensors under ``prefixes`` of a transformers checkpoint (the rest, e.g. the language model, is never
+    read)."""
     state: StateDict = {}
     if files := sorted(directory.glob("*.safetensors")):
         for file in files:
             with safe_open(file, "pt") as f:
-                state.update({k: f.get_tensor(k) for k in f.keys() if k.startswith(HF_PREFIXES)})
+                state.update({k: f.get_tensor(k) for k in f.keys() if k.startswith(prefixes)})
     else:
         for file in sorted(directory.glob("pytorch_model*.bin")):
-            state.update({k: v for k, v in load_checkpoint(file).items() if k.startswith(HF_PREFIXES)})
+            state.update({k: v for k, v in load_checkpoint(file).items() if k.startswith(prefixes)})
     if not state:
-        raise FileNotFoundError(f"{directory}: no BLIP-2 vision weights in *.safetensors or pytorch_model*.bin")
+        raise FileNotFoundError(f"{directory}: no {' / '.join(p.rstrip('.') for p in prefixes)} weights in "
+                                "*.safetensors or pytorch_model*.bin")
     return state
 
 
@@ -283,8 +330,15 @@ def convert_hf_blip2(
         config, state, hf_eps = _config_from_hf(hf), _hf_weights(directory), hf.vision_config.layer_norm_eps
     _fuse_qv_bias(state)
     out, report = _select(config, state)
-    report.notes[:0] = [
-        "only vision_model.*, qformer.*, query_tokens read (not language_model.*, language_projection.*)",
-        f"post_layernorm eps {config.ln_vision_eps} (LAVIS ln_vision), not transformers' {hf_eps}",
-    ]
+    report.notes.insert(0, f"post_layernorm eps {config.ln_vision_eps} (LAVIS ln_vision), not transformers' {hf_eps}")
     return config, out, report
+
+
+def load_vision(directory: str | Path) -> Blip2VisionEncoder:
+    """A vision folder (:func:`minigpt.model.vision.save_vision`), or a transformers BLIP-2 folder (converted as
+    ``convert hf-blip2`` does) -> encoder in eval mode (strict load, no random init)."""
+    directory = Path(directory)
+    if not (directory / VISION_CONFIG).is_file() and is_hf_blip2(directory):
+        config, state, _ = convert_hf_blip2(directory)
+        return vision_encoder(config, state)
+    return load_vision_folder(directory)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,7 @@ import torch
 from torch import nn
 
 from .lavis import ConversionReport
-from ..files import atomic_directory
+from ..files import atomic_directory, refuse_unsafe_pickle
 
 log = logging.getLogger(__name__)
 
@@ -271,13 +272,15 @@ def merge_lora(
         peft_config = PeftConfig.from_pretrained(str(adapter))
         if peft_config.peft_type != "LORA":
             raise ValueError(f"{adapter}: a {peft_config.peft_type} adapter, not LoRA")
-        try:
-            peft_model = PeftModel.from_pretrained(llm, str(adapter), is_trainable=False)
-        except (RuntimeError, ValueError, KeyError) as err:
-            raise ValueError(f"{adapter}: the adapter does not fit the base LLM: {err}") from None
+        with refuse_unsafe_pickle(adapter):  # adapter_model.bin is read with weights_only=True
+            try:
+                peft_model = PeftModel.from_pretrained(llm, str(adapter), is_trainable=False)
+            except (RuntimeError, ValueError, KeyError) as err:
+                raise ValueError(f"{adapter}: the adapter does not fit the base LLM: {err}") from None
         modules = sum(1 for n, _ in peft_model.named_modules() if n.endswith(".lora_A"))
         merged = peft_model.merge_and_unload()
         rank, alpha = int(peft_config.r), float(peft_config.lora_alpha)
+        scale = alpha / (math.sqrt(rank) if peft_config.use_rslora else rank)
         if peft_config.use_rslora:
             report.notes.append("rank-stabilised LoRA (scale alpha / sqrt(r))")
     else:
@@ -295,6 +298,7 @@ def merge_lora(
                 "model.lora.alpha, 16 by default) or --config with the run's training YAML"
             )
         merged, rank = merge_lora_into(llm, lora, alpha)
+        scale = alpha / rank
         modules = len(lora.a)
         if lora_section is not None and lora_section.r != rank:
             report.notes.append(f"the tensors have rank {rank}, the config says r={lora_section.r}: used {rank}")
@@ -315,7 +319,7 @@ def merge_lora(
             else:
                 report.ignored.extend(sorted(lora.other))
     report.notes.append(f"merged LoRA into {modules} module(s): rank {rank}, alpha {alpha:g} "
-                        f"(scale {alpha / rank:g})")
+                        f"(scale {scale:g})")
 
     info = {"merged_by": "minigpt convert merge-lora", "adapter": str(adapter.resolve()),
             "base": str(Path(base).resolve()) if base else None, "config": str(config) if config else None,

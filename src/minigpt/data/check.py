@@ -4,11 +4,13 @@ Problem kinds (:data:`PROBLEM_KINDS`), each reported with the record's origin (`
 ``shard/key``, as the readers name them):
 
 - ``malformed``: the reader skipped the record (bad JSON, missing key, wrong type, image/placeholder mismatch, ...);
+- ``outside_root``: a relative image path that leaves the image root (``../``), which training skips too;
 - ``missing_image``: an image path that is not a file;
 - ``corrupt_image``: a file in a format PIL recognises whose data is broken (truncated, bad checksum), found by a full
   decode with :func:`~minigpt.data.images.load_image`, as training does;
 - ``undecodable_image``: a file PIL cannot identify as an image (empty, text, unsupported format);
-- ``empty_answer``: an assistant turn with no text (nothing to learn).
+- ``oversized_image``: more pixels than training's ``data.max_image_pixels`` allows (read from the header);
+- ``empty_answer``: an assistant turn with no text (nothing to learn; the readers skip it, as training does).
 
 A record can have several problems; it is counted once per kind. The cleaned copy keeps the good records verbatim
 (the source's own JSON objects, CSV rows or tar members), in the same format and order.
@@ -30,9 +32,12 @@ from typing import Any, TypeVar
 from .conversation import Sample
 from .convert import _check_out, _write_json, open_dataset, quiet_reader_warnings
 from .formats import WDS_KEY_RE, SampleList, WebDatasetReader, load_json
-from .images import ImageError, load_image
+from .images import DEFAULT_MAX_PIXELS, ImageError, ImageTooLargeError, load_image
 
-PROBLEM_KINDS: tuple[str, ...] = ("malformed", "missing_image", "corrupt_image", "undecodable_image", "empty_answer")
+PROBLEM_KINDS: tuple[str, ...] = (
+    "malformed", "outside_root", "missing_image", "corrupt_image", "undecodable_image", "oversized_image",
+    "empty_answer",
+)
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -103,12 +108,14 @@ def _bounded_map(fn: Callable[[T], R], items: Iterable[T], workers: int, window:
             yield from pool.map(fn, block)
 
 
-def _image_problem(image: Any, origin: str) -> Problem | None:
+def _image_problem(image: Any, origin: str, max_pixels: int | None) -> Problem | None:
     if isinstance(image, (str, Path)) and not Path(image).is_file():
         what = "is not a file" if Path(image).exists() else "not found"
         return Problem("missing_image", origin, f"{image} {what}")
     try:
-        load_image(image)
+        load_image(image, max_pixels=max_pixels)
+    except ImageTooLargeError as e:
+        return Problem("oversized_image", origin, str(e))
     except ImageError as e:
         from PIL import UnidentifiedImageError
 
@@ -117,15 +124,10 @@ def _image_problem(image: Any, origin: str) -> Problem | None:
     return None
 
 
-def sample_problems(sample: Sample) -> list[Problem]:
-    """The problems of one sample that the reader accepted (images decoded fully)."""
+def sample_problems(sample: Sample, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> list[Problem]:
+    """The problems of one sample that the reader accepted (images decoded fully, up to ``max_pixels``)."""
     origin = sample.origin or f"sample {sample.id}"
-    problems = [p for image in sample.images if (p := _image_problem(image, origin)) is not None]
-    for i, turn in enumerate(sample.conversation.turns):
-        if turn.role == "assistant" and not turn.num_images and not turn.text.strip():
-            problems.append(Problem("empty_answer", origin, f"turn {i + 1} (assistant) is empty"))
-            break
-    return problems
+    return [p for image in sample.images if (p := _image_problem(image, origin, max_pixels)) is not None]
 
 
 def check_dataset(
@@ -134,15 +136,18 @@ def check_dataset(
     image_root: str | Path | None = None,
     workers: int = 4,
     progress: bool = False,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> CheckReport:
     """Read ``path`` in format ``fmt`` (see :data:`~minigpt.data.convert.SOURCE_FORMATS`) and check every record.
 
-    ``workers`` threads decode images (PIL releases the GIL while decoding)."""
+    ``workers`` threads decode images (PIL releases the GIL while decoding); images over ``max_pixels`` are
+    reported without being decoded."""
     with quiet_reader_warnings():
-        return _check(fmt, path, image_root, workers, progress)
+        return _check(fmt, path, image_root, workers, progress, max_pixels)
 
 
-def _check(fmt: str, path: str | Path, image_root: str | Path | None, workers: int, progress: bool) -> CheckReport:
+def _check(fmt: str, path: str | Path, image_root: str | Path | None, workers: int, progress: bool,
+           max_pixels: int | None) -> CheckReport:
     data = open_dataset(fmt, path, image_root)
     report = CheckReport(str(path), fmt, None if image_root is None else str(image_root))
     if isinstance(data, WebDatasetReader):
@@ -153,15 +158,16 @@ def _check(fmt: str, path: str | Path, image_root: str | Path | None, workers: i
 
         samples = tqdm(samples, total=len(data) if isinstance(data, SampleList) else None, desc="check",
                        unit=" samples", dynamic_ncols=True, disable=None)
-    for sample, problems in _bounded_map(lambda s: (s, sample_problems(s)), samples, workers):
+    for sample, problems in _bounded_map(lambda s: (s, sample_problems(s, max_pixels)), samples, workers):
         report.records += 1
         if problems:
             report.problems += problems
         else:
             report.good.append(sample.origin)
-    malformed = [Problem("malformed", origin, reason) for origin, reason in data.report.skipped]
-    report.records += len(malformed)
-    report.problems = malformed + report.problems
+    skipped = [Problem(data.report.kinds.get(origin, "malformed"), origin, reason)
+               for origin, reason in data.report.skipped]
+    report.records += len(skipped)
+    report.problems = skipped + report.problems
     return report
 
 

@@ -82,7 +82,9 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")
 # ---------------------------------------------------------------------------------------------- reading
 
 
-def read_captions_csv(path: str | Path, image_root: str | Path | None = None) -> SampleList:
+def read_captions_csv(
+    path: str | Path, image_root: str | Path | None = None, allow_outside_root: bool = False
+) -> SampleList:
     """CSV with a header holding ``image`` and ``caption`` columns (``id`` optional, others ignored); origins are
     ``file:line`` (1-based line where the record starts). Image paths are relative to ``image_root`` (default: the
     file's folder)."""
@@ -108,7 +110,8 @@ def read_captions_csv(path: str | Path, image_root: str | Path | None = None) ->
     def parse(rec: dict[str, Any], _: int) -> Sample:
         if None in rec:
             raise ValueError(f"{len(rec[None])} more field(s) than the header has")
-        return caption_sample(resolve_image(root, get_field(rec, "image")), rec.get("caption"), record_id(rec) or None)
+        image = resolve_image(root, get_field(rec, "image"), allow_outside_root)
+        return caption_sample(image, rec.get("caption"), record_id(rec) or None)
 
     return collect_samples(path, records, parse)
 

@@ -4,6 +4,11 @@ Readers know nothing of prompts or tokens, and do not open images (paths only; w
 encoded bytes). A malformed record is skipped with a :class:`DataWarning` naming its origin and counted in the
 reader's :class:`ReadReport`; a file without any valid record, or that is not valid JSON, raises ``ValueError``.
 Origins are ``"file:index"`` (0-based position in a JSON list), ``"file:line"`` (1-based, JSONL) or ``"shard/key"``.
+
+Image paths are relative to the dataset's image root. A relative path that leaves it (``../x.jpg``, ``a/../../x``,
+checked on the path as written, so symlinked folders inside the root still work) is skipped as an
+:class:`OutsideRootError` unless the reader is given ``allow_outside_root=True``: a dataset file must not make training
+(or ``data check``) read arbitrary files. Absolute paths are taken as written.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import os
 import random
 import re
 import tarfile
@@ -45,16 +51,38 @@ class DataWarning(UserWarning):
     """A skipped record or shard."""
 
 
+class RecordProblem(ValueError):
+    """A record skipped for a reason of its own kind (``data check`` reports it under :attr:`kind`)."""
+
+    kind = "malformed"
+
+
+class OutsideRootError(RecordProblem):
+    """A relative image path that leaves the dataset's image root, which the dataset did not allow."""
+
+    kind = "outside_root"
+
+
+class EmptyAnswerError(RecordProblem):
+    """An assistant turn without text: nothing to learn from it."""
+
+    kind = "empty_answer"
+
+
 @dataclass
 class ReadReport:
-    """What a reader kept and skipped; ``skipped`` holds ``(origin, reason)`` pairs."""
+    """What a reader kept and skipped; ``skipped`` holds ``(origin, reason)`` pairs, ``kinds`` the
+    :attr:`RecordProblem.kind` of those skipped for such a problem."""
 
     source: str
     read: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    kinds: dict[str, str] = field(default_factory=dict)
 
-    def skip(self, origin: str, reason: str) -> None:
+    def skip(self, origin: str, reason: str, kind: str | None = None) -> None:
         self.skipped.append((origin, reason))
+        if kind is not None:
+            self.kinds[origin] = kind
         if len(self.skipped) <= MAX_WARNINGS:
             warnings.warn(f"skipped {origin}: {reason}", DataWarning, stacklevel=4)
 
@@ -152,8 +180,9 @@ def collect_samples(source: Path, records: Iterable[tuple[str, Any]], parse: Cal
         try:
             sample = parse(record_object(rec), index)
             sample.check()
+            check_answers(sample.conversation)
         except ValueError as e:
-            report.skip(origin, str(e))
+            report.skip(origin, str(e), e.kind if isinstance(e, RecordProblem) else None)
             continue
         sample.origin = origin
         samples.append(sample)
@@ -172,14 +201,32 @@ def get_field(rec: Mapping[str, Any], key: str, kind: type | tuple[type, ...] = 
     return value
 
 
-def resolve_image(root: Path, value: Any) -> str:
+def resolve_image(root: Path, value: Any, allow_outside_root: bool = False) -> str:
+    """``root / value``; :class:`OutsideRootError` when the relative ``value`` leaves ``root``, unless allowed."""
     if not isinstance(value, str) or not value:
         raise ValueError(f"image must be a non-empty string, got {value!r}")
+    if not allow_outside_root and leaves_root(value):
+        raise OutsideRootError(
+            f"image path {value!r} leaves the image root {root} "
+            "(set allow_outside_root: true on the dataset to read it)"
+        )
     return str(root / value)
+
+
+def leaves_root(relative: str) -> bool:
+    """Whether a relative path, as written, goes above its folder (absolute paths: False)."""
+    return not os.path.isabs(relative) and os.path.normpath(relative).split(os.sep)[0] == os.pardir
 
 
 def record_id(rec: Mapping[str, Any]) -> str | None:
     return None if rec.get("id") is None else str(rec["id"])
+
+
+def check_answers(conv: Conversation) -> None:
+    """:class:`EmptyAnswerError` for the first assistant turn without text (it would train on nothing)."""
+    for i, turn in enumerate(conv.turns):
+        if turn.role == "assistant" and not turn.num_images and not turn.text.strip():
+            raise EmptyAnswerError(f"turn {i + 1} (assistant) is empty")
 
 
 def _check_turns(conv: Conversation) -> None:
@@ -188,9 +235,28 @@ def _check_turns(conv: Conversation) -> None:
         raise ValueError("the conversation ends with a user turn (no answer to learn)")
 
 
-def caption_sample(image: Any, caption: Any, id: str | None) -> Sample:
-    if not isinstance(caption, str) or not caption.strip():
+_BLIP_PUNCTUATION = re.compile(r"([.!\"()*#:;~])")
+
+
+def pre_caption(caption: str, max_words: int = 50) -> str:
+    """MiniGPT-4's (and LAVIS's) ``blip_caption`` text processor, as its ``pre_caption``: lowercase, each of
+    ``.!"()*#:;~`` -> a space, runs of whitespace -> one space, trailing newline and outer spaces stripped, then the
+    first ``max_words`` words (split on spaces)."""
+    caption = re.sub(r"\s{2,}", " ", _BLIP_PUNCTUATION.sub(" ", caption.lower()))
+    caption = caption.rstrip("\n").strip(" ")
+    words = caption.split(" ")
+    return " ".join(words[:max_words]) if len(words) > max_words else caption
+
+
+def caption_sample(image: Any, caption: Any, id: str | None, blip_caption: int | None = None) -> Sample:
+    """The sample "image -> caption"; with ``blip_caption`` (max words) the caption goes through :func:`pre_caption`
+    first."""
+    if not isinstance(caption, str):
         raise ValueError(f"caption must be a non-empty string, got {caption!r}")
+    if blip_caption is not None:
+        caption = pre_caption(caption, blip_caption)
+    if not caption.strip():
+        raise EmptyAnswerError(f"caption must be a non-empty string, got {caption!r}")
     conv = Conversation([Turn("user", [Image()]), Turn("assistant", [Text(caption)])])
     return Sample(conv, [image], id=id)
 
@@ -202,10 +268,12 @@ def image_root_of(path: Path, image_root: str | Path | None) -> Path:
 # ---------------------------------------------------------------------------------------------- readers
 
 
-def read_llava_json(path: str | Path, image_root: str | Path | None = None) -> SampleList:
+def read_llava_json(
+    path: str | Path, image_root: str | Path | None = None, allow_outside_root: bool = False
+) -> SampleList:
     """LLaVA JSON/JSONL: ``{"id", "image"?: str | [str], "conversations": [{"from": "human"|"gpt"|"system",
     "value"}]}``; ``<image>`` marks the image slot. Image paths are relative to ``image_root`` (default: the file's
-    folder)."""
+    folder) and stay under it unless ``allow_outside_root``."""
     path = Path(path)
     root = image_root_of(path, image_root)
 
@@ -226,19 +294,21 @@ def read_llava_json(path: str | Path, image_root: str | Path | None = None) -> S
         images = [] if images is None else [images] if isinstance(images, str) else images
         if not isinstance(images, list):
             raise ValueError(f"'image' must be a string or a list of strings, got {type(images).__name__}")
-        return Sample(conv, [resolve_image(root, img) for img in images], id=record_id(rec))
+        return Sample(conv, [resolve_image(root, img, allow_outside_root) for img in images], id=record_id(rec))
 
     return collect_samples(path, json_records(path), parse)
 
 
-def read_minigpt4qwen_json(path: str | Path, image_root: str | Path | None = None) -> SampleList:
+def read_minigpt4qwen_json(
+    path: str | Path, image_root: str | Path | None = None, allow_outside_root: bool = False
+) -> SampleList:
     """MiniGPT4Qwen JSON/JSONL: ``{"image", "instruction": str | [str], "output": str | [str]}`` (lists = turns;
     the first instruction holds ``<Img><ImageHere></Img>``)."""
     path = Path(path)
     root = image_root_of(path, image_root)
 
     def parse(rec: dict[str, Any], _: int) -> Sample:
-        image = resolve_image(root, get_field(rec, "image"))
+        image = resolve_image(root, get_field(rec, "image"), allow_outside_root)
         questions, answers = get_field(rec, "instruction", (str, list)), get_field(rec, "output", (str, list))
         if isinstance(questions, str) != isinstance(answers, str):
             raise ValueError("'instruction' and 'output' must both be strings or both lists")
@@ -256,13 +326,18 @@ def read_minigpt4qwen_json(path: str | Path, image_root: str | Path | None = Non
     return collect_samples(path, json_records(path), parse)
 
 
-def read_captions_json(path: str | Path, image_root: str | Path | None = None) -> SampleList:
-    """JSON/JSONL list of ``{"image", "caption", "id"?}``: the user turn is the image alone, the answer the caption."""
+def read_captions_json(
+    path: str | Path, image_root: str | Path | None = None, allow_outside_root: bool = False,
+    blip_caption: int | None = None,
+) -> SampleList:
+    """JSON/JSONL list of ``{"image", "caption", "id"?}``: the user turn is the image alone, the answer the caption
+    (cleaned as MiniGPT-4's stage 1 does with ``blip_caption``, the max words: :func:`pre_caption`)."""
     path = Path(path)
     root = image_root_of(path, image_root)
 
     def parse(rec: dict[str, Any], _: int) -> Sample:
-        return caption_sample(resolve_image(root, get_field(rec, "image")), get_field(rec, "caption"), record_id(rec))
+        image = resolve_image(root, get_field(rec, "image"), allow_outside_root)
+        return caption_sample(image, get_field(rec, "caption"), record_id(rec), blip_caption)
 
     return collect_samples(path, json_records(path), parse)
 
@@ -272,11 +347,14 @@ def read_cc_sbu_align(
     instructions: Sequence[str] = ALIGNMENT_INSTRUCTIONS,
     mode: str = "instructions",
     seed: int = 0,
+    allow_outside_root: bool = False,
+    blip_caption: int | None = None,
 ) -> SampleList:
     """MiniGPT-4 stage-2 data: ``root/filter_cap.json`` (``{"annotations": [{"image_id", "caption"}]}``) and
     ``root/image/{image_id}.jpg``. Mode ``"instructions"``: the user turn is the image and an instruction chosen per
     record index from ``instructions`` with ``seed`` (``<Img><ImageHere></Img> `` is put first when the instruction
-    has no placeholder); ``"captions"``: the image alone. The caption is the raw answer."""
+    has no placeholder); ``"captions"``: the image alone. The caption is the raw answer (as MiniGPT-4 uses
+    cc_sbu_align), or with ``blip_caption`` (max words) cleaned by :func:`pre_caption`."""
     if mode not in ("instructions", "captions"):
         raise ValueError(f"mode must be 'instructions' or 'captions', got {mode!r}")
     if mode == "instructions" and not instructions:
@@ -289,7 +367,8 @@ def read_cc_sbu_align(
 
     def parse(rec: dict[str, Any], index: int) -> Sample:
         image_id = str(get_field(rec, "image_id", (str, int)))
-        sample = caption_sample(str(root / "image" / f"{image_id}.jpg"), get_field(rec, "caption"), image_id)
+        image = resolve_image(root / "image", f"{image_id}.jpg", allow_outside_root)
+        sample = caption_sample(image, get_field(rec, "caption"), image_id, blip_caption)
         if mode == "instructions":
             text = random.Random(f"{seed}:{index}").choice(instructions)
             parts = parse_content(text)
@@ -307,9 +386,14 @@ WDS_KEY_RE = re.compile(r"^((?:.*/)?[^./]+)\.([^/]+)$")  # webdataset: key = pat
 class WebDatasetReader(torch.utils.data.IterableDataset):
     """Caption samples streamed from img2dataset-style tar shards (``key.jpg`` + ``key.json["caption"]`` and/or
     ``key.txt``; json wins, as in MiniGPT-4). Images stay encoded bytes. With DataLoader workers each worker reads
-    every ``num_workers``-th shard; ``report`` covers the last pass in this process."""
+    every ``num_workers``-th shard; ``report`` covers the last pass in this process, :attr:`skipped_total` all.
 
-    def __init__(self, urls_or_dir: str | Path | Sequence[str | Path]) -> None:
+    A malformed sample (no image, no caption, bad JSON, empty caption) is skipped and named ``shard/key``; a shard
+    that is cut short (it lacks tar's end-of-archive blocks, or breaks off inside a member) or unreadable is
+    reported once, naming the shard and the last sample read, whose members may be incomplete and which is dropped."""
+
+    def __init__(self, urls_or_dir: str | Path | Sequence[str | Path], blip_caption: int | None = None) -> None:
+        self.blip_caption = blip_caption
         items = [urls_or_dir] if isinstance(urls_or_dir, (str, Path)) else list(urls_or_dir)
         self.shards: list[str] = []
         for item in items:
@@ -326,6 +410,7 @@ class WebDatasetReader(torch.utils.data.IterableDataset):
             if not Path(shard).is_file():
                 raise FileNotFoundError(f"webdataset shard not found: {shard}")
         self.report = ReadReport(", ".join(self.shards) if len(self.shards) <= 3 else f"{len(self.shards)} shards")
+        self.skipped_total = 0
 
     def __iter__(self) -> Iterator[Sample]:
         info = torch.utils.data.get_worker_info()
@@ -351,8 +436,13 @@ class WebDatasetReader(torch.utils.data.IterableDataset):
                             yield from self._sample(shard, key, group)
                         key, group = match[1], {}
                     group[match[2].lower()] = tar.extractfile(member).read()  # type: ignore[union-attr]
+                if not tar.fileobj.read(tarfile.BLOCKSIZE):  # type: ignore[union-attr]
+                    # tarfile ends quietly at a cut between (or inside) headers; a whole archive ends with two
+                    # zero blocks, of which tarfile has read the first.
+                    raise tarfile.ReadError("unexpected end of data: no end-of-archive blocks")
         except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-            self.report.skip(shard, f"unreadable tar after {key or 'the start'}: {e}")
+            where = f"in sample {key} (dropped)" if key else "at the start"
+            self._skip(shard, f"truncated or unreadable tar {where}: {e}")
             return
         if key is not None:
             yield from self._sample(shard, key, group)
@@ -371,17 +461,23 @@ class WebDatasetReader(torch.utils.data.IterableDataset):
                 caption = group["txt"].decode("utf-8")
             if caption is None:
                 raise ValueError("no caption (key.json 'caption' or key.txt)")
-            sample = caption_sample(image, caption, key)
+            sample = caption_sample(image, caption, key, self.blip_caption)
         except ValueError as e:  # includes JSONDecodeError and UnicodeDecodeError
-            self.report.skip(origin, str(e))
+            self._skip(origin, str(e), e.kind if isinstance(e, RecordProblem) else None)
             return
         sample.origin = origin
         yield sample
 
+    def _skip(self, origin: str, reason: str, kind: str | None = None) -> None:
+        self.report.skip(origin, reason, kind)
+        self.skipped_total += 1
 
-def read_webdataset(urls_or_dir: str | Path | Sequence[str | Path]) -> WebDatasetReader:
-    """Tar shards: a folder (all ``*.tar``), a path, a brace pattern ``"shards/{00000..00009}.tar"`` or a list."""
-    return WebDatasetReader(urls_or_dir)
+
+def read_webdataset(urls_or_dir: str | Path | Sequence[str | Path], blip_caption: int | None = None
+                    ) -> WebDatasetReader:
+    """Tar shards: a folder (all ``*.tar``), a path, a brace pattern ``"shards/{00000..00009}.tar"`` or a list;
+    ``blip_caption`` (max words): captions cleaned by :func:`pre_caption`, as MiniGPT-4's stage 1 does."""
+    return WebDatasetReader(urls_or_dir, blip_caption)
 
 
 # ---------------------------------------------------------------------------------------------- dispatch and mixing

@@ -10,6 +10,12 @@ Conversion policy (convert, never reject):
 - float data (mode ``F``, float arrays) is taken as [0, 1] when it lies there (x * 255), else rescaled from its
   min..max; NaN becomes 0;
 - EXIF orientation is not applied (as in LAVIS / MiniGPT-4); a multi-frame file gives its first frame.
+
+Pixel limit: an image with more than ``max_pixels`` pixels is refused (:class:`ImageTooLargeError`) from the
+width and height in its header, before any pixel is decoded (PIL opens files lazily). Decoding costs about
+3 bytes per pixel for the RGB image plus as much again for the conversion (up to ~15 bytes per pixel for images with
+alpha), so the default :data:`DEFAULT_MAX_PIXELS` (4096 x 4096 = 16.8 MP: 12 MP phone photos and 4K screenshots
+pass) bounds one decode at ~100-250 MB. Pillow's own limit (~179 MP) lets a 530 KB PNG take 1.75 GB.
 """
 
 from __future__ import annotations
@@ -28,6 +34,9 @@ CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
 
+#: Largest image (width x height) decoded by default: see the module doc for the memory it bounds.
+DEFAULT_MAX_PIXELS = 4096 * 4096
+
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, PILImage.DecompressionBombError)
 
 
@@ -35,37 +44,61 @@ class ImageError(ValueError):
     """An image that cannot be found or decoded; the message names the file (and the sample's origin)."""
 
 
+class ImageTooLargeError(ImageError):
+    """An image with more pixels than allowed, refused before decoding."""
+
+
 def _where(origin: str | None) -> str:
     return f" (in {origin})" if origin else ""
 
 
-def load_image(source: Any, origin: str | None = None) -> PILImage.Image:
-    """Load a path, PIL image, numpy array (HW or HWC) or encoded bytes as a fully decoded RGB PIL image."""
+def check_pixels(size: tuple[int, int], max_pixels: int | None, name: str, origin: str | None = None) -> None:
+    """:class:`ImageTooLargeError` naming the pixel count and the limit when ``size`` (width, height) exceeds it."""
+    width, height = size
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageTooLargeError(
+            f"image {name}{_where(origin)} has {width}x{height} = {width * height:,} pixels, more than the limit of "
+            f"{max_pixels:,}"
+        )
+
+
+def load_image(source: Any, origin: str | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> PILImage.Image:
+    """Load a path, PIL image, numpy array (HW or HWC) or encoded bytes as a fully decoded RGB PIL image.
+
+    Encoded images (files, bytes, lazily opened PIL images) over ``max_pixels`` (None: no limit) are refused before
+    they are decoded; images already in memory (decoded PIL images, arrays) are not checked again."""
     if isinstance(source, PILImage.Image):
+        name = getattr(source, "filename", "") or "<PIL image>"
+        if getattr(source, "tile", None):  # opened, not decoded yet
+            check_pixels(source.size, max_pixels, name, origin)
         try:
             source.load()
         except _DECODE_ERRORS as e:
-            name = getattr(source, "filename", "") or "<PIL image>"
             raise ImageError(f"cannot read image {name}{_where(origin)}: {e}") from e
         return _to_rgb(source)
     if isinstance(source, np.ndarray):
         return _array_to_rgb(source, origin)
     if isinstance(source, (bytes, bytearray, memoryview)):
-        return _open(io.BytesIO(bytes(source)), "<bytes>", origin)
+        return _open(io.BytesIO(bytes(source)), "<bytes>", origin, max_pixels)
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.is_file():
             what = "is not a file" if path.exists() else "not found"
             raise ImageError(f"image file {what}: {path}{_where(origin)}")
-        return _open(path, str(path), origin)
+        return _open(path, str(path), origin, max_pixels)
     raise ImageError(f"cannot load an image from {type(source).__name__}{_where(origin)}")
 
 
-def _open(fp: Any, name: str, origin: str | None) -> PILImage.Image:
+def _open(fp: Any, name: str, origin: str | None, max_pixels: int | None) -> PILImage.Image:
     try:
-        with PILImage.open(fp) as img:
+        with PILImage.open(fp) as img:  # reads the header only
+            check_pixels(img.size, max_pixels, name, origin)
             img.load()  # full decode, so truncated files fail here and not later in a worker
             return _to_rgb(img)
+    except PILImage.DecompressionBombError as e:  # over Pillow's own limit (twice ~89 MP), found at open
+        raise ImageTooLargeError(f"image {name}{_where(origin)}: {e}") from e
+    except ImageTooLargeError:
+        raise
     except _DECODE_ERRORS as e:
         raise ImageError(f"cannot read image {name}{_where(origin)}: {e}") from e
 
@@ -126,7 +159,8 @@ class ImageProcessor:
     Train (MiniGPT-4 M1 ``blip2_image_train``): torchvision's RandomResizedCrop algorithm with ``scale=(min_scale, 1)``,
     ratio (3/4, 4/3), bicubic; no flip unless ``hflip`` (LAVIS flips). Randomness comes from ``self.rng``, a
     ``random.Random(seed)``; reseed it per DataLoader worker (``processor.rng.seed(seed + worker_id)``).
-    A torch tensor is taken as already processed pixels (as MiniGPT-4's Chat does) and only checked.
+    A torch tensor is taken as already processed pixels (as MiniGPT-4's Chat does) and only checked. Images over
+    ``max_pixels`` are refused before decoding (:func:`load_image`).
     """
 
     def __init__(
@@ -138,10 +172,12 @@ class ImageProcessor:
         min_scale: float = 0.5,
         hflip: bool = False,
         seed: int | None = None,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ) -> None:
         if not 0.0 < min_scale <= 1.0:
             raise ValueError(f"min_scale must be in (0, 1], got {min_scale}")
         self.size, self.train, self.min_scale, self.hflip = size, train, min_scale, hflip
+        self.max_pixels = max_pixels
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
         self.rng = random.Random(seed)
@@ -154,7 +190,7 @@ class ImageProcessor:
                     f"got {tuple(image.shape)}{_where(origin)}"
                 )
             return image.float()
-        img = load_image(image, origin)
+        img = load_image(image, origin, self.max_pixels)
         if self.train:
             img = self._random_resized_crop(img)
             if self.hflip and self.rng.random() < 0.5:

@@ -1,8 +1,10 @@
 """``minigpt eval MODEL --task TASK --data FILE``: batched benchmark evaluation, resumable, with metrics.
 
-Writes ``{output}/predictions.jsonl`` (id, prompt, prediction, references, task details) and
-``{output}/metrics.json`` (model, data, settings, metrics, counts, problems, throughput); rerunning the same
-command continues an interrupted run from the predictions file.
+Writes ``{output}/predictions.jsonl`` (id, prompt, prediction, references, task details),
+``{output}/metrics.json`` (model, data, settings, metrics with the reference logic that produced them, counts,
+problems, throughput) and ``{output}/scores.jsonl`` (per-record scores); rerunning the same command continues an
+interrupted run from the predictions file. ``minigpt eval --predictions FILE --task TASK --data FILE`` scores an
+existing predictions file instead, without a model.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..infer.decoding import add_decoding_arguments, settings_from_args
-from .tasks import TASKS
+from .tasks import REGISTRY, TASKS
 
 
 def add_generation_args(parser: argparse.ArgumentParser, max_new_tokens: int | None = None) -> None:
@@ -35,14 +37,10 @@ def add_generation_args(parser: argparse.ArgumentParser, max_new_tokens: int | N
     add_decoding_arguments(g)
 
 
-#: Default answer lengths: short answers for VQA/MCQ/POPE, a sentence for captions.
-DEFAULT_MAX_NEW_TOKENS = {"caption": 30, "vqa": 10, "mcq": 10, "pope": 10}
-
-
 def generation_options(args: argparse.Namespace, task: str | None = None) -> Any:
     from ..infer.generate import GenerationOptions
 
-    max_new = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS.get(task or "", 300)
+    max_new = args.max_new_tokens or (REGISTRY[task].max_new_tokens if task in REGISTRY else 300)
     return GenerationOptions(
         max_new_tokens=max_new, do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, num_beams=args.num_beams, repetition_penalty=args.repetition_penalty,
@@ -57,13 +55,21 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "eval",
         help="evaluate a model on captioning, VQA, multiple-choice or POPE",
-        description="Evaluate a minigpt model directory on a benchmark file. Rerun the same command to resume.",
+        description="Evaluate a minigpt model directory on a benchmark file (rerun the same command to resume), "
+                    "or score an existing predictions file (--predictions, no MODEL).",
     )
-    p.add_argument("model", metavar="MODEL", help="model directory (written by save_pretrained / training)")
+    p.add_argument("model", metavar="MODEL", nargs="?",
+                   help="model directory (written by save_pretrained / training); omit with --predictions")
     p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--data", required=True, nargs="+", metavar="FILE",
-                   help="eval file(s): COCO/Karpathy captions; VQAv2 questions (+ annotations) or JSONL; "
-                        "MMBench TSV / ScienceQA problems.json / JSON(L); POPE JSON(L) (several files are joined)")
+                   help="eval file(s): " + "; ".join(f"{n}: {t.inputs}" for n, t in REGISTRY.items())
+                        + " (several files are joined)")
+    p.add_argument("--predictions", metavar="FILE",
+                   help="score this predictions file instead of running a model: minigpt predictions.jsonl, "
+                        "LLaVA answers ({question_id, text}) or lmms-eval sample logs")
+    p.add_argument("--scorer", metavar="NAME",
+                   help="reference logic: " + "; ".join(f"{n}: {', '.join(t.scorers)}" for n, t in REGISTRY.items())
+                        + " (default: the first)")
     p.add_argument("--annotations", metavar="FILE", help="VQAv2 annotations file (or give it as a second --data)")
     p.add_argument("--images", metavar="DIR", help="folder the image paths are relative to (default: the data file's)")
     p.add_argument("--split", help="Karpathy / ScienceQA split to evaluate (default test; 'all' for every split)")
@@ -83,49 +89,74 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
-def default_output(model: str, task: str, data: list[str]) -> Path:
-    return Path("eval") / f"{Path(model).resolve().name}-{task}-{Path(data[0]).stem}"
+def default_output(name: str, task: str, data: list[str]) -> Path:
+    return Path("eval") / f"{name}-{task}-{Path(data[0]).stem}"
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..device import resolve_device
-    from ..model.minigpt import MiniGPT
-    from .runner import run_eval
-    from .tasks import load_task
+    from .tasks import get_task, load_task
 
-    if args.batch_size < 1:
-        raise ValueError("--batch-size must be >= 1")
+    if (args.model is None) == (args.predictions is None):
+        raise ValueError("give a MODEL directory to evaluate, or --predictions FILE to score (not both)")
     if args.limit is not None and args.limit < 1:
         raise ValueError("--limit must be >= 1")
-    options = generation_options(args, args.task)
+    get_task(args.task).check_scorer(args.scorer)
     data = load_task(args.task, args.data, args.images, annotations=args.annotations, split=args.split,
                      prompt=args.prompt, circular=args.circular)
-    device = resolve_device(args.device)
-    overrides = {"llm_dtype": args.dtype} if args.dtype else {}
-    model = MiniGPT.from_pretrained(args.model, **overrides).to(device).eval()
-    model.decoding = settings_from_args(args)
-
-    out = Path(args.output) if args.output else default_output(args.model, args.task, args.data)
     info = {
-        "model": str(Path(args.model).resolve()),
         "data": [str(Path(d).resolve()) for d in args.data] + ([str(Path(args.annotations).resolve())]
                                                               if args.annotations else []),
         "images": str(Path(args.images).resolve()) if args.images else None,
     }
-    settings = {"prompt": args.prompt, "circular": args.circular, "split": args.split,
-                "decoding": model.decoding.mode if model.decoding.use_static(device, options.num_beams) else "plain"}
-    result = run_eval(
-        model, args.task, data, options,
-        predictions_path=out / "predictions.jsonl", metrics_path=out / "metrics.json",
-        batch_size=args.batch_size, limit=args.limit, resume=not args.no_resume, workers=args.workers,
-        meteor=False if args.no_meteor else None, progress=not args.no_progress, info=info, settings=settings,
-    )
+    meteor = False if args.no_meteor else None
+    if args.predictions:
+        from .runner import score_predictions
+
+        out = Path(args.output) if args.output else default_output(Path(args.predictions).stem, args.task, args.data)
+        result = score_predictions(args.task, data, args.predictions, metrics_path=out / "metrics.json",
+                                   scorer=args.scorer, meteor=meteor, limit=args.limit, info=info)
+        written = [out / "metrics.json"]
+    else:
+        result, out = _evaluate_model(args, data, info, meteor)
+        written = [out / "predictions.jsonl", out / "metrics.json"]
     report = result.report
     counts = report["counts"]
     print(json.dumps(report["metrics"], indent=2))
-    tp = report["throughput"]
+    tp = report.get("throughput", {})
     rate = f", {tp['samples_per_s']} samples/s" if tp.get("samples_per_s") else ""
-    print(f"{counts['predicted']}/{counts['records']} predicted ({counts['resumed']} resumed, "
+    metrics = report["metrics"]
+    print(f"scored with {metrics['scorer']}: {metrics['reference']}", file=sys.stderr)
+    for note in metrics.get("notes", []):
+        print(f"note: {note}", file=sys.stderr)
+    print(f"{counts['predicted']}/{counts['records']} predicted ({counts.get('resumed', 0)} resumed, "
           f"{counts['failed']} failed, {counts['empty_predictions']} empty{rate}); "
-          f"wrote {out / 'predictions.jsonl'} and {out / 'metrics.json'}", file=sys.stderr)
+          f"wrote {', '.join(map(str, written))} and {out / 'scores.jsonl'}", file=sys.stderr)
     return 0
+
+
+def _evaluate_model(args: argparse.Namespace, data: Any, info: dict[str, Any], meteor: bool | None) -> Any:
+    from ..device import resolve_device
+    from ..infer.engine import Engine
+    from ..model.minigpt import MiniGPT
+    from ..model.processor import MiniGPTProcessor
+    from .runner import run_eval
+
+    if args.batch_size < 1:
+        raise ValueError("--batch-size must be >= 1")
+    options = generation_options(args, args.task)
+    device = resolve_device(args.device)
+    overrides = {"llm_dtype": args.dtype} if args.dtype else {}
+    model = MiniGPT.from_pretrained(args.model, **overrides).to(device)
+    engine = Engine(model, MiniGPTProcessor.from_pretrained(args.model, model.config), settings_from_args(args))
+
+    out = Path(args.output) if args.output else default_output(Path(args.model).resolve().name, args.task, args.data)
+    settings = {"prompt": args.prompt, "circular": args.circular, "split": args.split,
+                "decoding": engine.decoding.mode if engine.static(options.num_beams) else "plain"}
+    result = run_eval(
+        engine, args.task, data, options,
+        predictions_path=out / "predictions.jsonl", metrics_path=out / "metrics.json",
+        batch_size=args.batch_size, limit=args.limit, resume=not args.no_resume, workers=args.workers,
+        meteor=meteor, scorer=args.scorer, progress=not args.no_progress,
+        info={"model": str(Path(args.model).resolve()), **info}, settings=settings,
+    )
+    return result, out

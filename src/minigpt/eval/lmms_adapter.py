@@ -13,16 +13,15 @@ Use it from Python::
 
     results = simple_evaluate(model=MiniGPTLmms(pretrained="runs/stage2", batch_size=8), tasks=["mme"])
 
-or from lmms-eval's command line, after declaring the entry point in your own package (or this one's)
-``pyproject.toml``::
-
-    [project.entry-points."lmms_eval.models"]
-    minigpt = "minigpt.eval.lmms_adapter:manifest"
+or from lmms-eval's command line (this package declares the ``lmms_eval.models`` entry point ``minigpt``)::
 
     lmms-eval --model minigpt --model_args pretrained=runs/stage2,batch_size=8 --tasks mme,pope
 
 Model arguments: ``pretrained`` (model directory), ``device`` (``auto``), ``dtype`` (LLM dtype override),
-``batch_size`` (1), ``max_new_tokens`` (default when a task sets none: 128).
+``batch_size`` (1), ``max_new_tokens`` (default when a task sets none: 128). lmms-eval also passes its own
+``--batch_size`` (default 1), ``max_batch_size`` and ``--device`` to :meth:`MiniGPTLmms.create_from_arg_string`:
+a value in ``--model_args`` wins over them, ``--batch_size auto`` means :data:`AUTO_BATCH_SIZE`, and
+``max_batch_size`` is ignored (:func:`model_arguments`).
 
 How requests map onto the model: the task's context becomes one user turn; its ``<image>`` placeholders mark
 where the visuals go, and when it has none the visuals come first (MiniGPT-4's ``<Img><ImageHere></Img> text``).
@@ -47,6 +46,35 @@ from ..data.conversation import Conversation, Image, Text, Turn, parse_content
 from ..infer.generate import GenerationOptions
 
 log = logging.getLogger(__name__)
+
+
+#: Requests per generate call for lmms-eval's ``--batch_size auto`` (there is no automatic search).
+AUTO_BATCH_SIZE = 8
+
+
+def parse_batch_size(value: int | str) -> int:
+    """``8`` / ``"8"`` -> 8; lmms-eval's ``"auto"`` / ``"auto:N"`` -> :data:`AUTO_BATCH_SIZE`; else ``ValueError``."""
+    if isinstance(value, str) and value.strip().lower().startswith("auto"):
+        return AUTO_BATCH_SIZE
+    try:
+        size = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"batch_size must be a positive integer or 'auto', got {value!r}") from None
+    if size < 1:
+        raise ValueError(f"batch_size must be a positive integer or 'auto', got {value!r}")
+    return size
+
+
+def model_arguments(model_args: dict[str, Any], additional_config: dict[str, Any] | None) -> dict[str, Any]:
+    """The constructor arguments from lmms-eval's parsed ``--model_args`` and the ``additional_config`` it adds
+    (``batch_size``, ``max_batch_size``, ``device``): ``--model_args`` wins on a key both give, ``None`` values and
+    ``max_batch_size`` are dropped."""
+    extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k != "max_batch_size"}
+    for key in sorted(extra.keys() & model_args.keys()):
+        if str(extra[key]) != str(model_args[key]):
+            log.info("minigpt lmms adapter: %s=%s from --model_args (lmms-eval passed %s)", key, model_args[key],
+                     extra[key])
+    return {**extra, **{k: v for k, v in model_args.items() if k != "max_batch_size"}}
 
 
 class AdapterWarning(UserWarning):
@@ -111,8 +139,8 @@ def generation_options(gen_kwargs: dict[str, Any] | None, default_max_new_tokens
 
 
 class MiniGPTLmmsCore:
-    """The adapter's logic over a loaded model (anything with MiniGPT's ``generate``; ``loglikelihood`` needs a
-    real :class:`~minigpt.model.minigpt.MiniGPT`). ``task_dict[task][split][doc_id]`` holds the documents, as
+    """The adapter's logic over a loaded model (anything with :class:`~minigpt.infer.engine.Engine`'s ``generate``;
+    ``loglikelihood`` needs a real Engine). ``task_dict[task][split][doc_id]`` holds the documents, as
     lmms-eval fills it."""
 
     def __init__(self, model: Any, batch_size: int = 1, max_new_tokens: int = 128) -> None:
@@ -226,7 +254,7 @@ class MiniGPTLmmsCore:
         """``args = (context, continuation | doc_to_target, doc_to_visual, doc_id, task, split)`` (or just
         ``(context, continuation)``) -> ``(log P(continuation | context, visuals), is_greedy)``."""
         results: list[tuple[float, bool]] = []
-        tokenizer = self.model.tokenizer
+        tokenizer = self.model.processor.tokenizer
         for req in requests:
             args = req.args
             context, target = args[0], args[1]
@@ -255,7 +283,7 @@ class MiniGPTLmmsCore:
 
 
 def continuation_logprobs(
-    model: Any,
+    engine: Any,
     conversations: Sequence[Conversation],
     images: Sequence[Sequence[Any]],
     continuations: Sequence[Sequence[int]],
@@ -265,19 +293,19 @@ def continuation_logprobs(
     import torch
 
     from ..data.conversation import Sample
-    from ..data.tokenize import IGNORE_INDEX, collate
-    from ..model.minigpt import ModelBatch
+    from ..data.tokenize import IGNORE_INDEX, ModelBatch, collate
 
+    model, processor = engine.model, engine.processor
     encoded, pixels = [], []
     for conv, imgs, ids in zip(conversations, images, continuations, strict=True):
         if not ids:
             raise ValueError("empty continuation")
         Sample(conv, list(imgs)).check()
-        enc = model.encode(conv, train=False)
+        enc = processor.encode(conv, train=False)
         enc.extend(list(ids), supervised=True)
         encoded.append(enc)
-        pixels.extend(model.image_processor(img) for img in imgs)
-    text = collate(encoded, model.tokenizer.pad_token_id or 0, side="right")
+        pixels.extend(processor.image_processor(img) for img in imgs)
+    text = collate(encoded, processor.pad_token_id or 0, side="right")
     batch = ModelBatch(text, torch.stack(pixels) if pixels else None).to(model.device)
     with torch.inference_mode():
         embeds = model.embed(batch)
@@ -314,13 +342,22 @@ if _LmmsBase is not None:  # pragma: no cover
 
         is_simple = True
 
-        def __init__(self, pretrained: str, device: str = "auto", dtype: str | None = None, batch_size: int = 1,
-                     max_new_tokens: int = 128, **kwargs: Any) -> None:
+        @classmethod
+        def create_from_arg_string(cls, arg_string: str, additional_config: dict[str, Any] | None = None) -> Any:
+            """What lmms-eval calls: ``--model_args`` plus its own batch size and device (:func:`model_arguments`)."""
+            from lmms_eval import utils
+
+            return cls(**model_arguments(utils.simple_parse_args_string(arg_string), additional_config))
+
+        def __init__(self, pretrained: str, device: str = "auto", dtype: str | None = None,
+                     batch_size: int | str = 1, max_new_tokens: int = 128, **kwargs: Any) -> None:
             _LmmsBase.__init__(self)
             if kwargs:
                 log.warning("minigpt lmms adapter: ignoring unknown model_args %s", sorted(kwargs))
             from ..device import resolve_device
+            from ..infer.engine import Engine
             from ..model.minigpt import MiniGPT
+            from ..model.processor import MiniGPTProcessor
 
             self._world_size = int(os.environ.get("WORLD_SIZE", 1))
             self._rank = int(os.environ.get("RANK", 0))
@@ -328,8 +365,9 @@ if _LmmsBase is not None:  # pragma: no cover
             dev = resolve_device(device)
             if self._world_size > 1 and device == "auto" and dev.type != "cpu":
                 dev = resolve_device(f"{dev.type}:{local}")
-            model = MiniGPT.from_pretrained(pretrained, **({"llm_dtype": dtype} if dtype else {})).to(dev).eval()
-            MiniGPTLmmsCore.__init__(self, model, batch_size=batch_size, max_new_tokens=max_new_tokens)
+            model = MiniGPT.from_pretrained(pretrained, **({"llm_dtype": dtype} if dtype else {})).to(dev)
+            engine = Engine(model, MiniGPTProcessor.from_pretrained(pretrained, model.config))
+            MiniGPTLmmsCore.__init__(self, engine, parse_batch_size(batch_size), max_new_tokens)
 
     try:
         from lmms_eval.api.registry import register_model
@@ -346,5 +384,5 @@ else:
             raise ImportError("the lmms-eval adapter needs lmms-eval: pip install lmms-eval")
 
 
-__all__ = ["MiniGPTLmms", "MiniGPTLmmsCore", "continuation_logprobs", "generation_options", "manifest",
-           "request_conversation"]
+__all__ = ["AUTO_BATCH_SIZE", "MiniGPTLmms", "MiniGPTLmmsCore", "continuation_logprobs", "generation_options",
+           "manifest", "model_arguments", "parse_batch_size", "request_conversation"]

@@ -1,13 +1,17 @@
 """Standard benchmark metrics: COCO captioning, VQAv2 accuracy, multiple choice (incl. MMBench
 circular evaluation) and POPE.  Pure functions over strings; no model code.
 
-Every metric follows the reference implementation of its benchmark, quirks included, so numbers
-are comparable with published ones:
+Every metric follows a named reference implementation, quirks included, so numbers are comparable
+with published ones:
 
-* captions: ``pycocoevalcap`` (BLEU-1..4, METEOR, ROUGE-L, CIDEr-D with idf from the references of
-  the evaluated set), PTBTokenizer when ``java`` is on PATH, otherwise :func:`simple_tokenize`;
-* VQA: ``vqaEval.py`` of the VQAv2 toolkit (GT-Vision-Lab/VQA);
-* POPE: the answer parsing of the POPE/LLaVA ``eval_pope.py``.
+* captions: ``pycocoevalcap`` ``COCOEvalCap`` (BLEU-1..4, METEOR, ROUGE-L, CIDEr-D with idf from the
+  references of the evaluated set), PTBTokenizer when ``java`` is on PATH, otherwise
+  :func:`simple_tokenize` (and no METEOR);
+* VQA: LAVIS ``lavis/common/vqa_tools/vqa_eval.py`` (= the VQA toolkit's ``vqaEval.py`` before its
+  2021 revision), or that 2021 revision (:data:`VQA_LOGICS`);
+* multiple choice: VLMEvalKit's exact matcher ``can_infer`` (:func:`vlmevalkit_choice`), or
+  minigpt's own :func:`extract_choice`;
+* POPE: RUCAIBox/POPE ``evaluate.py``, its answer parsing included.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from __future__ import annotations
 import logging
 import re
 import shutil
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import TypeVar
 
 logger = logging.getLogger(__name__)
@@ -69,6 +73,9 @@ def tokenize_captions(captions: Mapping[K, Sequence[str]], use_java: bool | None
     return {k: [simple_tokenize(c) for c in v] for k, v in captions.items()}
 
 
+CAPTION_METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
+
+
 def caption_metrics(
     predictions: Mapping[K, str], references: Mapping[K, Sequence[str]], meteor: bool | None = None
 ) -> dict[str, float | None]:
@@ -77,6 +84,18 @@ def caption_metrics(
     Returns ``Bleu_1..Bleu_4``, ``METEOR``, ``ROUGE_L``, ``CIDEr`` (CIDEr-D, idf from the references
     of the evaluated ids).  ``meteor=None`` computes METEOR only when java is on PATH (else
     ``None`` with a logged note); ``True`` requires it; ``False`` skips it.
+    """
+    return caption_scores(predictions, references, meteor)[0]
+
+
+def caption_scores(
+    predictions: Mapping[K, str], references: Mapping[K, Sequence[str]], meteor: bool | None = None
+) -> tuple[dict[str, float | None], dict[K, dict[str, float | None]]]:
+    """:func:`caption_metrics` and the same metrics per image (``{id: {"Bleu_1": ...}}``, the scorers'
+    per-image outputs: sentence BLEU, METEOR, ROUGE-L and CIDEr-D of each image).
+
+    Blank reference captions are kept, as COCOEvalCap keeps them (they count in CIDEr's mean over
+    references and in BLEU's closest reference length).
     """
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
@@ -92,25 +111,37 @@ def caption_metrics(
         raise RuntimeError("METEOR requested but java is not on PATH")
     gts = tokenize_captions({k: list(references[k]) for k in predictions}, use_java=java)
     res = tokenize_captions({k: [v] for k, v in predictions.items()}, use_java=java)
+    ids = list(gts)  # the scorers iterate gts.keys(): per-image scores come in this order
+    per: dict[str, list[float | None]] = {}
 
-    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    out: dict[str, float | None] = {f"Bleu_{i + 1}": float(b) for i, b in enumerate(bleu)}
-    out["METEOR"] = None
+    bleu, bleu_each = Bleu(4).compute_score(gts, res, verbose=0)
+    out: dict[str, float | None] = {}
+    for n in range(4):
+        out[f"Bleu_{n + 1}"], per[f"Bleu_{n + 1}"] = float(bleu[n]), list(bleu_each[n])
+    out["METEOR"], per["METEOR"] = None, [None] * len(ids)
     if meteor is None and not java:
         logger.info("java not on PATH: METEOR skipped, captions tokenized with simple_tokenize")
     elif meteor is not False:
-        from pycocoevalcap.meteor.meteor import Meteor
+        out["METEOR"], per["METEOR"] = _meteor(gts, res)
+    for name, scorer in (("ROUGE_L", Rouge()), ("CIDEr", Cider())):
+        total, each = scorer.compute_score(gts, res)
+        out[name], per[name] = float(total), [float(x) for x in each]
+    each_image = {k: {m: None if per[m][i] is None else float(per[m][i]) for m in CAPTION_METRICS}
+                  for i, k in enumerate(ids)}
+    return out, each_image
 
-        scorer = Meteor()
-        try:
-            out["METEOR"] = float(scorer.compute_score(gts, res)[0])
-        finally:
-            if scorer.lock.locked():  # left held when compute_score raised; __del__ would block on it
-                scorer.lock.release()
-            del scorer  # its __del__ stops the java process
-    out["ROUGE_L"] = float(Rouge().compute_score(gts, res)[0])
-    out["CIDEr"] = float(Cider().compute_score(gts, res)[0])
-    return out
+
+def _meteor(gts: Mapping[K, list[str]], res: Mapping[K, list[str]]) -> tuple[float, list[float]]:
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    scorer = Meteor()
+    try:
+        total, each = scorer.compute_score(gts, res)
+    finally:
+        if scorer.lock.locked():  # left held when compute_score raised; __del__ would block on it
+            scorer.lock.release()
+        del scorer  # its __del__ stops the java process
+    return float(total), [float(x) for x in each]
 
 
 # --------------------------------------------------------------------------------------------
@@ -156,20 +187,29 @@ _PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-",
           ",", "?", "!"]
 _PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")  # sic: a lookahead, so only "period before digit" survives
 _COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
+#: The reference calls ``periodStrip.sub("", outText, re.UNICODE)``: ``re.UNICODE`` (32) lands on ``count``.
+_PERIOD_COUNT = int(re.UNICODE)
+
+#: VQA accuracy logics: name -> the reference implementation it reproduces, question by question.
+VQA_LOGICS = {
+    "lavis": "LAVIS lavis/common/vqa_tools/vqa_eval.py (= GT-Vision-Lab/VQA vqaEval.py before its 2021 revision)",
+    "vqaeval2021": "GT-Vision-Lab/VQA vqaEval.py, 2021 revision",
+}
 
 
 def vqa_process_punctuation(text: str) -> str:
-    """``processPunctuation`` of vqaEval.py.
+    """``processPunctuation`` of vqa_eval.py / vqaEval.py.
 
     Each mark in the list is deleted when it touches a space or when the text contains a
     digit-comma-digit ("1,000" -> "1000"), otherwise replaced by a space ("red,blue" -> "red blue").
-    Periods are deleted unless followed by a digit ("3.5" stays, "dog." -> "dog").
+    Periods are deleted unless followed by a digit ("3.5" stays, "dog." -> "dog"), at most 32 of
+    them, as in the reference.
     """
     out = text
     delete_all = _COMMA_STRIP.search(text) is not None
     for p in _PUNCT:
         out = out.replace(p, "" if delete_all or p + " " in text or " " + p in text else " ")
-    return _PERIOD_STRIP.sub("", out)
+    return _PERIOD_STRIP.sub("", out, count=_PERIOD_COUNT)
 
 
 def vqa_process_digit_article(text: str) -> str:
@@ -178,45 +218,42 @@ def vqa_process_digit_article(text: str) -> str:
     return " ".join(_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES)
 
 
+def _clean(text: str) -> str:
+    return text.replace("\n", " ").replace("\t", " ").strip()
+
+
 def normalize_vqa_answer(text: str) -> str:
     """Full VQAv2 normalisation applied to a prediction ("Two" -> "2", "the dog." -> "dog")."""
-    text = text.replace("\n", " ").replace("\t", " ").strip()
-    return vqa_process_digit_article(vqa_process_punctuation(text))
+    return vqa_process_digit_article(vqa_process_punctuation(_clean(text)))
 
 
-def vqa_accuracy(prediction: str, answers: Sequence[str], normalize_answers: bool = False) -> float:
-    """VQAv2 accuracy of one prediction against the annotators' answers, as vqaEval.py computes it.
+def vqa_accuracy(prediction: str, answers: Sequence[str], logic: str = "lavis") -> float:
+    """VQAv2 accuracy of one prediction against the annotators' answers, as the reference computes it.
 
     Mean over the leave-one-out subsets of ``min(#matches / 3, 1)``: with 10 answers, 1 match -> 0.3,
-    2 -> 0.6, 3 -> 0.9, 4+ -> 1.0.  Works the same for fewer answers.  As in the official script the
-    prediction is fully normalised, while the answers (already normalised in the VQAv2 annotation
-    files) only get punctuation processing, and only when they disagree.  ``normalize_answers=True``
-    fully normalises the answers too (for datasets with raw answers).
+    2 -> 0.6, 3 -> 0.9, 4+ -> 1.0.  ``logic`` (:data:`VQA_LOGICS`):
+
+    * ``lavis``: the prediction is fully normalised; the answers (normalised already in the VQAv2
+      annotation files) get punctuation processing only, and only when they disagree;
+    * ``vqaeval2021``: prediction and answers are stripped; when the answers disagree both are fully
+      normalised, otherwise they are compared as they are.
     """
     if not answers:
         raise ValueError("no ground-truth answers")
-    pred = normalize_vqa_answer(prediction)
-    gts = [a.replace("\n", " ").replace("\t", " ").strip() for a in answers]
-    if normalize_answers:
-        gts = [normalize_vqa_answer(a) for a in gts]
-    elif len(set(gts)) > 1:
-        gts = [vqa_process_punctuation(a) for a in gts]
+    if logic == "lavis":
+        pred = normalize_vqa_answer(prediction)
+        gts = [vqa_process_punctuation(a) for a in answers] if len(set(answers)) > 1 else list(answers)
+    elif logic == "vqaeval2021":
+        pred, gts = _clean(prediction), [_clean(a) for a in answers]
+        if len(set(gts)) > 1:
+            pred = vqa_process_digit_article(vqa_process_punctuation(pred))
+            gts = [vqa_process_digit_article(vqa_process_punctuation(a)) for a in gts]
+    else:
+        raise ValueError(f"unknown VQA logic {logic!r}; choose from {', '.join(VQA_LOGICS)}")
     matches = sum(g == pred for g in gts)
     # leaving out a matching answer leaves matches-1 matches, leaving out any other leaves matches
     total = sum(min(1.0, (matches - (g == pred)) / 3) for g in gts)
     return total / len(gts)
-
-
-def vqa_score(
-    predictions: Mapping[K, str], answers: Mapping[K, Sequence[str]], normalize_answers: bool = False
-) -> dict[str, float]:
-    """Mean :func:`vqa_accuracy` (a fraction in [0, 1]); prediction and answer ids must match, as in vqaEval."""
-    if set(predictions) != set(answers):
-        raise ValueError("prediction ids do not match the ground-truth ids")
-    if not predictions:
-        raise ValueError("no predictions")
-    accs = [vqa_accuracy(p, answers[k], normalize_answers) for k, p in predictions.items()]
-    return {"accuracy": sum(accs) / len(accs)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -283,16 +320,57 @@ def extract_choice(text: str, options: Options) -> str | None:
     return next(iter(hits)) if len(hits) == 1 else None
 
 
-def mcq_accuracy(
-    predictions: Mapping[K, str], answers: Mapping[K, str], options: Mapping[K, Options]
-) -> dict[str, float]:
-    """Accuracy of free-text answers against answer letters; ``unparsed`` = fraction with no extractable choice."""
-    if not predictions:
-        raise ValueError("no predictions")
-    choices = {k: extract_choice(p, options[k]) for k, p in predictions.items()}
-    correct = sum(c is not None and c == answers[k].strip().upper() for k, c in choices.items())
-    unparsed = sum(c is None for c in choices.values())
-    return {"accuracy": correct / len(choices), "unparsed": unparsed / len(choices)}
+_VLMEVAL_REFUSALS = (
+    "Sorry, I can't help with images of people yet.",
+    "I can't process this file.",
+    "I'm sorry, but without the image provided",
+    "Cannot determine the answer",
+)
+_VLMEVAL_STRIP = ".()[],:;!*#{}"
+
+
+def vlmevalkit_option(answer: str, options: Options) -> str | None:
+    """VLMEvalKit's ``can_infer_option`` (vlmeval/utils/matching_util.py, VERBOSE unset).
+
+    A refusal phrase -> ``"Z"``; else ``.()[],:;!*#{}`` become spaces, the answer is split into
+    words, and when exactly one option letter is a word, that letter (a leading article "A" counts:
+    "A dog." -> "A"); when none is and "Z" is a word -> ``"Z"``; otherwise ``None``.
+    """
+    letters = list(_as_dict(options))
+    if "Failed to obtain answer via API" in answer:
+        return None
+    if any(err in answer for err in _VLMEVAL_REFUSALS):
+        return "Z"
+    for c in _VLMEVAL_STRIP:
+        answer = answer.replace(c, " ")
+    words = answer.split()
+    found = [c for c in letters if c in words]
+    if len(found) == 1:
+        return found[0]
+    if not found and "Z" in words:
+        return "Z"
+    return None
+
+
+def vlmevalkit_text(answer: str, options: Options) -> str | None:
+    """VLMEvalKit's ``can_infer_text``: the one option whose lower-cased text is a substring of the
+    lower-cased answer, else ``None``."""
+    low = answer.lower()
+    found = [k for k, v in _as_dict(options).items() if str(v).lower() in low]
+    return found[0] if len(found) == 1 else None
+
+
+def vlmevalkit_choice(answer: str, options: Options) -> str | None:
+    """VLMEvalKit's exact matcher ``can_infer``: :func:`vlmevalkit_option`, then :func:`vlmevalkit_text`.
+    ``"Z"`` (a refusal) never equals an answer letter, so it scores as a miss, as there."""
+    return vlmevalkit_option(str(answer), options) or vlmevalkit_text(str(answer), options)
+
+
+#: Answer extractions for multiple choice: name -> (function, what it reproduces).
+CHOICE_EXTRACTORS = {
+    "vlmevalkit": (vlmevalkit_choice, "VLMEvalKit exact matching (vlmeval/utils/matching_util.py can_infer)"),
+    "minigpt": (extract_choice, "minigpt's own answer extraction (extract_choice; not a published protocol)"),
+}
 
 
 def circular_options(options: Options) -> list[list[str]]:
@@ -304,14 +382,6 @@ def circular_options(options: Options) -> list[list[str]]:
 def circular_answer(answer: str, n_options: int, rotation: int) -> str:
     """Letter of the correct option in rotation ``rotation`` of :func:`circular_options`."""
     return LETTERS[(LETTERS.index(answer.strip().upper()) - rotation) % n_options]
-
-
-def circular_accuracy(results: Mapping[K, Iterable[bool]]) -> float:
-    """CircularEval accuracy: a question counts only if every one of its rotations was answered right."""
-    per_q = [list(r) for r in results.values()]
-    if not per_q or any(not r for r in per_q):
-        raise ValueError("need at least one result per question")
-    return sum(all(r) for r in per_q) / len(per_q)
 
 
 # --------------------------------------------------------------------------------------------

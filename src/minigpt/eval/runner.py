@@ -3,7 +3,9 @@
 :func:`run_eval` is what ``minigpt eval`` runs: it skips the records already in the predictions JSONL (matched by
 id, and by prompt text so a changed prompt is predicted again), generates the rest in batches (longest prompts
 first, images decoded by a thread pool one batch ahead), appends each batch to the JSONL as it finishes, and
-writes a metrics JSON with the model, data, settings, counts, problems and throughput.
+writes a metrics JSON with the model, data, settings, counts, problems and throughput, and a scores JSONL with
+the per-record scores (per image, question or circular group). :func:`score_predictions` scores an existing
+predictions file (minigpt's, LLaVA answers or lmms-eval sample logs) the same way, without a model.
 
 :func:`evaluate_task` is the hook for training loops: same batching and metrics, no files, model put in eval
 mode and restored.
@@ -11,15 +13,14 @@ mode and restored.
 Bad input never stops a run halfway: a missing or unreadable image, a record the model fails on (a failed batch
 is retried one record at a time) and an empty prediction each get an :class:`EvalWarning` naming the record, and
 are counted in the metrics JSON (``counts`` and ``problems``). Records without a prediction are left out of the
-metrics. Only when the first records of a run all fail (a wrong ``--images`` folder, a broken model) does it
-stop, with the first error.
+metrics, except for multiple choice, where they count as misses (as in VLMEvalKit). Only when the first records
+of a run all fail (a wrong ``--images`` folder, a broken model) does it stop, with the first error.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import platform
 import time
@@ -34,8 +35,8 @@ from typing import Any
 
 from ..data.images import load_image
 from ..infer.generate import GenerationOptions
-from . import metrics as M
-from .tasks import TASKS, EvalRecord, TaskData, apply_limit
+from .predictions import read_prediction_file
+from .tasks import EvalRecord, Scores, TaskData, apply_limit, get_task
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,8 @@ MAX_WARNINGS = 10  # per kind of problem; the rest are summarised in one warning
 MAX_EXAMPLES = 20  # per kind, kept in the metrics JSON
 #: A run whose first this-many records all fail stops (a wrong image folder, a broken model).
 ABORT_AFTER = 32
+#: The per-record scores, written next to the metrics JSON.
+SCORES_FILE = "scores.jsonl"
 
 
 class EvalWarning(UserWarning):
@@ -83,6 +86,7 @@ class EvalResult:
     predictions: dict[str, str]
     problems: Problems
     report: dict[str, Any]
+    rows: list[dict[str, Any]] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------- prediction
@@ -122,7 +126,7 @@ def _generate(model: Any, recs: list[EvalRecord], images: list[list[Any]], optio
     try:
         answers = model.generate([r.prompt for r in recs], images, options)
         if not isinstance(answers, list) or len(answers) != len(recs) or not all(isinstance(a, str) for a in answers):
-            raise RuntimeError(f"model.generate returned {type(answers).__name__}, not {len(recs)} strings")
+            raise RuntimeError(f"generate returned {type(answers).__name__}, not {len(recs)} strings")
         return answers
     except Exception as e:  # noqa: BLE001 - one bad record must not sink its batch
         if len(recs) == 1:
@@ -194,110 +198,15 @@ def _bar(total: int, initial: int, desc: str) -> Any:
 # ---------------------------------------------------------------------------------------------- metrics
 
 
-def compute_metrics(
-    task: str, records: Sequence[EvalRecord], predictions: Mapping[str, str], meteor: bool | None = None
-) -> dict[str, Any]:
-    """The task's metrics over the records that have a prediction (``n``: how many were scored).
-
-    caption: ``Bleu_1..4, METEOR, ROUGE_L, CIDEr`` (:func:`~minigpt.eval.metrics.caption_metrics`; ``meteor`` as
-    there). vqa: VQAv2 ``accuracy`` and ``per_answer_type`` (questions with fewer than 10 answers are scored by
-    exact match, see :func:`vqa_record_accuracy`; ``n_exact_match`` counts them). mcq: ``accuracy`` (original
-    option order, rotation 0), ``unparsed`` (all records), with several rotations per question
-    ``circular_accuracy`` (over ``n_circular`` questions with every rotation predicted) and
-    ``incomplete_questions``; ``per_category``. pope: accuracy, precision, recall, f1, yes_ratio, and
-    ``per_category``. Fractions in [0, 1].
-    """
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; tasks are {', '.join(TASKS)}")
-    recs = [r for r in records if r.id in predictions]
-    if not recs:
-        raise ValueError("no predictions to score")
-    pred = {r.id: predictions[r.id] for r in recs}
-    if task == "caption":
-        return {**M.caption_metrics(pred, {r.id: r.references for r in recs}, meteor=meteor), "n": len(recs)}
-    if task == "vqa":
-        scored = [r for r in recs if r.references]
-        if not scored:
-            return {"accuracy": None, "n": 0, "note": "no reference answers (predictions only)"}
-        acc = {r.id: vqa_record_accuracy(pred[r.id], r.references, bool(r.extra.get("normalize_answers")))
-               for r in scored}
-        out: dict[str, Any] = {"accuracy": _mean(acc.values()), "n": len(scored)}
-        few = sum(len(r.references) < VQA_ANNOTATORS for r in scored)
-        if few:
-            out["n_exact_match"] = few
-        types = defaultdict(list)
-        for r in scored:
-            if r.extra.get("answer_type"):
-                types[r.extra["answer_type"]].append(acc[r.id])
-        if types:
-            out["per_answer_type"] = {t: _mean(v) for t, v in sorted(types.items())}
-        return out
-    if task == "mcq":
-        return _mcq_metrics(records, recs, pred)
-    labels = [r.references[0] for r in recs]
-    out = {**M.pope_metrics([pred[r.id] for r in recs], labels), "n": len(recs)}
-    cats = defaultdict(list)
-    for r in recs:
-        if r.extra.get("category"):
-            cats[r.extra["category"]].append(r)
-    if cats:
-        out["per_category"] = {
-            c: {**M.pope_metrics([pred[r.id] for r in rs], [r.references[0] for r in rs]), "n": len(rs)}
-            for c, rs in sorted(cats.items())
-        }
-    return out
-
-
-#: VQAv2 has 10 answers per question; its leave-one-out formula needs that many (1 answer would always score 0).
-VQA_ANNOTATORS = 10
-
-
-def vqa_record_accuracy(prediction: str, answers: Sequence[str], normalize_answers: bool = False) -> float:
-    """VQAv2 accuracy (:func:`~minigpt.eval.metrics.vqa_accuracy`) for questions with 10 or more answers; with
-    fewer (single-answer JSONL sets), 1.0 when the VQA-normalised prediction equals a normalised answer, else 0."""
-    if len(answers) >= VQA_ANNOTATORS:
-        return M.vqa_accuracy(prediction, answers, normalize_answers)
-    pred = M.normalize_vqa_answer(prediction)
-    return float(any(pred == M.normalize_vqa_answer(a) for a in answers))
-
-
-def _mean(values: Any) -> float:
-    values = list(values)
-    return sum(values) / len(values) if values else math.nan
-
-
-def _mcq_metrics(records: Sequence[EvalRecord], recs: list[EvalRecord], pred: Mapping[str, str]) -> dict[str, Any]:
-    choice = {r.id: M.extract_choice(pred[r.id], r.extra["options"]) for r in recs}
-    right = {r.id: choice[r.id] is not None and choice[r.id] == r.references[0].strip().upper() for r in recs}
-    first = [r for r in recs if not r.extra.get("rotation")]
-    out: dict[str, Any] = {
-        "accuracy": _mean(right[r.id] for r in first) if first else None,
-        "unparsed": _mean(choice[r.id] is None for r in recs),
-        "n": len(first),
-    }
-    expected = Counter(r.group for r in records)
-    circular = any(n > 1 for n in expected.values())
-    groups: dict[str, list[bool]] = defaultdict(list)
-    for r in recs:
-        groups[r.group].append(right[r.id])
-    if circular:
-        complete = {g: v for g, v in groups.items() if len(v) == expected[g]}
-        out["circular_accuracy"] = M.circular_accuracy(complete) if complete else None
-        out["n_circular"] = len(complete)
-        out["incomplete_questions"] = len(groups) - len(complete)
-    cats: dict[str, list[bool]] = defaultdict(list)
-    category = {r.group: r.extra.get("category") for r in recs}
-    if circular:
-        for g, v in groups.items():
-            if category.get(g) and len(v) == expected[g]:
-                cats[category[g]].append(all(v))
-    else:
-        for r in recs:
-            if r.extra.get("category"):
-                cats[r.extra["category"]].append(right[r.id])
-    if cats:
-        out["per_category"] = {c: _mean(v) for c, v in sorted(cats.items())}
-    return out
+def score(
+    task: str, records: Sequence[EvalRecord], predictions: Mapping[str, str], scorer: str | None = None,
+    meteor: bool | None = None,
+) -> Scores:
+    """The task's scores of ``predictions`` (``{record id: answer}``) over ``records``, by the logic ``scorer``
+    (default: the task's first, see each task's ``scorers``); ``meteor`` for captions, as in
+    :func:`~minigpt.eval.metrics.caption_metrics`. Every ``totals`` names its ``scorer`` and ``reference``."""
+    t = get_task(task)
+    return t.score(records, predictions, t.check_scorer(scorer), meteor)
 
 
 def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
@@ -314,13 +223,10 @@ def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, f
 # ---------------------------------------------------------------------------------------------- files
 
 
-def prediction_row(record: EvalRecord, prediction: str, task: str) -> dict[str, Any]:
-    """One predictions-JSONL line: id, prompt, prediction, references, then task details (options, choice...)."""
+def prediction_row(record: EvalRecord, prediction: str) -> dict[str, Any]:
+    """One predictions-JSONL line: id, prompt, prediction, references, then task details (options, rotation...)."""
     row: dict[str, Any] = {"id": record.id, "prompt": record.prompt_text, "prediction": prediction,
-                           "references": record.references}
-    row.update({k: v for k, v in record.extra.items() if k != "normalize_answers"})
-    if task == "mcq":
-        row["choice"] = M.extract_choice(prediction, record.extra["options"])
+                           "references": record.references, **record.extra}
     if record.group != record.id:
         row["group"] = record.group
     return row
@@ -409,11 +315,13 @@ def run_eval(
     resume: bool = True,
     workers: int = 2,
     meteor: bool | None = None,
+    scorer: str | None = None,
     progress: bool = True,
     info: Mapping[str, Any] | None = None,
     settings: Mapping[str, Any] | None = None,
 ) -> EvalResult:
-    """Predict (resuming from ``predictions_path``), score and write the metrics JSON.
+    """Predict (resuming from ``predictions_path``), score and write the metrics JSON and the per-record scores
+    (``scores.jsonl`` next to the metrics JSON).
 
     ``info``: descriptive fields for the metrics JSON (``model``, ``data``, ``images``...). ``settings``: extra
     settings recorded there (prompt, circular...). A resumed run must use the same task, model and generation
@@ -429,7 +337,7 @@ def run_eval(
     info = dict(info or {})
     run_settings = {"task": task, "model": info.get("model"), "generation": options.to_dict(),
                     **dict(settings or {})}
-    all_settings = {**run_settings, "batch_size": batch_size, "limit": limit, "meteor": meteor}
+    all_settings = {**run_settings, "batch_size": batch_size, "limit": limit, "meteor": meteor, "scorer": scorer}
     pred_path = Path(predictions_path) if predictions_path else None
     met_path = Path(metrics_path) if metrics_path else None
 
@@ -461,7 +369,7 @@ def run_eval(
     def write(batch: list[tuple[EvalRecord, str]]) -> None:
         if fout is not None:
             for r, answer in batch:
-                fout.write(json.dumps(prediction_row(r, answer, task), ensure_ascii=False) + "\n")
+                fout.write(json.dumps(prediction_row(r, answer), ensure_ascii=False) + "\n")
             fout.flush()
 
     bar = _bar(len(records), len(done), task) if progress else None
@@ -477,46 +385,77 @@ def run_eval(
             fout.close()
         restore()
     predictions = {**done, **new}
+    counts = {"records": len(records), "predicted": len(predictions), "resumed": len(done), "generated": len(new),
+              "failed": problems.counts["missing_image"] + problems.counts["generation_failed"]}
+    throughput = {
+        "samples": len(pending),
+        "seconds": round(seconds, 3),
+        "samples_per_s": round(len(pending) / seconds, 3) if pending and seconds > 0 else None,
+        "batch_size": batch_size,
+        **_device_info(model),
+    }
+    return _finish(task, data, records, predictions, problems, scorer, meteor, met_path,
+                   {**info, "task": task, "settings": all_settings}, counts, {"throughput": throughput})
+
+
+def score_predictions(
+    task: str,
+    data: TaskData | Sequence[EvalRecord],
+    predictions_path: str | Path,
+    *,
+    metrics_path: str | Path | None = None,
+    scorer: str | None = None,
+    meteor: bool | None = None,
+    limit: int | None = None,
+    info: Mapping[str, Any] | None = None,
+) -> EvalResult:
+    """Score an existing predictions file (see :mod:`minigpt.eval.predictions` for the formats) against ``data``,
+    as :func:`run_eval` scores its own predictions: same metrics, metrics JSON and scores JSONL."""
+    records = apply_limit(list(data.records if isinstance(data, TaskData) else data), limit)
+    if not records:
+        raise ValueError("no records to score")
+    problems = Problems()
+    predictions = read_prediction_file(predictions_path, {r.id for r in records}, problems)
+    if not predictions:
+        raise ValueError(f"{predictions_path}: no prediction matches a record of the eval set "
+                         f"(first problems: {'; '.join(sum(problems.examples.values(), [])[:3])})")
+    header = {**dict(info or {}), "task": task, "predictions": str(Path(predictions_path).resolve()),
+              "settings": {"task": task, "limit": limit, "meteor": meteor, "scorer": scorer}}
+    counts = {"records": len(records), "predicted": len(predictions), "failed": 0}
+    return _finish(task, data, records, predictions, problems, scorer, meteor,
+                   Path(metrics_path) if metrics_path else None, header, counts, {})
+
+
+def _finish(
+    task: str, data: TaskData | Sequence[EvalRecord], records: list[EvalRecord], predictions: dict[str, str],
+    problems: Problems, scorer: str | None, meteor: bool | None, metrics_path: Path | None,
+    header: dict[str, Any], counts: dict[str, Any], more: dict[str, Any],
+) -> EvalResult:
+    """Score, then write the metrics JSON and the scores JSONL next to it."""
     by_id = {r.id: r for r in records}
     for id, answer in predictions.items():
         if not answer.strip():
             problems.add("empty_prediction", by_id[id].origin or id, "the model answered nothing")
     problems.summarize()
-    metrics = compute_metrics(task, records, predictions, meteor=meteor)
-
+    scores = score(task, records, predictions, scorer, meteor)
     read_skipped = len(data.report.skipped) if isinstance(data, TaskData) else 0
     report = {
         "status": "done",
-        **info,
-        "task": task,
-        "settings": all_settings,
-        "metrics": metrics,
-        "counts": {
-            "records": len(records),
-            "predicted": len(predictions),
-            "resumed": len(done),
-            "generated": len(new),
-            "failed": problems.counts["missing_image"] + problems.counts["generation_failed"],
-            "empty_predictions": problems.counts["empty_prediction"],
-            "skipped_on_read": read_skipped,
-        },
+        **header,
+        "metrics": scores.totals,
+        "counts": {**counts, "empty_predictions": problems.counts["empty_prediction"], "skipped_on_read": read_skipped},
         "problems": problems.to_dict(),
-        "throughput": {
-            "samples": len(pending),
-            "seconds": round(seconds, 3),
-            "samples_per_s": round(len(pending) / seconds, 3) if pending and seconds > 0 else None,
-            "batch_size": batch_size,
-            **_device_info(model),
-        },
+        **more,
         "versions": _versions(),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     if isinstance(data, TaskData) and data.report.skipped:
         report["problems"]["malformed_record"] = {
             "count": read_skipped, "examples": [f"{o}: {m}" for o, m in data.report.skipped[:MAX_EXAMPLES]]}
-    if met_path is not None:
-        _write_json(met_path, report)
-    return EvalResult(metrics, predictions, problems, report)
+    if metrics_path is not None:
+        _write_json(metrics_path, report)
+        _write_rows(metrics_path.with_name(SCORES_FILE), scores.rows)
+    return EvalResult(scores.totals, predictions, problems, report, scores.rows)
 
 
 def _check_resumable(metrics_path: Path | None, settings: Mapping[str, Any]) -> None:
@@ -573,6 +512,6 @@ def evaluate_task(
         if not answer.strip():
             problems.add("empty_prediction", id, "the model answered nothing")
     problems.summarize()
-    out = flatten_metrics(compute_metrics(task, recs, predictions, meteor=meteor))
+    out = flatten_metrics(score(task, recs, predictions, meteor=meteor).totals)
     out["failed"] = problems.counts["missing_image"] + problems.counts["generation_failed"]
     return out

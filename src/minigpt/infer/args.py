@@ -38,6 +38,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     q.add_argument("--load-in-8bit", action="store_true", help="8-bit LLM via bitsandbytes (GPU only)")
     q.add_argument("--load-in-4bit", action="store_true", help="4-bit NF4 LLM via bitsandbytes (GPU only)")
     g.add_argument("--trust-remote-code", action="store_true", help="allow the LLM's own modelling code")
+    g.add_argument("--max-image-pixels", type=int, metavar="N",
+                   help="refuse images of more pixels, read from the file's header before decoding (default: "
+                        "4096x4096 = 16777216, about 100-250 MB to decode; 0: no limit)")
 
 
 def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,12 +85,28 @@ def engine_from_args(args: argparse.Namespace) -> "ChatEngine":
     from .loading import decoding_for, load_model
 
     options = options_from_args(args)  # validate before the (slow) load
+    max_pixels = image_limit(args)
     spec = spec_from_args(args)
     model, processor = load_model(spec)
     name = Path(spec.model).name if spec.model else Path(spec.llm or "minigpt").name
     slots = getattr(args, "batch_slots", 1)
-    return ChatEngine(Engine(model, processor, decoding_for(spec)), options, max_context=args.max_context,
-                      name=name or "minigpt", batch_slots=slots)
+    engine = ChatEngine(Engine(model, processor, decoding_for(spec)), options, max_context=args.max_context,
+                        name=name or "minigpt", batch_slots=slots)
+    engine.max_image_pixels = max_pixels
+    return engine
 
 
-__all__ = ["add_generation_arguments", "add_model_arguments", "engine_from_args", "options_from_args", "spec_from_args"]
+def image_limit(args: argparse.Namespace) -> int | None:
+    """``--max-image-pixels``: the default limit when not given, no limit for 0."""
+    from ..data.images import DEFAULT_MAX_PIXELS
+
+    value = args.max_image_pixels
+    if value is not None and value < 0:
+        raise ValueError(f"--max-image-pixels must be 0 (no limit) or more, got {value}")
+    return DEFAULT_MAX_PIXELS if value is None else value or None
+
+
+__all__ = [
+    "add_generation_arguments", "add_model_arguments", "engine_from_args", "image_limit", "options_from_args",
+    "spec_from_args",
+]

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from ..data.conversation import Conversation, Image, ImageLike, Part, Text
-from ..data.images import load_image
+from ..data.images import DEFAULT_MAX_PIXELS, load_image
 from ..data.templates import IMAGE_SLOT, Template
 from .engine import Engine
 from .generate import GenerationOptions
@@ -103,6 +103,9 @@ class ChatEngine:
     server) holds it: prompts are checked against the context, answers stream as text deltas. With ``batch_slots``
     > 1 (and a model that decodes on the slot decoder, see :class:`~minigpt.infer.decoding.DecodingSettings`)
     requests from many threads decode together (continuous batching); otherwise they take turns."""
+
+    #: Images with more pixels are refused from their header, before decoding (None: no limit); chat, web, server.
+    max_image_pixels: int | None = DEFAULT_MAX_PIXELS
 
     def __init__(
         self,
@@ -219,9 +222,9 @@ class ChatImage:
     image: Any
 
     @classmethod
-    def load(cls, source: ImageLike) -> "ChatImage":
+    def load(cls, source: ImageLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> "ChatImage":
         name = str(source) if isinstance(source, (str, Path)) else "<image>"
-        return cls(name, load_image(source))
+        return cls(name, load_image(source, max_pixels=max_pixels))
 
 
 @dataclass
@@ -285,11 +288,11 @@ class Chat:
     # -------------------------------------------------------------------------------- images, history
     def upload(self, *images: ImageLike) -> None:
         """Add images; they are shown to the model with the next question."""
-        self.images += [ChatImage.load(img) for img in images]
+        self.images += [ChatImage.load(img, self.engine.max_image_pixels) for img in images]
 
     def set_images(self, *images: ImageLike) -> None:
         """Replace the current images (history is kept; use :meth:`reset` to forget it)."""
-        self.images = [ChatImage.load(img) for img in images]
+        self.images = [ChatImage.load(img, self.engine.max_image_pixels) for img in images]
 
     def reset(self, images: bool = False) -> None:
         """Clear the history; with ``images`` forget the images too."""

@@ -112,9 +112,10 @@ def _request_models() -> Any:
     return ChatRequest
 
 
-def load_image_url(url: str, settings: ServerSettings, where: str) -> Any:
-    """An ``image_url`` -> RGB PIL image, or an :class:`APIError` saying what is wrong with it."""
-    from ..data.images import ImageError, load_image
+def load_image_url(url: str, settings: ServerSettings, where: str, max_pixels: int | None) -> Any:
+    """An ``image_url`` -> RGB PIL image, or an :class:`APIError` saying what is wrong with it (413 for more than
+    ``max_pixels`` pixels, found from the header before decoding)."""
+    from ..data.images import ImageError, ImageTooLargeError, load_image
 
     if url.startswith("data:"):
         header, comma, payload = url.partition(",")
@@ -135,7 +136,9 @@ def load_image_url(url: str, settings: ServerSettings, where: str) -> Any:
     else:
         source = _local_image(unquote(url.removeprefix("file://")), settings, where)
     try:
-        return load_image(source)
+        return load_image(source, max_pixels=max_pixels)
+    except ImageTooLargeError as err:
+        raise APIError(413, f"{where}: {err}", "image_too_large") from None
     except ImageError:
         raise APIError(400, f"{where}: not a readable image", "invalid_image") from None
 
@@ -182,7 +185,8 @@ def parse_messages(
                 if len(images) >= settings.max_images:
                     raise APIError(400, f"{where}: more than {settings.max_images} images", "too_many_images")
                 url = part.image_url if isinstance(part.image_url, str) else part.image_url.url
-                images.append(load_image_url(url, settings, where))
+                image = load_image_url(url, settings, where, engine.max_image_pixels)
+                images.append(engine.processor.image_processor(image))  # kept until answered: model-size pixels
                 pieces.append(Image())
             else:
                 raise APIError(400, f"{where}: unsupported content part type {part.type!r}", "invalid_content")
@@ -251,6 +255,7 @@ def create_app(chat_engine: "ChatEngine", settings: ServerSettings | None = None
     from fastapi.responses import JSONResponse
     from pydantic import ValidationError
     from sse_starlette.sse import EventSourceResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
     from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
     from .chat import ContextTooLong
@@ -264,6 +269,12 @@ def create_app(chat_engine: "ChatEngine", settings: ServerSettings | None = None
     async def api_error(_: Request, err: APIError) -> JSONResponse:
         headers = {"Retry-After": "1"} if err.status == 429 else None
         return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        """Routing errors (unknown path, wrong method) in OpenAI's shape, not FastAPI's ``{"detail": ...}``."""
+        error = _routing_error(request.method, request.url.path, err.status_code, err.headers)
+        return JSONResponse(error.body(), status_code=error.status, headers=err.headers)
 
     @app.exception_handler(Exception)
     async def server_error(_: Request, err: Exception) -> JSONResponse:
@@ -382,6 +393,18 @@ def _model_card(name: str) -> dict[str, Any]:
 def _check_model(requested: str, served: str) -> None:
     if requested != served:
         raise APIError(404, f"model {requested!r} not found; this server serves {served!r}", "model_not_found", "model")
+
+
+def _routing_error(method: str, path: str, status: int, headers: dict[str, str] | None) -> APIError:
+    """The :class:`APIError` for a request that matched no route (404) or not with its method (405)."""
+    if status == 404:
+        return APIError(404, f"unknown path {path}; this server serves /v1/chat/completions and /v1/models",
+                        "unknown_url")
+    if status == 405:
+        allowed = next((v for k, v in (headers or {}).items() if k.lower() == "allow"), "")
+        return APIError(405, f"method {method} not allowed for {path}" + (f" (allowed: {allowed})" if allowed else ""),
+                        "method_not_allowed")
+    return APIError(status, f"{method} {path}: HTTP {status}")
 
 
 def _summary(err: Any) -> str:

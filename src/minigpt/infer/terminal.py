@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
+from contextlib import closing
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable, TextIO
 
 from .args import add_generation_arguments, add_model_arguments
@@ -14,9 +17,9 @@ HELP = """Commands:
   :clh   :clear-history  clear the history (keep the image)
   :his   :history        show the history
   :img                   show the current image path(s)
-  :image PATH [PATH ...] use these image(s) from the next question on
+  :image PATH [PATH ...] use these image(s) from the next question on ("quote paths" with spaces)
   :quit  :q  :exit       leave
-Anything else is a question."""
+Anything else is a question. Ctrl-C stops an answer; at the prompt it leaves."""
 
 if TYPE_CHECKING:
     from .chat import Chat
@@ -45,6 +48,17 @@ def run(args: argparse.Namespace) -> int:
     return repl(chat, sys.stdin, sys.stdout)
 
 
+def image_paths(arg: str) -> list[str]:
+    """The paths of an ``:image`` command: the whole argument when it names a file (spaces and backslashes
+    kept), else shell-style words, so ``"dir with space/a.png"`` or ``dir\\ with\\ space/a.png`` is one path."""
+    if Path(arg).is_file():
+        return [arg]
+    try:
+        return shlex.split(arg)
+    except ValueError as err:  # an unclosed quote
+        raise ValueError(f"cannot read the paths ({err}); quote each path that has spaces") from None
+
+
 def repl(chat: "Chat", stdin: TextIO, stdout: TextIO) -> int:
     """Read questions and commands from ``stdin`` until ``:quit`` or end of input."""
 
@@ -63,7 +77,7 @@ def repl(chat: "Chat", stdin: TextIO, stdout: TextIO) -> int:
         if not arg:
             say("usage: :image PATH [PATH ...]")
             return
-        chat.set_images(*arg.split())
+        chat.set_images(*image_paths(arg))
         say(f"Image set: {', '.join(chat.image_names)} (used from the next question on)")
 
     def clear_history(_: str) -> None:
@@ -83,7 +97,10 @@ def repl(chat: "Chat", stdin: TextIO, stdout: TextIO) -> int:
     while True:
         stdout.write("User: ")
         stdout.flush()
-        line = stdin.readline()
+        try:
+            line = stdin.readline()
+        except KeyboardInterrupt:  # Ctrl-C at the prompt leaves, as end of input does
+            line = ""
         if not line:
             say()
             return 0
@@ -106,9 +123,12 @@ def repl(chat: "Chat", stdin: TextIO, stdout: TextIO) -> int:
             continue
         stdout.write("Assistant: ")
         try:
-            for delta in chat.stream(line):
-                stdout.write(delta)
-                stdout.flush()
+            with closing(chat.stream(line)) as deltas:  # closing stops generation at the next token
+                for delta in deltas:
+                    stdout.write(delta)
+                    stdout.flush()
             say()
+        except KeyboardInterrupt:
+            say("\n(stopped: this question and its partial answer are not kept in the history)")
         except ValueError as err:
             say(f"\nerror: {err}")

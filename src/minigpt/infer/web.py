@@ -78,7 +78,10 @@ def build_ui(engine: "ChatEngine") -> "gr.Blocks":
         gr.Markdown(f"## {TITLE}: {engine.name}\nUpload an image, then ask about it.")
         with gr.Row():
             with gr.Column(scale=1):
-                image = gr.Image(type="filepath", label="Image", sources=["upload", "clipboard"], height=260)
+                # image_mode=None: Gradio hands over the file as uploaded, undecoded (it would convert it to RGB,
+                # decoding a pixel bomb before the pixel limit is checked, and apply EXIF rotation)
+                image = gr.Image(type="filepath", image_mode=None, label="Image", sources=["upload", "clipboard"],
+                                 height=260)
                 temperature = gr.Slider(0, 2, value=defaults.temperature if defaults.do_sample else 0, step=0.05,
                                         label="Temperature (0 = greedy)")
                 top_p = gr.Slider(0.05, 1, value=defaults.top_p, step=0.05, label="Top-p")

@@ -11,6 +11,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from ..device import parse_dtype
+from ..files import refuse_unsafe_pickle
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +49,11 @@ def load_llm(
         kwargs["gguf_file"] = gguf_file
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), **kwargs)
-    except (OSError, ValueError) as err:
-        raise OSError(f"could not load the LLM from {name_or_path!r}: {err}") from err
+    with refuse_unsafe_pickle(name_or_path):  # pytorch_model.bin is read with weights_only=True
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(name_or_path), **kwargs)
+        except (OSError, ValueError) as err:
+            raise OSError(f"could not load the LLM from {name_or_path!r}: {err}") from err
     if gguf_file:
         # transformers refuses to save a model it loaded from GGUF; the weights are plain tensors now.
         model.hf_quantizer = None

@@ -236,11 +236,22 @@ class MiniGPT(nn.Module):
 def load_config(directory: str | Path, trust_remote_code: bool = False, **overrides: Any) -> MiniGPTConfig:
     """The config of a model directory with ``overrides``; ``trust_remote_code`` is the caller's alone (a directory
     that asks for it is warned about and ignored)."""
-    data = read_config(directory)
+    data = resolve_sources(read_config(directory), Path(directory))
     if data.get("trust_remote_code") and not trust_remote_code:
         log.warning("%s asks for trust_remote_code; ignored: remote code runs only when the loading call asks for it "
                     "(--trust-remote-code / trust_remote_code=True)", directory)
     return MiniGPTConfig.from_dict({**data, **overrides, "trust_remote_code": trust_remote_code})
+
+
+def resolve_sources(data: dict[str, Any], directory: Path) -> dict[str, Any]:
+    """``data`` with the sources recorded relative to the model ``directory`` (``llm``, ``vision_weights``,
+    ``projector_weights``; ``convert assemble`` writes them so) as absolute paths; hub ids and others unchanged."""
+    out = dict(data)
+    for key in ("llm", "vision_weights", "projector_weights"):
+        value = out.get(key)
+        if isinstance(value, str) and value and not Path(value).is_absolute() and (directory / value).exists():
+            out[key] = str((directory / value).resolve())
+    return out
 
 
 def load_vision_encoder(config: MiniGPTConfig, init_from: Path | None = None) -> Blip2VisionEncoder:

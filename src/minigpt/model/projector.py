@@ -12,9 +12,9 @@ from torch import nn
 from ..safe_load import load_checkpoint
 
 PROJECTORS = ("linear", "mlp2x_gelu")
-#: The projector's names in MiniGPT-4 (``llama_proj``), MiniGPT4Qwen (``llm_proj``) and the MPP pipeline's
-#: ``layer_00-model_states.pt`` (``visionpipe.llm_proj``).
-PROJECTOR_PREFIXES = ("llama_proj.", "llm_proj.", "visionpipe.llm_proj.")
+#: The projector's names in MiniGPT-4 (``llama_proj``), MiniGPT4Qwen (``llm_proj``), the MPP pipeline's
+#: ``layer_00-model_states.pt`` (``visionpipe.llm_proj``) and transformers' BLIP-2 (``language_projection``).
+PROJECTOR_PREFIXES = ("llama_proj.", "llm_proj.", "visionpipe.llm_proj.", "language_projection.")
 
 
 def build_projector(kind: str, in_dim: int, out_dim: int) -> nn.Module:

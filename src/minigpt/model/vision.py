@@ -175,8 +175,18 @@ def save_vision(directory: str | Path, config: VisionConfig, state_dict: Mapping
 def load_vision(directory: str | Path) -> Blip2VisionEncoder:
     """A :func:`save_vision` directory -> encoder in eval mode (strict load, no random init)."""
     directory = Path(directory)
+    if not (directory / VISION_CONFIG).is_file():
+        raise FileNotFoundError(
+            f"{directory}: not a vision encoder folder (no {VISION_CONFIG}); make one with 'minigpt convert lavis' or "
+            "'minigpt convert hf-blip2' (a whole transformers BLIP-2 model: 'minigpt convert import-hf')"
+        )
     config = VisionConfig.from_dict(json.loads((directory / VISION_CONFIG).read_text()))
+    return vision_encoder(config, load_file(directory / VISION_WEIGHTS))
+
+
+def vision_encoder(config: VisionConfig, state: Mapping[str, torch.Tensor]) -> Blip2VisionEncoder:
+    """An encoder of ``config`` holding ``state`` (strict; built on the meta device, no random init), in eval mode."""
     with torch.device("meta"):
         model = Blip2VisionEncoder(config)
-    model.load_state_dict(load_file(directory / VISION_WEIGHTS), strict=True, assign=True)
+    model.load_state_dict(state, strict=True, assign=True)
     return model.eval()

@@ -1,5 +1,8 @@
-"""``minigpt info MODEL_DIR``: what a model directory holds, read from configs and safetensors headers.
+"""``minigpt info FOLDER``: what a folder is and holds, read from configs and safetensors headers.
 
+A minigpt model directory (parts, shapes, dtypes, trained parts, parameters, files), a transformers model folder
+(an LLM, a BLIP-2 checkpoint, an ``export-hf`` folder: architecture, parameters, dtypes), a vision encoder folder,
+or a training run folder (steps done, last loss, checkpoints, ``final/``); anything else is a clear error.
 Nothing is loaded: parameter counts, shapes and dtypes come from the safetensors headers (of the folder,
 or of the sources its config records: ``vision_weights``, a local ``llm`` folder). ``--json`` prints the
 same as one JSON object.
@@ -13,15 +16,15 @@ import struct
 from pathlib import Path
 from typing import Any
 
-PARTS = ("vision", "qformer", "projector", "llm")
 
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
-        "info", help="describe a model directory (parts, shapes, dtypes, parameters, files)",
-        description="Describe a minigpt model directory without loading it.",
+        "info", help="describe a model directory, transformers model, vision folder or training run",
+        description="Describe a minigpt model directory (or a transformers model folder, a vision encoder folder, "
+                    "a training run folder) without loading it.",
     )
-    p.add_argument("model", metavar="MODEL_DIR")
+    p.add_argument("model", metavar="FOLDER")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run)
 
@@ -57,6 +60,13 @@ def _summary(tensors: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "tensors": len(tensors),
         "dtypes": sorted({t["dtype"] for t in tensors.values()}),
     }
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: invalid JSON ({err.msg} at line {err.lineno})") from None
 
 
 def _llm_weights(folder: Path) -> dict[str, dict[str, Any]] | None:
@@ -100,19 +110,127 @@ def _files(directory: Path) -> list[dict[str, Any]]:
     ]
 
 
+def describe(directory: str | Path) -> dict[str, Any]:
+    """What ``minigpt info`` shows for any folder, as a JSON-able dict whose ``kind`` is ``minigpt``,
+    ``transformers``, ``vision`` or ``run``; a clear error for anything else."""
+    from ..convert.lavis import VISION_CONFIG
+    from ..train.checkpoint import CHECKPOINTS
+    from ..train.loop import FINAL_DIR, METRICS_FILE
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: no such folder")
+    config_path = directory / "config.json"
+    if config_path.is_file():
+        config = _read_json(config_path)
+        if isinstance(config, dict) and {"llm", "vision"} <= config.keys():
+            return model_info(directory)
+        if isinstance(config, dict) and (config.get("model_type") or config.get("architectures")):
+            return transformers_info(directory, config)
+        raise ValueError(f"{config_path}: neither a minigpt model config (llm, vision) nor a transformers config "
+                         "(model_type)")
+    if (directory / VISION_CONFIG).is_file():
+        return vision_info(directory)
+    run_markers = (METRICS_FILE, CHECKPOINTS, FINAL_DIR)
+    if any((directory / name).exists() for name in run_markers):
+        return run_info(directory)
+    raise FileNotFoundError(
+        f"{directory} is not a minigpt model directory, a transformers model, a vision encoder folder or a training "
+        f"run folder (it has no config.json, {VISION_CONFIG}, {', '.join(run_markers)})"
+    )
+
+
+def _file_summary(directory: Path) -> dict[str, Any]:
+    files = _files(directory)
+    return {"files": files, "bytes_total": sum(f["bytes"] for f in files)}
+
+
+def transformers_info(directory: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """A transformers model folder (an LLM, a BLIP-2 checkpoint, an ``export-hf`` folder): architecture, dtype,
+    parameters per top-level module (from the safetensors headers) and what minigpt can do with it."""
+    from ..convert.export_hf import EXPORT_INFO
+
+    weights = _llm_weights(directory) or {}
+    modules: dict[str, dict[str, dict[str, Any]]] = {}
+    for name, tensor in weights.items():
+        modules.setdefault(name.split(".")[0], {})[name] = tensor
+    text = config.get("text_config") or {}
+    info: dict[str, Any] = {
+        "kind": "transformers", "directory": str(directory), "architectures": config.get("architectures"),
+        "model_type": config.get("model_type"), "language_model": text.get("model_type"),
+        "stored_dtype": config.get("dtype", config.get("torch_dtype")),
+        **(_summary(weights) if weights else {"parameters": None}),
+        "modules": {name: _summary(tensors) for name, tensors in sorted(modules.items())},
+        "export": _read_json(directory / EXPORT_INFO) if (directory / EXPORT_INFO).is_file() else None,
+    }
+    if config.get("model_type") == "blip-2":
+        info["use"] = f"minigpt convert import-hf {directory} --out MODEL_DIR (a minigpt model directory)"
+    else:
+        info["use"] = f"an LLM for minigpt: --llm {directory} (chat, convert assemble) or model.llm (training)"
+    return {**info, **_file_summary(directory)}
+
+
+def vision_info(directory: Path) -> dict[str, Any]:
+    """A vision encoder folder (``convert lavis`` / ``hf-blip2``): architecture and parameters."""
+    from ..convert.lavis import VISION_CONFIG, VISION_WEIGHTS
+
+    config = _read_json(directory / VISION_CONFIG)
+    weights = directory / VISION_WEIGHTS
+    tensors = safetensors_header(weights) if weights.is_file() else {}
+    qformer = {k: v for k, v in tensors.items() if k.startswith(("qformer.", "query_tokens"))}
+    vit = {k: v for k, v in tensors.items() if k not in qformer}
+    return {
+        "kind": "vision", "directory": str(directory), "encoder": config,
+        "vision": _summary(vit) if vit else None, "qformer": _summary(qformer) if qformer else None,
+        **_file_summary(directory),
+    }
+
+
+def run_info(directory: Path) -> dict[str, Any]:
+    """A training run folder: steps done, last losses (``metrics.jsonl``), checkpoints and ``final/``."""
+    from ..train.checkpoint import META, list_checkpoints
+    from ..train.loop import FINAL_DIR, METRICS_FILE
+
+    records = []
+    metrics = directory / METRICS_FILE
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # a line torn by a kill
+                continue
+    train = [r for r in records if isinstance(r, dict) and r.get("loss") is not None]
+    evals = [r for r in records if isinstance(r, dict) and r.get("eval_loss") is not None]
+    checkpoints = []
+    for folder in list_checkpoints(directory):
+        meta = _read_json(folder / META) if (folder / META).is_file() else {}
+        size = sum(f["bytes"] for f in _files(folder))
+        checkpoints.append({"path": str(folder.relative_to(directory)), "step": meta.get("step"), "bytes": size})
+    steps = [r["step"] for r in train] + [c["step"] for c in checkpoints if c["step"] is not None]
+    final = directory / FINAL_DIR
+    return {
+        "kind": "run", "directory": str(directory), "steps_done": max(steps, default=0),
+        "last_loss": train[-1]["loss"] if train else None,
+        "last_eval_loss": evals[-1]["eval_loss"] if evals else None,
+        "checkpoints": checkpoints,
+        "final": model_info(final) if (final / "config.json").is_file() else None,
+    }
+
+
 def model_info(directory: str | Path) -> dict[str, Any]:
-    """Everything ``minigpt info`` shows, as a JSON-able dict."""
+    """Everything ``minigpt info`` shows for a minigpt model directory, as a JSON-able dict."""
     directory = Path(directory)
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{directory} is not a minigpt model directory (no config.json)")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{config_path}: invalid JSON ({err.msg} at line {err.lineno})") from None
+    from ..model.config import DEFAULT_FREEZE, PARTS
+    from ..model.minigpt import resolve_sources
+
+    config = resolve_sources(_read_json(config_path), directory)
     vision_cfg = config.get("vision", {})
-    freeze = {p: bool(config.get("freeze", {}).get(p, p != "projector")) for p in PARTS}
+    freeze = {p: bool(config.get("freeze", {}).get(p, DEFAULT_FREEZE[p])) for p in PARTS}
     info: dict[str, Any] = {
+        "kind": "minigpt",
         "directory": str(directory),
         "format_version": config.get("format_version"),
         "template": config.get("template"),
@@ -205,9 +323,7 @@ def model_info(directory: str | Path) -> dict[str, Any]:
     info["parameters"] = counts
     known = [c["total"] for c in counts.values() if c["total"] is not None]
     info["parameters_total"] = sum(known) if len(known) == len(PARTS) else None
-    files = _files(directory)
-    info["files"] = files
-    info["bytes_total"] = sum(f["bytes"] for f in files)
+    info.update(_file_summary(directory))
     return info
 
 
@@ -232,7 +348,68 @@ def _num(x: Any) -> str:
     return "?" if x is None else f"{x:g}" if isinstance(x, (int, float)) else str(x)
 
 
+def _files_lines(info: dict[str, Any]) -> list[str]:
+    lines = [f"files           {_size(info['bytes_total'])} in {len(info['files'])} file(s)"]
+    lines += [f"                {_size(f['bytes']):>9}  {f['file']}" for f in info["files"]]
+    return lines
+
+
+def _summary_text(summary: dict[str, Any] | None) -> str:
+    if not summary:
+        return "no weights"
+    return f"{_count(summary['parameters'])} parameters, {summary['tensors']} tensors, {', '.join(summary['dtypes'])}"
+
+
+def format_transformers(info: dict[str, Any]) -> str:
+    arch = ", ".join(info["architectures"] or []) or "?"
+    language = f", language model {info['language_model']}" if info["language_model"] else ""
+    lines = [f"transformers model {info['directory']} (not a minigpt model directory)",
+             f"architecture    {arch} (model_type {info['model_type']}{language})",
+             f"stored dtype    {info['stored_dtype'] or '?'}",
+             f"parameters      {_count(info['parameters'])}"]
+    lines += [f"                {name:<20} {_count(m['parameters']):>7}  {', '.join(m['dtypes'])}"
+              for name, m in info["modules"].items()]
+    if info["export"]:
+        e = info["export"]
+        lines.append(f"export          {e.get('exported_by')}: template {e.get('template')}, "
+                     f"{e.get('num_query_tokens')} x {e.get('image_token')} per image, from {e.get('source_llm')}")
+    lines.append(f"use             {info['use']}")
+    return "\n".join(lines + _files_lines(info))
+
+
+def format_vision(info: dict[str, Any]) -> str:
+    e = info["encoder"]
+    lines = [f"vision encoder folder {info['directory']}",
+             f"vision          ViT {e.get('depth')} x {e.get('width')} ({e.get('heads')} heads, "
+             f"mlp {e.get('mlp_dim')}), "
+             f"image {e.get('image_size')}/{e.get('patch_size')}; {_summary_text(info['vision'])}"]
+    if e.get("use_qformer", True):
+        lines.append(f"qformer         {e.get('qformer_depth')} x {e.get('qformer_width')} ({e.get('qformer_heads')} "
+                     f"heads), {e.get('num_query_tokens')} queries; {_summary_text(info['qformer'])}")
+    return "\n".join(lines + _files_lines(info))
+
+
+def format_run(info: dict[str, Any]) -> str:
+    loss = "?" if info["last_loss"] is None else f"{info['last_loss']:.4f}"
+    lines = [f"training run    {info['directory']}",
+             f"steps done      {info['steps_done']} (last loss {loss}"
+             + ("" if info["last_eval_loss"] is None else f", last eval loss {info['last_eval_loss']:.4f}") + ")",
+             f"checkpoints     {len(info['checkpoints'])}"]
+    lines += [f"                {_size(c['bytes']):>9}  {c['path']} (step {c['step']})" for c in info["checkpoints"]]
+    final = info["final"]
+    if final is None:
+        lines.append("final           none yet (the run has not finished)")
+    else:
+        lines.append(f"final           final/: template {final['template']}, {_count(final['parameters_total'])} "
+                     f"parameters, {_size(final['bytes_total'])} (minigpt info {final['directory']} for more)")
+    return "\n".join(lines)
+
+
 def format_info(info: dict[str, Any]) -> str:
+    """``info``'s text, for any ``kind`` of :func:`describe`."""
+    formatter = {"transformers": format_transformers, "vision": format_vision, "run": format_run}.get(info.get("kind"))
+    if formatter is not None:
+        return formatter(info)
     parts = info["parts"]
     v, q, p, llm = parts["vision"], parts.get("qformer"), parts["projector"], parts["llm"]
     e = v["encoder"]
@@ -260,16 +437,13 @@ def format_info(info: dict[str, Any]) -> str:
         lines.append(f"                {part:<10} {_count(c['total']):>7}    {_count(c['trainable']):>7}{note}")
     if info["parameters_total"] is not None:
         lines.append(f"                {'all':<10} {_count(info['parameters_total']):>7}")
-    lines.append(f"files           {_size(info['bytes_total'])} in {len(info['files'])} file(s)")
-    for f in info["files"]:
-        lines.append(f"                {_size(f['bytes']):>9}  {f['file']}")
-    return "\n".join(lines)
+    return "\n".join(lines + _files_lines(info))
 
 
 def run(args: argparse.Namespace) -> int:
-    info = model_info(args.model)
+    info = describe(args.model)
     print(json.dumps(info, indent=2) if args.json else format_info(info))
     return 0
 
 
-__all__ = ["model_info", "format_info", "safetensors_header", "register"]
+__all__ = ["describe", "model_info", "format_info", "safetensors_header", "register"]

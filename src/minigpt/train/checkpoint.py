@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..device import get_rng_state, set_rng_state
+from ..files import refuse_unsafe_pickle
 
 CHECKPOINTS = "checkpoints"
 WEIGHTS = "trainable.safetensors"
@@ -103,7 +104,8 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     for name in (WEIGHTS, STATE):
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path} is not a complete checkpoint (no {name})")
-    state = torch.load(path / STATE, map_location="cpu", weights_only=True)
+    with refuse_unsafe_pickle(path / STATE, "minigpt never writes such a file: resume from a checkpoint you trust."):
+        state = torch.load(path / STATE, map_location="cpu", weights_only=True)
     if state.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: unsupported checkpoint format {state.get('format_version')!r}")
     return load_file(path / WEIGHTS), state

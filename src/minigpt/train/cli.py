@@ -35,7 +35,7 @@ def register(subparsers: Any) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .config import load_config
+    from .config import check_paths, load_config
 
     overrides = list(args.overrides)
     if getattr(args, "device", None):
@@ -44,9 +44,10 @@ def run_train(args: argparse.Namespace) -> int:
     if args.print_config:
         import yaml
 
+        check_paths(config)  # as train() does first
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
         return 0
-    from .loop import train
+    from .launch import train
 
     result = train(config)
     if result.final_dir is not None:

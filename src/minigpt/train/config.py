@@ -12,12 +12,15 @@ Steps are optimizer steps throughout (``iters_per_epoch``, ``warmup_steps``, ``m
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ..data.images import DEFAULT_MAX_PIXELS
 from ..model.config import MiniGPTConfig
 
 FORMATS = ("llava", "cc_sbu_align", "minigpt4qwen", "webdataset", "captions_json")
@@ -79,29 +82,43 @@ class DatasetSpec(Section):
     #: cc_sbu_align only: ``instructions`` (MiniGPT-4 stage 2) or ``captions``; and the instruction list.
     mode: Literal["instructions", "captions"] | None = None
     instructions: list[str] | None = None
+    #: Read image paths that leave the image root (``../x.jpg``); by default such records are skipped and counted.
+    allow_outside_root: bool = False
+    #: Caption formats: clean captions with MiniGPT-4's ``blip_caption`` processor keeping this many words (its
+    #: stage 1 uses 50, MiniGPT4Qwen 100); null: captions as given.
+    blip_caption: int | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _check_options(self) -> "DatasetSpec":
         if isinstance(self.path, list) and self.format != "webdataset":
             raise ValueError(f"a list of paths is for webdataset shards, not {self.format}")
+        if self.allow_outside_root and self.format == "webdataset":
+            raise ValueError("allow_outside_root does not apply to webdataset (images are inside the shards)")
         if self.image_root is not None and self.format in ("cc_sbu_align", "webdataset"):
             raise ValueError(f"image_root does not apply to {self.format} (images are under path)")
         if (self.mode is not None or self.instructions is not None) and self.format != "cc_sbu_align":
             raise ValueError("mode and instructions apply to cc_sbu_align only")
+        if self.blip_caption is not None and self.format not in ("captions_json", "cc_sbu_align", "webdataset"):
+            raise ValueError(f"blip_caption applies to the caption formats, not {self.format}")
         return self
 
     def reader_spec(self) -> dict[str, Any]:
         """Keyword arguments for :func:`minigpt.data.formats.read_dataset`."""
         if self.format == "webdataset":
-            return {"format": self.format, "urls_or_dir": self.path}
-        if self.format == "cc_sbu_align":
-            spec: dict[str, Any] = {"format": self.format, "root": self.path}
+            spec: dict[str, Any] = {"format": self.format, "urls_or_dir": self.path}
+        elif self.format == "cc_sbu_align":
+            spec = {"format": self.format, "root": self.path}
             if self.mode is not None:
                 spec["mode"] = self.mode
             if self.instructions is not None:
                 spec["instructions"] = self.instructions
-            return spec
-        return {"format": self.format, "path": self.path, "image_root": self.image_root}
+        else:
+            spec = {"format": self.format, "path": self.path, "image_root": self.image_root}
+        if self.allow_outside_root:
+            spec["allow_outside_root"] = True
+        if self.blip_caption is not None:
+            spec["blip_caption"] = self.blip_caption
+        return spec
 
 
 class DataSection(Section):
@@ -113,6 +130,8 @@ class DataSection(Section):
     augment: bool = True
     min_scale: float = Field(0.5, gt=0.0, le=1.0)
     hflip: bool = False
+    #: Images with more pixels are skipped (counted) without being decoded; null: no limit.
+    max_image_pixels: int | None = Field(DEFAULT_MAX_PIXELS, gt=0)
     #: A folder written by ``minigpt data cache-features``: the frozen encoder's outputs are read instead of the
     #: images (needs model.freeze.vision/qformer true and augment false). Eval data still reads images.
     feature_cache: str | None = None
@@ -223,6 +242,11 @@ class RunSection(Section):
     eval_batch_size: int | None = Field(None, gt=0)
     report_to: list[Literal["tensorboard", "wandb"]] = []
     wandb_project: str = "minigpt"
+
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _amp_no(cls, value: Any) -> Any:
+        return "no" if value is False else value  # YAML 1.1 reads a bare ``no`` (or ``off``, ``false``) as false
 
     @field_validator("device")
     @classmethod
@@ -366,8 +390,62 @@ def _model_of(annotation: Any) -> Any:
     return None
 
 
+# ---------------------------------------------------------------------------------------------- paths
+
+#: A Hugging Face hub id: ``NAME`` or ``ORG/NAME``.
+HUB_ID = re.compile(r"^(?!\.)[\w.-]{1,96}(/(?!\.)[\w.-]{1,96})?$")
+
+
+def check_paths(config: TrainConfig) -> None:
+    """:class:`ConfigError` listing every file or folder of ``config`` that is not there, by key path, so that a
+    typo stops the run before anything (a 7B LLM) is loaded."""
+    problems = [f"  {key}: {problem}" for key, problem in _path_problems(config)]
+    if problems:
+        raise ConfigError("paths not found:\n" + "\n".join(problems))
+
+
+def _path_problems(config: TrainConfig) -> Iterator[tuple[str, str]]:
+    model, data, run = config.model, config.data, config.run
+    if not Path(model.llm).exists() and not HUB_ID.match(model.llm):
+        yield "model.llm", f"no such folder: {model.llm} (nor a hub id ORG/NAME)"
+    for key in ("vision_weights", "projector_weights", "init_from"):
+        yield from _missing(f"model.{key}", getattr(model, key))
+    for section, specs in (("datasets", data.datasets), ("eval", data.eval)):
+        for i, spec in enumerate(specs):
+            yield from _dataset_problems(f"data.{section}.{i}", spec)
+    yield from _missing("data.feature_cache", data.feature_cache)
+    if run.resume not in ("auto", "none"):
+        yield from _missing("run.resume", run.resume)
+    yield from _missing("run.deepspeed.config", run.deepspeed.config)
+    if run.eval_task is not None:
+        yield from _missing("run.eval_task.data", run.eval_task.data)
+        yield from _missing("run.eval_task.images", run.eval_task.images)
+
+
+def _dataset_problems(key: str, spec: DatasetSpec) -> Iterator[tuple[str, str]]:
+    if spec.format == "webdataset":
+        from ..data.formats import WebDatasetReader
+
+        try:
+            WebDatasetReader(spec.path)  # expands brace patterns and checks every shard
+        except (ValueError, FileNotFoundError) as err:
+            yield f"{key}.path", str(err)
+    elif spec.format == "cc_sbu_align":
+        yield from _missing(f"{key}.path", str(Path(str(spec.path)) / "filter_cap.json"))
+    else:
+        yield from _missing(f"{key}.path", spec.path)
+    yield from _missing(f"{key}.image_root", spec.image_root)
+
+
+def _missing(key: str, path: str | list[str] | None) -> Iterator[tuple[str, str]]:
+    """``(key, problem)`` for ``path`` (or each path of a list, ``key.N``) that does not exist."""
+    for sub, item in ([("", path)] if not isinstance(path, list) else [(f".{j}", p) for j, p in enumerate(path)]):
+        if item is not None and not Path(item).exists():
+            yield key + sub, f"not found: {item}"
+
+
 __all__ = [
     "ConfigError", "TrainConfig", "ModelSection", "LoraSection", "DataSection", "DatasetSpec", "RunSection",
     "DeepSpeedSection",
-    "OptimizerSection", "ScheduleSection", "load_config", "validate_config", "apply_override",
+    "OptimizerSection", "ScheduleSection", "load_config", "validate_config", "apply_override", "check_paths",
 ]

@@ -26,7 +26,7 @@ import torch
 from ..data.conversation import Sample
 from ..data.features import FeatureCache
 from ..data.formats import MixedDataset, MixedStream, SampleList, WebDatasetReader, read_dataset
-from ..data.images import ImageProcessor
+from ..data.images import DEFAULT_MAX_PIXELS, ImageProcessor
 from ..data.packing import collate_packed, length_grouped_order
 from ..data.templates import Template
 from ..data.tokenize import Encoded, collate as collate_text, encode_conversation
@@ -135,12 +135,13 @@ class SampleEncoder:
     @classmethod
     def for_processor(
         cls, processor: MiniGPTProcessor, train: bool, seed: int = 0, min_scale: float = 0.5, hflip: bool = False,
-        features: FeatureCache | None = None,
+        features: FeatureCache | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ) -> "SampleEncoder":
         """The encoder of a model's processor (training image transforms when ``train``)."""
         config = processor.config
         vision = config.vision
-        images = ImageProcessor(vision.image_size, vision.mean, vision.std, train=train, min_scale=min_scale, hflip=hflip)
+        images = ImageProcessor(vision.image_size, vision.mean, vision.std, train=train, min_scale=min_scale,
+                                hflip=hflip, max_pixels=max_pixels)
         return cls(processor.template, processor.tokenizer, processor.image_tokens, config.max_txt_len, images, seed,
                    features)
 
@@ -361,8 +362,9 @@ class TrainData:
                 )
             self.source = MixedDataset(datasets, ratios, seed, length=self.steps_per_epoch * global_batch)
         self.sizes = [len(d) if isinstance(d, SampleList) else None for d in datasets]
-        #: Records the readers skipped (malformed), map-style datasets; streamed ones warn as they go.
         self.read_skipped = sum(len(d.report.skipped) for d in datasets if isinstance(d, SampleList))
+        self._streamed = [d for d in datasets if isinstance(d, WebDatasetReader)]
+        self._checked = sum(d.skipped_total for d in self._streamed)  # skipped by check_usable, before training
         self.dataset = TrainDataset(self.source, encoder)
         self.grouper: LengthGrouper | None = None
         if group_by_length:
@@ -370,6 +372,12 @@ class TrainData:
                 raise ValueError("data.group_by_length needs map-style datasets; a webdataset is streamed "
                                  "(use data.packing for less padding there)")
             self.grouper = LengthGrouper(self.source, encoder, global_batch, group_window, seed)
+
+    @property
+    def skipped_records(self) -> int:
+        """Malformed records skipped: those of the map-style datasets (read up front) and those of the streamed ones
+        that this process's batch plan has read so far."""
+        return self.read_skipped + sum(d.skipped_total for d in self._streamed) - self._checked
 
     def loader(
         self, batch_size: int, grad_accum: int, start_step: int, stop_step: int, rank: int, world_size: int,

@@ -19,6 +19,8 @@ import shutil
 import sys
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,7 @@ from ..model.processor import MiniGPTProcessor
 from .checkpoint import capture_rng, list_checkpoints, load_checkpoint, resolve_resume, restore_rng
 from .config import LoraSection, ModelSection, OptimizerSection, ScheduleSection, TrainConfig
 from .data import DevicePrefetcher, SampleEncoder, TrainBatch, TrainData, eval_loader
-from .strategy import Strategy, make_strategy
+from .strategy import Strategy
 from ..files import atomic_directory
 
 log = logging.getLogger(__name__)
@@ -188,6 +190,7 @@ class Reporter:
     def __init__(self, out: Path, enabled: bool, report_to: list[str], config: TrainConfig) -> None:
         self.enabled, self.path, self.log_every = enabled, out / METRICS_FILE, config.run.log_every
         self.bar: Any = None
+        self._console = ExitStack()  # console logging goes above the bar while it is open
         self._file: Any = None
         self.tb: Any = None
         self.wandb: Any = None
@@ -222,7 +225,8 @@ class Reporter:
         if sys.stderr.isatty():
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=total, initial=step, desc=self.path.parent.name, unit="step", dynamic_ncols=True)
+            self._console.enter_context(logs_above_bars())
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -249,6 +253,7 @@ class Reporter:
             self.wandb.log(numbers, step=step)
 
     def close(self) -> None:
+        self._console.close()
         if self.bar is not None:
             self.bar.close()
         if getattr(self, "_file", None) is not None:
@@ -258,6 +263,35 @@ class Reporter:
         if self.wandb is not None:
             self.wandb.finish()
         self.bar = self.tb = self.wandb = self._file = None
+
+
+class _AboveBars:
+    """A console stream whose writes go above the progress bars (``tqdm.write``) instead of after them."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(text, file=self.stream, end="")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+@contextmanager
+def logs_above_bars() -> Iterator[None]:
+    """Within the block, the root logger's console handlers (stdout/stderr) print above the progress bars, each
+    record on its own line, keeping their levels, formats and filters; other handlers (files) are left alone."""
+    handlers = [h for h in logging.root.handlers
+                if isinstance(h, logging.StreamHandler) and h.stream in (sys.stdout, sys.stderr)]
+    streams = [h.setStream(_AboveBars(h.stream)) for h in handlers]
+    try:
+        yield
+    finally:
+        for handler, stream in zip(handlers, streams):
+            handler.setStream(stream)
 
 
 def _record_step(line: str) -> float:
@@ -319,7 +353,8 @@ class Trainer:
         self._plan_data(open_feature_cache(data.feature_cache, model, data.augment) if data.feature_cache else None)
         self._ready(model, optimizer)
 
-    # Set-up phases, shared with the pipeline's Trainer (minigpt.train.deepspeed), which builds its model otherwise.
+    # Set-up phases, shared with the pipeline's Trainer (minigpt.train.deepspeed.trainer), which builds its model
+    # otherwise.
     def _begin(self, config: TrainConfig, strategy: Strategy) -> None:
         """Configuration, outputs (failing early on missing reporting packages), determinism and seeds."""
         self.config, self.run, self.strategy = config, config.run, strategy
@@ -332,16 +367,18 @@ class Trainer:
 
     def _plan_data(self, features: Any = None) -> None:
         """The training data of ``self.model`` (visual features from a cache when given), the schedule, the eval set."""
-        run, data, strategy, model = self.run, self.config.data, self.strategy, self.model
+        run, data, strategy = self.run, self.config.data, self.strategy
         self.global_batch = run.batch_size * run.grad_accum * strategy.world_size
-        encoder = SampleEncoder.for_processor(self.processor, data.augment, run.seed, data.min_scale, data.hflip, features)
+        encoder = SampleEncoder.for_processor(self.processor, data.augment, run.seed, data.min_scale, data.hflip,
+                                              features, data.max_image_pixels)
         self.data = TrainData(data.datasets, encoder, run.seed, self.global_batch, run.iters_per_epoch,
                               data.group_by_length, data.group_window)
         self.total_steps = run.max_steps or run.epochs * self.data.steps_per_epoch
         self.schedule = Schedule(run.schedule, run.optimizer.lr, self.total_steps)
         self.eval_loader = None
         if data.eval:
-            eval_encoder = SampleEncoder.for_processor(self.processor, train=False, seed=run.seed)
+            eval_encoder = SampleEncoder.for_processor(self.processor, train=False, seed=run.seed,
+                                                       max_pixels=data.max_image_pixels)
             self.eval_loader = eval_loader(
                 data.eval, eval_encoder, run.eval_batch_size or run.batch_size, strategy.rank, strategy.world_size,
                 self.pad_id, data.num_workers,
@@ -351,8 +388,8 @@ class Trainer:
         """Counters, the resumed state (when a checkpoint is there), and ``module`` + ``optimizer`` prepared by the
         strategy."""
         self.step = 0
-        # "skipped": samples dropped while training (bad image, ...); "skipped_records": malformed records
-        self.counters = {"samples": 0, "tokens": 0, "skipped": 0, "skipped_records": self.data.read_skipped}
+        # "skipped": samples dropped while training (bad image, ...); malformed records: data.skipped_records
+        self.counters = {"samples": 0, "tokens": 0, "skipped": 0}
         self._warned = 0
         self._evaluated_at: int | None = None
         self._eval_task_data: Any = None
@@ -421,7 +458,7 @@ class Trainer:
         record: dict[str, Any] = {
             "step": self.step + 1, "epoch": self.step // self.data.steps_per_epoch, "lr": lr, "tokens": tokens,
             "samples": samples, "input_tokens": input_tokens, "skipped": self.counters["skipped"],
-            "skipped_records": self.counters["skipped_records"],
+            "skipped_records": self.data.skipped_records,
         }
         if tokens == 0:  # every sample of the step skipped (or without answer tokens)
             warnings.warn(f"step {self.step + 1}: no supervised token in the step, no update", DataWarning, stacklevel=3)
@@ -587,16 +624,5 @@ def save_final_model(model: Any, processor: MiniGPTProcessor, directory: Path, l
     processor.save_pretrained(directory)
 
 
-def train(config: TrainConfig, strategy: Strategy | None = None) -> TrainResult:
-    """Run (or resume) the training ``config`` describes; returns the trained model and this run's records."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    strategy = strategy or make_strategy(config.run)
-    try:
-        trainer = getattr(strategy, "trainer_class", None) or Trainer  # the pipeline strategy brings its own
-        return trainer(config, strategy).fit()
-    finally:
-        strategy.close()
-
-
-__all__ = ["train", "Trainer", "TrainResult", "Schedule", "build_model", "build_optimizer", "apply_lora",
+__all__ = ["Trainer", "TrainResult", "Schedule", "build_model", "build_optimizer", "apply_lora",
            "seed_everything", "save_final_model", "run_step", "forward_backward", "step_inputs"]

@@ -1,9 +1,10 @@
 """How the loop's model, backward and optimizer step run: on one device or data-parallel (DDP).
 
-The loop only calls the methods of :class:`Strategy`; it never looks at ranks or wrappers itself. A DeepSpeed
-strategy (ZeRO, pipeline) is another subclass: its :meth:`prepare` would call ``deepspeed.initialize`` and its
-:meth:`backward` / :meth:`step` / :meth:`trainable_state` the engine's, which is why those live here and not in
-the loop. The device and the AMP dtype come from :mod:`minigpt.device`.
+The loop only calls the methods of :class:`Strategy`; it never looks at ranks or wrappers itself. The DeepSpeed
+strategies (:mod:`minigpt.train.deepspeed`: ZeRO, pipeline) are other subclasses: their :meth:`prepare` calls
+``deepspeed.initialize`` and their :meth:`backward` / :meth:`step` / :meth:`trainable_state` the engine's, which is
+why those live here and not in the loop. :func:`minigpt.train.launch.make_strategy` picks one from
+``run.strategy``. The device and the AMP dtype come from :mod:`minigpt.device`.
 """
 
 from __future__ import annotations
@@ -187,23 +188,4 @@ class DDP(Strategy):
             dist.destroy_process_group()
 
 
-def make_strategy(run: Any) -> Strategy:
-    """``run.strategy``: ``auto`` is DDP when started by torchrun with more than one process, else single."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    name = run.strategy
-    if name == "auto":
-        name = "ddp" if world > 1 else "single"
-    if name == "single":
-        if world > 1:
-            raise ValueError(f"run.strategy single, but {world} processes were started; use ddp")
-        return Strategy(run.device, run.amp)
-    if name == "ddp":
-        return DDP(run.device, run.amp, run.find_unused_parameters)
-    if name in ("deepspeed_zero", "deepspeed_pipeline"):
-        from .deepspeed import make_deepspeed_strategy
-
-        return make_deepspeed_strategy(run)
-    raise ValueError(f"unknown strategy {name!r}")
-
-
-__all__ = ["Strategy", "SingleDevice", "DDP", "make_strategy"]
+__all__ = ["Strategy", "SingleDevice", "DDP"]

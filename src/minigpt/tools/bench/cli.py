@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .common import LLM_SHAPES, VISION_SHAPES, FlopModel, build_bench_model
+from .common import LLM_SHAPES, VISION_SHAPES
 from .generate import add_generate_arguments, bench_generate
 from .train import bench_train
 
