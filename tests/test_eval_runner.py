@@ -262,8 +262,10 @@ def test_evaluate_task_restores_training_mode_and_flattens(tmp_path, images):
 # ---------------------------------------------------------------------------------------------- real tiny model
 
 
-def test_batched_equals_one_by_one_greedy(tiny_model_factory, tmp_path, images):
-    model = tiny_model_factory().eval()
+def test_batched_equals_one_by_one_greedy(tiny_pair_factory, tmp_path, images):
+    from minigpt.infer.engine import Engine
+
+    engine = Engine(*tiny_pair_factory())
     data = write(tmp_path / "vqa.jsonl", [
         {"id": "1", "image": "a.png", "question": "Hi?", "answers": ["x"]},
         {"id": "2", "image": "b.png", "question": "A much longer question about what the picture shows?",
@@ -273,8 +275,8 @@ def test_batched_equals_one_by_one_greedy(tiny_model_factory, tmp_path, images):
     ])
     records = load_task("vqa", data, images=images).records
     opts = GenerationOptions(max_new_tokens=6, min_new_tokens=6)
-    batched = predict(model, records, opts, batch_size=4)
-    single = predict(model, records, opts, batch_size=1)
+    batched = predict(engine, records, opts, batch_size=4)
+    single = predict(engine, records, opts, batch_size=1)
     assert batched == single and len(batched) == 4 and any(batched.values())
 
 
@@ -385,35 +387,37 @@ def test_lmms_adapter_multi_round(images):
     assert out == [["r1", "r2", "r3"]]
 
 
-def test_lmms_adapter_loglikelihood_with_tiny_model(tiny_model_factory, image_file):
+def test_lmms_adapter_loglikelihood_with_tiny_model(tiny_pair_factory, image_file):
     import torch
 
     from minigpt.data.tokenize import collate
     from minigpt.eval.lmms_adapter import MiniGPTLmmsCore, continuation_logprobs, request_conversation
-    from minigpt.model.minigpt import ModelBatch
+    from minigpt.data.tokenize import ModelBatch
+    from minigpt.infer.engine import Engine
 
-    model = tiny_model_factory().eval()
+    model, processor = tiny_pair_factory()
+    engine = Engine(model, processor)
     img = PILImage.open(image_file).convert("RGB")
     conv = request_conversation("What is it?", 1)
-    pixels = model.image_processor(img).unsqueeze(0)
+    pixels = processor.image_processor(img).unsqueeze(0)
     ids: list[int] = []
     for _ in range(3):  # the greedy continuation, step by step from the model's own logits
-        enc = model.encode(conv, train=False)
+        enc = processor.encode(conv, train=False)
         enc.extend(ids, supervised=False)
-        batch = ModelBatch(collate([enc], model.tokenizer.pad_token_id or 0), pixels)
+        batch = ModelBatch(collate([enc], processor.pad_token_id or 0), pixels)
         with torch.inference_mode():
             logits = model.llm(inputs_embeds=model.embed(batch), attention_mask=batch.text.attention_mask).logits
         ids.append(int(logits[0, -1].argmax()))
-    other = ids[:2] + [(ids[2] + 1) % len(model.tokenizer)]
+    other = ids[:2] + [(ids[2] + 1) % len(processor.tokenizer)]
     (lp_greedy, is_greedy), (lp_other, other_greedy) = continuation_logprobs(
-        model, [conv, request_conversation("What is it? A longer context.", 1)], [[img], [img]], [ids, other])
+        engine, [conv, request_conversation("What is it? A longer context.", 1)], [[img], [img]], [ids, other])
     assert is_greedy and not other_greedy and lp_greedy < 0 and lp_other < 0
-    (lp_single, greedy_single), = continuation_logprobs(model, [conv], [[img]], [ids])
+    (lp_single, greedy_single), = continuation_logprobs(engine, [conv], [[img]], [ids])
     assert lp_single == pytest.approx(lp_greedy, abs=1e-4) and greedy_single  # padding in a batch changes nothing
-    (lp_prefix, _), = continuation_logprobs(model, [conv], [[img]], [ids[:2]])
+    (lp_prefix, _), = continuation_logprobs(engine, [conv], [[img]], [ids[:2]])
     assert lp_prefix > lp_single  # one more token can only lower the log-probability
 
-    core = MiniGPTLmmsCore(model)
+    core = MiniGPTLmmsCore(engine)
     core.task_dict = {"t": {"val": {0: {}}}}
     (lp, greedy), = core.loglikelihood([_Req("What is it?", " cat", lambda d: [img], 0, "t", "val")])
     assert math.isfinite(lp) and lp < 0 and isinstance(greedy, bool)

@@ -8,7 +8,7 @@ import pytest
 
 from minigpt.data.images import DEFAULT_MAX_PIXELS, ImageTooLargeError
 from minigpt.infer.chat import ChatEngine
-from minigpt.infer.loading import add_model_arguments, image_limit
+from minigpt.infer.args import add_model_arguments, image_limit
 from test_images import png_bomb
 
 
@@ -26,8 +26,10 @@ def test_option_default_zero_and_negative():
         image_limit(_args("--max-image-pixels", "-1"))
 
 
-def test_chat_refuses_images_over_the_engine_limit(tiny_model_factory, image_file, tmp_path):
-    engine = ChatEngine(tiny_model_factory())
+def test_chat_refuses_images_over_the_engine_limit(tiny_pair_factory, image_file, tmp_path):
+    from minigpt.infer.engine import Engine
+
+    engine = ChatEngine(Engine(*tiny_pair_factory()))
     chat = engine.chat()
     (tmp_path / "bomb.png").write_bytes(png_bomb(13000, 13000))
     with pytest.raises(ImageTooLargeError, match="bomb.png has 13000x13000 = 169,000,000 pixels"):
@@ -39,5 +41,5 @@ def test_chat_refuses_images_over_the_engine_limit(tiny_model_factory, image_fil
     chat.upload(image_file)
     assert chat.image_names == [str(image_file)]
     # Decoded once: the model's processor does not check (or decode) it again.
-    engine.model.image_processor.max_pixels = 1
-    assert engine.model.image_processor(chat.images[0].image).shape == (3, 56, 56)
+    engine.processor.image_processor.max_pixels = 1
+    assert engine.processor.image_processor(chat.images[0].image).shape == (3, 56, 56)

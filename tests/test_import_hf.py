@@ -13,7 +13,9 @@ from transformers import Blip2Config, Blip2ForConditionalGeneration, BlipImagePr
 from minigpt.cli import main
 from minigpt.data.conversation import Conversation, Image, Text
 from minigpt.infer.generate import GenerationOptions
+from minigpt.infer.engine import Engine
 from minigpt.model.minigpt import MiniGPT, MiniGPTConfig
+from minigpt.model.processor import MiniGPTProcessor
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
 
@@ -66,27 +68,30 @@ def test_import_salesforce_style_folder(salesforce_like, tmp_path, image_file, c
     assert diff < 1e-4 and torch.equal(got_logits, want_logits)
     assert torch.equal(model.projector.weight, hf.language_projection.weight)
     conv = Conversation().add("user", [Image(), Text("Question: what is it? Answer:")])
-    assert isinstance(model.generate([conv], [image_file], GenerationOptions(max_new_tokens=3))[0], str)
+    engine = Engine(model, MiniGPTProcessor.from_pretrained(tmp_path / "m", model.config))
+    assert isinstance(engine.generate([conv], [image_file], GenerationOptions(max_new_tokens=3))[0], str)
 
 
-def test_export_then_import_gives_the_same_model(tiny_model_factory, tmp_path, image_file, capsys):
+def test_export_then_import_gives_the_same_model(tiny_pair_factory, tmp_path, image_file, capsys):
     from minigpt.convert.export_hf import export_hf
 
-    source = tiny_model_factory().eval()
+    source, source_processor = tiny_pair_factory()
     with torch.no_grad():
         source.projector.weight.normal_(0.0, 0.5)
-    export_hf(source, tmp_path / "hf")
+    export_hf(source, tmp_path / "hf", processor=source_processor)
     assert main(["convert", "import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
     model = MiniGPT.from_pretrained(tmp_path / "back").eval()
     assert model.config.template == "vicuna0"  # from minigpt_export.json
     convs = [Conversation().add("user", [Image(), Text(" What is in the picture?")])]
-    batch = source.prepare(convs, [image_file], train=False)
+    batch = source_processor.prepare(convs, [image_file], train=False)
     with torch.no_grad():
         want = source.llm(inputs_embeds=source.embed(batch), attention_mask=batch.text.attention_mask).logits
         got = model.llm(inputs_embeds=model.embed(batch), attention_mask=batch.text.attention_mask).logits
     assert torch.equal(got[..., : want.shape[-1]], want)  # the export's extra <image> row aside
     options = GenerationOptions(max_new_tokens=8)
-    assert model.generate(convs, [image_file], options) == source.generate(convs, [image_file], options)
+    back = Engine(model, MiniGPTProcessor.from_pretrained(tmp_path / "back", model.config))
+    assert back.generate(convs, [image_file], options) == Engine(source, source_processor).generate(
+        convs, [image_file], options)
 
 
 def test_refusals_and_errors(tmp_path, capsys):
@@ -102,10 +107,13 @@ def test_refusals_and_errors(tmp_path, capsys):
 
 def test_blip2_folder_as_vision_weights_and_projector(salesforce_like, tiny_llama_dir, tmp_path, capsys):
     hf, directory = salesforce_like
-    model = MiniGPT.build(MiniGPTConfig(llm=str(tiny_llama_dir), vision_weights=str(directory)))
-    assert torch.equal(model.vision.state_dict()["query_tokens"], hf.query_tokens)
+    from minigpt.convert.lavis import load_vision
+
+    assert torch.equal(load_vision(directory).state_dict()["query_tokens"], hf.query_tokens)  # the converters read it
+    with pytest.raises(FileNotFoundError, match="not a vision encoder folder .* 'minigpt convert hf-blip2'"):
+        MiniGPT.build(MiniGPTConfig(llm=str(tiny_llama_dir), vision_weights=str(directory)))  # the model says how
     with pytest.raises(FileNotFoundError, match="not a vision encoder folder .* nor a transformers BLIP-2 folder"):
-        MiniGPT.build(MiniGPTConfig(llm=str(tiny_llama_dir), vision_weights=str(tmp_path)))
+        load_vision(tmp_path)
     assert main(["convert", "projector", str(directory), "--out", str(tmp_path / "p.safetensors")]) == 0
     assert "language_projection: in 16 -> out 16" in capsys.readouterr().out
     assert torch.equal(load_file(tmp_path / "p.safetensors")["weight"], hf.language_projection.weight)

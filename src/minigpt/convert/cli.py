@@ -256,6 +256,7 @@ def assemble(
         llm_dtype=dtype, trust_remote_code=trust_remote_code,
     )
     model = MiniGPT.build(config, llm=None if full else build_meta_llm(llm, trust_remote_code))
+    processor = MiniGPTProcessor.from_config(config)  # the tokenizer, read while the sources are absolute
     config.llm, config.vision_weights = _relative_reference(llm, out), _relative_reference(str(vision), out)
     want = {k: list(v.shape) for k, v in model.projector.state_dict().items()}
     got = {k: list(v.shape) for k, v in weights.items()}
@@ -275,7 +276,6 @@ def assemble(
         report.notes.append(f"loaded {len(used)} vision-stack tensor(s) of the checkpoint ({_parts_of(trained_vision)})"
                             " over the base encoder; the vision encoder is stored in the directory")
     suggested, why = suggested_template(checkpoint, model.llm.config.model_type, model.config.vision.use_qformer)
-    processor = MiniGPTProcessor.from_config(model.config)
     if template is None:
         processor.set_template(suggested)
         report.notes.append(f"template {suggested}: {why} (--template to choose another)")

@@ -338,7 +338,12 @@ def load_vision(directory: str | Path) -> Blip2VisionEncoder:
     """A vision folder (:func:`minigpt.model.vision.save_vision`), or a transformers BLIP-2 folder (converted as
     ``convert hf-blip2`` does) -> encoder in eval mode (strict load, no random init)."""
     directory = Path(directory)
-    if not (directory / VISION_CONFIG).is_file() and is_hf_blip2(directory):
-        config, state, _ = convert_hf_blip2(directory)
-        return vision_encoder(config, state)
-    return load_vision_folder(directory)
+    if (directory / VISION_CONFIG).is_file():
+        return load_vision_folder(directory)
+    if not is_hf_blip2(directory):
+        raise FileNotFoundError(
+            f"{directory}: not a vision encoder folder ({VISION_CONFIG}, from 'minigpt convert lavis' or 'hf-blip2') "
+            "nor a transformers BLIP-2 folder (config.json with model_type blip-2)"
+        )
+    config, state, _ = convert_hf_blip2(directory)
+    return vision_encoder(config, state)

@@ -172,7 +172,7 @@ def transformers_info(directory: Path, config: dict[str, Any]) -> dict[str, Any]
 
 def vision_info(directory: Path) -> dict[str, Any]:
     """A vision encoder folder (``convert lavis`` / ``hf-blip2``): architecture and parameters."""
-    from ..convert.lavis import VISION_CONFIG, VISION_WEIGHTS
+    from ..model.vision import VISION_CONFIG, VISION_WEIGHTS
 
     config = _read_json(directory / VISION_CONFIG)
     weights = directory / VISION_WEIGHTS

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..loop import Trainer, build_model, build_optimizer
+from ..loop import Trainer, build_model, build_optimizer, build_processor
 from .pipeline import DeepSpeedPipeline, pipe_batch
 
 
@@ -32,6 +32,7 @@ class PipelineTrainer(Trainer):
             raise ValueError(f"run.strategy deepspeed_pipeline does not support {', '.join(problems)}")
         self._begin(config, strategy)
         model = build_model(config.model, run.seed)  # whole and on the CPU; build() moves this stage's layers
+        self.processor = build_processor(config.model, model)
         if getattr(run, "attn_implementation", "sdpa") != "sdpa":
             model.llm.set_attn_implementation(run.attn_implementation)
         self.model = model
