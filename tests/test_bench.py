@@ -16,17 +16,60 @@ from minigpt.tools.bench.common import FlopModel, build_bench_model, llm_config,
 from minigpt.tools.bench.train import synthetic_encoded
 
 CASE_KEYS = {
-    "name", "step", "batching", "vision_in_step", "precision", "attention", "compile", "grad_checkpointing",
-    "step_time_s", "samples_per_s", "tokens_per_s", "pad_fraction", "useful_tflop_per_sample", "achieved_tflops",
-    "peak_tflops", "mfu", "peak_mem_gib", "loss", "loss_impl",
+    "name",
+    "step",
+    "batching",
+    "vision_in_step",
+    "precision",
+    "attention",
+    "compile",
+    "grad_checkpointing",
+    "step_time_s",
+    "samples_per_s",
+    "tokens_per_s",
+    "pad_fraction",
+    "useful_tflop_per_sample",
+    "achieved_tflops",
+    "peak_tflops",
+    "mfu",
+    "peak_mem_gib",
+    "loss",
+    "loss_impl",
 }
 
 
 def test_bench_train_json(tmp_path, capsys):
     out = tmp_path / "train.json"
-    assert main(["bench", "train", "--device", "cpu", "--stage", "2", "--batch-size", "3", "--steps", "2",
-                 "--warmup", "1", "--lengths", "cc_sbu_align", "--batching", "pad,group,pack", "--pack-len", "256",
-                 "--feature-dtype", "float32", "--reference-style", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "train",
+                "--device",
+                "cpu",
+                "--stage",
+                "2",
+                "--batch-size",
+                "3",
+                "--steps",
+                "2",
+                "--warmup",
+                "1",
+                "--lengths",
+                "cc_sbu_align",
+                "--batching",
+                "pad,group,pack",
+                "--pack-len",
+                "256",
+                "--feature-dtype",
+                "float32",
+                "--reference-style",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = json.loads(out.read_text())
     assert json.loads(capsys.readouterr().out) == report
     assert report["benchmark"] == "train" and {"device", "torch", "transformers", "threads"} <= set(report["machine"])
@@ -50,8 +93,23 @@ def test_bench_train_json(tmp_path, capsys):
 
 
 def test_bench_generate_json_and_null_mfu(capsys):
-    args = build_parser().parse_args(["bench", "generate", "--device", "cpu", "--new-tokens", "4", "--repeats", "1",
-                                      "--prompt-tokens", "10", "--reference-style", "--concurrent", "3"])
+    args = build_parser().parse_args(
+        [
+            "bench",
+            "generate",
+            "--device",
+            "cpu",
+            "--new-tokens",
+            "4",
+            "--repeats",
+            "1",
+            "--prompt-tokens",
+            "10",
+            "--reference-style",
+            "--concurrent",
+            "3",
+        ]
+    )
     report = args.bench(args)
     names = [c["name"] for c in report["cases"]]
     assert names == ["ours-static", "ours-static-concurrent", "ours-plain", "reference-style"]
@@ -64,8 +122,9 @@ def test_bench_generate_json_and_null_mfu(capsys):
     concurrent = report["cases"][1]
     assert concurrent["requests"] == 3 and concurrent["aggregate_tokens_per_s"] > 0
     assert 0 < concurrent["mean_time_to_first_token_ms"] < concurrent["wall_s"] * 1000
-    args = build_parser().parse_args(["bench", "train", "--device", "cpu", "--steps", "1", "--warmup", "0",
-                                      "--peak-tflops", "0"])
+    args = build_parser().parse_args(
+        ["bench", "train", "--device", "cpu", "--steps", "1", "--warmup", "0", "--peak-tflops", "0"]
+    )
     case = args.bench(args)["cases"][0]
     assert case["mfu"] is None and case["peak_tflops"] is None
 

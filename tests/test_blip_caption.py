@@ -34,8 +34,16 @@ def test_stage1_tokens_match_the_original_from_raw_captions(fmt, template_cases,
         write_shards(path, [(f"{i:04d}", _jpeg_bytes(), c) for i, c in enumerate(raw)], per_shard=3)
     spec = DatasetSpec(format=fmt, path=str(path), blip_caption=50)
     samples = list(read_dataset(spec.reader_spec()))
-    encoded = [encode_conversation(s.conversation, get_template("caption"), llama_tokenizer,
-                                   config["image_positions"], max_len=config["max_txt_len"]) for s in samples]
+    encoded = [
+        encode_conversation(
+            s.conversation,
+            get_template("caption"),
+            llama_tokenizer,
+            config["image_positions"],
+            max_len=config["max_txt_len"],
+        )
+        for s in samples
+    ]
     batch = collate(encoded, pad_id=config["pad_token_id"], pad_to=case["samples"][0]["length"])
     for row, expected in enumerate(case["samples"]):
         ids = [-1 if img else i for i, img in zip(batch.input_ids[row].tolist(), batch.image_mask[row].tolist())]
@@ -50,4 +58,7 @@ def test_blip_caption_is_for_caption_formats():
     with pytest.raises(ValueError, match="blip_caption applies to the caption formats, not llava"):
         DatasetSpec(format="llava", path="x.json", blip_caption=50)
     assert DatasetSpec(format="cc_sbu_align", path="cc", blip_caption=100).reader_spec() == {
-        "format": "cc_sbu_align", "root": "cc", "blip_caption": 100}
+        "format": "cc_sbu_align",
+        "root": "cc",
+        "blip_caption": 100,
+    }

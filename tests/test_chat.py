@@ -51,7 +51,8 @@ def test_multi_turn_history_and_images_per_turn(engine, image_file):
     first = chat.ask("What is it?")
     second = chat.ask("And now?")
     assert [(ex.question, ex.answer, len(ex.images)) for ex in chat.history] == [
-        ("What is it?", first, 2), ("And now?", second, 0),
+        ("What is it?", first, 2),
+        ("And now?", second, 0),
     ]
     conv = chat.prepare("Third?").conversation
     assert conv.turns[0].parts == [Text("Be brief.")]
@@ -206,8 +207,10 @@ def test_llm_kwargs_reach_the_llm_loader(tiny_model_dir, engine, image_file):
     from minigpt.model.processor import MiniGPTProcessor
 
     model = MiniGPT.from_pretrained(tiny_model_dir, llm_kwargs={"device_map": {"": "cpu"}})
-    chat, reference = Chat(ChatEngine(Engine(model, MiniGPTProcessor.from_pretrained(tiny_model_dir)), GREEDY)), \
-        engine.chat()
+    chat, reference = (
+        Chat(ChatEngine(Engine(model, MiniGPTProcessor.from_pretrained(tiny_model_dir)), GREEDY)),
+        engine.chat(),
+    )
     for c in (chat, reference):
         c.upload(image_file)
     assert chat.ask("What is it?") == reference.ask("What is it?")

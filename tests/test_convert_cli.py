@@ -30,8 +30,25 @@ def expected():
 @pytest.fixture(scope="module")
 def vision_dir(expected, tmp_path_factory):
     out = tmp_path_factory.mktemp("vision") / "v"
-    assert main(["convert", "lavis", "--eva", str(FIXTURE / "eva_vit.pth"), "--blip2", str(FIXTURE / "blip2.pth"),
-                 "--out", str(out), "--heads", "4", "--qformer-heads", "4"]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "lavis",
+                "--eva",
+                str(FIXTURE / "eva_vit.pth"),
+                "--blip2",
+                str(FIXTURE / "blip2.pth"),
+                "--out",
+                str(out),
+                "--heads",
+                "4",
+                "--qformer-heads",
+                "4",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -54,8 +71,25 @@ def test_lavis(vision_dir, expected, capsys):
 
 
 def test_lavis_prints_report(expected, tmp_path, capsys):
-    assert main(["convert", "lavis", "--eva", str(FIXTURE / "eva_vit.pth"), "--blip2", str(FIXTURE / "blip2.pth"),
-                 "--out", str(tmp_path / "v"), "--heads", "4", "--qformer-heads", "4"]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "lavis",
+                "--eva",
+                str(FIXTURE / "eva_vit.pth"),
+                "--blip2",
+                str(FIXTURE / "blip2.pth"),
+                "--out",
+                str(tmp_path / "v"),
+                "--heads",
+                "4",
+                "--qformer-heads",
+                "4",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "ViT 3 blocks x 64" in out and "8 queries" in out
     assert "note: upcast torch.float16 to torch.float32" in out and "blocks.3.attn.q_bias" in out and "t5_proj" in out
@@ -66,7 +100,9 @@ def test_projector(expected, tmp_path, capsys):
     assert main(["convert", "projector", str(FIXTURE / "minigpt4_proj.pth"), "--out", str(out)]) == 0
     assert "linear projector 32 -> 96" in capsys.readouterr().out
     proj, source = load_file(out), load_checkpoint(FIXTURE / "minigpt4_proj.pth")
-    assert torch.equal(proj["weight"], source["llama_proj.weight"]) and torch.equal(proj["bias"], source["llama_proj.bias"])
+    assert torch.equal(proj["weight"], source["llama_proj.weight"]) and torch.equal(
+        proj["bias"], source["llama_proj.bias"]
+    )
     got = F.linear(expected["query_output"], proj["weight"], proj["bias"])
     assert (got - expected["projected"]).abs().max().item() < TOL
     assert main(["convert", "projector", str(FIXTURE / "minigpt4_proj.pth"), "--out", str(tmp_path / "p.pth")]) == 2
@@ -77,15 +113,35 @@ def test_hf_blip2(tmp_path, capsys):
     from transformers import Blip2Config, Blip2ForConditionalGeneration, OPTConfig
 
     torch.manual_seed(0)
-    model = Blip2ForConditionalGeneration(Blip2Config(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=28, patch_size=14),
-        qformer_config=dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-                            vocab_size=50, max_position_embeddings=32),
-        text_config=OPTConfig(hidden_size=16, ffn_dim=32, num_hidden_layers=1, num_attention_heads=2,
-                              vocab_size=60, word_embed_proj_dim=16).to_dict(),
-        num_query_tokens=4,
-    )).eval()
+    model = Blip2ForConditionalGeneration(
+        Blip2Config(
+            vision_config=dict(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                image_size=28,
+                patch_size=14,
+            ),
+            qformer_config=dict(
+                hidden_size=16,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=32,
+                vocab_size=50,
+                max_position_embeddings=32,
+            ),
+            text_config=OPTConfig(
+                hidden_size=16,
+                ffn_dim=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                vocab_size=60,
+                word_embed_proj_dim=16,
+            ).to_dict(),
+            num_query_tokens=4,
+        )
+    ).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.startswith(("vision_model.", "qformer.", "query_tokens")):
@@ -96,7 +152,9 @@ def test_hf_blip2(tmp_path, capsys):
     pixels = torch.randn(2, 3, 28, 28)
     with torch.no_grad():
         feats = model.vision_model(pixel_values=pixels).last_hidden_state
-        want = model.qformer(query_embeds=model.query_tokens.expand(2, -1, -1), encoder_hidden_states=feats).last_hidden_state
+        want = model.qformer(
+            query_embeds=model.query_tokens.expand(2, -1, -1), encoder_hidden_states=feats
+        ).last_hidden_state
         got = load_vision(tmp_path / "v")(pixels)
     assert (got - want).abs().max().item() < TOL  # ln_vision eps 1e-5 vs transformers' 1e-6
     assert main(["convert", "hf-blip2", str(tmp_path / "nothing"), "--out", str(tmp_path / "w")]) == 2
@@ -122,8 +180,18 @@ def test_assemble(vision_dir, expected, tiny_llama_dir, tmp_path, capsys, full):
     shutil.copytree(vision_dir, tree / "vision")
     proj = _minigpt4_projector(tree / "pretrained_minigpt4.pth")
     out = tree / "models" / "minigpt4"
-    argv = ["convert", "assemble", "--llm", str(tree / "vicuna-7b"), "--vision", str(tree / "vision"),
-            "--projector", str(tree / "pretrained_minigpt4.pth"), "--out", str(out)]
+    argv = [
+        "convert",
+        "assemble",
+        "--llm",
+        str(tree / "vicuna-7b"),
+        "--vision",
+        str(tree / "vision"),
+        "--projector",
+        str(tree / "pretrained_minigpt4.pth"),
+        "--out",
+        str(out),
+    ]
     assert main(argv + (["--full"] if full else [])) == 0
     printed = capsys.readouterr().out
     assert "note: llama_proj: in 32 -> out 64" in printed
@@ -134,7 +202,10 @@ def test_assemble(vision_dir, expected, tiny_llama_dir, tmp_path, capsys, full):
     if full:
         assert files == ["config.json", "llm", "projector.safetensors", "tokenizer", "vision.safetensors"]
     else:
-        assert files == ["config.json", "projector.safetensors", "tokenizer"] and config["vision_weights"] == "../../vision"
+        assert (
+            files == ["config.json", "projector.safetensors", "tokenizer"]
+            and config["vision_weights"] == "../../vision"
+        )
         assert "referenced relative to it, not copied: move them together" in printed
     shutil.move(tree, tmp_path / "moved")
     model = MiniGPT.from_pretrained(tmp_path / "moved" / "models" / "minigpt4").eval()
@@ -149,7 +220,16 @@ def test_assemble(vision_dir, expected, tiny_llama_dir, tmp_path, capsys, full):
 
 
 def test_assemble_errors(vision_dir, tiny_llama_dir, tmp_path, capsys):
-    argv = ["convert", "assemble", "--llm", str(tiny_llama_dir), "--vision", str(vision_dir), "--out", str(tmp_path / "m")]
+    argv = [
+        "convert",
+        "assemble",
+        "--llm",
+        str(tiny_llama_dir),
+        "--vision",
+        str(vision_dir),
+        "--out",
+        str(tmp_path / "m"),
+    ]
     capsys.readouterr()
     # The fixture's projector is for a 96-wide LLM; the tiny LLaMA is 64 wide.
     assert main(argv + ["--projector", str(FIXTURE / "minigpt4_proj.pth")]) == 2
@@ -166,10 +246,19 @@ def test_deepspeed_and_export(tiny_model_factory, tmp_path, capsys, image_file):
     tag = tmp_path / "run" / "global_step3"
     tag.mkdir(parents=True)
     module = {k: v.detach().clone() for k, v in src.state_dict().items()}
-    torch.save({"module": module, "buffer_names": [], "param_shapes": [OrderedDict()], "ds_version": "0.19.8",
-                "ds_config": {"zero_optimization": {"stage": 1}}, "global_steps": 3,
-                "minigpt_config": src.config.to_dict(), "args": argparse.Namespace(lr=1.0)},
-               tag / "mp_rank_00_model_states.pt")
+    torch.save(
+        {
+            "module": module,
+            "buffer_names": [],
+            "param_shapes": [OrderedDict()],
+            "ds_version": "0.19.8",
+            "ds_config": {"zero_optimization": {"stage": 1}},
+            "global_steps": 3,
+            "minigpt_config": src.config.to_dict(),
+            "args": argparse.Namespace(lr=1.0),
+        },
+        tag / "mp_rank_00_model_states.pt",
+    )
     out = tmp_path / "model"
     capsys.readouterr()  # drop the progress bars of building the source model
     assert main(["convert", "deepspeed", str(tmp_path / "run"), "--out", str(out)]) == 2
@@ -185,7 +274,8 @@ def test_deepspeed_and_export(tiny_model_factory, tmp_path, capsys, image_file):
     printed = capsys.readouterr().out
     assert "Blip2ForConditionalGeneration" in printed and "<image> = 32000" in printed and "post_layernorm" in printed
     assert {"config.json", "model.safetensors", "processor_config.json", "tokenizer.json"} <= {
-        p.name for p in (tmp_path / "hf").iterdir()}
+        p.name for p in (tmp_path / "hf").iterdir()
+    }
     assert main(["convert", "export-hf", str(tmp_path / "missing"), "--out", str(tmp_path / "hf2")]) == 2
     assert "no such model directory" in capsys.readouterr().err
 
@@ -198,14 +288,31 @@ def test_assemble_minigpt4qwen_checkpoint_with_trained_qformer(vision_dir, tiny_
     torch.manual_seed(2)
     query_key = "Qformer.bert.encoder.layer.0.attention.self.query.weight"
     trained = {
-        "llm_proj.weight": torch.randn(64, 32) * 0.1, "llm_proj.bias": torch.zeros(64),
-        "query_tokens": torch.randn(1, 8, 32), query_key: torch.randn(32, 32),
+        "llm_proj.weight": torch.randn(64, 32) * 0.1,
+        "llm_proj.bias": torch.zeros(64),
+        "query_tokens": torch.randn(1, 8, 32),
+        query_key: torch.randn(32, 32),
         "Qformer.bert.encoder.layer.0.intermediate.dense.weight": torch.randn(64, 32),  # text side: no place
     }
     torch.save({"model": trained, "epoch": 9}, tmp_path / "model.pth")
     out = tmp_path / "qwen-model"
-    assert main(["convert", "assemble", "--llm", str(tiny_qwen_dir), "--vision", str(vision_dir),
-                 "--projector", str(tmp_path / "model.pth"), "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "assemble",
+                "--llm",
+                str(tiny_qwen_dir),
+                "--vision",
+                str(vision_dir),
+                "--projector",
+                str(tmp_path / "model.pth"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "note: template chatml: an llm_proj checkpoint (MiniGPT4Qwen / MPP-Qwen)" in printed
     assert "loaded 2 vision-stack tensor(s) of the checkpoint (qformer, query_tokens)" in printed
@@ -221,7 +328,24 @@ def test_assemble_minigpt4qwen_checkpoint_with_trained_qformer(vision_dir, tiny_
     # An explicit template is kept, with a note; a Qwen LLM alone also suggests ChatML.
     llama_proj = {"llama_proj.weight": trained["llm_proj.weight"], "llama_proj.bias": trained["llm_proj.bias"]}
     torch.save({"model": llama_proj}, tmp_path / "llama.pth")
-    assert main(["convert", "assemble", "--llm", str(tiny_qwen_dir), "--vision", str(vision_dir), "--projector",
-                 str(tmp_path / "llama.pth"), "--out", str(tmp_path / "m2"), "--template", "vicuna0"]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "assemble",
+                "--llm",
+                str(tiny_qwen_dir),
+                "--vision",
+                str(vision_dir),
+                "--projector",
+                str(tmp_path / "llama.pth"),
+                "--out",
+                str(tmp_path / "m2"),
+                "--template",
+                "vicuna0",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "template vicuna0 as asked, though a qwen2 LLM (MiniGPT4Qwen style) suggests chatml" in printed

@@ -69,12 +69,24 @@ def _model_states(model: MiniGPT, module: dict[str, torch.Tensor], stage: int = 
     trainable = OrderedDict((n, p.shape) for n, p in model.named_parameters() if p.requires_grad)
     frozen = OrderedDict((n, p.shape) for n, p in model.named_parameters() if not p.requires_grad)
     return {
-        "module": module, "buffer_names": [], "optimizer": None, "param_shapes": [trainable],
-        "frozen_param_shapes": frozen, "shared_params": {}, "frozen_param_fragments": OrderedDict(),
-        "lr_scheduler": None, "data_sampler": None, "random_ltd": None, "skipped_steps": 0, "global_steps": 10,
-        "global_samples": 40, "dp_world_size": 2, "mp_world_size": 1,
+        "module": module,
+        "buffer_names": [],
+        "optimizer": None,
+        "param_shapes": [trainable],
+        "frozen_param_shapes": frozen,
+        "shared_params": {},
+        "frozen_param_fragments": OrderedDict(),
+        "lr_scheduler": None,
+        "data_sampler": None,
+        "random_ltd": None,
+        "skipped_steps": 0,
+        "global_steps": 10,
+        "global_samples": 40,
+        "dp_world_size": 2,
+        "mp_world_size": 1,
         "ds_config": {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": stage}},
-        "ds_version": "0.19.8", **extra,
+        "ds_version": "0.19.8",
+        **extra,
     }
 
 
@@ -93,9 +105,12 @@ def test_zero2_module_to_model_dir(tiny_model_factory, image_file, tmp_path, dty
     _perturb(src.llm, 1)
     _perturb(src.projector, 2)
     module = {k: v.detach().to(dtype).clone() for k, v in src.state_dict().items()}
-    ckpt = _save_dir(tmp_path / "run", {
-        "mp_rank_00_model_states.pt": _model_states(src, module, minigpt_config=src.config.to_dict()),
-    })
+    ckpt = _save_dir(
+        tmp_path / "run",
+        {
+            "mp_rank_00_model_states.pt": _model_states(src, module, minigpt_config=src.config.to_dict()),
+        },
+    )
     written, report = convert_deepspeed(ckpt, tmp_path / "out")
     # vision: frozen but no recorded source, so it is written; llm: trained.
     assert written == ["vision", "projector", "llm"]
@@ -120,8 +135,9 @@ def test_zero_partial_module_takes_frozen_parts_from_sources(tiny_model_factory,
     with pytest.raises(ValueError, match="vision encoder is neither in the checkpoint nor recorded"):
         convert_deepspeed(ckpt, tmp_path / "out", config=tmp_path / "cfg")
     vision_dir = save_vision(tmp_path / "vision", src.config.vision, src.vision.state_dict())
-    written, report = convert_deepspeed(ckpt, tmp_path / "out", config=tmp_path / "cfg" / "config.json",
-                                        vision=str(vision_dir))
+    written, report = convert_deepspeed(
+        ckpt, tmp_path / "out", config=tmp_path / "cfg" / "config.json", vision=str(vision_dir)
+    )
     assert written == ["projector"]
     assert "vision: from" in str(report) and "llm: from" in str(report)
     loaded = MiniGPT.from_pretrained(tmp_path / "out")
@@ -138,13 +154,18 @@ def test_frozen_vision_in_the_checkpoint_is_referenced_only_when_equal_to_its_so
     src.config.vision_weights = str(vision_dir.resolve())
     n = len(src.vision.state_dict())
     module = {k: v.detach().to(torch.bfloat16) for k, v in src.state_dict().items() if not k.startswith("llm.")}
-    ckpt = _save_dir(tmp_path / "run", {
-        "mp_rank_00_model_states.pt": _model_states(src, module, minigpt_config=src.config.to_dict()),
-    })
+    ckpt = _save_dir(
+        tmp_path / "run",
+        {
+            "mp_rank_00_model_states.pt": _model_states(src, module, minigpt_config=src.config.to_dict()),
+        },
+    )
     written, report = convert_deepspeed(ckpt, tmp_path / "out")
     assert written == ["projector"]
-    assert f"vision: the checkpoint's {n} tensors equal {vision_dir.resolve()}, which the folder refers to " \
-           "(not copied)" in report.notes
+    assert (
+        f"vision: the checkpoint's {n} tensors equal {vision_dir.resolve()}, which the folder refers to "
+        "(not copied)" in report.notes
+    )
     assert MiniGPT.from_pretrained(tmp_path / "out").config.vision_weights == str(vision_dir.resolve())
 
     module["vision.query_tokens"] = module["vision.query_tokens"] + 1
@@ -183,8 +204,9 @@ def test_zero_bad_inputs(tiny_model_factory, tmp_path):
     with pytest.raises(FileNotFoundError, match="no DeepSpeed checkpoint"):
         resolve_tag_dir(tmp_path)
     lora = {**state, "llm.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 64)}
-    ckpt = _save_dir(tmp_path / "a", {"mp_rank_00_model_states.pt": _model_states(
-        src, lora, minigpt_config=src.config.to_dict())})
+    ckpt = _save_dir(
+        tmp_path / "a", {"mp_rank_00_model_states.pt": _model_states(src, lora, minigpt_config=src.config.to_dict())}
+    )
     with pytest.raises(ValueError, match="llm: 1 unexpected tensor.*lora_A"):
         convert_deepspeed(ckpt, tmp_path / "out")
     stage3_like = {k: torch.empty(0) if k.startswith("llm.") else v for k, v in state.items()}
@@ -205,16 +227,21 @@ class _Evil:
 
 def test_non_allow_listed_objects_need_trust_pickle(tiny_model_factory, tmp_path):
     src = tiny_model_factory()
-    files = {"mp_rank_00_model_states.pt": _model_states(
-        src, src.state_dict(), minigpt_config=src.config.to_dict(), args=argparse.Namespace(lr=1e-4))}
+    files = {
+        "mp_rank_00_model_states.pt": _model_states(
+            src, src.state_dict(), minigpt_config=src.config.to_dict(), args=argparse.Namespace(lr=1e-4)
+        )
+    }
     ckpt = _save_dir(tmp_path / "run", files)
     with pytest.raises(UnsafeCheckpointError, match=r"argparse\.Namespace.*--trust-pickle"):
         convert_deepspeed(ckpt, tmp_path / "out")
     written, _ = convert_deepspeed(ckpt, tmp_path / "out", trust_pickle=True)
     assert written == ["vision", "projector"]
     marker = tmp_path / "executed"
-    torch.save({"visionpipe.llm_proj.weight": torch.zeros(64, 32), "hook": _Evil(marker)},
-               tmp_path / "run" / TAG / "layer_00-model_states.pt")
+    torch.save(
+        {"visionpipe.llm_proj.weight": torch.zeros(64, 32), "hook": _Evil(marker)},
+        tmp_path / "run" / TAG / "layer_00-model_states.pt",
+    )
     (tmp_path / "run" / TAG / "mp_rank_00_model_states.pt").unlink()
     with pytest.raises(UnsafeCheckpointError, match="--trust-pickle"):
         convert_deepspeed(ckpt, tmp_path / "out2", llm=src.config.llm)
@@ -245,14 +272,21 @@ def test_zero3_fp32_masters_via_zero_to_fp32(tiny_model_factory, image_file, tmp
     for rank in range(world):
         files[f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt"] = {
             **_model_states(src, {n: torch.empty(0) for n in named}, stage=3, minigpt_config=src.config.to_dict()),
-            "param_shapes": [trainable], "frozen_param_shapes": frozen,
+            "param_shapes": [trainable],
+            "frozen_param_shapes": frozen,
             "frozen_param_fragments": {n: _partition(named[n], world)[rank] for n in frozen},
         }
         flat = torch.cat([_partition(named[n], world)[rank] for n in trainable])
         files[f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"] = {
-            "optimizer_state_dict": {"zero_stage": 3, "partition_count": world, "fp32_flat_groups": [flat],
-                                     "loss_scaler": LossScaler(1.0), "dynamic_loss_scale": False},
-            "ds_config": {"zero_optimization": {"stage": 3}}, "ds_version": "0.19.8",
+            "optimizer_state_dict": {
+                "zero_stage": 3,
+                "partition_count": world,
+                "fp32_flat_groups": [flat],
+                "loss_scaler": LossScaler(1.0),
+                "dynamic_loss_scale": False,
+            },
+            "ds_config": {"zero_optimization": {"stage": 3}},
+            "ds_version": "0.19.8",
         }
     ckpt = _save_dir(tmp_path / "run", files)
     written, report = convert_deepspeed(ckpt, tmp_path / "out")
@@ -266,14 +300,28 @@ def test_zero3_fp32_masters_via_zero_to_fp32(tiny_model_factory, image_file, tmp
 def test_pipeline_llm_name_table():
     assert pipeline_llm_names({"model.embed_tokens.weight": 0, "model.layers.0.mlp.up_proj.weight": 0})[0] == "llama"
     qwen_base = {
-        "transformer.wte.weight": (10, 4), "transformer.h.0.ln_1.weight": (4,), "transformer.h.0.attn.c_attn.weight": (12, 4),
-        "transformer.h.1.ln_1.weight": (4,), "transformer.h.1.attn.c_attn.weight": (12, 4),
-        "transformer.ln_f.weight": (4,), "lm_head.weight": (10, 4),
+        "transformer.wte.weight": (10, 4),
+        "transformer.h.0.ln_1.weight": (4,),
+        "transformer.h.0.attn.c_attn.weight": (12, 4),
+        "transformer.h.1.ln_1.weight": (4,),
+        "transformer.h.1.attn.c_attn.weight": (12, 4),
+        "transformer.ln_f.weight": (4,),
+        "lm_head.weight": (10, 4),
     }
     block = {"layer.ln_1.weight": torch.ones(4), "layer.attn.c_attn.weight": torch.ones(12, 4)}
-    layers = {0: {"wtepipe.word_embeddings.weight": torch.ones(10, 4), "visionpipe.llm_proj.weight": torch.ones(4, 2)},
-              1: {}, 2: {}, 3: {}, 4: {}, 5: block, 6: block, 7: {"final_layernorm.weight": torch.ones(4)},
-              8: {"lm_head.weight": torch.ones(10, 4)}, 9: {}, 10: {"occupy.weight": torch.zeros(3, 3)}}
+    layers = {
+        0: {"wtepipe.word_embeddings.weight": torch.ones(10, 4), "visionpipe.llm_proj.weight": torch.ones(4, 2)},
+        1: {},
+        2: {},
+        3: {},
+        4: {},
+        5: block,
+        6: block,
+        7: {"final_layernorm.weight": torch.ones(4)},
+        8: {"lm_head.weight": torch.ones(10, 4)},
+        9: {},
+        10: {"occupy.weight": torch.zeros(3, 3)},
+    }
     state, ignored, notes = map_pipeline_llm(layers, qwen_base, tied=False)
     assert sorted(state) == sorted(qwen_base) and ignored == ["layer_10:occupy.weight"]
     assert "qwen names" in notes[0] and "layers 5..6" in notes[0]
@@ -304,12 +352,27 @@ def pipeline_ckpt(tmp_path, tiny_llama_dir):
     _perturb(llm, 6)
     proj = torch.nn.Linear(32, 64)
     layer0 = {f"visionpipe.visual_encoder.{k}": v for k, v in eva.items() if not k.startswith("blocks.3.")}
-    layer0.update({f"visionpipe.{k}": v for k, v in blip2.items() if k.startswith(("ln_vision.", "Qformer.", "query_tokens"))})
-    layer0.update({"visionpipe.llm_proj.weight": proj.weight.detach().clone(), "visionpipe.llm_proj.bias": proj.bias.detach().clone(),
-                   "wtepipe.word_embeddings.weight": llm.model.embed_tokens.weight.detach().clone()})
-    layers = {0: layer0, 1: {}, 2: {}, 3: {}, 4: {}, 9: {}, 10: {"occupy.weight": torch.zeros(10, 10)},
-              7: {"final_layernorm.weight": llm.model.norm.weight.detach().clone()},
-              8: {"lm_head.weight": llm.lm_head.weight.detach().clone()}}
+    layer0.update(
+        {f"visionpipe.{k}": v for k, v in blip2.items() if k.startswith(("ln_vision.", "Qformer.", "query_tokens"))}
+    )
+    layer0.update(
+        {
+            "visionpipe.llm_proj.weight": proj.weight.detach().clone(),
+            "visionpipe.llm_proj.bias": proj.bias.detach().clone(),
+            "wtepipe.word_embeddings.weight": llm.model.embed_tokens.weight.detach().clone(),
+        }
+    )
+    layers = {
+        0: layer0,
+        1: {},
+        2: {},
+        3: {},
+        4: {},
+        9: {},
+        10: {"occupy.weight": torch.zeros(10, 10)},
+        7: {"final_layernorm.weight": llm.model.norm.weight.detach().clone()},
+        8: {"lm_head.weight": llm.lm_head.weight.detach().clone()},
+    }
     for j, block in enumerate(llm.model.layers):
         layers[5 + j] = {f"layer.{k}": v.detach().clone() for k, v in block.state_dict().items()}
     ckpt = _save_dir(tmp_path / "pp", {f"layer_{i:02d}-model_states.pt": sd for i, sd in layers.items()})
@@ -321,17 +384,24 @@ def test_pipeline_to_model_dir(pipeline_ckpt, tiny_llama_dir, tmp_path):
 
     ckpt, llm, proj = pipeline_ckpt
     expected = load_file(FIXTURE / "expected.safetensors")
-    written, report = convert_deepspeed(ckpt, tmp_path / "out", llm=str(tiny_llama_dir), with_llm=True,
-                                        heads=4, qformer_heads=4)
+    written, report = convert_deepspeed(
+        ckpt, tmp_path / "out", llm=str(tiny_llama_dir), with_llm=True, heads=4, qformer_heads=4
+    )
     assert written == ["vision", "projector", "llm"]
-    assert "layer_10:occupy.weight" in report.ignored and "layer_00:visionpipe.Qformer.cls.predictions.bias" in report.ignored
+    assert (
+        "layer_10:occupy.weight" in report.ignored
+        and "layer_00:visionpipe.Qformer.cls.predictions.bias" in report.ignored
+    )
     loaded = MiniGPT.from_pretrained(tmp_path / "out").eval()
     assert loaded.config.template == "chatml" and loaded.config.freeze["llm"] is False
     with torch.no_grad():
         pixels = expected["pixel_values"]
         diffs = {
             "query_output": (loaded.vision(pixels) - expected["query_output"]).abs().max().item(),
-            "projected": (loaded.encode_images(pixels) - F.linear(expected["query_output"], proj.weight, proj.bias)).abs().max().item(),
+            "projected": (loaded.encode_images(pixels) - F.linear(expected["query_output"], proj.weight, proj.bias))
+            .abs()
+            .max()
+            .item(),
         }
         ids = torch.tensor([[1, 450, 4996, 17354, 1701]])
         diffs["llm_logits"] = (loaded.llm(input_ids=ids).logits - llm(input_ids=ids).logits).abs().max().item()
@@ -350,8 +420,15 @@ def test_pipeline_to_model_dir(pipeline_ckpt, tiny_llama_dir, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- real DeepSpeed
 def _ds_worker(rank: int, world: int, port: int, llm_dir: str, image: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        DS_ACCELERATOR="cpu",
+        OMP_NUM_THREADS="1",
+    )
     import deepspeed
     import deepspeed.comm.torch  # noqa: F401
 
@@ -363,8 +440,12 @@ def _ds_worker(rank: int, world: int, port: int, llm_dir: str, image: str, out: 
     model = MiniGPT.build(MiniGPTConfig(llm=llm_dir, vision=VisionConfig.tiny(), template="vicuna0", max_txt_len=32))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-2)
-    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2},
-              "zero_allow_untested_optimizer": True, "steps_per_print": 10**6}
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "zero_optimization": {"stage": 2},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**6,
+    }
     deepspeed.init_distributed(dist_backend="gloo")
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     batch = MiniGPTProcessor.from_config(model.config).prepare([_conv()], [image])
@@ -376,7 +457,10 @@ def _ds_worker(rank: int, world: int, port: int, llm_dir: str, image: str, out: 
     if rank == 0:
         from safetensors.torch import save_file
 
-        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, os.path.join(out, "reference.safetensors"))
+        save_file(
+            {k: v.detach().contiguous() for k, v in model.state_dict().items()},
+            os.path.join(out, "reference.safetensors"),
+        )
 
 
 @pytest.mark.slow
@@ -423,9 +507,20 @@ def _our_pipeline_run(model: MiniGPT, out: Path, step: int = 4, client_config: b
     torch.save({**_model_states(model, None, stage=1), **extra}, ds / tag / "mp_rank_00_model_states.pt")
     step_dir = out / "checkpoints" / f"step_{step:08d}"
     step_dir.mkdir(parents=True)
-    torch.save({"step": step, "strategy": {"name": "deepspeed_pipeline", "deepspeed": {
-        "dir": "deepspeed", "tag": tag, "layout": {"mode": "deepspeed_pipeline", "processes": 1, "stages": 1}}}},
-        step_dir / "state.pt")
+    torch.save(
+        {
+            "step": step,
+            "strategy": {
+                "name": "deepspeed_pipeline",
+                "deepspeed": {
+                    "dir": "deepspeed",
+                    "tag": tag,
+                    "layout": {"mode": "deepspeed_pipeline", "processes": 1, "stages": 1},
+                },
+            },
+        },
+        step_dir / "state.pt",
+    )
     return step_dir
 
 
@@ -473,8 +568,9 @@ def test_our_pipeline_reads_the_recorded_config(tiny_model_factory, image_file, 
     _our_pipeline_run(src, tmp_path / "bare", client_config=False)
     with pytest.raises(ValueError, match="needs the base LLM"):
         convert_deepspeed(tmp_path / "bare" / "checkpoints" / "deepspeed", tmp_path / "out2")
-    written, _ = convert_deepspeed(tmp_path / "bare" / "checkpoints" / "deepspeed", tmp_path / "out2",
-                                   llm=src.config.llm, vision=str(vision_dir))
+    written, _ = convert_deepspeed(
+        tmp_path / "bare" / "checkpoints" / "deepspeed", tmp_path / "out2", llm=src.config.llm, vision=str(vision_dir)
+    )
     assert MiniGPT.from_pretrained(tmp_path / "out2").config.template == "chatml"  # the MPP default
 
 

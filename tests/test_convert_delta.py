@@ -32,7 +32,7 @@ def _save_shards(state: dict[str, torch.Tensor], directory: Path, parts: int, fm
         ext = "safetensors" if fmt == "safetensors" else "bin"
         stem = "model" if fmt == "safetensors" else "pytorch_model"
         file = f"{stem}-{i + 1:05d}-of-{parts:05d}.{ext}"
-        chunk = {n: state[n].contiguous() for n in names[i * size:(i + 1) * size]}
+        chunk = {n: state[n].contiguous() for n in names[i * size : (i + 1) * size]}
         if fmt == "safetensors":
             save_file(chunk, directory / file, metadata={"format": "pt"})
         else:
@@ -93,8 +93,23 @@ def test_apply_delta_gives_the_target(models, tmp_path, capsys):
 
     base_dir, delta_dir, target, vocab = models
     out = tmp_path / "vicuna"
-    assert main(["convert", "apply-delta", "--base", str(base_dir), "--delta", str(delta_dir), "--target", str(out),
-                 "--max-shard-size", "300KB"]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "apply-delta",
+                "--base",
+                str(base_dir),
+                "--delta",
+                str(delta_dir),
+                "--target",
+                str(out),
+                "--max-shard-size",
+                "300KB",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     # the vocabulary mismatch is spelled out: sizes, the added token, where its rows come from
     assert f"the base has {vocab} tokens, the delta {vocab + 1}" in printed and "[PAD]" in printed
@@ -170,8 +185,14 @@ def test_peak_rss_loosely(tmp_path):
     except OSError:
         pytest.skip("cannot reset the peak RSS here")
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=4000, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=4)
+    config = LlamaConfig(
+        vocab_size=4000,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+    )
     model = LlamaForCausalLM(config)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     del model
@@ -201,8 +222,9 @@ def _as_one_safetensors(shards: Path, out: Path) -> Path:
     state = {}
     for f in sorted(shards.glob("*.bin")):
         state.update(torch.load(f, weights_only=True))
-    save_file({k: v for k, v in state.items() if "inv_freq" not in k}, out / "model.safetensors",
-              metadata={"format": "pt"})
+    save_file(
+        {k: v for k, v in state.items() if "inv_freq" not in k}, out / "model.safetensors", metadata={"format": "pt"}
+    )
     return out
 
 
@@ -247,9 +269,35 @@ def test_mismatches_are_clear_errors(models, tmp_path, capsys):
     # through the CLI: one line, exit code 2; an existing non-empty target is refused
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("x")
-    assert main(["convert", "apply-delta", "--base", str(base_dir), "--delta", str(delta_dir),
-                 "--target", str(tmp_path / "full")]) == 2
+    assert (
+        main(
+            [
+                "convert",
+                "apply-delta",
+                "--base",
+                str(base_dir),
+                "--delta",
+                str(delta_dir),
+                "--target",
+                str(tmp_path / "full"),
+            ]
+        )
+        == 2
+    )
     assert "exists and is not empty" in capsys.readouterr().err
-    assert main(["convert", "apply-delta", "--base", str(tmp_path / "nope"), "--delta", str(delta_dir),
-                 "--target", str(tmp_path / "t")]) == 2
+    assert (
+        main(
+            [
+                "convert",
+                "apply-delta",
+                "--base",
+                str(tmp_path / "nope"),
+                "--delta",
+                str(delta_dir),
+                "--target",
+                str(tmp_path / "t"),
+            ]
+        )
+        == 2
+    )
     assert "no such folder" in capsys.readouterr().err

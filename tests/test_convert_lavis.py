@@ -22,8 +22,8 @@ from minigpt.convert.lavis import (
     save_vision,
     vision_config_from_lavis,
 )
-from minigpt.safe_load import UnsafeCheckpointError
 from minigpt.model.vision import Blip2VisionEncoder, VisionConfig
+from minigpt.safe_load import UnsafeCheckpointError
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "lavis-tiny"
 TOL = 1e-4
@@ -80,13 +80,23 @@ def test_features_match_lavis(fx, converted):
 def test_inferred_config_equals_fixture(fx, converted):
     vis, qf = fx["config"]["vision"], fx["config"]["qformer"]
     expected = VisionConfig(
-        image_size=vis["img_size"], patch_size=vis["patch_size"], width=vis["embed_dim"], depth=vis["depth_used"],
-        heads=vis["num_heads"], mlp_dim=vis["mlp_hidden_dim"], vit_eps=vis["norm_eps"],
-        ln_vision_eps=fx["config"]["ln_vision"]["eps"], num_query_tokens=qf["num_query_token"],
-        qformer_width=qf["hidden_size"], qformer_depth=qf["num_hidden_layers"], qformer_heads=qf["num_attention_heads"],
-        qformer_mlp_dim=qf["intermediate_size"], qformer_eps=qf["layer_norm_eps"],
+        image_size=vis["img_size"],
+        patch_size=vis["patch_size"],
+        width=vis["embed_dim"],
+        depth=vis["depth_used"],
+        heads=vis["num_heads"],
+        mlp_dim=vis["mlp_hidden_dim"],
+        vit_eps=vis["norm_eps"],
+        ln_vision_eps=fx["config"]["ln_vision"]["eps"],
+        num_query_tokens=qf["num_query_token"],
+        qformer_width=qf["hidden_size"],
+        qformer_depth=qf["num_hidden_layers"],
+        qformer_heads=qf["num_attention_heads"],
+        qformer_mlp_dim=qf["intermediate_size"],
+        qformer_eps=qf["layer_norm_eps"],
         cross_attention_freq=qf["cross_attention_freq"],
-        mean=tuple(fx["config"]["image"]["mean"]), std=tuple(fx["config"]["image"]["std"]),
+        mean=tuple(fx["config"]["image"]["mean"]),
+        std=tuple(fx["config"]["image"]["std"]),
     )
     config = converted["config"]
     assert config == expected
@@ -126,7 +136,9 @@ def test_mutations_fail_tolerance(fx, converted):
     swapped = dict(fx["eva"])
     for i in range(4):
         swapped[f"blocks.{i}.attn.q_bias"], swapped[f"blocks.{i}.attn.v_bias"] = (
-            fx["eva"][f"blocks.{i}.attn.v_bias"], fx["eva"][f"blocks.{i}.attn.q_bias"])
+            fx["eva"][f"blocks.{i}.attn.v_bias"],
+            fx["eva"][f"blocks.{i}.attn.q_bias"],
+        )
     config, state, _ = convert_lavis_vision(swapped, fx["blip2"], heads=4, qformer_heads=4)
     diff = (run_encoder(encoder_from(config, state), pixels)["vit_features"] - expected).abs().max().item()
     assert diff > 1.0  # fixture README: 4.48
@@ -152,12 +164,31 @@ def hf_blip2(tmp_path_factory):
     """A tiny random transformers Blip2ForConditionalGeneration (LLaMA text model) saved with save_pretrained."""
     torch.manual_seed(0)
     config = Blip2Config(
-        vision_config=dict(hidden_size=64, intermediate_size=279, num_hidden_layers=3, num_attention_heads=4,
-                           image_size=56, patch_size=14),
-        qformer_config=dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
-                            encoder_hidden_size=64, vocab_size=100, max_position_embeddings=64),
-        text_config=LlamaConfig(hidden_size=48, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                num_key_value_heads=2, vocab_size=120).to_dict(),
+        vision_config=dict(
+            hidden_size=64,
+            intermediate_size=279,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            image_size=56,
+            patch_size=14,
+        ),
+        qformer_config=dict(
+            hidden_size=32,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            intermediate_size=64,
+            encoder_hidden_size=64,
+            vocab_size=100,
+            max_position_embeddings=64,
+        ),
+        text_config=LlamaConfig(
+            hidden_size=48,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            vocab_size=120,
+        ).to_dict(),
         num_query_tokens=8,
     )
     model = Blip2ForConditionalGeneration(config).eval()
@@ -195,7 +226,6 @@ def test_hf_directory_round_trip(hf_blip2, tmp_path):
     assert (encoder(pixels) - hf_query).abs().max().item() < TOL
 
 
-
 def test_hf_other_layouts(hf_blip2, tmp_path):
     """A bare state dict (config inferred), pytorch_model.bin, and old separate q_bias/v_bias."""
     model, directory = hf_blip2
@@ -219,23 +249,38 @@ def _save(path: Path, obj) -> Path:
 def test_projector_layouts(tmp_path):
     w, b = torch.randn(40, 32, dtype=torch.bfloat16), torch.randn(40, dtype=torch.bfloat16)
     qwen = _save(tmp_path / "model.pth", {"model": {"llm_proj.weight": w, "llm_proj.bias": b}, "epoch": 3})
-    deepspeed = _save(tmp_path / "mp_rank_00_model_states.pt",
-                      {"module": {"llm_proj.weight": w, "llm_proj.bias": b}, "ds_version": "0.12.6", "optimizer": None})
-    pipe = _save(tmp_path / "layer_00-model_states.pt", {
-        "visionpipe.llm_proj.weight": w, "visionpipe.llm_proj.bias": b,
-        "visionpipe.query_tokens": torch.zeros(1, 8, 32), "wtepipe.word_embeddings.weight": torch.zeros(10, 40),
-    })
-    for path, ignored in ((qwen, []), (deepspeed, []),
-                          (pipe, ["visionpipe.query_tokens", "wtepipe.word_embeddings.weight"])):
+    deepspeed = _save(
+        tmp_path / "mp_rank_00_model_states.pt",
+        {"module": {"llm_proj.weight": w, "llm_proj.bias": b}, "ds_version": "0.12.6", "optimizer": None},
+    )
+    pipe = _save(
+        tmp_path / "layer_00-model_states.pt",
+        {
+            "visionpipe.llm_proj.weight": w,
+            "visionpipe.llm_proj.bias": b,
+            "visionpipe.query_tokens": torch.zeros(1, 8, 32),
+            "wtepipe.word_embeddings.weight": torch.zeros(10, 40),
+        },
+    )
+    for path, ignored in (
+        (qwen, []),
+        (deepspeed, []),
+        (pipe, ["visionpipe.query_tokens", "wtepipe.word_embeddings.weight"]),
+    ):
         proj, report = convert_minigpt4_projector(path)
         assert torch.equal(proj["weight"], w.float()) and torch.equal(proj["bias"], b.float())
         assert report.ignored == ignored and any("in 32 -> out 40" in n for n in report.notes)
     with pytest.raises(MissingKeysError, match="none"):
         convert_minigpt4_projector({"other.weight": w})
     with pytest.raises(MissingKeysError, match="exactly one"):
-        convert_minigpt4_projector({
-            "llm_proj.weight": w, "llm_proj.bias": b, "llama_proj.weight": w, "llama_proj.bias": b,
-        })
+        convert_minigpt4_projector(
+            {
+                "llm_proj.weight": w,
+                "llm_proj.bias": b,
+                "llama_proj.weight": w,
+                "llama_proj.bias": b,
+            }
+        )
 
 
 class _Evil:

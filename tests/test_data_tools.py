@@ -73,8 +73,16 @@ def test_percentiles_recommendation_and_truncation_on_known_values():
     values = np.arange(1, 101)
     assert [percentile(values, p) for p in (50, 90, 95, 99, 100)] == [50, 90, 95, 99, 100]
     assert percentile([7, 1, 3], 50) == 3 and percentile([5], 99) == 5
-    assert length_stats(values) == {"count": 100, "mean": 50.5, "min": 1, "p50": 50, "p90": 90, "p95": 95,
-                                    "p99": 99, "max": 100}
+    assert length_stats(values) == {
+        "count": 100,
+        "mean": 50.5,
+        "min": 1,
+        "p50": 50,
+        "p90": 90,
+        "p95": 95,
+        "p99": 99,
+        "max": 100,
+    }
     assert recommend_max_len(values) == 128  # p99 = 99 -> next multiple of 32
     assert recommend_max_len(np.r_[np.full(99, 64), 1000]) == 64  # exactly 99 % covered by 64
     assert recommend_max_len([3]) == 32
@@ -83,8 +91,9 @@ def test_percentiles_recommendation_and_truncation_on_known_values():
 
 def caption_dataset(tmp_path: Path, n: int = 100) -> Path:
     """Captions of k = 1..n words "a": with the caption template each answer is k + 1 tokens ("▁a" x k, "\\n")."""
-    return write_json(tmp_path / "caps.json",
-                      [{"image": f"img/{k}.jpg", "caption": " ".join(["a"] * k)} for k in range(1, n + 1)])
+    return write_json(
+        tmp_path / "caps.json", [{"image": f"img/{k}.jpg", "caption": " ".join(["a"] * k)} for k in range(1, n + 1)]
+    )
 
 
 def test_analyze_exact_counts_on_hand_made_captions(tmp_path, llama_tokenizer):
@@ -95,8 +104,16 @@ def test_analyze_exact_counts_on_hand_made_captions(tmp_path, llama_tokenizer):
     assert (report.lengths["answer"] == k + 1).all() and (report.lengths["txt_len"] == k + 1).all()
     assert (report.lengths["total"] == k + 34).all()
     d = report.to_dict()
-    assert d["lengths"]["txt_len"] == {"count": 100, "mean": 51.5, "min": 2, "p50": 51, "p90": 91, "p95": 96,
-                                       "p99": 100, "max": 101}
+    assert d["lengths"]["txt_len"] == {
+        "count": 100,
+        "mean": 51.5,
+        "min": 2,
+        "p50": 51,
+        "p90": 91,
+        "p95": 96,
+        "p99": 100,
+        "max": 101,
+    }
     assert d["lengths"]["total"]["p99"] == 133 and d["lengths"]["total"]["max"] == 134
     assert d["truncated_fraction"] == 0.05  # k + 1 > 96 for k = 96..100
     assert d["truncated"]["96"] == {"samples": 5, "fraction": 0.05}
@@ -109,10 +126,19 @@ def test_measure_equals_training_encoding(template, tok, llama_tokenizer, qwen_t
     tokenizer = llama_tokenizer if tok == "llama" else qwen_tokenizer
     tpl = get_template(template)
     samples = [
-        Sample(Conversation.single("<Img><ImageHere></Img> Describe this image in detail.",
-                                   "A red bus parked by a brick wall, with three people waiting."), ["x.jpg"]),
-        Sample(Conversation.single("<image>\nWhat is it?", "A cat.").add("user", "And <image> this?")
-               .add("assistant", "A dog sitting on a very long sofa next to a window."), ["a.jpg", "b.jpg"]),
+        Sample(
+            Conversation.single(
+                "<Img><ImageHere></Img> Describe this image in detail.",
+                "A red bus parked by a brick wall, with three people waiting.",
+            ),
+            ["x.jpg"],
+        ),
+        Sample(
+            Conversation.single("<image>\nWhat is it?", "A cat.")
+            .add("user", "And <image> this?")
+            .add("assistant", "A dog sitting on a very long sofa next to a window."),
+            ["a.jpg", "b.jpg"],
+        ),
         Sample(Conversation.single("Hi", "Hello there, how can I help?", system="Be brief."), []),
     ]
     lengths = list(measure(samples, tpl, tokenizer, image_tokens=32, batch_size=2))
@@ -134,8 +160,25 @@ def test_measure_equals_training_encoding(template, tok, llama_tokenizer, qwen_t
 def test_analyze_cli_writes_report_and_png(tmp_path, llama_tok_dir, capsys):
     path = caption_dataset(tmp_path)
     out = tmp_path / "analysis"
-    rc = main(["data", "analyze", str(path), "--format", "captions_json", "--tokenizer", str(llama_tok_dir),
-               "--template", "caption", "--max-len", "96", "--out", str(out), "--limit", "50"])
+    rc = main(
+        [
+            "data",
+            "analyze",
+            str(path),
+            "--format",
+            "captions_json",
+            "--tokenizer",
+            str(llama_tok_dir),
+            "--template",
+            "caption",
+            "--max-len",
+            "96",
+            "--out",
+            str(out),
+            "--limit",
+            "50",
+        ]
+    )
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
     assert report["samples"] == 50 and report["template"] == "caption" and report["truncation"] == "answer"
@@ -165,8 +208,10 @@ def test_check_reports_paths_outside_the_root_and_oversized_images(tmp_path):
     (tmp_path / "imgs" / "bomb.png").write_bytes(png_bomb(13000, 13000))
     save_image(tmp_path / "secret.png")  # a readable image, but above the image root
     conv = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A square."}]
-    path = write_json(tmp_path / "data" / "llava.json", [{"image": "../secret.png", "conversations": conv},
-                                                        {"image": "bomb.png", "conversations": conv}])
+    path = write_json(
+        tmp_path / "data" / "llava.json",
+        [{"image": "../secret.png", "conversations": conv}, {"image": "bomb.png", "conversations": conv}],
+    )
     report = check_dataset("llava", path, image_root=tmp_path / "imgs", workers=1)
     assert report.good == [] and report.records == 2
     assert {p.kind: p.origin for p in report.problems} == {"outside_root": f"{path}:0", "oversized_image": f"{path}:1"}
@@ -181,27 +226,49 @@ def problem_llava(tmp_path: Path) -> Path:
     (img / "text.jpg").write_bytes(b"this is not an image\n")
 
     def rec(i, image, answer="A red square."):
-        r = {"id": str(i), "conversations": [{"from": "human", "value": "<image>\nWhat is it?"},
-                                             {"from": "gpt", "value": answer}]}
+        r = {
+            "id": str(i),
+            "conversations": [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": answer}],
+        }
         if image:
             r["image"] = image
         return r
 
-    return write_json(tmp_path / "data" / "llava.json", [
-        rec(0, "good.png"), rec(1, "missing.png"), rec(2, "trunc.jpg"), rec(3, "text.jpg"),
-        rec(4, "good.png", answer="  "), {"id": "5", "image": "good.png"}, rec(6, "good.png", answer="Red."),
-    ])
+    return write_json(
+        tmp_path / "data" / "llava.json",
+        [
+            rec(0, "good.png"),
+            rec(1, "missing.png"),
+            rec(2, "trunc.jpg"),
+            rec(3, "text.jpg"),
+            rec(4, "good.png", answer="  "),
+            {"id": "5", "image": "good.png"},
+            rec(6, "good.png", answer="Red."),
+        ],
+    )
 
 
 def test_check_finds_each_problem_kind_with_origins(tmp_path):
     path = problem_llava(tmp_path)
     report = check_dataset("llava", path, image_root=tmp_path / "imgs", workers=2)
     assert report.records == 7 and report.good == [f"{path}:0", f"{path}:6"] and not report.clean
-    assert report.counts() == {"malformed": 1, "outside_root": 0, "missing_image": 1, "corrupt_image": 1,
-                               "undecodable_image": 1, "oversized_image": 0, "empty_answer": 1}
+    assert report.counts() == {
+        "malformed": 1,
+        "outside_root": 0,
+        "missing_image": 1,
+        "corrupt_image": 1,
+        "undecodable_image": 1,
+        "oversized_image": 0,
+        "empty_answer": 1,
+    }
     origins = {p.kind: p.origin for p in report.problems}
-    assert origins == {"malformed": f"{path}:5", "missing_image": f"{path}:1", "corrupt_image": f"{path}:2",
-                       "undecodable_image": f"{path}:3", "empty_answer": f"{path}:4"}
+    assert origins == {
+        "malformed": f"{path}:5",
+        "missing_image": f"{path}:1",
+        "corrupt_image": f"{path}:2",
+        "undecodable_image": f"{path}:3",
+        "empty_answer": f"{path}:4",
+    }
     text = report.summary()
     assert all(kind in text for kind in PROBLEM_KINDS) and f"{path}:2" in text and "truncated" in text
 
@@ -226,15 +293,24 @@ def test_check_webdataset_and_cc_sbu_clean_copies(tmp_path):
     shard.parent.mkdir()
     good = noisy_jpeg(16)
     with tarfile.open(shard, "w") as tar:
-        for name, data in [("a.jpg", good), ("a.txt", b"good one"), ("b.jpg", b"\xff\xd8\xff garbage"),
-                           ("b.txt", b"bad image"), ("c.jpg", good), ("d.jpg", good), ("d.txt", b"fine")]:
+        for name, data in [
+            ("a.jpg", good),
+            ("a.txt", b"good one"),
+            ("b.jpg", b"\xff\xd8\xff garbage"),
+            ("b.txt", b"bad image"),
+            ("c.jpg", good),
+            ("d.jpg", good),
+            ("d.txt", b"fine"),
+        ]:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     report = check_dataset("webdataset", tmp_path / "wds", workers=2)
     assert report.good == [f"{shard}/a", f"{shard}/d"]
-    assert {(p.kind, p.origin) for p in report.problems} == {("malformed", f"{shard}/c"),
-                                                             ("undecodable_image", f"{shard}/b")}
+    assert {(p.kind, p.origin) for p in report.problems} == {
+        ("malformed", f"{shard}/c"),
+        ("undecodable_image", f"{shard}/b"),
+    }
     assert write_clean(report, tmp_path / "wds_clean") == 2
     back = list(read_webdataset(tmp_path / "wds_clean"))
     assert [(s.id, s.images[0]) for s in back] == [("a", good), ("d", good)]
@@ -242,8 +318,10 @@ def test_check_webdataset_and_cc_sbu_clean_copies(tmp_path):
 
     root = tmp_path / "cc"
     save_image(root / "image" / "1.jpg", "JPEG")
-    write_json(root / "filter_cap.json", {"annotations": [{"image_id": "1", "caption": "A red square."},
-                                                          {"image_id": "2", "caption": "Missing."}]})
+    write_json(
+        root / "filter_cap.json",
+        {"annotations": [{"image_id": "1", "caption": "A red square."}, {"image_id": "2", "caption": "Missing."}]},
+    )
     report = check_dataset("cc_sbu_align", root)
     assert [(p.kind, p.origin) for p in report.problems] == [("missing_image", f"{root / 'filter_cap.json'}:1")]
     assert write_clean(report, tmp_path / "cc_clean") == 1
@@ -259,18 +337,37 @@ def llava_source(tmp_path: Path) -> Path:
     for name in ("a.png", "b.png"):
         save_image(img / name)
     turn = lambda who, text: {"from": who, "value": text}  # noqa: E731
-    return write_json(img / "llava.json", [
-        {"id": "single", "image": "a.png", "conversations": [turn("human", "<image>\nWhat is it?"),
-                                                             turn("gpt", "A red square.")]},
-        {"id": "multi", "image": "b.png", "conversations": [
-            turn("human", "Look: <image> What colour?"), turn("gpt", "Red."),
-            turn("human", "And the shape?"), turn("gpt", "A square, 8 x 6 pixels.")]},
-        {"id": "system", "image": "a.png", "conversations": [turn("system", "Be brief."),
-                                                             turn("human", "<image>"), turn("gpt", "Red.")]},
-        {"id": "two", "image": ["a.png", "b.png"], "conversations": [turn("human", "<image> vs <image>?"),
-                                                                     turn("gpt", "Same.")]},
-        {"id": "text", "conversations": [turn("human", "Hi"), turn("gpt", "Hello.")]},
-    ])
+    return write_json(
+        img / "llava.json",
+        [
+            {
+                "id": "single",
+                "image": "a.png",
+                "conversations": [turn("human", "<image>\nWhat is it?"), turn("gpt", "A red square.")],
+            },
+            {
+                "id": "multi",
+                "image": "b.png",
+                "conversations": [
+                    turn("human", "Look: <image> What colour?"),
+                    turn("gpt", "Red."),
+                    turn("human", "And the shape?"),
+                    turn("gpt", "A square, 8 x 6 pixels."),
+                ],
+            },
+            {
+                "id": "system",
+                "image": "a.png",
+                "conversations": [turn("system", "Be brief."), turn("human", "<image>"), turn("gpt", "Red.")],
+            },
+            {
+                "id": "two",
+                "image": ["a.png", "b.png"],
+                "conversations": [turn("human", "<image> vs <image>?"), turn("gpt", "Same.")],
+            },
+            {"id": "text", "conversations": [turn("human", "Hi"), turn("gpt", "Hello.")]},
+        ],
+    )
 
 
 def test_llava_round_trips_and_minigpt4qwen_skips_what_it_cannot_hold(tmp_path):
@@ -278,7 +375,9 @@ def test_llava_round_trips_and_minigpt4qwen_skips_what_it_cannot_hold(tmp_path):
     original = read_llava_json(src)
     report = convert_dataset(src, "llava", tmp_path / "same.json", "llava")
     assert report.written == 5 and convs(read_llava_json(tmp_path / "same.json", tmp_path / "imgs")) == convs(original)
-    assert [s.images for s in read_llava_json(tmp_path / "same.json", tmp_path / "imgs")] == [s.images for s in original]
+    assert [s.images for s in read_llava_json(tmp_path / "same.json", tmp_path / "imgs")] == [
+        s.images for s in original
+    ]
 
     report = convert_dataset(src, "llava", tmp_path / "q" / "qwen.json", "minigpt4qwen")
     assert (report.read, report.written) == (5, 2) and sum(report.skipped.values()) == 3
@@ -289,8 +388,14 @@ def test_llava_round_trips_and_minigpt4qwen_skips_what_it_cannot_hold(tmp_path):
     assert records[0]["instruction"] == "<Img><ImageHere></Img>\nWhat is it?" and records[0]["image"] == "a.png"
     assert records[1]["output"] == ["Red.", "A square, 8 x 6 pixels."]
 
-    convert_dataset(tmp_path / "q" / "qwen.json", "minigpt4qwen", tmp_path / "back.json", "llava",
-                    image_root=tmp_path / "imgs", out_image_root=tmp_path)
+    convert_dataset(
+        tmp_path / "q" / "qwen.json",
+        "minigpt4qwen",
+        tmp_path / "back.json",
+        "llava",
+        image_root=tmp_path / "imgs",
+        out_image_root=tmp_path,
+    )
     back = read_llava_json(tmp_path / "back.json")  # paths now relative to its own folder
     assert convs(back) == convs(original)[:2] and [s.images for s in back] == [s.images for s in original[:2]]
 
@@ -299,8 +404,10 @@ def test_cc_sbu_align_round_trip_symlinked_and_copied(tmp_path):
     root = tmp_path / "cc"
     for i in range(3):
         save_image(root / "image" / f"{i}.jpg", "JPEG", color=(i * 80, 10, 10))
-    write_json(root / "filter_cap.json", {"annotations": [{"image_id": str(i), "caption": f"Caption number {i}."}
-                                                          for i in range(3)]})
+    write_json(
+        root / "filter_cap.json",
+        {"annotations": [{"image_id": str(i), "caption": f"Caption number {i}."} for i in range(3)]},
+    )
     original = read_cc_sbu_align(root)
     convert_dataset(root, "cc_sbu_align", root / "llava.json", "llava")
     via = read_llava_json(root / "llava.json")
@@ -318,8 +425,9 @@ def test_cc_sbu_align_round_trip_symlinked_and_copied(tmp_path):
 
 def test_multi_turn_to_cc_sbu_align_is_skipped_with_a_counted_warning(tmp_path, capsys):
     src = llava_source(tmp_path)
-    rc = main(["data", "convert", str(src), "--from", "llava", "--to", "cc_sbu_align", str(tmp_path / "cc"),
-               "--copy-images"])
+    rc = main(
+        ["data", "convert", str(src), "--from", "llava", "--to", "cc_sbu_align", str(tmp_path / "cc"), "--copy-images"]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert "wrote 2" in out and "1 sample(s) skipped: multi-turn conversation" in out and f"{src}:1" in out
@@ -346,8 +454,14 @@ def test_captions_to_webdataset_shards_round_trip(tmp_path):
     report = convert_dataset(src, "captions_json", tmp_path / "wds", "webdataset", shard_size=2)
     assert report.written == 5 and [Path(f).name for f in report.files] == ["00000.tar", "00001.tar", "00002.tar"]
     with tarfile.open(tmp_path / "wds" / "00001.tar") as tar:
-        assert tar.getnames() == ["000010000.jpg", "000010000.txt", "000010000.json",
-                                  "000010001.png", "000010001.txt", "000010001.json"]
+        assert tar.getnames() == [
+            "000010000.jpg",
+            "000010000.txt",
+            "000010000.json",
+            "000010001.png",
+            "000010001.txt",
+            "000010001.json",
+        ]
         meta = json.loads(tar.extractfile("000010000.json").read())
     assert meta["caption"] == pairs[2]["caption"] and (meta["width"], meta["height"]) == (12, 7)
     back = list(read_webdataset(tmp_path / "wds"))
@@ -365,8 +479,20 @@ def test_csv_to_webdataset_cli_and_back_to_llava(tmp_path, capsys):
         writer.writerow({"image": "pics/p0.jpg", "caption": ""})  # malformed: empty caption
     with pytest.warns(DataWarning, match=r"pairs.csv:7: caption must be a non-empty string"):
         assert len(read_captions_csv(tmp_path / "pairs.csv")) == 5
-    rc = main(["data", "convert", str(tmp_path / "pairs.csv"), "--from", "captions_csv", "--to", "webdataset",
-               str(tmp_path / "wds"), "--shard-size", "3"])
+    rc = main(
+        [
+            "data",
+            "convert",
+            str(tmp_path / "pairs.csv"),
+            "--from",
+            "captions_csv",
+            "--to",
+            "webdataset",
+            str(tmp_path / "wds"),
+            "--shard-size",
+            "3",
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert "wrote 5" in out and f"{tmp_path / 'pairs.csv'}:7" in out  # the reader's skip, named by line
@@ -394,8 +520,9 @@ def test_convert_errors(tmp_path):
 
 
 def test_nothing_fits_is_an_error_and_leaves_nothing(tmp_path):
-    src = write_json(tmp_path / "q.json", [{"image": "a.png", "instruction": ["<image> A?", "B?"],
-                                            "output": ["a", "b"]}])
+    src = write_json(
+        tmp_path / "q.json", [{"image": "a.png", "instruction": ["<image> A?", "B?"], "output": ["a", "b"]}]
+    )
     with pytest.raises(ValueError, match="nothing written .* multi-turn"):
         convert_dataset(src, "minigpt4qwen", tmp_path / "cc", "cc_sbu_align")
     assert not (tmp_path / "cc").exists()

@@ -13,8 +13,12 @@ import pytest
 import torch
 from PIL import Image as PILImage
 from transformers import (
-    LogitsProcessorList, MinNewTokensLengthLogitsProcessor, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
-    TopKLogitsWarper, TopPLogitsWarper,
+    LogitsProcessorList,
+    MinNewTokensLengthLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
 )
 
 from minigpt.data.conversation import Conversation, Image, Text
@@ -270,8 +274,10 @@ def test_concurrent_requests_share_the_batch_and_match_one_by_one(llama, batched
 def test_batched_requests_with_penalty_min_tokens_and_sampling(llama, batched):
     """The scheduler thread runs outside any caller's inference mode: each option still works there."""
     conv = conversations()[0]
-    for options in (GenerationOptions(max_new_tokens=10, min_new_tokens=6),
-                    GenerationOptions(max_new_tokens=10, repetition_penalty=1.5)):
+    for options in (
+        GenerationOptions(max_new_tokens=10, min_new_tokens=6),
+        GenerationOptions(max_new_tokens=10, repetition_penalty=1.5),
+    ):
         expected = plain_engine(llama).generate([conv], [RED], options)[0]
         assert batched.generate(conv, [RED], options) == expected
     sampling = GenerationOptions(max_new_tokens=10, do_sample=True, temperature=0.8, top_k=50, seed=3)

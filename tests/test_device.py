@@ -38,7 +38,10 @@ def test_fake_npu_tests_in_their_own_process():
     env = {**os.environ, "MINIGPT_FAKE_NPU_PROCESS": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", __file__, "-k", "npu"],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     # Only this test itself is skipped in the child: the fake-NPU tests ran.
@@ -54,12 +57,19 @@ def fake_npu(nothing, monkeypatch):
         torch.utils.rename_privateuse1_backend("npu")
     calls: list[tuple] = []
     npu = types.SimpleNamespace(
-        is_available=lambda: True, device_count=lambda: 2, is_bf16_supported=lambda: False,
-        get_device_name=lambda i=0: "Ascend910A", set_device=lambda d: calls.append(("set_device", str(d))),
-        synchronize=lambda: calls.append(("synchronize",)), empty_cache=lambda: calls.append(("empty_cache",)),
-        max_memory_allocated=lambda d=None: 3 * 2**30, memory_allocated=lambda d=None: 2**30,
-        memory_reserved=lambda d=None: 2 * 2**30, reset_peak_memory_stats=lambda d=None: calls.append(("reset",)),
-        get_rng_state=lambda: torch.tensor([7], dtype=torch.uint8), set_rng_state=lambda s: calls.append(("rng",)),
+        is_available=lambda: True,
+        device_count=lambda: 2,
+        is_bf16_supported=lambda: False,
+        get_device_name=lambda i=0: "Ascend910A",
+        set_device=lambda d: calls.append(("set_device", str(d))),
+        synchronize=lambda: calls.append(("synchronize",)),
+        empty_cache=lambda: calls.append(("empty_cache",)),
+        max_memory_allocated=lambda d=None: 3 * 2**30,
+        memory_allocated=lambda d=None: 2**30,
+        memory_reserved=lambda d=None: 2 * 2**30,
+        reset_peak_memory_stats=lambda d=None: calls.append(("reset",)),
+        get_rng_state=lambda: torch.tensor([7], dtype=torch.uint8),
+        set_rng_state=lambda s: calls.append(("rng",)),
     )
     module = types.ModuleType("torch_npu")
     monkeypatch.setitem(sys.modules, "torch_npu", module)
@@ -191,7 +201,9 @@ def test_train_device_flag_sets_run_device(tmp_path, capsys):
 
     config, data = tmp_path / "c.yaml", tmp_path / "d.json"
     data.write_text("[]")
-    config.write_text(f"model: {{llm: x}}\ndata: {{datasets: [{{format: llava, path: {data}}}]}}\nrun: {{device: cuda}}\n")
+    config.write_text(
+        f"model: {{llm: x}}\ndata: {{datasets: [{{format: llava, path: {data}}}]}}\nrun: {{device: cuda}}\n"
+    )
     assert main(["train", str(config), "--print-config"]) == 0
     assert "device: cuda" in capsys.readouterr().out
     assert main(["train", str(config), "--print-config", "--device", "cpu"]) == 0

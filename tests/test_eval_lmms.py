@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 FAKE = {
     "__init__.py": "",
-    "utils.py": '''
+    "utils.py": """
         def handle_arg_string(arg):
             if arg.lower() == "true":
                 return True
@@ -44,9 +44,9 @@ FAKE = {
                 return {}
             arg_list = [arg for arg in args_string.split(",") if arg]
             return {k: handle_arg_string(v) for k, v in [arg.split("=") for arg in arg_list]}
-    ''',
+    """,
     "api/__init__.py": "",
-    "api/model.py": '''
+    "api/model.py": """
         import abc
 
         from lmms_eval import utils
@@ -75,8 +75,8 @@ FAKE = {
                 args = utils.simple_parse_args_string(arg_string)
                 args2 = {k: v for k, v in additional_config.items() if v is not None}
                 return cls(**args, **args2)
-    ''',
-    "api/registry.py": '''
+    """,
+    "api/registry.py": """
         MODEL_REGISTRY = {}
 
 
@@ -86,9 +86,9 @@ FAKE = {
                     MODEL_REGISTRY[name] = cls
                 return cls
             return decorate
-    ''',
+    """,
     "models/__init__.py": "",
-    "models/registry_v2.py": '''
+    "models/registry_v2.py": """
         from dataclasses import dataclass
 
 
@@ -98,7 +98,7 @@ FAKE = {
             simple_class_path: str | None = None
             chat_class_path: str | None = None
             aliases: tuple = ()
-    ''',
+    """,
 }
 
 
@@ -149,11 +149,13 @@ def test_create_from_arg_string_as_lmms_eval_calls_it(fake_lmms_eval, model_dir,
     cls = fake_lmms_eval.MiniGPTLmms
     assert issubclass(cls, lmms) and cls.is_simple and MODEL_REGISTRY["minigpt"] is cls
     # lmms-eval's CLI: --model_args pretrained=DIR,batch_size=8 plus its own --batch_size (default 1), --device
-    lm = cls.create_from_arg_string(f"pretrained={model_dir},batch_size=8",
-                                    {"batch_size": 1, "max_batch_size": None, "device": "cpu"})
+    lm = cls.create_from_arg_string(
+        f"pretrained={model_dir},batch_size=8", {"batch_size": 1, "max_batch_size": None, "device": "cpu"}
+    )
     assert lm.batch_size == 8 and str(lm.model.device) == "cpu"  # --model_args wins
-    auto = cls.create_from_arg_string(f"pretrained={model_dir}", {"batch_size": "auto", "max_batch_size": 64,
-                                                                 "device": None})
+    auto = cls.create_from_arg_string(
+        f"pretrained={model_dir}", {"batch_size": "auto", "max_batch_size": 64, "device": None}
+    )
     assert auto.batch_size == fake_lmms_eval.AUTO_BATCH_SIZE
     assert cls.create_from_arg_string(f"pretrained={model_dir}", {"batch_size": "4"}).batch_size == 4
 
@@ -180,8 +182,9 @@ def test_the_entry_point_resolves_to_the_lmms_subclass(fake_lmms_eval):
     assert issubclass(cls, lmms) and cls.is_simple  # what lmms-eval's registry checks before instantiating
 
 
-@pytest.mark.parametrize(("value", "size"), [(8, 8), ("8", 8), ("auto", adapter.AUTO_BATCH_SIZE),
-                                             ("auto:4", adapter.AUTO_BATCH_SIZE)])
+@pytest.mark.parametrize(
+    ("value", "size"), [(8, 8), ("8", 8), ("auto", adapter.AUTO_BATCH_SIZE), ("auto:4", adapter.AUTO_BATCH_SIZE)]
+)
 def test_parse_batch_size(value, size):
     assert adapter.parse_batch_size(value) == size
 
@@ -194,6 +197,7 @@ def test_parse_batch_size_rejects_nonsense():
 
 
 def test_model_arguments_merge():
-    merged = adapter.model_arguments({"pretrained": "d", "batch_size": 8}, {"batch_size": 1, "max_batch_size": None,
-                                                                          "device": "cuda:1"})
+    merged = adapter.model_arguments(
+        {"pretrained": "d", "batch_size": 8}, {"batch_size": 1, "max_batch_size": None, "device": "cuda:1"}
+    )
     assert merged == {"pretrained": "d", "batch_size": 8, "device": "cuda:1"}

@@ -101,8 +101,11 @@ def test_fallback_tokenizer_matches_ptb():
 @needs_java
 def test_java_and_fallback_give_same_scores(monkeypatch):
     preds = {1: "A man rides a wave on his surfboard!", 2: "Two dogs, playing in snow.", 3: "A bus isn't parked."}
-    refs = {1: ["A man riding a wave on top of a surfboard.", "Surfer (in red) on a wave."],
-            2: ["Two dogs play in the snow.", "Dogs' day in the snow"], 3: ["A red bus parked on the street."]}
+    refs = {
+        1: ["A man riding a wave on top of a surfboard.", "Surfer (in red) on a wave."],
+        2: ["Two dogs play in the snow.", "Dogs' day in the snow"],
+        3: ["A red bus parked on the street."],
+    }
     java = M.caption_metrics(preds, refs, meteor=False)
     monkeypatch.setattr(M, "java_available", lambda: False)
     assert M.caption_metrics(preds, refs) == pytest.approx(java)
@@ -116,8 +119,11 @@ def test_meteor_with_java():
 
 
 def test_per_image_scores_and_blank_references(no_java):
-    refs = {1: ["A man riding a wave.", "A surfer on a wave."], 2: ["Two dogs in the snow.", "Dogs playing."],
-            3: ["A red bus on the street.", "A bus."]}
+    refs = {
+        1: ["A man riding a wave.", "A surfer on a wave."],
+        2: ["Two dogs in the snow.", "Dogs playing."],
+        3: ["A red bus on the street.", "A bus."],
+    }
     preds = {1: "A man riding a wave.", 2: "Two dogs playing in snow.", 3: "A bus parked on a street."}
     totals, per = M.caption_scores(preds, refs)
     assert list(per) == [1, 2, 3] and set(per[1]) == set(M.CAPTION_METRICS)
@@ -145,15 +151,25 @@ def test_equal_to_reference_cocoevalcap(monkeypatch):
             return 0.0, [0.0] * len(gts)
 
     monkeypatch.setattr(coco_eval, "Spice", NoSpice)
-    refs = {1: ["A man riding a wave at 10:30.", "", "Surfer -- in red -- on a wave."],
-            2: ["Two dogs play in the snow!", "Dogs' day in the snow", " "],
-            3: ["A red bus parked on the street.", "@home: a #bus."], 4: ["A cat on a mat.", "A cat sleeping."]}
-    preds = {1: "A man rides a wave on his surfboard at 10:30", 2: "Two dogs, playing in snow.",
-             3: "A bus isn't parked @home.", 4: "A cat on a mat."}
+    refs = {
+        1: ["A man riding a wave at 10:30.", "", "Surfer -- in red -- on a wave."],
+        2: ["Two dogs play in the snow!", "Dogs' day in the snow", " "],
+        3: ["A red bus parked on the street.", "@home: a #bus."],
+        4: ["A cat on a mat.", "A cat sleeping."],
+    }
+    preds = {
+        1: "A man rides a wave on his surfboard at 10:30",
+        2: "Two dogs, playing in snow.",
+        3: "A bus isn't parked @home.",
+        4: "A cat on a mat.",
+    }
     gt = COCO()
-    gt.dataset = {"images": [{"id": k} for k in refs],
-                  "annotations": [{"image_id": k, "id": 10 * k + i, "caption": c}
-                                  for k, cs in refs.items() for i, c in enumerate(cs)]}
+    gt.dataset = {
+        "images": [{"id": k} for k in refs],
+        "annotations": [
+            {"image_id": k, "id": 10 * k + i, "caption": c} for k, cs in refs.items() for i, c in enumerate(cs)
+        ],
+    }
     gt.createIndex()
     ref = coco_eval.COCOEvalCap(gt, gt.loadRes([{"image_id": k, "caption": v} for k, v in preds.items()]))
     ref.evaluate()

@@ -68,16 +68,28 @@ def images(tmp_path) -> Path:
 
 def test_vqa_accuracy_hand_computed(tmp_path, images):
     answers = ["2"] * 3 + ["3"] * 7
-    data = write(tmp_path / "vqa.jsonl", [
-        {"id": "n", "image": "a.png", "question": "How many?", "answers": answers, "answer_type": "number"},
-        {"id": "y", "image": "b.png", "question": "Is it red?", "answers": ["yes"] * 10, "answer_type": "yes/no"},
-        {"id": "z", "image": "c.png", "question": "Is it blue?", "answers": ["yes"] * 10, "answer_type": "yes/no"},
-    ])
+    data = write(
+        tmp_path / "vqa.jsonl",
+        [
+            {"id": "n", "image": "a.png", "question": "How many?", "answers": answers, "answer_type": "number"},
+            {"id": "y", "image": "b.png", "question": "Is it red?", "answers": ["yes"] * 10, "answer_type": "yes/no"},
+            {"id": "z", "image": "c.png", "question": "Is it blue?", "answers": ["yes"] * 10, "answer_type": "yes/no"},
+        ],
+    )
     td = load_task("vqa", data, images=images)
     model = StubModel({"How many": "Two", "red": "Yes.", "blue": "no"})
     out = tmp_path / "out"
-    result = run_eval(model, "vqa", td, GenerationOptions(max_new_tokens=5), predictions_path=out / "p.jsonl",
-                      metrics_path=out / "m.json", batch_size=2, progress=False, info={"model": "stub"})
+    result = run_eval(
+        model,
+        "vqa",
+        td,
+        GenerationOptions(max_new_tokens=5),
+        predictions_path=out / "p.jsonl",
+        metrics_path=out / "m.json",
+        batch_size=2,
+        progress=False,
+        info={"model": "stub"},
+    )
     # "Two" -> "2": 3 of 10 annotators; leave-one-out mean = (3 * 2/3 + 7 * 1) / 10 = 0.9
     assert result.metrics["accuracy"] == pytest.approx((0.9 + 1.0 + 0.0) / 3)
     assert result.metrics["per_answer_type"] == pytest.approx({"number": 0.9, "yes/no": 0.5})
@@ -89,19 +101,31 @@ def test_vqa_accuracy_hand_computed(tmp_path, images):
     report = json.loads((out / "m.json").read_text())
     assert report["status"] == "done" and report["model"] == "stub" and report["task"] == "vqa"
     assert report["settings"]["generation"]["max_new_tokens"] == 5 and report["settings"]["batch_size"] == 2
-    assert report["counts"] == {"records": 3, "predicted": 3, "resumed": 0, "generated": 3, "failed": 0,
-                                "empty_predictions": 0, "skipped_on_read": 0}
+    assert report["counts"] == {
+        "records": 3,
+        "predicted": 3,
+        "resumed": 0,
+        "generated": 3,
+        "failed": 0,
+        "empty_predictions": 0,
+        "skipped_on_read": 0,
+    }
     assert report["throughput"]["samples"] == 3 and report["throughput"]["samples_per_s"] > 0
     assert set(report["versions"]) >= {"minigpt", "torch", "transformers"}
 
 
 def test_caption_metrics_hand_computed(tmp_path, images):
-    data = write(tmp_path / "coco.json", {
-        "images": [{"id": 1, "file_name": "a.png"}, {"id": 2, "file_name": "b.png"}],
-        "annotations": [{"image_id": 1, "caption": "a cat on a mat"},
-                        {"image_id": 1, "caption": "the cat sits on the mat"},
-                        {"image_id": 2, "caption": "a dog sits on grass"}],
-    })
+    data = write(
+        tmp_path / "coco.json",
+        {
+            "images": [{"id": 1, "file_name": "a.png"}, {"id": 2, "file_name": "b.png"}],
+            "annotations": [
+                {"image_id": 1, "caption": "a cat on a mat"},
+                {"image_id": 1, "caption": "the cat sits on the mat"},
+                {"image_id": 2, "caption": "a dog sits on grass"},
+            ],
+        },
+    )
     td = load_task("caption", data, images=images)
     # the stub tells the images apart by colour: a.png is red (image 1), b.png green (image 2)
     model = StubModel(image_fn=lambda imgs: "a cat on a mat" if imgs[0].getpixel((0, 0))[0] > 100 else "a dog runs")
@@ -117,14 +141,35 @@ def test_caption_metrics_hand_computed(tmp_path, images):
 
 
 def test_mcq_accuracy_and_circular_hand_computed(tmp_path, images):
-    data = write(tmp_path / "mcq.jsonl", [
-        {"id": "q1", "image": "a.png", "question": "Which pet?", "options": ["dog", "cat", "cow"], "answer": "B",
-         "category": "animals"},
-        {"id": "q2", "image": "b.png", "question": "Which color?", "options": ["red", "blue"], "answer": "A",
-         "category": "colors"},
-        {"id": "q3", "image": "c.png", "question": "Which shape?", "options": ["round", "square"], "answer": "B",
-         "category": "colors"},
-    ])
+    data = write(
+        tmp_path / "mcq.jsonl",
+        [
+            {
+                "id": "q1",
+                "image": "a.png",
+                "question": "Which pet?",
+                "options": ["dog", "cat", "cow"],
+                "answer": "B",
+                "category": "animals",
+            },
+            {
+                "id": "q2",
+                "image": "b.png",
+                "question": "Which color?",
+                "options": ["red", "blue"],
+                "answer": "A",
+                "category": "colors",
+            },
+            {
+                "id": "q3",
+                "image": "c.png",
+                "question": "Which shape?",
+                "options": ["round", "square"],
+                "answer": "B",
+                "category": "colors",
+            },
+        ],
+    )
 
     def answer(text: str) -> str:
         if "pet" in text:  # always finds "cat": right in every rotation
@@ -139,8 +184,9 @@ def test_mcq_accuracy_and_circular_hand_computed(tmp_path, images):
     assert plain["per_category"] == pytest.approx({"animals": 1.0, "colors": 0.5})
     assert "circular_accuracy" not in plain
 
-    circ = run_eval(StubModel(fn=answer), "mcq", load_task("mcq", data, images=images, circular=True),
-                    batch_size=3, progress=False).metrics
+    circ = run_eval(
+        StubModel(fn=answer), "mcq", load_task("mcq", data, images=images, circular=True), batch_size=3, progress=False
+    ).metrics
     assert circ["accuracy"] == pytest.approx(2 / 3)  # rotation 0 = the plain evaluation
     assert circ["circular_accuracy"] == pytest.approx(1 / 3)  # only q1 is right in all its rotations
     assert circ["unparsed"] == pytest.approx(2 / 7) and circ["n_circular"] == 3
@@ -150,8 +196,10 @@ def test_mcq_accuracy_and_circular_hand_computed(tmp_path, images):
 def test_pope_metrics_hand_computed(tmp_path, images):
     labels = ["yes", "yes", "no", "no", "yes"]
     answers = ["Yes, there is.", "No.", "no", "Yes", "There is not a cat."]
-    data = write(tmp_path / "coco_pope_popular.jsonl", [
-        {"question_id": i, "image": "a.png", "text": f"Question {i}?", "label": lab} for i, lab in enumerate(labels)])
+    data = write(
+        tmp_path / "coco_pope_popular.jsonl",
+        [{"question_id": i, "image": "a.png", "text": f"Question {i}?", "label": lab} for i, lab in enumerate(labels)],
+    )
     td = load_task("pope", data, images=images)
     m = run_eval(StubModel({f"Question {i}?": a for i, a in enumerate(answers)}), "pope", td, progress=False).metrics
     # parsed: yes no no yes no -> tp 1, fp 1, fn 2, tn 1
@@ -165,39 +213,62 @@ def test_pope_metrics_hand_computed(tmp_path, images):
 
 def test_bad_input_is_named_counted_and_never_fatal(tmp_path, images):
     (images / "broken.png").write_bytes(b"not a png")
-    data = write(tmp_path / "vqa.jsonl", [
-        {"id": "ok", "image": "a.png", "question": "Fine?", "answers": ["yes"]},
-        {"id": "gone", "image": "missing.png", "question": "Missing?", "answers": ["yes"]},
-        {"id": "bad", "image": "broken.png", "question": "Broken?", "answers": ["yes"]},
-        {"id": "boom", "image": "b.png", "question": "Explode?", "answers": ["yes"]},
-        {"id": "mute", "image": "c.png", "question": "Silent?", "answers": ["yes"]},
-        {"id": "malformed", "image": "a.png", "question": "No answers key"},
-    ])
+    data = write(
+        tmp_path / "vqa.jsonl",
+        [
+            {"id": "ok", "image": "a.png", "question": "Fine?", "answers": ["yes"]},
+            {"id": "gone", "image": "missing.png", "question": "Missing?", "answers": ["yes"]},
+            {"id": "bad", "image": "broken.png", "question": "Broken?", "answers": ["yes"]},
+            {"id": "boom", "image": "b.png", "question": "Explode?", "answers": ["yes"]},
+            {"id": "mute", "image": "c.png", "question": "Silent?", "answers": ["yes"]},
+            {"id": "malformed", "image": "a.png", "question": "No answers key"},
+        ],
+    )
     with pytest.warns(Warning) as caught:
         td = load_task("vqa", data, images=images)
         model = StubModel({"Fine": "yes", "Silent": "  "}, fail_on="Explode")
-        result = run_eval(model, "vqa", td, predictions_path=tmp_path / "o" / "p.jsonl",
-                          metrics_path=tmp_path / "o" / "m.json", batch_size=4, progress=False)
+        result = run_eval(
+            model,
+            "vqa",
+            td,
+            predictions_path=tmp_path / "o" / "p.jsonl",
+            metrics_path=tmp_path / "o" / "m.json",
+            batch_size=4,
+            progress=False,
+        )
     messages = "\n".join(str(w.message) for w in caught)
     assert "missing.png" in messages and "broken.png" in messages and "Explode" in messages
     assert "empty prediction" in messages and "vqa.jsonl:5" in messages and "vqa.jsonl:6" in messages
     report = result.report
-    assert report["counts"] == {"records": 5, "predicted": 2, "resumed": 0, "generated": 2, "failed": 3,
-                                "empty_predictions": 1, "skipped_on_read": 1}
+    assert report["counts"] == {
+        "records": 5,
+        "predicted": 2,
+        "resumed": 0,
+        "generated": 2,
+        "failed": 3,
+        "empty_predictions": 1,
+        "skipped_on_read": 1,
+    }
     assert set(report["problems"]) == {"missing_image", "generation_failed", "empty_prediction", "malformed_record"}
     assert report["problems"]["missing_image"]["count"] == 2
     # single-answer questions are scored by exact match: "yes" right, the empty answer wrong
     assert {k: result.metrics[k] for k in ("scorer", "accuracy", "n", "n_exact_match")} == {
-        "scorer": "lavis", "accuracy": pytest.approx(0.5), "n": 2, "n_exact_match": 2}
+        "scorer": "lavis",
+        "accuracy": pytest.approx(0.5),
+        "n": 2,
+        "n_exact_match": 2,
+    }
     assert result.metrics["notes"] == ["2 question(s) with fewer than 10 answers scored by exact match"]
     first = model.calls[0]  # the failed batch is retried one record at a time
     assert len(first) > 1 and any("Explode" in t for t in first)
-    assert model.calls[1:len(first) + 1] == [[t] for t in first]
+    assert model.calls[1 : len(first) + 1] == [[t] for t in first]
 
 
 def test_a_run_whose_records_all_fail_stops_with_the_first_error(tmp_path):
-    data = write(tmp_path / "pope.jsonl", [
-        {"question_id": i, "image": "nowhere.png", "text": "Q?", "label": "yes"} for i in range(40)])
+    data = write(
+        tmp_path / "pope.jsonl",
+        [{"question_id": i, "image": "nowhere.png", "text": "Q?", "label": "yes"} for i in range(40)],
+    )
     td = load_task("pope", data, images=tmp_path / "wrong")
     with pytest.warns(EvalWarning), pytest.raises(RuntimeError, match="all failed; first error: image file not"):
         run_eval(StubModel(), "pope", td, batch_size=8, progress=False)
@@ -207,13 +278,22 @@ def test_a_run_whose_records_all_fail_stops_with_the_first_error(tmp_path):
 
 
 def test_interrupted_run_resumes_from_its_predictions(tmp_path, images):
-    data = write(tmp_path / "pope.jsonl", [
-        {"question_id": i, "image": "abc"[i % 3] + ".png", "text": f"Is there thing {i}?", "label": "yes"}
-        for i in range(7)])
+    data = write(
+        tmp_path / "pope.jsonl",
+        [
+            {"question_id": i, "image": "abc"[i % 3] + ".png", "text": f"Is there thing {i}?", "label": "yes"}
+            for i in range(7)
+        ],
+    )
     td = load_task("pope", data, images=images)
     out = tmp_path / "out"
-    kwargs = dict(predictions_path=out / "p.jsonl", metrics_path=out / "m.json", batch_size=3, progress=False,
-                  info={"model": "stub"})
+    kwargs = dict(
+        predictions_path=out / "p.jsonl",
+        metrics_path=out / "m.json",
+        batch_size=3,
+        progress=False,
+        info={"model": "stub"},
+    )
 
     class Interrupting(StubModel):
         def generate(self, conversations, images, options=None):
@@ -246,9 +326,13 @@ def test_interrupted_run_resumes_from_its_predictions(tmp_path, images):
 
 
 def test_evaluate_task_restores_training_mode_and_flattens(tmp_path, images):
-    data = write(tmp_path / "pope_random.jsonl", [
-        {"question_id": i, "image": "a.png", "text": f"Q{i}?", "label": "yes", "category": "random"}
-        for i in range(4)])
+    data = write(
+        tmp_path / "pope_random.jsonl",
+        [
+            {"question_id": i, "image": "a.png", "text": f"Q{i}?", "label": "yes", "category": "random"}
+            for i in range(4)
+        ],
+    )
     model = StubModel(fn=lambda t: "yes")
     model.training = True
     seen = []
@@ -266,13 +350,20 @@ def test_batched_equals_one_by_one_greedy(tiny_pair_factory, tmp_path, images):
     from minigpt.infer.engine import Engine
 
     engine = Engine(*tiny_pair_factory())
-    data = write(tmp_path / "vqa.jsonl", [
-        {"id": "1", "image": "a.png", "question": "Hi?", "answers": ["x"]},
-        {"id": "2", "image": "b.png", "question": "A much longer question about what the picture shows?",
-         "answers": ["x"]},
-        {"id": "3", "images": ["c.png", "a.png"], "question": "Compare <image> and <image>?", "answers": ["x"]},
-        {"id": "4", "image": "c.png", "question": "Medium length question here?", "answers": ["x"]},
-    ])
+    data = write(
+        tmp_path / "vqa.jsonl",
+        [
+            {"id": "1", "image": "a.png", "question": "Hi?", "answers": ["x"]},
+            {
+                "id": "2",
+                "image": "b.png",
+                "question": "A much longer question about what the picture shows?",
+                "answers": ["x"],
+            },
+            {"id": "3", "images": ["c.png", "a.png"], "question": "Compare <image> and <image>?", "answers": ["x"]},
+            {"id": "4", "image": "c.png", "question": "Medium length question here?", "answers": ["x"]},
+        ],
+    )
     records = load_task("vqa", data, images=images).records
     opts = GenerationOptions(max_new_tokens=6, min_new_tokens=6)
     batched = predict(engine, records, opts, batch_size=4)
@@ -291,12 +382,31 @@ def _eval_parser() -> argparse.ArgumentParser:
 def test_cli_end_to_end_and_resume(tiny_model_factory, tmp_path, images, capsys):
     model_dir = tmp_path / "model"
     tiny_model_factory().save_pretrained(model_dir)
-    data = write(tmp_path / "coco_pope_random.jsonl", [
-        {"question_id": i, "image": "abc"[i] + ".png", "text": f"Is there a thing {i}?", "label": "yes"}
-        for i in range(3)])
+    data = write(
+        tmp_path / "coco_pope_random.jsonl",
+        [
+            {"question_id": i, "image": "abc"[i] + ".png", "text": f"Is there a thing {i}?", "label": "yes"}
+            for i in range(3)
+        ],
+    )
     out = tmp_path / "out"
-    argv = ["eval", str(model_dir), "--task", "pope", "--data", str(data), "--images", str(images),
-            "--batch-size", "2", "--max-new-tokens", "3", "--output", str(out), "--no-progress"]
+    argv = [
+        "eval",
+        str(model_dir),
+        "--task",
+        "pope",
+        "--data",
+        str(data),
+        "--images",
+        str(images),
+        "--batch-size",
+        "2",
+        "--max-new-tokens",
+        "3",
+        "--output",
+        str(out),
+        "--no-progress",
+    ]
     args = _eval_parser().parse_args(argv)
     assert args.func(args) == 0  # the random tiny model may answer nothing: that is only warned about
     metrics = json.loads(capsys.readouterr().out)
@@ -316,15 +426,35 @@ def test_cli_end_to_end_and_resume(tiny_model_factory, tmp_path, images, capsys)
 def test_cli_static_and_plain_decoding_give_the_same_predictions(tiny_model_factory, tmp_path, images):
     model_dir = tmp_path / "model"
     tiny_model_factory().save_pretrained(model_dir)
-    data = write(tmp_path / "vqa.jsonl", [
-        {"question_id": i, "image": "abc"[i] + ".png", "question": f"What is {i}?", "answers": ["red"]}
-        for i in range(3)])
+    data = write(
+        tmp_path / "vqa.jsonl",
+        [
+            {"question_id": i, "image": "abc"[i] + ".png", "question": f"What is {i}?", "answers": ["red"]}
+            for i in range(3)
+        ],
+    )
     predictions = {}
     for mode in ("plain", "static"):
         out = tmp_path / mode
-        argv = ["eval", str(model_dir), "--task", "vqa", "--data", str(data), "--images", str(images),
-                "--batch-size", "2", "--max-new-tokens", "6", "--output", str(out), "--no-progress",
-                "--decoding", mode]
+        argv = [
+            "eval",
+            str(model_dir),
+            "--task",
+            "vqa",
+            "--data",
+            str(data),
+            "--images",
+            str(images),
+            "--batch-size",
+            "2",
+            "--max-new-tokens",
+            "6",
+            "--output",
+            str(out),
+            "--no-progress",
+            "--decoding",
+            mode,
+        ]
         args = _eval_parser().parse_args(argv)
         assert args.func(args) == 0
         rows = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
@@ -347,8 +477,16 @@ def test_lmms_adapter_generate_until_batches_and_keeps_order(images):
 
     model = StubModel(fn=lambda text: text.split("?")[0].split()[-1])
     core = MiniGPTLmmsCore(model, batch_size=2)
-    core.task_dict = {"t": {"test": {0: {"img": images / "a.png"}, 1: {"img": images / "b.png"}, 2: {"img": None},
-                                     3: {"img": images / "nope.png"}}}}
+    core.task_dict = {
+        "t": {
+            "test": {
+                0: {"img": images / "a.png"},
+                1: {"img": images / "b.png"},
+                2: {"img": None},
+                3: {"img": images / "nope.png"},
+            }
+        }
+    }
 
     def visual(doc):
         return [] if doc["img"] is None else [PILImage.open(doc["img"]) if doc["img"].exists() else doc["img"]]
@@ -390,9 +528,8 @@ def test_lmms_adapter_multi_round(images):
 def test_lmms_adapter_loglikelihood_with_tiny_model(tiny_pair_factory, image_file):
     import torch
 
-    from minigpt.data.tokenize import collate
+    from minigpt.data.tokenize import ModelBatch, collate
     from minigpt.eval.lmms_adapter import MiniGPTLmmsCore, continuation_logprobs, request_conversation
-    from minigpt.data.tokenize import ModelBatch
     from minigpt.infer.engine import Engine
 
     model, processor = tiny_pair_factory()
@@ -410,14 +547,15 @@ def test_lmms_adapter_loglikelihood_with_tiny_model(tiny_pair_factory, image_fil
         ids.append(int(logits[0, -1].argmax()))
     other = ids[:2] + [(ids[2] + 1) % len(processor.tokenizer)]
     (lp_greedy, is_greedy), (lp_other, other_greedy) = continuation_logprobs(
-        engine, [conv, request_conversation("What is it? A longer context.", 1)], [[img], [img]], [ids, other])
+        engine, [conv, request_conversation("What is it? A longer context.", 1)], [[img], [img]], [ids, other]
+    )
     assert is_greedy and not other_greedy and lp_greedy < 0 and lp_other < 0
-    (lp_single, greedy_single), = continuation_logprobs(engine, [conv], [[img]], [ids])
+    ((lp_single, greedy_single),) = continuation_logprobs(engine, [conv], [[img]], [ids])
     assert lp_single == pytest.approx(lp_greedy, abs=1e-4) and greedy_single  # padding in a batch changes nothing
-    (lp_prefix, _), = continuation_logprobs(engine, [conv], [[img]], [ids[:2]])
+    ((lp_prefix, _),) = continuation_logprobs(engine, [conv], [[img]], [ids[:2]])
     assert lp_prefix > lp_single  # one more token can only lower the log-probability
 
     core = MiniGPTLmmsCore(engine)
     core.task_dict = {"t": {"val": {0: {}}}}
-    (lp, greedy), = core.loglikelihood([_Req("What is it?", " cat", lambda d: [img], 0, "t", "val")])
+    ((lp, greedy),) = core.loglikelihood([_Req("What is it?", " cat", lambda d: [img], 0, "t", "val")])
     assert math.isfinite(lp) and lp < 0 and isinstance(greedy, bool)

@@ -50,9 +50,20 @@ def images(tmp_path) -> Path:
 
 def _mmbench(tmp_path: Path, n: int) -> Path:
     """``n`` two-option questions (right answer: "dog"), options swapped in rotation 1."""
-    return write(tmp_path / "mmb.jsonl", [
-        {"id": f"q{i}", "image": "a.png", "question": f"Which animal {i}?", "options": ["dog", "cat"], "answer": "A",
-         "category": "animals"} for i in range(n)])
+    return write(
+        tmp_path / "mmb.jsonl",
+        [
+            {
+                "id": f"q{i}",
+                "image": "a.png",
+                "question": f"Which animal {i}?",
+                "options": ["dog", "cat"],
+                "answer": "A",
+                "category": "animals",
+            }
+            for i in range(n)
+        ],
+    )
 
 
 def _answer_letter_of_dog(text: str) -> str:
@@ -72,15 +83,25 @@ def test_circular_question_with_a_missing_rotation_is_a_miss(tmp_path, images):
     assert s.totals["scorer"] == "vlmevalkit" and "VLMEvalKit" in s.totals["reference"]
     assert s.totals["per_category"] == {"animals": pytest.approx(3 / 4)}
     assert [row["hit"] for row in s.rows] == [1, 1, 1, 0]
-    assert s.rows[3] == {"group": "q3", "hit": 0, "rotations": [
-        {"id": "q3@0", "answer": "A", "choice": "A", "prediction": "A"},
-        {"id": "q3@1", "answer": "B", "choice": None, "prediction": None}]}
+    assert s.rows[3] == {
+        "group": "q3",
+        "hit": 0,
+        "rotations": [
+            {"id": "q3@0", "answer": "A", "choice": "A", "prediction": "A"},
+            {"id": "q3@1", "answer": "B", "choice": None, "prediction": None},
+        ],
+    }
 
 
 def test_mmbench_extraction_vlmevalkit_by_default_ours_as_an_option(tmp_path, images):
-    td = load_task("mcq", write(tmp_path / "m.jsonl", [
-        {"id": "q", "image": "a.png", "question": "Which animal?", "options": ["cat", "dog"], "answer": "B"}]),
-        images=images)
+    td = load_task(
+        "mcq",
+        write(
+            tmp_path / "m.jsonl",
+            [{"id": "q", "image": "a.png", "question": "Which animal?", "options": ["cat", "dog"], "answer": "B"}],
+        ),
+        images=images,
+    )
     predictions = {"q": "A dog."}
     vlm = score("mcq", td.records, predictions)
     ours = score("mcq", td.records, predictions, scorer="minigpt")
@@ -95,18 +116,22 @@ def test_mmbench_extraction_vlmevalkit_by_default_ours_as_an_option(tmp_path, im
 
 
 def _vqa(tmp_path: Path) -> Path:
-    return write(tmp_path / "vqa.jsonl", [
-        {"id": "1", "image": "a.png", "question": "How many?", "answers": ["two"] * 3 + ["three"] * 7},
-        {"id": "2", "image": "b.png", "question": "Color?", "answers": ["red"] * 10},
-    ])
+    return write(
+        tmp_path / "vqa.jsonl",
+        [
+            {"id": "1", "image": "a.png", "question": "How many?", "answers": ["two"] * 3 + ["three"] * 7},
+            {"id": "2", "image": "b.png", "question": "Color?", "answers": ["red"] * 10},
+        ],
+    )
 
 
 def test_predictions_file_scores_like_the_run_that_made_it(tmp_path, images):
     td = load_task("mcq", _mmbench(tmp_path, 3), images=images, circular=True)
     model = Stub(lambda text: "A" if "animal 2" in text else _answer_letter_of_dog(text))
     out = tmp_path / "run"
-    run = run_eval(model, "mcq", td, predictions_path=out / "predictions.jsonl", metrics_path=out / "metrics.json",
-                   progress=False)
+    run = run_eval(
+        model, "mcq", td, predictions_path=out / "predictions.jsonl", metrics_path=out / "metrics.json", progress=False
+    )
     scored = score_predictions("mcq", td, out / "predictions.jsonl", metrics_path=tmp_path / "s" / "metrics.json")
     assert scored.metrics == run.metrics and run.metrics["circular_accuracy"] == pytest.approx(2 / 3)
     assert lines(tmp_path / "s" / "scores.jsonl") == lines(out / "scores.jsonl") == run.rows
@@ -118,16 +143,36 @@ def test_llava_answers_and_lmms_eval_logs(tmp_path, images):
     td = load_task("vqa", _vqa(tmp_path), images=images)
     answers = {"1": "3", "2": "Red."}
     expected = score("vqa", td.records, answers).totals
-    llava = write(tmp_path / "answers.jsonl", [
-        {"question_id": int(k), "prompt": "...", "text": v, "answer_id": "x", "model_id": "m"}
-        for k, v in answers.items()])
-    lmms = write(tmp_path / "vqa_samples.jsonl", [
-        {"doc_id": i, "doc": {"question_id": k, "question": "?"}, "target": "", "resps": [[v]], "filtered_resps": [v]}
-        for i, (k, v) in enumerate(answers.items())])
-    logs = write(tmp_path / "vqa_old.json", {"logs": [
-        {"doc_id": 0, "doc": {"question_id": 1}, "resps": [["3"]], "filtered_resps": ["3"]},
-        {"doc_id": 1, "doc": {"question_id": 2}, "resps": [["Red."]], "filtered_resps": ["Red."]},
-        {"doc_id": 2, "doc": {"question_id": 99}, "resps": [["x"]], "filtered_resps": ["x"]}]})
+    llava = write(
+        tmp_path / "answers.jsonl",
+        [
+            {"question_id": int(k), "prompt": "...", "text": v, "answer_id": "x", "model_id": "m"}
+            for k, v in answers.items()
+        ],
+    )
+    lmms = write(
+        tmp_path / "vqa_samples.jsonl",
+        [
+            {
+                "doc_id": i,
+                "doc": {"question_id": k, "question": "?"},
+                "target": "",
+                "resps": [[v]],
+                "filtered_resps": [v],
+            }
+            for i, (k, v) in enumerate(answers.items())
+        ],
+    )
+    logs = write(
+        tmp_path / "vqa_old.json",
+        {
+            "logs": [
+                {"doc_id": 0, "doc": {"question_id": 1}, "resps": [["3"]], "filtered_resps": ["3"]},
+                {"doc_id": 1, "doc": {"question_id": 2}, "resps": [["Red."]], "filtered_resps": ["Red."]},
+                {"doc_id": 2, "doc": {"question_id": 99}, "resps": [["x"]], "filtered_resps": ["x"]},
+            ]
+        },
+    )
     for path in (llava, lmms):
         result = score_predictions("vqa", td, path)
         assert result.metrics == expected and result.predictions == answers
@@ -141,15 +186,26 @@ def test_llava_answers_and_lmms_eval_logs(tmp_path, images):
 
 def test_llava_mmbench_rounds_and_coco_file_names(tmp_path, images):
     td = load_task("mcq", _mmbench(tmp_path, 1), images=images, circular=True)
-    llava = write(tmp_path / "mmb.jsonl", [{"question_id": "q0", "round_id": 0, "text": "A"},
-                                           {"question_id": "q0", "round_id": 1, "text": "B"}])
+    llava = write(
+        tmp_path / "mmb.jsonl",
+        [{"question_id": "q0", "round_id": 0, "text": "A"}, {"question_id": "q0", "round_id": 1, "text": "B"}],
+    )
     assert score_predictions("mcq", td, llava).metrics["circular_accuracy"] == 1.0
-    caps = write(tmp_path / "caps.jsonl", [{"id": 391895, "image": "a.png", "captions": ["a red square", "red"]},
-                                           {"id": 7, "image": "b.png", "captions": ["a dark square", ""]}])
+    caps = write(
+        tmp_path / "caps.jsonl",
+        [
+            {"id": 391895, "image": "a.png", "captions": ["a red square", "red"]},
+            {"id": 7, "image": "b.png", "captions": ["a dark square", ""]},
+        ],
+    )
     td = load_task("caption", caps, images=images)
-    lmms = write(tmp_path / "coco_samples.jsonl", [
-        {"doc_id": 0, "doc": {"question_id": "COCO_val2014_000000391895.jpg"}, "filtered_resps": ["a red square"]},
-        {"doc_id": 1, "doc": {"question_id": "COCO_val2014_000000000007.jpg"}, "filtered_resps": ["a square"]}])
+    lmms = write(
+        tmp_path / "coco_samples.jsonl",
+        [
+            {"doc_id": 0, "doc": {"question_id": "COCO_val2014_000000391895.jpg"}, "filtered_resps": ["a red square"]},
+            {"doc_id": 1, "doc": {"question_id": "COCO_val2014_000000000007.jpg"}, "filtered_resps": ["a square"]},
+        ],
+    )
     result = score_predictions("caption", td, lmms, meteor=False)
     assert result.predictions == {"391895": "a red square", "7": "a square"}
     assert [r["id"] for r in result.rows] == ["391895", "7"] and result.rows[0]["Bleu_1"] == pytest.approx(1.0)
@@ -177,8 +233,10 @@ def test_vqa_scorer_option_and_per_question_rows(tmp_path, images):
     predictions = {"1": "Two", "2": "red" + "." * 40}
     lavis = score("vqa", td.records, predictions)
     current = score("vqa", td.records, predictions, scorer="vqaeval2021")
-    assert lavis.rows == [{"id": "1", "accuracy": pytest.approx(0.9), "prediction": "Two"},
-                          {"id": "2", "accuracy": 0.0, "prediction": "red" + "." * 40}]  # 8 periods are left
+    assert lavis.rows == [
+        {"id": "1", "accuracy": pytest.approx(0.9), "prediction": "Two"},
+        {"id": "2", "accuracy": 0.0, "prediction": "red" + "." * 40},
+    ]  # 8 periods are left
     assert [r["accuracy"] for r in current.rows] == pytest.approx([0.9, 0.0])
     assert lavis.totals["scorer"] == "lavis" and "LAVIS" in lavis.totals["reference"]
     assert current.totals["reference"] == "GT-Vision-Lab/VQA vqaEval.py, 2021 revision"
@@ -193,9 +251,17 @@ def test_caption_without_java_says_so(tmp_path, images, monkeypatch):
     from minigpt.eval import metrics as M
 
     monkeypatch.setattr(M, "java_available", lambda: False)
-    td = load_task("caption", write(tmp_path / "c.jsonl", [
-        {"id": "a", "image": "a.png", "captions": ["a red square", "a square"]},
-        {"id": "b", "image": "b.png", "captions": ["a dark square", " "]}]), images=images)
+    td = load_task(
+        "caption",
+        write(
+            tmp_path / "c.jsonl",
+            [
+                {"id": "a", "image": "a.png", "captions": ["a red square", "a square"]},
+                {"id": "b", "image": "b.png", "captions": ["a dark square", " "]},
+            ],
+        ),
+        images=images,
+    )
     s = score("caption", td.records, {"a": "a red square", "b": "a square"})
     assert s.totals["METEOR"] is None and s.totals["reference"].endswith("[fallback tokenizer, no METEOR]")
     assert "METEOR missing" in s.totals["notes"][0] and "fallback tokenizer" in s.totals["notes"][0]
@@ -215,8 +281,21 @@ def test_cli_scores_a_predictions_file_without_a_model(tmp_path, images, capsys)
     data = _vqa(tmp_path)
     preds = write(tmp_path / "answers.jsonl", [{"question_id": 1, "text": "3"}, {"question_id": 2, "text": "blue"}])
     out = tmp_path / "out"
-    args = _parser().parse_args(["eval", "--predictions", str(preds), "--task", "vqa", "--data", str(data),
-                                 "--scorer", "vqaeval2021", "--output", str(out)])
+    args = _parser().parse_args(
+        [
+            "eval",
+            "--predictions",
+            str(preds),
+            "--task",
+            "vqa",
+            "--data",
+            str(data),
+            "--scorer",
+            "vqaeval2021",
+            "--output",
+            str(out),
+        ]
+    )
     assert args.func(args) == 0
     captured = capsys.readouterr()
     printed = json.loads(captured.out)
@@ -225,12 +304,15 @@ def test_cli_scores_a_predictions_file_without_a_model(tmp_path, images, capsys)
     report = json.loads((out / "metrics.json").read_text())
     assert report["metrics"] == printed and report["predictions"] == str(preds.resolve())
     assert [(r["id"], r["accuracy"]) for r in lines(out / "scores.jsonl")] == [("1", 1.0), ("2", 0.0)]
-    for argv in (["eval", "--task", "vqa", "--data", str(data)],
-                 ["eval", "m", "--predictions", str(preds), "--task", "vqa", "--data", str(data)]):
+    for argv in (
+        ["eval", "--task", "vqa", "--data", str(data)],
+        ["eval", "m", "--predictions", str(preds), "--task", "vqa", "--data", str(data)],
+    ):
         args = _parser().parse_args(argv)
         with pytest.raises(ValueError, match="give a MODEL directory to evaluate, or --predictions FILE"):
             args.func(args)
-    args = _parser().parse_args(["eval", "--predictions", str(preds), "--task", "vqa", "--data", str(data),
-                                 "--scorer", "coco"])
+    args = _parser().parse_args(
+        ["eval", "--predictions", str(preds), "--task", "vqa", "--data", str(data), "--scorer", "coco"]
+    )
     with pytest.raises(ValueError, match="unknown scorer 'coco' for task vqa; choose from lavis, vqaeval2021"):
         args.func(args)

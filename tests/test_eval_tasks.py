@@ -44,13 +44,18 @@ def test_every_task_module_registers_itself():
 
 
 def test_coco_caption_annotations_group_references(tmp_path):
-    data = write(tmp_path / "captions_val.json", {
-        "images": [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "b.jpg"}, {"id": 3}],
-        "annotations": [
-            {"image_id": 1, "caption": "A cat."}, {"image_id": 2, "caption": "A dog."},
-            {"image_id": 1, "caption": "The cat sits."}, {"image_id": 2},  # no caption: skipped
-        ],
-    })
+    data = write(
+        tmp_path / "captions_val.json",
+        {
+            "images": [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "b.jpg"}, {"id": 3}],
+            "annotations": [
+                {"image_id": 1, "caption": "A cat."},
+                {"image_id": 2, "caption": "A dog."},
+                {"image_id": 1, "caption": "The cat sits."},
+                {"image_id": 2},  # no caption: skipped
+            ],
+        },
+    )
     with pytest.warns(DataWarning) as caught:
         td = load_task("caption", data, images=tmp_path / "imgs")
     messages = [str(w.message) for w in caught]
@@ -64,8 +69,17 @@ def test_coco_caption_annotations_group_references(tmp_path):
 
 
 def test_blank_reference_captions_are_kept_as_cocoevalcap_keeps_them(tmp_path):
-    data = write(tmp_path / "gt.json", {"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [
-        {"image_id": 1, "caption": "A cat."}, {"image_id": 1, "caption": " "}, {"image_id": 1, "caption": ""}]})
+    data = write(
+        tmp_path / "gt.json",
+        {
+            "images": [{"id": 1, "file_name": "a.jpg"}],
+            "annotations": [
+                {"image_id": 1, "caption": "A cat."},
+                {"image_id": 1, "caption": " "},
+                {"image_id": 1, "caption": ""},
+            ],
+        },
+    )
     assert load_task("caption", data).records[0].references == ["A cat.", " ", ""]
     jl = write(tmp_path / "caps.jsonl", [{"id": "q", "image": "a.png", "captions": ["x", ""]}])
     assert load_task("caption", jl).records[0].references == ["x", ""]
@@ -81,13 +95,35 @@ def test_coco_images_without_file_name_use_coco_names(tmp_path):
 
 
 def test_karpathy_split_file_filters_split(tmp_path):
-    data = write(tmp_path / "dataset_coco.json", {"dataset": "coco", "images": [
-        {"filepath": "val2014", "filename": "x.jpg", "split": "test", "cocoid": 11,
-         "sentences": [{"raw": "One."}, {"raw": "Two."}]},
-        {"filepath": "val2014", "filename": "y.jpg", "split": "val", "cocoid": 12, "sentences": [{"raw": "No."}]},
-        {"filepath": "train2014", "filename": "z.jpg", "split": "restval", "cocoid": 13,
-         "sentences": [{"raw": "R."}]},
-    ]})
+    data = write(
+        tmp_path / "dataset_coco.json",
+        {
+            "dataset": "coco",
+            "images": [
+                {
+                    "filepath": "val2014",
+                    "filename": "x.jpg",
+                    "split": "test",
+                    "cocoid": 11,
+                    "sentences": [{"raw": "One."}, {"raw": "Two."}],
+                },
+                {
+                    "filepath": "val2014",
+                    "filename": "y.jpg",
+                    "split": "val",
+                    "cocoid": 12,
+                    "sentences": [{"raw": "No."}],
+                },
+                {
+                    "filepath": "train2014",
+                    "filename": "z.jpg",
+                    "split": "restval",
+                    "cocoid": 13,
+                    "sentences": [{"raw": "R."}],
+                },
+            ],
+        },
+    )
     td = load_task("caption", data)
     assert [(r.id, r.references) for r in td.records] == [("11", ["One.", "Two."])]
     assert td.records[0].images == [str(tmp_path / "val2014" / "x.jpg")]
@@ -96,14 +132,19 @@ def test_karpathy_split_file_filters_split(tmp_path):
 
 
 def test_lavis_karpathy_list_and_jsonl(tmp_path):
-    data = write(tmp_path / "coco_karpathy_test.json", [
-        {"image": "val2014/COCO_val2014_000000391895.jpg", "caption": ["A man.", "A bike."]},
-        {"image": "val2014/COCO_val2014_000000000001.jpg", "caption": "Single."},
-        {"image": "val2014/COCO_val2014_000000000001.jpg", "caption": "Second."},
-    ])
+    data = write(
+        tmp_path / "coco_karpathy_test.json",
+        [
+            {"image": "val2014/COCO_val2014_000000391895.jpg", "caption": ["A man.", "A bike."]},
+            {"image": "val2014/COCO_val2014_000000000001.jpg", "caption": "Single."},
+            {"image": "val2014/COCO_val2014_000000000001.jpg", "caption": "Second."},
+        ],
+    )
     td = load_task("caption", data, prompt="")
-    assert [(r.id, r.references) for r in td.records] == [("391895", ["A man.", "A bike."]),
-                                                           ("1", ["Single.", "Second."])]
+    assert [(r.id, r.references) for r in td.records] == [
+        ("391895", ["A man.", "A bike."]),
+        ("1", ["Single.", "Second."]),
+    ]
     assert user_text(td.records[0]) == "<ImageHere>"  # prompt="" -> the image alone (stage-1 models)
     jl = write(tmp_path / "caps.jsonl", [{"id": "q", "image": "a.png", "captions": ["x", "y"]}, "{broken"])
     with pytest.warns(DataWarning, match="caps.jsonl:2"):
@@ -115,15 +156,26 @@ def test_lavis_karpathy_list_and_jsonl(tmp_path):
 
 
 def _vqav2(tmp_path):
-    questions = write(tmp_path / "v2_Questions_val.json", {"data_subtype": "val2014", "questions": [
-        {"image_id": 9, "question": "How many dogs?", "question_id": 90},
-        {"image_id": 9, "question": "What color?", "question_id": 91},
-    ]})
+    questions = write(
+        tmp_path / "v2_Questions_val.json",
+        {
+            "data_subtype": "val2014",
+            "questions": [
+                {"image_id": 9, "question": "How many dogs?", "question_id": 90},
+                {"image_id": 9, "question": "What color?", "question_id": 91},
+            ],
+        },
+    )
     answers = [{"answer": a} for a in ["2"] * 3 + ["3"] * 7]
-    annotations = write(tmp_path / "v2_Annotations_val.json", {"annotations": [
-        {"question_id": 90, "image_id": 9, "answers": answers, "answer_type": "number"},
-        {"question_id": 91, "image_id": 9, "answers": [{"answer": "red"}] * 10, "answer_type": "other"},
-    ]})
+    annotations = write(
+        tmp_path / "v2_Annotations_val.json",
+        {
+            "annotations": [
+                {"question_id": 90, "image_id": 9, "answers": answers, "answer_type": "number"},
+                {"question_id": 91, "image_id": 9, "answers": [{"answer": "red"}] * 10, "answer_type": "other"},
+            ]
+        },
+    )
     return questions, annotations
 
 
@@ -141,14 +193,17 @@ def test_vqav2_questions_and_annotations(tmp_path):
 
 
 def test_vqa_simple_jsonl_with_malformed_lines(tmp_path):
-    data = write(tmp_path / "vqa.jsonl", [
-        {"id": "a", "image": "1.png", "question": "What is it?", "answers": ["cat", "Cat"]},
-        {"question_id": 7, "image": "2.png", "question": "Color?", "answers": [{"answer": "red"}]},
-        {"id": "c", "image": "3.png", "question": "No answers?"},
-        {"id": "d", "question": "No image", "answers": ["x"]},
-        "not json",
-        {"id": "a", "image": "1.png", "question": "dup", "answers": ["x"]},
-    ])
+    data = write(
+        tmp_path / "vqa.jsonl",
+        [
+            {"id": "a", "image": "1.png", "question": "What is it?", "answers": ["cat", "Cat"]},
+            {"question_id": 7, "image": "2.png", "question": "Color?", "answers": [{"answer": "red"}]},
+            {"id": "c", "image": "3.png", "question": "No answers?"},
+            {"id": "d", "question": "No image", "answers": ["x"]},
+            "not json",
+            {"id": "a", "image": "1.png", "question": "dup", "answers": ["x"]},
+        ],
+    )
     with pytest.warns(DataWarning) as caught:
         td = load_task("vqa", data, images="/imgs")
     assert [r.id for r in td.records] == ["a", "7"]
@@ -161,15 +216,20 @@ def test_vqa_simple_jsonl_with_malformed_lines(tmp_path):
 
 
 def test_placeholders_in_the_question_place_the_images(tmp_path):
-    data = write(tmp_path / "q.jsonl", [
-        {"id": "a", "images": ["1.png", "2.png"], "question": "Compare <image> and <image>?", "answers": ["x"]},
-        {"id": "b", "image": "1.png", "question": "<image>\nWhat?", "answers": ["x"]},
-        {"id": "c", "image": "1.png", "question": "<image> <image> too many?", "answers": ["x"]},
-    ])
+    data = write(
+        tmp_path / "q.jsonl",
+        [
+            {"id": "a", "images": ["1.png", "2.png"], "question": "Compare <image> and <image>?", "answers": ["x"]},
+            {"id": "b", "image": "1.png", "question": "<image>\nWhat?", "answers": ["x"]},
+            {"id": "c", "image": "1.png", "question": "<image> <image> too many?", "answers": ["x"]},
+        ],
+    )
     with pytest.warns(DataWarning, match="2 image placeholder"):
         td = load_task("vqa", data)
     assert [user_text(r) for r in td.records] == [
-        f"Compare <ImageHere> and <ImageHere>?\n{VQA_INSTRUCTION}", f"<ImageHere>\nWhat?\n{VQA_INSTRUCTION}"]
+        f"Compare <ImageHere> and <ImageHere>?\n{VQA_INSTRUCTION}",
+        f"<ImageHere>\nWhat?\n{VQA_INSTRUCTION}",
+    ]
 
 
 def test_file_without_any_valid_record_is_an_error(tmp_path):
@@ -191,14 +251,23 @@ def test_mcq_prompt_wording():
 
 
 def test_mcq_json_options_and_answer_forms(tmp_path):
-    data = write(tmp_path / "mcq.jsonl", [
-        {"id": 1, "image": "a.png", "question": "Q1?", "options": ["cat", "dog"], "answer": "B", "category": "x"},
-        {"id": 2, "image": "a.png", "question": "Q2?", "choices": ["red", "blue", "green"], "answer": 2},
-        {"id": 3, "image": "a.png", "question": "Q3?", "options": {"A": "up", "B": "down"}, "answer": "down",
-         "hint": "Think."},
-        {"id": 4, "image": "a.png", "question": "Q4?", "options": ["x", "y"], "answer": "E"},
-        {"id": 5, "image": "a.png", "question": "Q5?", "options": ["only"], "answer": "A"},
-    ])
+    data = write(
+        tmp_path / "mcq.jsonl",
+        [
+            {"id": 1, "image": "a.png", "question": "Q1?", "options": ["cat", "dog"], "answer": "B", "category": "x"},
+            {"id": 2, "image": "a.png", "question": "Q2?", "choices": ["red", "blue", "green"], "answer": 2},
+            {
+                "id": 3,
+                "image": "a.png",
+                "question": "Q3?",
+                "options": {"A": "up", "B": "down"},
+                "answer": "down",
+                "hint": "Think.",
+            },
+            {"id": 4, "image": "a.png", "question": "Q4?", "options": ["x", "y"], "answer": "E"},
+            {"id": 5, "image": "a.png", "question": "Q5?", "options": ["only"], "answer": "A"},
+        ],
+    )
     with pytest.warns(DataWarning):
         td = load_task("mcq", data)
     assert [(r.id, r.references) for r in td.records] == [("1", ["B"]), ("2", ["C"]), ("3", ["B"])]
@@ -209,8 +278,10 @@ def test_mcq_json_options_and_answer_forms(tmp_path):
 
 def test_mmstar_inline_options_are_parsed():
     q = "Which animal is shown?\nOptions: A: a cat, B: a dog, C: a bird, D: 3.5 cm"
-    assert split_inline_options(q) == ("Which animal is shown?",
-                                       {"A": "a cat", "B": "a dog", "C": "a bird", "D": "3.5 cm"})
+    assert split_inline_options(q) == (
+        "Which animal is shown?",
+        {"A": "a cat", "B": "a dog", "C": "a bird", "D": "3.5 cm"},
+    )
     assert split_inline_options("What?\nA. one\nB. two") == ("What?", {"A": "one", "B": "two"})
     assert split_inline_options("A dog. What is it?") == ("A dog. What is it?", {})
 
@@ -238,12 +309,17 @@ def test_mmbench_tsv_base64_images_and_circular_copies(tmp_path):
     assert td.records[0].images == td.records[1].images and isinstance(td.records[0].images[0], bytes)
     circ = load_task("mcq", data, circular=True)  # copies present: kept as they are, not rotated again
     assert [(r.id, r.group, r.extra["rotation"]) for r in circ.records] == [
-        ("0", "0", 0), ("1", "1", 0), ("1000000", "0", 1)]
+        ("0", "0", 0),
+        ("1", "1", 0),
+        ("1000000", "0", 1),
+    ]
 
 
 def test_circular_expansion_rotates_options_and_answers(tmp_path):
-    data = write(tmp_path / "mcq.json", [
-        {"id": "q", "image": "a.png", "question": "Q?", "options": ["cat", "dog", "cow"], "answer": "B"}])
+    data = write(
+        tmp_path / "mcq.json",
+        [{"id": "q", "image": "a.png", "question": "Q?", "options": ["cat", "dog", "cow"], "answer": "B"}],
+    )
     td = load_task("mcq", data, circular=True)
     got = [(r.id, r.group, r.extra["options"], r.references[0]) for r in td.records]
     assert got == [
@@ -256,14 +332,38 @@ def test_circular_expansion_rotates_options_and_answers(tmp_path):
 
 
 def test_scienceqa_problems_json_image_subset(tmp_path):
-    data = write(tmp_path / "problems.json", {
-        "5": {"question": "Which is a mammal?", "choices": ["frog", "whale"], "answer": 1, "hint": "",
-              "image": "image.png", "split": "test", "subject": "natural science"},
-        "6": {"question": "Text only?", "choices": ["a", "b"], "answer": 0, "hint": "", "image": None,
-              "split": "test", "subject": "x"},
-        "7": {"question": "Train?", "choices": ["a", "b"], "answer": 0, "hint": "", "image": "image.png",
-              "split": "train", "subject": "x"},
-    })
+    data = write(
+        tmp_path / "problems.json",
+        {
+            "5": {
+                "question": "Which is a mammal?",
+                "choices": ["frog", "whale"],
+                "answer": 1,
+                "hint": "",
+                "image": "image.png",
+                "split": "test",
+                "subject": "natural science",
+            },
+            "6": {
+                "question": "Text only?",
+                "choices": ["a", "b"],
+                "answer": 0,
+                "hint": "",
+                "image": None,
+                "split": "test",
+                "subject": "x",
+            },
+            "7": {
+                "question": "Train?",
+                "choices": ["a", "b"],
+                "answer": 0,
+                "hint": "",
+                "image": "image.png",
+                "split": "train",
+                "subject": "x",
+            },
+        },
+    )
     td = load_task("mcq", data, images=tmp_path)
     assert [(r.id, r.references, r.extra["category"]) for r in td.records] == [("5", ["B"], "natural science")]
     assert td.records[0].images == [str(tmp_path / "test" / "5" / "image.png")]
@@ -273,14 +373,20 @@ def test_scienceqa_problems_json_image_subset(tmp_path):
 
 
 def test_pope_files_category_from_name_and_prefixed_ids(tmp_path):
-    rand = write(tmp_path / "coco_pope_random.json", [
-        {"question_id": 1, "image": "a.jpg", "text": "Is there a dog in the image?", "label": "yes"},
-        {"question_id": 2, "image": "a.jpg", "text": "Is there a cat in the image?", "label": "no"},
-    ])
-    adv = write(tmp_path / "coco_pope_adversarial.jsonl", [
-        {"question_id": 1, "image": "b.jpg", "text": "Is there a car?", "label": "NO"},
-        {"question_id": 2, "image": "b.jpg", "text": "Is there a bus?", "label": "maybe"},
-    ])
+    rand = write(
+        tmp_path / "coco_pope_random.json",
+        [
+            {"question_id": 1, "image": "a.jpg", "text": "Is there a dog in the image?", "label": "yes"},
+            {"question_id": 2, "image": "a.jpg", "text": "Is there a cat in the image?", "label": "no"},
+        ],
+    )
+    adv = write(
+        tmp_path / "coco_pope_adversarial.jsonl",
+        [
+            {"question_id": 1, "image": "b.jpg", "text": "Is there a car?", "label": "NO"},
+            {"question_id": 2, "image": "b.jpg", "text": "Is there a bus?", "label": "maybe"},
+        ],
+    )
     with pytest.warns(DataWarning, match="yes' or 'no"):
         td = load_task("pope", [rand, adv])
     assert [r.id for r in td.records] == ["coco_pope_random/1", "coco_pope_random/2", "coco_pope_adversarial/1"]

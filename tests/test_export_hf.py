@@ -76,8 +76,9 @@ def test_same_logits_and_greedy_tokens(exported, image_file):
     convs = _convs()
     batch = mp.prepare(convs, [image_file, image_file], train=False)
     ids, mask = _hf_inputs(model, hf, batch)
-    assert ids[0, -len(hf_prompt_ids(mp.template, processor.tokenizer, convs[0], 8, hf.config.image_token_index)):].tolist() \
-        == hf_prompt_ids(mp.template, processor.tokenizer, convs[0], 8, hf.config.image_token_index)
+    assert ids[
+        0, -len(hf_prompt_ids(mp.template, processor.tokenizer, convs[0], 8, hf.config.image_token_index)) :
+    ].tolist() == hf_prompt_ids(mp.template, processor.tokenizer, convs[0], 8, hf.config.image_token_index)
     with torch.no_grad():
         embeds = model.embed(batch)
         ours = model.llm(inputs_embeds=embeds, attention_mask=mask).logits
@@ -90,11 +91,18 @@ def test_same_logits_and_greedy_tokens(exported, image_file):
     # Greedy generation: same ids, with transformers' defaults from the exported generation settings.
     eos = hf.language_model.generation_config.eos_token_id
     with torch.no_grad():
-        got = hf.generate(pixel_values=batch.pixel_values, input_ids=ids, attention_mask=mask, max_new_tokens=20,
-                          do_sample=False)
-        want = model.llm.generate(input_ids=batch.text.input_ids, inputs_embeds=embeds, attention_mask=mask,
-                                  max_new_tokens=20, do_sample=False, eos_token_id=eos,
-                                  pad_token_id=mp.tokenizer.pad_token_id)
+        got = hf.generate(
+            pixel_values=batch.pixel_values, input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=False
+        )
+        want = model.llm.generate(
+            input_ids=batch.text.input_ids,
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            max_new_tokens=20,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=mp.tokenizer.pad_token_id,
+        )
     prompt_len = ids.shape[1]
     assert got[:, prompt_len:].tolist() == want[:, prompt_len:].tolist()
     assert got.shape[1] > prompt_len + 5
@@ -118,8 +126,10 @@ def test_ln_vision_eps_is_the_only_difference(exported, image_file):
             same_eps = model.encode_images(pixels)
         finally:
             post.eps = saved
-    print(f"projected image tokens: diff {(ours - hf_image).abs().max().item():.3g} (eps 1e-5 vs 1e-6), "
-          f"{(same_eps - hf_image).abs().max().item():.3g} with equal eps")
+    print(
+        f"projected image tokens: diff {(ours - hf_image).abs().max().item():.3g} (eps 1e-5 vs 1e-6), "
+        f"{(same_eps - hf_image).abs().max().item():.3g} with equal eps"
+    )
     assert (same_eps - hf_image).abs().max().item() < 1e-6
     assert (ours - hf_image).abs().max().item() < 1e-4
     assert dataclasses.asdict(model.config.vision)["ln_vision_eps"] == 1e-5
@@ -141,8 +151,12 @@ def test_prompt_text_tokenizes_to_minigpt_ids(exported, template):
 
     _, _, _, hf, processor = exported
     tpl = get_template(template)
-    conv = (Conversation().add("user", [Image(), Text(tpl.image_separator + "Give it a look?")])
-            .add("assistant", [Text("A cat.")]).add("user", [Text("And then?")]))
+    conv = (
+        Conversation()
+        .add("user", [Image(), Text(tpl.image_separator + "Give it a look?")])
+        .add("assistant", [Text("A cat.")])
+        .add("user", [Text("And then?")])
+    )
     text = hf_prompt(tpl, processor.tokenizer, conv, 8)
     want = hf_prompt_ids(tpl, processor.tokenizer, conv, 8, hf.config.image_token_index)
     assert processor(text=text).input_ids[0] == want
@@ -166,17 +180,26 @@ def test_documented_transformers_route_is_token_exact(exported, image_file):
     print(f"documented route: logits max abs diff {diff:.3g}")
     assert diff < 1e-4
     answer = Engine(model, mp).generate([conv], [image_file], GenerationOptions(max_new_tokens=20))[0]
-    assert mp.decode(got[0, inputs.input_ids.shape[1]:]) == answer
+    assert mp.decode(got[0, inputs.input_ids.shape[1] :]) == answer
 
 
 def test_tied_embeddings_and_unrepresentable_models(tmp_path, llama_tokenizer, tiny_model_factory):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    llm = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(llama_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True,
-        bos_token_id=llama_tokenizer.bos_token_id, eos_token_id=llama_tokenizer.eos_token_id))
+    llm = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(llama_tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            bos_token_id=llama_tokenizer.bos_token_id,
+            eos_token_id=llama_tokenizer.eos_token_id,
+        )
+    )
     llm.save_pretrained(tmp_path / "tied")
     llama_tokenizer.save_pretrained(tmp_path / "tied")
     model = tiny_model_factory(llm=str(tmp_path / "tied")).eval()

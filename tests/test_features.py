@@ -9,13 +9,13 @@ import shutil
 import pytest
 import torch
 
+from minigpt.cli import main
 from minigpt.data.features import FeatureCache, cache_features, image_key, open_feature_cache
 from minigpt.data.formats import read_dataset
 from minigpt.data.images import ImageProcessor
 from minigpt.model.vision import Blip2VisionEncoder, VisionConfig
 from minigpt.train.config import ConfigError, validate_config
 from minigpt.train.launch import train
-from minigpt.cli import main
 from test_train_support import losses, make_shapes, tiny_config, write_yaml
 
 
@@ -55,7 +55,10 @@ def test_cache_round_trip_and_resume(tmp_path):
     with pytest.raises(ValueError, match="other vision weights"):
         cache_features(_encoder(seed=1), samples, out, dtype="float32")
     half = cache_features(encoder, samples, tmp_path / "half", batch_size=16)  # float16, the default
-    assert half.written == 10 and FeatureCache(tmp_path / "half").get(image_key(samples[0].images[0])).dtype == torch.float16
+    assert (
+        half.written == 10
+        and FeatureCache(tmp_path / "half").get(image_key(samples[0].images[0])).dtype == torch.float16
+    )
 
 
 def test_unreadable_images_are_reported_and_their_samples_skipped_in_training(tmp_path):
@@ -69,8 +72,9 @@ def test_unreadable_images_are_reported_and_their_samples_skipped_in_training(tm
 
 
 def _config(tmp_path, llm_dir, train_json, name, **data):
-    config = tiny_config(llm_dir, train_json, tmp_path / name,
-                         data={"augment": False, **data}, run={"max_steps": 3, "batch_size": 4})
+    config = tiny_config(
+        llm_dir, train_json, tmp_path / name, data={"augment": False, **data}, run={"max_steps": 3, "batch_size": 4}
+    )
     return config
 
 
@@ -82,14 +86,38 @@ def test_same_losses_with_and_without_the_cache(tmp_path, tiny_llama_dir):
     yaml_path = write_yaml(tmp_path / "plain.yaml", plain)
     for dtype, tolerance in (("float32", 1e-5), ("float16", 2e-3)):
         out = tmp_path / f"cache-{dtype}"
-        assert main(["data", "cache-features", "--config", str(yaml_path), "--out", str(out), "--dtype", dtype,
-                     "--device", "cpu", "--workers", "1"]) == 0
+        assert (
+            main(
+                [
+                    "data",
+                    "cache-features",
+                    "--config",
+                    str(yaml_path),
+                    "--out",
+                    str(out),
+                    "--dtype",
+                    dtype,
+                    "--device",
+                    "cpu",
+                    "--workers",
+                    "1",
+                ]
+            )
+            == 0
+        )
         cached = _config(tmp_path, tiny_llama_dir, train_json, f"cached-{dtype}", feature_cache=str(out))
         result = train(validate_config(cached))
         assert losses(result.history) == pytest.approx(reference, abs=tolerance)
     # ... and with packing on top (images reordered with their samples)
-    packed = _config(tmp_path, tiny_llama_dir, train_json, "cached-packed", feature_cache=str(tmp_path / "cache-float32"),
-                     packing=True, pack_len=64)
+    packed = _config(
+        tmp_path,
+        tiny_llama_dir,
+        train_json,
+        "cached-packed",
+        feature_cache=str(tmp_path / "cache-float32"),
+        packing=True,
+        pack_len=64,
+    )
     assert losses(train(validate_config(packed)).history) == pytest.approx(reference, abs=1e-5)
 
 

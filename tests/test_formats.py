@@ -70,8 +70,14 @@ def test_llava_parses_turns_images_and_origins(tmp_path):
                     {"from": "gpt", "value": "No."},
                 ],
             },
-            {"id": 7, "conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"},
-                                        {"from": "gpt", "value": "Hello"}]},
+            {
+                "id": 7,
+                "conversations": [
+                    {"from": "system", "value": "Be brief."},
+                    {"from": "human", "value": "Hi"},
+                    {"from": "gpt", "value": "Hello"},
+                ],
+            },
         ],
     )
     data = read_llava_json(path, image_root=tmp_path / "imgs")
@@ -90,8 +96,10 @@ def test_llava_parses_turns_images_and_origins(tmp_path):
 
 
 def test_llava_image_root_defaults_to_json_folder(tmp_path):
-    path = write_json(tmp_path / "d.json", [{"image": "a.jpg", "conversations": [
-        {"from": "human", "value": "<image>"}, {"from": "gpt", "value": "x"}]}])
+    path = write_json(
+        tmp_path / "d.json",
+        [{"image": "a.jpg", "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "x"}]}],
+    )
     assert read_llava_json(path)[0].images == [str(tmp_path / "a.jpg")]
 
 
@@ -207,8 +215,11 @@ def test_cc_sbu_align_custom_instructions_and_captions_mode(tmp_path):
 
 
 def test_cc_sbu_align_skips_and_bad_layout(tmp_path):
-    root = make_cc_sbu(tmp_path / "cc", n=2, extra=[{"caption": "no id"}, {"image_id": "9", "caption": ""},
-                                                       {"image_id": 10, "caption": "int id ok"}])
+    root = make_cc_sbu(
+        tmp_path / "cc",
+        n=2,
+        extra=[{"caption": "no id"}, {"image_id": "9", "caption": ""}, {"image_id": 10, "caption": "int id ok"}],
+    )
     with pytest.warns(DataWarning):
         data = read_cc_sbu_align(root)
     assert [s.id for s in data] == ["0", "1", "10"]
@@ -226,8 +237,11 @@ def test_minigpt4qwen_single_and_multi_turn(tmp_path):
         tmp_path / "q.json",
         [
             {"image": "a.jpg", "instruction": "<Img><ImageHere></Img> Describe this image.", "output": "A boat."},
-            {"image": "b.jpg", "instruction": ["<Img><ImageHere></Img> What animal?", "Doing what?"],
-             "output": ["A dog.", "Running."]},
+            {
+                "image": "b.jpg",
+                "instruction": ["<Img><ImageHere></Img> What animal?", "Doing what?"],
+                "output": ["A dog.", "Running."],
+            },
             {"image": "c.jpg", "instruction": ["<Img><ImageHere></Img> Q"], "output": ["A", "B"]},  # mismatch
             {"image": "c.jpg", "instruction": "<Img><ImageHere></Img> Q", "output": ["A"]},  # str vs list
             {"instruction": "<Img><ImageHere></Img> Q", "output": "A"},  # no image
@@ -297,8 +311,12 @@ def test_webdataset_patterns_truncated_shard_and_workers(tmp_path):
     with pytest.warns(DataWarning, match="00002.tar: truncated or unreadable tar in sample 20 .dropped."):
         got = [s.id for s in WebDatasetReader([tmp_path / "00000.tar", tmp_path / "00002.tar"])]
     assert got == ["00", "01"]
-    loader = torch.utils.data.DataLoader(WebDatasetReader(sorted(tmp_path.glob("0000[01].tar"))), batch_size=None,
-                                         num_workers=2, collate_fn=lambda s: s.id)
+    loader = torch.utils.data.DataLoader(
+        WebDatasetReader(sorted(tmp_path.glob("0000[01].tar"))),
+        batch_size=None,
+        num_workers=2,
+        collate_fn=lambda s: s.id,
+    )
     assert sorted(loader) == ["00", "01", "10", "11"]
     with pytest.raises(FileNotFoundError, match="nope.tar"):
         WebDatasetReader(tmp_path / "nope.tar")
@@ -309,8 +327,14 @@ def test_webdataset_patterns_truncated_shard_and_workers(tmp_path):
 
 def test_webdataset_cut_between_members_is_reported_and_skips_are_counted(tmp_path):
     img = jpeg_bytes()
-    members = [("k0.jpg", img), ("k0.txt", b"first"), ("k1.jpg", img), ("k1.txt", b""), ("k2.jpg", img),
-               ("k2.txt", b"third")]
+    members = [
+        ("k0.jpg", img),
+        ("k0.txt", b"first"),
+        ("k1.jpg", img),
+        ("k1.txt", b""),
+        ("k2.jpg", img),
+        ("k2.txt", b"third"),
+    ]
     raw = write_tar(tmp_path / "whole.tar", members).read_bytes()
     reader = WebDatasetReader(tmp_path / "whole.tar")
     with pytest.warns(DataWarning, match="k1: caption must be a non-empty string"):
@@ -329,17 +353,26 @@ def test_webdataset_cut_between_members_is_reported_and_skips_are_counted(tmp_pa
 
 
 def test_empty_answers_are_skipped_as_their_own_kind(tmp_path):
-    turns = [{"from": "human", "value": "<image> Q"}, {"from": "gpt", "value": "A"}, {"from": "human", "value": "Q2"},
-             {"from": "gpt", "value": " \n"}]
-    path = write_json(tmp_path / "d.json", [{"image": "a.jpg", "conversations": turns},
-                                            {"image": "a.jpg", "conversations": turns[:2]}])
+    turns = [
+        {"from": "human", "value": "<image> Q"},
+        {"from": "gpt", "value": "A"},
+        {"from": "human", "value": "Q2"},
+        {"from": "gpt", "value": " \n"},
+    ]
+    path = write_json(
+        tmp_path / "d.json",
+        [{"image": "a.jpg", "conversations": turns}, {"image": "a.jpg", "conversations": turns[:2]}],
+    )
     with pytest.warns(DataWarning, match=r"d.json:0: turn 4 \(assistant\) is empty"):
         data = read_llava_json(path)
     assert len(data) == 1 and data.report.kinds == {f"{path}:0": "empty_answer"}
-    qwen = write_json(tmp_path / "q.json", [
-        {"image": "a.jpg", "instruction": ["<Img><ImageHere></Img> Q", "Q2"], "output": ["A", ""]},
-        {"image": "a.jpg", "instruction": "<ImageHere> Q", "output": "A"},
-    ])
+    qwen = write_json(
+        tmp_path / "q.json",
+        [
+            {"image": "a.jpg", "instruction": ["<Img><ImageHere></Img> Q", "Q2"], "output": ["A", ""]},
+            {"image": "a.jpg", "instruction": "<ImageHere> Q", "output": "A"},
+        ],
+    )
     with pytest.warns(DataWarning, match="turn 4 .assistant. is empty"):
         assert len(read_minigpt4qwen_json(qwen)) == 1
 
@@ -353,8 +386,10 @@ def test_image_paths_stay_under_the_image_root_unless_allowed(tmp_path):
             resolve_image(root, bad)
     assert resolve_image(root, "../x.jpg", allow_outside_root=True) == str(root / "../x.jpg")
     conv = [{"from": "human", "value": "<image> Q"}, {"from": "gpt", "value": "A"}]
-    path = write_json(tmp_path / "d.json", [{"image": "../../etc/x.jpg", "conversations": conv},
-                                            {"image": "ok.jpg", "conversations": conv}])
+    path = write_json(
+        tmp_path / "d.json",
+        [{"image": "../../etc/x.jpg", "conversations": conv}, {"image": "ok.jpg", "conversations": conv}],
+    )
     with pytest.warns(DataWarning, match="d.json:0: image path '../../etc/x.jpg' leaves the image root"):
         data = read_dataset({"format": "llava", "path": str(path), "image_root": str(root)})
     assert [s.images for s in data] == [[str(root / "ok.jpg")]] and data.report.kinds == {f"{path}:0": "outside_root"}
@@ -362,8 +397,10 @@ def test_image_paths_stay_under_the_image_root_unless_allowed(tmp_path):
     assert allowed[0].images == [str(root / "../../etc/x.jpg")]
     cc = tmp_path / "cc"
     cc.mkdir()
-    write_json(cc / "filter_cap.json",
-               {"annotations": [{"image_id": "../../secret", "caption": "c"}, {"image_id": "2", "caption": "c"}]})
+    write_json(
+        cc / "filter_cap.json",
+        {"annotations": [{"image_id": "../../secret", "caption": "c"}, {"image_id": "2", "caption": "c"}]},
+    )
     with pytest.warns(DataWarning, match="'../../secret.jpg' leaves the image root"):
         assert [s.id for s in read_cc_sbu_align(cc)] == ["2"]
     for reader in (read_captions_json, read_minigpt4qwen_json):
@@ -406,7 +443,8 @@ def test_mixed_dataset_exact_ratio_deterministic(tmp_path):
     assert names != [same[i].conversation.turns[1].text for i in range(100)]
     by_size = MixedDataset([a, b])
     assert len(by_size) == 13 and sorted(s.conversation.turns[1].text for s in by_size) == sorted(
-        [f"a{i}" for i in range(10)] + ["b0", "b1", "b2"])
+        [f"a{i}" for i in range(10)] + ["b0", "b1", "b2"]
+    )
     with pytest.raises(ValueError, match="ratio"):
         MixedDataset([a, b], ratios=[1])
 
@@ -418,7 +456,9 @@ def test_mixed_stream_and_read_mixture(tmp_path):
     assert first == [s.conversation.turns[1].text for s, _ in zip(stream, range(400))]
     counts = Counter(t[0] for t in first)
     assert 320 < counts["a"] < 390 and counts["a"] + counts["b"] == 400  # endless: sources restart
-    specs = [{"format": "captions_json", "path": str(tmp_path / "a.json"), "ratio": 1},
-             {"format": "captions_json", "path": str(tmp_path / "b.json"), "ratio": 1}]
+    specs = [
+        {"format": "captions_json", "path": str(tmp_path / "a.json"), "ratio": 1},
+        {"format": "captions_json", "path": str(tmp_path / "b.json"), "ratio": 1},
+    ]
     assert isinstance(read_mixture(specs), MixedDataset)
     assert isinstance(read_mixture(specs[:1]), SampleList)

@@ -7,8 +7,8 @@ import argparse
 import pytest
 
 from minigpt.data.images import DEFAULT_MAX_PIXELS, ImageTooLargeError
-from minigpt.infer.chat import ChatEngine
 from minigpt.infer.args import add_model_arguments, image_limit
+from minigpt.infer.chat import ChatEngine
 from test_images import png_bomb
 
 

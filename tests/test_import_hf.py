@@ -12,8 +12,8 @@ from transformers import Blip2Config, Blip2ForConditionalGeneration, BlipImagePr
 
 from minigpt.cli import main
 from minigpt.data.conversation import Conversation, Image, Text
-from minigpt.infer.generate import GenerationOptions
 from minigpt.infer.engine import Engine
+from minigpt.infer.generate import GenerationOptions
 from minigpt.model.minigpt import MiniGPT, MiniGPTConfig
 from minigpt.model.processor import MiniGPTProcessor
 
@@ -22,11 +22,26 @@ MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
 
 def _blip2_config(text_config: dict, vocab: int = 0) -> Blip2Config:
     return Blip2Config(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=28, patch_size=14),
-        qformer_config=dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-                            encoder_hidden_size=32, vocab_size=50, max_position_embeddings=32),
-        text_config=text_config, num_query_tokens=4, image_token_index=vocab or None,
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=28,
+            patch_size=14,
+        ),
+        qformer_config=dict(
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=32,
+            encoder_hidden_size=32,
+            vocab_size=50,
+            max_position_embeddings=32,
+        ),
+        text_config=text_config,
+        num_query_tokens=4,
+        image_token_index=vocab or None,
     )
 
 
@@ -34,8 +49,17 @@ def _blip2_config(text_config: dict, vocab: int = 0) -> Blip2Config:
 def salesforce_like(tmp_path_factory, llama_tokenizer):
     """A tiny Salesforce/blip2-opt-style folder: OPT language model, tokenizer, image processor."""
     torch.manual_seed(0)
-    text = OPTConfig(hidden_size=16, ffn_dim=32, num_hidden_layers=1, num_attention_heads=2, word_embed_proj_dim=16,
-                     vocab_size=len(llama_tokenizer), bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    text = OPTConfig(
+        hidden_size=16,
+        ffn_dim=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        word_embed_proj_dim=16,
+        vocab_size=len(llama_tokenizer),
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     model = Blip2ForConditionalGeneration(_blip2_config(text.to_dict())).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -91,7 +115,8 @@ def test_export_then_import_gives_the_same_model(tiny_pair_factory, tmp_path, im
     options = GenerationOptions(max_new_tokens=8)
     back = Engine(model, MiniGPTProcessor.from_pretrained(tmp_path / "back", model.config))
     assert back.generate(convs, [image_file], options) == Engine(source, source_processor).generate(
-        convs, [image_file], options)
+        convs, [image_file], options
+    )
 
 
 def test_refusals_and_errors(tmp_path, capsys):

@@ -23,7 +23,11 @@ def test_full_directory_matches_loaded_model(tiny_model_factory, tmp_path, capsy
     parts = info["parts"]
     assert parts["vision"]["source"] == "stored" and parts["vision"]["encoder"]["depth"] == 2
     assert parts["qformer"]["num_query_tokens"] == 8 and info["image_tokens"] == 8
-    assert (parts["projector"]["type"], parts["projector"]["in_dim"], parts["projector"]["out_dim"]) == ("linear", 32, 64)
+    assert (parts["projector"]["type"], parts["projector"]["in_dim"], parts["projector"]["out_dim"]) == (
+        "linear",
+        32,
+        64,
+    )
     assert parts["llm"]["architectures"] == ["LlamaForCausalLM"] and parts["llm"]["hidden_size"] == 64
     assert parts["llm"]["dtypes"] == ["F32"] and info["template"] == "vicuna0"
     sizes = {f["file"]: f["bytes"] for f in info["files"]}
@@ -47,8 +51,9 @@ def test_referenced_parts_and_hub_llm(tiny_model_factory, tiny_llama_dir, tmp_pa
     info = model_info(tmp_path / "m")
     assert info["parts"]["vision"]["source"] == str(vision)
     assert info["parts"]["llm"]["source"] == str(tiny_llama_dir) and info["dtypes"]["llm"] == "bfloat16"
-    assert info["parameters"] == {k: {"total": v["total"], "trainable": v["trainable"]}
-                                  for k, v in model.parameter_counts().items()}
+    assert info["parameters"] == {
+        k: {"total": v["total"], "trainable": v["trainable"]} for k, v in model.parameter_counts().items()
+    }
     assert [f["file"] for f in info["files"]] == ["config.json", "projector.safetensors"]
 
     data = json.loads((tmp_path / "m" / "config.json").read_text())
@@ -66,7 +71,8 @@ def test_errors(tmp_path, capsys):
     assert capsys.readouterr().err == (
         f"minigpt info: error: {tmp_path} is not a minigpt model directory, a transformers model, a vision encoder "
         "folder or a training run folder (it has no config.json, vision_config.json, metrics.jsonl, checkpoints, "
-        "final)\n")
+        "final)\n"
+    )
     (tmp_path / "bad.safetensors").write_bytes(b"\xff" * 16)
     with pytest.raises(ValueError, match="not a safetensors file"):
         safetensors_header(tmp_path / "bad.safetensors")
@@ -81,8 +87,9 @@ def test_merged_lora_llm_is_not_shown_frozen(tiny_model_factory, tmp_path, capsy
     model.save_pretrained(tmp_path / "final")
     info = model_info(tmp_path / "final")
     assert info["lora"] is None
-    (tmp_path / "final" / "train_config.yaml").write_text(yaml.safe_dump(
-        {"model": {"llm": "x", "lora": {"r": 4, "alpha": 8.0, "dropout": 0.0}}, "run": {"epochs": 1}}))
+    (tmp_path / "final" / "train_config.yaml").write_text(
+        yaml.safe_dump({"model": {"llm": "x", "lora": {"r": 4, "alpha": 8.0, "dropout": 0.0}}, "run": {"epochs": 1}})
+    )
     info = model_info(tmp_path / "final")
     assert info["lora"] == {"r": 4, "alpha": 8.0, "source": "train_config.yaml"}
     capsys.readouterr()
@@ -93,8 +100,9 @@ def test_merged_lora_llm_is_not_shown_frozen(tiny_model_factory, tmp_path, capsy
     assert any(x.strip().startswith("vision") and x.endswith("(frozen)") for x in lines)
 
     model.save_pretrained(tmp_path / "merged")
-    (tmp_path / "merged" / "merged_lora.json").write_text(json.dumps(
-        {"merged_by": "minigpt convert merge-lora", "rank": 16, "alpha": 32.0, "modules": 4}))
+    (tmp_path / "merged" / "merged_lora.json").write_text(
+        json.dumps({"merged_by": "minigpt convert merge-lora", "rank": 16, "alpha": 32.0, "modules": 4})
+    )
     capsys.readouterr()
     assert main(["info", str(tmp_path / "merged")]) == 0
     assert "(LoRA r=16, alpha=32, merged)" in capsys.readouterr().out
@@ -103,8 +111,7 @@ def test_merged_lora_llm_is_not_shown_frozen(tiny_model_factory, tmp_path, capsy
     assert "LoRA" not in format_info(model_info(tmp_path / "final"))
 
 
-def test_transformers_folders_are_described_not_reported_as_nones(tiny_llama_dir, tiny_model_factory, tmp_path,
-                                                                  capsys):
+def test_transformers_folders_are_described_not_reported_as_nones(tiny_llama_dir, tiny_model_factory, tmp_path, capsys):
     """An LLM folder and a BLIP-2 folder (here an export): architecture, parameters, dtype, what to do with it."""
     from minigpt.convert.export_hf import export_hf
 
@@ -123,8 +130,7 @@ def test_transformers_folders_are_described_not_reported_as_nones(tiny_llama_dir
     export_hf(model, tmp_path / "hf")
     info = describe(tmp_path / "hf")
     assert info["model_type"] == "blip-2" and info["language_model"] == "llama"
-    assert set(info["modules"]) == {"vision_model", "qformer", "query_tokens", "language_projection",
-                                    "language_model"}
+    assert set(info["modules"]) == {"vision_model", "qformer", "query_tokens", "language_projection", "language_model"}
     assert info["modules"]["qformer"]["parameters"] == model.parameter_counts()["qformer"]["total"] - 8 * 32
     assert info["export"]["template"] == "vicuna0"
     capsys.readouterr()
@@ -151,9 +157,18 @@ def test_vision_and_run_folders(tiny_model_factory, tmp_path, capsys):
     (run / "checkpoints" / "step_00000002").mkdir(parents=True)
     (run / "checkpoints" / "step_00000002" / "meta.json").write_text('{"step": 2}')
     save_file({"w": torch.zeros(4)}, run / "checkpoints" / "step_00000002" / "trainable.safetensors")
-    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in (
-        {"step": 1, "loss": 2.5}, {"step": 2, "loss": 2.25}, {"step": 2, "eval_loss": 2.4}, {"step": 3, "loss": 2.0},
-    )) + '\n{"step": 4, "lo')  # the last line torn by a kill
+    (run / "metrics.jsonl").write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in (
+                {"step": 1, "loss": 2.5},
+                {"step": 2, "loss": 2.25},
+                {"step": 2, "eval_loss": 2.4},
+                {"step": 3, "loss": 2.0},
+            )
+        )
+        + '\n{"step": 4, "lo'
+    )  # the last line torn by a kill
     info = describe(run)
     assert (info["kind"], info["steps_done"], info["last_loss"], info["last_eval_loss"]) == ("run", 3, 2.0, 2.4)
     assert [c["step"] for c in info["checkpoints"]] == [2] and info["final"] is None

@@ -13,8 +13,18 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "minigpt"
-LAYERS = {"files": 0, "device": 0, "safe_load": 0, "data": 1, "model": 2, "infer": 3, "eval": 4, "train": 5,
-          "convert": 6, "tools": 6}
+LAYERS = {
+    "files": 0,
+    "device": 0,
+    "safe_load": 0,
+    "data": 1,
+    "model": 2,
+    "infer": 3,
+    "eval": 4,
+    "train": 5,
+    "convert": 6,
+    "tools": 6,
+}
 TOP = 7
 
 
@@ -35,7 +45,8 @@ def layer(module: str, importer: bool = False) -> int:
 def _type_checking_only(node: ast.If) -> bool:
     test = node.test
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def imports_of(path: Path, source: str | None = None) -> list[tuple[int, str]]:
@@ -80,8 +91,10 @@ def upward_imports(files: dict[Path, str | None]) -> list[str]:
         here = module_name(path)
         for line, target in imports_of(path, source):
             if layer(target) > layer(here, importer=True):
-                bad.append(f"{path.relative_to(SRC.parent)}:{line}: {here} (layer {layer(here, importer=True)}) "
-                           f"imports {target} (layer {layer(target)})")
+                bad.append(
+                    f"{path.relative_to(SRC.parent)}:{line}: {here} (layer {layer(here, importer=True)}) "
+                    f"imports {target} (layer {layer(target)})"
+                )
     return bad
 
 

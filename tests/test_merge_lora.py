@@ -28,8 +28,9 @@ def trained(tmp_path_factory, tiny_llama_dir, llama_tokenizer):
 
     root = tmp_path_factory.mktemp("lora")
     torch.manual_seed(0)
-    model = MiniGPT.build(MiniGPTConfig(llm=str(tiny_llama_dir), vision=VisionConfig.tiny(), template="vicuna0",
-                                        max_txt_len=32))
+    model = MiniGPT.build(
+        MiniGPTConfig(llm=str(tiny_llama_dir), vision=VisionConfig.tiny(), template="vicuna0", max_txt_len=32)
+    )
     model.save_pretrained(root / "base", trainable_only=True)  # projector + vision; the LLM referenced
     apply_lora(model, LoraSection(r=4, alpha=8.0, dropout=0.0))
     torch.manual_seed(1)
@@ -69,8 +70,24 @@ def test_merge_run_checkpoint(trained, tmp_path, image_file, capsys):
     batch = _inputs(model, image_file)
     want = _logits(model, batch)
     out, hf_dir = tmp_path / "merged", tmp_path / "merged-hf"
-    assert main(["convert", "merge-lora", str(root / "run" / "checkpoints" / "step_00000007"),
-                 "--base", str(root / "base"), "--lora-alpha", "8", "--out", str(out), "--export-hf", str(hf_dir)]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "merge-lora",
+                str(root / "run" / "checkpoints" / "step_00000007"),
+                "--base",
+                str(root / "base"),
+                "--lora-alpha",
+                "8",
+                "--out",
+                str(out),
+                "--export-hf",
+                str(hf_dir),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "rank 4, alpha 8 (scale 2)" in printed and "projector" in printed
 
@@ -143,8 +160,12 @@ def test_merge_from_training_config(trained, tmp_path, tiny_llama_dir, image_fil
     """No --base: the run's YAML builds the base as training did and gives alpha (found in OUTPUT/final)."""
     root, model = trained
     config = {
-        "model": {"llm": str(tiny_llama_dir), "vision": "tiny", "max_txt_len": 32,
-                  "lora": {"r": 4, "alpha": 8.0, "dropout": 0.0}},
+        "model": {
+            "llm": str(tiny_llama_dir),
+            "vision": "tiny",
+            "max_txt_len": 32,
+            "lora": {"r": 4, "alpha": 8.0, "dropout": 0.0},
+        },
         "data": {"datasets": [{"format": "llava", "path": "unused.json"}]},
         "run": {"output_dir": str(root / "run")},
     }
@@ -171,8 +192,22 @@ def test_errors(trained, tmp_path, capsys):
         merge_lora(ckpt, tmp_path / "a", base=root / "base")
     with pytest.raises(ValueError, match="give the base model"):
         merge_lora(ckpt, tmp_path / "b", lora_alpha=8)
-    assert main(["convert", "merge-lora", str(root / "base"), "--base", str(root / "base"), "--lora-alpha", "8",
-                 "--out", str(tmp_path / "c")]) == 2
+    assert (
+        main(
+            [
+                "convert",
+                "merge-lora",
+                str(root / "base"),
+                "--base",
+                str(root / "base"),
+                "--lora-alpha",
+                "8",
+                "--out",
+                str(tmp_path / "c"),
+            ]
+        )
+        == 2
+    )
     assert "not an adapter" in capsys.readouterr().err
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "x").write_text("")

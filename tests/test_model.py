@@ -165,8 +165,11 @@ def test_sampling_depends_on_seed(tiny_pair_factory, image_file):
     engine = Engine(*tiny_pair_factory())
     conv = Conversation.single("<Img><ImageHere></Img> Tell me")
     runs = [
-        engine.generate(conv, [image_file], GenerationOptions(max_new_tokens=12, min_new_tokens=12, do_sample=True,
-                                                              temperature=2.0, top_p=1.0, seed=s))[0]
+        engine.generate(
+            conv,
+            [image_file],
+            GenerationOptions(max_new_tokens=12, min_new_tokens=12, do_sample=True, temperature=2.0, top_p=1.0, seed=s),
+        )[0]
         for s in (1, 1, 2)
     ]
     assert runs[0] == runs[1] and runs[0] != runs[2]

@@ -130,8 +130,11 @@ def test_grouped_plan_keeps_steps_whatever_the_split_and_resumes():
 
 def test_training_with_packing_and_grouping_matches_padding(tmp_path, tiny_llama_dir):
     train_json = make_shapes(tmp_path / "data", 24)
-    base = dict(model={"template": "vicuna0", "max_txt_len": 16}, data={"augment": False},
-                run={"max_steps": 3, "batch_size": 4, "grad_accum": 2})
+    base = dict(
+        model={"template": "vicuna0", "max_txt_len": 16},
+        data={"augment": False},
+        run={"max_steps": 3, "batch_size": 4, "grad_accum": 2},
+    )
     runs = {}
     for name, extra in {"pad": {}, "pack": {"packing": True, "pack_len": 64}}.items():
         config = tiny_config(tiny_llama_dir, train_json, tmp_path / name, **base)

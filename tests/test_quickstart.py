@@ -66,18 +66,42 @@ def test_accuracy_scores_each_question_type_on_what_it_asks():
 
 @pytest.mark.parametrize(
     "answer, colour, shape",
-    [("A red circle on a light background.", True, True), ("a red circle", True, True),
-     ("A blue circle.", False, True), ("A red circle or a red square.", True, False), ("It is red.", True, False)],
+    [
+        ("A red circle on a light background.", True, True),
+        ("a red circle", True, True),
+        ("A blue circle.", False, True),
+        ("A red circle or a red square.", True, False),
+        ("It is red.", True, False),
+    ],
 )
 def test_named(answer, colour, shape):
-    assert named(answer, ShapeItem("x.png", "red", "circle")) == {"colour": colour, "shape": shape,
-                                                                   "both": colour and shape}
+    assert named(answer, ShapeItem("x.png", "red", "circle")) == {
+        "colour": colour,
+        "shape": shape,
+        "both": colour and shape,
+    }
 
 
 def test_quickstart_runs_end_to_end_with_tiny_llm(tmp_path, capsys):
     out = tmp_path / "qs"
-    args = ["quickstart", "--llm", "tiny", "--out", str(out), "--stage1-steps", "6", "--stage2-steps", "6",
-            "--train-size", "48", "--test-size", "6", "--no-chat", "--device", "cpu"]
+    args = [
+        "quickstart",
+        "--llm",
+        "tiny",
+        "--out",
+        str(out),
+        "--stage1-steps",
+        "6",
+        "--stage2-steps",
+        "6",
+        "--train-size",
+        "48",
+        "--test-size",
+        "6",
+        "--no-chat",
+        "--device",
+        "cpu",
+    ]
     console = logging.StreamHandler(sys.stderr)  # the console handler the CLI's basicConfig gives a user
     logging.root.addHandler(console)
     try:
@@ -125,8 +149,9 @@ def test_log_lines_print_above_the_progress_bar(tmp_path, monkeypatch, caplog):
     try:
         reporter = Reporter(tmp_path / "stage1", True, [], SimpleNamespace(run=SimpleNamespace(log_every=1)))
         reporter.start(0, 4)
-        reporter.log({"step": 1, "loss": 2.5, "lr": 1e-3, "tokens_per_s": 10.0, "samples_per_s": 1.0,
-                      "peak_mem_gib": 0.45})
+        reporter.log(
+            {"step": 1, "loss": 2.5, "lr": 1e-3, "tokens_per_s": 10.0, "samples_per_s": 1.0, "peak_mem_gib": 0.45}
+        )
         reporter.log({"step": 1, "eval_loss": 0.5})
         reporter.close()
     finally:

@@ -8,8 +8,8 @@ import io
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator
 
 import httpx
 import numpy as np
@@ -64,9 +64,13 @@ def engine(request, tiny_llama_dir):
     model = MiniGPT.build(MiniGPTConfig(llm=str(tiny_llama_dir), vision=VisionConfig.tiny(), max_txt_len=32))
     batched = request.param == "batched"
     decoding = DecodingSettings("static" if batched else "plain")
-    engine = ChatEngine(Engine(model, MiniGPTProcessor.from_config(model.config), decoding),
-                        GenerationOptions(max_new_tokens=10), max_context=512, name="tiny",
-                        batch_slots=4 if batched else 1)
+    engine = ChatEngine(
+        Engine(model, MiniGPTProcessor.from_config(model.config), decoding),
+        GenerationOptions(max_new_tokens=10),
+        max_context=512,
+        name="tiny",
+        batch_slots=4 if batched else 1,
+    )
     assert engine.engine.batching == batched
     yield engine
     engine.close()
@@ -119,9 +123,11 @@ def test_completion_matches_the_chat_api(client, engine):
 
 
 def test_stream(client, engine):
-    chunks = list(client.chat.completions.create(
-        model="tiny", messages=ask(), stream=True, stream_options={"include_usage": True}
-    ))
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny", messages=ask(), stream=True, stream_options={"include_usage": True}
+        )
+    )
     deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
     assert len(deltas) > 1 and "".join(deltas) == expected_answer(engine)
     assert chunks[-2].choices[0].finish_reason in ("stop", "length")
@@ -260,10 +266,19 @@ def test_unknown_paths_and_wrong_methods_answer_the_openai_error_shape():
         unknown = http.post("/v1/completions", json={"model": "tiny", "prompt": "hi"})
         wrong = http.get("/v1/chat/completions")
         health = http.get("/health")
-    assert unknown.status_code == 404 and unknown.json() == {"error": {
-        "message": "unknown path /v1/completions; this server serves /v1/chat/completions and /v1/models",
-        "type": "not_found_error", "param": None, "code": "unknown_url"}}
+    assert unknown.status_code == 404 and unknown.json() == {
+        "error": {
+            "message": "unknown path /v1/completions; this server serves /v1/chat/completions and /v1/models",
+            "type": "not_found_error",
+            "param": None,
+            "code": "unknown_url",
+        }
+    }
     assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
-    assert wrong.json()["error"] == {"message": "method GET not allowed for /v1/chat/completions (allowed: POST)",
-                                     "type": "invalid_request_error", "param": None, "code": "method_not_allowed"}
+    assert wrong.json()["error"] == {
+        "message": "method GET not allowed for /v1/chat/completions (allowed: POST)",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "method_not_allowed",
+    }
     assert health.json() == {"status": "ok", "active": 0}

@@ -6,7 +6,6 @@ import argparse
 import io
 import sys
 
-
 from minigpt.infer import terminal
 
 
@@ -29,10 +28,29 @@ def test_registered_as_a_cli_command():
 def test_commands_through_stdin(tiny_model_dir, image_file, tmp_path, monkeypatch, capsys):
     other = tmp_path / "other.png"
     other.write_bytes(image_file.read_bytes())
-    script = "\n".join([
-        ":help", ":img", "What is it?", ":his", ":clh", ":his", ":img", f":image {other}", ":img",
-        "Second question?", ":his", ":clear", ":image /no/such.png", ":bogus", ":quit", "never asked",
-    ]) + "\n"
+    script = (
+        "\n".join(
+            [
+                ":help",
+                ":img",
+                "What is it?",
+                ":his",
+                ":clh",
+                ":his",
+                ":img",
+                f":image {other}",
+                ":img",
+                "Second question?",
+                ":his",
+                ":clear",
+                ":image /no/such.png",
+                ":bogus",
+                ":quit",
+                "never asked",
+            ]
+        )
+        + "\n"
+    )
     argv = [str(tiny_model_dir), "--image", str(image_file), "--cpu-only", "--max-new-tokens", "6"]
     code, out = run_chat(argv, script, monkeypatch, capsys)
     assert code == 0
@@ -70,20 +88,36 @@ def test_quoted_image_paths_with_spaces(tiny_model_dir, image_file, tmp_path, mo
     (folder / "a.png").write_bytes(image_file.read_bytes())
     (folder / "b c.png").write_bytes(image_file.read_bytes())
     monkeypatch.chdir(tmp_path)
-    script = "\n".join([
-        ':image "dir with space/a.png"', ":img", f":image {folder}/a.png", ":img",
-        ":image 'dir with space/a.png' \"dir with space/b c.png\"", ":img", ':image "unclosed.png', ":q",
-    ]) + "\n"
+    script = (
+        "\n".join(
+            [
+                ':image "dir with space/a.png"',
+                ":img",
+                f":image {folder}/a.png",
+                ":img",
+                ":image 'dir with space/a.png' \"dir with space/b c.png\"",
+                ":img",
+                ':image "unclosed.png',
+                ":q",
+            ]
+        )
+        + "\n"
+    )
     code, out = run_chat([str(tiny_model_dir), "--cpu-only"], script, monkeypatch, capsys)
     blocks = dict(zip(script.splitlines(), out.split("User: ")[1:]))
     assert code == 0
     assert blocks[":image 'dir with space/a.png' \"dir with space/b c.png\""].startswith(
-        "Image set: dir with space/a.png, dir with space/b c.png")
+        "Image set: dir with space/a.png, dir with space/b c.png"
+    )
     imgs = [b for line, b in zip(script.splitlines(), out.split("User: ")[1:]) if line == ":img"]
-    assert imgs == ["Image: dir with space/a.png\n", f"Image: {folder}/a.png\n",
-                    "Image: dir with space/a.png, dir with space/b c.png\n"]
+    assert imgs == [
+        "Image: dir with space/a.png\n",
+        f"Image: {folder}/a.png\n",
+        "Image: dir with space/a.png, dir with space/b c.png\n",
+    ]
     assert blocks[':image "unclosed.png'] == (
-        "error: cannot read the paths (No closing quotation); quote each path that has spaces\n")
+        "error: cannot read the paths (No closing quotation); quote each path that has spaces\n"
+    )
 
 
 def test_ctrl_c_stops_the_answer_and_keeps_the_chat(tiny_model_dir, monkeypatch, capsys):
@@ -112,7 +146,8 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_chat(tiny_model_dir, monkeypatch,
     assert code == 0 and len(calls) == 2
     blocks = out.split("User: ")
     assert blocks[1].startswith("Assistant: ") and blocks[1].endswith(
-        "\n(stopped: this question and its partial answer are not kept in the history)\n")
+        "\n(stopped: this question and its partial answer are not kept in the history)\n"
+    )
     assert blocks[2:4] == plain.split("User: ")[1:3]  # same answer, history holds one exchange
     assert blocks[3].startswith("[1] Q: What is it?") and "[2]" not in blocks[3]
     assert not [t for t in threading.enumerate() if t.name == "minigpt-generate"]

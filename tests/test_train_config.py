@@ -44,7 +44,12 @@ def test_shipped_configs_carry_the_reference_values():
     assert (s2.run.optimizer.lr, s2.run.schedule.min_lr, s2.run.schedule.warmup_steps) == (3e-5, 1e-5, 200)
     assert (s2.run.epochs, s2.run.iters_per_epoch, s2.run.batch_size, s2.model.template) == (5, 200, 12, "vicuna0")
     qwen = load_config(CONFIGS / "minigpt4qwen.yaml")
-    assert (qwen.run.grad_accum, qwen.run.epochs, qwen.model.max_txt_len, qwen.model.template) == (16, 10, 256, "chatml")
+    assert (qwen.run.grad_accum, qwen.run.epochs, qwen.model.max_txt_len, qwen.model.template) == (
+        16,
+        10,
+        256,
+        "chatml",
+    )
     sft, lora = load_config(CONFIGS / "mpp_sft.yaml"), load_config(CONFIGS / "mpp_sft_lora.yaml")
     assert sft.model.minigpt_config().freeze["llm"] is False and sft.run.optimizer.lr == 2e-5
     assert lora.model.lora is not None and lora.model.minigpt_config().freeze["llm"] is True
@@ -100,10 +105,18 @@ def test_lora_needs_a_frozen_llm(tmp_path):
 
 def test_overrides_nested_list_index_and_yaml_values(tmp_path):
     path = write_yaml(tmp_path / "cfg.yaml", _base())
-    config = load_config(path, [
-        "run.optimizer.lr=3e-5", "run.batch_size=16", "data.datasets.0.path=other.json", "model.freeze.llm=false",
-        "run.report_to=[tensorboard]", "model.lora.r=4", "model.freeze.llm=true",
-    ])
+    config = load_config(
+        path,
+        [
+            "run.optimizer.lr=3e-5",
+            "run.batch_size=16",
+            "data.datasets.0.path=other.json",
+            "model.freeze.llm=false",
+            "run.report_to=[tensorboard]",
+            "model.lora.r=4",
+            "model.freeze.llm=true",
+        ],
+    )
     assert config.run.optimizer.lr == 3e-5 and config.run.batch_size == 16
     assert config.data.datasets[0].path == "other.json"
     assert config.run.report_to == ["tensorboard"] and config.model.lora.r == 4
@@ -196,8 +209,9 @@ def test_missing_paths_are_named_by_key_before_anything_loads(tmp_path, capsys):
     (tmp_path / "shards" / "00000.tar").write_bytes(b"")
     (tmp_path / "cc").mkdir()
     data = _base()
-    data["model"].update(llm=str(tmp_path / "vicuna-7b"), vision_weights=str(tmp_path / "eva"),
-                         projector_weights="proj.pth")
+    data["model"].update(
+        llm=str(tmp_path / "vicuna-7b"), vision_weights=str(tmp_path / "eva"), projector_weights="proj.pth"
+    )
     data["data"]["datasets"] = [
         {"format": "llava", "path": str(tmp_path / "nope.json"), "image_root": str(tmp_path / "imgs")},
         {"format": "webdataset", "path": str(tmp_path / "shards" / "{00000..00001}.tar")},

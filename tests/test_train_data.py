@@ -18,11 +18,11 @@ from PIL import Image
 
 from minigpt.data.formats import DataWarning
 from minigpt.data.tokenize import IGNORE_INDEX
+from minigpt.tools.shapes import draw_shape
 from minigpt.train.config import DatasetSpec, validate_config
 from minigpt.train.data import BatchPlan, Item, SampleEncoder, Skipped, TrainData, collate
 from minigpt.train.launch import train
 from test_train_support import losses, make_shapes, read_metrics, tiny_config
-from minigpt.tools.shapes import draw_shape
 
 
 def _png(path: Path, colour=(200, 30, 30)) -> Path:
@@ -40,9 +40,14 @@ def _jpeg_bytes(colour=(30, 30, 200)) -> bytes:
 def write_all_formats(root: Path) -> dict[str, DatasetSpec]:
     """One small file of each format the readers know (3 records each, 4 shards for webdataset)."""
     specs = {}
-    llava = [{"id": f"l{i}", "image": f"l{i}.png",
-              "conversations": [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "Red."}]}
-             for i in range(3)]
+    llava = [
+        {
+            "id": f"l{i}",
+            "image": f"l{i}.png",
+            "conversations": [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "Red."}],
+        }
+        for i in range(3)
+    ]
     for i in range(3):
         _png(root / "llava" / f"l{i}.png")
     (root / "llava" / "data.json").write_text(json.dumps(llava))
@@ -54,13 +59,16 @@ def write_all_formats(root: Path) -> dict[str, DatasetSpec]:
     (root / "cc_sbu_align" / "filter_cap.json").write_text(json.dumps({"annotations": ann}))
     specs["cc_sbu_align"] = DatasetSpec(format="cc_sbu_align", path=str(root / "cc_sbu_align"))
 
-    qwen = [{"image": f"q{i}.png", "instruction": "<Img><ImageHere></Img> Describe it.", "output": "Green."}
-            for i in range(3)]
+    qwen = [
+        {"image": f"q{i}.png", "instruction": "<Img><ImageHere></Img> Describe it.", "output": "Green."}
+        for i in range(3)
+    ]
     for i in range(3):
         _png(root / "qwen" / "img" / f"q{i}.png", (30, 200, 30))
     (root / "qwen" / "data.json").write_text(json.dumps(qwen))
-    specs["minigpt4qwen"] = DatasetSpec(format="minigpt4qwen", path=str(root / "qwen" / "data.json"),
-                                        image_root=str(root / "qwen" / "img"))
+    specs["minigpt4qwen"] = DatasetSpec(
+        format="minigpt4qwen", path=str(root / "qwen" / "data.json"), image_root=str(root / "qwen" / "img")
+    )
     write_shards(root / "shards", [(f"{i:06d}", _jpeg_bytes(), f"a blue square {i}") for i in range(8)], per_shard=2)
     specs["webdataset"] = DatasetSpec(format="webdataset", path=str(root / "shards"))
     return specs
@@ -108,8 +116,13 @@ def test_every_format_encodes_for_training(tmp_path, encoder):
 def test_map_style_formats_mix_by_ratio(tmp_path, encoder):
     specs = write_all_formats(tmp_path)
     specs["llava"].ratio, specs["cc_sbu_align"].ratio, specs["minigpt4qwen"].ratio = 2, 1, 1
-    data = TrainData([specs["llava"], specs["cc_sbu_align"], specs["minigpt4qwen"]], encoder, seed=0,
-                     global_batch=4, iters_per_epoch=10)
+    data = TrainData(
+        [specs["llava"], specs["cc_sbu_align"], specs["minigpt4qwen"]],
+        encoder,
+        seed=0,
+        global_batch=4,
+        iters_per_epoch=10,
+    )
     assert data.steps_per_epoch == 10 and len(data.source) == 40
     for epoch in (0, 1):
         data.source.set_epoch(epoch)
@@ -124,8 +137,10 @@ def test_map_style_formats_mix_by_ratio(tmp_path, encoder):
 def test_batch_plan_is_independent_of_processes_accumulation_and_resuming():
     def step_keys(batch, accum, world, steps=6, per_epoch=3):
         plans = [list(BatchPlan(batch, per_epoch * accum, 0, steps * accum, r, world)) for r in range(world)]
-        return [sorted({(k.epoch, k.index) for p in plans for b in p[s * accum : (s + 1) * accum] for k in b})
-                for s in range(steps)]
+        return [
+            sorted({(k.epoch, k.index) for p in plans for b in p[s * accum : (s + 1) * accum] for k in b})
+            for s in range(steps)
+        ]
 
     one = step_keys(4, 1, 1)
     assert step_keys(2, 2, 1) == one and step_keys(2, 1, 2) == one and step_keys(1, 2, 2) == one
@@ -145,7 +160,9 @@ def test_webdataset_mixed_with_json_trains_and_resumes_exactly(tmp_path, tiny_ll
     shapes = make_shapes(tmp_path / "data", 6)
     datasets = [specs["webdataset"].model_dump(), {"format": "captions_json", "path": str(shapes), "ratio": 0.5}]
     config = tiny_config(
-        tiny_llama_dir, shapes, tmp_path / "full",
+        tiny_llama_dir,
+        shapes,
+        tmp_path / "full",
         data={"datasets": datasets},
         run={"epochs": 2, "iters_per_epoch": 3, "batch_size": 3, "save_every": 2, "keep_last": 5},
     )
@@ -174,9 +191,11 @@ def _bad_set(root: Path) -> Path:
     records = json.loads(path.read_text())
     good = (root / records[0]["image"]).read_bytes()
     (root / "images" / "truncated.png").write_bytes(good[: len(good) // 2])
-    records += [{"image": "images/truncated.png", "caption": "a broken picture"},
-                {"image": "images/not_there.png", "caption": "a lost picture"},
-                {"image": records[0]["image"], "caption_typo": "no caption key"}]
+    records += [
+        {"image": "images/truncated.png", "caption": "a broken picture"},
+        {"image": "images/not_there.png", "caption": "a lost picture"},
+        {"image": records[0]["image"], "caption_typo": "no caption key"},
+    ]
     path.write_text(json.dumps(records))
     return path
 
@@ -259,8 +278,11 @@ def test_images_over_the_pixel_limit_are_skipped_and_named(tmp_path, tiny_llama_
     config = tiny_config(tiny_llama_dir, path, tmp_path / "out")
     assert validate_config(config).data.max_image_pixels == 4096 * 4096
     config["data"]["max_image_pixels"] = 1000
-    with pytest.raises(ValueError, match=r"4 skipped; first: .*\.png \(in .*train.json:0\) has 32x32 = 1,024 pixels, "
-                                         r"more than the limit of 1,000\)$"):
+    with pytest.raises(
+        ValueError,
+        match=r"4 skipped; first: .*\.png \(in .*train.json:0\) has 32x32 = 1,024 pixels, "
+        r"more than the limit of 1,000\)$",
+    ):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             train(validate_config(config))
@@ -268,8 +290,11 @@ def test_images_over_the_pixel_limit_are_skipped_and_named(tmp_path, tiny_llama_
 
 def test_malformed_webdataset_samples_and_empty_answers_count_as_skipped_records(tmp_path, tiny_llama_dir):
     shards = tmp_path / "shards"
-    write_shards(shards, [("a0", _jpeg_bytes(), "")] + [(f"g{i}", _jpeg_bytes(), f"a blue square {i}")
-                                                          for i in range(8)], per_shard=9)
+    write_shards(
+        shards,
+        [("a0", _jpeg_bytes(), "")] + [(f"g{i}", _jpeg_bytes(), f"a blue square {i}") for i in range(8)],
+        per_shard=9,
+    )
     with tarfile.open(shards / "00000.tar", "a") as tar:  # a sample without caption after the good ones
         info = tarfile.TarInfo("z9.jpg")
         info.size = len(_jpeg_bytes())
@@ -280,11 +305,18 @@ def test_malformed_webdataset_samples_and_empty_answers_count_as_skipped_records
     json_path.write_text(json.dumps(records))
     # The stream is counted as the loader reads it, one micro-batch ahead: 9 samples in 3 steps read a0 (skipped),
     # g0-g7, z9 (skipped) and, on the second pass, a0 (skipped) again, g0.
-    for spec, per_step in (({"format": "webdataset", "path": str(shards)}, [1, 3, 3]),
-                           ({"format": "captions_json", "path": str(json_path)}, [1, 1, 1])):
+    for spec, per_step in (
+        ({"format": "webdataset", "path": str(shards)}, [1, 3, 3]),
+        ({"format": "captions_json", "path": str(json_path)}, [1, 1, 1]),
+    ):
         out = tmp_path / spec["format"]
-        config = tiny_config(tiny_llama_dir, json_path, out, data={"datasets": [spec]},
-                             run={"iters_per_epoch": 3, "batch_size": 3 if spec["format"] == "webdataset" else 1})
+        config = tiny_config(
+            tiny_llama_dir,
+            json_path,
+            out,
+            data={"datasets": [spec]},
+            run={"iters_per_epoch": 3, "batch_size": 3 if spec["format"] == "webdataset" else 1},
+        )
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             train(validate_config(config))

@@ -22,20 +22,45 @@ def test_two_process_ddp_matches_one_process_with_double_accumulation(tmp_path, 
     train_json = make_shapes(tmp_path / "data", 24)
     eval_json = make_shapes(tmp_path / "data", 5, seed=1, name="eval")  # odd: the ranks get 3 and 2
     config = tiny_config(
-        tiny_llama_dir, train_json, tmp_path / "single",
+        tiny_llama_dir,
+        train_json,
+        tmp_path / "single",
         model={"freeze": {"llm": False}},  # projector + LLM train (no dropout anywhere)
         data={"eval": [{"format": "captions_json", "path": str(eval_json)}]},
-        run={"epochs": 2, "batch_size": 2, "grad_accum": 2, "save_every": 4, "eval_every": 3,
-             "optimizer": {"lr": 1e-3, "weight_decay": 0.05},
-             "schedule": {"name": "linear_warmup_cosine", "warmup_steps": 2, "warmup_lr": 1e-4, "min_lr": 1e-4}},
+        run={
+            "epochs": 2,
+            "batch_size": 2,
+            "grad_accum": 2,
+            "save_every": 4,
+            "eval_every": 3,
+            "optimizer": {"lr": 1e-3, "weight_decay": 0.05},
+            "schedule": {"name": "linear_warmup_cosine", "warmup_steps": 2, "warmup_lr": 1e-4, "min_lr": 1e-4},
+        },
     )
     single = train(validate_config(config))
 
     path = write_yaml(tmp_path / "ddp.yaml", config)
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
-               PYTHONPATH=str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "minigpt.cli", "train", str(path), f"run.output_dir={tmp_path / 'ddp'}", "run.grad_accum=1"]
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        PYTHONPATH=str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "minigpt.cli",
+        "train",
+        str(path),
+        f"run.output_dir={tmp_path / 'ddp'}",
+        "run.grad_accum=1",
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert "2 processes" in done.stderr

@@ -46,10 +46,22 @@ def _config(llm_dir: Path, data: Path, out: Path, strategy: str = "single", **ru
     """Projector + LLM train (tiny LLaMA, no dropout), clipping on, eval every 2 steps; 4 steps of 4 samples."""
     eval_json = data.parent / "eval.json"
     return tiny_config(
-        llm_dir, data, out, model={"freeze": {"llm": False}},
+        llm_dir,
+        data,
+        out,
+        model={"freeze": {"llm": False}},
         data={"eval": [{"format": "captions_json", "path": str(eval_json)}]},
-        run={"epochs": 1, "batch_size": 2, "grad_accum": 2, "save_every": 2, "eval_every": 2, "max_grad_norm": 0.5,
-             "optimizer": {"lr": 1e-3, "weight_decay": 0.05}, "strategy": strategy, **run},
+        run={
+            "epochs": 1,
+            "batch_size": 2,
+            "grad_accum": 2,
+            "save_every": 2,
+            "eval_every": 2,
+            "max_grad_norm": 0.5,
+            "optimizer": {"lr": 1e-3, "weight_decay": 0.05},
+            "strategy": strategy,
+            **run,
+        },
     )
 
 
@@ -103,24 +115,33 @@ def test_deepspeed_config_follows_the_run(tmp_path, tiny_llama_dir, shapes):
 
     run = validate_config(_config(tiny_llama_dir, shapes, tmp_path, "deepspeed_zero")).run
     cfg = deepspeed_config(run, 4, torch.bfloat16)
-    assert (cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"], cfg["train_batch_size"]) == (2, 2, 16)
+    assert (cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"], cfg["train_batch_size"]) == (
+        2,
+        2,
+        16,
+    )
     assert cfg["gradient_clipping"] == 0.5 and cfg["bf16"]["enabled"] and not cfg["fp16"]["enabled"]
     assert cfg["zero_optimization"]["stage"] == 2
     assert deepspeed_config(run, 1, None, pipeline=True)["zero_optimization"]["stage"] == 1
 
     json_file = tmp_path / "ds.json"
-    json_file.write_text('{"train_batch_size": "auto", "zero_optimization": {"stage": 3, "overlap_comm": true},'
-                         ' "bf16": {"enabled": "auto"}}')
-    run = validate_config(_with(_config(tiny_llama_dir, shapes, tmp_path, "deepspeed_zero"),
-                                deepspeed={"config": str(json_file)})).run
+    json_file.write_text(
+        '{"train_batch_size": "auto", "zero_optimization": {"stage": 3, "overlap_comm": true},'
+        ' "bf16": {"enabled": "auto"}}'
+    )
+    run = validate_config(
+        _with(_config(tiny_llama_dir, shapes, tmp_path, "deepspeed_zero"), deepspeed={"config": str(json_file)})
+    ).run
     cfg = deepspeed_config(run, 2, torch.float16)
     assert cfg["zero_optimization"] == {"stage": 3, "overlap_comm": True}
     assert cfg["fp16"]["enabled"] and not cfg["bf16"]["enabled"] and cfg["train_batch_size"] == 8
     with pytest.raises(ValueError, match="pipelines allow ZeRO stage 0 or 1"):
         deepspeed_config(run, 2, None, pipeline=True)
-    for text, match in (('{"gradient_accumulation_steps": 4}', "gradient_accumulation_steps is 4.*gives 2"),
-                        ('{"optimizer": {"type": "AdamW"}}', "remove 'optimizer'"),
-                        ('{"bf16": {"enabled": true}}', "bf16.enabled is True.*gives fp32")):
+    for text, match in (
+        ('{"gradient_accumulation_steps": 4}', "gradient_accumulation_steps is 4.*gives 2"),
+        ('{"optimizer": {"type": "AdamW"}}', "remove 'optimizer'"),
+        ('{"bf16": {"enabled": true}}', "bf16.enabled is True.*gives fp32"),
+    ):
         json_file.write_text(text)
         with pytest.raises(ValueError, match=match):
             deepspeed_config(run, 2, None)
@@ -132,9 +153,16 @@ def test_weight_decay_groups_use_the_zero3_shape():
     layer = torch.nn.Linear(3, 2)
     layer.weight.data = torch.empty(0)  # as ZeRO-3 leaves a partitioned parameter
     layer.weight.ds_shape = torch.Size([2, 3])
-    decay, no_decay = build_optimizer(layer, validate_config(
-        {"model": {"llm": "x", "vision": "tiny"}, "data": {"datasets": [{"format": "llava", "path": "x"}]},
-         "run": {}}).run.optimizer).param_groups
+    decay, no_decay = build_optimizer(
+        layer,
+        validate_config(
+            {
+                "model": {"llm": "x", "vision": "tiny"},
+                "data": {"datasets": [{"format": "llava", "path": "x"}]},
+                "run": {},
+            }
+        ).run.optimizer,
+    ).param_groups
     assert decay["params"] == [layer.weight] and no_decay["params"] == [layer.bias]
 
 
@@ -154,9 +182,11 @@ def test_pipeline_layers_compute_minigpt_forward(arch, tiny_pair_factory, tiny_q
     extra = {"llm": str(tiny_qwen_dir), "template": "chatml"} if arch == "qwen2" else {}
     model, processor = tiny_pair_factory(freeze={"llm": False}, **extra)
     model.train()
-    convs = [Conversation.single("<Img><ImageHere></Img> What colour is it?", "It is red."),
-             Conversation.single("Say hello.", "Hello there, friend."),  # text only
-             Conversation.single("<Img><ImageHere></Img> And this one?", "Green.")]
+    convs = [
+        Conversation.single("<Img><ImageHere></Img> What colour is it?", "It is red."),
+        Conversation.single("Say hello.", "Hello there, friend."),  # text only
+        Conversation.single("<Img><ImageHere></Img> And this one?", "Green."),
+    ]
     batch = processor.prepare(convs, [image_file, Image.new("RGB", (30, 30), (20, 200, 20))])
     tokens = int((batch.text.labels[:, 1:] != -100).sum())
 
@@ -180,12 +210,17 @@ def test_pipeline_layers_compute_minigpt_forward(arch, tiny_pair_factory, tiny_q
     head, block, tail = layers[0], layers[3], layers[-1]
     assert isinstance(head, PipeHead) and isinstance(block, PipeBlock) and isinstance(tail, PipeTail)
     assert {k for k in head.state_dict() if not k.startswith("vision.")} == {
-        "visionpipe.llm_proj.weight", "visionpipe.llm_proj.bias", "wtepipe.word_embeddings.weight"}
+        "visionpipe.llm_proj.weight",
+        "visionpipe.llm_proj.bias",
+        "wtepipe.word_embeddings.weight",
+    }
     assert all(k.startswith("layer.") for k in block.state_dict())
     assert set(tail.state_dict()) == {"final_layernorm.weight", "lm_head.weight"}
     model.apply_freeze({"vision": True, "qformer": True})
     head.train()
-    assert not model.vision.vision_model.training and not model.vision.qformer.training  # frozen parts stay in eval mode whatever DeepSpeed calls train() on
+    assert (
+        not model.vision.vision_model.training and not model.vision.qformer.training
+    )  # frozen parts stay in eval mode whatever DeepSpeed calls train() on
 
 
 # ---------------------------------------------------------------------------------------------- one process
@@ -208,9 +243,14 @@ def test_one_process_zero_and_pipeline_reproduce_single(tmp_path, reference, sha
             grad_norms = [r["grad_norm"] for r in result.history if "loss" in r]
             assert grad_norms == pytest.approx([r["grad_norm"] for r in ref.history if "loss" in r], rel=1e-4)
         else:  # layer 1 is an identity: no file
-            assert _files(tag) == ["layer_00-model_states.pt", "layer_02-model_states.pt", "layer_03-model_states.pt",
-                                   "layer_04-model_states.pt", "mp_rank_00_model_states.pt",
-                                   "zero_pp_rank_0_mp_rank_00_optim_states.pt"]
+            assert _files(tag) == [
+                "layer_00-model_states.pt",
+                "layer_02-model_states.pt",
+                "layer_03-model_states.pt",
+                "layer_04-model_states.pt",
+                "mp_rank_00_model_states.pt",
+                "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+            ]
         weights = load_file(ckpt / "step_00000004" / "trainable.safetensors")
         assert set(weights) == {n for n, p in result.model.named_parameters() if p.requires_grad}
         state = torch.load(ckpt / "step_00000004" / "state.pt", weights_only=True)
@@ -228,11 +268,15 @@ def test_converter_reads_what_the_strategies_write(tmp_path, reference, shapes, 
 
     ref, ref_out = reference
     vision = save_vision(tmp_path / "vision", ref.model.config.vision, ref.model.vision.state_dict())
-    for strategy, kwargs in (("deepspeed_zero", {}), ("deepspeed_pipeline", {"with_llm": True, "config": ref_out / "final"})):
+    for strategy, kwargs in (
+        ("deepspeed_zero", {}),
+        ("deepspeed_pipeline", {"with_llm": True, "config": ref_out / "final"}),
+    ):
         out = tmp_path / strategy
         train(validate_config(_with(_config(tiny_llama_dir, shapes, out, strategy), eval_every=0, save_every=4)))
-        written, _ = convert_deepspeed(out / "checkpoints" / "deepspeed", tmp_path / f"{strategy}-model",
-                                       vision=str(vision), **kwargs)
+        written, _ = convert_deepspeed(
+            out / "checkpoints" / "deepspeed", tmp_path / f"{strategy}-model", vision=str(vision), **kwargs
+        )
         assert written == ["projector", "llm"]
         converted = MiniGPT.from_pretrained(tmp_path / f"{strategy}-model")
         final = MiniGPT.from_pretrained(out / "final")
@@ -242,8 +286,13 @@ def test_converter_reads_what_the_strategies_write(tmp_path, reference, shapes, 
 
 @pytest.mark.parametrize("strategy", ["deepspeed_zero", "deepspeed_pipeline"])
 def test_resume_is_exact_and_old_deepspeed_tags_go(strategy, tmp_path, shapes, tiny_llama_dir):
-    config = _with(_config(tiny_llama_dir, shapes, tmp_path / "full", strategy), amp="bf16", keep_last=1,
-                   save_every=1, eval_every=0)
+    config = _with(
+        _config(tiny_llama_dir, shapes, tmp_path / "full", strategy),
+        amp="bf16",
+        keep_last=1,
+        save_every=1,
+        eval_every=0,
+    )
     full = train(validate_config(config))
     ckpt = tmp_path / "full" / "checkpoints"
     assert _files(ckpt) == ["deepspeed", "step_00000004"]
@@ -267,23 +316,45 @@ def test_resume_is_exact_and_old_deepspeed_tags_go(strategy, tmp_path, shapes, t
 def test_zero3_with_zero_init_reproduces_single(tmp_path, reference, shapes, tiny_llama_dir):
     ref, ref_out = reference
     out = tmp_path / "zero3"
-    result = train(validate_config(_config(tiny_llama_dir, shapes, out, "deepspeed_zero",
-                                           deepspeed={"zero_stage": 3, "zero_init": True})))
+    result = train(
+        validate_config(
+            _config(tiny_llama_dir, shapes, out, "deepspeed_zero", deepspeed={"zero_stage": 3, "zero_init": True})
+        )
+    )
     assert losses(result.history) == pytest.approx(losses(ref.history), rel=1e-6)
     assert _evals(result.history) == pytest.approx(_evals(ref.history), rel=1e-6)
     _assert_same_final(out, ref_out)  # gathered from the partitions into a CPU copy
     assert _files(out / "checkpoints" / "deepspeed" / "global_step4") == [
-        "zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"]
+        "zero_pp_rank_0_mp_rank_00_model_states.pt",
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- two processes
 
 
 def _torchrun(config: dict, path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
-               DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "minigpt.cli", "train", str(write_yaml(path, config)), *overrides]
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        DS_ACCELERATOR="cpu",
+        PYTHONPATH=str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "minigpt.cli",
+        "train",
+        str(write_yaml(path, config)),
+        *overrides,
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     return done
@@ -300,8 +371,10 @@ def test_two_process_zero2_matches_single(tmp_path, reference, shapes, tiny_llam
     assert [r["samples"] for r in records if "loss" in r] == [4] * 4
     _assert_same_final(out, ref_out)
     assert _files(out / "checkpoints" / "deepspeed" / "global_step4") == [
-        "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
-        "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+        "mp_rank_00_model_states.pt",
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ]
 
 
 def test_two_stage_pipeline_matches_single(tmp_path, reference, shapes, tiny_llama_dir):
@@ -309,18 +382,27 @@ def test_two_stage_pipeline_matches_single(tmp_path, reference, shapes, tiny_lla
     norms (clipping over both stages) and final weights as one process."""
     ref, ref_out = reference
     out = tmp_path / "pipe"
-    _torchrun(_config(tiny_llama_dir, shapes, out, "deepspeed_pipeline", deepspeed={"pipeline_stages": 2}),
-              tmp_path / "pipe.yaml")
+    _torchrun(
+        _config(tiny_llama_dir, shapes, out, "deepspeed_pipeline", deepspeed={"pipeline_stages": 2}),
+        tmp_path / "pipe.yaml",
+    )
     records = read_metrics(out)
     assert losses(records) == pytest.approx(losses(ref.history), rel=1e-5)
     assert _evals(records) == pytest.approx(_evals(ref.history), rel=1e-5)
     assert [r["grad_norm"] for r in records if "loss" in r] == pytest.approx(
-        [r["grad_norm"] for r in ref.history if "loss" in r], rel=1e-4)
+        [r["grad_norm"] for r in ref.history if "loss" in r], rel=1e-4
+    )
     _assert_same_final(out, ref_out)
     assert _files(out / "checkpoints" / "deepspeed" / "global_step4") == [
-        "layer_00-model_states.pt", "layer_01-model_states.pt", "layer_02-model_states.pt", "layer_03-model_states.pt",
-        "mp_rank_00_model_states.pt", "mp_rank_01_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
-        "zero_pp_rank_0_mp_rank_01_optim_states.pt"]
+        "layer_00-model_states.pt",
+        "layer_01-model_states.pt",
+        "layer_02-model_states.pt",
+        "layer_03-model_states.pt",
+        "mp_rank_00_model_states.pt",
+        "mp_rank_01_model_states.pt",
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_0_mp_rank_01_optim_states.pt",
+    ]
 
 
 def test_two_stage_pipeline_with_a_frozen_llm_matches_single(tmp_path, shapes, tiny_llama_dir):
@@ -330,8 +412,12 @@ def test_two_stage_pipeline_with_a_frozen_llm_matches_single(tmp_path, shapes, t
     config["model"]["freeze"] = {"llm": True}
     single = train(validate_config(config))
     out = tmp_path / "pipe"
-    config = _with(config, strategy="deepspeed_pipeline", output_dir=str(out),
-                   deepspeed={"pipeline_stages": 2, "identity_layers": 4, "partition_method": "uniform"})
+    config = _with(
+        config,
+        strategy="deepspeed_pipeline",
+        output_dir=str(out),
+        deepspeed={"pipeline_stages": 2, "identity_layers": 4, "partition_method": "uniform"},
+    )
     _torchrun(config, tmp_path / "pipe.yaml")
     assert losses(read_metrics(out)) == pytest.approx(losses(single.history), rel=1e-5)
     _assert_same_final(out, tmp_path / "single")
@@ -351,8 +437,10 @@ def _train_imports() -> dict[str, set[str]]:
     import ast
 
     root = REPO / "src"
-    files = {".".join(p.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): p
-             for p in (root / "minigpt" / "train").rglob("*.py")}
+    files = {
+        ".".join(p.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): p
+        for p in (root / "minigpt" / "train").rglob("*.py")
+    }
     graph: dict[str, set[str]] = {}
     for name, path in files.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
@@ -403,15 +491,23 @@ def test_shipped_deepspeed_recipes(monkeypatch):
     cfg = deepspeed_config(zero, 8, torch.bfloat16)
     assert zero.strategy == "deepspeed_zero" and cfg["zero_optimization"]["stage"] == 2 and cfg["bf16"]["enabled"]
     assert (cfg["train_micro_batch_size_per_gpu"], cfg["train_batch_size"], zero.optimizer.lr) == (1, 128, 2e-5)
-    zero3 = validate_config(_with(load_config("configs/mpp_sft_zero2.yaml").to_dict(),
-                                  deepspeed={"config": "configs/ds_zero3.json", "zero_init": True})).run
+    zero3 = validate_config(
+        _with(
+            load_config("configs/mpp_sft_zero2.yaml").to_dict(),
+            deepspeed={"config": "configs/ds_zero3.json", "zero_init": True},
+        )
+    ).run
     assert deepspeed_config(zero3, 8, torch.bfloat16)["zero_optimization"]["stage"] == 3
 
     config = load_config("configs/mpp_pipeline.yaml")
     run = config.run
     section = run.deepspeed
     assert (run.strategy, section.pipeline_stages, section.partition_method, section.identity_layers) == (
-        "deepspeed_pipeline", 6, "uniform", 4)
+        "deepspeed_pipeline",
+        6,
+        "uniform",
+        4,
+    )
     assert (run.batch_size, run.optimizer.lr, run.amp, config.model.max_txt_len) == (1, 2e-5, "bf16", 512)
     cfg = deepspeed_config(run, 1, torch.bfloat16, pipeline=True)
     assert cfg["zero_optimization"] == {"stage": 1, "offload_optimizer": {"device": "cpu", "pin_memory": True}}
@@ -424,8 +520,17 @@ def test_pipeline_with_cpu_offload_and_activation_checkpointing(tmp_path, refere
     on first use, ~40-70 s) with activation checkpointing gives the single-process losses."""
     ref, ref_out = reference
     out = tmp_path / "offload"
-    result = train(validate_config(_config(
-        tiny_llama_dir, shapes, out, "deepspeed_pipeline", grad_checkpointing=True,
-        deepspeed={"config": str(REPO / "configs" / "ds_pipeline_offload.json")})))
+    result = train(
+        validate_config(
+            _config(
+                tiny_llama_dir,
+                shapes,
+                out,
+                "deepspeed_pipeline",
+                grad_checkpointing=True,
+                deepspeed={"config": str(REPO / "configs" / "ds_pipeline_offload.json")},
+            )
+        )
+    )
     assert losses(result.history) == pytest.approx(losses(ref.history), rel=1e-6)
     _assert_same_final(out, ref_out)

@@ -21,8 +21,9 @@ def held_out_loss(model, processor, path: Path) -> float:
     model.eval()
     encoder = SampleEncoder.for_processor(processor, train=False)
     total, tokens = 0.0, 0
-    for b in eval_loader([DatasetSpec(format="captions_json", path=str(path))], encoder, 8, 0, 1,
-                         processor.pad_token_id):
+    for b in eval_loader(
+        [DatasetSpec(format="captions_json", path=str(path))], encoder, 8, 0, 1, processor.pad_token_id
+    ):
         total += float(model(batch=b.batch).loss) * b.num_tokens
         tokens += b.num_tokens
     return total / tokens
@@ -38,12 +39,18 @@ def test_tiny_model_learns_coloured_shapes(tmp_path, tiny_llama_dir):
     # The ViT stays frozen; Q-Former, projector and LLM train. With random weights, a frozen LLM hardly moves its loss
     # (~10.3 -> 9.8) and a frozen Q-Former passes almost nothing of the image (the same loss with swapped captions).
     config = tiny_config(
-        tiny_llama_dir, train_json, tmp_path / "out",
+        tiny_llama_dir,
+        train_json,
+        tmp_path / "out",
         model={"freeze": {"qformer": False, "llm": False}},
         data={"eval": [{"format": "captions_json", "path": str(eval_json)}]},
-        run={"epochs": 12, "batch_size": 8, "eval_at_start": True,
-             "optimizer": {"lr": 3e-3, "weight_decay": 0.05},
-             "schedule": {"name": "constant"}},
+        run={
+            "epochs": 12,
+            "batch_size": 8,
+            "eval_at_start": True,
+            "optimizer": {"lr": 3e-3, "weight_decay": 0.05},
+            "schedule": {"name": "constant"},
+        },
     )
     start = time.perf_counter()
     result = train(validate_config(config))
@@ -72,11 +79,15 @@ def test_lora_trains_adapters_and_final_holds_the_merged_llm(tmp_path, tiny_llam
 
     train_json = make_shapes(tmp_path / "data", 8)
     config = tiny_config(
-        tiny_llama_dir, train_json, tmp_path / "out",
+        tiny_llama_dir,
+        train_json,
+        tmp_path / "out",
         model={"lora": {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]}},
         run={"max_steps": 3, "optimizer": {"lr": 1e-2, "weight_decay": 0.0}, "save_every": 3},
     )
-    base = {n: p.clone() for n, p in MiniGPT.build(validate_config(config).model.minigpt_config()).llm.named_parameters()}
+    base = {
+        n: p.clone() for n, p in MiniGPT.build(validate_config(config).model.minigpt_config()).llm.named_parameters()
+    }
     result = train(validate_config(config))
     from minigpt.train.checkpoint import latest_checkpoint, load_checkpoint
 
@@ -102,15 +113,31 @@ def test_eval_task_is_scored_during_training_and_logged(tmp_path, tiny_llama_dir
     train_json = make_shapes(data, 8)
     records = json.loads(train_json.read_text())[:4]
     pope = tmp_path / "pope.jsonl"
-    pope.write_text("".join(
-        json.dumps({"question_id": i, "image": r["image"], "text": "Is there a red shape?",
-                    "label": "yes" if "red" in r["caption"] else "no"}) + "\n"
-        for i, r in enumerate(records)
-    ))
-    config = tiny_config(tiny_llama_dir, train_json, tmp_path / "out", run={
-        "max_steps": 2, "eval_every": 2, "log_every": 1,
-        "eval_task": {"task": "pope", "data": str(pope), "images": str(data), "limit": 4, "max_new_tokens": 3},
-    })
+    pope.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "question_id": i,
+                    "image": r["image"],
+                    "text": "Is there a red shape?",
+                    "label": "yes" if "red" in r["caption"] else "no",
+                }
+            )
+            + "\n"
+            for i, r in enumerate(records)
+        )
+    )
+    config = tiny_config(
+        tiny_llama_dir,
+        train_json,
+        tmp_path / "out",
+        run={
+            "max_steps": 2,
+            "eval_every": 2,
+            "log_every": 1,
+            "eval_task": {"task": "pope", "data": str(pope), "images": str(data), "limit": 4, "max_new_tokens": 3},
+        },
+    )
     config["data"]["eval"] = [{"format": "captions_json", "path": str(train_json)}]
     result = train(validate_config(config))
     scored = [r for r in result.history if "eval/pope/accuracy" in r]

@@ -18,11 +18,11 @@ def test_linear_warmup_cosine_values_at_key_steps():
     # MiniGPT-4 stage 1 shape, scaled down: lr 1e-4 -> 8e-5, warmup from 1e-6 over 10 of 40 steps.
     s = Schedule(ScheduleSection(name="linear_warmup_cosine", warmup_steps=10, warmup_lr=1e-6, min_lr=8e-5), 1e-4, 40)
     expected = {
-        0: 1e-6,                                   # warmup starts at warmup_lr
-        5: 1e-6 + 99e-6 * 5 / 10,                  # 5.05e-5
-        9: 1e-6 + 99e-6 * 9 / 10,                  # 9.01e-5
-        10: 8e-5 + 1e-5 * (1 + math.sqrt(0.5)),    # the cosine counts the warmup steps: cos(pi * 10/40)
-        20: 9e-5,                                  # half way: the mean of lr and min_lr
+        0: 1e-6,  # warmup starts at warmup_lr
+        5: 1e-6 + 99e-6 * 5 / 10,  # 5.05e-5
+        9: 1e-6 + 99e-6 * 9 / 10,  # 9.01e-5
+        10: 8e-5 + 1e-5 * (1 + math.sqrt(0.5)),  # the cosine counts the warmup steps: cos(pi * 10/40)
+        20: 9e-5,  # half way: the mean of lr and min_lr
         39: 8e-5 + 1e-5 * (1 + math.cos(math.pi * 39 / 40)),
         40: 8e-5,
     }
@@ -78,8 +78,12 @@ def test_gradient_clipping_returns_the_norm_and_clips():
 def _run(tmp_path, llm_dir, name, train_json, **run):
     sections = {
         "model": {"freeze": {"llm": False}},  # the LLM has no dropout: results depend on the batching only
-        "run": {"max_steps": 3, "optimizer": {"lr": 1e-3, "weight_decay": 0.05},
-                "schedule": {"name": "linear_warmup_cosine", "warmup_steps": 1, "warmup_lr": 1e-4}, **run},
+        "run": {
+            "max_steps": 3,
+            "optimizer": {"lr": 1e-3, "weight_decay": 0.05},
+            "schedule": {"name": "linear_warmup_cosine", "warmup_steps": 1, "warmup_lr": 1e-4},
+            **run,
+        },
     }
     return train(validate_config(tiny_config(llm_dir, train_json, tmp_path / name, **sections)))
 

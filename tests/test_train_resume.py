@@ -14,7 +14,11 @@ import torch
 from safetensors.torch import load_file
 
 from minigpt.train.checkpoint import (
-    latest_checkpoint, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
 )
 from test_train_support import losses, make_shapes, read_metrics, tiny_config, write_yaml
 
@@ -23,8 +27,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _env() -> dict[str, str]:
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
-               PYTHONPATH=str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", ""))
+    env.update(
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        PYTHONPATH=str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", ""),
+    )
     return env
 
 
@@ -63,22 +72,32 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, tiny_
     train_json = make_shapes(tmp_path / "data", 48)
     # Q-Former + projector train: the Q-Former's dropout makes the RNG states matter; random crops are on.
     config = tiny_config(
-        tiny_llama_dir, train_json, tmp_path / "unused",
+        tiny_llama_dir,
+        train_json,
+        tmp_path / "unused",
         model={"freeze": {"qformer": False}},
-        run={"epochs": 6, "batch_size": 4, "grad_accum": 2, "save_every": 5, "keep_last": 2,
-             "optimizer": {"lr": 3e-3, "weight_decay": 0.05},
-             "schedule": {"name": "linear_warmup_cosine", "warmup_steps": 4, "warmup_lr": 1e-5, "min_lr": 1e-4}},
+        run={
+            "epochs": 6,
+            "batch_size": 4,
+            "grad_accum": 2,
+            "save_every": 5,
+            "keep_last": 2,
+            "optimizer": {"lr": 3e-3, "weight_decay": 0.05},
+            "schedule": {"name": "linear_warmup_cosine", "warmup_steps": 4, "warmup_lr": 1e-5, "min_lr": 1e-4},
+        },
     )
     path = write_yaml(tmp_path / "run.yaml", config)
     total = 6 * 48 // 8
 
     reference, killed = tmp_path / "reference", tmp_path / "killed"
-    done = subprocess.run(_train_cmd(path, f"run.output_dir={reference}"), env=_env(), capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        _train_cmd(path, f"run.output_dir={reference}"), env=_env(), capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
 
-    proc = subprocess.Popen(_train_cmd(path, f"run.output_dir={killed}"), env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _train_cmd(path, f"run.output_dir={killed}"), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         deadline = time.monotonic() + 240
         while not list_checkpoints(killed) and proc.poll() is None and time.monotonic() < deadline:
@@ -92,8 +111,9 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, tiny_
     step = int(resumed_from.name.split("_")[1])
     assert 0 < step < total and step % 6, f"expected a checkpoint in the middle of an epoch, got step {step}"
 
-    done = subprocess.run(_train_cmd(path, f"run.output_dir={killed}"), env=_env(), capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        _train_cmd(path, f"run.output_dir={killed}"), env=_env(), capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed from" in done.stderr
 
@@ -110,8 +130,9 @@ def test_resume_rules(tmp_path, tiny_llama_dir):
     from minigpt.train.config import validate_config
     from minigpt.train.launch import train
 
-    config = tiny_config(tiny_llama_dir, make_shapes(tmp_path / "data", 8), tmp_path / "out",
-                         run={"max_steps": 2, "save_every": 1})
+    config = tiny_config(
+        tiny_llama_dir, make_shapes(tmp_path / "data", 8), tmp_path / "out", run={"max_steps": 2, "save_every": 1}
+    )
     assert train(validate_config(config)).step == 2
     again = train(validate_config(config))  # resume=auto on a finished run: nothing left to do
     assert again.step == 2 and losses(again.history) == [] and (tmp_path / "out" / "final").is_dir()

@@ -40,9 +40,13 @@ def _bool_index(args: tuple) -> bool:
 class _FunctionReads(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", "")
-        if name in _READS or (name == "__getitem__" and any(
+        if name in _READS or (
+            name == "__getitem__"
+            and any(
                 isinstance(i, torch.Tensor) and i.dtype == torch.bool
-                for i in (args[1] if isinstance(args[1], tuple) else (args[1],)))):
+                for i in (args[1] if isinstance(args[1], tuple) else (args[1],))
+            )
+        ):
             raise HostSync(f"Tensor.{name}")
         return func(*args, **(kwargs or {}))
 
@@ -51,7 +55,8 @@ class _DispatchReads(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.name()
         if any(op in name for op in _DATA_DEPENDENT) or (
-                name.split("::")[-1].split(".")[0] in ("index", "index_put", "_index_put_impl_") and _bool_index(args)):
+            name.split("::")[-1].split(".")[0] in ("index", "index_put", "_index_put_impl_") and _bool_index(args)
+        ):
             raise HostSync(name)
         return func(*args, **(kwargs or {}))
 
@@ -115,9 +120,16 @@ def test_training_step_never_waits_for_the_device(monkeypatch, pack_len, impl):
 def test_host_sync_detector_catches_each_kind():
     x = torch.arange(6.0, requires_grad=True)
     mask = x.detach() > 2
-    for read in (lambda: x.sum().item(), lambda: bool(x.sum()), lambda: int(x.sum()), lambda: x.tolist(),
-                 lambda: x[mask], lambda: x.masked_select(mask), lambda: mask.nonzero(),
-                 lambda: torch.zeros(6).masked_scatter(mask, x)):
+    for read in (
+        lambda: x.sum().item(),
+        lambda: bool(x.sum()),
+        lambda: int(x.sum()),
+        lambda: x.tolist(),
+        lambda: x[mask],
+        lambda: x.masked_select(mask),
+        lambda: mask.nonzero(),
+        lambda: torch.zeros(6).masked_scatter(mask, x),
+    ):
         with pytest.raises(HostSync), no_host_sync():
             read()
     y = x.detach().requires_grad_()[torch.tensor([True, False] * 3)]
@@ -172,8 +184,10 @@ def test_chunked_loss_and_gradients_equal_plain(scale, softcap, head_trains):
     rows = torch.randn(10, 16, requires_grad=True)
     targets = torch.randint(0, 50, (10,))
     results = []
-    for run in (lambda: linear_cross_entropy(rows, head, targets, "plain", scale, softcap),
-                lambda: chunked_linear_cross_entropy(rows, head.weight, targets, scale, softcap, chunk_rows=3)):
+    for run in (
+        lambda: linear_cross_entropy(rows, head, targets, "plain", scale, softcap),
+        lambda: chunked_linear_cross_entropy(rows, head.weight, targets, scale, softcap, chunk_rows=3),
+    ):
         rows.grad = head.weight.grad = None
         loss = run()
         (loss * 1.7).backward()  # a non-unit upstream gradient reaches both
@@ -274,8 +288,18 @@ def test_train_batch_moves_every_tensor():
     tb = _batch(model, pack_len=64)
     moved = tb.to(torch.device("meta"))
     text = moved.batch.text
-    for tensor in (text.input_ids, text.attention_mask, text.labels, text.image_mask, text.position_ids,
-                   text.segment_ids, text.image_index, text.target_index, text.target_ids, moved.features):
+    for tensor in (
+        text.input_ids,
+        text.attention_mask,
+        text.labels,
+        text.image_mask,
+        text.position_ids,
+        text.segment_ids,
+        text.image_index,
+        text.target_index,
+        text.target_ids,
+        moved.features,
+    ):
         assert tensor.is_meta
     assert moved.num_tokens == tb.num_tokens and type(text).__name__ == "PackedTextBatch"
     assert tb.batch.text.input_ids.device.type == "cpu"  # the original is untouched
@@ -292,9 +316,11 @@ def test_liger_gets_the_scaled_rows_and_the_softcap(monkeypatch):
 
     functional = types.ModuleType("liger_kernel.transformers.functional")
     functional.liger_fused_linear_cross_entropy = fake
-    for name, module in (("liger_kernel", types.ModuleType("liger_kernel")),
-                         ("liger_kernel.transformers", types.ModuleType("liger_kernel.transformers")),
-                         ("liger_kernel.transformers.functional", functional)):
+    for name, module in (
+        ("liger_kernel", types.ModuleType("liger_kernel")),
+        ("liger_kernel.transformers", types.ModuleType("liger_kernel.transformers")),
+        ("liger_kernel.transformers.functional", functional),
+    ):
         monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.setattr(loss_module, "liger_installed", lambda: True)
     monkeypatch.setattr(loss_module, "runs_triton", lambda device: True)
@@ -303,5 +329,7 @@ def test_liger_gets_the_scaled_rows_and_the_softcap(monkeypatch):
     rows, targets = torch.randn(6, 16), torch.randint(0, 40, (6,))
     assert resolve_loss_impl("auto", head, 6, rows.device) == "liger"
     for scale, softcap in ((None, None), (0.5, 2.0)):
-        torch.testing.assert_close(linear_cross_entropy(rows, head, targets, "liger", scale, softcap),
-                                   linear_cross_entropy(rows, head, targets, "plain", scale, softcap))
+        torch.testing.assert_close(
+            linear_cross_entropy(rows, head, targets, "liger", scale, softcap),
+            linear_cross_entropy(rows, head, targets, "plain", scale, softcap),
+        )

@@ -13,6 +13,7 @@ import yaml
 
 from minigpt.tools import shapes
 
+
 def make_shapes(root: Path, n: int, seed: int = 0, size: int = 32, name: str = "train") -> Path:
     """``n`` pictures (every colour x shape first) and ``root/{name}.json`` in the captions_json format."""
     items = shapes.make_shapes(root, n, seed=seed, size=size)
@@ -26,10 +27,15 @@ def tiny_config(llm_dir: Path, train_json: Path, output_dir: Path, **sections: d
         "model": {"llm": str(llm_dir), "vision": "tiny", "template": "caption", "max_txt_len": 16},
         "data": {"datasets": [{"format": "captions_json", "path": str(train_json)}], "num_workers": 0},
         "run": {
-            "output_dir": str(output_dir), "seed": 7, "batch_size": 4, "epochs": 1, "device": "cpu",
+            "output_dir": str(output_dir),
+            "seed": 7,
+            "batch_size": 4,
+            "epochs": 1,
+            "device": "cpu",
             "optimizer": {"lr": 1e-2, "weight_decay": 0.05},
             "schedule": {"name": "constant"},
-            "save_every": 1000, "log_every": 1000,
+            "save_every": 1000,
+            "log_every": 1000,
         },
     }
     for name, values in sections.items():

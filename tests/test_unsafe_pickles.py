@@ -68,9 +68,11 @@ def test_init_from_llm_bin_is_refused(tmp_path, tiny_llama_dir):
 def test_merge_lora_peft_bin_is_refused_with_exit_code_2(tmp_path, tiny_model_dir, capsys):
     adapter, marker = tmp_path / "adapter", tmp_path / "executed"
     adapter.mkdir()
-    (adapter / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}
-    ))
+    (adapter / "adapter_config.json").write_text(
+        json.dumps(
+            {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}
+        )
+    )
     bin_file = _evil_file(adapter / "adapter_model.bin", marker)
     code = main(["convert", "merge-lora", str(adapter), "--base", str(tiny_model_dir), "--out", str(tmp_path / "out")])
     line = capsys.readouterr().err.strip().splitlines()[-1]  # after the base model's loading bar

@@ -25,8 +25,9 @@ def engine(tiny_llama_dir):
 
     torch.manual_seed(0)
     model = MiniGPT.build(MiniGPTConfig(llm=str(tiny_llama_dir), vision=VisionConfig.tiny(), max_txt_len=32))
-    return ChatEngine(Engine(model, MiniGPTProcessor.from_config(model.config)), GenerationOptions(max_new_tokens=8),
-                      name="tiny")
+    return ChatEngine(
+        Engine(model, MiniGPTProcessor.from_config(model.config)), GenerationOptions(max_new_tokens=8), name="tiny"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +79,7 @@ def test_api_upload_ask_reset(url, engine, image_file):
 
 def test_pixel_bomb_upload_is_refused_before_decoding(url, tmp_path):
     from gradio_client import Client, handle_file
+
     from test_images import png_bomb
 
     bomb = tmp_path / "bomb.png"  # a grey-level PNG: Gradio's default RGB conversion would decode it
@@ -92,8 +94,14 @@ def test_pixel_bomb_upload_is_refused_before_decoding(url, tmp_path):
 def test_browser_upload_ask_screenshot(url, engine, image_file, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
-    args = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run"]
+    args = [
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+    ]
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=args)
         try:

@@ -39,6 +39,15 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "Conversation", "Engine", "GenerationOptions", "Image", "MiniGPT", "MiniGPTConfig", "MiniGPTProcessor", "Sample",
-    "Text", "VisionConfig", "__version__",
+    "Conversation",
+    "Engine",
+    "GenerationOptions",
+    "Image",
+    "MiniGPT",
+    "MiniGPTConfig",
+    "MiniGPTProcessor",
+    "Sample",
+    "Text",
+    "VisionConfig",
+    "__version__",
 ]

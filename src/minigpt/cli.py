@@ -26,8 +26,9 @@ COMMANDS: list[str] = [
 ]
 
 
-def add_command_group(subparsers: argparse._SubParsersAction, name: str, help: str, description: str
-                      ) -> argparse._SubParsersAction:
+def add_command_group(
+    subparsers: argparse._SubParsersAction, name: str, help: str, description: str
+) -> argparse._SubParsersAction:
     """A command made of sub-commands (``minigpt NAME WHAT``; ``minigpt NAME`` alone prints its help): the
     sub-parsers to add them to."""
     parser = subparsers.add_parser(name, help=help, description=description)
@@ -50,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

@@ -24,15 +24,19 @@ import contextlib
 import importlib
 import re
 import sys
+from collections.abc import Callable, Iterator
 from types import ModuleType
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
 DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
 }
 
 #: Device kinds, in the order ``auto`` tries the accelerators (cpu last).
@@ -165,8 +169,10 @@ def resolve_device(name: str = "auto") -> torch.device:
     if index is not None:
         count = device_count(kind)
         if int(index) >= count:
-            raise RuntimeError(f"device {name!r} was requested but this machine has {count} {kind} device(s) "
-                               f"({kind}:0 to {kind}:{count - 1})")
+            raise RuntimeError(
+                f"device {name!r} was requested but this machine has {count} {kind} device(s) "
+                f"({kind}:0 to {kind}:{count - 1})"
+            )
     return torch.device(name)
 
 
@@ -357,16 +363,47 @@ def memory_stats(device: torch.device) -> dict[str, float | None]:
             return round(fn() / 2**30, 3)  # mps takes no device argument
 
     if device.type == "mps":
-        return {"allocated_gib": read("current_allocated_memory"), "reserved_gib": read("driver_allocated_memory"),
-                "peak_gib": None}
-    return {"allocated_gib": read("memory_allocated"), "reserved_gib": read("memory_reserved"),
-            "peak_gib": read("max_memory_allocated")}
+        return {
+            "allocated_gib": read("current_allocated_memory"),
+            "reserved_gib": read("driver_allocated_memory"),
+            "peak_gib": None,
+        }
+    return {
+        "allocated_gib": read("memory_allocated"),
+        "reserved_gib": read("memory_reserved"),
+        "peak_gib": read("max_memory_allocated"),
+    }
 
 
 __all__ = [
-    "DTYPES", "DEVICE_KINDS", "DEVICE_CHOICES", "parse_dtype", "dtype_name", "check_device_name",
-    "add_device_argument", "backend_module", "is_available", "device_count", "resolve_device", "is_accelerator",
-    "pins_memory", "runs_triton", "free_memory_bytes", "supports_graph_capture", "capture_graph", "describe_device",
-    "set_device", "synchronize", "empty_cache", "get_rng_state", "set_rng_state", "bf16_supported", "amp_dtype", "autocast", "dist_backend", "peak_memory_gib", "reset_peak_memory",
+    "DTYPES",
+    "DEVICE_KINDS",
+    "DEVICE_CHOICES",
+    "parse_dtype",
+    "dtype_name",
+    "check_device_name",
+    "add_device_argument",
+    "backend_module",
+    "is_available",
+    "device_count",
+    "resolve_device",
+    "is_accelerator",
+    "pins_memory",
+    "runs_triton",
+    "free_memory_bytes",
+    "supports_graph_capture",
+    "capture_graph",
+    "describe_device",
+    "set_device",
+    "synchronize",
+    "empty_cache",
+    "get_rng_state",
+    "set_rng_state",
+    "bf16_supported",
+    "amp_dtype",
+    "autocast",
+    "dist_backend",
+    "peak_memory_gib",
+    "reset_peak_memory",
     "memory_stats",
 ]

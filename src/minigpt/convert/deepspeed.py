@@ -80,18 +80,35 @@ import torch
 
 from ..files import unsafe_global
 from ..model.deepspeed_names import (
-    BLOCK, CONFIG_KEY, DS_DIR, EMBEDDING, FINAL_NORM, LM_HEAD, PROJECTOR, VISION, VISIONPIPE,
+    BLOCK,
+    CONFIG_KEY,
+    DS_DIR,
+    EMBEDDING,
+    FINAL_NORM,
+    LM_HEAD,
+    PROJECTOR,
+    VISION,
+    VISIONPIPE,
 )
 from ..model.llm import meta_llm
-from .lavis import ConversionReport, convert_lavis_vision
 from ..safe_load import UnsafeCheckpointError, load_checkpoint, unwrap
+from .lavis import ConversionReport, convert_lavis_vision
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "DEEPSPEED_SAFE_CLASSES", "PIPELINE_LLM_NAMES", "ConvertedCheckpoint", "UnsafeCheckpointError",
-    "resolve_tag_dir", "load_torch_file", "zero_state_dict", "pipeline_state_dict", "pipeline_llm_names",
-    "llm_parameter_shapes", "write_model_dir", "convert_deepspeed",
+    "DEEPSPEED_SAFE_CLASSES",
+    "PIPELINE_LLM_NAMES",
+    "ConvertedCheckpoint",
+    "UnsafeCheckpointError",
+    "resolve_tag_dir",
+    "load_torch_file",
+    "zero_state_dict",
+    "pipeline_state_dict",
+    "pipeline_llm_names",
+    "llm_parameter_shapes",
+    "write_model_dir",
+    "convert_deepspeed",
 ]
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
@@ -171,8 +188,10 @@ def _training_tag_dir(path: Path, tag: str | None) -> Path | None:
     state = load_torch_file(step / STATE)  # weights_only=True
     info = ((state.get("strategy") or {}) if isinstance(state, Mapping) else {}).get("deepspeed")
     if not isinstance(info, Mapping) or "dir" not in info or "tag" not in info:
-        raise ValueError(f"{step}: not written by a DeepSpeed strategy (its {STATE} records no strategy.deepspeed): "
-                         "nothing to convert; its trainable.safetensors holds the trained weights")
+        raise ValueError(
+            f"{step}: not written by a DeepSpeed strategy (its {STATE} records no strategy.deepspeed): "
+            "nothing to convert; its trainable.safetensors holds the trained weights"
+        )
     ds_dir = step.parent / info["dir"]
     found = ds_dir / (tag or info["tag"])
     if not found.is_dir():
@@ -402,8 +421,10 @@ def pipeline_projector(layer0: Mapping[str, torch.Tensor]) -> tuple[str, dict[st
     state = {k.removeprefix(_PROJ): v for k, v in layer0.items() if k.startswith(_PROJ)}
     kind = PIPELINE_PROJECTORS.get(frozenset(state))
     if kind is None:
-        raise ValueError(f"layer_00: no projector of a known type under {_PROJ}* (linear: weight/bias; mlp2x_gelu: "
-                         f"0.*/2.*); found {sorted(state) or 'none'}")
+        raise ValueError(
+            f"layer_00: no projector of a known type under {_PROJ}* (linear: weight/bias; mlp2x_gelu: "
+            f"0.*/2.*); found {sorted(state) or 'none'}"
+        )
     if kind == "mlp2x_gelu":
         (o0, i0), (o2, i2) = state["0.weight"].shape, state["2.weight"].shape
         if i2 != o0 or o2 != o0:
@@ -434,22 +455,28 @@ def pipeline_state_dict(
     layer0 = _load_state(files[0], trust_pickle)
     kind, projector = pipeline_projector(layer0)
     report = ConversionReport()
-    shapes = " -> ".join(str(projector[k].shape[1 - i]) for i, k in enumerate(
-        ("weight", "weight") if kind == "linear" else ("0.weight", "2.weight")))
+    shapes = " -> ".join(
+        str(projector[k].shape[1 - i])
+        for i, k in enumerate(("weight", "weight") if kind == "linear" else ("0.weight", "2.weight"))
+    )
     report.notes.append(f"{PROJECTOR}: {kind} projector ({shapes})")
     state = {f"projector.{k}": v for k, v in projector.items()}
     vision_config = None
     ours = {k: v for k, v in layer0.items() if k.startswith(f"{VISION}.")}
     vision_keys = [k for k in layer0 if k.startswith(_VISIONPIPE) and not k.startswith(_PROJ)]
     if ours and vision_keys:
-        raise ValueError(f"layer_00 holds both {VISION}.* (minigpt names) and LAVIS-named {VISIONPIPE}.* vision "
-                         "tensors")
+        raise ValueError(
+            f"layer_00 holds both {VISION}.* (minigpt names) and LAVIS-named {VISIONPIPE}.* vision tensors"
+        )
     if ours:
         state.update(ours)
         report.notes.append(f"vision: {len(ours)} trained tensor(s) from layer_00 (vision.*)")
     elif with_vision and vision_keys:
-        eva = {k.removeprefix(f"{_VISIONPIPE}visual_encoder."): v for k, v in layer0.items()
-               if k.startswith(f"{_VISIONPIPE}visual_encoder.")}
+        eva = {
+            k.removeprefix(f"{_VISIONPIPE}visual_encoder."): v
+            for k, v in layer0.items()
+            if k.startswith(f"{_VISIONPIPE}visual_encoder.")
+        }
         blip2_keys = tuple(_VISIONPIPE + k for k in ("ln_vision.", "Qformer.", "query_tokens"))
         blip2 = {k.removeprefix(_VISIONPIPE): v for k, v in layer0.items() if k.startswith(blip2_keys)}
         vision_config, vision_state, vision_report = convert_lavis_vision(
@@ -524,15 +551,19 @@ def _load_part(module: torch.nn.Module, part: str, state: Mapping[str, torch.Ten
     own = module.state_dict()
     unexpected = sorted(set(state) - set(own))
     if unexpected:
-        raise ValueError(f"{part}: {len(unexpected)} unexpected tensor(s) in the checkpoint, e.g. "
-                         f"{', '.join(unexpected[:4])} (LoRA/peft-wrapped or another architecture?)")
+        raise ValueError(
+            f"{part}: {len(unexpected)} unexpected tensor(s) in the checkpoint, e.g. "
+            f"{', '.join(unexpected[:4])} (LoRA/peft-wrapped or another architecture?)"
+        )
     wrong = [f"{k} {tuple(v.shape)} (model {tuple(own[k].shape)})" for k, v in state.items() if v.shape != own[k].shape]
     if wrong:
         raise ValueError(f"{part}: shape mismatch: {'; '.join(wrong[:5])}")
     missing = sorted(set(own) - set(state))
     if missing and source is None:
-        raise ValueError(f"{part}: {len(missing)} tensor(s) neither in the checkpoint nor in a recorded source, "
-                         f"e.g. {', '.join(missing[:4])}")
+        raise ValueError(
+            f"{part}: {len(missing)} tensor(s) neither in the checkpoint nor in a recorded source, "
+            f"e.g. {', '.join(missing[:4])}"
+        )
     module.load_state_dict(dict(state), strict=False)
     if not missing:
         return f"{part}: all {len(state)} tensors from the checkpoint"
@@ -558,25 +589,30 @@ def write_model_dir(
 
     state, report = converted.state, converted.report
     parts = {
-        part: {k[len(part) + 1:]: v for k, v in state.items() if k.startswith(part + ".")}
+        part: {k[len(part) + 1 :]: v for k, v in state.items() if k.startswith(part + ".")}
         for part in ("vision", "projector", "llm")
     }
     others = sorted(k for k in state if not k.startswith(("vision.", "projector.", "llm.")))
     if others:
-        raise ValueError(f"{len(others)} key(s) outside vision./projector./llm. (not a MiniGPT state dict): "
-                         f"{', '.join(others[:5])}")
+        raise ValueError(
+            f"{len(others)} key(s) outside vision./projector./llm. (not a MiniGPT state dict): {', '.join(others[:5])}"
+        )
     if not parts["projector"]:
         raise ValueError("the checkpoint has no projector.* tensors")
     build = MiniGPTConfig.from_dict(config.to_dict())
     if build.vision_weights and not Path(build.vision_weights).is_dir():
         if not parts["vision"]:
-            raise FileNotFoundError(f"vision_weights {build.vision_weights} does not exist and the checkpoint "
-                                    "has no vision tensors: pass --vision DIR")
+            raise FileNotFoundError(
+                f"vision_weights {build.vision_weights} does not exist and the checkpoint "
+                "has no vision tensors: pass --vision DIR"
+            )
         report.notes.append(f"vision_weights {build.vision_weights} not found: the checkpoint's vision is used")
         build.vision_weights = None
     if not parts["vision"] and not build.vision_weights and vision_file is None:
-        raise ValueError("the vision encoder is neither in the checkpoint nor recorded (vision_weights): pass --vision "
-                         "DIR (a vision folder, or a model directory such as the run's final/)")
+        raise ValueError(
+            "the vision encoder is neither in the checkpoint nor recorded (vision_weights): pass --vision "
+            "DIR (a vision folder, or a model directory such as the run's final/)"
+        )
     llm = _meta_llm(build.llm, parts["llm"], build.trust_remote_code) if parts["llm"] else None
     model = MiniGPT.build(build, llm=llm)
     vision_source = build.vision_weights
@@ -586,8 +622,10 @@ def write_model_dir(
     differs = vision_source is not None and _differs(model.vision, parts["vision"])
     vision_note = len(report.notes)
     if parts["vision"]:
-        report.notes.append(_load_part(model.vision, "vision", parts["vision"], vision_source)
-                            + (f"; they differ from {vision_source}" if differs else ""))
+        report.notes.append(
+            _load_part(model.vision, "vision", parts["vision"], vision_source)
+            + (f"; they differ from {vision_source}" if differs else "")
+        )
     else:
         report.notes.append(f"vision: from {vision_source}")
     report.notes.append(_load_part(model.projector, "projector", parts["projector"], None))
@@ -600,8 +638,10 @@ def write_model_dir(
     model.apply_freeze(build.freeze)
     written = model.save_pretrained(out, trainable_only=not full, include=("vision",) if differs else ())
     if parts["vision"] and "vision" not in written:
-        report.notes[vision_note] = (f"vision: the checkpoint's {len(parts['vision'])} tensors equal {vision_source}, "
-                                     "which the folder refers to (not copied)")
+        report.notes[vision_note] = (
+            f"vision: the checkpoint's {len(parts['vision'])} tensors equal {vision_source}, "
+            "which the folder refers to (not copied)"
+        )
     MiniGPTProcessor.from_config(build).save_pretrained(out)
     return written
 
@@ -670,7 +710,12 @@ def convert_deepspeed(
             with_llm = True
             report.notes.append(f"the recorded {CONFIG_KEY} trains the LLM: its layers are read (as --with-llm)")
         converted, vision_config = pipeline_state_dict(
-            tag_dir, base, with_llm=with_llm, with_vision=not vision, heads=heads, qformer_heads=qformer_heads,
+            tag_dir,
+            base,
+            with_llm=with_llm,
+            with_vision=not vision,
+            heads=heads,
+            qformer_heads=qformer_heads,
             trust_pickle=trust_pickle,
             trust_remote_code=trust_remote_code or bool(source.get("trust_remote_code")),
         )
@@ -691,8 +736,10 @@ def convert_deepspeed(
         converted = zero_state_dict(tag_dir, fp32=fp32, trust_pickle=trust_pickle)
         data = converted.config or _config_dict(config)
         if data is None:
-            raise ValueError(f"{tag_dir} records no {CONFIG_KEY} (client_state): pass --config "
-                             f"(a model directory or its {CONFIG_FILE})")
+            raise ValueError(
+                f"{tag_dir} records no {CONFIG_KEY} (client_state): pass --config "
+                f"(a model directory or its {CONFIG_FILE})"
+            )
         data = {k: v for k, v in data.items() if k != "format_version"}
         data.update(overrides)
         if converted.config is not None and config is not None:
@@ -714,13 +761,16 @@ def _vision_option(path: Path) -> tuple[dict[str, Any], Path | None]:
         return {"vision_weights": str(path.resolve()), "vision": json.loads((path / VISION_CONFIG).read_text())}, None
     recorded = json.loads((path / CONFIG_FILE).read_text()) if (path / CONFIG_FILE).is_file() else {}
     if not isinstance(recorded.get("vision"), Mapping):
-        raise FileNotFoundError(f"--vision {path}: neither a vision folder ({VISION_CONFIG}) nor a minigpt model "
-                                f"directory ({CONFIG_FILE} with a vision section)")
+        raise FileNotFoundError(
+            f"--vision {path}: neither a vision folder ({VISION_CONFIG}) nor a minigpt model "
+            f"directory ({CONFIG_FILE} with a vision section)"
+        )
     if (path / VISION_WEIGHTS).is_file():
         return {"vision_weights": None, "vision": recorded["vision"]}, path / VISION_WEIGHTS
     if not recorded.get("vision_weights"):
-        raise FileNotFoundError(f"--vision {path}: the model directory has no {VISION_WEIGHTS} and records no "
-                                "vision_weights")
+        raise FileNotFoundError(
+            f"--vision {path}: the model directory has no {VISION_WEIGHTS} and records no vision_weights"
+        )
     return {"vision_weights": recorded["vision_weights"], "vision": recorded["vision"]}, None
 
 

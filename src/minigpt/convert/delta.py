@@ -20,16 +20,17 @@ import json
 import logging
 import re
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .lavis import ConversionReport
 from ..files import atomic_directory
+from .lavis import ConversionReport
 
 log = logging.getLogger(__name__)
 
@@ -39,18 +40,43 @@ SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 #: Files of the delta folder that describe the working model and are copied as they are.
 COPY_PATTERNS = (
-    "config.json", "generation_config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
-    "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
+    "config.json",
+    "generation_config.json",
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
 )
 #: Buffers older transformers saved with LLaMA weights (recomputed today); dropped from base and delta.
 DROPPED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
-          "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_size(size: int | str) -> int:
@@ -198,18 +224,22 @@ def _check(base: ShardedWeights, delta: ShardedWeights) -> tuple[list[str], dict
         if len(b) == len(d) >= 1 and b[1:] == d[1:] and d[0] > b[0]:
             grown[name] = (b[0], d[0])
         elif len(b) == len(d) >= 1 and b[1:] == d[1:]:
-            shapes.append(f"{name}: the delta has fewer rows ({d[0]}) than the base ({b[0]}), so it was made "
-                          "for another base")
+            shapes.append(
+                f"{name}: the delta has fewer rows ({d[0]}) than the base ({b[0]}), so it was made for another base"
+            )
         else:
             shapes.append(f"{name}: base {list(b)}, delta {list(d)}")
     if shapes:
         problems.append(f"{len(shapes)} tensor(s) differ in shape: " + "; ".join(shapes[:5]))
     if len(set(grown.values())) > 1:
-        problems.append("the added rows differ between tensors: "
-                        + "; ".join(f"{n}: {b} -> {d}" for n, (b, d) in grown.items()))
+        problems.append(
+            "the added rows differ between tensors: " + "; ".join(f"{n}: {b} -> {d}" for n, (b, d) in grown.items())
+        )
     if problems:
-        hint = ("--base must be the original LLaMA of the same size as the delta (e.g. LLaMA-7B for "
-                "vicuna-7b-delta-v0) in the transformers format, and --delta the delta itself")
+        hint = (
+            "--base must be the original LLaMA of the same size as the delta (e.g. LLaMA-7B for "
+            "vicuna-7b-delta-v0) in the transformers format, and --delta the delta itself"
+        )
         raise ValueError("the base and the delta do not match:\n  " + "\n  ".join(problems) + f"\n{hint}")
     return names, grown, dropped
 
@@ -262,8 +292,9 @@ def _added_tokens(delta_dir: Path, start: int, stop: int) -> list[str]:
     return [found.get(i, f"<id {i}>") for i in range(start, stop)]
 
 
-def _copy_files(base: Path, delta: Path, out: Path, rows: int | None, dtype: torch.dtype | None,
-                report: ConversionReport) -> None:
+def _copy_files(
+    base: Path, delta: Path, out: Path, rows: int | None, dtype: torch.dtype | None, report: ConversionReport
+) -> None:
     copied = []
     for name in COPY_PATTERNS:
         if (delta / name).is_file():
@@ -278,8 +309,10 @@ def _copy_files(base: Path, delta: Path, out: Path, rows: int | None, dtype: tor
         for name in COPY_PATTERNS[2:]:
             if (base / name).is_file():
                 shutil.copy2(base / name, out / name)
-        report.notes.append("the delta has no tokenizer: the base's was copied"
-                            + (" (it lacks the delta's added tokens: add them before use)" if rows else ""))
+        report.notes.append(
+            "the delta has no tokenizer: the base's was copied"
+            + (" (it lacks the delta's added tokens: add them before use)" if rows else "")
+        )
     config = json.loads((out / "config.json").read_text())
     changed = False
     if rows is not None and config.get("vocab_size") != rows:
@@ -333,8 +366,9 @@ def apply_delta(
 
     shards = _plan(names, delta_w, out_dtype, limit)
     count = len(shards)
-    files = ["model.safetensors"] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors"
-                                                       for i in range(count)]
+    files = (
+        ["model.safetensors"] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+    )
     weight_map: dict[str, str] = {}
     total = 0
     with atomic_directory(target) as tmp:

@@ -79,18 +79,32 @@ def blip2_config(model: Any, text_config: Any, image_token_index: int) -> Any:
             "trust_remote_code; Blip2ForConditionalGeneration cannot hold it"
         )
     vision = Blip2VisionConfig(
-        hidden_size=v.width, intermediate_size=v.mlp_dim, num_hidden_layers=v.depth, num_attention_heads=v.heads,
-        image_size=v.image_size, patch_size=v.patch_size, layer_norm_eps=v.vit_eps, hidden_act="gelu",
+        hidden_size=v.width,
+        intermediate_size=v.mlp_dim,
+        num_hidden_layers=v.depth,
+        num_attention_heads=v.heads,
+        image_size=v.image_size,
+        patch_size=v.patch_size,
+        layer_norm_eps=v.vit_eps,
+        hidden_act="gelu",
         qkv_bias=True,
     )
     qformer = Blip2QFormerConfig(
-        hidden_size=v.qformer_width, num_hidden_layers=v.qformer_depth, num_attention_heads=v.qformer_heads,
-        intermediate_size=v.qformer_mlp_dim, layer_norm_eps=v.qformer_eps, hidden_act="gelu",
-        cross_attention_frequency=v.cross_attention_freq, encoder_hidden_size=v.width,
+        hidden_size=v.qformer_width,
+        num_hidden_layers=v.qformer_depth,
+        num_attention_heads=v.qformer_heads,
+        intermediate_size=v.qformer_mlp_dim,
+        layer_norm_eps=v.qformer_eps,
+        hidden_act="gelu",
+        cross_attention_frequency=v.cross_attention_freq,
+        encoder_hidden_size=v.width,
     )
     return Blip2Config(
-        vision_config=vision, qformer_config=qformer, text_config=text_config,
-        num_query_tokens=v.num_query_tokens, image_token_index=image_token_index,
+        vision_config=vision,
+        qformer_config=qformer,
+        text_config=text_config,
+        num_query_tokens=v.num_query_tokens,
+        image_token_index=image_token_index,
     )
 
 
@@ -144,13 +158,17 @@ def _generation_config(template: Template, tokenizer: Any) -> Any:
     if tokenizer.eos_token_id is not None:
         eos.append(tokenizer.eos_token_id)
     return GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=sorted(set(eos)) or None,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=sorted(set(eos)) or None,
         pad_token_id=tokenizer.pad_token_id,
     )
 
 
 def export_hf(
-    model_or_dir: Any, out: str | Path, dtype: str | torch.dtype | None = None, max_shard_size: str = "5GB",
+    model_or_dir: Any,
+    out: str | Path,
+    dtype: str | torch.dtype | None = None,
+    max_shard_size: str = "5GB",
     processor: Any = None,
 ) -> ExportResult:
     """Write ``out`` as a ``Blip2ForConditionalGeneration`` folder + ``Blip2Processor`` files.
@@ -184,8 +202,10 @@ def export_hf(
     text_config = copy.deepcopy(model.llm.config)
     if added:
         text_config.vocab_size = rows + added
-        report.notes.append(f"added {IMAGE_TOKEN} as token {image_index}; embeddings grown {rows} -> {rows + added} "
-                            "rows (new rows = mean of the old)")
+        report.notes.append(
+            f"added {IMAGE_TOKEN} as token {image_index}; embeddings grown {rows} -> {rows + added} "
+            "rows (new rows = mean of the old)"
+        )
     else:
         report.notes.append(f"{IMAGE_TOKEN} is token {image_index} (inside the existing {rows} embedding rows)")
     generation = _generation_config(processor.template, tokenizer)
@@ -220,8 +240,14 @@ def export_hf(
     _record_dtype(out / "config.json", dtype)
     v = model.config.vision
     image_processor = BlipImageProcessor(
-        do_resize=True, size={"height": v.image_size, "width": v.image_size}, resample=PILImageResampling.BICUBIC,
-        do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=list(v.mean), image_std=list(v.std),
+        do_resize=True,
+        size={"height": v.image_size, "width": v.image_size},
+        resample=PILImageResampling.BICUBIC,
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=list(v.mean),
+        image_std=list(v.std),
         do_convert_rgb=True,
     )
     # num_query_tokens=None: the processor must not put the image tokens before BOS (BLIP-2's layout); the
@@ -240,12 +266,14 @@ def export_hf(
         "image_token_index": image_index,
         "num_query_tokens": v.num_query_tokens,
         "prompt": "render the minigpt template, with each image slot replaced by num_query_tokens image tokens; "
-                  "processor(images=..., text=prompt_example) gives exactly prompt_example_ids, minigpt's ids",
+        "processor(images=..., text=prompt_example) gives exactly prompt_example_ids, minigpt's ids",
         "ln_vision_eps": {"minigpt": v.ln_vision_eps, "transformers": v.vit_eps},
         "source_llm": model.config.llm,
     }
     try:
-        info["prompt_example_ids"] = hf_prompt_ids(processor.template, tokenizer, example, v.num_query_tokens, image_index)
+        info["prompt_example_ids"] = hf_prompt_ids(
+            processor.template, tokenizer, example, v.num_query_tokens, image_index
+        )
         info["prompt_example"] = hf_prompt(processor.template, tokenizer, example, v.num_query_tokens)
     except ValueError as err:  # a template that cannot render the example (e.g. 'hf' without chat_template)
         report.notes.append(f"{EXPORT_INFO}: no prompt example ({err})")
@@ -263,8 +291,9 @@ def _record_dtype(path: Path, dtype: torch.dtype) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def hf_prompt_ids(template: Template, tokenizer: Any, conversation: Conversation, num_query_tokens: int,
-                  image_token_index: int) -> list[int]:
+def hf_prompt_ids(
+    template: Template, tokenizer: Any, conversation: Conversation, num_query_tokens: int, image_token_index: int
+) -> list[int]:
     """Generation-prompt ids exactly as minigpt tokenizes them, each image slot = ``num_query_tokens`` x
     ``image_token_index`` (what the exported model's ``input_ids`` must be for identical output)."""
     chunks = template.render_prompt(conversation, tokenizer)
@@ -282,8 +311,9 @@ def hf_prompt(template: Template, tokenizer: Any, conversation: Conversation, nu
     image_index = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     want = hf_prompt_ids(template, tokenizer, conversation, num_query_tokens, image_index)
     text, end = "", 0
-    for candidates, length in _prompt_pieces(template.render_prompt(conversation, tokenizer), tokenizer,
-                                             num_query_tokens):
+    for candidates, length in _prompt_pieces(
+        template.render_prompt(conversation, tokenizer), tokenizer, num_query_tokens
+    ):
         end += length
         text = next((text + c for c in candidates if tokenizer(text + c).input_ids == want[:end]), None)
         if text is None:

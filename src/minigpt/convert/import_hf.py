@@ -49,8 +49,10 @@ def import_hf(
         raise FileNotFoundError(f"{directory}: not a transformers BLIP-2 folder (config.json with model_type blip-2)")
     text_type = AutoConfig.from_pretrained(directory).text_config.model_type
     if text_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise ValueError(f"{directory}: the language model ({text_type}) is not a causal LM; minigpt's LLM is one "
-                         "(BLIP-2 Flan-T5 models cannot be imported)")
+        raise ValueError(
+            f"{directory}: the language model ({text_type}) is not a causal LM; minigpt's LLM is one "
+            "(BLIP-2 Flan-T5 models cannot be imported)"
+        )
     exported = json.loads((directory / EXPORT_INFO).read_text()) if (directory / EXPORT_INFO).is_file() else {}
     template = template or exported.get("template") or DEFAULT_TEMPLATE
 
@@ -64,16 +66,24 @@ def import_hf(
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     config = MiniGPTConfig(
-        llm=exported.get("source_llm") or str(directory), vision=vision_config, template=template,
+        llm=exported.get("source_llm") or str(directory),
+        vision=vision_config,
+        template=template,
         llm_dtype=dtype_name(llm.dtype),
     )
     out_dim, in_dim = projector_state["weight"].shape
     projector = build_projector("linear", in_dim, out_dim)
     projector.load_state_dict(projector_state)
     model = MiniGPT(config, vision_encoder(vision_config, vision_state), projector, llm)
-    report.notes.append(f"template {template}" + ("" if template != DEFAULT_TEMPLATE else
-                        " (BLIP-2 continues the text after the image, e.g. 'Question: ... Answer:'; fine-tune with a "
-                        "chat template, or pass --template, for chat)"))
+    report.notes.append(
+        f"template {template}"
+        + (
+            ""
+            if template != DEFAULT_TEMPLATE
+            else " (BLIP-2 continues the text after the image, e.g. 'Question: ... Answer:'; fine-tune with a "
+            "chat template, or pass --template, for chat)"
+        )
+    )
     written = model.save_pretrained(out)
     MiniGPTProcessor(config, tokenizer).save_pretrained(out)
     return written, report
@@ -103,6 +113,7 @@ def _with_image_processing(config: Any, preprocessor: Path) -> Any:
     if data.get("image_std"):
         changes["std"] = tuple(data["image_std"])
     if size.get("height") and size["height"] != config.image_size:
-        raise ValueError(f"{preprocessor}: images resized to {size['height']}, the vision encoder takes "
-                         f"{config.image_size}")
+        raise ValueError(
+            f"{preprocessor}: images resized to {size['height']}, the vision encoder takes {config.image_size}"
+        )
     return dataclasses.replace(config, **changes)

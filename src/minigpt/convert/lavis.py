@@ -20,16 +20,28 @@ import torch
 from safetensors import safe_open
 from transformers import Blip2Config, Blip2VisionConfig
 
-from minigpt.safe_load import load_checkpoint, unwrap
 from minigpt.model.projector import projector_state
 from minigpt.model.vision import (
-    VISION_CONFIG, Blip2VisionEncoder, VisionConfig, save_vision, vision_encoder,
+    VISION_CONFIG,
+    Blip2VisionEncoder,
+    VisionConfig,
+    save_vision,
+    vision_encoder,
 )
 from minigpt.model.vision import load_vision as load_vision_folder
+from minigpt.safe_load import load_checkpoint, unwrap
 
 __all__ = [
-    "ConversionReport", "MissingKeysError", "load_checkpoint", "vision_config_from_lavis", "convert_lavis_vision",
-    "convert_minigpt4_projector", "convert_hf_blip2", "checkpoint_vision", "is_hf_blip2", "save_vision",
+    "ConversionReport",
+    "MissingKeysError",
+    "load_checkpoint",
+    "vision_config_from_lavis",
+    "convert_lavis_vision",
+    "convert_minigpt4_projector",
+    "convert_hf_blip2",
+    "checkpoint_vision",
+    "is_hf_blip2",
+    "save_vision",
     "load_vision",
 ]
 
@@ -143,6 +155,7 @@ def _infer_config(
     state: Mapping[str, torch.Tensor], heads: int, qformer_heads: int, describe: Callable[[str], str] = str
 ) -> VisionConfig:
     """Architecture from tensor shapes (our names); head counts cannot be inferred."""
+
     def need(key: str) -> torch.Tensor:
         if key not in state:
             raise MissingKeysError(f"missing required key: {describe(key)}")
@@ -240,8 +253,10 @@ def convert_minigpt4_projector(ckpt: Source) -> tuple[StateDict, ConversionRepor
     notes = [f"{prefix.rstrip('.')}: in {in_dim} -> out {out_dim}"]
     vision = [k for k in ignored if _lavis_to_ours(k.removeprefix("visual_encoder.")) is not None]
     if vision:
-        notes.append(f"{len(vision)} key(s) belong to the vision stack (e.g. {vision[0]}: a trained Q-Former), not "
-                     "to a projector; 'minigpt convert assemble' loads them into the model")
+        notes.append(
+            f"{len(vision)} key(s) belong to the vision stack (e.g. {vision[0]}: a trained Q-Former), not "
+            "to a projector; 'minigpt convert assemble' loads them into the model"
+        )
     return out, ConversionReport(ignored=ignored, notes=notes)
 
 
@@ -264,8 +279,9 @@ def checkpoint_vision(config: VisionConfig, ckpt: Mapping[str, torch.Tensor]) ->
         sources[stem + "qkv.bias"] = sources.pop(q_key) + sources.pop(stem + "v_bias", [])
     _fuse_qv_bias(renamed)
     kept = {k: v for k, v in renamed.items() if k in shapes}
-    wrong = [f"{_ours_to_lavis(k)} {tuple(v.shape)} (need {shapes[k]})"
-             for k, v in kept.items() if v.shape != shapes[k]]
+    wrong = [
+        f"{_ours_to_lavis(k)} {tuple(v.shape)} (need {shapes[k]})" for k, v in kept.items() if v.shape != shapes[k]
+    ]
     if wrong:
         raise ValueError(f"the checkpoint's vision tensors do not fit the vision encoder: {'; '.join(wrong)}")
     return {k: v.to(torch.float32).contiguous() for k, v in kept.items()}, [s for k in kept for s in sources[k]]
@@ -293,8 +309,10 @@ def _hf_weights(directory: Path, prefixes: tuple[str, ...] = HF_PREFIXES) -> Sta
         for file in sorted(directory.glob("pytorch_model*.bin")):
             state.update({k: v for k, v in load_checkpoint(file).items() if k.startswith(prefixes)})
     if not state:
-        raise FileNotFoundError(f"{directory}: no {' / '.join(p.rstrip('.') for p in prefixes)} weights in "
-                                "*.safetensors or pytorch_model*.bin")
+        raise FileNotFoundError(
+            f"{directory}: no {' / '.join(p.rstrip('.') for p in prefixes)} weights in "
+            "*.safetensors or pytorch_model*.bin"
+        )
     return state
 
 
@@ -305,10 +323,19 @@ def _config_from_hf(hf: Blip2Config) -> VisionConfig:
     if q.encoder_hidden_size != v.hidden_size:
         raise ValueError(f"Q-Former encoder_hidden_size {q.encoder_hidden_size} != ViT width {v.hidden_size}")
     return VisionConfig(
-        image_size=v.image_size, patch_size=v.patch_size, width=v.hidden_size, depth=v.num_hidden_layers,
-        heads=v.num_attention_heads, mlp_dim=v.intermediate_size, vit_eps=v.layer_norm_eps,
-        num_query_tokens=hf.num_query_tokens, qformer_width=q.hidden_size, qformer_depth=q.num_hidden_layers,
-        qformer_heads=q.num_attention_heads, qformer_mlp_dim=q.intermediate_size, qformer_eps=q.layer_norm_eps,
+        image_size=v.image_size,
+        patch_size=v.patch_size,
+        width=v.hidden_size,
+        depth=v.num_hidden_layers,
+        heads=v.num_attention_heads,
+        mlp_dim=v.intermediate_size,
+        vit_eps=v.layer_norm_eps,
+        num_query_tokens=hf.num_query_tokens,
+        qformer_width=q.hidden_size,
+        qformer_depth=q.num_hidden_layers,
+        qformer_heads=q.num_attention_heads,
+        qformer_mlp_dim=q.intermediate_size,
+        qformer_eps=q.layer_norm_eps,
         cross_attention_freq=q.cross_attention_frequency,
     )
 

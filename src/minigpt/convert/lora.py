@@ -33,8 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .lavis import ConversionReport
 from ..files import atomic_directory, refuse_unsafe_pickle
+from .lavis import ConversionReport
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +106,10 @@ def read_lora_weights(path: str | Path) -> LoraWeights:
         m = LORA_KEY.match(key)
         if m is None:
             if any(u in key for u in UNSUPPORTED):
-                raise ValueError(f"{file}: {key}: this LoRA variant (embedding LoRA, DoRA, LoRA bias) is merged from a "
-                                 "peft adapter folder only (adapter_config.json + adapter_model.safetensors)")
+                raise ValueError(
+                    f"{file}: {key}: this LoRA variant (embedding LoRA, DoRA, LoRA bias) is merged from a "
+                    "peft adapter folder only (adapter_config.json + adapter_model.safetensors)"
+                )
             other[key] = value
             continue
         prefixes.add(m["prefix"])
@@ -149,15 +151,20 @@ def merge_lora_into(llm: nn.Module, lora: LoraWeights, alpha: float) -> tuple[nn
     modules = dict(llm.named_modules())
     absent = sorted(p for p in lora.a if p not in modules)
     if absent:
-        raise ValueError(f"the adapter has LoRA weights for modules this LLM lacks ({', '.join(absent[:5])}): was "
-                         "it trained on another LLM?")
+        raise ValueError(
+            f"the adapter has LoRA weights for modules this LLM lacks ({', '.join(absent[:5])}): was "
+            "it trained on another LLM?"
+        )
     ranks = lora.ranks
     counts: dict[int, int] = {}
     for r in ranks.values():
         counts[r] = counts.get(r, 0) + 1
     rank = max(counts, key=lambda r: counts[r])
     config = LoraConfig(
-        r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none",
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=0.0,
+        bias="none",
         target_modules="^(?:" + "|".join(re.escape(p) for p in sorted(lora.a)) + ")$",
         rank_pattern={re.escape(p): r for p, r in ranks.items() if r != rank},
     )
@@ -172,8 +179,7 @@ def merge_lora_into(llm: nn.Module, lora: LoraWeights, alpha: float) -> tuple[nn
         raise ValueError(f"the LoRA weights do not fit this LLM: {err}") from None
     not_loaded = [k for k in result.missing_keys if ".lora_" in k]
     if result.unexpected_keys or not_loaded:
-        raise ValueError(f"LoRA weights not placed: unexpected {result.unexpected_keys[:5]}, "
-                         f"missing {not_loaded[:5]}")
+        raise ValueError(f"LoRA weights not placed: unexpected {result.unexpected_keys[:5]}, missing {not_loaded[:5]}")
     return peft_model.merge_and_unload(), rank
 
 
@@ -189,8 +195,10 @@ def _load_base(base: Path | None, config: Any, dtype: str | None, trust_remote_c
     """("minigpt", MiniGPT, its processor) or ("llm", llm, its tokenizer)."""
     if base is None:
         if config is None:
-            raise ValueError("give the base model: --base (a minigpt model directory or an LLM folder), or --config "
-                             "(the run's training YAML) to build it as the run did")
+            raise ValueError(
+                "give the base model: --base (a minigpt model directory or an LLM folder), or --config "
+                "(the run's training YAML) to build it as the run did"
+            )
         from ..train.loop import build_model, build_processor
 
         section = config.model.model_copy(update={"lora": None})
@@ -314,16 +322,22 @@ def merge_lora(
                 report.ignored.extend(result.unexpected_keys)
                 parts = sorted({k.split(".")[0] for k in placed})
                 if parts:
-                    report.notes.append(f"also loaded the checkpoint's trained {', '.join(parts)} "
-                                        f"({len(placed)} tensors)")
+                    report.notes.append(
+                        f"also loaded the checkpoint's trained {', '.join(parts)} ({len(placed)} tensors)"
+                    )
             else:
                 report.ignored.extend(sorted(lora.other))
-    report.notes.append(f"merged LoRA into {modules} module(s): rank {rank}, alpha {alpha:g} "
-                        f"(scale {scale:g})")
+    report.notes.append(f"merged LoRA into {modules} module(s): rank {rank}, alpha {alpha:g} (scale {scale:g})")
 
-    info = {"merged_by": "minigpt convert merge-lora", "adapter": str(adapter.resolve()),
-            "base": str(Path(base).resolve()) if base else None, "config": str(config) if config else None,
-            "rank": rank, "alpha": alpha, "modules": modules}
+    info = {
+        "merged_by": "minigpt convert merge-lora",
+        "adapter": str(adapter.resolve()),
+        "base": str(Path(base).resolve()) if base else None,
+        "config": str(config) if config else None,
+        "rank": rank,
+        "alpha": alpha,
+        "modules": modules,
+    }
     with atomic_directory(out) as tmp:
         if kind == "minigpt":
             loaded.llm = merged

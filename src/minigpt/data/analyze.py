@@ -153,8 +153,12 @@ def _measure_block(block: list[Sample], template: Template, tokenizer: Any, imag
                 prompt += n
         total = prompt + answer
         yield SampleLengths(
-            origin=sample.origin or "", prompt=prompt, answer=answer, total=total,
-            txt_len=total if template.truncation == "total" else longest, images=len(sample.images),
+            origin=sample.origin or "",
+            prompt=prompt,
+            answer=answer,
+            total=total,
+            txt_len=total if template.truncation == "total" else longest,
+            images=len(sample.images),
         )
 
 
@@ -194,16 +198,28 @@ class AnalysisReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "dataset": self.dataset, "format": self.format, "tokenizer": self.tokenizer, "template": self.template,
-            "truncation": self.truncation, "image_tokens": self.image_tokens, "samples": self.samples,
-            "reader_skipped": {"count": len(self.reader_skipped),
-                               "first": [{"origin": o, "reason": r} for o, r in self.reader_skipped[:20]]},
-            "template_rejected": {"count": len(self.rejected),
-                                  "first": [{"origin": r.origin, "reason": r.reason} for r in self.rejected[:20]]},
+            "dataset": self.dataset,
+            "format": self.format,
+            "tokenizer": self.tokenizer,
+            "template": self.template,
+            "truncation": self.truncation,
+            "image_tokens": self.image_tokens,
+            "samples": self.samples,
+            "reader_skipped": {
+                "count": len(self.reader_skipped),
+                "first": [{"origin": o, "reason": r} for o, r in self.reader_skipped[:20]],
+            },
+            "template_rejected": {
+                "count": len(self.rejected),
+                "first": [{"origin": r.origin, "reason": r.reason} for r in self.rejected[:20]],
+            },
             "lengths": {kind: length_stats(self.lengths[kind]) for kind in LENGTH_KINDS if kind in self.lengths},
             "max_len": self.max_len,
-            "truncated_fraction": (truncated_fraction(self.lengths["txt_len"], self.max_len)
-                                   if self.max_len is not None and self.samples else None),
+            "truncated_fraction": (
+                truncated_fraction(self.lengths["txt_len"], self.max_len)
+                if self.max_len is not None and self.samples
+                else None
+            ),
             "truncated": {str(n): v for n, v in self.truncation_table().items()},
             "recommended_max_len": self.recommended_max_len,
             "recommendation": f"smallest multiple of {MULTIPLE} covering {COVERAGE:.0%} of txt_len (nearest rank)",
@@ -221,14 +237,17 @@ class AnalysisReport:
         for kind in LENGTH_KINDS:
             s = length_stats(self.lengths.get(kind, []))
             if s["count"]:
-                lines.append(f"{kind:<10}{s['mean']:>9.1f}" + "".join(f"{s[f'p{p}']:>7}" for p in PERCENTILES)
-                             + f"{s['max']:>7}")
+                lines.append(
+                    f"{kind:<10}{s['mean']:>9.1f}" + "".join(f"{s[f'p{p}']:>7}" for p in PERCENTILES) + f"{s['max']:>7}"
+                )
         for n, t in self.truncation_table().items():
             mark = " (--max-len)" if n == self.max_len else " (recommended)" if n == self.recommended_max_len else ""
             lines.append(f"max_txt_len {n}{mark}: truncates {t['samples']} samples ({t['fraction']:.2%})")
         if self.recommended_max_len is not None:
-            lines.append(f"recommended max_txt_len: {self.recommended_max_len} "
-                         f"(smallest multiple of {MULTIPLE} covering {COVERAGE:.0%})")
+            lines.append(
+                f"recommended max_txt_len: {self.recommended_max_len} "
+                f"(smallest multiple of {MULTIPLE} covering {COVERAGE:.0%})"
+            )
         if self.rejected:
             lines.append(f"first rejected: {self.rejected[0].origin}: {self.rejected[0].reason}")
         return "\n".join(lines)
@@ -252,8 +271,15 @@ def analyze_samples(
         raise ValueError(f"image_tokens must be >= 0, got {image_tokens}")
     if max_len is not None and max_len < 1:
         raise ValueError(f"max_len must be >= 1, got {max_len}")
-    report = AnalysisReport(dataset, fmt, tpl.name, tpl.truncation, image_tokens, max_len=max_len,
-                            tokenizer=str(getattr(tokenizer, "name_or_path", "")))
+    report = AnalysisReport(
+        dataset,
+        fmt,
+        tpl.name,
+        tpl.truncation,
+        image_tokens,
+        max_len=max_len,
+        tokenizer=str(getattr(tokenizer, "name_or_path", "")),
+    )
     it: Iterable[Sample] = samples
     if limit is not None:
         import itertools
@@ -286,8 +312,12 @@ def plot_histogram(report: AnalysisReport, path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     path = Path(path)
-    titles = {"prompt": "prompt (no loss, image slots included)", "answer": "answer (loss tokens)",
-              "total": "total sequence", "txt_len": f"txt_len (what max_txt_len cuts: {report.truncation})"}
+    titles = {
+        "prompt": "prompt (no loss, image slots included)",
+        "answer": "answer (loss tokens)",
+        "total": "total sequence",
+        "txt_len": f"txt_len (what max_txt_len cuts: {report.truncation})",
+    }
     fig, axes = plt.subplots(2, 2, figsize=(11, 7))
     for ax, kind in zip(axes.flat, LENGTH_KINDS):
         x = report.lengths[kind]
@@ -299,14 +329,21 @@ def plot_histogram(report: AnalysisReport, path: str | Path) -> Path:
         ax.axvline(percentile(x, 99), color="gray", linestyle=":", label=f"p99 = {percentile(x, 99)}")
         if kind == "txt_len":
             if report.recommended_max_len is not None:
-                ax.axvline(report.recommended_max_len, color="green", linestyle="--",
-                           label=f"recommended {report.recommended_max_len}")
+                ax.axvline(
+                    report.recommended_max_len,
+                    color="green",
+                    linestyle="--",
+                    label=f"recommended {report.recommended_max_len}",
+                )
             if report.max_len is not None:
                 frac = truncated_fraction(x, report.max_len)
                 ax.axvline(report.max_len, color="red", label=f"max_len {report.max_len} ({frac:.1%} cut)")
         ax.legend(fontsize=8)
-    fig.suptitle(f"{Path(report.dataset).name or report.dataset}: {report.samples} samples, template "
-                 f"{report.template}, {report.image_tokens} tokens/image", fontsize=11)
+    fig.suptitle(
+        f"{Path(report.dataset).name or report.dataset}: {report.samples} samples, template "
+        f"{report.template}, {report.image_tokens} tokens/image",
+        fontsize=11,
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

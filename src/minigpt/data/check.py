@@ -35,7 +35,12 @@ from .formats import WDS_KEY_RE, SampleList, WebDatasetReader, load_json
 from .images import DEFAULT_MAX_PIXELS, ImageError, ImageTooLargeError, load_image
 
 PROBLEM_KINDS: tuple[str, ...] = (
-    "malformed", "outside_root", "missing_image", "corrupt_image", "undecodable_image", "oversized_image",
+    "malformed",
+    "outside_root",
+    "missing_image",
+    "corrupt_image",
+    "undecodable_image",
+    "oversized_image",
     "empty_answer",
 )
 
@@ -79,8 +84,10 @@ class CheckReport:
         return [p for p in self.problems if p.kind == kind][:n]
 
     def summary(self, n_examples: int = 5) -> str:
-        lines = [f"{self.source} ({self.format}): {self.records} records, {len(self.good)} good, "
-                 f"{self.bad_records} with problems"]
+        lines = [
+            f"{self.source} ({self.format}): {self.records} records, {len(self.good)} good, "
+            f"{self.bad_records} with problems"
+        ]
         for kind, n in self.counts().items():
             lines.append(f"  {kind:<18} {n}")
             for p in self.examples(kind, n_examples):
@@ -91,8 +98,12 @@ class CheckReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "source": self.source, "format": self.format, "records": self.records, "good": len(self.good),
-            "counts": self.counts(), "problems": [vars(p) for p in self.problems],
+            "source": self.source,
+            "format": self.format,
+            "records": self.records,
+            "good": len(self.good),
+            "counts": self.counts(),
+            "problems": [vars(p) for p in self.problems],
         }
 
 
@@ -146,8 +157,9 @@ def check_dataset(
         return _check(fmt, path, image_root, workers, progress, max_pixels)
 
 
-def _check(fmt: str, path: str | Path, image_root: str | Path | None, workers: int, progress: bool,
-           max_pixels: int | None) -> CheckReport:
+def _check(
+    fmt: str, path: str | Path, image_root: str | Path | None, workers: int, progress: bool, max_pixels: int | None
+) -> CheckReport:
     data = open_dataset(fmt, path, image_root)
     report = CheckReport(str(path), fmt, None if image_root is None else str(image_root))
     if isinstance(data, WebDatasetReader):
@@ -156,16 +168,23 @@ def _check(fmt: str, path: str | Path, image_root: str | Path | None, workers: i
     if progress:
         from tqdm.auto import tqdm
 
-        samples = tqdm(samples, total=len(data) if isinstance(data, SampleList) else None, desc="check",
-                       unit=" samples", dynamic_ncols=True, disable=None)
+        samples = tqdm(
+            samples,
+            total=len(data) if isinstance(data, SampleList) else None,
+            desc="check",
+            unit=" samples",
+            dynamic_ncols=True,
+            disable=None,
+        )
     for sample, problems in _bounded_map(lambda s: (s, sample_problems(s, max_pixels)), samples, workers):
         report.records += 1
         if problems:
             report.problems += problems
         else:
             report.good.append(sample.origin)
-    skipped = [Problem(data.report.kinds.get(origin, "malformed"), origin, reason)
-               for origin, reason in data.report.skipped]
+    skipped = [
+        Problem(data.report.kinds.get(origin, "malformed"), origin, reason) for origin, reason in data.report.skipped
+    ]
     report.records += len(skipped)
     report.problems = skipped + report.problems
     return report

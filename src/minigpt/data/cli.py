@@ -29,86 +29,149 @@ def register(subparsers: Any) -> None:
     from ..cli import add_command_group
 
     sub = add_command_group(
-        subparsers, "data",
+        subparsers,
+        "data",
         help="analyze token lengths, check and clean, convert datasets",
         description="Dataset tools: token-length analysis with the model's template, integrity checks with a "
-                    "cleaned copy, and conversion between LLaVA, MiniGPT4Qwen, cc_sbu_align and webdataset.",
+        "cleaned copy, and conversion between LLaVA, MiniGPT4Qwen, cc_sbu_align and webdataset.",
     )
 
-    q = sub.add_parser("analyze",
-                       help="token-length distribution, truncation at a max length, recommended max_txt_len",
-                       description="Count the tokens of every sample as training encodes it (template, image slots) "
-                                   "and report percentiles, the fraction a max length truncates and a recommended "
-                                   "max_txt_len (smallest multiple of 32 covering 99%).")
+    q = sub.add_parser(
+        "analyze",
+        help="token-length distribution, truncation at a max length, recommended max_txt_len",
+        description="Count the tokens of every sample as training encodes it (template, image slots) "
+        "and report percentiles, the fraction a max length truncates and a recommended "
+        "max_txt_len (smallest multiple of 32 covering 99%).",
+    )
     _dataset_arguments(q)
     q.add_argument("--tokenizer", required=True, metavar="TOK", help="tokenizer folder or hub id (the LLM's)")
-    q.add_argument("--template", default="vicuna0", help="prompt template: vicuna0 (default), vicuna0_head, "
-                   "llama2, chatml, caption, hf")
-    q.add_argument("--image-tokens", type=int, default=32, metavar="N", help="positions per image (default 32: Q-Former queries)")
+    q.add_argument(
+        "--template",
+        default="vicuna0",
+        help="prompt template: vicuna0 (default), vicuna0_head, llama2, chatml, caption, hf",
+    )
+    q.add_argument(
+        "--image-tokens", type=int, default=32, metavar="N", help="positions per image (default 32: Q-Former queries)"
+    )
     q.add_argument("--max-len", type=int, metavar="N", help="report the fraction this max_txt_len truncates")
     q.add_argument("--out", "-o", metavar="DIR", help="write report.json and lengths.png (histograms) here")
     q.add_argument("--limit", type=int, metavar="N", help="only the first N samples")
     q.add_argument("--trust-remote-code", action="store_true", help="allow the tokenizer's own code (Qwen-1)")
     q.set_defaults(func=_analyze)
 
-    q = sub.add_parser("check",
-                       help="find missing/corrupt images, malformed records, empty answers (exit 1 if any)",
-                       description="Decode every image and inspect every record; print counts per problem kind "
-                                   "with the first origins. Exit code 0 when clean, 1 when problems were found.")
+    q = sub.add_parser(
+        "check",
+        help="find missing/corrupt images, malformed records, empty answers (exit 1 if any)",
+        description="Decode every image and inspect every record; print counts per problem kind "
+        "with the first origins. Exit code 0 when clean, 1 when problems were found.",
+    )
     _dataset_arguments(q)
-    q.add_argument("--write-clean", metavar="OUT", help="write the good records here, in the same format "
-                   "(a .json/.jsonl/.csv file; cc_sbu_align and webdataset: a folder)")
-    q.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), metavar="N",
-                   help="threads decoding images (default: min(8, CPUs))")
+    q.add_argument(
+        "--write-clean",
+        metavar="OUT",
+        help="write the good records here, in the same format "
+        "(a .json/.jsonl/.csv file; cc_sbu_align and webdataset: a folder)",
+    )
+    q.add_argument(
+        "--workers",
+        type=int,
+        default=min(8, os.cpu_count() or 1),
+        metavar="N",
+        help="threads decoding images (default: min(8, CPUs))",
+    )
     q.add_argument("--examples", type=int, default=5, metavar="N", help="origins shown per problem kind (default 5)")
     q.add_argument("--json", metavar="FILE", help="also write the full report (every problem) as JSON")
     q.set_defaults(func=_check)
 
-    q = sub.add_parser("convert",
-                       help="convert between llava, minigpt4qwen, cc_sbu_align, captions and webdataset shards",
-                       description="Convert a dataset; samples the target cannot hold (e.g. multi-turn to "
-                                   "cc_sbu_align) are skipped and counted. Reading the output gives the same "
-                                   "conversations as reading the source.")
+    q = sub.add_parser(
+        "convert",
+        help="convert between llava, minigpt4qwen, cc_sbu_align, captions and webdataset shards",
+        description="Convert a dataset; samples the target cannot hold (e.g. multi-turn to "
+        "cc_sbu_align) are skipped and counted. Reading the output gives the same "
+        "conversations as reading the source.",
+    )
     q.add_argument("src", metavar="SRC", help="source file or folder")
     q.add_argument("--from", dest="source_format", required=True, metavar="FMT", help=FORMATS_HELP)
-    q.add_argument("--to", dest="target_format", required=True, metavar="FMT",
-                   help="llava, minigpt4qwen, cc_sbu_align, captions_json or webdataset")
-    q.add_argument("out", metavar="OUT", help="output file (JSON targets) or folder (cc_sbu_align, webdataset); "
-                   "must not exist")
-    q.add_argument("--image-root", metavar="DIR", help="folder the source's image paths are relative to "
-                   "(default: the source file's folder)")
-    q.add_argument("--out-image-root", metavar="DIR", help="JSON targets: write image paths relative to this "
-                   "folder (default: the source's image root, so paths stay as they were)")
-    q.add_argument("--copy-images", action="store_true",
-                   help="cc_sbu_align target: copy the images (default: symlink to the source images)")
-    q.add_argument("--shard-size", type=int, default=10_000, metavar="N", help="webdataset: samples per shard (default 10000)")
+    q.add_argument(
+        "--to",
+        dest="target_format",
+        required=True,
+        metavar="FMT",
+        help="llava, minigpt4qwen, cc_sbu_align, captions_json or webdataset",
+    )
+    q.add_argument(
+        "out", metavar="OUT", help="output file (JSON targets) or folder (cc_sbu_align, webdataset); must not exist"
+    )
+    q.add_argument(
+        "--image-root",
+        metavar="DIR",
+        help="folder the source's image paths are relative to (default: the source file's folder)",
+    )
+    q.add_argument(
+        "--out-image-root",
+        metavar="DIR",
+        help="JSON targets: write image paths relative to this "
+        "folder (default: the source's image root, so paths stay as they were)",
+    )
+    q.add_argument(
+        "--copy-images",
+        action="store_true",
+        help="cc_sbu_align target: copy the images (default: symlink to the source images)",
+    )
+    q.add_argument(
+        "--shard-size", type=int, default=10_000, metavar="N", help="webdataset: samples per shard (default 10000)"
+    )
     q.set_defaults(func=_convert)
 
-    q = sub.add_parser("cache-features",
-                       help="compute the frozen vision encoder + Q-Former outputs once (for data.feature_cache)",
-                       description="Run the frozen vision encoder (ViT + Q-Former) over every distinct image of the "
-                                   "training data (eval resize, no augmentation) and store its outputs (before the "
-                                   "projector) as sharded safetensors. Train with data.feature_cache=OUT and "
-                                   "data.augment=false. Images already in OUT are not computed again.")
-    q.add_argument("dataset", metavar="DATASET", nargs="?", help="with --model: dataset file, cc_sbu_align folder or "
-                   "webdataset shards")
+    q = sub.add_parser(
+        "cache-features",
+        help="compute the frozen vision encoder + Q-Former outputs once (for data.feature_cache)",
+        description="Run the frozen vision encoder (ViT + Q-Former) over every distinct image of the "
+        "training data (eval resize, no augmentation) and store its outputs (before the "
+        "projector) as sharded safetensors. Train with data.feature_cache=OUT and "
+        "data.augment=false. Images already in OUT are not computed again.",
+    )
+    q.add_argument(
+        "dataset",
+        metavar="DATASET",
+        nargs="?",
+        help="with --model: dataset file, cc_sbu_align folder or webdataset shards",
+    )
     src = q.add_mutually_exclusive_group(required=True)
-    src.add_argument("--config", metavar="YAML", help="a training config: its datasets and its vision encoder "
-                     "(vision_weights / init_from / the seeded random init)")
+    src.add_argument(
+        "--config",
+        metavar="YAML",
+        help="a training config: its datasets and its vision encoder "
+        "(vision_weights / init_from / the seeded random init)",
+    )
     src.add_argument("--model", metavar="DIR", help="a minigpt model folder whose vision encoder to use (with DATASET)")
-    q.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override, as for `minigpt train` (repeatable)")
+    q.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override, as for `minigpt train` (repeatable)",
+    )
     q.add_argument("--format", "-f", metavar="FMT", help=f"with --model: {FORMATS_HELP}")
     q.add_argument("--image-root", metavar="DIR", help="with --model: folder the image paths are relative to")
     q.add_argument("--eval-data", action="store_true", help="with --config: also cache the eval datasets")
     q.add_argument("--out", "-o", required=True, metavar="DIR", help="cache folder (new, or one to add to)")
     q.add_argument("--dtype", default="float16", help="stored dtype: float16 (default), bfloat16, float32")
-    q.add_argument("--amp", default="auto", help="autocast for the encoder: auto (bf16/fp16 on accelerators, none "
-                   "on CPU), bf16, fp16, no")
+    q.add_argument(
+        "--amp",
+        default="auto",
+        help="autocast for the encoder: auto (bf16/fp16 on accelerators, none on CPU), bf16, fp16, no",
+    )
     q.add_argument("--batch-size", type=int, default=32, metavar="N", help="images per forward (default 32)")
     q.add_argument("--shard-size", type=int, default=4096, metavar="N", help="images per shard (default 4096)")
-    q.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), metavar="N",
-                   help="threads decoding images (default: min(8, CPUs))")
+    q.add_argument(
+        "--workers",
+        type=int,
+        default=min(8, os.cpu_count() or 1),
+        metavar="N",
+        help="threads decoding images (default: min(8, CPUs))",
+    )
     from ..device import add_device_argument
 
     add_device_argument(q)
@@ -118,8 +181,11 @@ def register(subparsers: Any) -> None:
 def _dataset_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("dataset", metavar="DATASET", help="dataset file, cc_sbu_align folder or webdataset shards")
     q.add_argument("--format", "-f", required=True, metavar="FMT", help=FORMATS_HELP)
-    q.add_argument("--image-root", metavar="DIR", help="folder the image paths are relative to "
-                   "(default: the dataset file's folder)")
+    q.add_argument(
+        "--image-root",
+        metavar="DIR",
+        help="folder the image paths are relative to (default: the dataset file's folder)",
+    )
 
 
 def _analyze(args: argparse.Namespace) -> int:
@@ -137,8 +203,15 @@ def _analyze(args: argparse.Namespace) -> int:
         if total is not None and args.limit is not None:
             total = min(total, args.limit)
         report = analyze_samples(
-            data, tokenizer, template, args.image_tokens, args.max_len, args.limit,
-            progress=total or True, dataset=args.dataset, fmt=args.format,
+            data,
+            tokenizer,
+            template,
+            args.image_tokens,
+            args.max_len,
+            args.limit,
+            progress=total or True,
+            dataset=args.dataset,
+            fmt=args.format,
         )
     report.tokenizer = args.tokenizer
     report.reader_skipped = list(data.report.skipped)
@@ -198,7 +271,8 @@ def _cache_features(args: argparse.Namespace) -> int:
         init = config.model.init_from
         encoder = load_vision_encoder(config.model.minigpt_config(), Path(init) if init else None)
     else:
-        from ..model.minigpt import PART_FILES, load_config as load_model_config, load_vision_encoder
+        from ..model.minigpt import PART_FILES, load_vision_encoder
+        from ..model.minigpt import load_config as load_model_config
         from .convert import open_dataset
 
         if not args.dataset or not args.format:
@@ -212,8 +286,16 @@ def _cache_features(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     amp = amp_dtype(device, {"bf16": "bfloat16", "fp16": "float16"}.get(args.amp, args.amp))
     report = cache_features(
-        encoder, itertools.chain.from_iterable(sources), args.out, device=device, dtype=args.dtype, amp=amp,
-        batch_size=args.batch_size, shard_size=args.shard_size, workers=args.workers, progress=True,
+        encoder,
+        itertools.chain.from_iterable(sources),
+        args.out,
+        device=device,
+        dtype=args.dtype,
+        amp=amp,
+        batch_size=args.batch_size,
+        shard_size=args.shard_size,
+        workers=args.workers,
+        progress=True,
     )
     print(report.summary())
     print(f"train with data.feature_cache={args.out} data.augment=false")
@@ -226,8 +308,15 @@ def _convert(args: argparse.Namespace) -> int:
     from .convert import convert_dataset
 
     report = convert_dataset(
-        args.src, args.source_format, args.out, args.target_format, image_root=args.image_root,
-        out_image_root=args.out_image_root, copy_images=args.copy_images, shard_size=args.shard_size, progress=True,
+        args.src,
+        args.source_format,
+        args.out,
+        args.target_format,
+        image_root=args.image_root,
+        out_image_root=args.out_image_root,
+        copy_images=args.copy_images,
+        shard_size=args.shard_size,
+        progress=True,
     )
     print(report.summary())
     if report.image_root is not None and Path(report.image_root).resolve() != Path(args.out).parent.resolve():

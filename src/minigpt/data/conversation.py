@@ -59,7 +59,7 @@ class Turn:
 class Conversation:
     turns: list[Turn] = field(default_factory=list)
 
-    def add(self, role: Role, content: str | list[Part]) -> "Conversation":
+    def add(self, role: Role, content: str | list[Part]) -> Conversation:
         self.turns.append(Turn(role, parse_content(content) if isinstance(content, str) else list(content)))
         return self
 
@@ -88,7 +88,7 @@ class Conversation:
                 raise ValueError(f"turn {i + 1} is {turn.role!r}, expected {expected!r} (user and assistant alternate)")
 
     @classmethod
-    def single(cls, question: str, answer: str | None = None, system: str | None = None) -> "Conversation":
+    def single(cls, question: str, answer: str | None = None, system: str | None = None) -> Conversation:
         """One exchange: ``Conversation.single("<image> What is this?", "A cat.")``."""
         conv = cls()
         if system is not None:
@@ -99,7 +99,7 @@ class Conversation:
         return conv
 
     @classmethod
-    def from_messages(cls, messages: list[dict[str, Any]]) -> "Conversation":
+    def from_messages(cls, messages: list[dict[str, Any]]) -> Conversation:
         """From ``[{"role": ..., "content": str}]`` (OpenAI/HF style, text content)."""
         conv = cls()
         for i, m in enumerate(messages):

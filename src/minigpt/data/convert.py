@@ -56,18 +56,23 @@ from .formats import (
     collect_samples,
     get_field,
     image_root_of,
-    record_id,
-    resolve_image,
     read_captions_json,
     read_cc_sbu_align,
     read_llava_json,
     read_minigpt4qwen_json,
     read_webdataset,
+    record_id,
+    resolve_image,
 )
 
 #: Formats that can be read (``--format`` / ``--from``).
 SOURCE_FORMATS: tuple[str, ...] = (
-    "llava", "minigpt4qwen", "cc_sbu_align", "captions_json", "captions_csv", "webdataset",
+    "llava",
+    "minigpt4qwen",
+    "cc_sbu_align",
+    "captions_json",
+    "captions_csv",
+    "webdataset",
 )
 #: Formats that can be written (``--to``).
 TARGET_FORMATS: tuple[str, ...] = ("llava", "minigpt4qwen", "cc_sbu_align", "captions_json", "webdataset")
@@ -96,8 +101,10 @@ def read_captions_csv(
             columns = reader.fieldnames or []
             missing = [c for c in ("image", "caption") if c not in columns]
             if missing:
-                raise ValueError(f"{path}: CSV needs the columns image and caption (missing: {', '.join(missing)}; "
-                                 f"header: {', '.join(columns) or 'none'})")
+                raise ValueError(
+                    f"{path}: CSV needs the columns image and caption (missing: {', '.join(missing)}; "
+                    f"header: {', '.join(columns) or 'none'})"
+                )
             records, start = [], reader.line_num + 1
             for row in reader:
                 records.append((f"{path}:{start}", row))
@@ -133,8 +140,10 @@ def open_dataset(fmt: str, path: str | Path, image_root: str | Path | None = Non
     if not Path(path).is_file():
         raise FileNotFoundError(f"dataset file not found: {path}")
     reader: Callable[..., SampleList] = {
-        "llava": read_llava_json, "minigpt4qwen": read_minigpt4qwen_json,
-        "captions_json": read_captions_json, "captions_csv": read_captions_csv,
+        "llava": read_llava_json,
+        "minigpt4qwen": read_minigpt4qwen_json,
+        "captions_json": read_captions_json,
+        "captions_csv": read_captions_csv,
     }[fmt]
     return reader(path, image_root=image_root)
 
@@ -183,12 +192,16 @@ class ConvertReport:
             self.examples[reason].append(origin)
 
     def summary(self) -> str:
-        lines = [f"read {self.read} samples from {self.source} ({self.source_format}); "
-                 f"wrote {self.written} to {self.out} ({self.target_format})"]
+        lines = [
+            f"read {self.read} samples from {self.source} ({self.source_format}); "
+            f"wrote {self.written} to {self.out} ({self.target_format})"
+        ]
         if self.reader_skipped:
             origin, reason = self.reader_skipped[0]
-            lines.append(f"warning: {len(self.reader_skipped)} malformed record(s) skipped by the reader "
-                         f"(first: {origin}: {reason})")
+            lines.append(
+                f"warning: {len(self.reader_skipped)} malformed record(s) skipped by the reader "
+                f"(first: {origin}: {reason})"
+            )
         for reason, n in self.skipped.most_common():
             lines.append(f"warning: {n} sample(s) skipped: {reason} (e.g. {', '.join(self.examples[reason])})")
         for note, n in self.notes.most_common():
@@ -197,9 +210,15 @@ class ConvertReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "source": self.source, "source_format": self.source_format, "out": self.out,
-            "target_format": self.target_format, "read": self.read, "written": self.written,
-            "reader_skipped": len(self.reader_skipped), "skipped": dict(self.skipped), "notes": dict(self.notes),
+            "source": self.source,
+            "source_format": self.source_format,
+            "out": self.out,
+            "target_format": self.target_format,
+            "read": self.read,
+            "written": self.written,
+            "reader_skipped": len(self.reader_skipped),
+            "skipped": dict(self.skipped),
+            "notes": dict(self.notes),
             "image_root": self.image_root,
         }
 
@@ -316,8 +335,13 @@ class _JsonWriter:
     def add(self, sample: Sample, index: int) -> None:
         conv, sid = sample.conversation, sample.id
         if self.fmt == "llava":
-            turns = [{"from": {"user": "human", "assistant": "gpt", "system": "system"}[t.role],
-                      "value": _turn_text(t.parts, LLAVA_IMAGE)} for t in conv.turns]
+            turns = [
+                {
+                    "from": {"user": "human", "assistant": "gpt", "system": "system"}[t.role],
+                    "value": _turn_text(t.parts, LLAVA_IMAGE),
+                }
+                for t in conv.turns
+            ]
             rec: dict[str, Any] = {"id": sid if sid is not None else str(index)}
             images = [self._path(img, sample, index) for img in sample.images]
             if images:
@@ -389,8 +413,9 @@ class _CcSbuWriter:
     def close(self) -> list[str]:
         path = self.out / "filter_cap.json"
         tmp = path.with_name("filter_cap.json.tmp")
-        tmp.write_text(json.dumps({"annotations": self.annotations}, ensure_ascii=False, indent=1) + "\n",
-                       encoding="utf-8")
+        tmp.write_text(
+            json.dumps({"annotations": self.annotations}, ensure_ascii=False, indent=1) + "\n", encoding="utf-8"
+        )
         os.replace(tmp, path)
         return [str(path), str(self.out / "image")]
 
@@ -480,12 +505,22 @@ def convert_dataset(
     out = Path(out)
     _check_out(out)
     with quiet_reader_warnings():
-        return _convert(src, source_format, out, target_format, image_root, out_image_root, copy_images, shard_size,
-                        progress)
+        return _convert(
+            src, source_format, out, target_format, image_root, out_image_root, copy_images, shard_size, progress
+        )
 
 
-def _convert(src: str | Path, source_format: str, out: Path, target_format: str, image_root: str | Path | None,
-             out_image_root: str | Path | None, copy_images: bool, shard_size: int, progress: bool) -> ConvertReport:
+def _convert(
+    src: str | Path,
+    source_format: str,
+    out: Path,
+    target_format: str,
+    image_root: str | Path | None,
+    out_image_root: str | Path | None,
+    copy_images: bool,
+    shard_size: int,
+    progress: bool,
+) -> ConvertReport:
     data = open_dataset(source_format, src, image_root)
     report = ConvertReport(str(src), source_format, str(out), target_format)
     writer: Any
@@ -501,8 +536,14 @@ def _convert(src: str | Path, source_format: str, out: Path, target_format: str,
     if progress:
         from tqdm.auto import tqdm
 
-        samples = tqdm(samples, total=len(data) if isinstance(data, SampleList) else None, desc="convert",
-                       unit=" samples", dynamic_ncols=True, disable=None)
+        samples = tqdm(
+            samples,
+            total=len(data) if isinstance(data, SampleList) else None,
+            desc="convert",
+            unit=" samples",
+            dynamic_ncols=True,
+            disable=None,
+        )
     for index, sample in enumerate(samples):
         report.read += 1
         try:
@@ -516,7 +557,9 @@ def _convert(src: str | Path, source_format: str, out: Path, target_format: str,
         for folder in (out / "image", out):  # remove the empty folders a folder target made
             if folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()
-        raise ValueError(f"nothing written to {out}: none of the {report.read} samples fits {target_format} "
-                         f"({', '.join(f'{n} x {r}' for r, n in report.skipped.most_common())})")
+        raise ValueError(
+            f"nothing written to {out}: none of the {report.read} samples fits {target_format} "
+            f"({', '.join(f'{n} x {r}' for r, n in report.skipped.most_common())})"
+        )
     report.files = writer.close()
     return report

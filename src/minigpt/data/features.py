@@ -141,8 +141,9 @@ class FeatureCache:
         self.path = Path(path)
         manifest = self.path / MANIFEST
         if not manifest.is_file():
-            raise FileNotFoundError(f"{self.path} is not a feature cache (no {MANIFEST}); write one with "
-                                    "`minigpt data cache-features`")
+            raise FileNotFoundError(
+                f"{self.path} is not a feature cache (no {MANIFEST}); write one with `minigpt data cache-features`"
+            )
         self.manifest = json.loads(manifest.read_text())
         if self.manifest.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{manifest}: unsupported feature cache version {self.manifest.get('format_version')}")
@@ -189,12 +190,16 @@ class FeatureCache:
         mine, theirs = _vision_config_dict(config), self.manifest["vision"]
         if mine != theirs:
             diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-            raise ValueError(f"feature cache {self.path} was computed with another vision config "
-                             f"(differs in {', '.join(diff)}); recompute it with `minigpt data cache-features`")
+            raise ValueError(
+                f"feature cache {self.path} was computed with another vision config "
+                f"(differs in {', '.join(diff)}); recompute it with `minigpt data cache-features`"
+            )
         problem = fingerprint_mismatch(self.manifest["fingerprint"], weight_fingerprint(encoder))
         if problem:
-            raise ValueError(f"feature cache {self.path} was computed with other vision weights ({problem}); "
-                             "recompute it with `minigpt data cache-features` for this model")
+            raise ValueError(
+                f"feature cache {self.path} was computed with other vision weights ({problem}); "
+                "recompute it with `minigpt data cache-features` for this model"
+            )
         if self.manifest["transform"] != transform_of(config):
             raise ValueError(f"feature cache {self.path} was computed with another image transform")
 
@@ -214,8 +219,10 @@ class FeatureCache:
         if found is None:
             name = image if isinstance(image, (str, Path)) else type(image).__name__
             where = f" (in {origin})" if origin else ""
-            raise ValueError(f"image {name}{where} is not in the feature cache {self.path}; run "
-                             "`minigpt data cache-features` on this dataset")
+            raise ValueError(
+                f"image {name}{where} is not in the feature cache {self.path}; run "
+                "`minigpt data cache-features` on this dataset"
+            )
         return found
 
     def _handle(self, shard: int) -> Any:
@@ -262,8 +269,10 @@ class CacheReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (origin, reason): unreadable images
 
     def summary(self) -> str:
-        lines = [f"{self.path}: {self.images} distinct images, {self.written} computed, {self.reused} already cached, "
-                 f"{len(self.skipped)} skipped"]
+        lines = [
+            f"{self.path}: {self.images} distinct images, {self.written} computed, {self.reused} already cached, "
+            f"{len(self.skipped)} skipped"
+        ]
         lines += [f"  skipped {origin}: {reason}" for origin, reason in self.skipped[:5]]
         if len(self.skipped) > 5:
             lines.append(f"  ... and {len(self.skipped) - 5} more")
@@ -293,7 +302,9 @@ class _Writer:
 
         name = f"features-{len(self.manifest['shards']):05d}.safetensors"
         tmp = self.path / f".{name}.tmp"
-        save_file({TENSOR: torch.stack(self.rows[:n]).contiguous()}, str(tmp), metadata={"keys": json.dumps(self.keys[:n])})
+        save_file(
+            {TENSOR: torch.stack(self.rows[:n]).contiguous()}, str(tmp), metadata={"keys": json.dumps(self.keys[:n])}
+        )
         os.replace(tmp, self.path / name)
         self.keys, self.rows = self.keys[n:], self.rows[n:]
         self.manifest["shards"].append(name)
@@ -349,9 +360,15 @@ def cache_features(
     out, device, store = Path(out), torch.device(device), parse_dtype(dtype)
     config = encoder.config  # type: ignore[attr-defined]
     manifest = {
-        "format_version": FORMAT_VERSION, "vision": _vision_config_dict(config), "fingerprint": weight_fingerprint(encoder),
-        "transform": transform_of(config), "dtype": str(store).removeprefix("torch."),
-        "num_tokens": config.num_tokens, "dim": config.out_dim, "shards": [], "count": 0,
+        "format_version": FORMAT_VERSION,
+        "vision": _vision_config_dict(config),
+        "fingerprint": weight_fingerprint(encoder),
+        "transform": transform_of(config),
+        "dtype": str(store).removeprefix("torch."),
+        "num_tokens": config.num_tokens,
+        "dim": config.out_dim,
+        "shards": [],
+        "count": 0,
     }
     known: set[str] = set()
     if (out / MANIFEST).is_file():
@@ -423,6 +440,12 @@ def cache_features(
 
 
 __all__ = [
-    "FeatureCache", "CacheReport", "cache_features", "open_feature_cache", "project_features", "image_key",
-    "weight_fingerprint", "check_trainable",
+    "FeatureCache",
+    "CacheReport",
+    "cache_features",
+    "open_feature_cache",
+    "project_features",
+    "image_key",
+    "weight_fingerprint",
+    "check_trainable",
 ]

@@ -147,7 +147,9 @@ def read_json_any(path: Path) -> list[tuple[str, Any]] | dict[str, Any]:
                     try:
                         records.append((f"{path}:{lineno}", json.loads(line)))
                     except json.JSONDecodeError as e:
-                        records.append((f"{path}:{lineno}", InvalidRecord(f"invalid JSON at column {e.colno}: {e.msg}")))
+                        records.append(
+                            (f"{path}:{lineno}", InvalidRecord(f"invalid JSON at column {e.colno}: {e.msg}"))
+                        )
         return records
     data = load_json(path)
     if isinstance(data, list):
@@ -174,7 +176,9 @@ def record_object(rec: Any, error: type[Exception] = ValueError) -> dict[str, An
     return rec
 
 
-def collect_samples(source: Path, records: Iterable[tuple[str, Any]], parse: Callable[[Any, int], Sample]) -> SampleList:
+def collect_samples(
+    source: Path, records: Iterable[tuple[str, Any]], parse: Callable[[Any, int], Sample]
+) -> SampleList:
     report, samples = ReadReport(str(source)), []
     for index, (origin, rec) in enumerate(records):
         try:
@@ -327,7 +331,9 @@ def read_minigpt4qwen_json(
 
 
 def read_captions_json(
-    path: str | Path, image_root: str | Path | None = None, allow_outside_root: bool = False,
+    path: str | Path,
+    image_root: str | Path | None = None,
+    allow_outside_root: bool = False,
     blip_caption: int | None = None,
 ) -> SampleList:
     """JSON/JSONL list of ``{"image", "caption", "id"?}``: the user turn is the image alone, the answer the caption
@@ -473,8 +479,9 @@ class WebDatasetReader(torch.utils.data.IterableDataset):
         self.skipped_total += 1
 
 
-def read_webdataset(urls_or_dir: str | Path | Sequence[str | Path], blip_caption: int | None = None
-                    ) -> WebDatasetReader:
+def read_webdataset(
+    urls_or_dir: str | Path | Sequence[str | Path], blip_caption: int | None = None
+) -> WebDatasetReader:
     """Tar shards: a folder (all ``*.tar``), a path, a brace pattern ``"shards/{00000..00009}.tar"`` or a list;
     ``blip_caption`` (max words): captions cleaned by :func:`pre_caption`, as MiniGPT-4's stage 1 does."""
     return WebDatasetReader(urls_or_dir, blip_caption)

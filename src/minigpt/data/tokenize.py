@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 
@@ -67,7 +68,9 @@ def encode_chunks(
         if sum(enc.image_mask[:max_len]) % image_tokens:
             raise ValueError(f"max_len {max_len} cuts through an image; raise the maximum text length")
         enc.input_ids, enc.labels, enc.image_mask = (
-            enc.input_ids[:max_len], enc.labels[:max_len], enc.image_mask[:max_len]
+            enc.input_ids[:max_len],
+            enc.labels[:max_len],
+            enc.image_mask[:max_len],
         )
     return enc
 
@@ -83,7 +86,11 @@ def encode_conversation(
     """Render (training or generation prompt) and tokenize a conversation."""
     chunks = template.render_train(conv, tokenizer) if train else template.render_prompt(conv, tokenizer)
     return encode_chunks(
-        chunks, tokenizer, image_tokens, max_len if train else None, template.truncation,
+        chunks,
+        tokenizer,
+        image_tokens,
+        max_len if train else None,
+        template.truncation,
         slot_id=tokenizer.pad_token_id or 0,
     )
 
@@ -111,16 +118,17 @@ class TextBatch:
     target_index: torch.Tensor | None = None
     target_ids: torch.Tensor | None = None
 
-    def to(self, device: torch.device | str) -> "TextBatch":
+    def to(self, device: torch.device | str) -> TextBatch:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         return replace(self, **{k: v.to(device) for k, v in moved.items() if isinstance(v, torch.Tensor)})
 
-    def with_indices(self) -> "TextBatch":
+    def with_indices(self) -> TextBatch:
         """A copy with ``image_index``, ``target_index`` and ``target_ids`` computed from the masks and labels (meant
         for CPU tensors: on an accelerator this reads back)."""
         target_index, target_ids = next_token_targets(self.labels)
-        return replace(self, image_index=image_positions(self.image_mask), target_index=target_index,
-                       target_ids=target_ids)
+        return replace(
+            self, image_index=image_positions(self.image_mask), target_index=target_index, target_ids=target_ids
+        )
 
 
 @dataclass
@@ -130,7 +138,7 @@ class ModelBatch:
     text: TextBatch
     pixel_values: torch.Tensor | None  # [N_images, 3, S, S]
 
-    def to(self, device: torch.device | str) -> "ModelBatch":
+    def to(self, device: torch.device | str) -> ModelBatch:
         pixels = self.pixel_values.to(device) if self.pixel_values is not None else None
         return ModelBatch(self.text.to(device), pixels)
 

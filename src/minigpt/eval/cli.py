@@ -22,8 +22,12 @@ from .tasks import REGISTRY, TASKS
 def add_generation_args(parser: argparse.ArgumentParser, max_new_tokens: int | None = None) -> None:
     """Decoding flags mapping onto :class:`~minigpt.infer.generate.GenerationOptions` (greedy by default)."""
     g = parser.add_argument_group("generation")
-    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
-                   help="tokens to generate at most (default: per task, caption 30, others 10)")
+    g.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=max_new_tokens,
+        help="tokens to generate at most (default: per task, caption 30, others 10)",
+    )
     g.add_argument("--num-beams", type=int, default=1, help="beam search width (default 1: greedy)")
     g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument("--temperature", type=float, default=1.0)
@@ -42,9 +46,16 @@ def generation_options(args: argparse.Namespace, task: str | None = None) -> Any
 
     max_new = args.max_new_tokens or (REGISTRY[task].max_new_tokens if task in REGISTRY else 300)
     return GenerationOptions(
-        max_new_tokens=max_new, do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p,
-        top_k=args.top_k, num_beams=args.num_beams, repetition_penalty=args.repetition_penalty,
-        length_penalty=args.length_penalty, min_new_tokens=args.min_new_tokens, stop=list(args.stop),
+        max_new_tokens=max_new,
+        do_sample=args.do_sample,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        num_beams=args.num_beams,
+        repetition_penalty=args.repetition_penalty,
+        length_penalty=args.length_penalty,
+        min_new_tokens=args.min_new_tokens,
+        stop=list(args.stop),
         seed=args.seed,
     )
 
@@ -56,20 +67,37 @@ def register(subparsers: Any) -> None:
         "eval",
         help="evaluate a model on captioning, VQA, multiple-choice or POPE",
         description="Evaluate a minigpt model directory on a benchmark file (rerun the same command to resume), "
-                    "or score an existing predictions file (--predictions, no MODEL).",
+        "or score an existing predictions file (--predictions, no MODEL).",
     )
-    p.add_argument("model", metavar="MODEL", nargs="?",
-                   help="model directory (written by save_pretrained / training); omit with --predictions")
+    p.add_argument(
+        "model",
+        metavar="MODEL",
+        nargs="?",
+        help="model directory (written by save_pretrained / training); omit with --predictions",
+    )
     p.add_argument("--task", required=True, choices=TASKS)
-    p.add_argument("--data", required=True, nargs="+", metavar="FILE",
-                   help="eval file(s): " + "; ".join(f"{n}: {t.inputs}" for n, t in REGISTRY.items())
-                        + " (several files are joined)")
-    p.add_argument("--predictions", metavar="FILE",
-                   help="score this predictions file instead of running a model: minigpt predictions.jsonl, "
-                        "LLaVA answers ({question_id, text}) or lmms-eval sample logs")
-    p.add_argument("--scorer", metavar="NAME",
-                   help="reference logic: " + "; ".join(f"{n}: {', '.join(t.scorers)}" for n, t in REGISTRY.items())
-                        + " (default: the first)")
+    p.add_argument(
+        "--data",
+        required=True,
+        nargs="+",
+        metavar="FILE",
+        help="eval file(s): "
+        + "; ".join(f"{n}: {t.inputs}" for n, t in REGISTRY.items())
+        + " (several files are joined)",
+    )
+    p.add_argument(
+        "--predictions",
+        metavar="FILE",
+        help="score this predictions file instead of running a model: minigpt predictions.jsonl, "
+        "LLaVA answers ({question_id, text}) or lmms-eval sample logs",
+    )
+    p.add_argument(
+        "--scorer",
+        metavar="NAME",
+        help="reference logic: "
+        + "; ".join(f"{n}: {', '.join(t.scorers)}" for n, t in REGISTRY.items())
+        + " (default: the first)",
+    )
     p.add_argument("--annotations", metavar="FILE", help="VQAv2 annotations file (or give it as a second --data)")
     p.add_argument("--images", metavar="DIR", help="folder the image paths are relative to (default: the data file's)")
     p.add_argument("--split", help="Karpathy / ScienceQA split to evaluate (default test; 'all' for every split)")
@@ -78,8 +106,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--limit", type=int, metavar="N", help="evaluate the first N questions only")
     p.add_argument("--batch-size", type=int, default=8, metavar="B", help="records per generate call (default 8)")
     p.add_argument("--workers", type=int, default=2, help="threads decoding images ahead of the model (default 2)")
-    p.add_argument("--output", "-o", metavar="DIR",
-                   help="output folder (default: eval/<model name>-<task>-<data name>)")
+    p.add_argument(
+        "--output", "-o", metavar="DIR", help="output folder (default: eval/<model name>-<task>-<data name>)"
+    )
     p.add_argument("--no-resume", action="store_true", help="start over instead of continuing the predictions file")
     p.add_argument("--no-meteor", action="store_true", help="caption: skip METEOR (it needs java and ~20 s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -101,11 +130,18 @@ def run(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise ValueError("--limit must be >= 1")
     get_task(args.task).check_scorer(args.scorer)
-    data = load_task(args.task, args.data, args.images, annotations=args.annotations, split=args.split,
-                     prompt=args.prompt, circular=args.circular)
+    data = load_task(
+        args.task,
+        args.data,
+        args.images,
+        annotations=args.annotations,
+        split=args.split,
+        prompt=args.prompt,
+        circular=args.circular,
+    )
     info = {
-        "data": [str(Path(d).resolve()) for d in args.data] + ([str(Path(args.annotations).resolve())]
-                                                              if args.annotations else []),
+        "data": [str(Path(d).resolve()) for d in args.data]
+        + ([str(Path(args.annotations).resolve())] if args.annotations else []),
         "images": str(Path(args.images).resolve()) if args.images else None,
     }
     meteor = False if args.no_meteor else None
@@ -113,8 +149,16 @@ def run(args: argparse.Namespace) -> int:
         from .runner import score_predictions
 
         out = Path(args.output) if args.output else default_output(Path(args.predictions).stem, args.task, args.data)
-        result = score_predictions(args.task, data, args.predictions, metrics_path=out / "metrics.json",
-                                   scorer=args.scorer, meteor=meteor, limit=args.limit, info=info)
+        result = score_predictions(
+            args.task,
+            data,
+            args.predictions,
+            metrics_path=out / "metrics.json",
+            scorer=args.scorer,
+            meteor=meteor,
+            limit=args.limit,
+            info=info,
+        )
         written = [out / "metrics.json"]
     else:
         result, out = _evaluate_model(args, data, info, meteor)
@@ -128,9 +172,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"scored with {metrics['scorer']}: {metrics['reference']}", file=sys.stderr)
     for note in metrics.get("notes", []):
         print(f"note: {note}", file=sys.stderr)
-    print(f"{counts['predicted']}/{counts['records']} predicted ({counts.get('resumed', 0)} resumed, "
-          f"{counts['failed']} failed, {counts['empty_predictions']} empty{rate}); "
-          f"wrote {', '.join(map(str, written))} and {out / 'scores.jsonl'}", file=sys.stderr)
+    print(
+        f"{counts['predicted']}/{counts['records']} predicted ({counts.get('resumed', 0)} resumed, "
+        f"{counts['failed']} failed, {counts['empty_predictions']} empty{rate}); "
+        f"wrote {', '.join(map(str, written))} and {out / 'scores.jsonl'}",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -150,13 +197,27 @@ def _evaluate_model(args: argparse.Namespace, data: Any, info: dict[str, Any], m
     engine = Engine(model, MiniGPTProcessor.from_pretrained(args.model, model.config), settings_from_args(args))
 
     out = Path(args.output) if args.output else default_output(Path(args.model).resolve().name, args.task, args.data)
-    settings = {"prompt": args.prompt, "circular": args.circular, "split": args.split,
-                "decoding": engine.decoding.mode if engine.static(options.num_beams) else "plain"}
+    settings = {
+        "prompt": args.prompt,
+        "circular": args.circular,
+        "split": args.split,
+        "decoding": engine.decoding.mode if engine.static(options.num_beams) else "plain",
+    }
     result = run_eval(
-        engine, args.task, data, options,
-        predictions_path=out / "predictions.jsonl", metrics_path=out / "metrics.json",
-        batch_size=args.batch_size, limit=args.limit, resume=not args.no_resume, workers=args.workers,
-        meteor=meteor, scorer=args.scorer, progress=not args.no_progress,
-        info={"model": str(Path(args.model).resolve()), **info}, settings=settings,
+        engine,
+        args.task,
+        data,
+        options,
+        predictions_path=out / "predictions.jsonl",
+        metrics_path=out / "metrics.json",
+        batch_size=args.batch_size,
+        limit=args.limit,
+        resume=not args.no_resume,
+        workers=args.workers,
+        meteor=meteor,
+        scorer=args.scorer,
+        progress=not args.no_progress,
+        info={"model": str(Path(args.model).resolve()), **info},
+        settings=settings,
     )
     return result, out

@@ -72,8 +72,9 @@ def model_arguments(model_args: dict[str, Any], additional_config: dict[str, Any
     extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k != "max_batch_size"}
     for key in sorted(extra.keys() & model_args.keys()):
         if str(extra[key]) != str(model_args[key]):
-            log.info("minigpt lmms adapter: %s=%s from --model_args (lmms-eval passed %s)", key, model_args[key],
-                     extra[key])
+            log.info(
+                "minigpt lmms adapter: %s=%s from --model_args (lmms-eval passed %s)", key, model_args[key], extra[key]
+            )
     return {**extra, **{k: v for k, v in model_args.items() if k != "max_batch_size"}}
 
 
@@ -166,8 +167,9 @@ class MiniGPTLmmsCore:
 
     def _fail(self, what: str, err: BaseException) -> None:
         self.failures += 1
-        warnings.warn(f"lmms adapter: {what} failed, answered empty: {type(err).__name__}: {err}", AdapterWarning,
-                      stacklevel=3)
+        warnings.warn(
+            f"lmms adapter: {what} failed, answered empty: {type(err).__name__}: {err}", AdapterWarning, stacklevel=3
+        )
 
     def _prepared(self, context: str, visuals: list[Any]) -> tuple[Conversation, list[Any]]:
         from ..data.images import load_image
@@ -189,7 +191,7 @@ class MiniGPTLmmsCore:
             options = generation_options(requests[indices[0]].args[1], self.max_new_tokens)
             indices.sort(key=lambda i: -len(requests[i].args[0]))
             for start in range(0, len(indices), self.batch_size):
-                chunk = indices[start:start + self.batch_size]
+                chunk = indices[start : start + self.batch_size]
                 prepared: list[tuple[int, Conversation, list[Any]]] = []
                 for i in chunk:
                     context, _, doc_to_visual, doc_id, task, split = requests[i].args[:6]
@@ -349,8 +351,15 @@ if _LmmsBase is not None:  # pragma: no cover
 
             return cls(**model_arguments(utils.simple_parse_args_string(arg_string), additional_config))
 
-        def __init__(self, pretrained: str, device: str = "auto", dtype: str | None = None,
-                     batch_size: int | str = 1, max_new_tokens: int = 128, **kwargs: Any) -> None:
+        def __init__(
+            self,
+            pretrained: str,
+            device: str = "auto",
+            dtype: str | None = None,
+            batch_size: int | str = 1,
+            max_new_tokens: int = 128,
+            **kwargs: Any,
+        ) -> None:
             _LmmsBase.__init__(self)
             if kwargs:
                 log.warning("minigpt lmms adapter: ignoring unknown model_args %s", sorted(kwargs))
@@ -384,5 +393,14 @@ else:
             raise ImportError("the lmms-eval adapter needs lmms-eval: pip install lmms-eval")
 
 
-__all__ = ["AUTO_BATCH_SIZE", "MiniGPTLmms", "MiniGPTLmmsCore", "continuation_logprobs", "generation_options",
-           "manifest", "model_arguments", "parse_batch_size", "request_conversation"]
+__all__ = [
+    "AUTO_BATCH_SIZE",
+    "MiniGPTLmms",
+    "MiniGPTLmmsCore",
+    "continuation_logprobs",
+    "generation_options",
+    "manifest",
+    "model_arguments",
+    "parse_batch_size",
+    "request_conversation",
+]

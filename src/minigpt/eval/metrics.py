@@ -34,8 +34,26 @@ LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 # pycocoevalcap's PTBTokenizer drops exactly these tokens.  Because it runs PTBTokenizer with
 # -lowerCase, brackets come out as "-lrb-" etc. and are *not* dropped; the fallback keeps that.
-_PTB_DROP = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":",
-             "-", "--", "...", ";", '"'}
+_PTB_DROP = {
+    "''",
+    "'",
+    "``",
+    "`",
+    "-LRB-",
+    "-RRB-",
+    "-LCB-",
+    "-RCB-",
+    ".",
+    "?",
+    "!",
+    ",",
+    ":",
+    "-",
+    "--",
+    "...",
+    ";",
+    '"',
+}
 _BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
 _CLITIC = re.compile(r"(?<=\w)(n't|'s|'re|'ve|'ll|'d|'m)\b")
 _TOKEN = re.compile(
@@ -126,8 +144,9 @@ def caption_scores(
     for name, scorer in (("ROUGE_L", Rouge()), ("CIDEr", Cider())):
         total, each = scorer.compute_score(gts, res)
         out[name], per[name] = float(total), [float(x) for x in each]
-    each_image = {k: {m: None if per[m][i] is None else float(per[m][i]) for m in CAPTION_METRICS}
-                  for i, k in enumerate(ids)}
+    each_image = {
+        k: {m: None if per[m][i] is None else float(per[m][i]) for m in CAPTION_METRICS} for i, k in enumerate(ids)
+    }
     return out, each_image
 
 
@@ -180,11 +199,22 @@ _CONTRACTIONS = {
     "y'all'dve": "y'all'd've", "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've",
     "youll": "you'll", "youre": "you're", "youve": "you've",
 }  # fmt: skip
-_MANUAL_MAP = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
-               "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_MANUAL_MAP = {
+    "none": "0",
+    "zero": "0",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
+}
 _ARTICLES = {"a", "an", "the"}
-_PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`",
-          ",", "?", "!"]
+_PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
 _PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")  # sic: a lookahead, so only "period before digit" survives
 _COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
 #: The reference calls ``periodStrip.sub("", outText, re.UNICODE)``: ``re.UNICODE`` (32) lands on ``count``.
@@ -302,7 +332,7 @@ def extract_choice(text: str, options: Options) -> str | None:
 
     for m in _STANDALONE.finditer(stripped):
         letter = m.group(1)
-        nxt = re.match(r"\s+(\w+)", stripped[m.end():])
+        nxt = re.match(r"\s+(\w+)", stripped[m.end() :])
         if letter in "AI" and nxt and nxt.group(1)[0].islower() and nxt.group(1) not in ("or", "and"):
             continue  # "A dog ...", "I think ..."
         if letter in opts:
@@ -419,5 +449,10 @@ def pope_metrics(predictions: Sequence[str], labels: Sequence[str | bool | int])
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"accuracy": (tp + tn) / len(pred), "precision": precision, "recall": recall, "f1": f1,
-            "yes_ratio": (tp + fp) / len(pred)}
+    return {
+        "accuracy": (tp + tn) / len(pred),
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "yes_ratio": (tp + fp) / len(pred),
+    }

@@ -89,8 +89,12 @@ def read_prediction_file(path: str | Path, record_ids: Container[str], problems:
             continue
         ids, answer = _candidates(entry)
         if answer is None:
-            problems.add("bad_prediction_line", origin, "expected {'id', 'prediction'} (minigpt), {'question_id', "
-                         "'text'} (LLaVA) or {'doc_id', 'doc', 'filtered_resps'} (lmms-eval) with a string answer")
+            problems.add(
+                "bad_prediction_line",
+                origin,
+                "expected {'id', 'prediction'} (minigpt), {'question_id', "
+                "'text'} (LLaVA) or {'doc_id', 'doc', 'filtered_resps'} (lmms-eval) with a string answer",
+            )
             continue
         id = next((i for i in ids if i in record_ids), None)
         if id is None:

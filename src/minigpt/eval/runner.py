@@ -29,7 +29,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +71,11 @@ class Problems:
     def summarize(self) -> None:
         for kind, n in self.counts.items():
             if n > MAX_WARNINGS:
-                warnings.warn(f"{n - MAX_WARNINGS} more {kind.replace('_', ' ')} problems (see the metrics JSON)",
-                              EvalWarning, stacklevel=3)
+                warnings.warn(
+                    f"{n - MAX_WARNINGS} more {kind.replace('_', ' ')} problems (see the metrics JSON)",
+                    EvalWarning,
+                    stacklevel=3,
+                )
 
     def to_dict(self) -> dict[str, Any]:
         return {k: {"count": n, "examples": self.examples[k]} for k, n in sorted(self.counts.items())}
@@ -107,7 +110,7 @@ def _prefetch(
         except Exception as e:  # noqa: BLE001 - any unreadable image is a per-record problem
             return e
 
-    batches = [records[i:i + batch_size] for i in range(0, len(records), batch_size)]
+    batches = [records[i : i + batch_size] for i in range(0, len(records), batch_size)]
     if workers <= 0:
         for batch in batches:
             yield [(r, load(r)) for r in batch]
@@ -199,7 +202,10 @@ def _bar(total: int, initial: int, desc: str) -> Any:
 
 
 def score(
-    task: str, records: Sequence[EvalRecord], predictions: Mapping[str, str], scorer: str | None = None,
+    task: str,
+    records: Sequence[EvalRecord],
+    predictions: Mapping[str, str],
+    scorer: str | None = None,
     meteor: bool | None = None,
 ) -> Scores:
     """The task's scores of ``predictions`` (``{record id: answer}``) over ``records``, by the logic ``scorer``
@@ -225,8 +231,13 @@ def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, f
 
 def prediction_row(record: EvalRecord, prediction: str) -> dict[str, Any]:
     """One predictions-JSONL line: id, prompt, prediction, references, then task details (options, rotation...)."""
-    row: dict[str, Any] = {"id": record.id, "prompt": record.prompt_text, "prediction": prediction,
-                           "references": record.references, **record.extra}
+    row: dict[str, Any] = {
+        "id": record.id,
+        "prompt": record.prompt_text,
+        "prediction": prediction,
+        "references": record.references,
+        **record.extra,
+    }
     if record.group != record.id:
         row["group"] = record.group
     return row
@@ -247,8 +258,10 @@ def read_predictions(path: str | Path, problems: Problems | None = None) -> dict
             continue
         try:
             row = json.loads(line)
-            if not isinstance(row, dict) or not isinstance(row.get("id"), str) or not isinstance(
-                row.get("prediction"), str
+            if (
+                not isinstance(row, dict)
+                or not isinstance(row.get("id"), str)
+                or not isinstance(row.get("prediction"), str)
             ):
                 raise ValueError("not an object with string 'id' and 'prediction'")
         except ValueError as e:
@@ -275,8 +288,12 @@ def _versions() -> dict[str, str]:
 
     from .. import __version__
 
-    return {"minigpt": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
+    return {
+        "minigpt": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def _device_info(model: Any) -> dict[str, Any]:
@@ -335,8 +352,7 @@ def run_eval(
         raise ValueError("no records to evaluate")
     problems = Problems()
     info = dict(info or {})
-    run_settings = {"task": task, "model": info.get("model"), "generation": options.to_dict(),
-                    **dict(settings or {})}
+    run_settings = {"task": task, "model": info.get("model"), "generation": options.to_dict(), **dict(settings or {})}
     all_settings = {**run_settings, "batch_size": batch_size, "limit": limit, "meteor": meteor, "scorer": scorer}
     pred_path = Path(predictions_path) if predictions_path else None
     met_path = Path(metrics_path) if metrics_path else None
@@ -375,8 +391,20 @@ def run_eval(
     bar = _bar(len(records), len(done), task) if progress else None
     start = time.perf_counter()
     try:
-        new = predict(model, pending, options, batch_size=batch_size, workers=workers, problems=problems,
-                      on_batch=write, progress=bar) if pending else {}
+        new = (
+            predict(
+                model,
+                pending,
+                options,
+                batch_size=batch_size,
+                workers=workers,
+                problems=problems,
+                on_batch=write,
+                progress=bar,
+            )
+            if pending
+            else {}
+        )
     finally:
         seconds = time.perf_counter() - start
         if bar is not None:
@@ -385,8 +413,13 @@ def run_eval(
             fout.close()
         restore()
     predictions = {**done, **new}
-    counts = {"records": len(records), "predicted": len(predictions), "resumed": len(done), "generated": len(new),
-              "failed": problems.counts["missing_image"] + problems.counts["generation_failed"]}
+    counts = {
+        "records": len(records),
+        "predicted": len(predictions),
+        "resumed": len(done),
+        "generated": len(new),
+        "failed": problems.counts["missing_image"] + problems.counts["generation_failed"],
+    }
     throughput = {
         "samples": len(pending),
         "seconds": round(seconds, 3),
@@ -394,8 +427,19 @@ def run_eval(
         "batch_size": batch_size,
         **_device_info(model),
     }
-    return _finish(task, data, records, predictions, problems, scorer, meteor, met_path,
-                   {**info, "task": task, "settings": all_settings}, counts, {"throughput": throughput})
+    return _finish(
+        task,
+        data,
+        records,
+        predictions,
+        problems,
+        scorer,
+        meteor,
+        met_path,
+        {**info, "task": task, "settings": all_settings},
+        counts,
+        {"throughput": throughput},
+    )
 
 
 def score_predictions(
@@ -417,19 +461,44 @@ def score_predictions(
     problems = Problems()
     predictions = read_prediction_file(predictions_path, {r.id for r in records}, problems)
     if not predictions:
-        raise ValueError(f"{predictions_path}: no prediction matches a record of the eval set "
-                         f"(first problems: {'; '.join(sum(problems.examples.values(), [])[:3])})")
-    header = {**dict(info or {}), "task": task, "predictions": str(Path(predictions_path).resolve()),
-              "settings": {"task": task, "limit": limit, "meteor": meteor, "scorer": scorer}}
+        raise ValueError(
+            f"{predictions_path}: no prediction matches a record of the eval set "
+            f"(first problems: {'; '.join(sum(problems.examples.values(), [])[:3])})"
+        )
+    header = {
+        **dict(info or {}),
+        "task": task,
+        "predictions": str(Path(predictions_path).resolve()),
+        "settings": {"task": task, "limit": limit, "meteor": meteor, "scorer": scorer},
+    }
     counts = {"records": len(records), "predicted": len(predictions), "failed": 0}
-    return _finish(task, data, records, predictions, problems, scorer, meteor,
-                   Path(metrics_path) if metrics_path else None, header, counts, {})
+    return _finish(
+        task,
+        data,
+        records,
+        predictions,
+        problems,
+        scorer,
+        meteor,
+        Path(metrics_path) if metrics_path else None,
+        header,
+        counts,
+        {},
+    )
 
 
 def _finish(
-    task: str, data: TaskData | Sequence[EvalRecord], records: list[EvalRecord], predictions: dict[str, str],
-    problems: Problems, scorer: str | None, meteor: bool | None, metrics_path: Path | None,
-    header: dict[str, Any], counts: dict[str, Any], more: dict[str, Any],
+    task: str,
+    data: TaskData | Sequence[EvalRecord],
+    records: list[EvalRecord],
+    predictions: dict[str, str],
+    problems: Problems,
+    scorer: str | None,
+    meteor: bool | None,
+    metrics_path: Path | None,
+    header: dict[str, Any],
+    counts: dict[str, Any],
+    more: dict[str, Any],
 ) -> EvalResult:
     """Score, then write the metrics JSON and the scores JSONL next to it."""
     by_id = {r.id: r for r in records}
@@ -447,11 +516,13 @@ def _finish(
         "problems": problems.to_dict(),
         **more,
         "versions": _versions(),
-        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     if isinstance(data, TaskData) and data.report.skipped:
         report["problems"]["malformed_record"] = {
-            "count": read_skipped, "examples": [f"{o}: {m}" for o, m in data.report.skipped[:MAX_EXAMPLES]]}
+            "count": read_skipped,
+            "examples": [f"{o}: {m}" for o, m in data.report.skipped[:MAX_EXAMPLES]],
+        }
     if metrics_path is not None:
         _write_json(metrics_path, report)
         _write_rows(metrics_path.with_name(SCORES_FILE), scores.rows)
@@ -504,8 +575,15 @@ def evaluate_task(
     restore = _eval_mode(model)
     try:
         problems = Problems()
-        predictions = predict(model, recs, options or GenerationOptions(), batch_size=batch_size, workers=workers,
-                              problems=problems, progress=progress)
+        predictions = predict(
+            model,
+            recs,
+            options or GenerationOptions(),
+            batch_size=batch_size,
+            workers=workers,
+            problems=problems,
+            progress=progress,
+        )
     finally:
         restore()
     for id, answer in predictions.items():

@@ -27,8 +27,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model")
     g.add_argument("--projector", metavar="CKPT", help="projector weights (.safetensors, or an original .pth)")
     g.add_argument("--llm", help="LLM folder or hub id (base parts; with MODEL: if MODEL has no llm/ folder)")
-    g.add_argument("--vision", metavar="DIR", help="vision folder (vision_config.json + vision.safetensors); "
-                   "with MODEL: if MODEL has no vision.safetensors")
+    g.add_argument(
+        "--vision",
+        metavar="DIR",
+        help="vision folder (vision_config.json + vision.safetensors); with MODEL: if MODEL has no vision.safetensors",
+    )
     g.add_argument("--projector-type", default="linear", help="projector kind for base parts (default: linear)")
     g.add_argument("--template", help="prompt template (default: the model's)")
     add_device_argument(g)
@@ -38,9 +41,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     q.add_argument("--load-in-8bit", action="store_true", help="8-bit LLM via bitsandbytes (GPU only)")
     q.add_argument("--load-in-4bit", action="store_true", help="4-bit NF4 LLM via bitsandbytes (GPU only)")
     g.add_argument("--trust-remote-code", action="store_true", help="allow the LLM's own modelling code")
-    g.add_argument("--max-image-pixels", type=int, metavar="N",
-                   help="refuse images of more pixels, read from the file's header before decoding (default: "
-                        "4096x4096 = 16777216, about 100-250 MB to decode; 0: no limit)")
+    g.add_argument(
+        "--max-image-pixels",
+        type=int,
+        metavar="N",
+        help="refuse images of more pixels, read from the file's header before decoding (default: "
+        "4096x4096 = 16777216, about 100-250 MB to decode; 0: no limit)",
+    )
 
 
 def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,22 +70,34 @@ def spec_from_args(args: argparse.Namespace) -> LoadSpec:
         raise ValueError(f"--cpu-only contradicts --device {args.device}")
     quantize: Quantize | None = "8bit" if args.load_in_8bit else "4bit" if args.load_in_4bit else None
     return LoadSpec(
-        model=args.model, projector=args.projector, llm=args.llm, vision=args.vision,
-        projector_type=args.projector_type, template=args.template,
-        device="cpu" if args.cpu_only else args.device, dtype=args.dtype, quantize=quantize,
-        trust_remote_code=args.trust_remote_code, decoding=settings_from_args(args),
+        model=args.model,
+        projector=args.projector,
+        llm=args.llm,
+        vision=args.vision,
+        projector_type=args.projector_type,
+        template=args.template,
+        device="cpu" if args.cpu_only else args.device,
+        dtype=args.dtype,
+        quantize=quantize,
+        trust_remote_code=args.trust_remote_code,
+        decoding=settings_from_args(args),
     )
 
 
 def options_from_args(args: argparse.Namespace) -> GenerationOptions:
     base = GenerationOptions(
-        max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, top_p=args.top_p, top_k=args.top_k,
-        num_beams=args.num_beams, repetition_penalty=args.repetition_penalty, seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.do_sample,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        num_beams=args.num_beams,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
     )
     return override_options(base, temperature=args.temperature)
 
 
-def engine_from_args(args: argparse.Namespace) -> "ChatEngine":
+def engine_from_args(args: argparse.Namespace) -> ChatEngine:
     """Load the model named by the arguments into a :class:`ChatEngine` with their options."""
     from .chat import ChatEngine
     from .engine import Engine
@@ -90,8 +109,13 @@ def engine_from_args(args: argparse.Namespace) -> "ChatEngine":
     model, processor = load_model(spec)
     name = Path(spec.model).name if spec.model else Path(spec.llm or "minigpt").name
     slots = getattr(args, "batch_slots", 1)
-    engine = ChatEngine(Engine(model, processor, decoding_for(spec)), options, max_context=args.max_context,
-                        name=name or "minigpt", batch_slots=slots)
+    engine = ChatEngine(
+        Engine(model, processor, decoding_for(spec)),
+        options,
+        max_context=args.max_context,
+        name=name or "minigpt",
+        batch_slots=slots,
+    )
     engine.max_image_pixels = max_pixels
     return engine
 
@@ -107,6 +131,10 @@ def image_limit(args: argparse.Namespace) -> int | None:
 
 
 __all__ = [
-    "add_generation_arguments", "add_model_arguments", "engine_from_args", "image_limit", "options_from_args",
+    "add_generation_arguments",
+    "add_model_arguments",
+    "engine_from_args",
+    "image_limit",
+    "options_from_args",
     "spec_from_args",
 ]

@@ -13,9 +13,10 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -51,8 +52,16 @@ class DecodeRequest:
 class SlotScheduler:
     """Admits waiting requests into free slots (prefill), then decodes all running rows one token per step."""
 
-    def __init__(self, model: "MiniGPT", slots: int, max_len: int, cuda_graphs: bool = True,
-                 compile: bool = False, end_ids: Sequence[int] = (), tokenizer: Any = None) -> None:
+    def __init__(
+        self,
+        model: MiniGPT,
+        slots: int,
+        max_len: int,
+        cuda_graphs: bool = True,
+        compile: bool = False,
+        end_ids: Sequence[int] = (),
+        tokenizer: Any = None,
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer  # decodes the tail of an answer to look for stop strings
         self.decoder = SlotDecoder(model.llm, slots, max_len, cuda_graphs=cuda_graphs, compile=compile)
@@ -68,16 +77,25 @@ class SlotScheduler:
         self.stopping = False
 
     @classmethod
-    def for_model(cls, model: "MiniGPT", processor: "MiniGPTProcessor", settings: DecodingSettings, slots: int,
-                  max_len: int) -> "SlotScheduler | None":
+    def for_model(
+        cls, model: MiniGPT, processor: MiniGPTProcessor, settings: DecodingSettings, slots: int, max_len: int
+    ) -> SlotScheduler | None:
         """A scheduler with ``settings``, or None (the reason logged) where the model's LLM cannot run the slot
         decoder: an unsupported model, or a transformers version whose cache API differs."""
         try:
-            return cls(model, slots, max_len, settings.cuda_graphs, settings.compile, processor.end_token_ids(),
-                       processor.tokenizer)
+            return cls(
+                model,
+                slots,
+                max_len,
+                settings.cuda_graphs,
+                settings.compile,
+                processor.end_token_ids(),
+                processor.tokenizer,
+            )
         except Exception as err:
-            log.warning("static decoding is not available (%s: %s); using transformers' generate",
-                        type(err).__name__, err)
+            log.warning(
+                "static decoding is not available (%s: %s); using transformers' generate", type(err).__name__, err
+            )
             return None
 
     @property
@@ -94,8 +112,10 @@ class SlotScheduler:
             raise ValueError("stop strings need the scheduler's tokenizer")
         length = len(request.prompt_ids)
         if length + request.options.max_new_tokens > self.max_len:
-            raise ValueError(f"a prompt of {length} tokens plus max_new_tokens {request.options.max_new_tokens} "
-                             f"does not fit a decoding slot of {self.max_len} positions")
+            raise ValueError(
+                f"a prompt of {length} tokens plus max_new_tokens {request.options.max_new_tokens} "
+                f"does not fit a decoding slot of {self.max_len} positions"
+            )
         with self.wake:
             self.waiting.append(request)
             self.wake.notify()
@@ -121,7 +141,7 @@ class SlotScheduler:
         return future.result()
 
     # ------------------------------------------------------------------------------------------ running
-    def start(self) -> "SlotScheduler":
+    def start(self) -> SlotScheduler:
         if self.thread is None:
             self.thread = threading.Thread(target=self._serve, name="minigpt-decode", daemon=True)
             self.thread.start()
@@ -284,8 +304,13 @@ def stream_callback(streamer: Any, prompt_ids: torch.Tensor) -> Callable[[int], 
 
 
 def generate_batch(
-    scheduler: SlotScheduler, embeds: torch.Tensor, attention_mask: torch.Tensor, prompt_ids: torch.Tensor,
-    options: GenerationOptions, stops: Sequence[str], streamer: Any = None,
+    scheduler: SlotScheduler,
+    embeds: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prompt_ids: torch.Tensor,
+    options: GenerationOptions,
+    stops: Sequence[str],
+    streamer: Any = None,
 ) -> list[list[int]]:
     """Answer a left-padded batch synchronously on ``scheduler``; the generated ids of each row. A ``streamer``
     (transformers' protocol: the prompt first, then each token; batch size 1) sees the tokens as they come and is
@@ -294,8 +319,11 @@ def generate_batch(
     for row in range(embeds.shape[0]):
         keep = attention_mask[row].bool()
         ids = prompt_ids[row][keep]
-        requests.append(DecodeRequest(ids.tolist(), options, list(stops), embeds=embeds[row][keep],
-                                      on_token=stream_callback(streamer, ids)))
+        requests.append(
+            DecodeRequest(
+                ids.tolist(), options, list(stops), embeds=embeds[row][keep], on_token=stream_callback(streamer, ids)
+            )
+        )
     for request in requests:
         scheduler.submit(request)
     scheduler.run_until_idle()

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from ..data.conversation import Conversation, Image, ImageLike, Part, Text
 from ..data.images import DEFAULT_MAX_PIXELS, load_image
@@ -128,14 +129,14 @@ class ChatEngine:
         self.engine.close()
 
     @property
-    def processor(self) -> "MiniGPTProcessor":
+    def processor(self) -> MiniGPTProcessor:
         return self.engine.processor
 
     @property
     def template(self) -> Template:
         return self.processor.template
 
-    def chat(self, system: str | None = None, options: GenerationOptions | None = None) -> "Chat":
+    def chat(self, system: str | None = None, options: GenerationOptions | None = None) -> Chat:
         """A new session on this engine."""
         return Chat(self, system=system, options=options)
 
@@ -222,7 +223,7 @@ class ChatImage:
     image: Any
 
     @classmethod
-    def load(cls, source: ImageLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> "ChatImage":
+    def load(cls, source: ImageLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> ChatImage:
         name = str(source) if isinstance(source, (str, Path)) else "<image>"
         return cls(name, load_image(source, max_pixels=max_pixels))
 
@@ -278,7 +279,7 @@ class Chat:
         options: GenerationOptions | None = None,
         max_context: int | None = None,
         **load_kwargs: Any,
-    ) -> "Chat":
+    ) -> Chat:
         """Load a model directory (or ``llm=``, ``vision=``, ``projector=`` base parts; see
         :class:`minigpt.infer.loading.LoadSpec` for ``device``, ``dtype``, ``quantize``...) and start a session."""
         spec = LoadSpec(model=str(model) if model is not None else None, **load_kwargs)
@@ -321,7 +322,7 @@ class Chat:
             yield delta
         self.history.append(Exchange(question, "".join(pieces), prompt.attach))
 
-    def prepare(self, question: str, options: GenerationOptions | None = None) -> "Prompt":
+    def prepare(self, question: str, options: GenerationOptions | None = None) -> Prompt:
         """What :meth:`ask` would send: the newest history that fits the context, then the question with
         the images not yet shown (:class:`ContextTooLong` if the question alone does not fit)."""
         options = options or self.options or self.engine.options
@@ -354,5 +355,12 @@ class Chat:
 
 
 __all__ = [
-    "Chat", "ChatEngine", "ChatImage", "ContextTooLong", "Exchange", "Prompt", "text_part", "user_parts",
+    "Chat",
+    "ChatEngine",
+    "ChatImage",
+    "ContextTooLong",
+    "Exchange",
+    "Prompt",
+    "text_part",
+    "user_parts",
 ]

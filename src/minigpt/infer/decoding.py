@@ -44,13 +44,24 @@ class DecodingSettings:
 
 def add_decoding_arguments(group: Any) -> None:
     """``--decoding``, ``--no-cuda-graphs`` and ``--compile-decode`` (read back by :func:`settings_from_args`)."""
-    group.add_argument("--decoding", default="auto", choices=DECODING_MODES,
-                       help="static: preallocated KV cache + CUDA graph per token; plain: transformers generate; "
-                            "auto: static on CUDA, plain elsewhere (default: auto)")
-    group.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
-                       help="static decoding without recording the step as a CUDA graph")
-    group.add_argument("--compile-decode", action="store_true",
-                       help="also torch.compile the decoder layers that static decoding runs (fused kernels)")
+    group.add_argument(
+        "--decoding",
+        default="auto",
+        choices=DECODING_MODES,
+        help="static: preallocated KV cache + CUDA graph per token; plain: transformers generate; "
+        "auto: static on CUDA, plain elsewhere (default: auto)",
+    )
+    group.add_argument(
+        "--no-cuda-graphs",
+        dest="cuda_graphs",
+        action="store_false",
+        help="static decoding without recording the step as a CUDA graph",
+    )
+    group.add_argument(
+        "--compile-decode",
+        action="store_true",
+        help="also torch.compile the decoder layers that static decoding runs (fused kernels)",
+    )
 
 
 def settings_from_args(args: Any) -> DecodingSettings:
@@ -58,5 +69,9 @@ def settings_from_args(args: Any) -> DecodingSettings:
 
 
 __all__ = [
-    "DECODING_MODES", "DecodingSettings", "FastDecodingUnsupported", "add_decoding_arguments", "settings_from_args",
+    "DECODING_MODES",
+    "DecodingSettings",
+    "FastDecodingUnsupported",
+    "add_decoding_arguments",
+    "settings_from_args",
 ]

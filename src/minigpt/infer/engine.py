@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from transformers import StoppingCriteriaList
@@ -46,7 +47,7 @@ class Engine:
         self._lock = threading.RLock()
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, **load_kwargs: Any) -> "Engine":
+    def from_pretrained(cls, directory: str | Path, **load_kwargs: Any) -> Engine:
         """Load a model directory (``device``, ``dtype``, ``quantize``, ``trust_remote_code``, ``decoding``... as
         :class:`minigpt.infer.loading.LoadSpec` takes them)."""
         spec = LoadSpec(model=str(directory), **load_kwargs)
@@ -80,8 +81,13 @@ class Engine:
 
     # ------------------------------------------------------------------ generating
     @torch.inference_mode()
-    def generate(self, conversations: Conversation | Sequence[Conversation], images: Images = None,
-                 options: GenerationOptions | None = None, streamer: Any = None) -> list[str]:
+    def generate(
+        self,
+        conversations: Conversation | Sequence[Conversation],
+        images: Images = None,
+        options: GenerationOptions | None = None,
+        streamer: Any = None,
+    ) -> list[str]:
         """Answer the last user turn of each conversation (batched, left-padded). A ``streamer`` (transformers'
         protocol, one conversation) sees the tokens as they come."""
         if isinstance(conversations, Conversation):
@@ -101,23 +107,29 @@ class Engine:
             finally:
                 self.model.train(training)
 
-    def _generate_alone(self, batch: ModelBatch, options: GenerationOptions, stops: list[str],
-                        streamer: Any) -> list[str]:
+    def _generate_alone(
+        self, batch: ModelBatch, options: GenerationOptions, stops: list[str], streamer: Any
+    ) -> list[str]:
         """Decode one batch on the slot scheduler (synchronously), or with transformers' ``generate``."""
         text = batch.text
-        scheduler = self._scheduler_for(text.input_ids.shape[0], text.input_ids.shape[1] + options.max_new_tokens) \
-            if self.static(options.num_beams) else None
+        scheduler = (
+            self._scheduler_for(text.input_ids.shape[0], text.input_ids.shape[1] + options.max_new_tokens)
+            if self.static(options.num_beams)
+            else None
+        )
         if scheduler is not None:
             try:
-                rows = generate_batch(scheduler, self.model.embed(batch), text.attention_mask, text.input_ids,
-                                      options, stops, streamer)
+                rows = generate_batch(
+                    scheduler, self.model.embed(batch), text.attention_mask, text.input_ids, options, stops, streamer
+                )
                 return [self.processor.decode(ids, options.stop) for ids in rows]
             except FastDecodingUnsupported as err:  # e.g. a prompt beyond a sliding window
                 log.warning("static decoding cannot answer this batch (%s); using transformers' generate", err)
         return self._generate_plain(batch, options, stops, streamer)
 
-    def _generate_plain(self, batch: ModelBatch, options: GenerationOptions, stops: list[str],
-                        streamer: Any) -> list[str]:
+    def _generate_plain(
+        self, batch: ModelBatch, options: GenerationOptions, stops: list[str], streamer: Any
+    ) -> list[str]:
         """transformers' ``generate`` on the prompt embeddings (beam search, and what the slot decoder cannot run)."""
         text, processor = batch.text, self.processor
         prompt_len = text.input_ids.shape[1]
@@ -133,14 +145,22 @@ class Engine:
         )
         return [processor.decode(row[prompt_len:], options.stop) for row in out]
 
-    def _generate_batching(self, conversations: Sequence[Conversation], images: Images, options: GenerationOptions,
-                           stops: list[str], streamer: Any) -> list[str]:
+    def _generate_batching(
+        self,
+        conversations: Sequence[Conversation],
+        images: Images,
+        options: GenerationOptions,
+        stops: list[str],
+        streamer: Any,
+    ) -> list[str]:
         """Each conversation joins the running batch as its own request; beam search (and what cannot join) runs
         alone between the scheduler's steps."""
         scheduler = self._scheduler
         assert scheduler is not None
-        batches = [self.processor.prepare([conv], [imgs], train=False)
-                   for conv, imgs in zip(conversations, distribute_images(conversations, images))]
+        batches = [
+            self.processor.prepare([conv], [imgs], train=False)
+            for conv, imgs in zip(conversations, distribute_images(conversations, images))
+        ]
 
         def alone(batch: ModelBatch) -> str:
             return self._generate_plain(batch.to(self.device), options, stops, streamer)[0]
@@ -150,8 +170,11 @@ class Engine:
         requests = []
         for batch in batches:
             ids = batch.text.input_ids[0]
-            requests.append(scheduler.submit(DecodeRequest(ids.tolist(), options, stops, batch=batch,
-                                                           on_token=stream_callback(streamer, ids))))
+            requests.append(
+                scheduler.submit(
+                    DecodeRequest(ids.tolist(), options, stops, batch=batch, on_token=stream_callback(streamer, ids))
+                )
+            )
         answers = []
         for batch, request in zip(batches, requests):
             request.done.wait()
@@ -214,9 +237,13 @@ class Engine:
         fits = int(0.8 * free // per_slot)
         if fits < slots:
             log.warning(
-                "%d batch slots of %d positions need %.1f GiB of KV cache, but %.1f GiB is free: %s", slots,
-                max_len, slots * per_slot / 2**30, free / 2**30,
-                f"using {fits} slots (lower --max-context for more)" if fits >= 2
+                "%d batch slots of %d positions need %.1f GiB of KV cache, but %.1f GiB is free: %s",
+                slots,
+                max_len,
+                slots * per_slot / 2**30,
+                free / 2**30,
+                f"using {fits} slots (lower --max-context for more)"
+                if fits >= 2
                 else "answering requests one at a time (lower --max-context or --batch-slots)",
             )
         return min(slots, fits)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from transformers import StoppingCriteria
@@ -83,8 +84,12 @@ def override_options(
         if temperature > 0:
             changes["temperature"] = float(temperature)
     for name, value in (
-        ("top_p", top_p), ("top_k", top_k), ("num_beams", num_beams), ("max_new_tokens", max_new_tokens),
-        ("repetition_penalty", repetition_penalty), ("seed", seed),
+        ("top_p", top_p),
+        ("top_k", top_k),
+        ("num_beams", num_beams),
+        ("max_new_tokens", max_new_tokens),
+        ("repetition_penalty", repetition_penalty),
+        ("seed", seed),
     ):
         if value is not None:
             changes[name] = value

@@ -45,7 +45,7 @@ class LoadSpec:
 
 
 # ---------------------------------------------------------------------------------------------- loading
-def resolve_placement(spec: LoadSpec) -> tuple["torch.device", "torch.dtype"]:
+def resolve_placement(spec: LoadSpec) -> tuple[torch.device, torch.dtype]:
     """The device and weight dtype for ``spec``, with a clear error for what a CPU cannot do."""
     import torch
 
@@ -67,7 +67,7 @@ def resolve_placement(spec: LoadSpec) -> tuple["torch.device", "torch.dtype"]:
     return device, dtype
 
 
-def load_model(spec: LoadSpec) -> tuple["MiniGPT", "MiniGPTProcessor"]:
+def load_model(spec: LoadSpec) -> tuple[MiniGPT, MiniGPTProcessor]:
     """Load ``spec``: the model on its device in eval mode, and its processor."""
     from ..device import dtype_name
     from ..model.config import MiniGPTConfig
@@ -97,8 +97,12 @@ def load_model(spec: LoadSpec) -> tuple["MiniGPT", "MiniGPTProcessor"]:
         if not spec.vision:
             log.warning("no --vision weights: the vision encoder is randomly initialised")
         config = MiniGPTConfig(
-            llm=spec.llm, vision_weights=spec.vision, projector=spec.projector_type, projector_weights=spec.projector,
-            trust_remote_code=spec.trust_remote_code, **overrides,
+            llm=spec.llm,
+            vision_weights=spec.vision,
+            projector=spec.projector_type,
+            projector_weights=spec.projector,
+            trust_remote_code=spec.trust_remote_code,
+            **overrides,
         )
         model = MiniGPT.build(config, llm_kwargs=llm_kwargs)
         processor = MiniGPTProcessor.from_config(config)
@@ -113,7 +117,7 @@ def decoding_for(spec: LoadSpec) -> DecodingSettings:
     return spec.decoding
 
 
-def _place(model: "MiniGPT", device: "torch.device", quantized: bool) -> "MiniGPT":
+def _place(model: MiniGPT, device: torch.device, quantized: bool) -> MiniGPT:
     if not quantized:
         return model.to(device)
     # A bitsandbytes LLM is already on its device and refuses .to(); move the other parts.
@@ -122,7 +126,7 @@ def _place(model: "MiniGPT", device: "torch.device", quantized: bool) -> "MiniGP
     return model
 
 
-def _quantization_kwargs(config_dtype: str, quantize: Quantize | None, device: "torch.device") -> dict[str, Any]:
+def _quantization_kwargs(config_dtype: str, quantize: Quantize | None, device: torch.device) -> dict[str, Any]:
     """``from_pretrained`` keyword arguments that load the LLM in 8 or 4 bits on ``device``."""
     if not quantize:
         return {}

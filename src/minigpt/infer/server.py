@@ -19,9 +19,10 @@ import os
 import re
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 from .args import add_generation_arguments, add_model_arguments
@@ -146,7 +147,8 @@ def load_image_url(url: str, settings: ServerSettings, where: str, max_pixels: i
 def _local_image(path: str, settings: ServerSettings, where: str) -> Path:
     if not settings.allow_local_images:
         raise APIError(
-            400, f"{where}: local image paths are disabled; start the server with --allow-local-images DIR",
+            400,
+            f"{where}: local image paths are disabled; start the server with --allow-local-images DIR",
             "local_images_disabled",
         )
     root = Path(settings.allow_local_images).resolve()
@@ -211,9 +213,15 @@ def request_options(request: Any, engine: "ChatEngine", settings: ServerSettings
     stop = [request.stop] if isinstance(request.stop, str) else request.stop
     try:
         return override_options(
-            engine.options, temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
-            num_beams=request.num_beams, max_new_tokens=max_tokens, repetition_penalty=request.repetition_penalty,
-            seed=request.seed, stop=stop,
+            engine.options,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            top_k=request.top_k,
+            num_beams=request.num_beams,
+            max_new_tokens=max_tokens,
+            repetition_penalty=request.repetition_penalty,
+            seed=request.seed,
+            stop=stop,
         )
     except ValueError as err:
         raise APIError(400, str(err), "invalid_value") from None
@@ -255,8 +263,8 @@ def create_app(chat_engine: "ChatEngine", settings: ServerSettings | None = None
     from fastapi.responses import JSONResponse
     from pydantic import ValidationError
     from sse_starlette.sse import EventSourceResponse
-    from starlette.exceptions import HTTPException as StarletteHTTPException
     from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     from .chat import ContextTooLong
 
@@ -343,8 +351,11 @@ def create_app(chat_engine: "ChatEngine", settings: ServerSettings | None = None
                     await run_in_threadpool(deltas.close)
             yield reply.chunk({}, reply.finish_reason("".join(pieces)))
             if usage:
-                yield {"data": json.dumps({**reply.header("chat.completion.chunk"), "choices": [],
-                                           "usage": reply.usage("".join(pieces))})}
+                yield {
+                    "data": json.dumps(
+                        {**reply.header("chat.completion.chunk"), "choices": [], "usage": reply.usage("".join(pieces))}
+                    )
+                }
             yield {"data": "[DONE]"}
         except Exception as err:  # the status line is sent already: report in the stream
             log.exception("streaming failed")
@@ -398,12 +409,16 @@ def _check_model(requested: str, served: str) -> None:
 def _routing_error(method: str, path: str, status: int, headers: dict[str, str] | None) -> APIError:
     """The :class:`APIError` for a request that matched no route (404) or not with its method (405)."""
     if status == 404:
-        return APIError(404, f"unknown path {path}; this server serves /v1/chat/completions and /v1/models",
-                        "unknown_url")
+        return APIError(
+            404, f"unknown path {path}; this server serves /v1/chat/completions and /v1/models", "unknown_url"
+        )
     if status == 405:
         allowed = next((v for k, v in (headers or {}).items() if k.lower() == "allow"), "")
-        return APIError(405, f"method {method} not allowed for {path}" + (f" (allowed: {allowed})" if allowed else ""),
-                        "method_not_allowed")
+        return APIError(
+            405,
+            f"method {method} not allowed for {path}" + (f" (allowed: {allowed})" if allowed else ""),
+            "method_not_allowed",
+        )
     return APIError(status, f"{method} {path}: HTTP {status}")
 
 
@@ -414,7 +429,8 @@ def _summary(err: Any) -> str:
 # ---------------------------------------------------------------------------------------------- command
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "serve", help="OpenAI-compatible chat completions server",
+        "serve",
+        help="OpenAI-compatible chat completions server",
         description="Serve a model at /v1/chat/completions (OpenAI API, images as data URLs).",
     )
     add_model_arguments(parser)
@@ -423,13 +439,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, this machine only)")
     g.add_argument("--port", type=int, default=8000)
     g.add_argument("--model-name", help="the model id clients send (default: MODEL's folder name)")
-    g.add_argument("--api-key", default=os.environ.get("MINIGPT_API_KEY"),
-                   help="require this bearer key (default: env MINIGPT_API_KEY)")
+    g.add_argument(
+        "--api-key",
+        default=os.environ.get("MINIGPT_API_KEY"),
+        help="require this bearer key (default: env MINIGPT_API_KEY)",
+    )
     g.add_argument("--allow-local-images", metavar="DIR", help="accept image paths inside DIR")
     g.add_argument("--max-queue", type=int, default=16, help="requests admitted at once; more get 429")
-    g.add_argument("--batch-slots", type=int, default=16, metavar="N",
-                   help="requests decoded together (continuous batching, with static decoding; 1: one at a time; "
-                        "KV cache memory grows with N x --max-context)")
+    g.add_argument(
+        "--batch-slots",
+        type=int,
+        default=16,
+        metavar="N",
+        help="requests decoded together (continuous batching, with static decoding; 1: one at a time; "
+        "KV cache memory grows with N x --max-context)",
+    )
     g.add_argument("--max-request-mb", type=float, default=32.0)
     g.add_argument("--max-image-mb", type=float, default=10.0)
     g.add_argument("--max-images", type=int, default=8, help="images per request")
@@ -442,8 +466,11 @@ def run(args: argparse.Namespace) -> int:
     from .args import engine_from_args
 
     settings = ServerSettings(
-        api_key=args.api_key, allow_local_images=args.allow_local_images, max_queue=args.max_queue,
-        max_request_bytes=int(args.max_request_mb * MIB), max_image_bytes=int(args.max_image_mb * MIB),
+        api_key=args.api_key,
+        allow_local_images=args.allow_local_images,
+        max_queue=args.max_queue,
+        max_request_bytes=int(args.max_request_mb * MIB),
+        max_image_bytes=int(args.max_image_mb * MIB),
         max_images=args.max_images,
     )
     if args.allow_local_images and not Path(args.allow_local_images).is_dir():

@@ -25,7 +25,8 @@ import contextlib
 import functools
 import inspect
 import logging
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from transformers import DynamicCache
@@ -47,7 +48,7 @@ class SlotLayer(CacheLayerMixin):
     is_compileable = True
     is_sliding = False
 
-    def __init__(self, cache: "SlotCache") -> None:
+    def __init__(self, cache: SlotCache) -> None:
         super().__init__()
         self.owner = cache
 
@@ -60,8 +61,9 @@ class SlotLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.allocate(key_states, value_states)
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.allocate(key_states, value_states)
         rows, positions, span = self.owner.rows, self.owner.positions, self.owner.span
@@ -180,8 +182,14 @@ class SlotDecoder:
         cache.span = span
         self.mask.index_put_((cache.rows, self._zeros, self._zeros, cache.positions), self._open)
         extra = {"logits_to_keep": 1} if self.keep_kw else {}
-        out = self.llm(input_ids=self.input_ids, position_ids=cache.positions[:, None],
-                       attention_mask=self.mask[..., :span], use_cache=True, **{self.cache_kw: cache}, **extra)
+        out = self.llm(
+            input_ids=self.input_ids,
+            position_ids=cache.positions[:, None],
+            attention_mask=self.mask[..., :span],
+            use_cache=True,
+            **{self.cache_kw: cache},
+            **extra,
+        )
         cache.positions.add_(self.active.long())
         return out.logits[:, -1]
 
@@ -208,7 +216,9 @@ class SlotDecoder:
         lengths = [p.shape[0] for p in prompts]
         too_long = [n for n in lengths if n >= self.max_len]
         if too_long:
-            raise ValueError(f"a prompt of {too_long[0]} tokens does not fit a decoding slot of {self.max_len} positions")
+            raise ValueError(
+                f"a prompt of {too_long[0]} tokens does not fit a decoding slot of {self.max_len} positions"
+            )
         width, dtype = max(lengths), self.mask.dtype
         embeds = torch.zeros(len(prompts), width, prompts[0].shape[-1], dtype=dtype, device=self.device)
         valid = torch.zeros(len(prompts), width, dtype=torch.long, device=self.device)
@@ -222,11 +232,19 @@ class SlotDecoder:
         positions = torch.arange(width, device=self.device).expand(len(prompts), -1)
         # Compiled layers run eagerly here: prompt lengths vary, and compiling each would hit the recompile limit.
         with torch.compiler.set_stance("force_eager") if self.compiled else contextlib.nullcontext():
-            out = self.llm(inputs_embeds=embeds, attention_mask=valid, position_ids=positions, use_cache=True,
-                           **{self.cache_kw: prompt_cache}, **extra)
+            out = self.llm(
+                inputs_embeds=embeds,
+                attention_mask=valid,
+                position_ids=positions,
+                use_cache=True,
+                **{self.cache_kw: prompt_cache},
+                **extra,
+            )
         for layer, source in zip(self.cache.layers, prompt_cache.layers):
             if source.keys.shape[2] != width:
-                raise FastDecodingUnsupported("the model's cache keeps fewer positions than the prompt (sliding window)")
+                raise FastDecodingUnsupported(
+                    "the model's cache keeps fewer positions than the prompt (sliding window)"
+                )
             for i, row in enumerate(rows):
                 layer.write(row, source.keys[i : i + 1, :, : lengths[i]], source.values[i : i + 1, :, : lengths[i]])
         for row, length in zip(rows, lengths):
@@ -316,8 +334,9 @@ class SlotSampler:
             self.seen[index, tokens] = True
         return tokens
 
-    def process(self, logits: torch.Tensor, index: torch.Tensor, options: list[GenerationOptions | None]
-                ) -> torch.Tensor:
+    def process(
+        self, logits: torch.Tensor, index: torch.Tensor, options: list[GenerationOptions | None]
+    ) -> torch.Tensor:
         """Float scores after repetition penalty and ``min_new_tokens`` (end tokens held back)."""
         scores = logits[:, : self.vocab].float()
         if self.seen is not None and any(o is not None and o.repetition_penalty != 1.0 for o in options):

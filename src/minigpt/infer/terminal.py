@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from .args import add_generation_arguments, add_model_arguments
 
@@ -29,7 +30,8 @@ CLEAR_SCREEN = "\x1b[2J\x1b[H"
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "chat", help="chat with a model in the terminal",
+        "chat",
+        help="chat with a model in the terminal",
         description="Chat with a model in the terminal (:help lists the commands).",
     )
     add_model_arguments(parser)
@@ -59,7 +61,7 @@ def image_paths(arg: str) -> list[str]:
         raise ValueError(f"cannot read the paths ({err}); quote each path that has spaces") from None
 
 
-def repl(chat: "Chat", stdin: TextIO, stdout: TextIO) -> int:
+def repl(chat: Chat, stdin: TextIO, stdout: TextIO) -> int:
     """Read questions and commands from ``stdin`` until ``:quit`` or end of input."""
 
     def say(text: str = "") -> None:

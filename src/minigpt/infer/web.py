@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import TYPE_CHECKING, Any, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 from .args import add_generation_arguments, add_model_arguments
 
@@ -21,13 +22,13 @@ if TYPE_CHECKING:
 TITLE = "MiniGPT"
 
 
-def _messages(chat: "Chat", pending: tuple[str, str] | None = None) -> list[dict[str, str]]:
+def _messages(chat: Chat, pending: tuple[str, str] | None = None) -> list[dict[str, str]]:
     """The chat history (plus a question being answered) as Chatbot messages."""
     pairs = [(ex.question, ex.answer) for ex in chat.history] + ([pending] if pending else [])
     return [m for q, a in pairs for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
 
 
-def build_ui(engine: "ChatEngine") -> "gr.Blocks":
+def build_ui(engine: ChatEngine) -> gr.Blocks:
     """The Blocks app for ``engine`` (not launched)."""
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     import gradio as gr
@@ -36,10 +37,10 @@ def build_ui(engine: "ChatEngine") -> "gr.Blocks":
 
     defaults = engine.options
 
-    def session(chat: "Chat | None") -> "Chat":
+    def session(chat: Chat | None) -> Chat:
         return chat if chat is not None else engine.chat()
 
-    def set_image(path: str | None, chat: "Chat | None") -> "Chat":
+    def set_image(path: str | None, chat: Chat | None) -> Chat:
         chat = session(chat)
         try:
             chat.set_images(*([path] if path else []))
@@ -48,8 +49,8 @@ def build_ui(engine: "ChatEngine") -> "gr.Blocks":
         return chat
 
     def ask(
-        question: str, temperature: float, top_p: float, beams: float, max_tokens: float, chat: "Chat | None"
-    ) -> Iterator[tuple[list[dict[str, str]], str, "Chat"]]:
+        question: str, temperature: float, top_p: float, beams: float, max_tokens: float, chat: Chat | None
+    ) -> Iterator[tuple[list[dict[str, str]], str, Chat]]:
         chat = session(chat)
         question = (question or "").strip()
         if not question:
@@ -68,7 +69,7 @@ def build_ui(engine: "ChatEngine") -> "gr.Blocks":
             raise gr.Error(str(err)) from None
         yield _messages(chat), "", chat
 
-    def reset(chat: "Chat | None") -> tuple[None, list[Any], "Chat"]:
+    def reset(chat: Chat | None) -> tuple[None, list[Any], Chat]:
         chat = session(chat)
         chat.reset(images=True)
         return None, [], chat
@@ -80,10 +81,16 @@ def build_ui(engine: "ChatEngine") -> "gr.Blocks":
             with gr.Column(scale=1):
                 # image_mode=None: Gradio hands over the file as uploaded, undecoded (it would convert it to RGB,
                 # decoding a pixel bomb before the pixel limit is checked, and apply EXIF rotation)
-                image = gr.Image(type="filepath", image_mode=None, label="Image", sources=["upload", "clipboard"],
-                                 height=260)
-                temperature = gr.Slider(0, 2, value=defaults.temperature if defaults.do_sample else 0, step=0.05,
-                                        label="Temperature (0 = greedy)")
+                image = gr.Image(
+                    type="filepath", image_mode=None, label="Image", sources=["upload", "clipboard"], height=260
+                )
+                temperature = gr.Slider(
+                    0,
+                    2,
+                    value=defaults.temperature if defaults.do_sample else 0,
+                    step=0.05,
+                    label="Temperature (0 = greedy)",
+                )
                 top_p = gr.Slider(0.05, 1, value=defaults.top_p, step=0.05, label="Top-p")
                 beams = gr.Slider(1, 5, value=defaults.num_beams, step=1, label="Beams")
                 max_tokens = gr.Slider(1, 1024, value=defaults.max_new_tokens, step=1, label="Max new tokens")
@@ -102,7 +109,9 @@ def build_ui(engine: "ChatEngine") -> "gr.Blocks":
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "web", help="Gradio web chat", description="A Gradio chat UI for a model (binds to 127.0.0.1).",
+        "web",
+        help="Gradio web chat",
+        description="A Gradio chat UI for a model (binds to 127.0.0.1).",
     )
     add_model_arguments(parser)
     add_generation_arguments(parser)

@@ -101,14 +101,14 @@ class MiniGPTConfig(BaseModel):
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "MiniGPTConfig":
+    def from_dict(cls, data: dict[str, Any]) -> MiniGPTConfig:
         data = {k: v for k, v in data.items() if k != "format_version"}
         unknown = sorted(set(data) - set(cls.model_fields))
         if unknown:
             raise ValueError(f"unknown model config key(s): {', '.join(unknown)}")
         return cls(**data)
 
-    def copy_with(self, **changes: Any) -> "MiniGPTConfig":
+    def copy_with(self, **changes: Any) -> MiniGPTConfig:
         """A validated copy with ``changes``."""
         return MiniGPTConfig.from_dict({**self.to_dict(), **changes})
 
@@ -134,6 +134,13 @@ def write_config(directory: str | Path, config: MiniGPTConfig, **changes: Any) -
 
 
 __all__ = [
-    "CONFIG_FILE", "DEFAULT_FREEZE", "FORMAT_VERSION", "MiniGPTConfig", "PARTS", "VISION_PRESETS", "read_config",
-    "vision_config", "write_config",
+    "CONFIG_FILE",
+    "DEFAULT_FREEZE",
+    "FORMAT_VERSION",
+    "MiniGPTConfig",
+    "PARTS",
+    "VISION_PRESETS",
+    "read_config",
+    "vision_config",
+    "write_config",
 ]

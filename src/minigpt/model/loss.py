@@ -68,8 +68,10 @@ def resolve_loss_impl(impl: str, head: nn.Module, rows: int, device: torch.devic
     if impl != "plain" and problem is not None:
         raise ValueError(f"loss_impl {impl} cannot be used: {problem}; use plain or auto")
     if impl == "liger" and not (liger_installed() and runs_triton(device)):
-        raise ValueError(f"loss_impl liger needs the liger-kernel package and a CUDA device (here: {device}, "
-                         f"liger-kernel {'installed' if liger_installed() else 'not installed'}); use auto or chunked")
+        raise ValueError(
+            f"loss_impl liger needs the liger-kernel package and a CUDA device (here: {device}, "
+            f"liger-kernel {'installed' if liger_installed() else 'not installed'}); use auto or chunked"
+        )
     return impl
 
 
@@ -93,8 +95,9 @@ def linear_cross_entropy(
     if impl == "liger":
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
-        return liger_fused_linear_cross_entropy(rows * scale if scale else rows, head.weight, targets,
-                                                softcap=softcap or None)
+        return liger_fused_linear_cross_entropy(
+            rows * scale if scale else rows, head.weight, targets, softcap=softcap or None
+        )
     return chunked_linear_cross_entropy(rows, head.weight, targets, scale, softcap)
 
 
@@ -118,8 +121,13 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, rows: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, scale: float | None,
-        softcap: float | None, chunk_rows: int,
+        ctx: Any,
+        rows: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        scale: float | None,
+        softcap: float | None,
+        chunk_rows: int,
     ) -> torch.Tensor:
         loss, grad_rows, grad_weight = _chunked(
             rows, weight, targets, scale, softcap, chunk_rows, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -133,13 +141,22 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         return (
             grad_rows * grad_loss.to(grad_rows.dtype) if grad_rows is not None else None,
             grad_weight * grad_loss if grad_weight is not None else None,
-            None, None, None, None,
+            None,
+            None,
+            None,
+            None,
         )
 
 
 def _chunked(
-    rows: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, scale: float | None, softcap: float | None,
-    chunk_rows: int, grad_rows: bool, grad_weight: bool,
+    rows: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    scale: float | None,
+    softcap: float | None,
+    chunk_rows: int,
+    grad_rows: bool,
+    grad_weight: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Mean loss and, as asked, its gradients for ``rows`` (their dtype) and ``weight`` (its dtype)."""
     n = rows.shape[0]
@@ -172,5 +189,13 @@ def _chunked(
     return total / n, d_rows, d_weight.to(weight.dtype) if d_weight is not None else None
 
 
-__all__ = ["LOSS_IMPLS", "CHUNK_LOGITS", "linear_cross_entropy", "chunked_linear_cross_entropy",
-           "ChunkedLinearCrossEntropy", "resolve_loss_impl", "fused_head_problem", "liger_installed"]
+__all__ = [
+    "LOSS_IMPLS",
+    "CHUNK_LOGITS",
+    "linear_cross_entropy",
+    "chunked_linear_cross_entropy",
+    "ChunkedLinearCrossEntropy",
+    "resolve_loss_impl",
+    "fused_head_problem",
+    "liger_installed",
+]

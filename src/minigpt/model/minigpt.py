@@ -9,9 +9,10 @@ conversations into batches is the processor's job (:mod:`minigpt.model.processor
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -43,8 +44,9 @@ class MiniGPTOutput:
 class MiniGPT(nn.Module):
     """The composed model. Build with :meth:`build` (from a config) or :meth:`from_pretrained` (a directory)."""
 
-    def __init__(self, config: MiniGPTConfig, vision: Blip2VisionEncoder, projector: nn.Module,
-                 llm: PreTrainedModel) -> None:
+    def __init__(
+        self, config: MiniGPTConfig, vision: Blip2VisionEncoder, projector: nn.Module, llm: PreTrainedModel
+    ) -> None:
         super().__init__()
         self.config = config
         self.vision = vision
@@ -56,8 +58,13 @@ class MiniGPT(nn.Module):
 
     # ------------------------------------------------------------------ building, loading, saving
     @classmethod
-    def build(cls, config: MiniGPTConfig, llm: PreTrainedModel | None = None,
-              llm_kwargs: dict[str, Any] | None = None, init_from: str | Path | None = None) -> "MiniGPT":
+    def build(
+        cls,
+        config: MiniGPTConfig,
+        llm: PreTrainedModel | None = None,
+        llm_kwargs: dict[str, Any] | None = None,
+        init_from: str | Path | None = None,
+    ) -> MiniGPT:
         """Build from a config: vision weights from ``vision_weights`` (random init if None), the LLM from
         ``config.llm`` unless given (``llm_kwargs`` go to its ``from_pretrained``, e.g. a quantization config), and a
         fresh (or ``projector_weights``) projector. ``init_from``: a model directory whose saved parts (``llm/``,
@@ -67,8 +74,11 @@ class MiniGPT(nn.Module):
             read_config(init)  # a clear error when it is not a model directory
         vision = load_vision_encoder(config, init)
         if llm is None:
-            source, gguf = (str(init / LLM_DIR), None) if init is not None and (init / LLM_DIR).is_dir() \
+            source, gguf = (
+                (str(init / LLM_DIR), None)
+                if init is not None and (init / LLM_DIR).is_dir()
                 else (config.llm, config.llm_gguf_file)
+            )
             llm = load_llm(source, config.llm_dtype, gguf, config.trust_remote_code, **(llm_kwargs or {}))
         projector = build_projector(config.projector, vision.out_dim, llm.get_input_embeddings().embedding_dim)
         saved = init / PART_FILES["projector"] if init is not None else None
@@ -79,8 +89,13 @@ class MiniGPT(nn.Module):
         return cls(config, vision, projector, llm)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, llm_kwargs: dict[str, Any] | None = None,
-                        trust_remote_code: bool = False, **overrides: Any) -> "MiniGPT":
+    def from_pretrained(
+        cls,
+        directory: str | Path,
+        llm_kwargs: dict[str, Any] | None = None,
+        trust_remote_code: bool = False,
+        **overrides: Any,
+    ) -> MiniGPT:
         """Load a directory written by :meth:`save_pretrained`. Parts not stored there come from the sources its
         config records (``llm``, ``vision_weights``); ``overrides`` change config fields; ``llm_kwargs`` go to the
         LLM's ``from_pretrained``. The LLM's own code runs only with ``trust_remote_code=True`` here: a directory
@@ -88,8 +103,9 @@ class MiniGPT(nn.Module):
         config = load_config(directory, trust_remote_code, **overrides)
         return cls.build(config, llm_kwargs=llm_kwargs, init_from=directory)
 
-    def save_pretrained(self, directory: str | Path, trainable_only: bool = False,
-                        include: Sequence[str] = ()) -> list[str]:
+    def save_pretrained(
+        self, directory: str | Path, trainable_only: bool = False, include: Sequence[str] = ()
+    ) -> list[str]:
         """Write ``config.json`` and the parts as safetensors (the LLM as a transformers folder, ``llm/``).
 
         With ``trainable_only`` the frozen parts that can be rebuilt from their recorded source (``config.llm``,
@@ -130,7 +146,7 @@ class MiniGPT(nn.Module):
                 param.requires_grad_(not self.config.freeze[part])
         self.train(self.training)
 
-    def train(self, mode: bool = True) -> "MiniGPT":
+    def train(self, mode: bool = True) -> MiniGPT:
         super().train(mode)
         for part, items in self.parts().items():
             if self.config.freeze[part]:
@@ -147,8 +163,10 @@ class MiniGPT(nn.Module):
         counts = {}
         for part, items in self.parts().items():
             params = list(_parameters(items))
-            counts[part] = {"total": sum(p.numel() for p in params),
-                            "trainable": sum(p.numel() for p in params if p.requires_grad)}
+            counts[part] = {
+                "total": sum(p.numel() for p in params),
+                "trainable": sum(p.numel() for p in params if p.requires_grad),
+            }
         return counts
 
     @property
@@ -192,8 +210,10 @@ class MiniGPT(nn.Module):
         embeds = self.embed(batch, image_embeds)
         text = batch.text
         hidden = decoder_body(self.llm)(
-            inputs_embeds=embeds, attention_mask=self._attention_mask(text, embeds.dtype),
-            position_ids=text.position_ids, use_cache=False,
+            inputs_embeds=embeds,
+            attention_mask=self._attention_mask(text, embeds.dtype),
+            position_ids=text.position_ids,
+            use_cache=False,
         ).last_hidden_state
         return self._answer_loss(hidden, text.labels, text.target_index, text.target_ids)
 
@@ -206,13 +226,21 @@ class MiniGPT(nn.Module):
         if mask.ndim == 4:
             return additive_mask(mask, dtype)
         config, width = self.llm.config, mask.shape[1]
-        if (text.right_padded and getattr(config, "_attn_implementation", None) in ("sdpa", "eager")
-                and width <= (getattr(config, "sliding_window", None) or width)):
+        if (
+            text.right_padded
+            and getattr(config, "_attn_implementation", None) in ("sdpa", "eager")
+            and width <= (getattr(config, "sliding_window", None) or width)
+        ):
             return additive_mask(torch.ones(1, 1, width, width, dtype=torch.bool, device=mask.device).tril(), dtype)
         return mask
 
-    def _answer_loss(self, hidden: torch.Tensor, labels: torch.Tensor, target_index: torch.Tensor | None = None,
-                     target_ids: torch.Tensor | None = None) -> MiniGPTOutput:
+    def _answer_loss(
+        self,
+        hidden: torch.Tensor,
+        labels: torch.Tensor,
+        target_index: torch.Tensor | None = None,
+        target_ids: torch.Tensor | None = None,
+    ) -> MiniGPTOutput:
         """Next-token cross-entropy, with the LM head applied only at supervised positions: ``target_index`` (flat
         into ``[B * T]``) and ``target_ids`` as :meth:`TextBatch.with_indices` gives them, else from ``labels``."""
         if target_index is None or target_ids is None:
@@ -223,8 +251,12 @@ class MiniGPT(nn.Module):
         rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, target_index)
         config = self.llm.config
         loss = linear_cross_entropy(
-            rows, self.llm.get_output_embeddings(), target_ids, self.loss_impl,
-            scale=getattr(config, "logit_scale", None), softcap=getattr(config, "final_logit_softcapping", None),
+            rows,
+            self.llm.get_output_embeddings(),
+            target_ids,
+            self.loss_impl,
+            scale=getattr(config, "logit_scale", None),
+            softcap=getattr(config, "final_logit_softcapping", None),
         )
         return MiniGPTOutput(loss=loss, num_tokens=count)
 
@@ -238,8 +270,11 @@ def load_config(directory: str | Path, trust_remote_code: bool = False, **overri
     that asks for it is warned about and ignored)."""
     data = resolve_sources(read_config(directory), Path(directory))
     if data.get("trust_remote_code") and not trust_remote_code:
-        log.warning("%s asks for trust_remote_code; ignored: remote code runs only when the loading call asks for it "
-                    "(--trust-remote-code / trust_remote_code=True)", directory)
+        log.warning(
+            "%s asks for trust_remote_code; ignored: remote code runs only when the loading call asks for it "
+            "(--trust-remote-code / trust_remote_code=True)",
+            directory,
+        )
     return MiniGPTConfig.from_dict({**data, **overrides, "trust_remote_code": trust_remote_code})
 
 

@@ -8,8 +8,9 @@ tokenizer is saved in the model directory's ``tokenizer/`` folder.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -35,15 +36,16 @@ class MiniGPTProcessor:
         self.image_processor = ImageProcessor(size=vision.image_size, mean=vision.mean, std=vision.std)
 
     @classmethod
-    def from_config(cls, config: MiniGPTConfig, tokenizer: Any = None) -> "MiniGPTProcessor":
+    def from_config(cls, config: MiniGPTConfig, tokenizer: Any = None) -> MiniGPTProcessor:
         """The processor of ``config``, its tokenizer loaded from ``config.llm`` unless given."""
         if tokenizer is None:
             tokenizer = load_tokenizer(config.llm, config.llm_gguf_file, config.trust_remote_code)
         return cls(config, tokenizer)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, config: MiniGPTConfig | None = None,
-                        trust_remote_code: bool = False) -> "MiniGPTProcessor":
+    def from_pretrained(
+        cls, directory: str | Path, config: MiniGPTConfig | None = None, trust_remote_code: bool = False
+    ) -> MiniGPTProcessor:
         """The processor of a model directory (``config`` if already read): its ``tokenizer/`` (or ``llm/``) folder,
         else the tokenizer of the LLM source it records."""
         directory = Path(directory)
@@ -82,12 +84,16 @@ class MiniGPTProcessor:
     # ------------------------------------------------------------------ inputs
     def encode(self, conversation: Conversation, train: bool = True) -> Encoded:
         """Template + tokenize one conversation (labels on the answers; ``train=False``: a generation prompt)."""
-        return encode_conversation(conversation, self.template, self.tokenizer, self.image_tokens,
-                                   self.config.max_txt_len, train=train)
+        return encode_conversation(
+            conversation, self.template, self.tokenizer, self.image_tokens, self.config.max_txt_len, train=train
+        )
 
-    def prepare(self, conversations: Conversation | Sequence[Conversation],
-                images: Sequence[ImageLike] | Sequence[Sequence[ImageLike]] | None = None,
-                train: bool = True) -> ModelBatch:
+    def prepare(
+        self,
+        conversations: Conversation | Sequence[Conversation],
+        images: Sequence[ImageLike] | Sequence[Sequence[ImageLike]] | None = None,
+        train: bool = True,
+    ) -> ModelBatch:
         """Template, tokenize, load/process images and pad (right for training, left for generation)."""
         if isinstance(conversations, Conversation):
             conversations = [conversations]

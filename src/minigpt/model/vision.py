@@ -70,7 +70,7 @@ class VisionConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "VisionConfig":
+    def from_dict(cls, data: dict[str, Any]) -> VisionConfig:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         unknown = sorted(set(data) - set(known))
         if unknown:
@@ -81,11 +81,20 @@ class VisionConfig:
         return cls(**known)
 
     @classmethod
-    def tiny(cls, **overrides: Any) -> "VisionConfig":
+    def tiny(cls, **overrides: Any) -> VisionConfig:
         """A few-KB variant of the real architecture for tests and the CPU quickstart."""
         base = dict(
-            image_size=56, patch_size=14, width=64, depth=2, heads=4, mlp_dim=128,
-            num_query_tokens=8, qformer_width=32, qformer_depth=2, qformer_heads=4, qformer_mlp_dim=64,
+            image_size=56,
+            patch_size=14,
+            width=64,
+            depth=2,
+            heads=4,
+            mlp_dim=128,
+            num_query_tokens=8,
+            qformer_width=32,
+            qformer_depth=2,
+            qformer_heads=4,
+            qformer_mlp_dim=64,
         )
         base.update(overrides)
         return cls(**base)

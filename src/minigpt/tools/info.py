@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 
-
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
-        "info", help="describe a model directory, transformers model, vision folder or training run",
+        "info",
+        help="describe a model directory, transformers model, vision folder or training run",
         description="Describe a minigpt model directory (or a transformers model folder, a vision encoder folder, "
-                    "a training run folder) without loading it.",
+        "a training run folder) without loading it.",
     )
     p.add_argument("model", metavar="FOLDER")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -106,7 +106,8 @@ def merged_lora(directory: Path) -> dict[str, Any] | None:
 def _files(directory: Path) -> list[dict[str, Any]]:
     return [
         {"file": str(p.relative_to(directory)), "bytes": p.stat().st_size}
-        for p in sorted(directory.rglob("*")) if p.is_file()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
     ]
 
 
@@ -127,8 +128,9 @@ def describe(directory: str | Path) -> dict[str, Any]:
             return model_info(directory)
         if isinstance(config, dict) and (config.get("model_type") or config.get("architectures")):
             return transformers_info(directory, config)
-        raise ValueError(f"{config_path}: neither a minigpt model config (llm, vision) nor a transformers config "
-                         "(model_type)")
+        raise ValueError(
+            f"{config_path}: neither a minigpt model config (llm, vision) nor a transformers config (model_type)"
+        )
     if (directory / VISION_CONFIG).is_file():
         return vision_info(directory)
     run_markers = (METRICS_FILE, CHECKPOINTS, FINAL_DIR)
@@ -156,8 +158,11 @@ def transformers_info(directory: Path, config: dict[str, Any]) -> dict[str, Any]
         modules.setdefault(name.split(".")[0], {})[name] = tensor
     text = config.get("text_config") or {}
     info: dict[str, Any] = {
-        "kind": "transformers", "directory": str(directory), "architectures": config.get("architectures"),
-        "model_type": config.get("model_type"), "language_model": text.get("model_type"),
+        "kind": "transformers",
+        "directory": str(directory),
+        "architectures": config.get("architectures"),
+        "model_type": config.get("model_type"),
+        "language_model": text.get("model_type"),
         "stored_dtype": config.get("dtype", config.get("torch_dtype")),
         **(_summary(weights) if weights else {"parameters": None}),
         "modules": {name: _summary(tensors) for name, tensors in sorted(modules.items())},
@@ -180,8 +185,11 @@ def vision_info(directory: Path) -> dict[str, Any]:
     qformer = {k: v for k, v in tensors.items() if k.startswith(("qformer.", "query_tokens"))}
     vit = {k: v for k, v in tensors.items() if k not in qformer}
     return {
-        "kind": "vision", "directory": str(directory), "encoder": config,
-        "vision": _summary(vit) if vit else None, "qformer": _summary(qformer) if qformer else None,
+        "kind": "vision",
+        "directory": str(directory),
+        "encoder": config,
+        "vision": _summary(vit) if vit else None,
+        "qformer": _summary(qformer) if qformer else None,
         **_file_summary(directory),
     }
 
@@ -209,7 +217,9 @@ def run_info(directory: Path) -> dict[str, Any]:
     steps = [r["step"] for r in train] + [c["step"] for c in checkpoints if c["step"] is not None]
     final = directory / FINAL_DIR
     return {
-        "kind": "run", "directory": str(directory), "steps_done": max(steps, default=0),
+        "kind": "run",
+        "directory": str(directory),
+        "steps_done": max(steps, default=0),
         "last_loss": train[-1]["loss"] if train else None,
         "last_eval_loss": evals[-1]["eval_loss"] if evals else None,
         "checkpoints": checkpoints,
@@ -254,16 +264,21 @@ def model_info(directory: str | Path) -> dict[str, Any]:
     qformer = {k: v for k, v in vision_tensors.items() if k.startswith(("qformer.", "query_tokens"))}
     vit = {k: v for k, v in vision_tensors.items() if k not in qformer}
     encoder = {
-        "image_size": vision_cfg.get("image_size"), "patch_size": vision_cfg.get("patch_size"),
-        "width": vision_cfg.get("width"), "depth": vision_cfg.get("depth"), "heads": vision_cfg.get("heads"),
+        "image_size": vision_cfg.get("image_size"),
+        "patch_size": vision_cfg.get("patch_size"),
+        "width": vision_cfg.get("width"),
+        "depth": vision_cfg.get("depth"),
+        "heads": vision_cfg.get("heads"),
         "mlp_dim": vision_cfg.get("mlp_dim"),
     }
     info["parts"]["vision"] = {"source": vision_source, "encoder": encoder, **(_summary(vit) if vit else {})}
     if vision_cfg.get("use_qformer", True):
         info["parts"]["qformer"] = {
             "source": vision_source,
-            "num_query_tokens": vision_cfg.get("num_query_tokens"), "width": vision_cfg.get("qformer_width"),
-            "depth": vision_cfg.get("qformer_depth"), "heads": vision_cfg.get("qformer_heads"),
+            "num_query_tokens": vision_cfg.get("num_query_tokens"),
+            "width": vision_cfg.get("qformer_width"),
+            "depth": vision_cfg.get("qformer_depth"),
+            "heads": vision_cfg.get("qformer_heads"),
             **(_summary(qformer) if qformer else {}),
         }
         out_dim = vision_cfg.get("qformer_width")
@@ -271,7 +286,8 @@ def model_info(directory: str | Path) -> dict[str, Any]:
     else:
         out_dim = (vision_cfg.get("width") or 0) * vision_cfg.get("concat_tokens", 4)
         tokens = ((vision_cfg.get("image_size") or 0) // (vision_cfg.get("patch_size") or 1)) ** 2 // vision_cfg.get(
-            "concat_tokens", 4)
+            "concat_tokens", 4
+        )
     info["image_tokens"] = tokens
 
     # projector
@@ -305,9 +321,12 @@ def model_info(directory: str | Path) -> dict[str, Any]:
         hf = json.loads((folder / "config.json").read_text())
         text = hf.get("text_config", hf)
         llm.update(
-            architectures=hf.get("architectures"), model_type=hf.get("model_type"),
-            hidden_size=text.get("hidden_size"), layers=text.get("num_hidden_layers"),
-            vocab_size=text.get("vocab_size"), stored_dtype=hf.get("dtype", hf.get("torch_dtype")),
+            architectures=hf.get("architectures"),
+            model_type=hf.get("model_type"),
+            hidden_size=text.get("hidden_size"),
+            layers=text.get("num_hidden_layers"),
+            vocab_size=text.get("vocab_size"),
+            stored_dtype=hf.get("dtype", hf.get("torch_dtype")),
         )
         weights = _llm_weights(folder)
         if weights:
@@ -363,45 +382,60 @@ def _summary_text(summary: dict[str, Any] | None) -> str:
 def format_transformers(info: dict[str, Any]) -> str:
     arch = ", ".join(info["architectures"] or []) or "?"
     language = f", language model {info['language_model']}" if info["language_model"] else ""
-    lines = [f"transformers model {info['directory']} (not a minigpt model directory)",
-             f"architecture    {arch} (model_type {info['model_type']}{language})",
-             f"stored dtype    {info['stored_dtype'] or '?'}",
-             f"parameters      {_count(info['parameters'])}"]
-    lines += [f"                {name:<20} {_count(m['parameters']):>7}  {', '.join(m['dtypes'])}"
-              for name, m in info["modules"].items()]
+    lines = [
+        f"transformers model {info['directory']} (not a minigpt model directory)",
+        f"architecture    {arch} (model_type {info['model_type']}{language})",
+        f"stored dtype    {info['stored_dtype'] or '?'}",
+        f"parameters      {_count(info['parameters'])}",
+    ]
+    lines += [
+        f"                {name:<20} {_count(m['parameters']):>7}  {', '.join(m['dtypes'])}"
+        for name, m in info["modules"].items()
+    ]
     if info["export"]:
         e = info["export"]
-        lines.append(f"export          {e.get('exported_by')}: template {e.get('template')}, "
-                     f"{e.get('num_query_tokens')} x {e.get('image_token')} per image, from {e.get('source_llm')}")
+        lines.append(
+            f"export          {e.get('exported_by')}: template {e.get('template')}, "
+            f"{e.get('num_query_tokens')} x {e.get('image_token')} per image, from {e.get('source_llm')}"
+        )
     lines.append(f"use             {info['use']}")
     return "\n".join(lines + _files_lines(info))
 
 
 def format_vision(info: dict[str, Any]) -> str:
     e = info["encoder"]
-    lines = [f"vision encoder folder {info['directory']}",
-             f"vision          ViT {e.get('depth')} x {e.get('width')} ({e.get('heads')} heads, "
-             f"mlp {e.get('mlp_dim')}), "
-             f"image {e.get('image_size')}/{e.get('patch_size')}; {_summary_text(info['vision'])}"]
+    lines = [
+        f"vision encoder folder {info['directory']}",
+        f"vision          ViT {e.get('depth')} x {e.get('width')} ({e.get('heads')} heads, "
+        f"mlp {e.get('mlp_dim')}), "
+        f"image {e.get('image_size')}/{e.get('patch_size')}; {_summary_text(info['vision'])}",
+    ]
     if e.get("use_qformer", True):
-        lines.append(f"qformer         {e.get('qformer_depth')} x {e.get('qformer_width')} ({e.get('qformer_heads')} "
-                     f"heads), {e.get('num_query_tokens')} queries; {_summary_text(info['qformer'])}")
+        lines.append(
+            f"qformer         {e.get('qformer_depth')} x {e.get('qformer_width')} ({e.get('qformer_heads')} "
+            f"heads), {e.get('num_query_tokens')} queries; {_summary_text(info['qformer'])}"
+        )
     return "\n".join(lines + _files_lines(info))
 
 
 def format_run(info: dict[str, Any]) -> str:
     loss = "?" if info["last_loss"] is None else f"{info['last_loss']:.4f}"
-    lines = [f"training run    {info['directory']}",
-             f"steps done      {info['steps_done']} (last loss {loss}"
-             + ("" if info["last_eval_loss"] is None else f", last eval loss {info['last_eval_loss']:.4f}") + ")",
-             f"checkpoints     {len(info['checkpoints'])}"]
+    lines = [
+        f"training run    {info['directory']}",
+        f"steps done      {info['steps_done']} (last loss {loss}"
+        + ("" if info["last_eval_loss"] is None else f", last eval loss {info['last_eval_loss']:.4f}")
+        + ")",
+        f"checkpoints     {len(info['checkpoints'])}",
+    ]
     lines += [f"                {_size(c['bytes']):>9}  {c['path']} (step {c['step']})" for c in info["checkpoints"]]
     final = info["final"]
     if final is None:
         lines.append("final           none yet (the run has not finished)")
     else:
-        lines.append(f"final           final/: template {final['template']}, {_count(final['parameters_total'])} "
-                     f"parameters, {_size(final['bytes_total'])} (minigpt info {final['directory']} for more)")
+        lines.append(
+            f"final           final/: template {final['template']}, {_count(final['parameters_total'])} "
+            f"parameters, {_size(final['bytes_total'])} (minigpt info {final['directory']} for more)"
+        )
     return "\n".join(lines)
 
 
@@ -413,20 +447,28 @@ def format_info(info: dict[str, Any]) -> str:
     parts = info["parts"]
     v, q, p, llm = parts["vision"], parts.get("qformer"), parts["projector"], parts["llm"]
     e = v["encoder"]
-    lines = [f"model directory {info['directory']} (format {info['format_version']})",
-             f"template        {info['template']} (max_txt_len {info['max_txt_len']}), "
-             f"{info['image_tokens']} tokens per image",
-             f"dtypes          llm {info['dtypes']['llm']}, vision {info['dtypes']['vision']}",
-             f"vision          ViT {e['depth']} x {e['width']} ({e['heads']} heads, mlp {e['mlp_dim']}), image "
-             f"{e['image_size']}/{e['patch_size']}; {v['source']}; {', '.join(v.get('dtypes', []))}"]
+    lines = [
+        f"model directory {info['directory']} (format {info['format_version']})",
+        f"template        {info['template']} (max_txt_len {info['max_txt_len']}), "
+        f"{info['image_tokens']} tokens per image",
+        f"dtypes          llm {info['dtypes']['llm']}, vision {info['dtypes']['vision']}",
+        f"vision          ViT {e['depth']} x {e['width']} ({e['heads']} heads, mlp {e['mlp_dim']}), image "
+        f"{e['image_size']}/{e['patch_size']}; {v['source']}; {', '.join(v.get('dtypes', []))}",
+    ]
     if q:
-        lines.append(f"qformer         {q['depth']} x {q['width']} ({q['heads']} heads), "
-                     f"{q['num_query_tokens']} queries; {', '.join(q.get('dtypes', []))}")
-    lines.append(f"projector       {p['type']} {p.get('in_dim')} -> {p.get('out_dim', '?')}; {p['source']}; "
-                 f"{', '.join(p.get('dtypes', []))}")
+        lines.append(
+            f"qformer         {q['depth']} x {q['width']} ({q['heads']} heads), "
+            f"{q['num_query_tokens']} queries; {', '.join(q.get('dtypes', []))}"
+        )
+    lines.append(
+        f"projector       {p['type']} {p.get('in_dim')} -> {p.get('out_dim', '?')}; {p['source']}; "
+        f"{', '.join(p.get('dtypes', []))}"
+    )
     arch = ", ".join(llm.get("architectures") or []) or llm.get("model_type") or "?"
-    lines.append(f"llm             {llm['id']} ({arch}; hidden {llm.get('hidden_size', '?')}, {llm.get('layers', '?')} "
-                 f"layers, vocab {llm.get('vocab_size', '?')}); {llm['source']}; {', '.join(llm.get('dtypes', []))}")
+    lines.append(
+        f"llm             {llm['id']} ({arch}; hidden {llm.get('hidden_size', '?')}, {llm.get('layers', '?')} "
+        f"layers, vocab {llm.get('vocab_size', '?')}); {llm['source']}; {', '.join(llm.get('dtypes', []))}"
+    )
     lines.append("parameters      part        total    trainable")
     lora = info.get("lora")
     for part, c in info["parameters"].items():

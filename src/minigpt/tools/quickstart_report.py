@@ -45,7 +45,12 @@ def plot_losses(histories: dict[str, list[dict[str, Any]]], path: Path) -> Path:
 
 
 def answer_grid(
-    items: list[ShapeItem], root: Path, before: list[str], after: list[str], path: Path, columns: int = 4,
+    items: list[ShapeItem],
+    root: Path,
+    before: list[str],
+    after: list[str],
+    path: Path,
+    columns: int = 4,
 ) -> Path:
     """Held-out pictures, each with its truth and the answers to "Describe the image." before and after training,
     marked right (both colour and shape named, green) or wrong (red)."""
@@ -63,8 +68,16 @@ def answer_grid(
         ax.set_title(f"truth: {item.caption}", fontsize=9)
         for y, label, answer in ((-0.08, "before", old), (-0.2, "after", new)):
             ok = named(answer, item)["both"]
-            ax.text(0.5, y, f"{'✓' if ok else '✗'} {label}: {_clip(answer)}", transform=ax.transAxes, ha="center",
-                    va="top", fontsize=8, color=RIGHT if ok else WRONG)
+            ax.text(
+                0.5,
+                y,
+                f"{'✓' if ok else '✗'} {label}: {_clip(answer)}",
+                transform=ax.transAxes,
+                ha="center",
+                va="top",
+                fontsize=8,
+                color=RIGHT if ok else WRONG,
+            )
     fig.suptitle('"Describe the image." on held-out pictures, before and after training', fontsize=11)
     fig.tight_layout(rect=(0, 0, 1, 0.97), h_pad=2.5)
     fig.savefig(path, dpi=100)
@@ -84,18 +97,23 @@ def print_summary(summary: dict[str, Any]) -> None:
     print(f"{'the answer names':<18} {'asked':<32} {'before':>7} {'after':>7}")
     labels = {"colour": "the colour", "shape": "the shape", "both": "colour and shape"}
     for kind, (phrasings, _) in QUESTIONS.items():
-        print(f"{labels[SCORED[kind]]:<18} {phrasings[0]!r:<32} {accuracy['before'][kind]:>7.0%} "
-              f"{accuracy['after'][kind]:>7.0%}")
-    losses = ", ".join(f"{stage} {v['start']:.2f} -> {v['end']:.2f}"
-                       for stage, v in summary["held_out_loss"].items() if v)
+        print(
+            f"{labels[SCORED[kind]]:<18} {phrasings[0]!r:<32} {accuracy['before'][kind]:>7.0%} "
+            f"{accuracy['after'][kind]:>7.0%}"
+        )
+    losses = ", ".join(
+        f"{stage} {v['start']:.2f} -> {v['end']:.2f}" for stage, v in summary["held_out_loss"].items() if v
+    )
     print(f"held-out loss: {losses}")
     for ex in summary["examples"]:
         print(f"  {ex['truth']:<18} before: {_clip(ex['before'])!r:<38} after: {ex['after']!r}")
     seconds = summary["phase_seconds"]
     phases = ", ".join(f"{name} {value:.0f} s" for name, value in seconds.items() if name != "total")
     print(f"time: {phases}; total {_minutes(seconds['total'])}")
-    print(f"loss curve: {summary['plot']}\nanswers before/after: {summary['grid']}\n"
-          f"detailed log: {summary['log']}\nmodel: {summary['model']}")
+    print(
+        f"loss curve: {summary['plot']}\nanswers before/after: {summary['grid']}\n"
+        f"detailed log: {summary['log']}\nmodel: {summary['model']}"
+    )
 
 
 def _minutes(seconds: float) -> str:

@@ -24,12 +24,28 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 
 #: Question type -> (phrasings, the first one asked in evaluation; answer). Each type is scored on what it asks.
 QUESTIONS: dict[str, tuple[tuple[str, ...], str]] = {
-    "colour": (("What colour is the shape?", "What colour is the shape in the picture?", "What color is it?",
-                "Which colour do you see?"), "The shape is {colour}."),
-    "shape": (("What shape is in the picture?", "What shape is it?", "Which shape do you see?",
-               "What is the shape in the picture?"), "The shape is a {shape}."),
-    "description": (("Describe the image.", "What is in the picture?", "What do you see?",
-                     "Describe the picture briefly."), "A {colour} {shape} on a light background."),
+    "colour": (
+        (
+            "What colour is the shape?",
+            "What colour is the shape in the picture?",
+            "What color is it?",
+            "Which colour do you see?",
+        ),
+        "The shape is {colour}.",
+    ),
+    "shape": (
+        (
+            "What shape is in the picture?",
+            "What shape is it?",
+            "Which shape do you see?",
+            "What is the shape in the picture?",
+        ),
+        "The shape is a {shape}.",
+    ),
+    "description": (
+        ("Describe the image.", "What is in the picture?", "What do you see?", "Describe the picture briefly."),
+        "A {colour} {shape} on a light background.",
+    ),
 }
 #: What an answer to each question type must name (keys of :func:`named`).
 SCORED: dict[str, str] = {"colour": "colour", "shape": "shape", "description": "both"}
@@ -96,14 +112,16 @@ def write_instruction_json(items: list[ShapeItem], path: str | Path, seed: int =
     for i, it in enumerate(items):
         phrasings, answer = QUESTIONS[kinds[i % len(kinds)]]
         question = rng.choice(phrasings)
-        records.append({
-            "id": f"shape-{i}",
-            "image": it.image,
-            "conversations": [
-                {"from": "human", "value": f"<image>\n{question}"},
-                {"from": "gpt", "value": answer.format(colour=it.colour, shape=it.shape)},
-            ],
-        })
+        records.append(
+            {
+                "id": f"shape-{i}",
+                "image": it.image,
+                "conversations": [
+                    {"from": "human", "value": f"<image>\n{question}"},
+                    {"from": "gpt", "value": answer.format(colour=it.colour, shape=it.shape)},
+                ],
+            }
+        )
     path = Path(path)
     path.write_text(json.dumps(records, indent=1))
     return path

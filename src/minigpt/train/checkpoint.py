@@ -94,7 +94,9 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
         return path
     newest = latest_checkpoint(path)
     if newest is None:
-        raise FileNotFoundError(f"run.resume: {path} is neither a checkpoint folder nor an output folder with checkpoints")
+        raise FileNotFoundError(
+            f"run.resume: {path} is neither a checkpoint folder nor an output folder with checkpoints"
+        )
     return newest
 
 
@@ -119,8 +121,12 @@ def capture_rng(device: torch.device) -> dict[str, Any]:
     _, keys, pos, has_gauss, gauss = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
-                  "gauss": float(gauss)},
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
         "torch": torch.get_rng_state(),
     }
     accelerator = get_rng_state(device)
@@ -133,7 +139,13 @@ def restore_rng(state: dict[str, Any], device: torch.device) -> None:
     random.setstate(_tuples(state["python"]))
     np_state = state["numpy"]
     np.random.set_state(
-        ("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"], np_state["has_gauss"], np_state["gauss"])
+        (
+            "MT19937",
+            np_state["keys"].numpy().astype(np.uint32),
+            np_state["pos"],
+            np_state["has_gauss"],
+            np_state["gauss"],
+        )
     )
     torch.set_rng_state(state["torch"])
     set_rng_state(device, state.get("accelerator"))
@@ -172,6 +184,12 @@ def _clean_leftovers(root: Path) -> None:
 
 
 __all__ = [
-    "save_checkpoint", "load_checkpoint", "list_checkpoints", "latest_checkpoint", "resolve_resume",
-    "capture_rng", "restore_rng", "checkpoint_dir",
+    "save_checkpoint",
+    "load_checkpoint",
+    "list_checkpoints",
+    "latest_checkpoint",
+    "resolve_resume",
+    "capture_rng",
+    "restore_rng",
+    "checkpoint_dir",
 ]

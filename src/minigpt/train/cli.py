@@ -28,9 +28,12 @@ def register(subparsers: Any) -> None:
     parser.add_argument("config", help="YAML config (see configs/)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. run.optimizer.lr=3e-5 run.epochs=2")
     parser.add_argument("--print-config", action="store_true", help="print the validated config and exit")
-    add_device_argument(parser, default=None,
-                        help="auto (cuda, npu, mps, then cpu), cpu, cuda, cuda:N, npu, npu:N or mps; the same as "
-                        "run.device=DEVICE (default: the config's run.device, auto)")
+    add_device_argument(
+        parser,
+        default=None,
+        help="auto (cuda, npu, mps, then cpu), cpu, cuda, cuda:N, npu, npu:N or mps; the same as "
+        "run.device=DEVICE (default: the config's run.device, auto)",
+    )
     parser.set_defaults(func=run_train)
 
 

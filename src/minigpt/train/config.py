@@ -58,7 +58,7 @@ class ModelSection(MiniGPTConfig):
     loss_impl: Literal["auto", "plain", "chunked", "liger"] = "auto"
 
     @model_validator(mode="after")
-    def _check_lora(self) -> "ModelSection":
+    def _check_lora(self) -> ModelSection:
         if self.lora is not None and not self.freeze["llm"]:
             raise ValueError("lora needs the LLM frozen (freeze.llm: true); unfreeze it or use LoRA, not both")
         return self
@@ -89,7 +89,7 @@ class DatasetSpec(Section):
     blip_caption: int | None = Field(None, gt=0)
 
     @model_validator(mode="after")
-    def _check_options(self) -> "DatasetSpec":
+    def _check_options(self) -> DatasetSpec:
         if isinstance(self.path, list) and self.format != "webdataset":
             raise ValueError(f"a list of paths is for webdataset shards, not {self.format}")
         if self.allow_outside_root and self.format == "webdataset":
@@ -144,7 +144,7 @@ class DataSection(Section):
     group_window: int = Field(64, gt=0)
 
     @model_validator(mode="after")
-    def _check_grouping(self) -> "DataSection":
+    def _check_grouping(self) -> DataSection:
         if self.group_by_length and any(d.format == "webdataset" for d in self.datasets):
             raise ValueError("group_by_length needs map-style datasets; a webdataset is streamed (use packing)")
         return self
@@ -262,7 +262,7 @@ class TrainConfig(Section):
     run: RunSection
 
     @model_validator(mode="after")
-    def _check_speedups(self) -> "TrainConfig":
+    def _check_speedups(self) -> TrainConfig:
         if self.data.feature_cache is not None:
             from ..data.features import check_trainable
 
@@ -333,7 +333,9 @@ def apply_override(data: dict[str, Any], item: str, source: str | Path = "<confi
     return key, value
 
 
-def validate_config(data: dict[str, Any], source: str = "<config>", overridden: dict[str, str] | None = None) -> TrainConfig:
+def validate_config(
+    data: dict[str, Any], source: str = "<config>", overridden: dict[str, str] | None = None
+) -> TrainConfig:
     try:
         return TrainConfig.model_validate(data)
     except ValidationError as err:
@@ -439,13 +441,24 @@ def _dataset_problems(key: str, spec: DatasetSpec) -> Iterator[tuple[str, str]]:
 
 def _missing(key: str, path: str | list[str] | None) -> Iterator[tuple[str, str]]:
     """``(key, problem)`` for ``path`` (or each path of a list, ``key.N``) that does not exist."""
-    for sub, item in ([("", path)] if not isinstance(path, list) else [(f".{j}", p) for j, p in enumerate(path)]):
+    for sub, item in [("", path)] if not isinstance(path, list) else [(f".{j}", p) for j, p in enumerate(path)]:
         if item is not None and not Path(item).exists():
             yield key + sub, f"not found: {item}"
 
 
 __all__ = [
-    "ConfigError", "TrainConfig", "ModelSection", "LoraSection", "DataSection", "DatasetSpec", "RunSection",
+    "ConfigError",
+    "TrainConfig",
+    "ModelSection",
+    "LoraSection",
+    "DataSection",
+    "DatasetSpec",
+    "RunSection",
     "DeepSpeedSection",
-    "OptimizerSection", "ScheduleSection", "load_config", "validate_config", "apply_override", "check_paths",
+    "OptimizerSection",
+    "ScheduleSection",
+    "load_config",
+    "validate_config",
+    "apply_override",
+    "check_paths",
 ]

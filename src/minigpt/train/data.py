@@ -29,9 +29,9 @@ from ..data.formats import MixedDataset, MixedStream, SampleList, WebDatasetRead
 from ..data.images import DEFAULT_MAX_PIXELS, ImageProcessor
 from ..data.packing import collate_packed, length_grouped_order
 from ..data.templates import Template
-from ..data.tokenize import Encoded, collate as collate_text, encode_conversation
+from ..data.tokenize import Encoded, ModelBatch, encode_conversation
+from ..data.tokenize import collate as collate_text
 from ..device import pins_memory
-from ..data.tokenize import ModelBatch
 from ..model.processor import MiniGPTProcessor
 
 
@@ -75,11 +75,11 @@ class TrainBatch:
     def empty(self) -> bool:
         return self.batch is None
 
-    def pin_memory(self) -> "TrainBatch":
+    def pin_memory(self) -> TrainBatch:
         """A copy in pinned host memory (what ``DataLoader(pin_memory=True)`` calls)."""
         return _map_tensors(self, torch.Tensor.pin_memory)
 
-    def to(self, device: torch.device, non_blocking: bool = False) -> "TrainBatch":
+    def to(self, device: torch.device, non_blocking: bool = False) -> TrainBatch:
         return _map_tensors(self, lambda t: t.to(device, non_blocking=non_blocking))
 
 
@@ -88,8 +88,9 @@ def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     if isinstance(obj, torch.Tensor):
         return fn(obj)
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.replace(obj, **{f.name: _map_tensors(getattr(obj, f.name), fn)
-                                           for f in dataclasses.fields(obj) if f.init})
+        return dataclasses.replace(
+            obj, **{f.name: _map_tensors(getattr(obj, f.name), fn) for f in dataclasses.fields(obj) if f.init}
+        )
     return obj
 
 
@@ -134,23 +135,39 @@ class SampleEncoder:
 
     @classmethod
     def for_processor(
-        cls, processor: MiniGPTProcessor, train: bool, seed: int = 0, min_scale: float = 0.5, hflip: bool = False,
-        features: FeatureCache | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-    ) -> "SampleEncoder":
+        cls,
+        processor: MiniGPTProcessor,
+        train: bool,
+        seed: int = 0,
+        min_scale: float = 0.5,
+        hflip: bool = False,
+        features: FeatureCache | None = None,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    ) -> SampleEncoder:
         """The encoder of a model's processor (training image transforms when ``train``)."""
         config = processor.config
         vision = config.vision
-        images = ImageProcessor(vision.image_size, vision.mean, vision.std, train=train, min_scale=min_scale,
-                                hflip=hflip, max_pixels=max_pixels)
-        return cls(processor.template, processor.tokenizer, processor.image_tokens, config.max_txt_len, images, seed,
-                   features)
+        images = ImageProcessor(
+            vision.image_size,
+            vision.mean,
+            vision.std,
+            train=train,
+            min_scale=min_scale,
+            hflip=hflip,
+            max_pixels=max_pixels,
+        )
+        return cls(
+            processor.template, processor.tokenizer, processor.image_tokens, config.max_txt_len, images, seed, features
+        )
 
     def length(self, sample: Sample) -> int:
         """Positions the sample takes (text tokens + image slots), without opening its images; 0 if it cannot encode."""
         try:
-            return len(encode_conversation(
-                sample.conversation, self.template, self.tokenizer, self.image_tokens, self.max_txt_len, train=True
-            ))
+            return len(
+                encode_conversation(
+                    sample.conversation, self.template, self.tokenizer, self.image_tokens, self.max_txt_len, train=True
+                )
+            )
         except ValueError:
             return 0
 
@@ -213,8 +230,9 @@ def collate(items: list[Item | Skipped], pad_id: int, pack_len: int | None = Non
     feats = [f for x in good for f in (x.features or [])]
     batch = ModelBatch(text, torch.stack(pixels) if pixels else None)
     num_input = sum(len(x.encoded) for x in good)
-    return TrainBatch(batch, len(good), text.target_index.numel(), num_input, skipped,
-                      torch.stack(feats) if feats else None)
+    return TrainBatch(
+        batch, len(good), text.target_index.numel(), num_input, skipped, torch.stack(feats) if feats else None
+    )
 
 
 class BatchPlan:
@@ -296,7 +314,9 @@ class LengthGrouper:
     Lengths come from tokenizing each distinct sample once (text only, images are not opened); the epoch's mix is
     drawn by a private copy of the :class:`MixedDataset`, so the loader's own is not disturbed."""
 
-    def __init__(self, mixed: MixedDataset, encoder: SampleEncoder, step_size: int, window_steps: int, seed: int) -> None:
+    def __init__(
+        self, mixed: MixedDataset, encoder: SampleEncoder, step_size: int, window_steps: int, seed: int
+    ) -> None:
         self.mixed = MixedDataset(mixed.datasets, mixed.weights.tolist(), mixed.seed, mixed.length)
         self.encoder, self.step_size, self.window_steps, self.seed = encoder, step_size, window_steps, seed
         self._lengths: dict[int, int] = {}
@@ -369,8 +389,10 @@ class TrainData:
         self.grouper: LengthGrouper | None = None
         if group_by_length:
             if self.source is None:
-                raise ValueError("data.group_by_length needs map-style datasets; a webdataset is streamed "
-                                 "(use data.packing for less padding there)")
+                raise ValueError(
+                    "data.group_by_length needs map-style datasets; a webdataset is streamed "
+                    "(use data.packing for less padding there)"
+                )
             self.grouper = LengthGrouper(self.source, encoder, global_batch, group_window, seed)
 
     @property
@@ -380,20 +402,40 @@ class TrainData:
         return self.read_skipped + sum(d.skipped_total for d in self._streamed) - self._checked
 
     def loader(
-        self, batch_size: int, grad_accum: int, start_step: int, stop_step: int, rank: int, world_size: int,
-        pad_id: int, num_workers: int = 0, pack_len: int | None = None, pin_memory: bool = False,
+        self,
+        batch_size: int,
+        grad_accum: int,
+        start_step: int,
+        stop_step: int,
+        rank: int,
+        world_size: int,
+        pad_id: int,
+        num_workers: int = 0,
+        pack_len: int | None = None,
+        pin_memory: bool = False,
     ) -> torch.utils.data.DataLoader:
         """Micro-batches of optimizer steps ``start_step .. stop_step-1`` for this process (packed into rows of
         ``pack_len`` positions when given; in pinned memory with ``pin_memory``)."""
         plan = BatchPlan(
-            batch_size, self.steps_per_epoch * grad_accum, start_step * grad_accum, stop_step * grad_accum,
-            rank, world_size, self.stream, self.grouper,
+            batch_size,
+            self.steps_per_epoch * grad_accum,
+            start_step * grad_accum,
+            stop_step * grad_accum,
+            rank,
+            world_size,
+            self.stream,
+            self.grouper,
         )
         return make_loader(self.dataset, plan, pad_id, num_workers, pack_len, pin_memory)
 
 
 def eval_loader(
-    specs: Sequence[Any], encoder: SampleEncoder, batch_size: int, rank: int, world_size: int, pad_id: int,
+    specs: Sequence[Any],
+    encoder: SampleEncoder,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    pad_id: int,
     num_workers: int = 0,
 ) -> torch.utils.data.DataLoader:
     """Every eval record once, positions ``rank::world_size``, in file order (streamed sets are read into memory)."""
@@ -408,7 +450,11 @@ def eval_loader(
 
 
 def make_loader(
-    dataset: TrainDataset, plan: Iterable[list[Key]], pad_id: int, num_workers: int, pack_len: int | None = None,
+    dataset: TrainDataset,
+    plan: Iterable[list[Key]],
+    pad_id: int,
+    num_workers: int,
+    pack_len: int | None = None,
     pin_memory: bool = False,
 ) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(
@@ -423,6 +469,18 @@ def make_loader(
 
 
 __all__ = [
-    "Key", "Item", "Skipped", "TrainBatch", "DevicePrefetcher", "SampleEncoder", "TrainDataset", "collate",
-    "BatchPlan", "TrainData", "LengthGrouper", "check_usable", "eval_loader", "make_loader",
+    "Key",
+    "Item",
+    "Skipped",
+    "TrainBatch",
+    "DevicePrefetcher",
+    "SampleEncoder",
+    "TrainDataset",
+    "collate",
+    "BatchPlan",
+    "TrainData",
+    "LengthGrouper",
+    "check_usable",
+    "eval_loader",
+    "make_loader",
 ]

@@ -32,6 +32,7 @@ from torch import nn
 from ..data.features import open_feature_cache, project_features
 from ..data.formats import DataWarning
 from ..device import peak_memory_gib, pins_memory
+from ..files import atomic_directory
 from ..model.config import read_config
 from ..model.llm import compile_decoder_layers
 from ..model.minigpt import MiniGPT
@@ -40,7 +41,6 @@ from .checkpoint import capture_rng, list_checkpoints, load_checkpoint, resolve_
 from .config import LoraSection, ModelSection, OptimizerSection, ScheduleSection, TrainConfig
 from .data import DevicePrefetcher, SampleEncoder, TrainBatch, TrainData, eval_loader
 from .strategy import Strategy
-from ..files import atomic_directory
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,7 @@ def apply_lora(model: Any, lora: LoraSection) -> None:
 
 def build_optimizer(model: nn.Module, section: OptimizerSection) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; matrices decay, 1-D parameters (biases, norms) do not."""
+
     def ndim(p: nn.Parameter) -> int:  # a ZeRO-3 partitioned parameter keeps its real shape in ds_shape
         return len(getattr(p, "ds_shape", p.shape))
 
@@ -139,8 +140,14 @@ class Schedule:
 
 
 def run_step(
-    model: nn.Module, strategy: Strategy, optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
-    micro: list[TrainBatch], tokens: int, stand_in: TrainBatch, max_grad_norm: float | None,
+    model: nn.Module,
+    strategy: Strategy,
+    optimizer: torch.optim.Optimizer,
+    params: list[nn.Parameter],
+    micro: list[TrainBatch],
+    tokens: int,
+    stand_in: TrainBatch,
+    max_grad_norm: float | None,
 ) -> tuple[float, float]:
     """One optimizer step (the Trainer's, and ``minigpt bench train``'s): :func:`forward_backward`, the strategy's
     step (clipping to ``max_grad_norm``), zeroed gradients. Returns the token-weighted loss sum over all processes
@@ -202,14 +209,18 @@ class Reporter:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise RuntimeError("run.report_to lists tensorboard, which is not installed: pip install tensorboard") from None
+                raise RuntimeError(
+                    "run.report_to lists tensorboard, which is not installed: pip install tensorboard"
+                ) from None
             self.tb = SummaryWriter(str(out / "tensorboard"))
         if "wandb" in report_to:
             try:
                 import wandb
             except ImportError:
                 raise RuntimeError("run.report_to lists wandb, which is not installed: pip install wandb") from None
-            self.wandb = wandb.init(project=config.run.wandb_project, name=out.name, dir=str(out), config=config.to_dict())
+            self.wandb = wandb.init(
+                project=config.run.wandb_project, name=out.name, dir=str(out), config=config.to_dict()
+            )
 
     def start(self, step: int, total: int) -> None:
         """Drop records after ``step`` (left by a run that was killed after its last checkpoint); open the bar."""
@@ -237,7 +248,9 @@ class Reporter:
         step = record["step"]
         numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
         if "eval_loss" in record:
-            scores = "".join(f", {k[5:]} {v:.4f}" for k, v in record.items() if k.startswith("eval/") and k.count("/") == 2)
+            scores = "".join(
+                f", {k[5:]} {v:.4f}" for k, v in record.items() if k.startswith("eval/") and k.count("/") == 2
+            )
             log.info("step %d: eval loss %.4f%s", step, record["eval_loss"], scores)
         elif self.bar is not None:
             self.bar.update(step - self.bar.n)
@@ -284,8 +297,11 @@ class _AboveBars:
 def logs_above_bars() -> Iterator[None]:
     """Within the block, the root logger's console handlers (stdout/stderr) print above the progress bars, each
     record on its own line, keeping their levels, formats and filters; other handlers (files) are left alone."""
-    handlers = [h for h in logging.root.handlers
-                if isinstance(h, logging.StreamHandler) and h.stream in (sys.stdout, sys.stderr)]
+    handlers = [
+        h
+        for h in logging.root.handlers
+        if isinstance(h, logging.StreamHandler) and h.stream in (sys.stdout, sys.stderr)
+    ]
     streams = [h.setStream(_AboveBars(h.stream)) for h in handlers]
     try:
         yield
@@ -304,8 +320,9 @@ def _record_step(line: str) -> float:
 def _summary(r: dict[str, Any]) -> str:
     mem = f" mem {r['peak_mem_gib']:.2f}G" if r.get("peak_mem_gib") is not None else ""
     loss = f"{r['loss']:.4f}" if r.get("loss") is not None else "-"
-    return (f"loss {loss} lr {r['lr']:.2e} {r['tokens_per_s']:.0f} tok/s {r['samples_per_s']:.1f} samples/s"
-            f"{mem}" + (f" skipped {r['skipped']}" if r.get("skipped") else ""))
+    return f"loss {loss} lr {r['lr']:.2e} {r['tokens_per_s']:.0f} tok/s {r['samples_per_s']:.1f} samples/s{mem}" + (
+        f" skipped {r['skipped']}" if r.get("skipped") else ""
+    )
 
 
 def _duration(seconds: float) -> str:
@@ -369,19 +386,33 @@ class Trainer:
         """The training data of ``self.model`` (visual features from a cache when given), the schedule, the eval set."""
         run, data, strategy = self.run, self.config.data, self.strategy
         self.global_batch = run.batch_size * run.grad_accum * strategy.world_size
-        encoder = SampleEncoder.for_processor(self.processor, data.augment, run.seed, data.min_scale, data.hflip,
-                                              features, data.max_image_pixels)
-        self.data = TrainData(data.datasets, encoder, run.seed, self.global_batch, run.iters_per_epoch,
-                              data.group_by_length, data.group_window)
+        encoder = SampleEncoder.for_processor(
+            self.processor, data.augment, run.seed, data.min_scale, data.hflip, features, data.max_image_pixels
+        )
+        self.data = TrainData(
+            data.datasets,
+            encoder,
+            run.seed,
+            self.global_batch,
+            run.iters_per_epoch,
+            data.group_by_length,
+            data.group_window,
+        )
         self.total_steps = run.max_steps or run.epochs * self.data.steps_per_epoch
         self.schedule = Schedule(run.schedule, run.optimizer.lr, self.total_steps)
         self.eval_loader = None
         if data.eval:
-            eval_encoder = SampleEncoder.for_processor(self.processor, train=False, seed=run.seed,
-                                                       max_pixels=data.max_image_pixels)
+            eval_encoder = SampleEncoder.for_processor(
+                self.processor, train=False, seed=run.seed, max_pixels=data.max_image_pixels
+            )
             self.eval_loader = eval_loader(
-                data.eval, eval_encoder, run.eval_batch_size or run.batch_size, strategy.rank, strategy.world_size,
-                self.pad_id, data.num_workers,
+                data.eval,
+                eval_encoder,
+                run.eval_batch_size or run.batch_size,
+                strategy.rank,
+                strategy.world_size,
+                self.pad_id,
+                data.num_workers,
             )
 
     def _ready(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -408,8 +439,14 @@ class Trainer:
         log.info(
             "training %s for %d steps (%d per epoch, global batch %d = %d x %d accum x %d processes) on %s%s",
             ", ".join(f"{p} ({c['trainable']:,} params)" for p, c in counts.items() if c["trainable"]) or "nothing",
-            self.total_steps, self.data.steps_per_epoch, self.global_batch, run.batch_size, run.grad_accum,
-            strategy.world_size, strategy.device, f" with {strategy.amp_dtype} autocast" if strategy.amp_dtype else "",
+            self.total_steps,
+            self.data.steps_per_epoch,
+            self.global_batch,
+            run.batch_size,
+            run.grad_accum,
+            strategy.world_size,
+            strategy.device,
+            f" with {strategy.amp_dtype} autocast" if strategy.amp_dtype else "",
         )
         try:
             return self._fit()
@@ -420,8 +457,15 @@ class Trainer:
         run, strategy = self.run, self.strategy
         self.reporter.start(self.step, self.total_steps)
         loader = self.data.loader(
-            run.batch_size, run.grad_accum, self.step, self.total_steps, strategy.rank, strategy.world_size,
-            self.pad_id, self.config.data.num_workers, self.config.data.pack_len if self.config.data.packing else None,
+            run.batch_size,
+            run.grad_accum,
+            self.step,
+            self.total_steps,
+            strategy.rank,
+            strategy.world_size,
+            self.pad_id,
+            self.config.data.num_workers,
+            self.config.data.pack_len if self.config.data.packing else None,
             pin_memory=pins_memory(strategy.device),
         )
         batches = iter(DevicePrefetcher(loader, strategy.device))
@@ -449,19 +493,30 @@ class Trainer:
         and the supervised token count (0: the step has nothing to learn from and ``loss`` is None)."""
         lr = self.schedule.apply(self.optimizer, self.step)
         self._warn_skipped(micro)
-        local = [sum(b.num_tokens for b in micro), sum(b.num_samples for b in micro),
-                 sum(b.num_input_tokens for b in micro), sum(len(b.skipped) for b in micro)]
+        local = [
+            sum(b.num_tokens for b in micro),
+            sum(b.num_samples for b in micro),
+            sum(b.num_input_tokens for b in micro),
+            sum(len(b.skipped) for b in micro),
+        ]
         tokens, samples, input_tokens, skipped = (int(v) for v in self.strategy.all_reduce(local))
         self.counters["samples"] += samples
         self.counters["tokens"] += tokens
         self.counters["skipped"] += skipped
         record: dict[str, Any] = {
-            "step": self.step + 1, "epoch": self.step // self.data.steps_per_epoch, "lr": lr, "tokens": tokens,
-            "samples": samples, "input_tokens": input_tokens, "skipped": self.counters["skipped"],
+            "step": self.step + 1,
+            "epoch": self.step // self.data.steps_per_epoch,
+            "lr": lr,
+            "tokens": tokens,
+            "samples": samples,
+            "input_tokens": input_tokens,
+            "skipped": self.counters["skipped"],
             "skipped_records": self.data.skipped_records,
         }
         if tokens == 0:  # every sample of the step skipped (or without answer tokens)
-            warnings.warn(f"step {self.step + 1}: no supervised token in the step, no update", DataWarning, stacklevel=3)
+            warnings.warn(
+                f"step {self.step + 1}: no supervised token in the step, no update", DataWarning, stacklevel=3
+            )
             record.update(loss=None, grad_norm=None)
         return record, tokens
 
@@ -470,8 +525,16 @@ class Trainer:
         record, tokens = self.begin_step(micro)
         if tokens == 0:
             return record
-        loss_sum, grad_norm = run_step(self.forward_model, strategy, self.optimizer, self.params, micro, tokens,
-                                       self.data.example_batch, run.max_grad_norm)
+        loss_sum, grad_norm = run_step(
+            self.forward_model,
+            strategy,
+            self.optimizer,
+            self.params,
+            micro,
+            tokens,
+            self.data.example_batch,
+            run.max_grad_norm,
+        )
         record.update(loss=loss_sum / tokens, grad_norm=grad_norm)
         return record
 
@@ -517,8 +580,12 @@ class Trainer:
             engine = Engine(self.strategy.unwrap(self.forward_model), self.processor)
             with self.strategy.autocast():
                 scores = evaluate_task(
-                    engine, section.task, self._eval_task_data, GenerationOptions(max_new_tokens=section.max_new_tokens),
-                    limit=section.limit, batch_size=section.batch_size,
+                    engine,
+                    section.task,
+                    self._eval_task_data,
+                    GenerationOptions(max_new_tokens=section.max_new_tokens),
+                    limit=section.limit,
+                    batch_size=section.batch_size,
                 )
             self._train_mode()
             metrics = {f"eval/{section.task}/{k}": v for k, v in scores.items()}
@@ -544,8 +611,11 @@ class Trainer:
         strategy.barrier()
 
     def _layout(self) -> dict[str, int]:
-        return {"global_batch": self.global_batch, "steps_per_epoch": self.data.steps_per_epoch,
-                "total_steps": self.total_steps}
+        return {
+            "global_batch": self.global_batch,
+            "steps_per_epoch": self.data.steps_per_epoch,
+            "total_steps": self.total_steps,
+        }
 
     def _resume(self) -> None:
         path = resolve_resume(self.run.resume, self.out)
@@ -565,7 +635,9 @@ class Trainer:
         trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
         if set(weights) != trainable:
             missing, extra = sorted(trainable - set(weights)), sorted(set(weights) - trainable)
-            raise ValueError(f"cannot resume {path}: trainable parameters differ (missing {missing[:5]}, extra {extra[:5]})")
+            raise ValueError(
+                f"cannot resume {path}: trainable parameters differ (missing {missing[:5]}, extra {extra[:5]})"
+            )
         self.strategy.restore(path, self.model, self.optimizer, weights, state)
         self.strategy.load_state_dict(state["strategy"])
         restore_rng(state["rng"], self.strategy.device)
@@ -603,7 +675,9 @@ class Trainer:
                 if self._warned <= MAX_SKIP_WARNINGS:
                     warnings.warn(f"skipped {s.origin}: {s.reason}", DataWarning, stacklevel=3)
                 elif self._warned == MAX_SKIP_WARNINGS + 1:
-                    warnings.warn("more samples skipped; metrics.jsonl counts them ('skipped')", DataWarning, stacklevel=3)
+                    warnings.warn(
+                        "more samples skipped; metrics.jsonl counts them ('skipped')", DataWarning, stacklevel=3
+                    )
 
     def _rates(self, record: dict[str, Any], seconds: float) -> dict[str, Any]:
         seconds = max(seconds, 1e-9)
@@ -624,5 +698,16 @@ def save_final_model(model: Any, processor: MiniGPTProcessor, directory: Path, l
     processor.save_pretrained(directory)
 
 
-__all__ = ["Trainer", "TrainResult", "Schedule", "build_model", "build_optimizer", "apply_lora",
-           "seed_everything", "save_final_model", "run_step", "forward_backward", "step_inputs"]
+__all__ = [
+    "Trainer",
+    "TrainResult",
+    "Schedule",
+    "build_model",
+    "build_optimizer",
+    "apply_lora",
+    "seed_everything",
+    "save_final_model",
+    "run_step",
+    "forward_backward",
+    "step_inputs",
+]

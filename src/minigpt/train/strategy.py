@@ -12,8 +12,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -105,17 +106,31 @@ class Strategy:
         """The optimizer's entry of ``state.pt``."""
         return optimizer.state_dict()
 
-    def restore(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                weights: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+    def restore(
+        self,
+        path: Path,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        weights: dict[str, torch.Tensor],
+        state: dict[str, Any],
+    ) -> None:
         """Load checkpoint ``path`` (its trainable weights and ``state.pt``) before :meth:`prepare`."""
         if "deepspeed" in (state.get("strategy") or {}):
-            raise ValueError(f"cannot resume {path} with run.strategy {self.name}: its optimizer state is in "
-                             "DeepSpeed's files; resume with the DeepSpeed strategy that wrote it")
+            raise ValueError(
+                f"cannot resume {path} with run.strategy {self.name}: its optimizer state is in "
+                "DeepSpeed's files; resume with the DeepSpeed strategy that wrote it"
+            )
         model.load_state_dict(weights, strict=False)
         optimizer.load_state_dict(state["optimizer"])
 
-    def save_checkpoint(self, output_dir: Path, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any],
-                        keep_last: int | None) -> Path | None:
+    def save_checkpoint(
+        self,
+        output_dir: Path,
+        step: int,
+        weights: dict[str, torch.Tensor],
+        state: dict[str, Any],
+        keep_last: int | None,
+    ) -> Path | None:
         """Write checkpoint ``step`` (called on every process; the main one writes)."""
         return save_checkpoint(output_dir, step, weights, state, keep_last) if self.is_main else None
 

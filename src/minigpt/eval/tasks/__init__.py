@@ -14,8 +14,18 @@ from pathlib import Path
 
 from .base import EvalRecord, ReadOptions, Scores, Task, TaskData, build_prompt, load_any
 
-__all__ = ["REGISTRY", "TASKS", "EvalRecord", "Scores", "Task", "TaskData", "apply_limit", "build_prompt",
-           "get_task", "load_task"]
+__all__ = [
+    "REGISTRY",
+    "TASKS",
+    "EvalRecord",
+    "Scores",
+    "Task",
+    "TaskData",
+    "apply_limit",
+    "build_prompt",
+    "get_task",
+    "load_task",
+]
 
 
 def _discover() -> dict[str, Task]:
@@ -60,8 +70,13 @@ def load_task(
     for p in [*paths, *([Path(annotations)] if annotations else [])]:
         if not p.is_file():
             raise FileNotFoundError(f"data file not found: {p}")
-    options = ReadOptions(t.prompt if prompt is None else prompt, Path(images) if images is not None else None,
-                          split, circular, Path(annotations) if annotations else None)
+    options = ReadOptions(
+        t.prompt if prompt is None else prompt,
+        Path(images) if images is not None else None,
+        split,
+        circular,
+        Path(annotations) if annotations else None,
+    )
     return t.read([(p, load_any(p)) for p in paths], options)
 
 

@@ -114,8 +114,9 @@ class Task:
     def read_file(self, b: Builder, path: Path, data: Any, root: Path, options: ReadOptions) -> None:
         raise NotImplementedError
 
-    def score(self, records: Sequence[EvalRecord], predictions: Mapping[str, str], scorer: str,
-              meteor: bool | None = None) -> Scores:
+    def score(
+        self, records: Sequence[EvalRecord], predictions: Mapping[str, str], scorer: str, meteor: bool | None = None
+    ) -> Scores:
         """Metrics of ``predictions`` (``{record id: answer}``) over ``records``, by logic ``scorer``."""
         raise NotImplementedError
 
@@ -271,7 +272,9 @@ class Builder:
         self.ids: set[str] = set()
 
     def run(
-        self, source: Path, rows: Iterable[tuple[str, Any]],
+        self,
+        source: Path,
+        rows: Iterable[tuple[str, Any]],
         parse: Callable[[Any, str], EvalRecord | list[EvalRecord] | None],
     ) -> None:
         for origin, rec in rows:

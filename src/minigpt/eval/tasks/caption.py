@@ -20,12 +20,26 @@ from typing import Any
 from ...data.conversation import ImageLike
 from ...data.formats import record_object
 from .. import metrics as M
-from .base import Builder, EvalRecord, ReadOptions, Scores, Skip, Task, build_prompt, coco_image_path, field_str, \
-    record_id, record_images, scored
+from .base import (
+    Builder,
+    EvalRecord,
+    ReadOptions,
+    Scores,
+    Skip,
+    Task,
+    build_prompt,
+    coco_image_path,
+    field_str,
+    record_id,
+    record_images,
+    scored,
+)
 
 PROMPT = "Describe this image in one short sentence."
-_NO_JAVA = ("Java not found: METEOR missing; BLEU, ROUGE_L and CIDEr use minigpt's fallback tokenizer instead of "
-            "PTBTokenizer (it differs on times like 10:30, dashes, emoji and @/# words: about 0.003 BLEU, 0.02 CIDEr)")
+_NO_JAVA = (
+    "Java not found: METEOR missing; BLEU, ROUGE_L and CIDEr use minigpt's fallback tokenizer instead of "
+    "PTBTokenizer (it differs on times like 10:30, dashes, emoji and @/# words: about 0.003 BLEU, 0.02 CIDEr)"
+)
 
 
 def _captions(value: Any) -> list[str]:
@@ -77,8 +91,11 @@ class Caption(Task):
                 sents = img.get("sentences")
                 if not isinstance(sents, list):
                     raise Skip("missing 'sentences' list")
-                return record(record_id(img, "cocoid", "imgid", "id"), [image],
-                              [s.get("raw") for s in sents if isinstance(s, dict)])
+                return record(
+                    record_id(img, "cocoid", "imgid", "id"),
+                    [image],
+                    [s.get("raw") for s in sents if isinstance(s, dict)],
+                )
 
             b.run(path, ((f"{path}:images[{i}]", img) for i, img in enumerate(data["images"])), parse_karpathy)
         elif isinstance(data, list):  # LAVIS Karpathy lists / JSONL: captions grouped by image
@@ -106,8 +123,9 @@ class Caption(Task):
         for origin, id, images, caps in grouped.values():
             b.add(record(id, images, caps), path, origin)
 
-    def score(self, records: Sequence[EvalRecord], predictions: Mapping[str, str], scorer: str,
-              meteor: bool | None = None) -> Scores:
+    def score(
+        self, records: Sequence[EvalRecord], predictions: Mapping[str, str], scorer: str, meteor: bool | None = None
+    ) -> Scores:
         """BLEU-1..4, METEOR, ROUGE-L, CIDEr-D over the predicted images (as COCOEvalCap scores the ids of its
         results), and the same per image. Without Java: METEOR ``None`` and a ``notes`` entry saying so."""
         recs = scored(records, predictions)

@@ -30,17 +30,26 @@ from typing import Any
 from ...data.conversation import ImageLike
 from .. import metrics as M
 from ..metrics import LETTERS, circular_answer, circular_options
-from .base import Builder, EvalRecord, ReadOptions, Scores, Skip, Task, build_prompt, field_str, mean, record_id, \
-    record_images
+from .base import (
+    Builder,
+    EvalRecord,
+    ReadOptions,
+    Scores,
+    Skip,
+    Task,
+    build_prompt,
+    field_str,
+    mean,
+    record_id,
+    record_images,
+)
 
 PROMPT = "Answer with the option's letter from the given choices directly."
 #: MMBench TSVs mark circular copies with ``index = question_index + k * CIRCULAR_OFFSET``.
 CIRCULAR_OFFSET = 1_000_000
 
 
-def mcq_prompt_text(
-    question: str, options: Mapping[str, str], hint: str = "", instruction: str = PROMPT
-) -> str:
+def mcq_prompt_text(question: str, options: Mapping[str, str], hint: str = "", instruction: str = PROMPT) -> str:
     """``{hint}\\n{question}\\nA. ...\\nB. ...\\n{instruction}`` (the LLaVA MMBench/ScienceQA prompt)."""
     lines = [hint.strip()] if hint and hint.strip() else []
     lines.append(question.strip())
@@ -62,7 +71,7 @@ def split_inline_options(question: str) -> tuple[str, dict[str, str]]:
     """
     m = _INLINE_OPTIONS.search(question)
     if m:
-        stem, rest = question[: m.start()], question[m.end():]
+        stem, rest = question[: m.start()], question[m.end() :]
     else:
         lines = question.split("\n")
         first = next((i for i, line in enumerate(lines) if re.match(r"\s*\(?A\s*[:.)]\s", line)), None)
@@ -75,7 +84,7 @@ def split_inline_options(question: str) -> tuple[str, dict[str, str]]:
         return question, {}
     options = {}
     for mk, nxt in zip(marks, marks[1:] + [None]):
-        value = rest[mk.end(): nxt.start() if nxt else len(rest)].strip().rstrip(",;").strip()
+        value = rest[mk.end() : nxt.start() if nxt else len(rest)].strip().rstrip(",;").strip()
         options[mk.group(1)] = value
     return stem.strip(), options
 
@@ -127,8 +136,17 @@ def _answer_letter(value: Any, options: Mapping[str, str]) -> str:
 
 
 def _mcq_records(
-    id: str, question: str, options: dict[str, str], answer: Any, images: list[ImageLike], hint: str,
-    category: str | None, instruction: str, circular: bool, group: str = "", rotation: int = 0,
+    id: str,
+    question: str,
+    options: dict[str, str],
+    answer: Any,
+    images: list[ImageLike],
+    hint: str,
+    category: str | None,
+    instruction: str,
+    circular: bool,
+    group: str = "",
+    rotation: int = 0,
 ) -> list[EvalRecord]:
     """One record, or with ``circular`` one per MMBench CircularEval rotation: ids ``{id}@{r}``, the options of
     rotation ``r`` are ``options[r:] + options[:r]`` (rotation 0 is the original order), all in group ``id``."""
@@ -203,9 +221,17 @@ class MultipleChoice(Task):
                 hint = row.get("hint") or ""
                 hint = "" if hint.strip().lower() == "nan" else hint
                 return _mcq_records(
-                    index, field_str(row, "question"), _options(row), row.get("answer"),
-                    _tsv_image(row, by_index, root, decoded), hint, row.get("category") or None, instruction,
-                    circular and not copies, group, rotation,
+                    index,
+                    field_str(row, "question"),
+                    _options(row),
+                    row.get("answer"),
+                    _tsv_image(row, by_index, root, decoded),
+                    hint,
+                    row.get("category") or None,
+                    instruction,
+                    circular and not copies,
+                    group,
+                    rotation,
                 )
 
             b.run(path, data, parse_tsv)
@@ -217,8 +243,17 @@ class MultipleChoice(Task):
                     return None  # other split, or a question without an image (not in ScienceQA-IMG)
                 pid = origin.rsplit(":", 1)[-1]
                 image = str(root / str(rec.get("split")) / pid / str(rec["image"]))
-                return _mcq_records(pid, field_str(rec, "question"), _options(rec), rec.get("answer"), [image],
-                                    rec.get("hint") or "", rec.get("subject"), instruction, circular)
+                return _mcq_records(
+                    pid,
+                    field_str(rec, "question"),
+                    _options(rec),
+                    rec.get("answer"),
+                    [image],
+                    rec.get("hint") or "",
+                    rec.get("subject"),
+                    instruction,
+                    circular,
+                )
 
             b.run(path, ((f"{path}:{pid}", rec) for pid, rec in data.items()), parse_sqa)
         elif isinstance(data, list):
@@ -228,15 +263,25 @@ class MultipleChoice(Task):
                 id = record_id(rec, "id", "index", "question_id", default=origin.rsplit(":", 1)[-1])
                 hint = rec.get("hint") if isinstance(rec.get("hint"), str) else ""
                 category = rec.get("category") if isinstance(rec.get("category"), str) else None
-                return _mcq_records(id, field_str(rec, "question"), _options(rec), rec.get("answer"), images, hint,
-                                    category, instruction, circular)
+                return _mcq_records(
+                    id,
+                    field_str(rec, "question"),
+                    _options(rec),
+                    rec.get("answer"),
+                    images,
+                    hint,
+                    category,
+                    instruction,
+                    circular,
+                )
 
             b.run(path, data, parse_json)
         else:
             raise ValueError(f"{path}: not a multiple-choice file (expected a TSV, ScienceQA problems.json or a list)")
 
-    def score(self, records: Sequence[EvalRecord], predictions: Mapping[str, str], scorer: str,
-              meteor: bool | None = None) -> Scores:
+    def score(
+        self, records: Sequence[EvalRecord], predictions: Mapping[str, str], scorer: str, meteor: bool | None = None
+    ) -> Scores:
         """``accuracy`` over the questions in their original option order (rotation 0), ``unparsed`` (predictions
         naming no option), ``missing`` (records without a prediction); with rotations ``circular_accuracy`` over
         ``n_circular`` questions (``incomplete_questions``: those with a rotation missing); ``per_category``.
@@ -252,8 +297,13 @@ class MultipleChoice(Task):
             groups[r.group].append(r)
         hits = {g: all(right[r.id] for r in rs) for g, rs in groups.items()}
         first = [r for r in records if not r.extra.get("rotation")]
-        out = self.totals(scorer, accuracy=mean(right[r.id] for r in first), n=len(first),
-                          unparsed=mean(c is None for c in choice.values()), missing=len(records) - len(predicted))
+        out = self.totals(
+            scorer,
+            accuracy=mean(right[r.id] for r in first),
+            n=len(first),
+            unparsed=mean(c is None for c in choice.values()),
+            missing=len(records) - len(predicted),
+        )
         circular = any(len(rs) > 1 for rs in groups.values())
         if circular:
             out["circular_accuracy"] = mean(hits.values())
@@ -265,9 +315,22 @@ class MultipleChoice(Task):
                 cats[r.extra["category"]].append(hits[r.group] if circular else right[r.id])
         if cats:
             out["per_category"] = {c: mean(v) for c, v in sorted(cats.items())}
-        rows = [{"group": g, "hit": int(hits[g]), "rotations": [
-            {"id": r.id, "answer": r.references[0], "choice": choice.get(r.id), "prediction": predictions.get(r.id)}
-            for r in rs]} for g, rs in groups.items()]
+        rows = [
+            {
+                "group": g,
+                "hit": int(hits[g]),
+                "rotations": [
+                    {
+                        "id": r.id,
+                        "answer": r.references[0],
+                        "choice": choice.get(r.id),
+                        "prediction": predictions.get(r.id),
+                    }
+                    for r in rs
+                ],
+            }
+            for g, rs in groups.items()
+        ]
         return Scores(out, rows)
 
 

@@ -14,8 +14,19 @@ from pathlib import Path
 from typing import Any
 
 from .. import metrics as M
-from .base import Builder, EvalRecord, ReadOptions, Scores, Skip, Task, build_prompt, field_str, record_id, \
-    record_images, scored
+from .base import (
+    Builder,
+    EvalRecord,
+    ReadOptions,
+    Scores,
+    Skip,
+    Task,
+    build_prompt,
+    field_str,
+    record_id,
+    record_images,
+    scored,
+)
 
 PROMPT = "Answer yes or no."
 CATEGORIES = ("random", "popular", "adversarial")
@@ -49,8 +60,9 @@ class Pope(Task):
 
         b.run(path, data, parse)
 
-    def score(self, records: Sequence[EvalRecord], predictions: Mapping[str, str], scorer: str,
-              meteor: bool | None = None) -> Scores:
+    def score(
+        self, records: Sequence[EvalRecord], predictions: Mapping[str, str], scorer: str, meteor: bool | None = None
+    ) -> Scores:
         """Accuracy, precision, recall, F1 (positive class "yes"), yes-ratio over the predicted records, and
         ``per_category``; one row per record with the parsed answer."""
         recs = scored(records, predictions)
@@ -69,8 +81,16 @@ class Pope(Task):
         for r in recs:
             parsed = M.parse_yes_no(predictions[r.id])
             category = {"category": r.extra["category"]} if r.extra.get("category") else {}
-            rows.append({"id": r.id, "parsed": parsed, "label": r.references[0], "correct": parsed == r.references[0],
-                         "prediction": predictions[r.id], **category})
+            rows.append(
+                {
+                    "id": r.id,
+                    "parsed": parsed,
+                    "label": r.references[0],
+                    "correct": parsed == r.references[0],
+                    "prediction": predictions[r.id],
+                    **category,
+                }
+            )
         return Scores(out, rows)
 
 

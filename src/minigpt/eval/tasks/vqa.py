@@ -23,8 +23,24 @@ from pathlib import Path
 from typing import Any
 
 from .. import metrics as M
-from .base import Builder, EvalRecord, ReadOptions, Scores, Skip, Task, TaskData, answer_list, build_prompt, \
-    coco_image_path, field_str, load_any, mean, record_id, record_images, scored
+from .base import (
+    Builder,
+    EvalRecord,
+    ReadOptions,
+    Scores,
+    Skip,
+    Task,
+    TaskData,
+    answer_list,
+    build_prompt,
+    coco_image_path,
+    field_str,
+    load_any,
+    mean,
+    record_id,
+    record_images,
+    scored,
+)
 
 PROMPT = "Answer the question using a single word or phrase."
 #: VQAv2 has 10 answers per question; its leave-one-out formula needs that many.
@@ -114,8 +130,9 @@ class VQA(Task):
         else:
             raise ValueError(f"{path}: not a VQA file (expected VQAv2 questions or a list of question records)")
 
-    def score(self, records: Sequence[EvalRecord], predictions: Mapping[str, str], scorer: str,
-              meteor: bool | None = None) -> Scores:
+    def score(
+        self, records: Sequence[EvalRecord], predictions: Mapping[str, str], scorer: str, meteor: bool | None = None
+    ) -> Scores:
         """``accuracy`` (mean over the predicted questions with answers), ``per_answer_type``; one row per
         question with its accuracy."""
         recs = [r for r in scored(records, predictions) if r.references]
@@ -133,8 +150,15 @@ class VQA(Task):
                 types[r.extra["answer_type"]].append(acc[r.id])
         if types:
             out["per_answer_type"] = {t: mean(v) for t, v in sorted(types.items())}
-        rows = [{"id": r.id, "accuracy": acc[r.id], "prediction": predictions[r.id],
-                 **({"answer_type": r.extra["answer_type"]} if "answer_type" in r.extra else {})} for r in recs]
+        rows = [
+            {
+                "id": r.id,
+                "accuracy": acc[r.id],
+                "prediction": predictions[r.id],
+                **({"answer_type": r.extra["answer_type"]} if "answer_type" in r.extra else {}),
+            }
+            for r in recs
+        ]
         return Scores(out, rows)
 
 

@@ -29,49 +29,78 @@ def register(subparsers: Any) -> None:
     from ...model.loss import LOSS_IMPLS
 
     sub = add_command_group(
-        subparsers, "bench",
+        subparsers,
+        "bench",
         help="benchmark the training step and generation (JSON: samples/s, MFU, memory, TTFT)",
         description="Time a MiniGPT of real (or small) shapes with random weights on synthetic batches and print "
-                    "the figures as JSON. Runs on CPU with small shapes and on a GPU with real ones.",
+        "the figures as JSON. Runs on CPU with small shapes and on a GPU with real ones.",
     )
 
     def common(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--llm", default="tiny", metavar="SHAPE",
-                       help=f"LLM shape: {', '.join(LLM_SHAPES)}, or a transformers config folder/file (default tiny)")
+        q.add_argument(
+            "--llm",
+            default="tiny",
+            metavar="SHAPE",
+            help=f"LLM shape: {', '.join(LLM_SHAPES)}, or a transformers config folder/file (default tiny)",
+        )
         q.add_argument("--vision", default="tiny", choices=VISION_SHAPES, help="vision shape (default tiny)")
         q.add_argument("--batch-size", type=int, default=4, metavar="N")
-        q.add_argument("--dtype", default="auto", help="our LLM dtype: auto (bf16 on accelerators, fp32 on CPU), "
-                       "float32, bfloat16, float16")
+        q.add_argument(
+            "--dtype",
+            default="auto",
+            help="our LLM dtype: auto (bf16 on accelerators, fp32 on CPU), float32, bfloat16, float16",
+        )
         q.add_argument("--attn", default="sdpa", choices=("sdpa", "eager", "flash_attention_2"), help="our attention")
         q.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (ours)")
-        q.add_argument("--reference-style", action="store_true",
-                       help="also run the original code's way (fp16 + GradScaler, eager, full LM head), side by side")
+        q.add_argument(
+            "--reference-style",
+            action="store_true",
+            help="also run the original code's way (fp16 + GradScaler, eager, full LM head), side by side",
+        )
         q.add_argument("--seed", type=int, default=0)
         q.add_argument("--out", "-o", metavar="FILE", help="also write the JSON here")
         add_device_argument(q)
 
-    q = sub.add_parser("train", help="training step: samples/s, tokens/s, MFU, peak memory",
-                       description="Time the training step (projector trains, LLM and vision frozen).")
+    q = sub.add_parser(
+        "train",
+        help="training step: samples/s, tokens/s, MFU, peak memory",
+        description="Time the training step (projector trains, LLM and vision frozen).",
+    )
     common(q)
     q.add_argument("--stage", type=int, default=1, choices=(1, 2), help="1: [BOS][img][caption]; 2: prompt+answer")
     q.add_argument("--text-tokens", type=int, metavar="N", help="supervised tokens per sample (default 32 / 128)")
-    q.add_argument("--lengths", default="fixed", choices=("fixed", "cc_sbu_align"),
-                   help="supervised lengths: fixed, or drawn from a cc_sbu_align-like distribution")
+    q.add_argument(
+        "--lengths",
+        default="fixed",
+        choices=("fixed", "cc_sbu_align"),
+        help="supervised lengths: fixed, or drawn from a cc_sbu_align-like distribution",
+    )
     q.add_argument("--batching", default="pad", help="comma list of pad, group, pack (each a case)")
     q.add_argument("--pack-len", type=int, default=512, metavar="N", help="positions per packed row (default 512)")
     q.add_argument("--steps", type=int, default=8, metavar="N", help="timed steps (default 8)")
     q.add_argument("--warmup", type=int, default=3, metavar="N", help="untimed steps first (default 3)")
     q.add_argument("--vision-every-step", action="store_true", help="ours runs ViT + Q-Former in the step (no cache)")
     q.add_argument("--grad-checkpointing", action="store_true", help="checkpoint the LLM's layers (ours)")
-    q.add_argument("--loss-impl", default="auto", choices=LOSS_IMPLS,
-                   help="our LM head + cross-entropy: auto, plain, chunked or liger (default auto)")
+    q.add_argument(
+        "--loss-impl",
+        default="auto",
+        choices=LOSS_IMPLS,
+        help="our LM head + cross-entropy: auto, plain, chunked or liger (default auto)",
+    )
     q.add_argument("--feature-dtype", default="float16", help="dtype of the cached features (default float16)")
-    q.add_argument("--peak-tflops", type=float, metavar="X",
-                   help="peak TFLOP/s for MFU (default: measure a matmul ceiling here; 0: report MFU as null)")
+    q.add_argument(
+        "--peak-tflops",
+        type=float,
+        metavar="X",
+        help="peak TFLOP/s for MFU (default: measure a matmul ceiling here; 0: report MFU as null)",
+    )
     q.set_defaults(func=_run, bench=bench_train)
 
-    q = sub.add_parser("generate", help="time to first token and decode tokens/s",
-                       description="Time generation from a one-image prompt (image tokens + --prompt-tokens).")
+    q = sub.add_parser(
+        "generate",
+        help="time to first token and decode tokens/s",
+        description="Time generation from a one-image prompt (image tokens + --prompt-tokens).",
+    )
     common(q)
     add_generate_arguments(q)
     q.set_defaults(func=_run, bench=bench_generate)

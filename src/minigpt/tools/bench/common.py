@@ -13,18 +13,60 @@ import torch
 from torch import nn
 
 LLM_SHAPES: dict[str, dict[str, Any]] = {
-    "tiny": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, vocab_size=1024),
-    "small": dict(model_type="llama", hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
-                  num_attention_heads=8, num_key_value_heads=8, vocab_size=32000),
-    "llama-7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                     num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
-    "llama-13b": dict(model_type="llama", hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
-                      num_attention_heads=40, num_key_value_heads=40, vocab_size=32000),
-    "qwen-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                    num_attention_heads=28, num_key_value_heads=4, vocab_size=152064),
-    "qwen-14b": dict(model_type="qwen2", hidden_size=5120, intermediate_size=13824, num_hidden_layers=48,
-                     num_attention_heads=40, num_key_value_heads=8, vocab_size=152064),
+    "tiny": dict(
+        model_type="llama",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1024,
+    ),
+    "small": dict(
+        model_type="llama",
+        hidden_size=512,
+        intermediate_size=1408,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        vocab_size=32000,
+    ),
+    "llama-7b": dict(
+        model_type="llama",
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+    ),
+    "llama-13b": dict(
+        model_type="llama",
+        hidden_size=5120,
+        intermediate_size=13824,
+        num_hidden_layers=40,
+        num_attention_heads=40,
+        num_key_value_heads=40,
+        vocab_size=32000,
+    ),
+    "qwen-7b": dict(
+        model_type="qwen2",
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        vocab_size=152064,
+    ),
+    "qwen-14b": dict(
+        model_type="qwen2",
+        hidden_size=5120,
+        intermediate_size=13824,
+        num_hidden_layers=48,
+        num_attention_heads=40,
+        num_key_value_heads=8,
+        vocab_size=152064,
+    ),
 }
 VISION_SHAPES = ("tiny", "small", "eva_vit_g")
 
@@ -40,8 +82,17 @@ def vision_config(name: str) -> Any:
     if name == "tiny":
         return VisionConfig.tiny()
     if name == "small":
-        return VisionConfig(image_size=112, width=256, depth=4, heads=4, mlp_dim=1024, qformer_width=256,
-                            qformer_depth=2, qformer_heads=4, qformer_mlp_dim=1024)
+        return VisionConfig(
+            image_size=112,
+            width=256,
+            depth=4,
+            heads=4,
+            mlp_dim=1024,
+            qformer_width=256,
+            qformer_depth=2,
+            qformer_heads=4,
+            qformer_mlp_dim=1024,
+        )
     if name == "eva_vit_g":
         return VisionConfig()
     raise ValueError(f"unknown vision shape {name!r}; use one of {', '.join(VISION_SHAPES)}")
@@ -54,8 +105,9 @@ def llm_config(name: str) -> Any:
     if name in LLM_SHAPES:
         fields = dict(LLM_SHAPES[name])
         kind = fields.pop("model_type")
-        return AutoConfig.for_model(kind, max_position_embeddings=4096, bos_token_id=BOS, eos_token_id=2,
-                                    pad_token_id=SLOT, **fields)
+        return AutoConfig.for_model(
+            kind, max_position_embeddings=4096, bos_token_id=BOS, eos_token_id=2, pad_token_id=SLOT, **fields
+        )
     path = Path(name)
     if path.is_file():
         return AutoConfig.from_pretrained(str(path.parent))
@@ -104,12 +156,19 @@ class FlopModel:
     vision_per_image: float = 0.0
 
     @classmethod
-    def of(cls, model: Any) -> "FlopModel":
+    def of(cls, model: Any) -> FlopModel:
         cfg = model.llm.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         proj = sum(p.numel() for p in model.projector.parameters() if p.ndim >= 2)
-        return cls(decoder_matmul_params(model.llm), cfg.num_hidden_layers, cfg.num_attention_heads * head_dim,
-                   cfg.hidden_size, cfg.vocab_size, proj, model.image_tokens)
+        return cls(
+            decoder_matmul_params(model.llm),
+            cfg.num_hidden_layers,
+            cfg.num_attention_heads * head_dim,
+            cfg.hidden_size,
+            cfg.vocab_size,
+            proj,
+            model.image_tokens,
+        )
 
     def step(self, lengths: list[int], answers: int, images: int, vision: bool) -> float:
         llm = sum(2 * self.params * t + 4 * self.layers * self.attn_width * t * t for t in lengths)
@@ -154,11 +213,14 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     from ...device import describe_device
 
     return {
-        "device": describe_device(device), "cpu": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(), "platform": platform.platform(), "python": platform.python_version(),
-        "torch": torch.__version__, "transformers": transformers.__version__,
+        "device": describe_device(device),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
     }
-
 
 
 def prompt_encoded(image_tokens: int, prompt_tokens: int, vocab: int, rng: random.Random) -> Any:
@@ -173,7 +235,6 @@ def prompt_encoded(image_tokens: int, prompt_tokens: int, vocab: int, rng: rando
     return enc
 
 
-
 def to_reference_precision(model: Any) -> None:
     """fp16 ViT matmul weights (the original's vit_precision fp16); Q-Former, norms and projector stay float32."""
     for module in model.vision.vision_model.modules():
@@ -181,7 +242,5 @@ def to_reference_precision(model: Any) -> None:
             module.half()
 
 
-
 def significant(x: float, digits: int = 4) -> float:
     return float(f"{x:.{digits}g}")
-

@@ -28,12 +28,19 @@ import gc
 import random
 import statistics
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from .common import (
-    SLOT, build_bench_model, llm_config, machine_info, prompt_encoded, to_reference_precision, vision_config,
+    SLOT,
+    build_bench_model,
+    llm_config,
+    machine_info,
+    prompt_encoded,
+    to_reference_precision,
+    vision_config,
 )
 
 ENGINES = ("static", "plain")
@@ -46,15 +53,25 @@ def _plain_runner(model: Any, batch: Any) -> Callable[[int], list[int]]:
 
     def run(new_tokens: int) -> list[int]:
         embeds = model.embed(batch)
-        out = model.llm.generate(inputs_embeds=embeds, attention_mask=batch.text.attention_mask,
-                                 max_new_tokens=new_tokens, min_new_tokens=new_tokens, **options)
+        out = model.llm.generate(
+            inputs_embeds=embeds,
+            attention_mask=batch.text.attention_mask,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            **options,
+        )
         return out[0, -new_tokens:].tolist()
 
     return run
 
 
-def _decode_copies(scheduler: Any, prompt: Any, new_tokens: int, count: int,
-                   on_token: Callable[[int], Callable[[int], None]] | None = None) -> list[Any]:
+def _decode_copies(
+    scheduler: Any,
+    prompt: Any,
+    new_tokens: int,
+    count: int,
+    on_token: Callable[[int], Callable[[int], None]] | None = None,
+) -> list[Any]:
     """``count`` copies of the one-prompt ``prompt`` batch decoded together on ``scheduler``, exactly ``new_tokens``
     each (``on_token(i)``: request i's per-token callback); the finished requests."""
     from ...infer.batching import DecodeRequest
@@ -62,8 +79,10 @@ def _decode_copies(scheduler: Any, prompt: Any, new_tokens: int, count: int,
 
     ids = prompt.text.input_ids[0].tolist()
     options = GenerationOptions(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
-    reqs = [scheduler.submit(DecodeRequest(ids, options, batch=prompt, on_token=on_token(i) if on_token else None))
-            for i in range(count)]
+    reqs = [
+        scheduler.submit(DecodeRequest(ids, options, batch=prompt, on_token=on_token(i) if on_token else None))
+        for i in range(count)
+    ]
     scheduler.run_until_idle()
     for req in reqs:
         if req.error is not None:
@@ -105,8 +124,13 @@ def _concurrent_case(scheduler: Any, prompt: Any, args: argparse.Namespace, devi
         marks: list[list[float]] = [[] for _ in range(args.concurrent)]
         synchronize(device)
         start = time.perf_counter()
-        _decode_copies(scheduler, prompt, args.new_tokens, args.concurrent,
-                       on_token=lambda i: functools.partial(_first_time, marks[i]))
+        _decode_copies(
+            scheduler,
+            prompt,
+            args.new_tokens,
+            args.concurrent,
+            on_token=lambda i: functools.partial(_first_time, marks[i]),
+        )
         synchronize(device)
         walls.append(time.perf_counter() - start)
         ttfts.append(statistics.mean(mark[0] - start for mark in marks))
@@ -120,12 +144,18 @@ def _concurrent_case(scheduler: Any, prompt: Any, args: argparse.Namespace, devi
 
 
 def bench_generate(args: argparse.Namespace) -> dict[str, Any]:
+    from ...data.tokenize import ModelBatch
     from ...data.tokenize import collate as collate_text
     from ...device import (
-        amp_dtype, dtype_name, empty_cache, parse_dtype, peak_memory_gib, reset_peak_memory, resolve_device,
+        amp_dtype,
+        dtype_name,
+        empty_cache,
+        parse_dtype,
+        peak_memory_gib,
+        reset_peak_memory,
+        resolve_device,
     )
     from ...infer.batching import SlotScheduler
-    from ...data.tokenize import ModelBatch
 
     device = resolve_device(args.device)
     accel = device.type != "cpu"
@@ -156,8 +186,14 @@ def bench_generate(args: argparse.Namespace) -> dict[str, Any]:
         prompt = ModelBatch(collate_text([enc], SLOT, side="left"), pixels).to(device)
         reset_peak_memory(device)
         scheduler = None
-        new_scheduler = functools.partial(SlotScheduler, model, max_len=-(-(len(enc) + args.new_tokens) // 64) * 64,
-                                          cuda_graphs=args.cuda_graphs, compile=args.compile, end_ids=[EOS])
+        new_scheduler = functools.partial(
+            SlotScheduler,
+            model,
+            max_len=-(-(len(enc) + args.new_tokens) // 64) * 64,
+            cuda_graphs=args.cuda_graphs,
+            compile=args.compile,
+            end_ids=[EOS],
+        )
         if engine == "static":
             scheduler = new_scheduler(slots=args.batch_size)
             run = _static_runner(scheduler, prompt, args.batch_size)
@@ -166,8 +202,9 @@ def bench_generate(args: argparse.Namespace) -> dict[str, Any]:
                 from ...model.llm import compile_decoder_layers
 
                 compile_decoder_layers(model.llm)
-            batch = ModelBatch(collate_text([enc] * args.batch_size, SLOT, side="left"),
-                               pixels.expand(args.batch_size, -1, -1, -1)).to(device)
+            batch = ModelBatch(
+                collate_text([enc] * args.batch_size, SLOT, side="left"), pixels.expand(args.batch_size, -1, -1, -1)
+            ).to(device)
             run = _plain_runner(model, batch)
         generated: list[list[int]] = []
         timed = _timed(run, device, generated)
@@ -176,26 +213,35 @@ def bench_generate(args: argparse.Namespace) -> dict[str, Any]:
         fulls = [timed(args.new_tokens) for _ in range(args.repeats)]
         ttft, full = statistics.median(firsts), statistics.median(fulls)
         graphed = bool(scheduler is not None and scheduler.decoder.graphed)
-        results.append({
-            "name": name,
-            "engine": "slot decoder" if engine == "static" else "transformers generate",
-            "precision": f"{dtype_name(dtype)} weights",
-            "attention": attn,
-            "cuda_graphs": graphed,
-            "compile": bool(args.compile and not reference),
-            "batch_size": args.batch_size,
-            "time_to_first_token_ms": round(ttft * 1000, 2),
-            "decode_tokens_per_s": round(args.batch_size * (args.new_tokens - 1) / max(full - ttft, 1e-9), 2),
-            "total_tokens_per_s": round(args.batch_size * args.new_tokens / full, 2),
-            "peak_mem_gib": None if device.type == "cpu" else round(peak_memory_gib(device) or 0.0, 3),
-        })
+        results.append(
+            {
+                "name": name,
+                "engine": "slot decoder" if engine == "static" else "transformers generate",
+                "precision": f"{dtype_name(dtype)} weights",
+                "attention": attn,
+                "cuda_graphs": graphed,
+                "compile": bool(args.compile and not reference),
+                "batch_size": args.batch_size,
+                "time_to_first_token_ms": round(ttft * 1000, 2),
+                "decode_tokens_per_s": round(args.batch_size * (args.new_tokens - 1) / max(full - ttft, 1e-9), 2),
+                "total_tokens_per_s": round(args.batch_size * args.new_tokens / full, 2),
+                "peak_mem_gib": None if device.type == "cpu" else round(peak_memory_gib(device) or 0.0, 3),
+            }
+        )
         greedy[name] = generated[0]
         if scheduler is not None and args.concurrent:
             del scheduler, run  # free its cache first
             scheduler = new_scheduler(slots=args.concurrent)
-            results.append({"name": f"{name}-concurrent", "engine": "slot decoder", "cuda_graphs": graphed,
-                            "compile": bool(args.compile), **_concurrent_case(scheduler, prompt, args, device),
-                            "peak_mem_gib": None if device.type == "cpu" else round(peak_memory_gib(device) or 0.0, 3)})
+            results.append(
+                {
+                    "name": f"{name}-concurrent",
+                    "engine": "slot decoder",
+                    "cuda_graphs": graphed,
+                    "compile": bool(args.compile),
+                    **_concurrent_case(scheduler, prompt, args, device),
+                    "peak_mem_gib": None if device.type == "cpu" else round(peak_memory_gib(device) or 0.0, 3),
+                }
+            )
         del model, scheduler, timed, new_scheduler
         gc.collect()
         empty_cache(device)
@@ -207,21 +253,41 @@ def bench_generate(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "benchmark": "generate",
         "machine": machine_info(device),
-        "config": {"llm": args.llm, "vision": args.vision, "batch_size": args.batch_size,
-                   "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,
-                   "concurrent": args.concurrent, "seed": args.seed},
+        "config": {
+            "llm": args.llm,
+            "vision": args.vision,
+            "batch_size": args.batch_size,
+            "prompt_tokens": args.prompt_tokens,
+            "new_tokens": args.new_tokens,
+            "repeats": args.repeats,
+            "concurrent": args.concurrent,
+            "seed": args.seed,
+        },
         "cases": results,
-        "process_peak_rss_gib": round(peak_memory_gib(device, cpu_rss=True) or 0.0, 3) if device.type == "cpu" else None,
+        "process_peak_rss_gib": round(peak_memory_gib(device, cpu_rss=True) or 0.0, 3)
+        if device.type == "cpu"
+        else None,
     }
 
 
 def add_generate_arguments(q: argparse.ArgumentParser) -> None:
     q.set_defaults(batch_size=1)
-    q.add_argument("--prompt-tokens", type=int, default=36, metavar="N", help="text tokens around the image (default 36)")
+    q.add_argument(
+        "--prompt-tokens", type=int, default=36, metavar="N", help="text tokens around the image (default 36)"
+    )
     q.add_argument("--new-tokens", type=int, default=32, metavar="N", help="tokens generated (default 32)")
     q.add_argument("--repeats", type=int, default=3, metavar="N", help="runs per figure, median (default 3)")
     q.add_argument("--engines", default="static,plain", help="comma list of static, plain (default: both)")
-    q.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
-                   help="the static engine without recording its step as a CUDA graph")
-    q.add_argument("--concurrent", type=int, default=0, metavar="N",
-                   help="also time N requests decoded together on the static engine (e.g. 16)")
+    q.add_argument(
+        "--no-cuda-graphs",
+        dest="cuda_graphs",
+        action="store_false",
+        help="the static engine without recording its step as a CUDA graph",
+    )
+    q.add_argument(
+        "--concurrent",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also time N requests decoded together on the static engine (e.g. 16)",
+    )

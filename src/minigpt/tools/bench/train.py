@@ -34,14 +34,24 @@ import gc
 import random
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from .common import (
-    BOS, SLOT, FlopModel, build_bench_model, llm_config, machine_info, matmul_ceiling_tflops, significant,
-    to_reference_precision, vision_config, vision_flops_per_image,
+    BOS,
+    SLOT,
+    FlopModel,
+    build_bench_model,
+    llm_config,
+    machine_info,
+    matmul_ceiling_tflops,
+    significant,
+    to_reference_precision,
+    vision_config,
+    vision_flops_per_image,
 )
 
 BATCHING = ("pad", "group", "pack")
@@ -76,7 +86,6 @@ def synthetic_encoded(stage: int, image_tokens: int, supervised: int, vocab: int
     return enc
 
 
-
 @dataclass
 class Workload:
     """Micro-batches (train.data.TrainBatch, on the device) and what they hold."""
@@ -89,8 +98,18 @@ class Workload:
 
 
 def make_workload(
-    model: Any, stage: int, batch_size: int, num_batches: int, lengths_kind: str, supervised: int,
-    batching: str, pack_len: int, seed: int, device: torch.device, feature_dtype: torch.dtype, features: bool,
+    model: Any,
+    stage: int,
+    batch_size: int,
+    num_batches: int,
+    lengths_kind: str,
+    supervised: int,
+    batching: str,
+    pack_len: int,
+    seed: int,
+    device: torch.device,
+    feature_dtype: torch.dtype,
+    features: bool,
     pixels: bool,
 ) -> Workload:
     """Synthetic samples through the training collator (pad or pack), with pixels and/or cached features."""
@@ -108,16 +127,19 @@ def make_workload(
     feats = None
     if features:  # what cache-features would store: the encoder's outputs, in the cache's dtype
         with torch.no_grad():
-            feats = torch.cat([model.vision(images[i : i + 16].to(device)).to(feature_dtype).cpu()
-                               for i in range(0, n, 16)])
+            feats = torch.cat(
+                [model.vision(images[i : i + 16].to(device)).to(feature_dtype).cpu() for i in range(0, n, 16)]
+            )
     order = list(range(n))
     if batching == "group":
         order = length_grouped_order([len(e) for e in encs], batch_size, num_batches, seed)
     work = Workload([], [])
     for b in range(num_batches):
         idx = order[b * batch_size : (b + 1) * batch_size]
-        items = [Item(encs[i], [images[i]] if pixels else [], f"synthetic {i}",
-                      [feats[i]] if feats is not None else None) for i in idx]
+        items = [
+            Item(encs[i], [images[i]] if pixels else [], f"synthetic {i}", [feats[i]] if feats is not None else None)
+            for i in idx
+        ]
         tb = collate(items, SLOT, pack_len if batching == "pack" else None)
         tb.batch = tb.batch.to(device)
         if tb.features is not None:
@@ -133,8 +155,9 @@ def make_workload(
 # ---------------------------------------------------------------------------------------------- steps
 
 
-def careful_step(model: Any, optimizer: torch.optim.Optimizer, device: torch.device,
-                 amp: torch.dtype | None) -> Callable[[Any], float]:
+def careful_step(
+    model: Any, optimizer: torch.optim.Optimizer, device: torch.device, amp: torch.dtype | None
+) -> Callable[[Any], float]:
     """The Trainer's step on one device (:func:`~minigpt.train.loop.run_step`, one micro-batch): cached features (or
     pixels) -> projector -> LLM body -> answer-token loss, backward, optimizer step, the loss read back."""
     from ...device import dtype_name
@@ -151,8 +174,9 @@ def careful_step(model: Any, optimizer: torch.optim.Optimizer, device: torch.dev
     return step
 
 
-def reference_step(model: Any, optimizer: torch.optim.Optimizer, device: torch.device, amp: torch.dtype | None,
-                   scaler: Any) -> Callable[[Any], torch.Tensor]:
+def reference_step(
+    model: Any, optimizer: torch.optim.Optimizer, device: torch.device, amp: torch.dtype | None, scaler: Any
+) -> Callable[[Any], torch.Tensor]:
     """The original code's step: vision + Q-Former + projector, the LLM's full LM head and loss, GradScaler."""
     from ...device import autocast
 
@@ -172,8 +196,6 @@ def reference_step(model: Any, optimizer: torch.optim.Optimizer, device: torch.d
         return out.loss.detach()
 
     return step
-
-
 
 
 def _time_interleaved(
@@ -242,17 +264,35 @@ def run_train_cases(
     if uses_vision:
         flops.vision_per_image = vision_flops_per_image(model, device, amp)
     supervised = args.text_tokens or (32 if args.stage == 1 else 128)
-    works = [make_workload(model, args.stage, args.batch_size, args.steps, args.lengths, supervised, case.batching,
-                           args.pack_len, args.seed, device, parse_dtype(args.feature_dtype), features=not uses_vision,
-                           pixels=uses_vision) for case in cases]
+    works = [
+        make_workload(
+            model,
+            args.stage,
+            args.batch_size,
+            args.steps,
+            args.lengths,
+            supervised,
+            case.batching,
+            args.pack_len,
+            args.seed,
+            device,
+            parse_dtype(args.feature_dtype),
+            features=not uses_vision,
+            pixels=uses_vision,
+        )
+        for case in cases
+    ]
     params = [p for p in model.parameters() if p.requires_grad]
     try:  # lr 0: the same work as training, but the weights (and so the reported losses) stay put
         optimizer = torch.optim.AdamW(params, lr=0.0, fused=True)
     except RuntimeError:
         optimizer = torch.optim.AdamW(params, lr=0.0)
     scaler = torch.amp.GradScaler(device.type) if reference and amp == torch.float16 else None
-    step = (reference_step(model, optimizer, device, amp, scaler) if reference
-            else careful_step(model, optimizer, device, amp))
+    step = (
+        reference_step(model, optimizer, device, amp, scaler)
+        if reference
+        else careful_step(model, optimizer, device, amp)
+    )
     timings = _time_interleaved([step] * len(cases), works, args.warmup, device)
     if args.peak_tflops is None:
         if llm_dtype not in ceilings:
@@ -267,33 +307,35 @@ def run_train_cases(
         samples = args.batch_size * len(times)
         useful = sum(flops.step(lens, ans, len(lens), uses_vision) for lens, ans in zip(work.lengths, work.answers))
         achieved = useful / total / 1e12
-        results.append({
-            "name": case.name,
-            "step": "reference-style" if reference else "ours",
-            "batching": case.batching,
-            "vision_in_step": uses_vision,
-            "precision": _precision(case, llm_dtype, amp),
-            "loss_impl": "full-sequence" if reference else ",".join(sorted({model.resolved_loss_impl(n)
-                                                                           for n in work.answers})),
-            "attention": attn,
-            "compile": bool(args.compile and not reference),
-            "grad_checkpointing": bool(args.grad_checkpointing and not reference),
-            "step_time_s": round(statistics.median(times), 5),
-            "samples_per_s": round(samples / total, 3),
-            "tokens_per_s": round(work.tokens / total, 1),
-            "pad_fraction": round(1 - work.tokens / work.positions, 4),
-            "useful_tflop_per_sample": significant(useful / samples / 1e12),
-            "achieved_tflops": significant(achieved),
-            "peak_tflops": significant(peak) if peak else None,
-            "mfu": significant(achieved / peak) if peak else None,
-            "peak_mem_gib": None if device.type == "cpu" else round(timing["peak_mem_gib"], 3),
-            "loss": round(timing["first_loss"], 6),
-        })
+        results.append(
+            {
+                "name": case.name,
+                "step": "reference-style" if reference else "ours",
+                "batching": case.batching,
+                "vision_in_step": uses_vision,
+                "precision": _precision(case, llm_dtype, amp),
+                "loss_impl": "full-sequence"
+                if reference
+                else ",".join(sorted({model.resolved_loss_impl(n) for n in work.answers})),
+                "attention": attn,
+                "compile": bool(args.compile and not reference),
+                "grad_checkpointing": bool(args.grad_checkpointing and not reference),
+                "step_time_s": round(statistics.median(times), 5),
+                "samples_per_s": round(samples / total, 3),
+                "tokens_per_s": round(work.tokens / total, 1),
+                "pad_fraction": round(1 - work.tokens / work.positions, 4),
+                "useful_tflop_per_sample": significant(useful / samples / 1e12),
+                "achieved_tflops": significant(achieved),
+                "peak_tflops": significant(peak) if peak else None,
+                "mfu": significant(achieved / peak) if peak else None,
+                "peak_mem_gib": None if device.type == "cpu" else round(timing["peak_mem_gib"], 3),
+                "loss": round(timing["first_loss"], 6),
+            }
+        )
     del model, optimizer, works, step
     gc.collect()
     empty_cache(device)
     return results
-
 
 
 def _precision(case: TrainCase, llm_dtype: torch.dtype, amp: torch.dtype | None) -> str:
@@ -317,8 +359,12 @@ def bench_train(args: argparse.Namespace) -> dict[str, Any]:
     if min(args.batch_size, args.steps) < 1 or args.warmup < 0:
         raise ValueError("--batch-size and --steps must be positive, --warmup not negative")
     suffix = " (vision every step)" if args.vision_every_step else ""
-    cases = [TrainCase(f"ours{'' if len(batching) == 1 else '-' + b}{suffix}", batching=b,
-                       vision_every_step=args.vision_every_step) for b in batching]
+    cases = [
+        TrainCase(
+            f"ours{'' if len(batching) == 1 else '-' + b}{suffix}", batching=b, vision_every_step=args.vision_every_step
+        )
+        for b in batching
+    ]
     if args.reference_style:
         cases.append(TrainCase("reference-style", reference=True))
     ceilings: dict[torch.dtype, float] = {}
@@ -329,17 +375,25 @@ def bench_train(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "train",
         "machine": machine_info(device),
         "config": {
-            "llm": args.llm, "vision": args.vision, "stage": args.stage, "batch_size": args.batch_size,
-            "steps": args.steps, "warmup": args.warmup, "lengths": args.lengths, "pack_len": args.pack_len,
-            "seed": args.seed, "feature_dtype": args.feature_dtype,
+            "llm": args.llm,
+            "vision": args.vision,
+            "stage": args.stage,
+            "batch_size": args.batch_size,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "lengths": args.lengths,
+            "pack_len": args.pack_len,
+            "seed": args.seed,
+            "feature_dtype": args.feature_dtype,
         },
         "cases": results,
-        "process_peak_rss_gib": round(peak_memory_gib(device, cpu_rss=True) or 0.0, 3) if device.type == "cpu" else None,
+        "process_peak_rss_gib": round(peak_memory_gib(device, cpu_rss=True) or 0.0, 3)
+        if device.type == "cpu"
+        else None,
     }
     ref = next((r for r in results if r["step"] == "reference-style"), None)
     if ref is not None:
-        report["speedup_vs_reference"] = {r["name"]: round(r["samples_per_s"] / ref["samples_per_s"], 3)
-                                          for r in results if r is not ref}
+        report["speedup_vs_reference"] = {
+            r["name"]: round(r["samples_per_s"] / ref["samples_per_s"], 3) for r in results if r is not ref
+        }
     return report
-
-

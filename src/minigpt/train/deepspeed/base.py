@@ -47,8 +47,10 @@ class DeepSpeedStrategy(Strategy):
 
         kind = get_accelerator().device_name()
         if kind != device.type:
-            raise ValueError(f"DeepSpeed uses the {kind} accelerator but run.device is {name!r} ({device.type}): "
-                             f"set DS_ACCELERATOR={device.type} (before the process starts) or change run.device")
+            raise ValueError(
+                f"DeepSpeed uses the {kind} accelerator but run.device is {name!r} ({device.type}): "
+                f"set DS_ACCELERATOR={device.type} (before the process starts) or change run.device"
+            )
         if device.type != "cpu" and device.index is None:
             device = torch.device(device.type, self.local_rank)
         if device.type != "cpu":
@@ -92,7 +94,10 @@ class DeepSpeedStrategy(Strategy):
         if self._resume_from is not None:
             folder, tag = self._resume_from
             loaded, _ = self.engine.load_checkpoint(
-                str(folder), tag=tag, load_module_strict=False, load_optimizer_states=True,
+                str(folder),
+                tag=tag,
+                load_module_strict=False,
+                load_optimizer_states=True,
                 load_lr_scheduler_states=False,
             )
             if loaded is None:
@@ -107,26 +112,43 @@ class DeepSpeedStrategy(Strategy):
     def _layout(self) -> dict[str, Any]:
         return {"mode": self.name, "processes": self.global_world}
 
-    def restore(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                weights: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+    def restore(
+        self,
+        path: Path,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        weights: dict[str, torch.Tensor],
+        state: dict[str, Any],
+    ) -> None:
         info = (state.get("strategy") or {}).get("deepspeed")
         if info is None:
-            raise ValueError(f"cannot resume {path} with run.strategy {self.name}: it was not written by a DeepSpeed "
-                             "strategy (resume it with the strategy that wrote it)")
+            raise ValueError(
+                f"cannot resume {path} with run.strategy {self.name}: it was not written by a DeepSpeed "
+                "strategy (resume it with the strategy that wrote it)"
+            )
         if info.get("layout") != self._layout():
-            raise ValueError(f"cannot resume {path}: its DeepSpeed files were written with {info.get('layout')}, "
-                             f"this run has {self._layout()}")
+            raise ValueError(
+                f"cannot resume {path}: its DeepSpeed files were written with {info.get('layout')}, "
+                f"this run has {self._layout()}"
+            )
         folder = path.parent / info["dir"]
         if not (folder / info["tag"]).is_dir():
             raise FileNotFoundError(f"cannot resume {path}: its DeepSpeed files {folder / info['tag']} are missing")
         self._resume_from = (folder, info["tag"])  # loaded into the engine by prepare()
 
-    def save_checkpoint(self, output_dir: Path, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any],
-                        keep_last: int | None) -> Path | None:
+    def save_checkpoint(
+        self,
+        output_dir: Path,
+        step: int,
+        weights: dict[str, torch.Tensor],
+        state: dict[str, Any],
+        keep_last: int | None,
+    ) -> Path | None:
         root = checkpoint_dir(output_dir)
         tag = f"global_step{step}"
-        self.engine.save_checkpoint(str(root / DS_DIR), tag=tag, client_state={CONFIG_KEY: self._model_config},
-                                    exclude_frozen_parameters=True)
+        self.engine.save_checkpoint(
+            str(root / DS_DIR), tag=tag, client_state={CONFIG_KEY: self._model_config}, exclude_frozen_parameters=True
+        )
         dist.barrier()  # every process's files are written before the step folder commits them
         path = None
         if self.is_main:

@@ -17,7 +17,9 @@ from ...device import dist_backend
 log = logging.getLogger(__name__)
 
 
-def deepspeed_config(run: Any, dp_world_size: int, precision: torch.dtype | None, pipeline: bool = False) -> dict[str, Any]:
+def deepspeed_config(
+    run: Any, dp_world_size: int, precision: torch.dtype | None, pipeline: bool = False
+) -> dict[str, Any]:
     """The DeepSpeed config of ``run``: ``run.deepspeed.config`` (JSON) with batch size, accumulation, clipping,
     precision and ZeRO stage set from the run (a JSON value that contradicts the run is an error)."""
     section = run.deepspeed
@@ -32,8 +34,9 @@ def deepspeed_config(run: Any, dp_world_size: int, precision: torch.dtype | None
             raise ValueError(f"{section.config}: invalid JSON: {err}") from None
     for key in ("optimizer", "scheduler"):
         if key in base:
-            raise ValueError(f"{source}: remove {key!r}; the optimizer and the schedule come from run.optimizer "
-                             "and run.schedule")
+            raise ValueError(
+                f"{source}: remove {key!r}; the optimizer and the schedule come from run.optimizer and run.schedule"
+            )
     cfg = dict(base)
     ours = {
         "train_micro_batch_size_per_gpu": run.batch_size,
@@ -44,8 +47,10 @@ def deepspeed_config(run: Any, dp_world_size: int, precision: torch.dtype | None
     for key, value in ours.items():
         given = base.get(key, "auto")
         if given != "auto" and given != value:
-            raise ValueError(f"{source}: {key} is {given!r}, but the run gives {value!r} (run.batch_size, "
-                             "run.grad_accum, run.max_grad_norm, processes); leave it out or set it to \"auto\"")
+            raise ValueError(
+                f"{source}: {key} is {given!r}, but the run gives {value!r} (run.batch_size, "
+                'run.grad_accum, run.max_grad_norm, processes); leave it out or set it to "auto"'
+            )
         cfg[key] = value
     wanted = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(precision)  # type: ignore[call-overload]
     for key in ("bf16", "fp16"):
@@ -112,8 +117,9 @@ def init_deepspeed(device: torch.device) -> bool:
         if "WORLD_SIZE" in os.environ:
             dist.init_process_group(backend=dist_backend(device))
         else:
-            dist.init_process_group(backend=dist_backend(device), init_method=f"tcp://127.0.0.1:{_free_port()}",
-                                    rank=0, world_size=1)
+            dist.init_process_group(
+                backend=dist_backend(device), init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
+            )
         owns = True
     os.environ.setdefault("LOCAL_RANK", "0")  # PipelineModule and the engine read it
     deepspeed.init_distributed(dist_backend=dist_backend(device))

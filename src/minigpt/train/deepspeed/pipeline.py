@@ -49,10 +49,14 @@ def _llm_parts(model: Any) -> tuple[Any, Any]:
     llm = model.llm
     family = getattr(llm.config, "model_type", "")
     body = getattr(llm, "model", None)
-    if family not in PIPELINE_FAMILIES or not all(hasattr(body, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
-        raise ValueError(f"the pipeline cuts LLaMA-style LLMs ({', '.join(PIPELINE_FAMILIES)}: model.embed_tokens, "
-                         f"model.layers, model.norm, lm_head); got {type(llm).__name__} ({family or 'unknown'}) "
-                         "(a LoRA-wrapped LLM is not supported either)")
+    if family not in PIPELINE_FAMILIES or not all(
+        hasattr(body, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")
+    ):
+        raise ValueError(
+            f"the pipeline cuts LLaMA-style LLMs ({', '.join(PIPELINE_FAMILIES)}: model.embed_tokens, "
+            f"model.layers, model.norm, lm_head); got {type(llm).__name__} ({family or 'unknown'}) "
+            "(a LoRA-wrapped LLM is not supported either)"
+        )
     return body, llm
 
 
@@ -75,7 +79,7 @@ class _PipeLayer(nn.Module):
             owner = getattr(owner, part)
         owner.add_module(name, module)
 
-    def train(self, mode: bool = True) -> "_PipeLayer":
+    def train(self, mode: bool = True) -> _PipeLayer:
         super().train(mode)
         self._owner[0].train(mode)
         return self
@@ -106,8 +110,7 @@ class PipeHead(_PipeLayer):
         self.attach(names.EMBEDDING, model.llm.get_input_embeddings())
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        from ...data.tokenize import TextBatch
-        from ...data.tokenize import ModelBatch
+        from ...data.tokenize import ModelBatch, TextBatch
 
         input_ids, attention_mask, image_mask, pixel_values = inputs
         text = TextBatch(input_ids, attention_mask, None, image_mask.bool())  # type: ignore[arg-type]
@@ -135,24 +138,41 @@ class PipeBlock(_PipeLayer):
         positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
         mask = causal_mask(self._config, hidden, attention_mask, positions, self.attention_type)
         block = self.get_submodule(names.BLOCK)
-        out = block(hidden, attention_mask=mask, position_ids=positions, position_embeddings=self.rotary(hidden, positions))
+        out = block(
+            hidden, attention_mask=mask, position_ids=positions, position_embeddings=self.rotary(hidden, positions)
+        )
         return self._occupied(out[0] if isinstance(out, tuple) else out), attention_mask
 
 
-def causal_mask(config: Any, embeds: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
-                attention_type: str = "full_attention") -> Any:
+def causal_mask(
+    config: Any,
+    embeds: torch.Tensor,
+    attention_mask: torch.Tensor,
+    positions: torch.Tensor,
+    attention_type: str = "full_attention",
+) -> Any:
     """The mask the HF model body builds for its layers (transformers 5 and 4.5x signatures)."""
     import inspect
 
     from transformers import masking_utils
 
-    make = (masking_utils.create_sliding_window_causal_mask if attention_type == "sliding_attention"
-            else masking_utils.create_causal_mask)
+    make = (
+        masking_utils.create_sliding_window_causal_mask
+        if attention_type == "sliding_attention"
+        else masking_utils.create_causal_mask
+    )
     if "inputs_embeds" in inspect.signature(make).parameters:
-        return make(config=config, inputs_embeds=embeds, attention_mask=attention_mask, cache=None,
-                    position_ids=positions)
-    return make(config=config, input_embeds=embeds, attention_mask=attention_mask,  # transformers 4.5x
-                cache_position=positions[0], past_key_values=None, position_ids=positions)
+        return make(
+            config=config, inputs_embeds=embeds, attention_mask=attention_mask, cache=None, position_ids=positions
+        )
+    return make(
+        config=config,
+        input_embeds=embeds,
+        attention_mask=attention_mask,  # transformers 4.5x
+        cache_position=positions[0],
+        past_key_values=None,
+        position_ids=positions,
+    )
 
 
 class PipeTail(_PipeLayer):
@@ -192,11 +212,17 @@ def pipeline_layers(model: Any, identity_layers: int = 0) -> list[Any]:
     other they compute ``MiniGPT.forward``'s hidden states, and :class:`AnswerLoss` its loss."""
     body, _ = _llm_parts(model)
     n = len(body.layers)
-    return [PipeHead(model), *([identity_layer] * identity_layers), *(PipeBlock(model, i) for i in range(n)),
-            PipeTail(model)]
+    return [
+        PipeHead(model),
+        *([identity_layer] * identity_layers),
+        *(PipeBlock(model, i) for i in range(n)),
+        PipeTail(model),
+    ]
 
 
-def pipe_batch(batch: Any, weight: float, image_size: int | None = None) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+def pipe_batch(
+    batch: Any, weight: float, image_size: int | None = None
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
     """A :class:`~minigpt.model.minigpt.ModelBatch` as the pipeline's micro-batch: ``((input_ids, attention_mask,
     image_mask, pixel_values), (labels, weight))``; a batch without images gets an empty pixel tensor."""
     text = batch.text
@@ -224,19 +250,26 @@ def build_pipeline(
     _, llm = _llm_parts(model)
     head, emb = llm.get_output_embeddings(), llm.get_input_embeddings()
     if num_stages > 1 and head.weight is emb.weight and head.weight.requires_grad:
-        raise ValueError("a trained LLM with tied input/output embeddings cannot be split into pipeline stages "
-                         "(the tied weight would live on two stages); freeze the LLM or use one stage / ZeRO")
+        raise ValueError(
+            "a trained LLM with tied input/output embeddings cannot be split into pipeline stages "
+            "(the tied weight would live on two stages); freeze the LLM or use one stage / ZeRO"
+        )
     pipe = PipelineModule(
-        layers=pipeline_layers(model, identity_layers), num_stages=num_stages, loss_fn=AnswerLoss(model),
-        partition_method=partition_method, activation_checkpoint_interval=activation_checkpoint_interval,
+        layers=pipeline_layers(model, identity_layers),
+        num_stages=num_stages,
+        loss_fn=AnswerLoss(model),
+        partition_method=partition_method,
+        activation_checkpoint_interval=activation_checkpoint_interval,
         dynamic_shape=True,  # micro-batches differ in length (and in size when samples are skipped)
     )
     trained = [p for p in pipe.parameters() if p.requires_grad]
     if not (any(p.ndim >= 2 for p in trained) and any(p.ndim < 2 for p in trained)):
         local = [f for f in pipe.forward_funcs if isinstance(f, _PipeLayer)]
         if not local:
-            raise ValueError(f"pipeline stage {pipe.stage_id} holds no layer (only identities); use fewer stages or "
-                             "fewer identity_layers")
+            raise ValueError(
+                f"pipeline stage {pipe.stage_id} holds no layer (only identities); use fewer stages or "
+                "fewer identity_layers"
+            )
         local[-1].occupy_stage(_pipe_device())
     for param in pipe.parameters():
         # Every parameter lives on one stage only. DeepSpeed's gradient norm (clipping) sums over the pipeline
@@ -268,15 +301,21 @@ class DeepSpeedPipeline(DeepSpeedStrategy):
 
         stages = run.deepspeed.pipeline_stages
         if self.global_world % stages:
-            raise ValueError(f"run.deepspeed.pipeline_stages {stages} does not divide the {self.global_world} "
-                             "processes started")
+            raise ValueError(
+                f"run.deepspeed.pipeline_stages {stages} does not divide the {self.global_world} processes started"
+            )
         coord = PipeDataParallelTopology(num_pp=stages, num_dp=self.global_world // stages).get_coord(self.global_rank)
         self.stages, self.stage = stages, coord.pipe
         self.rank, self.world_size = coord.data, self.global_world // stages
         self.ds_config = deepspeed_config(run, self.world_size, self.precision, pipeline=True)
         self._names: dict[int, str] = {}
-        log.info("DeepSpeed pipeline: %d stages x %d data-parallel, %s, ZeRO-%d", stages, self.world_size,
-                 self.ds_precision, self.ds_config["zero_optimization"]["stage"])
+        log.info(
+            "DeepSpeed pipeline: %d stages x %d data-parallel, %s, ZeRO-%d",
+            stages,
+            self.world_size,
+            self.ds_precision,
+            self.ds_config["zero_optimization"]["stage"],
+        )
 
     @property
     def is_main(self) -> bool:
@@ -304,8 +343,11 @@ class DeepSpeedPipeline(DeepSpeedStrategy):
 
     def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Every stage's trained parameters (fp32 masters where kept), gathered on the main process."""
-        local = {self._names[id(p)]: fp32_master(p) for p in self.engine.module.parameters()
-                 if p.requires_grad and id(p) in self._names}
+        local = {
+            self._names[id(p)]: fp32_master(p)
+            for p in self.engine.module.parameters()
+            if p.requires_grad and id(p) in self._names
+        }
         gathered: list[Any] | None = [None] * self.global_world if self.is_main else None
         dist.gather_object(local if self.rank == 0 else {}, gathered, dst=0)
         if not self.is_main:

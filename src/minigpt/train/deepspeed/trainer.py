@@ -23,11 +23,16 @@ class PipelineTrainer(Trainer):
 
     def __init__(self, config: Any, strategy: DeepSpeedPipeline) -> None:
         run, data = config.run, config.data
-        problems = [what for what, bad in (
-            ("model.lora", config.model.lora is not None), ("data.packing", getattr(data, "packing", False)),
-            ("data.feature_cache", getattr(data, "feature_cache", None) is not None),
-            ("run.compile", getattr(run, "compile", False)),
-        ) if bad]
+        problems = [
+            what
+            for what, bad in (
+                ("model.lora", config.model.lora is not None),
+                ("data.packing", getattr(data, "packing", False)),
+                ("data.feature_cache", getattr(data, "feature_cache", None) is not None),
+                ("run.compile", getattr(run, "compile", False)),
+            )
+            if bad
+        ]
         if problems:
             raise ValueError(f"run.strategy deepspeed_pipeline does not support {', '.join(problems)}")
         self._begin(config, strategy)
@@ -54,7 +59,9 @@ class PipelineTrainer(Trainer):
         # DeepSpeed averages the micro-batch losses over accumulation and data parallelism: this weight makes
         # that average the step's token-weighted mean (stand-in batches for all-skipped ones weigh 0).
         scale = run.grad_accum * strategy.world_size / tokens
-        items = [self._pipe_inputs(self.data.example, 0.0) if b.empty else self._pipe_inputs(b.batch, scale) for b in micro]
+        items = [
+            self._pipe_inputs(self.data.example, 0.0) if b.empty else self._pipe_inputs(b.batch, scale) for b in micro
+        ]
         loss = self.engine.train_batch(data_iter=iter(items))
         norm = self.engine.get_global_grad_norm()
         record.update(loss=float(loss), grad_norm=None if norm is None else float(norm))
@@ -78,8 +85,9 @@ class PipelineTrainer(Trainer):
             items += [self._pipe_inputs(self.data.example, 0.0)] * (n_max - len(kept))
             loss = float(self.engine.eval_batch(iter(items), num_micro_batches=n_max))
         self._evaluated_at = self.step
-        self.reporter.log({"step": self.step, "eval_loss": loss, "eval_tokens": int(total_tokens),
-                           "eval_skipped": int(skipped)})
+        self.reporter.log(
+            {"step": self.step, "eval_loss": loss, "eval_tokens": int(total_tokens), "eval_skipped": int(skipped)}
+        )
         return loss
 
     def _all_max(self, value: int) -> int:
