@@ -21,9 +21,13 @@ def _booby_trapped(tiny_model_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
     llm_config = json.loads((folder / "llm" / "config.json").read_text())
     llm_config["auto_map"] = {"AutoConfig": "configuration_x.XConfig", "AutoModelForCausalLM": "modeling_x.XModel"}
     (folder / "llm" / "config.json").write_text(json.dumps(llm_config))
-    code = f"open({str(marker)!r}, 'w').write('ran')\nfrom transformers import LlamaConfig as XConfig\n"
-    (folder / "llm" / "configuration_x.py").write_text(code)
-    (folder / "llm" / "modeling_x.py").write_text(code.replace("LlamaConfig as XConfig", "LlamaForCausalLM as XModel"))
+    # Subclasses, so that loading the remote code leaves transformers' own classes untouched for later tests.
+    code = f"open({str(marker)!r}, 'w').write('ran')\nfrom transformers import LlamaConfig\n"
+    (folder / "llm" / "configuration_x.py").write_text(code + "\n\nclass XConfig(LlamaConfig):\n    pass\n")
+    (folder / "llm" / "modeling_x.py").write_text(
+        "from transformers import LlamaForCausalLM\n\nfrom .configuration_x import XConfig\n\n\n"
+        "class XModel(LlamaForCausalLM):\n    config_class = XConfig\n"
+    )
     return folder, marker
 
 

@@ -182,13 +182,11 @@ def export_hf(
     from transformers.image_utils import PILImageResampling
 
     from ..device import dtype_name, parse_dtype
-    from ..model.minigpt import MiniGPT
-    from ..model.processor import MiniGPTProcessor
+    from ..model.processor import MiniGPTProcessor, load_pretrained
 
     if isinstance(model_or_dir, (str, Path)):  # load the LLM in the export dtype straight away (memory)
         overrides = {"llm_dtype": dtype_name(parse_dtype(dtype))} if dtype else {}
-        model = MiniGPT.from_pretrained(model_or_dir, **overrides)
-        processor = MiniGPTProcessor.from_pretrained(model_or_dir, model.config)
+        model, processor = load_pretrained(model_or_dir, **overrides)
     else:
         model = model_or_dir
         processor = processor or MiniGPTProcessor.from_config(model.config)

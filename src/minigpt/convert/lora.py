@@ -209,12 +209,10 @@ def _load_base(base: Path | None, config: Any, dtype: str | None, trust_remote_c
     if not base.is_dir():
         raise FileNotFoundError(f"--base {base}: no such folder")
     if _is_minigpt_dir(base):
-        from ..model.minigpt import MiniGPT
-        from ..model.processor import MiniGPTProcessor
+        from ..model.processor import load_pretrained
 
         overrides: dict[str, Any] = {"llm_dtype": dtype} if dtype else {}
-        model = MiniGPT.from_pretrained(base, trust_remote_code=trust_remote_code, **overrides)
-        return "minigpt", model, MiniGPTProcessor.from_pretrained(base, model.config)
+        return "minigpt", *load_pretrained(base, trust_remote_code=trust_remote_code, **overrides)
     if (base / "config.json").is_file():
         from transformers import AutoTokenizer
 

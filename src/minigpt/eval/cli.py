@@ -184,8 +184,7 @@ def run(args: argparse.Namespace) -> int:
 def _evaluate_model(args: argparse.Namespace, data: Any, info: dict[str, Any], meteor: bool | None) -> Any:
     from ..device import resolve_device
     from ..infer.engine import Engine
-    from ..model.minigpt import MiniGPT
-    from ..model.processor import MiniGPTProcessor
+    from ..model.processor import load_pretrained
     from .runner import run_eval
 
     if args.batch_size < 1:
@@ -193,8 +192,8 @@ def _evaluate_model(args: argparse.Namespace, data: Any, info: dict[str, Any], m
     options = generation_options(args, args.task)
     device = resolve_device(args.device)
     overrides = {"llm_dtype": args.dtype} if args.dtype else {}
-    model = MiniGPT.from_pretrained(args.model, **overrides).to(device)
-    engine = Engine(model, MiniGPTProcessor.from_pretrained(args.model, model.config), settings_from_args(args))
+    model, processor = load_pretrained(args.model, **overrides)
+    engine = Engine(model.to(device), processor, settings_from_args(args))
 
     out = Path(args.output) if args.output else default_output(Path(args.model).resolve().name, args.task, args.data)
     settings = {

@@ -365,8 +365,7 @@ if _LmmsBase is not None:  # pragma: no cover
                 log.warning("minigpt lmms adapter: ignoring unknown model_args %s", sorted(kwargs))
             from ..device import resolve_device
             from ..infer.engine import Engine
-            from ..model.minigpt import MiniGPT
-            from ..model.processor import MiniGPTProcessor
+            from ..model.processor import load_pretrained
 
             self._world_size = int(os.environ.get("WORLD_SIZE", 1))
             self._rank = int(os.environ.get("RANK", 0))
@@ -374,8 +373,8 @@ if _LmmsBase is not None:  # pragma: no cover
             dev = resolve_device(device)
             if self._world_size > 1 and device == "auto" and dev.type != "cpu":
                 dev = resolve_device(f"{dev.type}:{local}")
-            model = MiniGPT.from_pretrained(pretrained, **({"llm_dtype": dtype} if dtype else {})).to(dev)
-            engine = Engine(model, MiniGPTProcessor.from_pretrained(pretrained, model.config))
+            model, processor = load_pretrained(pretrained, **({"llm_dtype": dtype} if dtype else {}))
+            engine = Engine(model.to(dev), processor)
             MiniGPTLmmsCore.__init__(self, engine, parse_batch_size(batch_size), max_new_tokens)
 
     try:

@@ -71,8 +71,8 @@ def load_model(spec: LoadSpec) -> tuple[MiniGPT, MiniGPTProcessor]:
     """Load ``spec``: the model on its device in eval mode, and its processor."""
     from ..device import dtype_name
     from ..model.config import MiniGPTConfig
-    from ..model.minigpt import MiniGPT, load_config
-    from ..model.processor import MiniGPTProcessor
+    from ..model.minigpt import MiniGPT
+    from ..model.processor import MiniGPTProcessor, load_pretrained
     from ..model.projector import load_projector_weights
 
     device, dtype = resolve_placement(spec)
@@ -86,9 +86,7 @@ def load_model(spec: LoadSpec) -> tuple[MiniGPT, MiniGPTProcessor]:
             overrides["llm"] = spec.llm
         if spec.vision:
             overrides["vision_weights"] = spec.vision
-        config = load_config(directory, spec.trust_remote_code, **overrides)
-        model = MiniGPT.build(config, llm_kwargs=llm_kwargs, init_from=directory)
-        processor = MiniGPTProcessor.from_pretrained(directory, config)
+        model, processor = load_pretrained(directory, llm_kwargs, spec.trust_remote_code, **overrides)
         if spec.projector:
             model.projector.load_state_dict(load_projector_weights(spec.projector))
     else:

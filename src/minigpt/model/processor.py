@@ -20,7 +20,7 @@ from ..data.templates import Template, get_template
 from ..data.tokenize import Encoded, ModelBatch, collate, encode_conversation
 from .config import MiniGPTConfig
 from .llm import load_tokenizer
-from .minigpt import LLM_DIR, load_config
+from .minigpt import LLM_DIR, MiniGPT, load_config
 
 TOKENIZER_DIR = "tokenizer"
 
@@ -133,6 +133,15 @@ class MiniGPTProcessor:
         return self.template.postprocess(text)
 
 
+def load_pretrained(
+    directory: str | Path, llm_kwargs: dict[str, Any] | None = None, trust_remote_code: bool = False, **overrides: Any
+) -> tuple[MiniGPT, MiniGPTProcessor]:
+    """A model directory's model (:meth:`MiniGPT.from_pretrained`, same arguments) and its processor, sharing the
+    config."""
+    model = MiniGPT.from_pretrained(directory, llm_kwargs, trust_remote_code, **overrides)
+    return model, MiniGPTProcessor.from_pretrained(directory, model.config)
+
+
 def distribute_images(
     conversations: Sequence[Conversation],
     images: Sequence[ImageLike] | Sequence[Sequence[ImageLike]] | None,
@@ -154,4 +163,4 @@ def distribute_images(
     return out
 
 
-__all__ = ["MiniGPTProcessor", "TOKENIZER_DIR", "distribute_images"]
+__all__ = ["MiniGPTProcessor", "TOKENIZER_DIR", "distribute_images", "load_pretrained"]
