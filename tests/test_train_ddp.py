@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from minigpt.train.config import validate_config
 from minigpt.train.launch import train
-from test_train_support import losses, make_shapes, read_metrics, tiny_config, write_yaml
-
-REPO = Path(__file__).resolve().parents[1]
+from test_train_support import losses, make_shapes, read_metrics, tiny_config, torchrun
 
 
 def test_two_process_ddp_matches_one_process_with_double_accumulation(tmp_path, tiny_llama_dir):
@@ -39,30 +32,7 @@ def test_two_process_ddp_matches_one_process_with_double_accumulation(tmp_path, 
     )
     single = train(validate_config(config))
 
-    path = write_yaml(tmp_path / "ddp.yaml", config)
-    env = dict(
-        os.environ,
-        OMP_NUM_THREADS="1",
-        TOKENIZERS_PARALLELISM="false",
-        HF_HUB_OFFLINE="1",
-        PYTHONPATH=str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
-    )
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "minigpt.cli",
-        "train",
-        str(path),
-        f"run.output_dir={tmp_path / 'ddp'}",
-        "run.grad_accum=1",
-    ]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    done = torchrun(config, tmp_path / "ddp.yaml", f"run.output_dir={tmp_path / 'ddp'}", "run.grad_accum=1")
     assert "2 processes" in done.stderr
 
     records = read_metrics(tmp_path / "ddp")  # rank 0 alone writes

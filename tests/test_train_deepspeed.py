@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 from minigpt.train.config import ConfigError, validate_config  # noqa: E402
 from minigpt.train.launch import train  # noqa: E402
 from minigpt.train.loop import build_optimizer  # noqa: E402
-from test_train_support import losses, make_shapes, read_metrics, tiny_config, write_yaml  # noqa: E402
+from test_train_support import losses, make_shapes, read_metrics, tiny_config, torchrun  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -334,30 +333,7 @@ def test_zero3_with_zero_init_reproduces_single(tmp_path, reference, shapes, tin
 
 
 def _torchrun(config: dict, path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = dict(
-        os.environ,
-        OMP_NUM_THREADS="1",
-        TOKENIZERS_PARALLELISM="false",
-        HF_HUB_OFFLINE="1",
-        DS_ACCELERATOR="cpu",
-        PYTHONPATH=str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
-    )
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "minigpt.cli",
-        "train",
-        str(write_yaml(path, config)),
-        *overrides,
-    ]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    return done
+    return torchrun(config, path, *overrides, DS_ACCELERATOR="cpu")
 
 
 def test_two_process_zero2_matches_single(tmp_path, reference, shapes, tiny_llama_dir):

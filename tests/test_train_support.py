@@ -6,12 +6,17 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from minigpt.tools import shapes
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def make_shapes(root: Path, n: int, seed: int = 0, size: int = 32, name: str = "train") -> Path:
@@ -46,6 +51,24 @@ def tiny_config(llm_dir: Path, train_json: Path, output_dir: Path, **sections: d
 def write_yaml(path: Path, data: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+def torchrun(config: dict[str, Any], path: Path, *overrides: str, **env: str) -> subprocess.CompletedProcess:
+    """``minigpt train`` on ``config`` (written to ``path``) in two processes (torchrun, one thread each, offline);
+    ``overrides`` are dotted ``key=value`` config overrides, ``env`` extra environment variables. Asserts success."""
+    environment = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        PYTHONPATH=str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        **env,
+    )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += ["-m", "minigpt.cli", "train", str(write_yaml(path, config)), *overrides]
+    done = subprocess.run(cmd, env=environment, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return done
 
 
 def losses(records: list[dict[str, Any]]) -> list[float]:
