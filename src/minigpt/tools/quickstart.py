@@ -24,9 +24,9 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-#: BLIP-2's ViT (tiny preset: 56-pixel pictures, 14-pixel patches) trained from scratch, without the Q-Former as in
-#: MiniGPT-4's LLaMA-2 variant: each visual token is 4 neighbouring patch features (4 tokens per picture).
-VISION = {"preset": "tiny", "use_qformer": False, "concat_tokens": 4}
+#: BLIP-2's ViT (56-pixel pictures, 14-pixel patches, width 128, 4 layers) trained from scratch, without the
+#: Q-Former as in MiniGPT-4's LLaMA-2 variant: each visual token is 4 neighbouring patch features (4 per picture).
+VISION = {"preset": "tiny", "width": 128, "depth": 4, "mlp_dim": 256, "use_qformer": False, "concat_tokens": 4}
 LOG_FILE = "quickstart.log"
 
 
@@ -95,7 +95,10 @@ def plan_for(choice: str, words: list[str], out: Path, args: argparse.Namespace)
     if llm is None and choice in ("auto", "tiny"):
         plan = Plan(str(tiny_llm_dir(words, out / "tiny-llm")), Stage(150, 16, 3e-3, True), Stage(150, 16, 3e-3))
     else:
-        plan = Plan(llm or choice, Stage(300, 16, 3e-3, True), Stage(200, 8, 3e-3, True))
+        # Stage 1 trains the ViT with the projector on captions; stage 2 keeps the ViT and trains the projector
+        # alone, at a higher rate and in small batches (many updates: carrying what stage 1 learned into the chat
+        # template is its whole job).
+        plan = Plan(llm or choice, Stage(300, 16, 3e-3, True), Stage(400, 4, 1e-2))
     return Plan(plan.llm, _steps(plan.stage1, args.stage1_steps), _steps(plan.stage2, args.stage2_steps))
 
 
