@@ -98,6 +98,38 @@ def tiny_qwen_dir(tmp_path_factory, qwen_tokenizer) -> Path:
     return save_tiny_llm(tmp_path_factory.mktemp("tiny-qwen"), qwen_tokenizer, arch="qwen2")
 
 
+@pytest.fixture(scope="session")
+def tiny_blip2_config():
+    """``build(text_config)``: a transformers ``Blip2Config`` of a tiny BLIP-2 (ViT 32 wide on
+    28-pixel pictures, Q-Former 16 wide, 4 query tokens) around ``text_config`` (a dict)."""
+    from transformers import Blip2Config
+
+    def build(text_config: dict) -> Blip2Config:
+        return Blip2Config(
+            vision_config=dict(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                image_size=28,
+                patch_size=14,
+            ),
+            qformer_config=dict(
+                hidden_size=16,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=32,
+                encoder_hidden_size=32,
+                vocab_size=50,
+                max_position_embeddings=32,
+            ),
+            text_config=text_config,
+            num_query_tokens=4,
+        )
+
+    return build
+
+
 @pytest.fixture()
 def tiny_model_factory(tiny_llama_dir):
     """Build a tiny MiniGPT (random tiny BLIP-2 stack + tiny LLaMA) with any config overrides."""

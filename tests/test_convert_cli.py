@@ -109,39 +109,14 @@ def test_projector(expected, tmp_path, capsys):
     assert "minigpt convert: error: --out" in capsys.readouterr().err
 
 
-def test_hf_blip2(tmp_path, capsys):
-    from transformers import Blip2Config, Blip2ForConditionalGeneration, OPTConfig
+def test_hf_blip2(tmp_path, capsys, tiny_blip2_config):
+    from transformers import Blip2ForConditionalGeneration, OPTConfig
 
     torch.manual_seed(0)
-    model = Blip2ForConditionalGeneration(
-        Blip2Config(
-            vision_config=dict(
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                image_size=28,
-                patch_size=14,
-            ),
-            qformer_config=dict(
-                hidden_size=16,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                intermediate_size=32,
-                vocab_size=50,
-                max_position_embeddings=32,
-            ),
-            text_config=OPTConfig(
-                hidden_size=16,
-                ffn_dim=32,
-                num_hidden_layers=1,
-                num_attention_heads=2,
-                vocab_size=60,
-                word_embed_proj_dim=16,
-            ).to_dict(),
-            num_query_tokens=4,
-        )
-    ).eval()
+    text = OPTConfig(
+        hidden_size=16, ffn_dim=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=60, word_embed_proj_dim=16
+    )
+    model = Blip2ForConditionalGeneration(tiny_blip2_config(text.to_dict())).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.startswith(("vision_model.", "qformer.", "query_tokens")):

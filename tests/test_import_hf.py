@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import Blip2Config, Blip2ForConditionalGeneration, BlipImageProcessor, OPTConfig, T5Config
+from transformers import Blip2ForConditionalGeneration, BlipImageProcessor, OPTConfig, T5Config
 
 from minigpt.cli import main
 from minigpt.data.conversation import Conversation, Image, Text
@@ -20,33 +20,8 @@ from minigpt.model.processor import MiniGPTProcessor
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
 
 
-def _blip2_config(text_config: dict, vocab: int = 0) -> Blip2Config:
-    return Blip2Config(
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=28,
-            patch_size=14,
-        ),
-        qformer_config=dict(
-            hidden_size=16,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=32,
-            encoder_hidden_size=32,
-            vocab_size=50,
-            max_position_embeddings=32,
-        ),
-        text_config=text_config,
-        num_query_tokens=4,
-        image_token_index=vocab or None,
-    )
-
-
 @pytest.fixture(scope="module")
-def salesforce_like(tmp_path_factory, llama_tokenizer):
+def salesforce_like(tmp_path_factory, llama_tokenizer, tiny_blip2_config):
     """A tiny Salesforce/blip2-opt-style folder: OPT language model, tokenizer, image processor."""
     torch.manual_seed(0)
     text = OPTConfig(
@@ -60,7 +35,7 @@ def salesforce_like(tmp_path_factory, llama_tokenizer):
         eos_token_id=2,
         pad_token_id=0,
     )
-    model = Blip2ForConditionalGeneration(_blip2_config(text.to_dict())).eval()
+    model = Blip2ForConditionalGeneration(tiny_blip2_config(text.to_dict())).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.startswith(("vision_model.", "qformer.", "query_tokens", "language_projection")):
@@ -119,9 +94,9 @@ def test_export_then_import_gives_the_same_model(tiny_pair_factory, tmp_path, im
     )
 
 
-def test_refusals_and_errors(tmp_path, capsys):
+def test_refusals_and_errors(tmp_path, capsys, tiny_blip2_config):
     t5 = T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, vocab_size=60, d_kv=8)
-    _blip2_config(t5.to_dict()).save_pretrained(tmp_path / "flan-t5")
+    tiny_blip2_config(t5.to_dict()).save_pretrained(tmp_path / "flan-t5")
     assert main(["convert", "import-hf", str(tmp_path / "flan-t5"), "--out", str(tmp_path / "x")]) == 2
     assert "the language model (t5) is not a causal LM" in capsys.readouterr().err
     (tmp_path / "llm").mkdir()
