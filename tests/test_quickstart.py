@@ -123,7 +123,8 @@ def test_quickstart_runs_end_to_end_with_tiny_llm(tmp_path, capsys):
         assert [len(a) for a in summary["answers"][when].values()] == [6, 6, 6]
     seconds = summary["phase_seconds"]
     assert list(seconds) == ["data", "llm", "before", "stage1", "stage2", "after", "report", "total"]
-    assert seconds["total"] >= sum(v for k, v in seconds.items() if k != "total")
+    phases = [v for k, v in seconds.items() if k != "total"]
+    assert seconds["total"] >= sum(phases) - 0.05 * len(phases)  # each figure is rounded to 0.1 s on its own
     captured = capsys.readouterr()
     assert "INFO" not in captured.err  # the detailed log goes to the file
     assert "minigpt.train.loop: training" in (out / "quickstart.log").read_text()
