@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +103,7 @@ def plan_for(choice: str, words: list[str], out: Path, args: argparse.Namespace)
 
 
 def _steps(stage: Stage, steps: int | None) -> Stage:
-    return stage if steps is None else Stage(steps, stage.batch_size, stage.lr, stage.train_vision)
+    return stage if steps is None else replace(stage, steps=steps)
 
 
 def stage_config(
