@@ -59,7 +59,7 @@ class ExportResult:
 
 def blip2_config(model: Any, text_config: Any, image_token_index: int) -> Any:
     """transformers ``Blip2Config`` of a :class:`~minigpt.model.minigpt.MiniGPT` (checks representability)."""
-    from transformers import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig
+    from transformers import Blip2Config
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     v = model.config.vision
@@ -78,30 +78,9 @@ def blip2_config(model: Any, text_config: Any, image_token_index: int) -> Any:
             f"the LLM ({text_config.model_type}) is not a causal LM that plain transformers builds without "
             "trust_remote_code; Blip2ForConditionalGeneration cannot hold it"
         )
-    vision = Blip2VisionConfig(
-        hidden_size=v.width,
-        intermediate_size=v.mlp_dim,
-        num_hidden_layers=v.depth,
-        num_attention_heads=v.heads,
-        image_size=v.image_size,
-        patch_size=v.patch_size,
-        layer_norm_eps=v.vit_eps,
-        hidden_act="gelu",
-        qkv_bias=True,
-    )
-    qformer = Blip2QFormerConfig(
-        hidden_size=v.qformer_width,
-        num_hidden_layers=v.qformer_depth,
-        num_attention_heads=v.qformer_heads,
-        intermediate_size=v.qformer_mlp_dim,
-        layer_norm_eps=v.qformer_eps,
-        hidden_act="gelu",
-        cross_attention_frequency=v.cross_attention_freq,
-        encoder_hidden_size=v.width,
-    )
     return Blip2Config(
-        vision_config=vision,
-        qformer_config=qformer,
+        vision_config=v.hf_vision_config(),
+        qformer_config=v.hf_qformer_config(),
         text_config=text_config,
         num_query_tokens=v.num_query_tokens,
         image_token_index=image_token_index,

@@ -66,6 +66,33 @@ class VisionConfig:
     def out_dim(self) -> int:
         return self.qformer_width if self.use_qformer else self.width * self.concat_tokens
 
+    def hf_vision_config(self) -> Blip2VisionConfig:
+        """The ViT as transformers' ``Blip2VisionConfig`` (EVA ViT: GELU, q/v biases)."""
+        return Blip2VisionConfig(
+            hidden_size=self.width,
+            intermediate_size=self.mlp_dim,
+            num_hidden_layers=self.depth,
+            num_attention_heads=self.heads,
+            image_size=self.image_size,
+            patch_size=self.patch_size,
+            layer_norm_eps=self.vit_eps,
+            hidden_act="gelu",
+            qkv_bias=True,
+        )
+
+    def hf_qformer_config(self) -> Blip2QFormerConfig:
+        """The Q-Former as transformers' ``Blip2QFormerConfig`` (cross-attending to the ViT's features)."""
+        return Blip2QFormerConfig(
+            hidden_size=self.qformer_width,
+            num_hidden_layers=self.qformer_depth,
+            num_attention_heads=self.qformer_heads,
+            intermediate_size=self.qformer_mlp_dim,
+            layer_norm_eps=self.qformer_eps,
+            encoder_hidden_size=self.width,
+            cross_attention_frequency=self.cross_attention_freq,
+            hidden_act="gelu",
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -106,36 +133,13 @@ class Blip2VisionEncoder(nn.Module):
     def __init__(self, config: VisionConfig) -> None:
         super().__init__()
         self.config = config
-        self.vision_model = Blip2VisionModel(
-            Blip2VisionConfig(
-                hidden_size=config.width,
-                intermediate_size=config.mlp_dim,
-                num_hidden_layers=config.depth,
-                num_attention_heads=config.heads,
-                image_size=config.image_size,
-                patch_size=config.patch_size,
-                layer_norm_eps=config.vit_eps,
-                hidden_act="gelu",
-                qkv_bias=True,
-                # transformers' default (1e-10) assumes pretrained weights; a random encoder needs real noise.
-                initializer_range=0.02,
-            )
-        )
+        vit = config.hf_vision_config()
+        vit.initializer_range = 0.02  # transformers' default (1e-10) assumes pretrained weights; random needs noise
+        self.vision_model = Blip2VisionModel(vit)
         # LAVIS' ln_vision is a plain LayerNorm (eps 1e-5); transformers would use the ViT's 1e-6.
         self.vision_model.post_layernorm = nn.LayerNorm(config.width, eps=config.ln_vision_eps)
         if config.use_qformer:
-            self.qformer = Blip2QFormerModel(
-                Blip2QFormerConfig(
-                    hidden_size=config.qformer_width,
-                    num_hidden_layers=config.qformer_depth,
-                    num_attention_heads=config.qformer_heads,
-                    intermediate_size=config.qformer_mlp_dim,
-                    layer_norm_eps=config.qformer_eps,
-                    encoder_hidden_size=config.width,
-                    cross_attention_frequency=config.cross_attention_freq,
-                    hidden_act="gelu",
-                )
-            )
+            self.qformer = Blip2QFormerModel(config.hf_qformer_config())
             self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, config.qformer_width))
             nn.init.normal_(self.query_tokens, std=0.02)
 
