@@ -12,11 +12,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from conftest import SHARED
 from minigpt.cli import build_parser, main
 from minigpt.convert.lavis import load_checkpoint, load_vision
 from minigpt.model.minigpt import MiniGPT
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "lavis-tiny"
+FIXTURE = SHARED / "fixtures" / "lavis-tiny"
 TOL = 1e-4
 
 

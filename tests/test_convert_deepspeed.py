@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from conftest import SHARED
 from minigpt.convert.deepspeed import (
     PIPELINE_LLM_NAMES,
     UnsafeCheckpointError,
@@ -35,7 +36,7 @@ from minigpt.data.conversation import Conversation
 from minigpt.model.minigpt import MiniGPT
 from minigpt.model.processor import MiniGPTProcessor
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "lavis-tiny"
+FIXTURE = SHARED / "fixtures" / "lavis-tiny"
 MODEL_STATES = "mp_rank_00_model_states.pt"
 TAG = "global_step10"
 

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import Blip2Config, Blip2ForConditionalGeneration, LlamaConfig
 
+from conftest import SHARED
 from minigpt.convert.lavis import (
     MissingKeysError,
     convert_hf_blip2,
@@ -25,7 +26,7 @@ from minigpt.convert.lavis import (
 from minigpt.model.vision import Blip2VisionEncoder, VisionConfig
 from minigpt.safe_load import UnsafeCheckpointError
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "lavis-tiny"
+FIXTURE = SHARED / "fixtures" / "lavis-tiny"
 TOL = 1e-4
 
 

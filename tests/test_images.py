@@ -1,13 +1,13 @@
 import io
 import struct
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from conftest import SHARED
 from minigpt.data.images import (
     CLIP_MEAN,
     CLIP_STD,
@@ -18,7 +18,7 @@ from minigpt.data.images import (
     load_image,
 )
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "lavis-tiny"
+FIXTURES = SHARED / "fixtures" / "lavis-tiny"
 
 
 def gradient(w: int = 40, h: int = 30) -> Image.Image:
