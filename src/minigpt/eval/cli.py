@@ -88,8 +88,9 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--predictions",
         metavar="FILE",
+        nargs="+",
         help="score this predictions file instead of running a model: minigpt predictions.jsonl, "
-        "LLaVA answers ({question_id, text}) or lmms-eval sample logs",
+        "LLaVA answers ({question_id, text}) or lmms-eval sample logs; or one file per --data file, in order",
     )
     p.add_argument(
         "--scorer",
@@ -148,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
     if args.predictions:
         from .runner import score_predictions
 
-        out = Path(args.output) if args.output else default_output(Path(args.predictions).stem, args.task, args.data)
+        out = Path(args.output) if args.output else default_output(Path(args.predictions[0]).stem, args.task, args.data)
         result = score_predictions(
             args.task,
             data,
@@ -170,6 +171,9 @@ def run(args: argparse.Namespace) -> int:
     rate = f", {tp['samples_per_s']} samples/s" if tp.get("samples_per_s") else ""
     metrics = report["metrics"]
     print(f"scored with {metrics['scorer']}: {metrics['reference']}", file=sys.stderr)
+    summary = REGISTRY[args.task].summary(metrics)
+    if summary:
+        print(summary, file=sys.stderr)
     for note in metrics.get("notes", []):
         print(f"note: {note}", file=sys.stderr)
     print(

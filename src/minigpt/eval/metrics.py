@@ -437,7 +437,8 @@ def _label(x: str | bool | int) -> bool:
 
 
 def pope_metrics(predictions: Sequence[str], labels: Sequence[str | bool | int]) -> dict[str, float]:
-    """POPE accuracy, precision, recall, F1 (positive class = "yes") and the ratio of "yes" answers."""
+    """POPE accuracy, precision, recall, F1 (positive class = "yes"), the ratio of "yes" answers, and the counts
+    ``tp``, ``fp``, ``tn``, ``fn`` (as LLaVA's ``eval_pope.py`` prints them)."""
     if len(predictions) != len(labels) or not predictions:
         raise ValueError("need equally many (>0) predictions and labels")
     pred = [parse_yes_no(p) == "yes" for p in predictions]
@@ -455,4 +456,26 @@ def pope_metrics(predictions: Sequence[str], labels: Sequence[str | bool | int])
         "recall": recall,
         "f1": f1,
         "yes_ratio": (tp + fp) / len(pred),
+        "tp": tp,
+        "fp": fp,
+        "tn": tn,
+        "fn": fn,
     }
+
+
+def llava_pope_report(category: str, m: Mapping[str, float]) -> str:
+    """What LLaVA's ``llava/eval/eval_pope.py`` prints for one category, from :func:`pope_metrics`' output."""
+    return "\n".join(
+        [
+            f"Category: {category}, # samples: {m['tp'] + m['fp'] + m['tn'] + m['fn']}",
+            "TP\tFP\tTN\tFN\t",
+            f"{m['tp']}\t{m['fp']}\t{m['tn']}\t{m['fn']}",
+            f"Accuracy: {m['accuracy']}",
+            f"Precision: {m['precision']}",
+            f"Recall: {m['recall']}",
+            f"F1 score: {m['f1']}",
+            f"Yes ratio: {m['yes_ratio']}",
+            "%.3f, %.3f, %.3f, %.3f, %.3f" % (m["f1"], m["accuracy"], m["precision"], m["recall"], m["yes_ratio"]),
+            "====================================",
+        ]
+    )
