@@ -1,0 +1,231 @@
+"""Evaluation files as people have them: POPE's official files, per-split answer files, lmms-eval logs of every
+version (their exact layouts), matched one to one or refused."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from minigpt.cli import main
+from minigpt.eval.predictions import PredictionMatchError
+from minigpt.eval.runner import score_predictions
+from minigpt.eval.tasks import load_task
+
+#: The first lines of RUCAIBox/POPE output/coco/coco_pope_*.json: JSON Lines under a .json name.
+POPE_LINES = {
+    "random": [
+        ("COCO_val2014_000000310196.jpg", "Is there a snowboard in the image?", "yes"),
+        ("COCO_val2014_000000310196.jpg", "Is there a bench in the image?", "no"),
+        ("COCO_val2014_000000210789.jpg", "Is there a car in the image?", "yes"),
+        ("COCO_val2014_000000210789.jpg", "Is there a giraffe in the image?", "no"),
+    ],
+    "popular": [
+        ("COCO_val2014_000000310196.jpg", "Is there a snowboard in the image?", "yes"),
+        ("COCO_val2014_000000310196.jpg", "Is there a dining table in the image?", "no"),
+        ("COCO_val2014_000000210789.jpg", "Is there a car in the image?", "yes"),
+        ("COCO_val2014_000000210789.jpg", "Is there a chair in the image?", "no"),
+    ],
+    "adversarial": [
+        ("COCO_val2014_000000310196.jpg", "Is there a snowboard in the image?", "yes"),
+        ("COCO_val2014_000000310196.jpg", "Is there a skis in the image?", "no"),
+        ("COCO_val2014_000000210789.jpg", "Is there a car in the image?", "yes"),
+        ("COCO_val2014_000000210789.jpg", "Is there a truck in the image?", "no"),
+    ],
+}
+
+
+def _pope_files(folder: Path) -> list[Path]:
+    """The three official files, written as POPE writes them (json.dumps per line, ids 1.. in each file)."""
+    paths = []
+    for cat, rows in POPE_LINES.items():
+        path = folder / f"coco_pope_{cat}.json"
+        path.write_text(
+            "".join(
+                json.dumps({"question_id": i, "image": img, "text": q, "label": lab}) + "\n"
+                for i, (img, q, lab) in enumerate(rows, 1)
+            )
+        )
+        paths.append(path)
+    return paths
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_pope_official_files_are_json_lines_with_a_json_name(tmp_path):
+    random = _pope_files(tmp_path)[0]
+    assert random.read_text().splitlines()[0] == (
+        '{"question_id": 1, "image": "COCO_val2014_000000310196.jpg", '
+        '"text": "Is there a snowboard in the image?", "label": "yes"}'
+    )
+    td = load_task("pope", random)
+    assert [r.id for r in td.records] == ["1", "2", "3", "4"] and not td.report.skipped
+    assert td.records[0].references == ["yes"] and td.records[0].extra == {"category": "random"}
+    assert td.records[1].prompt_text.endswith("Is there a bench in the image?\nAnswer yes or no.")
+    # a JSON document is still one, indented or on one line (every task reads through the same detection)
+    listed = tmp_path / "vqa.json"
+    rows = [{"id": 1, "image": "a.jpg", "question": "What?", "answers": ["red"]}]
+    for text in (json.dumps(rows, indent=2), json.dumps(rows), json.dumps(rows[0]) + "\n" + json.dumps(rows[0])):
+        listed.write_text(text)
+        assert len(load_task("vqa", listed).records) == 1  # the JSONL form: the repeated id is skipped
+
+
+# answers per category: the 4 questions of each file, in order
+ANSWERS = {
+    "random": ["Yes, there is a snowboard.", "No.", "Yes", "No, there is not."],  # all right
+    "popular": ["Yes", "Yes, there is.", "There is a car.", "no"],  # tp 2, fp 1, tn 1
+    "adversarial": ["No.", "Yes", "There is no car.", "There is not."],  # tp 0, fn 2, fp 1, tn 1
+}
+
+
+def _llava_answers(folder: Path) -> list[Path]:
+    """LLaVA model_vqa_loader answer files, one per split (question ids as in the split's file)."""
+    return [
+        _jsonl(
+            folder / f"answers_{cat}.jsonl",
+            [
+                {"question_id": i, "prompt": "", "text": a, "answer_id": "x", "model_id": "m", "metadata": {}}
+                for i, a in enumerate(answers, 1)
+            ],
+        )
+        for cat, answers in ANSWERS.items()
+    ]
+
+
+def test_three_pope_splits_scored_in_one_call_per_category_and_mean(tmp_path, capsys):
+    data = _pope_files(tmp_path)
+    td = load_task("pope", data)
+    assert [r.id for r in td.records[:2]] == ["coco_pope_random/1", "coco_pope_random/2"]
+    m = score_predictions("pope", td, _llava_answers(tmp_path)).metrics
+    per = m["per_category"]
+    assert per["random"]["accuracy"] == 1.0 and per["random"]["f1"] == 1.0
+    assert (per["popular"]["tp"], per["popular"]["fp"], per["popular"]["tn"], per["popular"]["fn"]) == (2, 1, 1, 0)
+    assert per["popular"]["precision"] == pytest.approx(2 / 3) and per["popular"]["accuracy"] == 0.75
+    assert per["adversarial"]["f1"] == 0.0 and per["adversarial"]["accuracy"] == 0.25
+    assert m["mean"]["accuracy"] == pytest.approx((1 + 0.75 + 0.25) / 3)
+    assert m["mean"]["f1"] == pytest.approx((1 + 0.8 + 0) / 3)
+    assert set(m["per_file"]) == {"coco_pope_random", "coco_pope_popular", "coco_pope_adversarial"}
+
+    # minigpt's own predictions of a several-file run carry the prefixed ids
+    own = _jsonl(
+        tmp_path / "predictions.jsonl",
+        [{"id": r.id, "prediction": "yes"} for r in td.records],
+    )
+    assert score_predictions("pope", td, own).metrics["yes_ratio"] == 1.0
+
+    # one file of answers with ids 1..4: which split? refused, naming the entries
+    with pytest.raises(PredictionMatchError, match=r"answers_random.jsonl:1: id 1 fits 3 records"):
+        score_predictions("pope", td, _llava_answers(tmp_path)[0])
+    with pytest.raises(ValueError, match="2 predictions files for 3 data files"):
+        score_predictions("pope", td, _llava_answers(tmp_path)[:2])
+
+    # the CLI prints what LLaVA's eval_pope.py prints for each category, then the mean
+    out = tmp_path / "out"
+    argv = ["eval", "--task", "pope", "--data", *map(str, data), "-o", str(out), "--predictions"]
+    assert main([*argv, *map(str, _llava_answers(tmp_path))]) == 0
+    err = capsys.readouterr().err
+    assert (
+        "Category: popular, # samples: 4\nTP\tFP\tTN\tFN\t\n2\t1\t1\t0\nAccuracy: 0.75\n"
+        "Precision: 0.6666666666666666\nRecall: 1.0\nF1 score: 0.8\nYes ratio: 0.75\n"
+        "0.800, 0.750, 0.667, 1.000, 0.750\n===================================="
+    ) in err
+    assert "Mean over 3: accuracy 0.667, precision 0.556, recall 0.667, f1 0.600" in err
+    assert json.loads((out / "metrics.json").read_text())["metrics"]["mean"]["f1"] == pytest.approx(0.6)
+
+
+def _lmms07_pope(doc_id: int, question_id: str, answer: str, target: str) -> dict:
+    """A line of ``{date}_samples_pope.jsonl`` as lmms-eval 0.7 writes it (evaluation_tracker.save_results_samples:
+    no ``doc``, no ``arguments``; ``filtered_resps`` flattened to the string; ``resps`` dropped when equal)."""
+    metric = {"question_id": question_id, "score": float(answer.lower() == target), "prediction": answer.lower()}
+    metric["ground_truth"] = target
+    return {
+        "doc_id": doc_id,
+        "target": target,
+        "filtered_resps": answer,
+        "token_counts": [None],
+        "doc_hash": "9f2c1e",
+        "input": "Is there a snowboard in the image?\nAnswer the question using a single word or phrase.",
+        **{k: metric for k in ("pope_accuracy", "pope_precision", "pope_recall", "pope_f1_score", "pope_yes_ratio")},
+    }
+
+
+def test_lmms_eval_07_logs_match_by_the_logged_question_id_not_doc_id(tmp_path):
+    td = load_task("pope", _pope_files(tmp_path)[0])  # ids 1..4, doc_id 0..3
+    answers = ["Yes", "No", "No", "No"]
+    log = _jsonl(
+        tmp_path / "20250101_samples_pope.jsonl",
+        [_lmms07_pope(i, str(i + 1), a, POPE_LINES["random"][i][2]) for i, a in enumerate(answers)],
+    )
+    result = score_predictions("pope", td, log)
+    assert result.predictions == {"1": "Yes", "2": "No", "3": "No", "4": "No"}  # not shifted by one
+    assert result.metrics["accuracy"] == 0.75 and result.metrics["fn"] == 1
+
+    # a log whose task logs no ids: doc_id is the row of the data file, checked against the target
+    rows = [{"doc_id": i, "target": lab, "filtered_resps": "yes", "exact_match": 1.0} for i, (_, _, lab) in
+            enumerate(POPE_LINES["random"])]  # fmt: skip
+    assert score_predictions("pope", td, _jsonl(tmp_path / "rows.jsonl", rows)).predictions["1"] == "yes"
+    rows[0]["doc_id"], rows[1]["doc_id"] = 1, 0  # targets no longer agree: refused, not scored
+    with pytest.raises(PredictionMatchError, match=r"rows.jsonl:1: no record has doc_id 1 \(a row\) and target 'yes'"):
+        score_predictions("pope", td, _jsonl(tmp_path / "rows.jsonl", rows))
+
+    # the three splits with a per-split question_id and no category: ambiguous, refused by entry
+    three = load_task("pope", _pope_files(tmp_path))
+    with pytest.raises(PredictionMatchError, match=r"samples_pope.jsonl:1: id 1 fits 3 records"):
+        score_predictions("pope", three, log)
+
+
+def test_lmms_eval_03_docs_match_within_their_split(tmp_path):
+    """v0.3 logs keep the document: lmms-lab/POPE's carries a per-split ``question_id`` and its ``category``."""
+    three = load_task("pope", _pope_files(tmp_path))
+    entries = []
+    for n, (cat, answers) in enumerate(ANSWERS.items()):
+        for i, a in enumerate(answers):
+            doc = {"id": str(n * 4 + i), "question_id": str(i + 1), "question": "?", "answer": "", "category": cat}
+            doc["answer"] = POPE_LINES[cat][i][2]
+            entries.append(
+                {
+                    "doc_id": n * 4 + i,
+                    "doc": doc,
+                    "target": doc["answer"],
+                    "arguments": {"0": {"max_new_tokens": 128}},
+                    "resps": [[a]],
+                    "filtered_resps": [a],
+                    "doc_hash": "x",
+                    "prompt_hash": "y",
+                    "target_hash": "z",
+                    "input": "?",
+                }
+            )
+    result = score_predictions("pope", three, _jsonl(tmp_path / "v03.jsonl", entries))
+    assert result.predictions["coco_pope_adversarial/4"] == "There is not."
+    assert result.metrics["per_category"]["adversarial"]["accuracy"] == 0.25
+    entries[0]["doc"]["category"] = "popular"  # the popular file's question 1 is taken: a second prediction for it
+    with pytest.raises(PredictionMatchError, match=re.escape("a second prediction for record 'coco_pope_popular/1'")):
+        score_predictions("pope", three, _jsonl(tmp_path / "v03.jsonl", entries))
+
+
+def test_lmms_eval_07_mmbench_log_matches_by_index(tmp_path):
+    """mmbench_process_results logs ``gpt_eval_score`` / ``submission`` objects with the row's ``index``."""
+    tsv = tmp_path / "mmbench_dev_en.tsv"
+    header = "index\tquestion\thint\tA\tB\tanswer\tcategory\timage_path\n"
+    keys = {5: "B", 7: "A", 9: "B"}
+    tsv.write_text(header + "".join(f"{i}\tq{i}?\tnan\tcat\tdog\t{k}\tscene\ta.png\n" for i, k in keys.items()))
+    td = load_task("mcq", tsv)
+
+    def line(doc_id: int, index: int, answer: str, target: str) -> dict:
+        logged = {"index": index, "question": "?", "answer": target, "prediction": answer, "hint": "nan"}
+        logged.update({"source": "x", "split": "dev", "category": "scene", "L2-category": "y", "A": "cat"})
+        return {"doc_id": doc_id, "target": target, "filtered_resps": answer, "doc_hash": "h", "input": "?",
+                "gpt_eval_score": logged, "submission": logged}  # fmt: skip
+
+    log = _jsonl(tmp_path / "samples_mmbench_en_dev.jsonl", [line(0, 5, "B", "B"), line(1, 7, "A", "A")])
+    result = score_predictions("mcq", td, log)
+    assert result.predictions == {"5": "B", "7": "A"} and result.metrics["missing"] == 1
+    log = _jsonl(tmp_path / "samples_mmbench_en_dev.jsonl", [line(0, 5, "B", "A")])  # a wrong dataset version
+    with pytest.raises(PredictionMatchError, match="no record has id 5 and category 'scene' and target 'A'"):
+        score_predictions("mcq", td, log)
