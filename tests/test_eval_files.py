@@ -229,3 +229,44 @@ def test_lmms_eval_07_mmbench_log_matches_by_index(tmp_path):
     log = _jsonl(tmp_path / "samples_mmbench_en_dev.jsonl", [line(0, 5, "B", "A")])  # a wrong dataset version
     with pytest.raises(PredictionMatchError, match="no record has id 5 and category 'scene' and target 'A'"):
         score_predictions("mcq", td, log)
+
+
+#: can_infer of VLMEvalKit's vlmeval/utils/matching_util.py, run at commits c026693a (rules "2024"), c3371551
+#: ("2025") and e8e78f05 ("2026", HEAD), options A cat, B dog, C "a red bird", D "the sky"; None: False.
+VLMEVALKIT_CASES = [
+    ("A dog.", "A", "A", "A"),
+    ("The correct answer is **B**. Here's why: it barks and it is a dog", "B", None, "B"),
+    ("B is right because the picture shows a dog sitting on the grass", "B", None, None),
+    ("I think the answer is d", None, None, "D"),
+    ("The answer is Cat", "A", "A", "C"),
+    ("Option B, the dog", "B", "B", "B"),
+    ("It is a dog, not a cat", None, None, None),
+    ("The image shows a dog playing in a park with a lot of other animals around it today", "B", None, None),
+    ("answer is C or D", None, None, "C"),
+    ("Cannot determine the answer", "Z", "Z", "Z"),
+    ("B and some words after here", "B", None, None),
+    ("Correct answer is b.", None, None, "B"),
+    ("the sky is blue and the dog", None, None, None),
+    ("a red bird", "C", "C", "C"),
+]
+
+
+@pytest.mark.parametrize(("answer", "v2024", "v2025", "v2026"), VLMEVALKIT_CASES)
+def test_vlmevalkit_matcher_versions_equal_the_real_can_infer(answer, v2024, v2025, v2026):
+    from minigpt.eval.metrics import CHOICE_EXTRACTORS
+
+    options = {"A": "cat", "B": "dog", "C": "a red bird", "D": "the sky"}
+    got = [CHOICE_EXTRACTORS[s][0](answer, options) for s in ("vlmevalkit", "vlmevalkit2025", "vlmevalkit2026")]
+    assert got == [v2024, v2025, v2026]
+
+
+def test_mcq_metrics_name_the_vlmevalkit_version(tmp_path):
+    data = _jsonl(tmp_path / "q.jsonl", [{"id": 1, "image": "a.png", "question": "?", "options": ["cat", "dog"],
+                                         "answer": "B"}])  # fmt: skip
+    td = load_task("mcq", data)
+    preds = _jsonl(tmp_path / "p.jsonl", [{"id": "1", "prediction": "B is right because the picture shows a dog"}])
+    old = score_predictions("mcq", td, preds).metrics
+    new = score_predictions("mcq", td, preds, scorer="vlmevalkit2025").metrics
+    assert old["accuracy"] == 1.0 and new["accuracy"] == 0.0
+    assert "c6bdffd3 (2024-03-19) up to c3371551 (2025-08-04)" in old["reference"]
+    assert new["scorer"] == "vlmevalkit2025" and "last 4 words" in new["reference"]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import re
 import shutil
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import TypeVar
 
 logger = logging.getLogger(__name__)
@@ -359,46 +359,84 @@ _VLMEVAL_REFUSALS = (
 _VLMEVAL_STRIP = ".()[],:;!*#{}"
 
 
-def vlmevalkit_option(answer: str, options: Options) -> str | None:
-    """VLMEvalKit's ``can_infer_option`` (vlmeval/utils/matching_util.py, VERBOSE unset).
+_VLMEVAL_VERBOSE = re.compile(r"(?i)(?:correct\s+)?answer\s+is\s+\**([ABCD])\**")
+
+
+def vlmevalkit_option(answer: str, options: Options, rules: str = "2024") -> str | None:
+    """VLMEvalKit's ``can_infer_option`` (vlmeval/utils/matching_util.py, VERBOSE unset), by ``rules``
+    (:data:`VLMEVALKIT_RULES`).
 
     A refusal phrase -> ``"Z"``; else ``.()[],:;!*#{}`` become spaces, the answer is split into
     words, and when exactly one option letter is a word, that letter (a leading article "A" counts:
-    "A dog." -> "A"); when none is and "Z" is a word -> ``"Z"``; otherwise ``None``.
+    "A dog." -> "A"); when none is and "Z" is a word -> ``"Z"``; otherwise ``None``. From ``2025`` on the one
+    letter must be among the last 4 words; from ``2026`` on "(correct) answer is **X**" (any case, X in A-D)
+    picks X when the words did not.
     """
     letters = list(_as_dict(options))
     if "Failed to obtain answer via API" in answer:
         return None
     if any(err in answer for err in _VLMEVAL_REFUSALS):
         return "Z"
+    mod = answer
     for c in _VLMEVAL_STRIP:
-        answer = answer.replace(c, " ")
-    words = answer.split()
+        mod = mod.replace(c, " ")
+    words = mod.split()
     found = [c for c in letters if c in words]
     if len(found) == 1:
-        return found[0]
-    if not found and "Z" in words:
+        if rules == "2024" or words.index(found[0]) > len(words) - 5:
+            return found[0]
+    elif not found and "Z" in words:
         return "Z"
+    if rules == "2026" and (m := _VLMEVAL_VERBOSE.search(answer)) and m.group(1).upper() in letters:
+        return m.group(1).upper()
     return None
 
 
-def vlmevalkit_text(answer: str, options: Options) -> str | None:
+def vlmevalkit_text(answer: str, options: Options, rules: str = "2024") -> str | None:
     """VLMEvalKit's ``can_infer_text``: the one option whose lower-cased text is a substring of the
-    lower-cased answer, else ``None``."""
+    lower-cased answer, else ``None``; from ``2025`` on, ``None`` when the answer is longer than twice the
+    options' texts together."""
     low = answer.lower()
-    found = [k for k, v in _as_dict(options).items() if str(v).lower() in low]
+    opts = _as_dict(options)
+    if rules != "2024" and len(low) > 2 * sum(len(v) for v in opts.values()):
+        return None
+    found = [k for k, v in opts.items() if str(v).lower() in low]
     return found[0] if len(found) == 1 else None
 
 
-def vlmevalkit_choice(answer: str, options: Options) -> str | None:
-    """VLMEvalKit's exact matcher ``can_infer``: :func:`vlmevalkit_option`, then :func:`vlmevalkit_text`.
-    ``"Z"`` (a refusal) never equals an answer letter, so it scores as a miss, as there."""
-    return vlmevalkit_option(str(answer), options) or vlmevalkit_text(str(answer), options)
+#: Versions of VLMEvalKit's matcher: rules name -> the commits whose vlmeval/utils/matching_util.py it equals.
+VLMEVALKIT_RULES = {
+    "2024": "c6bdffd3 (2024-03-19) up to c3371551 (2025-08-04)",
+    "2025": "c3371551 (2025-08-04) up to a67ace50 (2026-06-17)",
+    "2026": "a67ace50 (2026-06-17) to e8e78f05 (2026-08-18, HEAD when checked)",
+}
 
+
+def vlmevalkit_choice(answer: str, options: Options, rules: str = "2024") -> str | None:
+    """VLMEvalKit's exact matcher ``can_infer``: :func:`vlmevalkit_option`, then :func:`vlmevalkit_text`, by
+    ``rules`` (:data:`VLMEVALKIT_RULES`). ``"Z"`` (a refusal) never equals an answer letter, so it scores as a
+    miss, as there."""
+    return vlmevalkit_option(str(answer), options, rules) or vlmevalkit_text(str(answer), options, rules)
+
+
+def _vlmevalkit(rules: str) -> Callable[[str, Options], str | None]:
+    return lambda answer, options: vlmevalkit_choice(answer, options, rules)
+
+
+_MATCHER = "VLMEvalKit exact matching (vlmeval/utils/matching_util.py can_infer) as in commits"
 
 #: Answer extractions for multiple choice: name -> (function, what it reproduces).
 CHOICE_EXTRACTORS = {
-    "vlmevalkit": (vlmevalkit_choice, "VLMEvalKit exact matching (vlmeval/utils/matching_util.py can_infer)"),
+    "vlmevalkit": (vlmevalkit_choice, f"{_MATCHER} {VLMEVALKIT_RULES['2024']}"),
+    "vlmevalkit2025": (
+        _vlmevalkit("2025"),
+        f"{_MATCHER} {VLMEVALKIT_RULES['2025']}: an option letter must be among the last 4 words; "
+        "an answer over twice the options' length is not matched to option text",
+    ),
+    "vlmevalkit2026": (
+        _vlmevalkit("2026"),
+        f"{_MATCHER} {VLMEVALKIT_RULES['2026']}: the 2025 rules, and '(correct) answer is **X**'",
+    ),
     "minigpt": (extract_choice, "minigpt's own answer extraction (extract_choice; not a published protocol)"),
 }
 
