@@ -270,3 +270,44 @@ def test_mcq_metrics_name_the_vlmevalkit_version(tmp_path):
     assert old["accuracy"] == 1.0 and new["accuracy"] == 0.0
     assert "c6bdffd3 (2024-03-19) up to c3371551 (2025-08-04)" in old["reference"]
     assert new["scorer"] == "vlmevalkit2025" and "last 4 words" in new["reference"]
+
+
+#: LLaVA's EvalAIAnswerProcessor()(text) (llava/eval/m4c_evaluator.py at haotian-liu/LLaVA HEAD), run on each.
+EVALAI_CASES = [
+    ("red,white", "redwhite"),
+    ("Red, White", "red white"),
+    ("What's that?", "what 's that"),
+    ("the dog's bone", "dog 's bone"),
+    ("2,000", "2000"),
+    ("Two", "2"),
+    ("None", "0"),
+    ("1.5", "1.5"),
+    ("It's a cat.", "it 's cat"),
+    ("t-shirt", "t shirt"),
+    ("dont", "don't"),
+    ('He said "hi"', "he said hi"),
+    ("3 , 4", "3 4"),
+    ("a/b", "b"),
+    ("up?down", "updown"),
+]
+
+
+@pytest.mark.parametrize(("text", "processed"), EVALAI_CASES)
+def test_evalai_answer_processor_equals_llavas(text, processed):
+    from minigpt.eval.metrics import evalai_answer
+
+    assert evalai_answer(text) == processed
+
+
+def test_vqa_llava_style_scorer(tmp_path):
+    rows = [
+        {"id": 1, "image": "a.png", "question": "Colors?", "answers": ["redwhite"] * 4 + ["red and white"] * 6},
+        {"id": 2, "image": "a.png", "question": "What?", "answers": ["2000"] * 10},
+    ]
+    td = load_task("vqa", _jsonl(tmp_path / "q.jsonl", rows))
+    preds = _jsonl(tmp_path / "p.jsonl", [{"id": "1", "prediction": "red,white"}, {"id": "2", "prediction": "2,000"}])
+    plain = score_predictions("vqa", td, preds).metrics
+    llava = score_predictions("vqa", td, preds, scorer="lavis+evalai").metrics
+    assert plain["accuracy"] == pytest.approx(0.5)  # "red,white" -> "red white" (no annotator said that)
+    assert llava["accuracy"] == pytest.approx(1.0) and "EvalAIAnswerProcessor" in llava["reference"]
+    assert score_predictions("vqa", td, preds, scorer="vqaeval2021+evalai").metrics["accuracy"] == pytest.approx(1.0)

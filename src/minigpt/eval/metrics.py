@@ -224,7 +224,12 @@ _PERIOD_COUNT = int(re.UNICODE)
 VQA_LOGICS = {
     "lavis": "LAVIS lavis/common/vqa_tools/vqa_eval.py (= GT-Vision-Lab/VQA vqaEval.py before its 2021 revision)",
     "vqaeval2021": "GT-Vision-Lab/VQA vqaEval.py, 2021 revision",
+    "lavis+evalai": "LLaVA's answer processing for VQAv2 submissions (llava/eval/m4c_evaluator.py "
+    "EvalAIAnswerProcessor, as scripts/convert_vqav2_for_submission.py applies it), then the lavis logic",
+    "vqaeval2021+evalai": "LLaVA's EvalAIAnswerProcessor, then GT-Vision-Lab/VQA vqaEval.py, 2021 revision",
 }
+#: The suffix of a :data:`VQA_LOGICS` name that passes predictions through :func:`evalai_answer` first.
+EVALAI = "+evalai"
 
 
 def vqa_process_punctuation(text: str) -> str:
@@ -257,6 +262,14 @@ def normalize_vqa_answer(text: str) -> str:
     return vqa_process_digit_article(vqa_process_punctuation(_clean(text)))
 
 
+def evalai_answer(text: str) -> str:
+    """LLaVA's ``EvalAIAnswerProcessor`` (llava/eval/m4c_evaluator.py, from MMF): lowercase, commas and question
+    marks deleted ("red,white" -> "redwhite"), "'s" split off, then the VQA punctuation, number, article and
+    contraction processing. LLaVA passes its VQAv2 answers through it before they reach the official scorer."""
+    text = text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
+    return vqa_process_digit_article(vqa_process_punctuation(_clean(text)))
+
+
 def vqa_accuracy(prediction: str, answers: Sequence[str], logic: str = "lavis") -> float:
     """VQAv2 accuracy of one prediction against the annotators' answers, as the reference computes it.
 
@@ -266,10 +279,14 @@ def vqa_accuracy(prediction: str, answers: Sequence[str], logic: str = "lavis") 
     * ``lavis``: the prediction is fully normalised; the answers (normalised already in the VQAv2
       annotation files) get punctuation processing only, and only when they disagree;
     * ``vqaeval2021``: prediction and answers are stripped; when the answers disagree both are fully
-      normalised, otherwise they are compared as they are.
+      normalised, otherwise they are compared as they are;
+    * either with ``+evalai``: the prediction is first passed through :func:`evalai_answer`, as LLaVA's
+      published VQAv2 numbers were.
     """
     if not answers:
         raise ValueError("no ground-truth answers")
+    if logic in VQA_LOGICS and logic.endswith(EVALAI):
+        prediction, logic = evalai_answer(prediction), logic.removesuffix(EVALAI)
     if logic == "lavis":
         pred = normalize_vqa_answer(prediction)
         gts = [vqa_process_punctuation(a) for a in answers] if len(set(answers)) > 1 else list(answers)
