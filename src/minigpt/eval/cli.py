@@ -112,6 +112,12 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--no-resume", action="store_true", help="start over instead of continuing the predictions file")
     p.add_argument("--no-meteor", action="store_true", help="caption: skip METEOR (it needs java and ~20 s)")
+    p.add_argument(
+        "--allow-fallback-tokenizer",
+        action="store_true",
+        help="caption: score without java (no METEOR; a pure-Python stand-in for PTBTokenizer, not the published "
+        "numbers' tokenizer)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_device_argument(p)
     p.add_argument("--dtype", help="LLM dtype override (float32, bfloat16, float16)")
@@ -131,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise ValueError("--limit must be >= 1")
     get_task(args.task).check_scorer(args.scorer)
+    _check_java(args)
     data = load_task(
         args.task,
         args.data,
@@ -183,6 +190,18 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def _check_java(args: argparse.Namespace) -> None:
+    """Captions are scored as published (PTBTokenizer, METEOR: java) unless the fallback is asked for."""
+    from .metrics import java_available
+
+    if args.task == "caption" and not args.allow_fallback_tokenizer and not java_available():
+        raise RuntimeError(
+            "caption scores need java (PTBTokenizer, METEOR) and it is not on PATH: install a Java runtime "
+            "(bash scripts/install.sh does, or apt-get install default-jre-headless), or pass "
+            "--allow-fallback-tokenizer to score with the pure-Python tokenizer (no METEOR)"
+        )
 
 
 def _evaluate_model(args: argparse.Namespace, data: Any, info: dict[str, Any], meteor: bool | None) -> Any:

@@ -55,10 +55,12 @@ _PTB_DROP = {
     '"',
 }
 _BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
+_NON_BMP = re.compile("[\U00010000-\U0010ffff]")
 _CLITIC = re.compile(r"(?<=\w)(n't|'s|'re|'ve|'ll|'d|'m)\b")
 _TOKEN = re.compile(
     r"n't|'(?:s|re|ve|ll|d|m)\b"  # clitics split off by _CLITIC
     r"|[^\W\d_]+(?:\.[^\W\d_]+)+\.|(?:mr|mrs|ms|dr|st|jr|sr|vs|etc)\."  # e.g., u.s., mr.
+    r"|[@#][^\W\d_]\w*|\d+(?::\d+)+"  # @home, #selfie (but "# 1"), times 10:30
     r"|(?:\d+(?:[.,]\d+)+|\w+)(?:[-/&'.]\w+)*"  # 3.5, 1,000, 3.5-inch, well-known, and/or, o'clock
     r"|[.?!]+|-+|\S"  # punctuation runs, then any other single character
 )
@@ -78,6 +80,7 @@ def simple_tokenize(text: str) -> str:
     ordinary captions; rare constructs (e.g. "@home", sentence-final abbreviations) may differ.
     """
     text = text.replace("\n", " ").replace("\u2019", "'").replace("\u201c", '"').replace("\u201d", '"')
+    text = _NON_BMP.sub("", text.replace("\u2014", " -- ").replace("\u2013", " -- "))  # PTB drops emoji
     tokens = _TOKEN.findall(_CLITIC.sub(r" \1", text.lower()))
     return " ".join(_BRACKETS.get(t, t) for t in tokens if t not in _PTB_DROP)
 
