@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -319,7 +320,11 @@ HARD_REFS = {
     1: ["A clock tower shows 10:30 on a sunny day.", "The tower clock reads 10:30.", "A tall clock tower."],
     2: ["A dog 🐶 sleeps on the couch.", "A brown dog asleep on a sofa.", "Dog napping on the couch 😴"],
     3: ["A man — wearing a hat — walks his dog.", "A man in a hat walking a dog.", "Man and dog – out for a walk."],
-    4: ["Two kids play soccer at the park - a sunny day.", "Kids playing soccer in a park.", "Two children with a ball."],
+    4: [
+        "Two kids play soccer at the park - a sunny day.",
+        "Kids playing soccer in a park.",
+        "Two children with a ball.",
+    ],
     5: ["A woman takes a #selfie with her phone.", "A woman taking a selfie.", "Selfie time: a woman and her phone."],
     6: ["A sign says @home on the wall.", "A wall sign reading @home.", "A sign on a white wall."],
     7: ["The train leaves at 7:45 pm from platform 2.", "A train at a platform.", "A train waiting at 7:45."],
@@ -411,3 +416,22 @@ def test_caption_eval_refuses_without_java_unless_asked(tmp_path, monkeypatch, c
     assert main([*argv, "--allow-fallback-tokenizer"]) == 0
     notes = json.loads((tmp_path / "o" / "metrics.json").read_text())["metrics"]["notes"]
     assert "fallback tokenizer" in notes[0] and "0.006" in notes[0]
+
+
+@pytest.mark.parametrize(("uid", "installs"), [("0", True), ("1000", False)])
+def test_install_script_installs_java_where_missing(tmp_path, uid, installs):
+    """scripts/install.sh's java step, run with stand-ins for id and apt-get on a PATH without java."""
+    script = (Path(__file__).parents[1] / "scripts" / "install.sh").read_text()
+    block = script[script.index("if ! command -v java") : script.index('python -c "import minigpt')]
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "id").write_text(f"#!/bin/sh\necho {uid}\n")
+    (bin_ / "apt-get").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/apt.log\n')
+    for f in bin_.iterdir():
+        f.chmod(0o755)
+    bash = shutil.which("bash")
+    run = subprocess.run([bash, "-c", block], env={"PATH": str(bin_)}, capture_output=True, text=True, timeout=30)
+    assert run.returncode == 0, run.stderr
+    log = (tmp_path / "apt.log").read_text() if (tmp_path / "apt.log").exists() else ""
+    assert ("install -y -qq --no-install-recommends default-jre-headless" in log) == installs
+    assert installs or "java not found" in run.stderr
