@@ -151,6 +151,7 @@ def _lmms07_pope(doc_id: int, question_id: str, answer: str, target: str) -> dic
         "filtered_resps": answer,
         "token_counts": [None],
         "doc_hash": "9f2c1e",
+        "input_media": ["COCO_val2014_000000310196.jpg"],
         "input": "Is there a snowboard in the image?\nAnswer the question using a single word or phrase.",
         **{k: metric for k in ("pope_accuracy", "pope_precision", "pope_recall", "pope_f1_score", "pope_yes_ratio")},
     }

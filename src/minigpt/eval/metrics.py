@@ -533,7 +533,7 @@ def llava_pope_report(category: str, m: Mapping[str, float]) -> str:
             f"Recall: {m['recall']}",
             f"F1 score: {m['f1']}",
             f"Yes ratio: {m['yes_ratio']}",
-            "%.3f, %.3f, %.3f, %.3f, %.3f" % (m["f1"], m["accuracy"], m["precision"], m["recall"], m["yes_ratio"]),
+            ", ".join(f"{m[k]:.3f}" for k in ("f1", "accuracy", "precision", "recall", "yes_ratio")),
             "====================================",
         ]
     )

@@ -108,7 +108,7 @@ class Pope(Task):
         text = "\n".join(M.llava_pope_report(c, m) for c, m in groups.items())
         if "mean" in totals:
             m = totals["mean"]
-            text += "\nMean over %d: %s" % (len(groups), ", ".join(f"{k} {m[k]:.3f}" for k in _MEANS))
+            text += f"\nMean over {len(groups)}: " + ", ".join(f"{k} {m[k]:.3f}" for k in _MEANS)
         return text
 
 
