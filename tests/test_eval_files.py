@@ -436,3 +436,54 @@ def test_install_script_installs_java_where_missing(tmp_path, uid, installs):
     log = (tmp_path / "apt.log").read_text() if (tmp_path / "apt.log").exists() else ""
     assert ("install -y -qq --no-install-recommends default-jre-headless" in log) == installs
     assert installs or "java not found" in run.stderr
+
+
+def _readme_eval_block() -> list[str]:
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Evaluation\n") :]
+    block = section[section.index("```bash\n") + 8 : section.index("```\n", section.index("```bash\n") + 8)]
+    return [line for line in block.splitlines() if line.strip()]
+
+
+def test_readme_evaluation_commands_run(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """Every line of the README's evaluation block, on tiny files named as there, with the tiny model as MODEL."""
+    import base64
+    import io
+
+    from PIL import Image as PILImage
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "coco" / "val2014").mkdir(parents=True)
+    name = "COCO_val2014_000000391895.jpg"
+    PILImage.new("RGB", (16, 12), (200, 30, 30)).save(tmp_path / "coco" / "val2014" / name)
+    Path("v2_Questions_val.json").write_text(
+        json.dumps({"data_subtype": "val2014", "questions": [{"question_id": 1, "image_id": 391895, "question": "?"}]})
+    )
+    answers = [{"answer": "red"}] * 10
+    Path("v2_Annotations_val.json").write_text(
+        json.dumps({"annotations": [{"question_id": 1, "image_id": 391895, "answers": answers}]})
+    )
+    sentences = [{"raw": "A red square."}, {"raw": "Red."}]
+    karpathy = {"filepath": "val2014", "filename": name, "split": "test", "cocoid": 391895, "sentences": sentences}
+    Path("dataset_coco.json").write_text(json.dumps({"images": [karpathy]}))
+    buf = io.BytesIO()
+    PILImage.new("RGB", (16, 12), (30, 30, 200)).save(buf, "PNG")
+    b64 = base64.b64encode(buf.getvalue()).decode()
+    Path("MMBench_DEV_EN.tsv").write_text(
+        f"index\tquestion\thint\tA\tB\tanswer\tcategory\timage\n0\tColour?\tnan\tred\tblue\tB\tcolor\t{b64}\n"
+    )
+    for cat in ("random", "popular", "adversarial"):
+        row = {"question_id": 1, "image": name, "text": "Is there a square in the image?", "label": "yes"}
+        Path(f"coco_pope_{cat}.json").write_text(json.dumps(row) + "\n" + json.dumps({**row, "question_id": 2}) + "\n")
+    Path("answers.jsonl").write_text(json.dumps({"question_id": 1, "text": "red,white"}) + "\n")
+    lines = _readme_eval_block()
+    assert len(lines) == 5 and all(line.startswith("minigpt eval ") for line in lines)
+    for i, line in enumerate(lines):
+        if "--task caption" in line and shutil.which("java") is None:
+            continue  # refused without java (tested above)
+        argv = [str(tiny_model_dir) if a == "MODEL" else a for a in line.split()[1:]]
+        argv += ["-o", f"out{i}", "--no-progress", "--max-new-tokens", "2"] if "MODEL" in line else ["-o", f"out{i}"]
+        assert main(argv) == 0, line
+        assert json.loads(Path(f"out{i}", "metrics.json").read_text())["status"] == "done"
+    pope = json.loads(Path("out3", "metrics.json").read_text())["metrics"]
+    assert set(pope["per_category"]) == {"random", "popular", "adversarial"} and "mean" in pope
