@@ -110,7 +110,10 @@ def test_mmbench_extraction_vlmevalkit_by_default_ours_as_an_option(tmp_path, im
     assert vlm.totals["accuracy"] == 0.0 and vlm.rows[0]["rotations"][0]["choice"] == "A"  # VLMEvalKit: "A"
     assert ours.totals["accuracy"] == 1.0 and ours.rows[0]["rotations"][0]["choice"] == "B"  # ours: an article
     assert ours.totals["scorer"] == "minigpt" and "own answer extraction" in ours.totals["reference"]
-    with pytest.raises(ValueError, match="unknown scorer 'gpt' for task mcq; choose from vlmevalkit, vlmevalkit2025, vlmevalkit2026, minigpt"):
+    with pytest.raises(
+        ValueError,
+        match="unknown scorer 'gpt' for task mcq; choose from vlmevalkit, vlmevalkit2025, vlmevalkit2026, minigpt",
+    ):
         score("mcq", td.records, predictions, scorer="gpt")
 
 
