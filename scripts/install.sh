@@ -16,4 +16,14 @@ if [ "${1:-}" != "--no-browser" ] && ! command -v chromium >/dev/null 2>&1 && [ 
   (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null) \
     || echo "chromium not installed: the browser test will be skipped" >&2
 fi
+if ! command -v java >/dev/null 2>&1; then
+  # Java runs pycocoevalcap's PTBTokenizer and METEOR: the published caption numbers' path
+  # (`minigpt eval --task caption` refuses to score without it unless --allow-fallback-tokenizer).
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -qq && apt-get install -y -qq --no-install-recommends default-jre-headless >/dev/null) \
+      || echo "java not installed: caption scoring needs it (or --allow-fallback-tokenizer)" >&2
+  else
+    echo "java not found: install a Java runtime (Debian: apt-get install default-jre-headless) for caption scores" >&2
+  fi
+fi
 python -c "import minigpt, torch, transformers; print('minigpt', minigpt.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"

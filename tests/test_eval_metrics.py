@@ -333,7 +333,17 @@ def test_pope_confusion_matrix():
     out = M.pope_metrics(preds, labels)
     p, r = 3 / 5, 3 / 4
     expected = {"accuracy": 0.7, "precision": p, "recall": r, "f1": 2 * p * r / (p + r), "yes_ratio": 0.5}
-    assert out == pytest.approx(expected)
+    assert out == pytest.approx({**expected, "tp": 3, "fp": 2, "tn": 4, "fn": 1})
     assert M.pope_metrics(["no", "no"], [True, False]) == pytest.approx(
-        {"accuracy": 0.5, "precision": 0.0, "recall": 0.0, "f1": 0.0, "yes_ratio": 0.0}
+        {
+            "accuracy": 0.5,
+            "precision": 0.0,
+            "recall": 0.0,
+            "f1": 0.0,
+            "yes_ratio": 0.0,
+            "tp": 0,
+            "fp": 0,
+            "tn": 1,
+            "fn": 1,
+        }
     )

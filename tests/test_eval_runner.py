@@ -205,7 +205,8 @@ def test_pope_metrics_hand_computed(tmp_path, images):
     # parsed: yes no no yes no -> tp 1, fp 1, fn 2, tn 1
     expected = {"accuracy": 2 / 5, "precision": 1 / 2, "recall": 1 / 3, "f1": 0.4, "yes_ratio": 2 / 5}
     assert {k: m[k] for k in expected} == pytest.approx(expected)
-    assert m["per_category"]["popular"] == pytest.approx({**expected, "n": 5})
+    counts = {"tp": 1, "fp": 1, "tn": 1, "fn": 2}
+    assert m["per_category"]["popular"] == pytest.approx({**expected, **counts, "n": 5})
 
 
 # ---------------------------------------------------------------------------------------------- bad input

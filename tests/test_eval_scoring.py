@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import pytest
 from PIL import Image as PILImage
 
 from minigpt.eval import cli
+from minigpt.eval.predictions import PredictionMatchError
 from minigpt.eval.runner import EvalWarning, run_eval, score, score_predictions
 from minigpt.eval.tasks import load_task
 
@@ -108,7 +110,10 @@ def test_mmbench_extraction_vlmevalkit_by_default_ours_as_an_option(tmp_path, im
     assert vlm.totals["accuracy"] == 0.0 and vlm.rows[0]["rotations"][0]["choice"] == "A"  # VLMEvalKit: "A"
     assert ours.totals["accuracy"] == 1.0 and ours.rows[0]["rotations"][0]["choice"] == "B"  # ours: an article
     assert ours.totals["scorer"] == "minigpt" and "own answer extraction" in ours.totals["reference"]
-    with pytest.raises(ValueError, match="unknown scorer 'gpt' for task mcq; choose from vlmevalkit, minigpt"):
+    with pytest.raises(
+        ValueError,
+        match="unknown scorer 'gpt' for task mcq; choose from vlmevalkit, vlmevalkit2025, vlmevalkit2026, minigpt",
+    ):
         score("mcq", td.records, predictions, scorer="gpt")
 
 
@@ -176,12 +181,9 @@ def test_llava_answers_and_lmms_eval_logs(tmp_path, images):
     for path in (llava, lmms):
         result = score_predictions("vqa", td, path)
         assert result.metrics == expected and result.predictions == answers
-    with pytest.warns(EvalWarning, match="unmatched prediction"):
-        result = score_predictions("vqa", td, logs)
-    assert result.metrics == expected and result.predictions == answers
+    with pytest.raises(PredictionMatchError, match=re.escape(f"{logs}[2]: no record has id 99")):
+        score_predictions("vqa", td, logs)  # an entry matching nothing: the file is not this eval set's
     assert expected["accuracy"] == pytest.approx((1.0 + 1.0) / 2)  # "3": 7 of 10 annotators; "Red." -> "red"
-    assert result.problems.counts["unmatched_prediction"] == 1
-    assert result.problems.examples["unmatched_prediction"] == [f"{logs}[2]: no record of the eval set has id 99"]
 
 
 def test_llava_mmbench_rounds_and_coco_file_names(tmp_path, images):
@@ -214,13 +216,16 @@ def test_llava_mmbench_rounds_and_coco_file_names(tmp_path, images):
 def test_bad_prediction_lines_are_named(tmp_path, images):
     td = load_task("vqa", _vqa(tmp_path), images=images)
     path = tmp_path / "p.jsonl"
-    path.write_text('{"id": "1", "prediction": "3"}\n{broken\n{"foo": 1}\n{"id": "1", "prediction": "2"}\n')
+    path.write_text('{"id": "1", "prediction": "3"}\n{broken\n{"foo": 1}\n')
     with pytest.warns(EvalWarning) as caught:
         result = score_predictions("vqa", td, path)
-    assert len(caught) == 3 and result.predictions == {"1": "2"}
-    assert result.problems.counts == {"bad_prediction_line": 2, "duplicate_prediction": 1}
+    assert len(caught) == 2 and result.predictions == {"1": "3"}
+    assert result.problems.counts == {"bad_prediction_line": 2}
     assert result.problems.examples["bad_prediction_line"][0].startswith(f"{path}:2: not a JSON object")
-    with pytest.warns(EvalWarning), pytest.raises(ValueError, match="no prediction matches a record"):
+    path.write_text('{"id": "1", "prediction": "3"}\n{"id": "1", "prediction": "2"}\n')
+    with pytest.raises(PredictionMatchError, match=re.escape(f"{path}:2: a second prediction for record '1'")):
+        score_predictions("vqa", td, path)
+    with pytest.raises(PredictionMatchError, match="none.jsonl:1: no record has id x"):
         score_predictions("vqa", td, write(tmp_path / "none.jsonl", [{"id": "x", "prediction": "y"}]))
 
 

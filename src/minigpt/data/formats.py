@@ -133,13 +133,35 @@ def load_json(path: Path) -> Any:
         raise ValueError(f"{path}: not UTF-8 text ({e})") from None
 
 
+def is_json_lines(path: Path) -> bool:
+    """Whether ``path`` holds JSON Lines whatever its extension (POPE's ``coco_pope_random.json`` does): its first
+    non-blank line is a whole JSON value and another non-blank line follows (a JSON document's first line, ``[``
+    or ``{"a": [``, is never a whole value unless the document is one line)."""
+    if path.suffix == ".jsonl":
+        return True
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            lines = (line for line in f if line.strip())
+            first, second = next(lines, None), next(lines, None)
+    except UnicodeDecodeError:
+        return False
+    if first is None or second is None:
+        return False
+    try:
+        json.loads(first)
+    except json.JSONDecodeError:
+        return False
+    return True
+
+
 def read_json_any(path: Path) -> list[tuple[str, Any]] | dict[str, Any]:
-    """A JSON object as is, or ``(origin, record)`` pairs for a JSON list or a JSONL file.
+    """A JSON object as is, or ``(origin, record)`` pairs for a JSON list or a JSON Lines file (detected by content,
+    see :func:`is_json_lines`).
 
     Origins are ``file:index`` (JSON) or ``file:line`` (JSONL); a bad JSONL line becomes an
     :class:`InvalidRecord` so readers can skip it by name.
     """
-    if path.suffix == ".jsonl":
+    if is_json_lines(path):
         records: list[tuple[str, Any]] = []
         with open(path, encoding="utf-8-sig") as f:
             for lineno, line in enumerate(f, 1):

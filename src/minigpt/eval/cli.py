@@ -88,8 +88,9 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--predictions",
         metavar="FILE",
+        nargs="+",
         help="score this predictions file instead of running a model: minigpt predictions.jsonl, "
-        "LLaVA answers ({question_id, text}) or lmms-eval sample logs",
+        "LLaVA answers ({question_id, text}) or lmms-eval sample logs; or one file per --data file, in order",
     )
     p.add_argument(
         "--scorer",
@@ -111,6 +112,12 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--no-resume", action="store_true", help="start over instead of continuing the predictions file")
     p.add_argument("--no-meteor", action="store_true", help="caption: skip METEOR (it needs java and ~20 s)")
+    p.add_argument(
+        "--allow-fallback-tokenizer",
+        action="store_true",
+        help="caption: score without java (no METEOR; a pure-Python stand-in for PTBTokenizer, not the published "
+        "numbers' tokenizer)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_device_argument(p)
     p.add_argument("--dtype", help="LLM dtype override (float32, bfloat16, float16)")
@@ -130,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise ValueError("--limit must be >= 1")
     get_task(args.task).check_scorer(args.scorer)
+    _check_java(args)
     data = load_task(
         args.task,
         args.data,
@@ -148,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
     if args.predictions:
         from .runner import score_predictions
 
-        out = Path(args.output) if args.output else default_output(Path(args.predictions).stem, args.task, args.data)
+        out = Path(args.output) if args.output else default_output(Path(args.predictions[0]).stem, args.task, args.data)
         result = score_predictions(
             args.task,
             data,
@@ -170,6 +178,9 @@ def run(args: argparse.Namespace) -> int:
     rate = f", {tp['samples_per_s']} samples/s" if tp.get("samples_per_s") else ""
     metrics = report["metrics"]
     print(f"scored with {metrics['scorer']}: {metrics['reference']}", file=sys.stderr)
+    summary = REGISTRY[args.task].summary(metrics)
+    if summary:
+        print(summary, file=sys.stderr)
     for note in metrics.get("notes", []):
         print(f"note: {note}", file=sys.stderr)
     print(
@@ -179,6 +190,18 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def _check_java(args: argparse.Namespace) -> None:
+    """Captions are scored as published (PTBTokenizer, METEOR: java) unless the fallback is asked for."""
+    from .metrics import java_available
+
+    if args.task == "caption" and not args.allow_fallback_tokenizer and not java_available():
+        raise RuntimeError(
+            "caption scores need java (PTBTokenizer, METEOR) and it is not on PATH: install a Java runtime "
+            "(bash scripts/install.sh does, or apt-get install default-jre-headless), or pass "
+            "--allow-fallback-tokenizer to score with the pure-Python tokenizer (no METEOR)"
+        )
 
 
 def _evaluate_model(args: argparse.Namespace, data: Any, info: dict[str, Any], meteor: bool | None) -> Any:

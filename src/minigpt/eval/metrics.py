@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import re
 import shutil
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import TypeVar
 
 logger = logging.getLogger(__name__)
@@ -55,10 +55,12 @@ _PTB_DROP = {
     '"',
 }
 _BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
+_NON_BMP = re.compile("[\U00010000-\U0010ffff]")
 _CLITIC = re.compile(r"(?<=\w)(n't|'s|'re|'ve|'ll|'d|'m)\b")
 _TOKEN = re.compile(
     r"n't|'(?:s|re|ve|ll|d|m)\b"  # clitics split off by _CLITIC
     r"|[^\W\d_]+(?:\.[^\W\d_]+)+\.|(?:mr|mrs|ms|dr|st|jr|sr|vs|etc)\."  # e.g., u.s., mr.
+    r"|[@#][^\W\d_]\w*|\d+(?::\d+)+"  # @home, #selfie (but "# 1"), times 10:30
     r"|(?:\d+(?:[.,]\d+)+|\w+)(?:[-/&'.]\w+)*"  # 3.5, 1,000, 3.5-inch, well-known, and/or, o'clock
     r"|[.?!]+|-+|\S"  # punctuation runs, then any other single character
 )
@@ -78,6 +80,7 @@ def simple_tokenize(text: str) -> str:
     ordinary captions; rare constructs (e.g. "@home", sentence-final abbreviations) may differ.
     """
     text = text.replace("\n", " ").replace("\u2019", "'").replace("\u201c", '"').replace("\u201d", '"')
+    text = _NON_BMP.sub("", text.replace("\u2014", " -- ").replace("\u2013", " -- "))  # PTB drops emoji
     tokens = _TOKEN.findall(_CLITIC.sub(r" \1", text.lower()))
     return " ".join(_BRACKETS.get(t, t) for t in tokens if t not in _PTB_DROP)
 
@@ -224,7 +227,12 @@ _PERIOD_COUNT = int(re.UNICODE)
 VQA_LOGICS = {
     "lavis": "LAVIS lavis/common/vqa_tools/vqa_eval.py (= GT-Vision-Lab/VQA vqaEval.py before its 2021 revision)",
     "vqaeval2021": "GT-Vision-Lab/VQA vqaEval.py, 2021 revision",
+    "lavis+evalai": "LLaVA's answer processing for VQAv2 submissions (llava/eval/m4c_evaluator.py "
+    "EvalAIAnswerProcessor, as scripts/convert_vqav2_for_submission.py applies it), then the lavis logic",
+    "vqaeval2021+evalai": "LLaVA's EvalAIAnswerProcessor, then GT-Vision-Lab/VQA vqaEval.py, 2021 revision",
 }
+#: The suffix of a :data:`VQA_LOGICS` name that passes predictions through :func:`evalai_answer` first.
+EVALAI = "+evalai"
 
 
 def vqa_process_punctuation(text: str) -> str:
@@ -257,6 +265,14 @@ def normalize_vqa_answer(text: str) -> str:
     return vqa_process_digit_article(vqa_process_punctuation(_clean(text)))
 
 
+def evalai_answer(text: str) -> str:
+    """LLaVA's ``EvalAIAnswerProcessor`` (llava/eval/m4c_evaluator.py, from MMF): lowercase, commas and question
+    marks deleted ("red,white" -> "redwhite"), "'s" split off, then the VQA punctuation, number, article and
+    contraction processing. LLaVA passes its VQAv2 answers through it before they reach the official scorer."""
+    text = text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
+    return vqa_process_digit_article(vqa_process_punctuation(_clean(text)))
+
+
 def vqa_accuracy(prediction: str, answers: Sequence[str], logic: str = "lavis") -> float:
     """VQAv2 accuracy of one prediction against the annotators' answers, as the reference computes it.
 
@@ -266,10 +282,14 @@ def vqa_accuracy(prediction: str, answers: Sequence[str], logic: str = "lavis") 
     * ``lavis``: the prediction is fully normalised; the answers (normalised already in the VQAv2
       annotation files) get punctuation processing only, and only when they disagree;
     * ``vqaeval2021``: prediction and answers are stripped; when the answers disagree both are fully
-      normalised, otherwise they are compared as they are.
+      normalised, otherwise they are compared as they are;
+    * either with ``+evalai``: the prediction is first passed through :func:`evalai_answer`, as LLaVA's
+      published VQAv2 numbers were.
     """
     if not answers:
         raise ValueError("no ground-truth answers")
+    if logic in VQA_LOGICS and logic.endswith(EVALAI):
+        prediction, logic = evalai_answer(prediction), logic.removesuffix(EVALAI)
     if logic == "lavis":
         pred = normalize_vqa_answer(prediction)
         gts = [vqa_process_punctuation(a) for a in answers] if len(set(answers)) > 1 else list(answers)
@@ -359,46 +379,84 @@ _VLMEVAL_REFUSALS = (
 _VLMEVAL_STRIP = ".()[],:;!*#{}"
 
 
-def vlmevalkit_option(answer: str, options: Options) -> str | None:
-    """VLMEvalKit's ``can_infer_option`` (vlmeval/utils/matching_util.py, VERBOSE unset).
+_VLMEVAL_VERBOSE = re.compile(r"(?i)(?:correct\s+)?answer\s+is\s+\**([ABCD])\**")
+
+
+def vlmevalkit_option(answer: str, options: Options, rules: str = "2024") -> str | None:
+    """VLMEvalKit's ``can_infer_option`` (vlmeval/utils/matching_util.py, VERBOSE unset), by ``rules``
+    (:data:`VLMEVALKIT_RULES`).
 
     A refusal phrase -> ``"Z"``; else ``.()[],:;!*#{}`` become spaces, the answer is split into
     words, and when exactly one option letter is a word, that letter (a leading article "A" counts:
-    "A dog." -> "A"); when none is and "Z" is a word -> ``"Z"``; otherwise ``None``.
+    "A dog." -> "A"); when none is and "Z" is a word -> ``"Z"``; otherwise ``None``. From ``2025`` on the one
+    letter must be among the last 4 words; from ``2026`` on "(correct) answer is **X**" (any case, X in A-D)
+    picks X when the words did not.
     """
     letters = list(_as_dict(options))
     if "Failed to obtain answer via API" in answer:
         return None
     if any(err in answer for err in _VLMEVAL_REFUSALS):
         return "Z"
+    mod = answer
     for c in _VLMEVAL_STRIP:
-        answer = answer.replace(c, " ")
-    words = answer.split()
+        mod = mod.replace(c, " ")
+    words = mod.split()
     found = [c for c in letters if c in words]
     if len(found) == 1:
-        return found[0]
-    if not found and "Z" in words:
+        if rules == "2024" or words.index(found[0]) > len(words) - 5:
+            return found[0]
+    elif not found and "Z" in words:
         return "Z"
+    if rules == "2026" and (m := _VLMEVAL_VERBOSE.search(answer)) and m.group(1).upper() in letters:
+        return m.group(1).upper()
     return None
 
 
-def vlmevalkit_text(answer: str, options: Options) -> str | None:
+def vlmevalkit_text(answer: str, options: Options, rules: str = "2024") -> str | None:
     """VLMEvalKit's ``can_infer_text``: the one option whose lower-cased text is a substring of the
-    lower-cased answer, else ``None``."""
+    lower-cased answer, else ``None``; from ``2025`` on, ``None`` when the answer is longer than twice the
+    options' texts together."""
     low = answer.lower()
-    found = [k for k, v in _as_dict(options).items() if str(v).lower() in low]
+    opts = _as_dict(options)
+    if rules != "2024" and len(low) > 2 * sum(len(v) for v in opts.values()):
+        return None
+    found = [k for k, v in opts.items() if str(v).lower() in low]
     return found[0] if len(found) == 1 else None
 
 
-def vlmevalkit_choice(answer: str, options: Options) -> str | None:
-    """VLMEvalKit's exact matcher ``can_infer``: :func:`vlmevalkit_option`, then :func:`vlmevalkit_text`.
-    ``"Z"`` (a refusal) never equals an answer letter, so it scores as a miss, as there."""
-    return vlmevalkit_option(str(answer), options) or vlmevalkit_text(str(answer), options)
+#: Versions of VLMEvalKit's matcher: rules name -> the commits whose vlmeval/utils/matching_util.py it equals.
+VLMEVALKIT_RULES = {
+    "2024": "c6bdffd3 (2024-03-19) up to c3371551 (2025-08-04)",
+    "2025": "c3371551 (2025-08-04) up to a67ace50 (2026-06-17)",
+    "2026": "a67ace50 (2026-06-17) to e8e78f05 (2026-08-18, HEAD when checked)",
+}
 
+
+def vlmevalkit_choice(answer: str, options: Options, rules: str = "2024") -> str | None:
+    """VLMEvalKit's exact matcher ``can_infer``: :func:`vlmevalkit_option`, then :func:`vlmevalkit_text`, by
+    ``rules`` (:data:`VLMEVALKIT_RULES`). ``"Z"`` (a refusal) never equals an answer letter, so it scores as a
+    miss, as there."""
+    return vlmevalkit_option(str(answer), options, rules) or vlmevalkit_text(str(answer), options, rules)
+
+
+def _vlmevalkit(rules: str) -> Callable[[str, Options], str | None]:
+    return lambda answer, options: vlmevalkit_choice(answer, options, rules)
+
+
+_MATCHER = "VLMEvalKit exact matching (vlmeval/utils/matching_util.py can_infer) as in commits"
 
 #: Answer extractions for multiple choice: name -> (function, what it reproduces).
 CHOICE_EXTRACTORS = {
-    "vlmevalkit": (vlmevalkit_choice, "VLMEvalKit exact matching (vlmeval/utils/matching_util.py can_infer)"),
+    "vlmevalkit": (vlmevalkit_choice, f"{_MATCHER} {VLMEVALKIT_RULES['2024']}"),
+    "vlmevalkit2025": (
+        _vlmevalkit("2025"),
+        f"{_MATCHER} {VLMEVALKIT_RULES['2025']}: an option letter must be among the last 4 words; "
+        "an answer over twice the options' length is not matched to option text",
+    ),
+    "vlmevalkit2026": (
+        _vlmevalkit("2026"),
+        f"{_MATCHER} {VLMEVALKIT_RULES['2026']}: the 2025 rules, and '(correct) answer is **X**'",
+    ),
     "minigpt": (extract_choice, "minigpt's own answer extraction (extract_choice; not a published protocol)"),
 }
 
@@ -437,7 +495,8 @@ def _label(x: str | bool | int) -> bool:
 
 
 def pope_metrics(predictions: Sequence[str], labels: Sequence[str | bool | int]) -> dict[str, float]:
-    """POPE accuracy, precision, recall, F1 (positive class = "yes") and the ratio of "yes" answers."""
+    """POPE accuracy, precision, recall, F1 (positive class = "yes"), the ratio of "yes" answers, and the counts
+    ``tp``, ``fp``, ``tn``, ``fn`` (as LLaVA's ``eval_pope.py`` prints them)."""
     if len(predictions) != len(labels) or not predictions:
         raise ValueError("need equally many (>0) predictions and labels")
     pred = [parse_yes_no(p) == "yes" for p in predictions]
@@ -455,4 +514,26 @@ def pope_metrics(predictions: Sequence[str], labels: Sequence[str | bool | int])
         "recall": recall,
         "f1": f1,
         "yes_ratio": (tp + fp) / len(pred),
+        "tp": tp,
+        "fp": fp,
+        "tn": tn,
+        "fn": fn,
     }
+
+
+def llava_pope_report(category: str, m: Mapping[str, float]) -> str:
+    """What LLaVA's ``llava/eval/eval_pope.py`` prints for one category, from :func:`pope_metrics`' output."""
+    return "\n".join(
+        [
+            f"Category: {category}, # samples: {m['tp'] + m['fp'] + m['tn'] + m['fn']}",
+            "TP\tFP\tTN\tFN\t",
+            f"{m['tp']}\t{m['fp']}\t{m['tn']}\t{m['fn']}",
+            f"Accuracy: {m['accuracy']}",
+            f"Precision: {m['precision']}",
+            f"Recall: {m['recall']}",
+            f"F1 score: {m['f1']}",
+            f"Yes ratio: {m['yes_ratio']}",
+            ", ".join(f"{m[k]:.3f}" for k in ("f1", "accuracy", "precision", "recall", "yes_ratio")),
+            "====================================",
+        ]
+    )

@@ -445,7 +445,7 @@ def run_eval(
 def score_predictions(
     task: str,
     data: TaskData | Sequence[EvalRecord],
-    predictions_path: str | Path,
+    predictions_path: str | Path | Sequence[str | Path],
     *,
     metrics_path: str | Path | None = None,
     scorer: str | None = None,
@@ -454,21 +454,37 @@ def score_predictions(
     info: Mapping[str, Any] | None = None,
 ) -> EvalResult:
     """Score an existing predictions file (see :mod:`minigpt.eval.predictions` for the formats) against ``data``,
-    as :func:`run_eval` scores its own predictions: same metrics, metrics JSON and scores JSONL."""
-    records = apply_limit(list(data.records if isinstance(data, TaskData) else data), limit)
+    as :func:`run_eval` scores its own predictions: same metrics, metrics JSON and scores JSONL.
+
+    Several predictions files (LLaVA writes one per POPE split) pair with the data files in order, each matched
+    to its own file's records only. Entries that cannot be matched one to one raise
+    :class:`~minigpt.eval.predictions.PredictionMatchError`."""
+    every = list(data.records if isinstance(data, TaskData) else data)
+    records = apply_limit(every, limit)
     if not records:
         raise ValueError("no records to score")
+    paths = [predictions_path] if isinstance(predictions_path, (str, Path)) else list(predictions_path)
     problems = Problems()
-    predictions = read_prediction_file(predictions_path, {r.id for r in records}, problems)
+    if len(paths) == 1:
+        found = read_prediction_file(paths[0], every, problems)
+    else:
+        sources = list(dict.fromkeys(r.source for r in every))
+        if len(paths) != len(sources):
+            raise ValueError(
+                f"{len(paths)} predictions files for {len(sources)} data files: give one predictions file, "
+                "or one per data file in the same order"
+            )
+        found = {}
+        for path, source in zip(paths, sources):
+            found.update(read_prediction_file(path, every, problems, source=source))
+    keep = {r.id for r in records}
+    predictions = {id: answer for id, answer in found.items() if id in keep}
     if not predictions:
-        raise ValueError(
-            f"{predictions_path}: no prediction matches a record of the eval set "
-            f"(first problems: {'; '.join(sum(problems.examples.values(), [])[:3])})"
-        )
+        raise ValueError(f"{', '.join(map(str, paths))}: no prediction for the records scored")
     header = {
         **dict(info or {}),
         "task": task,
-        "predictions": str(Path(predictions_path).resolve()),
+        "predictions": [str(Path(p).resolve()) for p in paths] if len(paths) > 1 else str(Path(paths[0]).resolve()),
         "settings": {"task": task, "limit": limit, "meteor": meteor, "scorer": scorer},
     }
     counts = {"records": len(records), "predicted": len(predictions), "failed": 0}

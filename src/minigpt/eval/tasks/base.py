@@ -29,7 +29,9 @@ class EvalRecord:
     ``references``: reference captions (caption), annotators' answers (vqa), ``[answer letter]`` (mcq) or
     ``[label]`` (pope). ``group``: the question a circular copy belongs to (its own id otherwise).
     ``extra``: task details kept for scoring and written to the predictions file (``options``, ``category``,
-    ``rotation``, ``answer_type``).
+    ``rotation``, ``answer_type``). ``source``: the data file's name without extension; ``local_id``: the id
+    within that file (``id`` has the ``source/`` prefix when several files are read); ``row``: the position of
+    the record's row in its file (0-based, skipped rows counted: lmms-eval's ``doc_id``).
     """
 
     id: str
@@ -39,9 +41,13 @@ class EvalRecord:
     extra: dict[str, Any] = field(default_factory=dict)
     origin: str = ""
     group: str = ""
+    source: str = ""
+    local_id: str = ""
+    row: int | None = None
 
     def __post_init__(self) -> None:
         self.group = self.group or self.id
+        self.local_id = self.local_id or self.id
 
     @property
     def prompt_text(self) -> str:
@@ -119,6 +125,10 @@ class Task:
     ) -> Scores:
         """Metrics of ``predictions`` (``{record id: answer}``) over ``records``, by logic ``scorer``."""
         raise NotImplementedError
+
+    def summary(self, totals: Mapping[str, Any]) -> str | None:
+        """Text the CLI prints after the metrics (the reference tool's own report), or ``None``."""
+        return None
 
     def check_scorer(self, scorer: str | None) -> str:
         """``scorer`` (default: the first of :attr:`scorers`); ``ValueError`` naming the choices when unknown."""
@@ -277,16 +287,17 @@ class Builder:
         rows: Iterable[tuple[str, Any]],
         parse: Callable[[Any, str], EvalRecord | list[EvalRecord] | None],
     ) -> None:
-        for origin, rec in rows:
+        for row, (origin, rec) in enumerate(rows):
             try:
                 parsed = parse(record_object(rec, Skip), origin)
             except Skip as e:
                 self.report.skip(origin, str(e))
                 continue
             for record in [parsed] if isinstance(parsed, EvalRecord) else parsed or []:
-                self.add(record, source, origin)
+                self.add(record, source, origin, row)
 
-    def add(self, record: EvalRecord, source: Path, origin: str) -> None:
+    def add(self, record: EvalRecord, source: Path, origin: str, row: int | None = None) -> None:
+        record.source, record.local_id, record.row = source.stem, record.id, row
         if self.prefix:
             record.id = f"{source.stem}/{record.id}"
             record.group = f"{source.stem}/{record.group}"

@@ -10,7 +10,8 @@ JSON/JSONL ``{"id", "image", "question", "options": [str] | {"A": str}, "answer"
 "category"?}`` (``choices`` is accepted for ``options``). Without options, they are parsed from the question text
 (MMStar: ``"...\\nOptions: A: x, B: y"``). ``circular=True`` adds MMBench CircularEval rotations.
 
-Scoring: the answer letter is extracted by VLMEvalKit's exact matcher (``vlmevalkit``, default) or minigpt's own
+Scoring: the answer letter is extracted by VLMEvalKit's exact matcher (``vlmevalkit``, default: its rules up to
+August 2025; ``vlmevalkit2025`` and ``vlmevalkit2026`` its later rules) or minigpt's own
 (``minigpt``), see :data:`~minigpt.eval.metrics.CHOICE_EXTRACTORS`. As in VLMEvalKit, every question of the data
 counts: one without a prediction, or whose answer names no option, is a miss; a circular question is a hit only
 when every rotation is.

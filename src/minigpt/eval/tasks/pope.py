@@ -23,12 +23,14 @@ from .base import (
     Task,
     build_prompt,
     field_str,
+    mean,
     record_id,
     record_images,
     scored,
 )
 
 PROMPT = "Answer yes or no."
+_MEANS = ("accuracy", "precision", "recall", "f1", "yes_ratio")
 CATEGORIES = ("random", "popular", "adversarial")
 
 
@@ -63,20 +65,27 @@ class Pope(Task):
     def score(
         self, records: Sequence[EvalRecord], predictions: Mapping[str, str], scorer: str, meteor: bool | None = None
     ) -> Scores:
-        """Accuracy, precision, recall, F1 (positive class "yes"), yes-ratio over the predicted records, and
-        ``per_category``; one row per record with the parsed answer."""
+        """Accuracy, precision, recall, F1 (positive class "yes"), yes-ratio and TP/FP/TN/FN over the predicted
+        records, ``per_category``, ``per_file`` (several data files) and ``mean`` (over the categories, else the
+        files: the number POPE tables report); one row per record with the parsed answer."""
         recs = scored(records, predictions)
 
         def metrics(rs: list[EvalRecord]) -> dict[str, Any]:
             return {**M.pope_metrics([predictions[r.id] for r in rs], [r.references[0] for r in rs]), "n": len(rs)}
 
         out = self.totals(scorer, **metrics(recs))
-        cats = defaultdict(list)
+        cats, files = defaultdict(list), defaultdict(list)
         for r in recs:
+            files[r.source].append(r)
             if r.extra.get("category"):
                 cats[r.extra["category"]].append(r)
         if cats:
             out["per_category"] = {c: metrics(rs) for c, rs in sorted(cats.items())}
+        if len(files) > 1:
+            out["per_file"] = {f: metrics(rs) for f, rs in files.items()}
+        groups = out.get("per_category") if len(cats) > 1 else out.get("per_file")
+        if groups:  # what papers report for POPE: the mean over the three categories
+            out["mean"] = {k: mean(g[k] for g in groups.values()) for k in _MEANS}
         rows = []
         for r in recs:
             parsed = M.parse_yes_no(predictions[r.id])
@@ -92,6 +101,15 @@ class Pope(Task):
                 }
             )
         return Scores(out, rows)
+
+    def summary(self, totals: Mapping[str, Any]) -> str | None:
+        """LLaVA ``eval_pope.py``'s printout for each category (or file), then the mean over them."""
+        groups = totals.get("per_category") or totals.get("per_file") or {"all": totals}
+        text = "\n".join(M.llava_pope_report(c, m) for c, m in groups.items())
+        if "mean" in totals:
+            m = totals["mean"]
+            text += f"\nMean over {len(groups)}: " + ", ".join(f"{k} {m[k]:.3f}" for k in _MEANS)
+        return text
 
 
 TASK = Pope()

@@ -9,7 +9,8 @@ file or ``annotations=``; without annotations the records have no references (pr
 annotation files carry them).
 
 Scoring (:data:`~minigpt.eval.metrics.VQA_LOGICS`): ``lavis`` (default) is LAVIS's ``vqa_eval.py``, question by
-question, its quirks included; ``vqaeval2021`` the current GT-Vision-Lab ``vqaEval.py``. Questions with fewer than
+question, its quirks included; ``vqaeval2021`` the current GT-Vision-Lab ``vqaEval.py``; with ``+evalai`` the
+predictions first go through LLaVA's ``EvalAIAnswerProcessor``, as LLaVA's VQAv2 numbers did. Questions with fewer than
 :data:`ANNOTATORS` answers are scored by exact match of the normalised prediction (the leave-one-out formula
 would give a single answer 0); ``n_exact_match`` counts them.
 """
@@ -52,7 +53,7 @@ def record_accuracy(prediction: str, answers: Sequence[str], logic: str) -> floa
     prediction equals a normalised answer, else 0."""
     if len(answers) >= ANNOTATORS:
         return M.vqa_accuracy(prediction, answers, logic)
-    pred = M.normalize_vqa_answer(prediction)
+    pred = M.normalize_vqa_answer(M.evalai_answer(prediction) if logic.endswith(M.EVALAI) else prediction)
     return float(any(pred == M.normalize_vqa_answer(a) for a in answers))
 
 
