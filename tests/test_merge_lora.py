@@ -222,7 +222,7 @@ def test_a_flag_that_contradicts_the_recorded_alpha_is_refused(trained, tmp_path
 
     root, _ = trained
     run = tmp_path / "run"
-    ckpt = shutil.copytree(root / "run" / "checkpoints", run / "checkpoints") / "step_00000007"
+    shutil.copytree(root / "run" / "checkpoints", run / "checkpoints")
     config = {
         "model": {"llm": "unused", "vision": "tiny", "lora": {"r": 4, "alpha": 8.0}},
         "data": {"datasets": [{"format": "llava", "path": "unused.json"}]},

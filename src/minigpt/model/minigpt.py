@@ -327,4 +327,13 @@ def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous() for k, v in state.items()}
 
 
-__all__ = ["ADAPTER_DIR", "LLM_DIR", "PART_FILES", "MiniGPT", "MiniGPTConfig", "MiniGPTOutput", "load_config", "load_vision_encoder"]
+__all__ = [
+    "ADAPTER_DIR",
+    "LLM_DIR",
+    "PART_FILES",
+    "MiniGPT",
+    "MiniGPTConfig",
+    "MiniGPTOutput",
+    "load_config",
+    "load_vision_encoder",
+]
