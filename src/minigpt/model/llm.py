@@ -85,6 +85,18 @@ def bnb_quantization(
     )
 
 
+def keep_4bit_layout(llm: nn.Module) -> int:
+    """Turn off bitsandbytes' CPU repacking of 4-bit layers for training; returns the layers changed.
+
+    bitsandbytes 0.50 repacks a ``Linear4bit``'s weight for its AVX512-BF16 CPU kernel at the first forward in eval
+    mode without gradients (an evaluation), rounding the blocks' scales to bfloat16; that kernel has no backward, so
+    the training steps after it would get silently wrong gradients (measured: 0.2 off on the input's gradient)."""
+    layers = [m for m in llm.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    for module in layers:
+        module.support_avx512bf16_for_cpu = False
+    return len(layers)
+
+
 def is_quantized(llm: nn.Module) -> bool:
     """Whether ``llm`` (or the model a peft wrapper holds) was loaded in 8 or 4 bits."""
     return bool(getattr(llm, "is_loaded_in_4bit", False) or getattr(llm, "is_loaded_in_8bit", False))

@@ -34,7 +34,7 @@ from ..data.formats import DataWarning
 from ..device import peak_memory_gib, pins_memory
 from ..files import atomic_directory
 from ..model.config import read_config
-from ..model.llm import bnb_quantization, compile_decoder_layers, is_quantized
+from ..model.llm import bnb_quantization, compile_decoder_layers, is_quantized, keep_4bit_layout
 from ..model.minigpt import ADAPTER_DIR, MiniGPT
 from ..model.processor import MiniGPTProcessor
 from .checkpoint import capture_rng, list_checkpoints, load_checkpoint, resolve_resume, restore_rng
@@ -81,6 +81,8 @@ def build_model(
         llm_kwargs = {"quantization_config": quant, "device_map": {"": str(device or "cpu")}}
     model = MiniGPT.build(section.minigpt_config(), init_from=section.init_from, llm_kwargs=llm_kwargs)
     model.loss_impl = section.loss_impl
+    if section.llm_quantization:
+        keep_4bit_layout(model.llm)
     if section.lora is not None:
         apply_lora(model, section.lora)
     return model
