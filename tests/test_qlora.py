@@ -168,6 +168,9 @@ def test_merge_lora_onto_the_unquantized_base(qlora_run, tmp_path, tiny_llama_di
     a, b = (weights[f"llm.base_model.model.{module}.lora_{x}.default.weight"] for x in "AB")
     delta = merged.get_submodule(module).weight - base.get_submodule(module).weight
     torch.testing.assert_close(delta, 2.0 * b @ a, rtol=0, atol=1e-6)  # scale alpha / r = 8 / 4, on float32 weights
+    final = root / "out" / "final"
+    with pytest.raises(ValueError, match="holds a LoRA adapter .*merge its run folder"):
+        merge_lora(final / ADAPTER_DIR, tmp_path / "twice", base=final)  # would merge the adapter twice
     # the same as chat's unquantized load of final/ (the adapter merged onto the base)
     loaded = MiniGPT.from_pretrained(root / "out" / "final").llm
     for name, param in merged.named_parameters():
@@ -206,3 +209,66 @@ def test_4bit_logits_match_the_dequantized_model(tiny_llama_dir, double):
     )
     assert diff < DEQUANT_TOL and packed_diff < (PACKED_TOL if packing else DEQUANT_TOL)
     assert error > 100 * DEQUANT_TOL  # the comparison is not vacuous: quantization does change the weights
+
+
+def _bytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+def test_what_kbit_preparation_would_cost(tmp_path):
+    """peft's ``prepare_model_for_kbit_training`` upcasts every non-quantized weight (embeddings, LM head, norms) to
+    float32; training leaves them in ``llm_dtype`` (they are frozen). Measured on the bench's ``small`` LLaMA shape in
+    bfloat16 (README, QLoRA)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from minigpt.model.llm import bnb_quantization, keep_4bit_layout, load_llm
+    from minigpt.tools.bench.common import LLM_SHAPES
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(**LLM_SHAPES["small"])
+    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(tmp_path / "small")
+    figures = {}
+    for name in ("bf16", "4bit", "4bit+prepare"):
+        extra = {} if name == "bf16" else {"quantization_config": bnb_quantization("4bit", "bfloat16", "nf4", True)}
+        llm = load_llm(tmp_path / "small", "bfloat16", device_map={"": "cpu"}, **extra)
+        keep_4bit_layout(llm)
+        if name.endswith("prepare"):
+            llm = prepare_model_for_kbit_training(llm, use_gradient_checkpointing=False)
+        weights = _bytes(llm)
+        model = get_peft_model(llm, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+        assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+        figures[name] = weights
+    print(", ".join(f"{k}: LLM weights {w / 2**20:.1f} MiB" for k, w in figures.items()))
+    ours, prepared = figures["4bit"], figures["4bit+prepare"]
+    kept = 2 * 32000 * 512 + 9 * 512  # embeddings, LM head and 9 norms: 2 bytes more per weight in float32
+    assert prepared - ours == 2 * kept and ours < figures["bf16"] < prepared  # prepared: more than unquantized
+
+    # the same count for the seeds' LLMs, on the meta device: what the upcast would add there
+    for shape in ("llama-7b", "qwen-14b"):
+        with torch.device("meta"):
+            llm = AutoModelForCausalLM.from_config(AutoConfig.for_model(**LLM_SHAPES[shape]))
+        linear = sum(
+            m.weight.numel() for n, m in llm.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"
+        )
+        other = sum(p.numel() for p in llm.parameters()) - linear
+        print(f"{shape}: {other / 1e9:.2f} G non-quantized weights: +{2 * other / 2**30:.2f} GiB upcast to float32")
+
+
+def test_qlora_refuses_to_stack_on_a_saved_adapter(qlora_run, tmp_path):
+    from minigpt.train.loop import build_model
+
+    root, config, _ = qlora_run
+    section = validate_config({**config, "model": {**config["model"], "init_from": str(root / "out" / "final")}})
+    with pytest.raises(ValueError, match="holds a LoRA adapter .*merge it first"):
+        build_model(section.model)
+
+
+def test_shipped_qlora_config():
+    from minigpt.train.config import load_config
+
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "qlora_stage2.yaml")
+    model = config.model
+    assert (model.llm_quantization, model.llm_quant_type, model.llm_quant_double) == ("4bit", "nf4", True)
+    assert model.lora is not None and model.lora.alpha == 32 and config.run.grad_checkpointing
+    assert "llm_quantization" not in model.minigpt_config().to_dict()

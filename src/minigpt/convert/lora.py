@@ -225,7 +225,14 @@ def _load_base(base: Path | None, config: Any, dtype: str | None, trust_remote_c
     if not base.is_dir():
         raise FileNotFoundError(f"--base {base}: no such folder")
     if _is_minigpt_dir(base):
+        from ..model.minigpt import ADAPTER_DIR
         from ..model.processor import load_pretrained
+
+        if (base / ADAPTER_DIR).is_dir():  # QLoRA's final/: loading it merges its adapter already
+            raise ValueError(
+                f"--base {base} holds a LoRA adapter ({ADAPTER_DIR}/), merged in when it loads: merge its run folder "
+                "instead (minigpt convert merge-lora OUTPUT), which builds the unquantized base from the run's config"
+            )
 
         overrides: dict[str, Any] = {"llm_dtype": dtype} if dtype else {}
         return "minigpt", *load_pretrained(base, trust_remote_code=trust_remote_code, **overrides)

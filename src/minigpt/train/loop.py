@@ -70,6 +70,11 @@ def build_model(
             read_config(section.init_from)
         except (FileNotFoundError, ValueError) as err:
             raise type(err)(f"model.init_from: {err}") from None
+        if section.llm_quantization and (Path(section.init_from) / ADAPTER_DIR).is_dir():
+            raise ValueError(
+                f"model.init_from: {section.init_from} holds a LoRA adapter ({ADAPTER_DIR}/), which cannot be merged "
+                "into a quantized LLM; merge it first (minigpt convert merge-lora) and start from the merged model"
+            )
     llm_kwargs = None
     if section.llm_quantization:
         quant = bnb_quantization(
