@@ -255,6 +255,15 @@ def test_what_kbit_preparation_would_cost(tmp_path):
         print(f"{shape}: {other / 1e9:.2f} G non-quantized weights: +{2 * other / 2**30:.2f} GiB upcast to float32")
 
 
+def test_8bit_trains_and_saves_the_adapter(tmp_path, tiny_llama_dir):
+    config = _config(tiny_llama_dir, tmp_path, max_steps=2, eval_every=0, grad_checkpointing=False)
+    config["model"]["llm_quantization"] = "8bit"
+    result = train(validate_config(config))
+    assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in result.model.llm.modules())
+    assert len(losses(result.history)) == 2 and all(x == x for x in losses(result.history))
+    assert (tmp_path / "out" / "final" / ADAPTER_DIR / "adapter_model.safetensors").is_file()
+
+
 def test_qlora_refuses_to_stack_on_a_saved_adapter(qlora_run, tmp_path):
     from minigpt.train.loop import build_model
 

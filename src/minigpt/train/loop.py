@@ -83,7 +83,7 @@ def build_model(
             section.llm_quant_type,
             section.llm_quant_double,
         )
-        llm_kwargs = {"quantization_config": quant, "device_map": {"": str(device or "cpu")}}
+        llm_kwargs = {"quantization_config": quant, **({"device_map": {"": str(device)}} if device is not None else {})}
     model = MiniGPT.build(section.minigpt_config(), init_from=section.init_from, llm_kwargs=llm_kwargs)
     model.loss_impl = section.loss_impl
     if section.llm_quantization:
