@@ -85,6 +85,9 @@ def test_qlora_trains_lora_on_a_4bit_llm(qlora_run, tiny_llama_dir):
     assert json.loads((final / "config.json").read_text())["llm"] == str(tiny_llama_dir)  # the base, recorded
     adapter = json.loads((final / ADAPTER_DIR / "adapter_config.json").read_text())
     assert (adapter["base_model_name_or_path"], adapter["r"], adapter["lora_alpha"]) == (str(tiny_llama_dir), 4, 8)
+    from minigpt.tools.info import format_info, model_info
+
+    assert "(LoRA r=4, alpha=8, adapter in llm_adapter/)" in format_info(model_info(final))
     saved = {}
     for path in final.rglob("*.safetensors"):
         saved.update(load_file(path))
