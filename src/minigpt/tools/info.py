@@ -81,7 +81,15 @@ def _llm_weights(folder: Path) -> dict[str, dict[str, Any]] | None:
 
 def merged_lora(directory: Path) -> dict[str, Any] | None:
     """``{"r", "alpha", "source"}`` of a LoRA adapter merged into this folder's LLM (``merge-lora``'s
-    ``merged_lora.json``, or training's ``final/train_config.yaml`` with ``model.lora``); None otherwise."""
+    ``merged_lora.json``, or training's ``final/train_config.yaml`` with ``model.lora``) or kept beside it (QLoRA's
+    ``llm_adapter/``); None otherwise."""
+    adapter = directory / "llm_adapter" / "adapter_config.json"  # QLoRA's final/: an adapter over the base, unmerged
+    if adapter.is_file():
+        try:
+            data = json.loads(adapter.read_text())
+            return {"r": data.get("r"), "alpha": data.get("lora_alpha"), "source": "llm_adapter/adapter_config.json"}
+        except json.JSONDecodeError:
+            return {"r": None, "alpha": None, "source": "llm_adapter/adapter_config.json"}
     merge_info = directory / "merged_lora.json"
     if merge_info.is_file():
         try:
@@ -473,7 +481,8 @@ def format_info(info: dict[str, Any]) -> str:
     lora = info.get("lora")
     for part, c in info["parameters"].items():
         if part == "llm" and lora:
-            note = f"  (LoRA r={lora['r'] if lora['r'] is not None else '?'}, alpha={_num(lora['alpha'])}, merged)"
+            how = "adapter in llm_adapter/" if lora["source"].startswith("llm_adapter") else "merged"
+            note = f"  (LoRA r={lora['r'] if lora['r'] is not None else '?'}, alpha={_num(lora['alpha'])}, {how})"
         else:
             note = "" if info["trained"][part] else "  (frozen)"
         lines.append(f"                {part:<10} {_count(c['total']):>7}    {_count(c['trainable']):>7}{note}")
