@@ -38,6 +38,7 @@ from torch import nn
 from ..data.conversation import Conversation, Image, Text
 from ..data.templates import IMAGE_SLOT, Template
 from ..data.tokenize import encode_chunks
+from ..files import respect_umask
 from .lavis import ConversionReport
 
 log = logging.getLogger(__name__)
@@ -214,6 +215,7 @@ def export_hf(
 
     out.mkdir(parents=True, exist_ok=True)
     hf.save_pretrained(out, max_shard_size=max_shard_size)
+    respect_umask(out)
     _record_dtype(out / "config.json", dtype)
     v = model.config.vision
     image_processor = BlipImageProcessor(

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..files import atomic_directory, refuse_unsafe_pickle
+from ..files import atomic_directory, refuse_unsafe_pickle, respect_umask
 from .lavis import ConversionReport
 
 log = logging.getLogger(__name__)
@@ -344,6 +344,7 @@ def merge_lora(
             if export_hf_dir is not None:
                 raise ValueError("--export-hf needs a minigpt model as the base (a plain LLM folder was given)")
             merged.save_pretrained(tmp, max_shard_size=max_shard_size)
+            respect_umask(tmp)
             text.save_pretrained(tmp)
             written = ["llm"]
         (tmp / MERGE_INFO).write_text(json.dumps(info, indent=2) + "\n")

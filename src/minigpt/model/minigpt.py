@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from transformers import PreTrainedModel
 
 from ..data.packing import additive_mask
 from ..data.tokenize import ModelBatch, TextBatch, image_positions, next_token_targets
 from ..device import parse_dtype
+from ..files import respect_umask, save_safetensors
 from .config import PARTS, MiniGPTConfig, read_config, write_config
 from .llm import decoder_body, load_llm
 from .loss import linear_cross_entropy, resolve_loss_impl
@@ -123,9 +124,10 @@ class MiniGPT(nn.Module):
             written.append("vision")
         written.append("projector")
         for name in written:
-            save_file(_contiguous(getattr(self, name).state_dict()), directory / PART_FILES[name])
+            save_safetensors(_contiguous(getattr(self, name).state_dict()), directory / PART_FILES[name])
         if not trainable_only or "llm" in trainable:
             self.llm.save_pretrained(directory / LLM_DIR)
+            respect_umask(directory / LLM_DIR)
             written.append("llm")
         write_config(directory, self.config, **({"vision_weights": None} if "vision" in written else {}))
         return written

@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from transformers import Blip2QFormerConfig, Blip2QFormerModel, Blip2VisionConfig, Blip2VisionModel
+
+from ..files import save_safetensors
 
 #: A vision folder (what ``minigpt convert lavis|hf-blip2`` writes and ``vision_weights`` names): the architecture
 #: and the encoder's tensors.
@@ -181,7 +183,7 @@ def save_vision(directory: str | Path, config: VisionConfig, state_dict: Mapping
     directory.mkdir(parents=True, exist_ok=True)
     (directory / VISION_CONFIG).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     tensors = {k: v.contiguous() for k, v in state_dict.items()}
-    save_file(tensors, directory / VISION_WEIGHTS, metadata={"format": "pt"})
+    save_safetensors(tensors, directory / VISION_WEIGHTS, metadata={"format": "pt"})
     return directory
 
 
