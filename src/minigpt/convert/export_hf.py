@@ -178,6 +178,9 @@ def export_hf(
     rows = model.llm.get_input_embeddings().weight.shape[0]
     added = max(0, image_index + 1 - rows)
     text_config = copy.deepcopy(model.llm.config)
+    if getattr(text_config, "auto_map", None):  # the LLM folder's own code is not exported: do not point at it
+        del text_config.auto_map
+        report.notes.append("dropped the LLM's auto_map from text_config (its code is not part of the export)")
     if added:
         text_config.vocab_size = rows + added
         report.notes.append(

@@ -191,17 +191,23 @@ def _is_minigpt_dir(path: Path) -> bool:
     return "vision" in data and "llm" in data and "model_type" not in data
 
 
-def _load_base(base: Path | None, config: Any, dtype: str | None, trust_remote_code: bool) -> tuple[str, Any, Any]:
-    """("minigpt", MiniGPT, its processor) or ("llm", llm, its tokenizer)."""
+def _load_base(
+    base: Path | None, config: Any, dtype: str | None, trust_remote_code: bool, report: ConversionReport
+) -> tuple[str, Any, Any]:
+    """("minigpt", MiniGPT, its processor) or ("llm", llm, its tokenizer). Remote code runs only with
+    ``trust_remote_code`` (the call's flag), never because the run's YAML asks for it."""
     if base is None:
         if config is None:
             raise ValueError(
                 "give the base model: --base (a minigpt model directory or an LLM folder), or --config "
                 "(the run's training YAML) to build it as the run did"
             )
+        from ..model.config import REMOTE_CODE_IGNORED
         from ..train.loop import build_model, build_processor
 
-        section = config.model.model_copy(update={"lora": None})
+        if config.model.trust_remote_code and not trust_remote_code:
+            report.notes.append(f"the run's model.trust_remote_code {REMOTE_CODE_IGNORED}")
+        section = config.model.model_copy(update={"lora": None, "trust_remote_code": trust_remote_code})
         if dtype:
             section = section.model_copy(update={"llm_dtype": dtype})
         model = build_model(section, config.run.seed)
@@ -269,7 +275,9 @@ def merge_lora(
 
                 train_config = load_config(found)
                 report.notes.append(f"LoRA settings from {found}")
-    kind, loaded, text = _load_base(Path(base) if base is not None else None, train_config, dtype, trust_remote_code)
+    kind, loaded, text = _load_base(
+        Path(base) if base is not None else None, train_config, dtype, trust_remote_code, report
+    )
     llm = loaded.llm if kind == "minigpt" else loaded
 
     if peft_dir:

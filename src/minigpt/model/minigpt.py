@@ -23,7 +23,7 @@ from ..data.packing import additive_mask
 from ..data.tokenize import ModelBatch, TextBatch, image_positions, next_token_targets
 from ..device import parse_dtype
 from ..files import respect_umask, save_safetensors
-from .config import PARTS, MiniGPTConfig, read_config, write_config
+from .config import PARTS, REMOTE_CODE_IGNORED, MiniGPTConfig, read_config, write_config
 from .llm import decoder_body, load_llm
 from .loss import linear_cross_entropy, resolve_loss_impl
 from .projector import build_projector, load_projector_weights
@@ -272,11 +272,7 @@ def load_config(directory: str | Path, trust_remote_code: bool = False, **overri
     that asks for it is warned about and ignored)."""
     data = resolve_sources(read_config(directory), Path(directory))
     if data.get("trust_remote_code") and not trust_remote_code:
-        log.warning(
-            "%s asks for trust_remote_code; ignored: remote code runs only when the loading call asks for it "
-            "(--trust-remote-code / trust_remote_code=True)",
-            directory,
-        )
+        log.warning("%s %s", directory, REMOTE_CODE_IGNORED)
     return MiniGPTConfig.from_dict({**data, **overrides, "trust_remote_code": trust_remote_code})
 
 
