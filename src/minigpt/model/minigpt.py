@@ -12,10 +12,10 @@ import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from textwrap import shorten
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -23,7 +23,8 @@ from ..data.packing import additive_mask
 from ..data.tokenize import ModelBatch, TextBatch, image_positions, next_token_targets
 from ..device import parse_dtype
 from ..files import respect_umask, save_safetensors
-from .config import PARTS, REMOTE_CODE_IGNORED, MiniGPTConfig, read_config, write_config
+from ..safe_load import load_safetensors
+from .config import CONFIG_FILE, PARTS, REMOTE_CODE_IGNORED, MiniGPTConfig, read_config, write_config
 from .llm import decoder_body, load_llm
 from .loss import linear_cross_entropy, resolve_loss_impl
 from .projector import build_projector, load_projector_weights
@@ -84,7 +85,7 @@ class MiniGPT(nn.Module):
         projector = build_projector(config.projector, vision.out_dim, llm.get_input_embeddings().embedding_dim)
         saved = init / PART_FILES["projector"] if init is not None else None
         if saved is not None and saved.is_file():
-            projector.load_state_dict(load_file(saved), strict=True)
+            load_saved_part(projector, saved, "projector")
         elif config.projector_weights:
             projector.load_state_dict(load_projector_weights(config.projector_weights))
         return cls(config, vision, projector, llm)
@@ -271,6 +272,12 @@ def load_config(directory: str | Path, trust_remote_code: bool = False, **overri
     """The config of a model directory with ``overrides``; ``trust_remote_code`` is the caller's alone (a directory
     that asks for it is warned about and ignored)."""
     data = resolve_sources(read_config(directory), Path(directory))
+    if "vision" not in data and (Path(directory) / PART_FILES["vision"]).is_file():
+        raise ValueError(
+            f'{Path(directory) / CONFIG_FILE}: no "vision" key, so the architecture of '
+            f'{PART_FILES["vision"]} is unknown: add it (a preset such as "eva_vit_g" or "tiny", or the '
+            "encoder's fields, as save_pretrained writes them)"
+        )
     if data.get("trust_remote_code") and not trust_remote_code:
         log.warning("%s %s", directory, REMOTE_CODE_IGNORED)
     return MiniGPTConfig.from_dict({**data, **overrides, "trust_remote_code": trust_remote_code})
@@ -293,7 +300,7 @@ def load_vision_encoder(config: MiniGPTConfig, init_from: Path | None = None) ->
     saved = init_from / PART_FILES["vision"] if init_from is not None else None
     if saved is not None and saved.is_file():
         encoder = Blip2VisionEncoder(config.vision)
-        encoder.load_state_dict(load_file(saved), strict=True)
+        load_saved_part(encoder, saved, "vision")
     elif config.vision_weights:
         encoder = load_vision(config.vision_weights)
         if encoder.config.to_dict() != config.vision.to_dict():
@@ -301,6 +308,19 @@ def load_vision_encoder(config: MiniGPTConfig, init_from: Path | None = None) ->
     else:
         encoder = Blip2VisionEncoder(config.vision)
     return encoder.to(parse_dtype(config.vision_dtype))
+
+
+def load_saved_part(module: nn.Module, path: Path, what: str) -> None:
+    """Load a model directory's part file into ``module`` (strict); a damaged file or tensors that do not fit the
+    architecture ``config.json`` describes are one line naming the file, not a traceback of every mismatch."""
+    try:
+        module.load_state_dict(load_safetensors(path), strict=True)
+    except RuntimeError as err:
+        problems = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
+        raise ValueError(
+            f"{path}: its tensors do not fit the {what} architecture {path.parent / CONFIG_FILE} describes "
+            f"({len(problems)} problem(s), first: {shorten(problems[0] if problems else str(err), 200)})"
+        ) from None
 
 
 def _parameters(items: Iterable[nn.Module | nn.Parameter]) -> Iterable[nn.Parameter]:

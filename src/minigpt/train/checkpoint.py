@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from ..device import get_rng_state, set_rng_state
 from ..files import refuse_unsafe_pickle, save_safetensors
+from ..safe_load import load_safetensors
 
 CHECKPOINTS = "checkpoints"
 WEIGHTS = "trainable.safetensors"
@@ -110,7 +110,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         state = torch.load(path / STATE, map_location="cpu", weights_only=True)
     if state.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: unsupported checkpoint format {state.get('format_version')!r}")
-    return load_file(path / WEIGHTS), state
+    return load_safetensors(path / WEIGHTS), state
 
 
 # ---------------------------------------------------------------------------------------------- RNG states
