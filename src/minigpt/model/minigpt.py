@@ -272,6 +272,7 @@ def load_config(directory: str | Path, trust_remote_code: bool = False, **overri
     """The config of a model directory with ``overrides``; ``trust_remote_code`` is the caller's alone (a directory
     that asks for it is warned about and ignored)."""
     data = resolve_sources(read_config(directory), Path(directory))
+    _check_references(data, Path(directory))
     if "vision" not in data and (Path(directory) / PART_FILES["vision"]).is_file():
         raise ValueError(
             f'{Path(directory) / CONFIG_FILE}: no "vision" key, so the architecture of '
@@ -292,6 +293,28 @@ def resolve_sources(data: dict[str, Any], directory: Path) -> dict[str, Any]:
         if isinstance(value, str) and value and not Path(value).is_absolute() and (directory / value).exists():
             out[key] = str((directory / value).resolve())
     return out
+
+
+def _check_references(data: dict[str, Any], directory: Path) -> None:
+    """A relative local source that exists neither under the model ``directory`` nor from the working directory, and
+    is needed (the part is not stored in the directory), is one error saying what it resolved to: the folder moved
+    without what it references. A bare ``llm`` name or ``org/name`` may be a hub id and is left to the loader."""
+    stored = {
+        "llm": (directory / LLM_DIR).is_dir(),
+        "vision_weights": (directory / PART_FILES["vision"]).is_file(),
+        "projector_weights": (directory / PART_FILES["projector"]).is_file(),
+    }
+    for key, present in stored.items():
+        value = data.get(key)
+        if present or not isinstance(value, str) or not value or Path(value).is_absolute() or Path(value).exists():
+            continue
+        if key == "llm" and not value.startswith(".") and value.count("/") < 2:
+            continue
+        raise FileNotFoundError(
+            f"{directory / CONFIG_FILE}: {key} {value!r} is relative to the model folder and resolves to "
+            f"{(directory / value).resolve()}, which does not exist: the folder was moved without what it "
+            f"references (move them together, or set {key} to where it is now)"
+        )
 
 
 def load_vision_encoder(config: MiniGPTConfig, init_from: Path | None = None) -> Blip2VisionEncoder:
