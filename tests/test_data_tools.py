@@ -420,7 +420,8 @@ def test_cc_sbu_align_round_trip_symlinked_and_copied(tmp_path):
         assert convs(back) == convs(original)  # same index -> same drawn instruction
         for i in range(3):
             made = out / "image" / f"{i}.jpg"
-            assert made.is_symlink() != copy and made.read_bytes() == (root / "image" / f"{i}.jpg").read_bytes()
+            assert not made.is_symlink() and made.read_bytes() == (root / "image" / f"{i}.jpg").read_bytes()
+            assert (made.stat().st_ino == (root / "image" / f"{i}.jpg").stat().st_ino) != copy  # hard link or copy
 
 
 def test_multi_turn_to_cc_sbu_align_is_skipped_with_a_counted_warning(tmp_path, capsys):

@@ -377,36 +377,106 @@ def test_empty_answers_are_skipped_as_their_own_kind(tmp_path):
         assert len(read_minigpt4qwen_json(qwen)) == 1
 
 
-def test_image_paths_stay_under_the_image_root_unless_allowed(tmp_path):
+def _escapes(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """An image root and, by the way each leaves it, an image path (relative to the root) that resolves outside."""
     root = tmp_path / "imgs"
-    assert resolve_image(root, "a/../b.jpg") == str(root / "a/../b.jpg")
-    assert resolve_image(root, "/data/x.jpg") == "/data/x.jpg"  # absolute paths are taken as written
-    for bad in ("../x.jpg", "a/../../x.jpg", "./../x.jpg"):
-        with pytest.raises(ValueError, match=f"image path '{re.escape(bad)}' leaves the image root {root} .*allow_"):
+    (root / "sub").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "secret.jpg").write_bytes(b"x")
+    (root / "link.jpg").symlink_to(tmp_path / "secret.jpg")
+    (root / "out").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (root / "in").symlink_to(root / "sub", target_is_directory=True)
+    return root, {
+        "..": "../secret.jpg",
+        "a/../..": "a/../../secret.jpg",
+        "absolute": str(tmp_path / "secret.jpg"),
+        "symlinked file": "link.jpg",
+        "symlinked folder": "out/x.jpg",
+        "symlinked folder, then ..": "out/../secret.jpg",
+    }
+
+
+def test_one_rule_for_where_an_image_path_may_lead(tmp_path):
+    root, escapes = _escapes(tmp_path)
+    for inside in ("a.jpg", "a/../b.jpg", "in/a.jpg", "in/../a.jpg", str(root / "sub" / "a.jpg")):
+        assert resolve_image(root, inside) == str(root / inside)
+    how = {
+        "..": "leaves",
+        "a/../..": "leaves",
+        "absolute": "is absolute, outside",
+        "symlinked file": "is a symlink out of",
+        "symlinked folder": "is a symlink out of",
+        "symlinked folder, then ..": "is a symlink out of",
+    }
+    for name, bad in escapes.items():
+        with pytest.raises(
+            ValueError, match=f"image path '{re.escape(bad)}' {how[name]} the image root {root} .*allow_"
+        ):
             resolve_image(root, bad)
-    assert resolve_image(root, "../x.jpg", allow_outside_root=True) == str(root / "../x.jpg")
+        assert resolve_image(root, bad, allow_outside_root=True) == str(root / bad)
+    (tmp_path / "rootlink").symlink_to(root, target_is_directory=True)  # the root itself may be a symlink
+    assert resolve_image(tmp_path / "rootlink", "in/a.jpg") == str(tmp_path / "rootlink" / "in/a.jpg")
+
+
+def _dataset(fmt: str, tmp_path: Path, image: str) -> dict:
+    """A ``read_dataset`` spec of format ``fmt`` with two records: ``image`` and ``ok.jpg``."""
     conv = [{"from": "human", "value": "<image> Q"}, {"from": "gpt", "value": "A"}]
-    path = write_json(
-        tmp_path / "d.json",
-        [{"image": "../../etc/x.jpg", "conversations": conv}, {"image": "ok.jpg", "conversations": conv}],
-    )
-    with pytest.warns(DataWarning, match="d.json:0: image path '../../etc/x.jpg' leaves the image root"):
-        data = read_dataset({"format": "llava", "path": str(path), "image_root": str(root)})
-    assert [s.images for s in data] == [[str(root / "ok.jpg")]] and data.report.kinds == {f"{path}:0": "outside_root"}
-    allowed = read_dataset({"format": "llava", "path": str(path), "image_root": str(root), "allow_outside_root": True})
-    assert allowed[0].images == [str(root / "../../etc/x.jpg")]
+    records = [
+        {"image": name, "conversations": conv, "caption": "c", "instruction": "<ImageHere> Q", "output": "A"}
+        for name in (image, "ok.jpg")
+    ]
+    path = write_json(tmp_path / f"{fmt}.json", records)
+    return {"format": fmt, "path": str(path), "image_root": str(tmp_path / "imgs")}
+
+
+@pytest.mark.parametrize("fmt", ["llava", "minigpt4qwen", "captions_json", "captions_csv"])
+def test_every_reader_skips_and_counts_paths_leaving_the_root(fmt, tmp_path):
+    from minigpt.data.convert import read_captions_csv
+
+    root, escapes = _escapes(tmp_path)
+    for bad in escapes.values():
+        spec = _dataset(fmt, tmp_path, bad)
+        if fmt == "captions_csv":
+            csv_path = tmp_path / "caps.csv"
+            csv_path.write_text(f"image,caption\n{bad},c\nok.jpg,c\n")
+            read = lambda **kw: read_captions_csv(csv_path, spec["image_root"], **kw)  # noqa: E731
+        else:
+            read = lambda **kw: read_dataset({**spec, **kw})  # noqa: E731
+        with pytest.warns(DataWarning, match=f"image path '{re.escape(bad)}' .* the image root"):
+            data = read()
+        assert [s.images for s in data] == [[str(root / "ok.jpg")]]
+        assert list(data.report.kinds.values()) == ["outside_root"]
+        assert len(read(allow_outside_root=True)) == 2
+
+
+def test_cc_sbu_align_image_ids_stay_in_its_image_folder(tmp_path):
     cc = tmp_path / "cc"
-    cc.mkdir()
-    write_json(
-        cc / "filter_cap.json",
-        {"annotations": [{"image_id": "../../secret", "caption": "c"}, {"image_id": "2", "caption": "c"}]},
-    )
+    (cc / "image").mkdir(parents=True)
+    (tmp_path / "secret.jpg").write_bytes(b"x")
+    (cc / "image" / "link.jpg").symlink_to(tmp_path / "secret.jpg")
+    ids = ["../../secret", str(tmp_path / "secret"), "link", "2"]
+    write_json(cc / "filter_cap.json", {"annotations": [{"image_id": i, "caption": "c"} for i in ids]})
     with pytest.warns(DataWarning, match="'../../secret.jpg' leaves the image root"):
-        assert [s.id for s in read_cc_sbu_align(cc)] == ["2"]
-    for reader in (read_captions_json, read_minigpt4qwen_json):
-        records = [{"image": "../x.jpg", "caption": "c", "instruction": "Q", "output": "A"}] * 2
-        with pytest.warns(DataWarning), pytest.raises(ValueError, match=r"no valid record \(2 skipped; .*leaves"):
-            reader(write_json(tmp_path / "r.json", records))
+        data = read_cc_sbu_align(cc)
+    assert [s.id for s in data] == ["2"] and set(data.report.kinds.values()) == {"outside_root"}
+    assert len(data.report.kinds) == 3
+    assert len(read_cc_sbu_align(cc, allow_outside_root=True)) == 4
+
+
+def test_data_check_counts_an_absolute_cc_sbu_image_id_and_does_not_keep_it(tmp_path, capsys):
+    from minigpt.cli import main
+
+    cc = tmp_path / "cc"
+    (cc / "image").mkdir(parents=True)
+    PILImage.new("RGB", (8, 8), (200, 30, 30)).save(cc / "image" / "1.jpg")
+    PILImage.new("RGB", (8, 8), (30, 30, 200)).save(tmp_path / "secret.jpg")
+    records = [{"image_id": str(tmp_path / "secret"), "caption": "c"}, {"image_id": "1", "caption": "c"}]
+    write_json(cc / "filter_cap.json", {"annotations": records})
+    argv = ["data", "check", str(cc), "--format", "cc_sbu_align", "--json", str(tmp_path / "r.json")]
+    assert main([*argv, "--write-clean", str(tmp_path / "clean")]) == 1
+    assert json.loads((tmp_path / "r.json").read_text())["counts"]["outside_root"] == 1
+    kept = json.loads((tmp_path / "clean" / "filter_cap.json").read_text())["annotations"]
+    assert kept == [{"image_id": "1", "caption": "c"}]
 
 
 # ------------------------------------------------------------------------------------------ dispatch, mixing

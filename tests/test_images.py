@@ -70,8 +70,8 @@ def test_corrupt_and_truncated_files_name_the_file(tmp_path):
     (tmp_path / "cut.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
     with pytest.raises(ImageError, match=r"cut.jpg \(in shard.tar/7\).*truncated"):
         load_image(tmp_path / "cut.jpg", origin="shard.tar/7")
-    with pytest.raises(ImageError, match="<bytes>"):
-        load_image(b"\x89PNG garbage")
+    with pytest.raises(ImageError, match=r"^cannot read image of 12 bytes: cannot identify image file$"):
+        load_image(b"\x89PNG garbage")  # not Pillow's <_io.BytesIO object at 0x...>
     with pytest.raises(ImageError, match=r"cut.jpg \(in x\): .*truncated"):
         load_image(Image.open(tmp_path / "cut.jpg"), origin="x")  # a lazily opened PIL image is decoded too
 
@@ -197,7 +197,7 @@ def test_pixel_bomb_is_refused_from_the_header(tmp_path, no_decoding):
     assert DEFAULT_MAX_PIXELS == 16_777_216
     with pytest.raises(ImageTooLargeError, match=rf"image .*bomb.png \(in data.json:4\) has {message}$"):
         load_image(tmp_path / "bomb.png", origin="data.json:4")
-    with pytest.raises(ImageTooLargeError, match="<bytes> has 13000x13000"):
+    with pytest.raises(ImageTooLargeError, match=r"image of \d+ bytes has 13000x13000"):
         load_image(png_bomb(13000, 13000))
     with pytest.raises(ImageTooLargeError, match="bomb.png has 13000x13000"):
         load_image(Image.open(tmp_path / "bomb.png"))  # a lazily opened PIL image: checked before load()

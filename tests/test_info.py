@@ -189,3 +189,5 @@ def test_other_folders_are_a_clear_error(tmp_path, capsys):
     assert "neither a minigpt model config (llm, vision) nor a transformers config" in capsys.readouterr().err
     assert main(["info", str(tmp_path / "nope")]) == 2
     assert f"{tmp_path / 'nope'}: no such folder" in capsys.readouterr().err
+    assert main(["info", str(tmp_path / "config.json")]) == 2  # was "no such folder" for an existing file
+    assert f"{tmp_path / 'config.json'} is a file, not a folder" in capsys.readouterr().err

@@ -200,6 +200,12 @@ def test_bad_input_is_a_clear_4xx(client, url):
     assert code == 404 and "model 'gpt-4o' not found" in text
     assert status_of(client, messages=ask(), n=2)[0] == 400
     assert status_of(client, messages="not a list")[0] == 400
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    for value in ("NaN", "Infinity", "-0.5"):  # NaN was taken as greedy; JSON clients can send these literals
+        body = '{"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "temperature": ' + value + "}"
+        answer = httpx.post(url + "/chat/completions", content=body, headers=headers)
+        assert answer.status_code == 400, (value, answer.text)
+        assert "temperature must be a finite number >= 0 (0 = greedy)" in answer.json()["error"]["message"]
     assert active_requests(url) == 0  # refused requests gave their queue slot back
 
 

@@ -1,5 +1,5 @@
 """File helpers every layer uses: writing folders atomically (readers see the old folder or the finished new
-one, never a half), and refusing pickled files that would run code."""
+one, never a half), writing weights with the umask's mode, and refusing pickled files that would run code."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 
 @contextlib.contextmanager
@@ -31,6 +32,36 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def umask() -> int:
+    """The process umask (read from ``/proc`` where it is available, else by setting and restoring it)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
+def respect_umask(*paths: str | Path) -> None:
+    """Give files (for a folder: every file under it) the mode a plain ``open`` gives them, 0666 less the umask.
+    safetensors writes 0600 whatever the umask; ``torch.save`` and ``config.json`` get 0644 under umask 022, and a
+    shared model folder needs its weights as readable as its config."""
+    mode = 0o666 & ~umask()
+    for path in map(Path, paths):
+        for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
+            if file.is_file() and not file.is_symlink():
+                file.chmod(mode)
+
+
+def save_safetensors(tensors: dict[str, Any], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file`` with the file's mode following the umask (:func:`respect_umask`)."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, path, metadata=metadata)
+    respect_umask(path)
 
 
 #: What a refusal suggests by default.

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .files import UnsafeCheckpointError, refuse_unsafe_pickle
@@ -30,14 +31,27 @@ def unwrap(obj: Any, where: str = "checkpoint") -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
+def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """``safetensors.torch.load_file``, with a damaged file (empty, truncated, not safetensors) as one line naming
+    it instead of safetensors' bare ``SafetensorError``."""
+    try:
+        return load_file(path)
+    except SafetensorError as err:
+        size = Path(path).stat().st_size
+        raise ValueError(
+            f"{path}: not a readable safetensors file ({size} bytes; {err}): it is empty or truncated, "
+            "copy or write it again"
+        ) from None
+
+
 def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """Read ``*.safetensors`` or a torch file with ``weights_only=True`` on CPU; unwrap ``model``/``module``."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        return load_file(path)
+        return load_safetensors(path)
     with refuse_unsafe_pickle(path):
         obj = torch.load(path, map_location="cpu", weights_only=True)
     return unwrap(obj, str(path))
 
 
-__all__ = ["WRAPPER_KEYS", "UnsafeCheckpointError", "load_checkpoint", "unwrap"]
+__all__ = ["WRAPPER_KEYS", "UnsafeCheckpointError", "load_checkpoint", "load_safetensors", "unwrap"]

@@ -303,15 +303,14 @@ def _import_hf(args: argparse.Namespace) -> int:
 
 
 def _projector(args: argparse.Namespace) -> int:
-    from safetensors.torch import save_file
-
+    from ..files import save_safetensors
     from .lavis import convert_minigpt4_projector
 
     if not args.out.endswith(".safetensors"):
         raise ValueError(f"--out {args.out}: the projector is written as .safetensors")
     state, report = convert_minigpt4_projector(args.checkpoint)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, args.out, metadata={"format": "pt", "source": Path(args.checkpoint).name})
+    save_safetensors(state, args.out, metadata={"format": "pt", "source": Path(args.checkpoint).name})
     out_dim, in_dim = state["weight"].shape
     print(f"wrote {args.out}: linear projector {in_dim} -> {out_dim}")
     _print_report(report)

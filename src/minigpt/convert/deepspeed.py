@@ -676,7 +676,7 @@ def convert_deepspeed(
     when the checkpoint records none; ``llm``/``vision``/``template``/``llm_dtype`` override its fields.
     Returns the parts written and the report.
     """
-    from ..model.config import CONFIG_FILE, MiniGPTConfig
+    from ..model.config import CONFIG_FILE, REMOTE_CODE_IGNORED, MiniGPTConfig
 
     tag_dir = resolve_tag_dir(checkpoint, tag)
     overrides: dict[str, Any] = {}
@@ -690,8 +690,7 @@ def convert_deepspeed(
         overrides["template"] = template
     if llm_dtype:
         overrides["llm_dtype"] = llm_dtype
-    if trust_remote_code:
-        overrides["trust_remote_code"] = True
+    overrides["trust_remote_code"] = trust_remote_code  # the call's flag, never a recorded config's
 
     if any(_LAYER_FILE.match(p.name) or _TP_LAYER_FILE.match(p.name) for p in tag_dir.iterdir()):
         if fp32:
@@ -702,6 +701,7 @@ def convert_deepspeed(
         if recorded is not None and given is not None:
             report.notes.append(f"--config ignored: the checkpoint records its {CONFIG_KEY}")
         source = recorded if recorded is not None else (given or {})
+        recorded_trust = bool(source.get("trust_remote_code"))
         base = overrides.get("llm") or source.get("llm")
         if not base:
             raise ValueError("a pipeline checkpoint needs the base LLM: pass --llm")
@@ -717,7 +717,7 @@ def convert_deepspeed(
             heads=heads,
             qformer_heads=qformer_heads,
             trust_pickle=trust_pickle,
-            trust_remote_code=trust_remote_code or bool(source.get("trust_remote_code")),
+            trust_remote_code=trust_remote_code,
         )
         converted.report.notes[:0] = report.notes
         kind = converted.config["projector"]
@@ -741,9 +741,12 @@ def convert_deepspeed(
                 f"(a model directory or its {CONFIG_FILE})"
             )
         data = {k: v for k, v in data.items() if k != "format_version"}
+        recorded_trust = bool(data.get("trust_remote_code"))
         data.update(overrides)
         if converted.config is not None and config is not None:
             converted.report.notes.append(f"--config ignored: the checkpoint records its {CONFIG_KEY}")
+    if recorded_trust and not trust_remote_code:
+        converted.report.notes.append(f"the recorded {CONFIG_KEY} {REMOTE_CODE_IGNORED}")
     written = write_model_dir(converted, MiniGPTConfig.from_dict(data), out, full=full, vision_file=vision_file)
     return written, converted.report
 

@@ -27,9 +27,8 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from ..files import atomic_directory
+from ..files import atomic_directory, save_safetensors
 from .lavis import ConversionReport
 
 log = logging.getLogger(__name__)
@@ -272,7 +271,7 @@ def _add(base: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype) -> torch.T
 
 
 def _save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    save_file(tensors, path, metadata={"format": "pt"})
+    save_safetensors(tensors, path, metadata={"format": "pt"})
 
 
 def _added_tokens(delta_dir: Path, start: int, stop: int) -> list[str]:

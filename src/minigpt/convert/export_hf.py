@@ -38,6 +38,7 @@ from torch import nn
 from ..data.conversation import Conversation, Image, Text
 from ..data.templates import IMAGE_SLOT, Template
 from ..data.tokenize import encode_chunks
+from ..files import respect_umask
 from .lavis import ConversionReport
 
 log = logging.getLogger(__name__)
@@ -177,6 +178,9 @@ def export_hf(
     rows = model.llm.get_input_embeddings().weight.shape[0]
     added = max(0, image_index + 1 - rows)
     text_config = copy.deepcopy(model.llm.config)
+    if getattr(text_config, "auto_map", None):  # the LLM folder's own code is not exported: do not point at it
+        del text_config.auto_map
+        report.notes.append("dropped the LLM's auto_map from text_config (its code is not part of the export)")
     if added:
         text_config.vocab_size = rows + added
         report.notes.append(
@@ -214,6 +218,7 @@ def export_hf(
 
     out.mkdir(parents=True, exist_ok=True)
     hf.save_pretrained(out, max_shard_size=max_shard_size)
+    respect_umask(out)
     _record_dtype(out / "config.json", dtype)
     v = model.config.vision
     image_processor = BlipImageProcessor(

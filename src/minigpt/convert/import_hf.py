@@ -47,7 +47,8 @@ def import_hf(
     directory = Path(directory)
     if not is_hf_blip2(directory):
         raise FileNotFoundError(f"{directory}: not a transformers BLIP-2 folder (config.json with model_type blip-2)")
-    text_type = AutoConfig.from_pretrained(directory).text_config.model_type
+    # trust_remote_code=False: a folder's auto_map is never followed (no flag here turns its code on)
+    text_type = AutoConfig.from_pretrained(directory, trust_remote_code=False).text_config.model_type
     if text_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise ValueError(
             f"{directory}: the language model ({text_type}) is not a causal LM; minigpt's LLM is one "
@@ -62,7 +63,7 @@ def import_hf(
     report.notes += projector_report.notes
     with refuse_unsafe_pickle(directory):
         llm = _language_model(directory, dtype)
-    tokenizer = AutoTokenizer.from_pretrained(directory)
+    tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     config = MiniGPTConfig(

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..files import atomic_directory, refuse_unsafe_pickle
+from ..files import atomic_directory, refuse_unsafe_pickle, respect_umask
 from .lavis import ConversionReport
 
 log = logging.getLogger(__name__)
@@ -206,18 +206,26 @@ def _is_minigpt_dir(path: Path) -> bool:
     return "vision" in data and "llm" in data and "model_type" not in data
 
 
-def _load_base(base: Path | None, config: Any, dtype: str | None, trust_remote_code: bool) -> tuple[str, Any, Any]:
-    """("minigpt", MiniGPT, its processor) or ("llm", llm, its tokenizer)."""
+def _load_base(
+    base: Path | None, config: Any, dtype: str | None, trust_remote_code: bool, report: ConversionReport
+) -> tuple[str, Any, Any]:
+    """("minigpt", MiniGPT, its processor) or ("llm", llm, its tokenizer). Remote code runs only with
+    ``trust_remote_code`` (the call's flag), never because the run's YAML asks for it."""
     if base is None:
         if config is None:
             raise ValueError(
                 "give the base model: --base (a minigpt model directory or an LLM folder), or --config "
                 "(the run's training YAML) to build it as the run did"
             )
+        from ..model.config import REMOTE_CODE_IGNORED
         from ..train.loop import build_model, build_processor
 
+        if config.model.trust_remote_code and not trust_remote_code:
+            report.notes.append(f"the run's model.trust_remote_code {REMOTE_CODE_IGNORED}")
         # the base as the run built it, unquantized (a QLoRA run's adapter merges onto the full-precision LLM)
-        section = config.model.model_copy(update={"lora": None, "llm_quantization": None})
+        section = config.model.model_copy(
+            update={"lora": None, "llm_quantization": None, "trust_remote_code": trust_remote_code}
+        )
         if dtype:
             section = section.model_copy(update={"llm_dtype": dtype})
         model = build_model(section, config.run.seed)
@@ -291,7 +299,9 @@ def merge_lora(
             if found is not None:
                 config, train_config = found, load_config(found)
                 report.notes.append(f"LoRA settings from {found}")
-    kind, loaded, text = _load_base(Path(base) if base is not None else None, train_config, dtype, trust_remote_code)
+    kind, loaded, text = _load_base(
+        Path(base) if base is not None else None, train_config, dtype, trust_remote_code, report
+    )
     llm = loaded.llm if kind == "minigpt" else loaded
 
     if peft_dir:
@@ -365,6 +375,7 @@ def merge_lora(
             if export_hf_dir is not None:
                 raise ValueError("--export-hf needs a minigpt model as the base (a plain LLM folder was given)")
             merged.save_pretrained(tmp, max_shard_size=max_shard_size)
+            respect_umask(tmp)
             text.save_pretrained(tmp)
             written = ["llm"]
         (tmp / MERGE_INFO).write_text(json.dumps(info, indent=2) + "\n")

@@ -4,7 +4,8 @@ Problem kinds (:data:`PROBLEM_KINDS`), each reported with the record's origin (`
 ``shard/key``, as the readers name them):
 
 - ``malformed``: the reader skipped the record (bad JSON, missing key, wrong type, image/placeholder mismatch, ...);
-- ``outside_root``: a relative image path that leaves the image root (``../``), which training skips too;
+- ``outside_root``: an image path that resolves outside the image root (``../``, an absolute path, a symlink leading
+  out), which training skips too (:func:`~minigpt.data.formats.outside_root`);
 - ``missing_image``: an image path that is not a file;
 - ``corrupt_image``: a file in a format PIL recognises whose data is broken (truncated, bad checksum), found by a full
   decode with :func:`~minigpt.data.images.load_image`, as training does;

@@ -116,7 +116,8 @@ def register(subparsers: Any) -> None:
     q.add_argument(
         "--copy-images",
         action="store_true",
-        help="cc_sbu_align target: copy the images (default: symlink to the source images)",
+        help="cc_sbu_align target: copy the images (default: hard links to the source images, copies where "
+        "the file system has none)",
     )
     q.add_argument(
         "--shard-size", type=int, default=10_000, metavar="N", help="webdataset: samples per shard (default 10000)"

@@ -19,8 +19,9 @@ What each target holds, and what happens to a sample it cannot hold (skipped, co
   instruction are kept and counted in :attr:`ConvertReport.notes`.
 
 Images: JSON targets store paths, written relative to ``out_image_root`` (default: the source's image root, so the
-strings stay as they were; read the output with that ``--image-root``). cc_sbu_align gets symlinks to the source
-images (absolute) or copies (``copy_images``), named ``image/{image_id}.jpg`` whatever their format (PIL reads by
+strings stay as they were; read the output with that ``--image-root``). cc_sbu_align gets hard links to the source
+images (copies across file systems; a symlink would lead out of the image root, which readers refuse) or copies
+(``copy_images``), named ``image/{image_id}.jpg`` whatever their format (PIL reads by
 content; non-JPEG ones are counted in the notes). Webdataset shards get the image bytes unchanged with the matching
 extension (jpg/png/webp; other formats are re-encoded as PNG). Images that are only bytes (a webdataset source) are
 written next to a JSON output in ``{stem}_images/``. The cc_sbu_align and webdataset targets skip a sample whose
@@ -377,7 +378,8 @@ class _JsonWriter:
 
 
 class _CcSbuWriter:
-    """``out/filter_cap.json`` + ``out/image/{image_id}.jpg`` (symlinks to the sources, or copies)."""
+    """``out/filter_cap.json`` + ``out/image/{image_id}.jpg`` (hard links to the sources where the file system allows,
+    else copies)."""
 
     def __init__(self, out: Path, copy_images: bool, report: ConvertReport) -> None:
         self.out, self.copy, self.report = out, copy_images, report
@@ -403,7 +405,11 @@ class _CcSbuWriter:
         elif self.copy:
             shutil.copyfile(image, target)
         else:
-            target.symlink_to(Path(image).resolve())
+            try:
+                os.link(Path(image).resolve(), target)
+            except OSError:  # another file system, or links not allowed
+                shutil.copyfile(image, target)
+                self.report.notes["image copied (a hard link was not possible)"] += 1
         if fmt != "JPEG":
             self.report.notes["non-JPEG image stored as image/<id>.jpg (PIL reads it by content)"] += 1
         if dropped:

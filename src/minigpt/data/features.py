@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..files import save_safetensors
 from .conversation import Sample
 from .images import ImageError, ImageProcessor
 
@@ -298,11 +299,9 @@ class _Writer:
             self._write(len(self.keys))
 
     def _write(self, n: int) -> None:
-        from safetensors.torch import save_file
-
         name = f"features-{len(self.manifest['shards']):05d}.safetensors"
         tmp = self.path / f".{name}.tmp"
-        save_file(
+        save_safetensors(
             {TENSOR: torch.stack(self.rows[:n]).contiguous()}, str(tmp), metadata={"keys": json.dumps(self.keys[:n])}
         )
         os.replace(tmp, self.path / name)

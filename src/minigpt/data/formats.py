@@ -5,14 +5,15 @@ encoded bytes). A malformed record is skipped with a :class:`DataWarning` naming
 reader's :class:`ReadReport`; a file without any valid record, or that is not valid JSON, raises ``ValueError``.
 Origins are ``"file:index"`` (0-based position in a JSON list), ``"file:line"`` (1-based, JSONL) or ``"shard/key"``.
 
-Image paths are relative to the dataset's image root. A relative path that leaves it (``../x.jpg``, ``a/../../x``,
-checked on the path as written, so symlinked folders inside the root still work) is skipped as an
-:class:`OutsideRootError` unless the reader is given ``allow_outside_root=True``: a dataset file must not make training
-(or ``data check``) read arbitrary files. Absolute paths are taken as written.
+Image paths are relative to the dataset's image root. One rule for every reader: a path that resolves outside the
+root, by ``..`` (``../x.jpg``, ``a/../../x``), as an absolute path, or through a symlink that leads out of it, is
+skipped as an :class:`OutsideRootError` unless the reader is given ``allow_outside_root=True``: a dataset file must not
+make training (or ``data check``) read arbitrary files. The root itself may be a symlink (it is resolved first).
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import math
@@ -58,7 +59,7 @@ class RecordProblem(ValueError):
 
 
 class OutsideRootError(RecordProblem):
-    """A relative image path that leaves the dataset's image root, which the dataset did not allow."""
+    """An image path that resolves outside the dataset's image root, which the dataset did not allow."""
 
     kind = "outside_root"
 
@@ -228,20 +229,47 @@ def get_field(rec: Mapping[str, Any], key: str, kind: type | tuple[type, ...] = 
 
 
 def resolve_image(root: Path, value: Any, allow_outside_root: bool = False) -> str:
-    """``root / value``; :class:`OutsideRootError` when the relative ``value`` leaves ``root``, unless allowed."""
+    """``root / value``; :class:`OutsideRootError` when it resolves outside ``root`` (:func:`outside_root`), unless
+    allowed."""
     if not isinstance(value, str) or not value:
         raise ValueError(f"image must be a non-empty string, got {value!r}")
-    if not allow_outside_root and leaves_root(value):
-        raise OutsideRootError(
-            f"image path {value!r} leaves the image root {root} "
-            "(set allow_outside_root: true on the dataset to read it)"
-        )
+    if not allow_outside_root:
+        how = outside_root(root, value)
+        if how:
+            raise OutsideRootError(
+                f"image path {value!r} {how} the image root {root} "
+                "(set allow_outside_root: true on the dataset to read it)"
+            )
     return str(root / value)
 
 
-def leaves_root(relative: str) -> bool:
-    """Whether a relative path, as written, goes above its folder (absolute paths: False)."""
-    return not os.path.isabs(relative) and os.path.normpath(relative).split(os.sep)[0] == os.pardir
+def outside_root(root: str | Path, value: str) -> str | None:
+    """How the image path ``value`` (relative to ``root``, or absolute) leaves ``root``: ``"leaves"`` (``..``),
+    ``"is absolute, outside"``, ``"is a symlink out of"``; None when it resolves inside. A missing file is judged by
+    its path (the reader does not open images)."""
+    real_root = _real_dir(os.path.abspath(root))
+    joined = os.path.join(real_root, value)  # an absolute value replaces the root
+    if _is_under(_real_path(joined), real_root):  # resolved as the OS does (a symlink, then ``..``)
+        return None
+    if os.path.isabs(value):
+        return "is absolute, outside"
+    return "leaves" if not _is_under(os.path.normpath(joined), real_root) else "is a symlink out of"
+
+
+def _is_under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+@functools.lru_cache(maxsize=4096)
+def _real_dir(path: str) -> str:
+    return os.path.realpath(path)
+
+
+def _real_path(path: str) -> str:
+    """``os.path.realpath`` with the folders cached (one ``lstat`` per image, not one per path component)."""
+    folder, name = os.path.split(path)
+    real = os.path.join(_real_dir(folder), name)
+    return os.path.realpath(real) if os.path.islink(real) else real
 
 
 def record_id(rec: Mapping[str, Any]) -> str | None:

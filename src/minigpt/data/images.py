@@ -80,7 +80,8 @@ def load_image(source: Any, origin: str | None = None, max_pixels: int | None = 
     if isinstance(source, np.ndarray):
         return _array_to_rgb(source, origin)
     if isinstance(source, (bytes, bytearray, memoryview)):
-        return _open(io.BytesIO(bytes(source)), "<bytes>", origin, max_pixels)
+        data = bytes(source)
+        return _open(io.BytesIO(data), f"of {len(data):,} bytes", origin, max_pixels)
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.is_file():
@@ -100,8 +101,9 @@ def _open(fp: Any, name: str, origin: str | None, max_pixels: int | None) -> PIL
         raise ImageTooLargeError(f"image {name}{_where(origin)}: {e}") from e
     except ImageTooLargeError:
         raise
-    except _DECODE_ERRORS as e:
-        raise ImageError(f"cannot read image {name}{_where(origin)}: {e}") from e
+    except _DECODE_ERRORS as e:  # Pillow names an in-memory file by its repr (<_io.BytesIO object at 0x...>)
+        detail = str(e).replace(f" {fp!r}", "")
+        raise ImageError(f"cannot read image {name}{_where(origin)}: {detail}") from e
 
 
 def _to_rgb(img: PILImage.Image) -> PILImage.Image:

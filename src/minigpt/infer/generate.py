@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -29,6 +30,9 @@ class GenerationOptions:
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        for name in ("temperature", "top_p", "repetition_penalty", "length_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         checks = [
             (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
             (self.temperature > 0, "temperature must be > 0"),
@@ -78,8 +82,8 @@ def override_options(
     """``base`` with the given fields changed (validated). ``temperature`` 0 means greedy, > 0 sampling."""
     changes: dict[str, Any] = {}
     if temperature is not None:
-        if temperature < 0:
-            raise ValueError("temperature must be >= 0 (0 = greedy)")
+        if not temperature >= 0 or math.isinf(temperature):  # NaN fails every comparison: refused, not greedy
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
         changes["do_sample"] = temperature > 0
         if temperature > 0:
             changes["temperature"] = float(temperature)

@@ -25,6 +25,11 @@ DEFAULT_FREEZE = {part: part != "projector" for part in PARTS}
 VISION_PRESETS = ("eva_vit_g", "tiny")
 CONFIG_FILE = "config.json"
 FORMAT_VERSION = 1
+#: What a file that asks for ``trust_remote_code`` is told: only the call's flag turns remote code on.
+REMOTE_CODE_IGNORED = (
+    "asks for trust_remote_code; ignored: remote code runs only when the loading call asks for it "
+    "(--trust-remote-code / trust_remote_code=True)"
+)
 
 
 def vision_config(value: str | dict[str, Any] | VisionConfig) -> VisionConfig:
@@ -59,7 +64,8 @@ class MiniGPTConfig(BaseModel):
     max_txt_len: int = 160
     #: Frozen parts (missing ones take :data:`DEFAULT_FREEZE`); always complete after validation.
     freeze: dict[str, bool] = {}
-    #: Recorded for information only: remote code runs only when the loading call asks for it.
+    #: The loading call's flag (never read from a file: remote code runs only when the call asks for it); written
+    #: as false (:func:`write_config`), so an output never passes it on.
     trust_remote_code: bool = False
 
     @field_validator("vision", mode="before")
@@ -128,8 +134,9 @@ def read_config(directory: str | Path) -> dict[str, Any]:
 
 
 def write_config(directory: str | Path, config: MiniGPTConfig, **changes: Any) -> None:
-    """Write ``config.json`` (with the format version) into ``directory``."""
-    data = {"format_version": FORMAT_VERSION, **config.to_dict(), **changes}
+    """Write ``config.json`` (with the format version) into ``directory``; ``trust_remote_code`` is written false
+    whatever the model was loaded with: the folder's readers decide it with their own flag."""
+    data = {"format_version": FORMAT_VERSION, **config.to_dict(), **changes, "trust_remote_code": False}
     (Path(directory) / CONFIG_FILE).write_text(json.dumps(data, indent=2) + "\n")
 
 
@@ -139,6 +146,7 @@ __all__ = [
     "FORMAT_VERSION",
     "MiniGPTConfig",
     "PARTS",
+    "REMOTE_CODE_IGNORED",
     "VISION_PRESETS",
     "read_config",
     "vision_config",

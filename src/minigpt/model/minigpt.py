@@ -12,17 +12,19 @@ import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from textwrap import shorten
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
 
 from ..data.packing import additive_mask
 from ..data.tokenize import ModelBatch, TextBatch, image_positions, next_token_targets
 from ..device import parse_dtype
-from .config import PARTS, MiniGPTConfig, read_config, write_config
+from ..files import respect_umask, save_safetensors
+from ..safe_load import load_safetensors
+from .config import CONFIG_FILE, PARTS, REMOTE_CODE_IGNORED, MiniGPTConfig, read_config, write_config
 from .llm import decoder_body, is_quantized, load_llm, load_lora_adapter
 from .loss import linear_cross_entropy, resolve_loss_impl
 from .projector import build_projector, load_projector_weights
@@ -88,7 +90,7 @@ class MiniGPT(nn.Module):
         projector = build_projector(config.projector, vision.out_dim, llm.get_input_embeddings().embedding_dim)
         saved = init / PART_FILES["projector"] if init is not None else None
         if saved is not None and saved.is_file():
-            projector.load_state_dict(load_file(saved), strict=True)
+            load_saved_part(projector, saved, "projector")
         elif config.projector_weights:
             projector.load_state_dict(load_projector_weights(config.projector_weights))
         return cls(config, vision, projector, llm)
@@ -128,9 +130,10 @@ class MiniGPT(nn.Module):
             written.append("vision")
         written.append("projector")
         for name in written:
-            save_file(_contiguous(getattr(self, name).state_dict()), directory / PART_FILES[name])
+            save_safetensors(_contiguous(getattr(self, name).state_dict()), directory / PART_FILES[name])
         if not trainable_only or "llm" in trainable:
             self.llm.save_pretrained(directory / LLM_DIR)
+            respect_umask(directory / LLM_DIR)
             written.append("llm")
         write_config(directory, self.config, **({"vision_weights": None} if "vision" in written else {}))
         return written
@@ -282,12 +285,15 @@ def load_config(directory: str | Path, trust_remote_code: bool = False, **overri
     """The config of a model directory with ``overrides``; ``trust_remote_code`` is the caller's alone (a directory
     that asks for it is warned about and ignored)."""
     data = resolve_sources(read_config(directory), Path(directory))
-    if data.get("trust_remote_code") and not trust_remote_code:
-        log.warning(
-            "%s asks for trust_remote_code; ignored: remote code runs only when the loading call asks for it "
-            "(--trust-remote-code / trust_remote_code=True)",
-            directory,
+    _check_references(data, Path(directory))
+    if "vision" not in data and (Path(directory) / PART_FILES["vision"]).is_file():
+        raise ValueError(
+            f'{Path(directory) / CONFIG_FILE}: no "vision" key, so the architecture of '
+            f'{PART_FILES["vision"]} is unknown: add it (a preset such as "eva_vit_g" or "tiny", or the '
+            "encoder's fields, as save_pretrained writes them)"
         )
+    if data.get("trust_remote_code") and not trust_remote_code:
+        log.warning("%s %s", directory, REMOTE_CODE_IGNORED)
     return MiniGPTConfig.from_dict({**data, **overrides, "trust_remote_code": trust_remote_code})
 
 
@@ -302,13 +308,35 @@ def resolve_sources(data: dict[str, Any], directory: Path) -> dict[str, Any]:
     return out
 
 
+def _check_references(data: dict[str, Any], directory: Path) -> None:
+    """A relative local source that exists neither under the model ``directory`` nor from the working directory, and
+    is needed (the part is not stored in the directory), is one error saying what it resolved to: the folder moved
+    without what it references. A bare ``llm`` name or ``org/name`` may be a hub id and is left to the loader."""
+    stored = {
+        "llm": (directory / LLM_DIR).is_dir(),
+        "vision_weights": (directory / PART_FILES["vision"]).is_file(),
+        "projector_weights": (directory / PART_FILES["projector"]).is_file(),
+    }
+    for key, present in stored.items():
+        value = data.get(key)
+        if present or not isinstance(value, str) or not value or Path(value).is_absolute() or Path(value).exists():
+            continue
+        if key == "llm" and not value.startswith(".") and value.count("/") < 2:
+            continue
+        raise FileNotFoundError(
+            f"{directory / CONFIG_FILE}: {key} {value!r} is relative to the model folder and resolves to "
+            f"{(directory / value).resolve()}, which does not exist: the folder was moved without what it "
+            f"references (move them together, or set {key} to where it is now)"
+        )
+
+
 def load_vision_encoder(config: MiniGPTConfig, init_from: Path | None = None) -> Blip2VisionEncoder:
     """The vision encoder of ``config``: the one a model directory ``init_from`` stores, else the weights of
     ``config.vision_weights``, else random init."""
     saved = init_from / PART_FILES["vision"] if init_from is not None else None
     if saved is not None and saved.is_file():
         encoder = Blip2VisionEncoder(config.vision)
-        encoder.load_state_dict(load_file(saved), strict=True)
+        load_saved_part(encoder, saved, "vision")
     elif config.vision_weights:
         encoder = load_vision(config.vision_weights)
         if encoder.config.to_dict() != config.vision.to_dict():
@@ -316,6 +344,19 @@ def load_vision_encoder(config: MiniGPTConfig, init_from: Path | None = None) ->
     else:
         encoder = Blip2VisionEncoder(config.vision)
     return encoder.to(parse_dtype(config.vision_dtype))
+
+
+def load_saved_part(module: nn.Module, path: Path, what: str) -> None:
+    """Load a model directory's part file into ``module`` (strict); a damaged file or tensors that do not fit the
+    architecture ``config.json`` describes are one line naming the file, not a traceback of every mismatch."""
+    try:
+        module.load_state_dict(load_safetensors(path), strict=True)
+    except RuntimeError as err:
+        problems = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
+        raise ValueError(
+            f"{path}: its tensors do not fit the {what} architecture {path.parent / CONFIG_FILE} describes "
+            f"({len(problems)} problem(s), first: {shorten(problems[0] if problems else str(err), 200)})"
+        ) from None
 
 
 def _parameters(items: Iterable[nn.Module | nn.Parameter]) -> Iterable[nn.Parameter]:

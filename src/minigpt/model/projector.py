@@ -6,10 +6,9 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
-from ..safe_load import load_checkpoint
+from ..safe_load import load_checkpoint, load_safetensors
 
 PROJECTORS = ("linear", "mlp2x_gelu")
 #: The projector's names in MiniGPT-4 (``llama_proj``), MiniGPT4Qwen (``llm_proj``), the MPP pipeline's
@@ -41,5 +40,5 @@ def load_projector_weights(path: str | Path) -> dict[str, torch.Tensor]:
     (read without unpickling code)."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        return load_file(path)
+        return load_safetensors(path)
     return projector_state(load_checkpoint(path))[0]

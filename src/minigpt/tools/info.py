@@ -127,6 +127,11 @@ def describe(directory: str | Path) -> dict[str, Any]:
     from ..train.loop import FINAL_DIR, METRICS_FILE
 
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(
+            f"{directory} is a file, not a folder: info describes a model directory, a transformers model, a vision "
+            f"encoder folder or a training run folder (the folder that holds it: {directory.parent})"
+        )
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: no such folder")
     config_path = directory / "config.json"

@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from ..device import get_rng_state, set_rng_state
-from ..files import refuse_unsafe_pickle
+from ..files import refuse_unsafe_pickle, save_safetensors
+from ..safe_load import load_safetensors
 
 CHECKPOINTS = "checkpoints"
 WEIGHTS = "trainable.safetensors"
@@ -51,7 +51,7 @@ def save_checkpoint(
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     tmp.mkdir()
-    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp / WEIGHTS)
+    save_safetensors({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp / WEIGHTS)
     torch.save({"format_version": FORMAT_VERSION, **state}, tmp / STATE)
     meta = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "weights": len(weights)}
     (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")
@@ -110,7 +110,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         state = torch.load(path / STATE, map_location="cpu", weights_only=True)
     if state.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: unsupported checkpoint format {state.get('format_version')!r}")
-    return load_file(path / WEIGHTS), state
+    return load_safetensors(path / WEIGHTS), state
 
 
 # ---------------------------------------------------------------------------------------------- RNG states
