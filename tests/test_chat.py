@@ -184,14 +184,26 @@ def test_base_parts_and_projector_override_load_the_same_model(
 
 
 def test_gpu_only_options_give_a_clear_message_on_cpu():
-    with pytest.raises(RuntimeError, match="needs a GPU"):
-        resolve_placement(LoadSpec(model="x", device="cpu", quantize="4bit"))
     with pytest.raises(RuntimeError, match="float16 is not supported .* CPU"):
         resolve_placement(LoadSpec(model="x", device="cpu", dtype="fp16"))
     assert resolve_placement(LoadSpec(device="cpu", dtype="bf16"))[1] == torch.bfloat16
     assert resolve_placement(LoadSpec(device="cpu"))[1] == torch.float32
     with pytest.raises(ValueError, match="--llm and --projector"):
         load_model(LoadSpec(device="cpu"))
+
+
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+def test_quantized_chat_on_cpu(tiny_model_dir, image_file, bits):
+    """bitsandbytes runs 4-bit (NF4) and 8-bit layers on the CPU: --load-in-4bit/8bit load and answer there."""
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+
+    chat = Chat.load(tiny_model_dir, device="cpu", quantize=bits, options=GREEDY)
+    llm = chat.engine.engine.model.llm
+    layer = {"4bit": bnb.nn.Linear4bit, "8bit": bnb.nn.Linear8bitLt}[bits]
+    assert isinstance(llm.model.layers[0].self_attn.q_proj, layer)
+    chat.upload(image_file)
+    assert chat.ask("What is it?")
 
 
 def test_bfloat16_weights_on_cpu(tiny_model_dir, image_file):

@@ -213,3 +213,39 @@ def test_errors(trained, tmp_path, capsys):
     (tmp_path / "d" / "x").write_text("")
     with pytest.raises(FileExistsError):
         merge_lora(ckpt, tmp_path / "d", base=root / "base", lora_alpha=8)
+
+
+def test_a_flag_that_contradicts_the_recorded_alpha_is_refused(trained, tmp_path, capsys):
+    """The run records alpha 8 (OUTPUT/final/train_config.yaml, found by itself): --lora-alpha 16 would merge with
+    twice the scale, silently; it is refused, unless forced, and merged_lora.json says what was used."""
+    import shutil
+
+    root, _ = trained
+    run = tmp_path / "run"
+    shutil.copytree(root / "run" / "checkpoints", run / "checkpoints")
+    config = {
+        "model": {"llm": "unused", "vision": "tiny", "lora": {"r": 4, "alpha": 8.0}},
+        "data": {"datasets": [{"format": "llava", "path": "unused.json"}]},
+        "run": {},
+    }
+    recorded = run / "final" / "train_config.yaml"
+    recorded.parent.mkdir()
+    recorded.write_text(yaml.safe_dump(config))
+    args = ["convert", "merge-lora", str(run), "--base", str(root / "base"), "--lora-alpha", "16"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "--lora-alpha 16 contradicts the run's record" in err and "model.lora.alpha in" in err and "8" in err
+    assert not (tmp_path / "a").exists()
+    peft = root / "peft"  # records lora_alpha 8 in adapter_config.json
+    with pytest.raises(ValueError, match="contradicts the run's record .*adapter_config.json: 8"):
+        merge_lora(peft, tmp_path / "p", base=root / "base", lora_alpha=16)
+
+    assert main([*args, "--force-lora-alpha", "--out", str(tmp_path / "forced")]) == 0
+    info = json.loads((tmp_path / "forced" / "merged_lora.json").read_text())
+    assert (info["alpha"], info["alpha_from"], info["config"]) == (16.0, "--lora-alpha", str(recorded.resolve()))
+    assert main([*args[:-2], "--out", str(tmp_path / "b")]) == 0  # no flag: the recorded alpha
+    info = json.loads((tmp_path / "b" / "merged_lora.json").read_text())
+    assert (info["alpha"], info["alpha_from"], info["config"]) == (8.0, "config", str(recorded.resolve()))
+    forced = MiniGPT.from_pretrained(tmp_path / "forced").llm.get_submodule("model.layers.0.self_attn.q_proj")
+    right = MiniGPT.from_pretrained(tmp_path / "b").llm.get_submodule("model.layers.0.self_attn.q_proj")
+    assert not torch.equal(forced.weight, right.weight)

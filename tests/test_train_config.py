@@ -103,6 +103,23 @@ def test_lora_needs_a_frozen_llm(tmp_path):
     assert "model: lora needs the LLM frozen" in _error(tmp_path, data)
 
 
+def test_llm_quantization_validates(tmp_path):
+    data = _base()
+    assert validate_config(data).model.llm_quantization is None
+    data["model"]["llm_quantization"] = "4bit"
+    assert "needs" not in (err := _error(tmp_path, data)) and "set model.lora" in err
+    data["model"]["lora"] = {"r": 4}
+    model = validate_config(data).model
+    assert (model.llm_quantization, model.llm_quant_type, model.llm_quant_double) == ("4bit", "nf4", True)
+    assert "llm_quantization" not in model.minigpt_config().to_dict()  # final/config.json records the base
+    assert "model.llm_quantization" in _error(tmp_path, data, "model.llm_quantization=3bit")
+    assert "apply to llm_quantization: 4bit only" in _error(
+        tmp_path, data, "model.llm_quantization=8bit", "model.llm_quant_double=false"
+    )
+    assert "DeepSpeed cannot partition" in _error(tmp_path, data, "run.strategy=deepspeed_zero")
+    assert "not a GGUF file" in _error(tmp_path, data, "model.llm_gguf_file=x.gguf")
+
+
 def test_overrides_nested_list_index_and_yaml_values(tmp_path):
     path = write_yaml(tmp_path / "cfg.yaml", _base())
     config = load_config(

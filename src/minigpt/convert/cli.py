@@ -12,7 +12,7 @@ export minigpt models to plain transformers.
     minigpt convert deepspeed output/run/ --out model/            # ZeRO or pipeline checkpoints
     minigpt convert export-hf model/ --out model-hf/               # Blip2ForConditionalGeneration folder
     minigpt convert apply-delta --base llama-7b/ --delta vicuna-7b-delta-v0/ --target vicuna-7b/
-    minigpt convert merge-lora output/run/ --base model/ --lora-alpha 16 --out merged/ [--export-hf merged-hf/]
+    minigpt convert merge-lora output/run/ --out merged/ [--export-hf merged-hf/]
 
 Every input is read with safetensors or ``torch.load(weights_only=True)``; ``--trust-pickle`` (deepspeed
 only) lifts that for files you made yourself. Each command prints what it wrote and a report of the
@@ -210,7 +210,15 @@ def register(subparsers: Any) -> None:
         help="the run's training config: LoRA alpha (and the base "
         "model when --base is not given); found as OUTPUT/final/train_config.yaml when it exists",
     )
-    q.add_argument("--lora-alpha", type=float, help="LoRA alpha (checkpoints do not record it; peft folders do)")
+    q.add_argument(
+        "--lora-alpha",
+        type=float,
+        help="LoRA alpha, for checkpoints without their run's config (a value that contradicts the run's record "
+        "or the peft folder's is refused)",
+    )
+    q.add_argument(
+        "--force-lora-alpha", action="store_true", help="merge with --lora-alpha even where it contradicts the record"
+    )
     q.add_argument("--out", "-o", required=True, metavar="DIR", help="folder to write (new or empty)")
     q.add_argument("--dtype", help="LLM dtype to load and save (default: the base's)")
     q.add_argument(
@@ -506,6 +514,7 @@ def _merge_lora(args: argparse.Namespace) -> int:
         export_hf_dir=args.export_hf,
         max_shard_size=args.max_shard_size,
         trust_remote_code=args.trust_remote_code,
+        force_alpha=args.force_lora_alpha,
     )
     what = "model directory" if result.kind == "minigpt" else "LLM folder"
     print(f"wrote {result.directory}: {what} ({', '.join(result.written)}), LoRA merged")

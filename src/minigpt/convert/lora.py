@@ -7,7 +7,8 @@ The adapter is one of:
   ``[prefix.]base_model.model.<module>.lora_{A,B}[.<adapter>].weight`` (our ``llm.`` prefix, MiniGPT-v2's
   ``llama_model.``) plus, for our checkpoints, the other trained parts (``projector.*``, ...). These files do not
   record the LoRA scale: alpha comes from ``config`` (the run's YAML, ``model.lora.alpha``; found by itself as
-  ``OUTPUT/final/train_config.yaml``) or ``lora_alpha``; the rank is read from the tensors;
+  ``OUTPUT/final/train_config.yaml``) or ``lora_alpha`` (refused where it contradicts the config, unless forced);
+  the rank is read from the tensors;
 - a peft adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``/``.bin``), loaded with
   ``PeftModel.from_pretrained``.
 
@@ -183,6 +184,20 @@ def merge_lora_into(llm: nn.Module, lora: LoraWeights, alpha: float) -> tuple[nn
     return peft_model.merge_and_unload(), rank
 
 
+def _chosen_alpha(flag: float | None, recorded: float | None, record: str, force: bool) -> float:
+    """The LoRA alpha to merge with: ``flag`` (``--lora-alpha``) where it agrees with ``recorded`` or there is no
+    record; a contradiction is refused unless ``force`` (a wrong alpha scales every LoRA update, silently)."""
+    if flag is None:
+        assert recorded is not None
+        return recorded
+    if recorded is not None and float(flag) != recorded and not force:
+        raise ValueError(
+            f"--lora-alpha {flag:g} contradicts the run's record ({record}: {recorded:g}); drop --lora-alpha to "
+            f"merge with {recorded:g}, or add --force-lora-alpha to merge with {flag:g}"
+        )
+    return float(flag)
+
+
 def _is_minigpt_dir(path: Path) -> bool:
     config = path / "config.json"
     if not config.is_file():
@@ -201,7 +216,8 @@ def _load_base(base: Path | None, config: Any, dtype: str | None, trust_remote_c
             )
         from ..train.loop import build_model, build_processor
 
-        section = config.model.model_copy(update={"lora": None})
+        # the base as the run built it, unquantized (a QLoRA run's adapter merges onto the full-precision LLM)
+        section = config.model.model_copy(update={"lora": None, "llm_quantization": None})
         if dtype:
             section = section.model_copy(update={"llm_dtype": dtype})
         model = build_model(section, config.run.seed)
@@ -246,28 +262,27 @@ def merge_lora(
     export_hf_dir: str | Path | None = None,
     max_shard_size: str = "5GB",
     trust_remote_code: bool = False,
+    force_alpha: bool = False,
 ) -> MergeResult:
-    """Merge ``adapter`` into ``base`` and write ``out`` (see the module doc)."""
+    """Merge ``adapter`` into ``base`` and write ``out`` (see the module doc). ``lora_alpha`` that contradicts the
+    alpha the run recorded (its training config, found by itself, or the peft folder's) is refused unless
+    ``force_alpha``."""
     adapter, out = Path(adapter), Path(out)
     _fresh(out, "--out")
     if export_hf_dir is not None:
         _fresh(Path(export_hf_dir), "--export-hf")
-    train_config = None
-    if config is not None:
-        from ..train.config import load_config
+    from ..train.config import load_config
 
-        train_config = load_config(config)
+    train_config = load_config(config) if config is not None else None
     report = ConversionReport()
     peft_dir = adapter.is_dir() and (adapter / ADAPTER_CONFIG).is_file()
     lora: LoraWeights | None = None
     if not peft_dir:
         lora = read_lora_weights(adapter)
-        if train_config is None and lora_alpha is None:
+        if train_config is None:
             found = _run_config(lora.source)
             if found is not None:
-                from ..train.config import load_config
-
-                train_config = load_config(found)
+                config, train_config = found, load_config(found)
                 report.notes.append(f"LoRA settings from {found}")
     kind, loaded, text = _load_base(Path(base) if base is not None else None, train_config, dtype, trust_remote_code)
     llm = loaded.llm if kind == "minigpt" else loaded
@@ -278,9 +293,11 @@ def merge_lora(
         peft_config = PeftConfig.from_pretrained(str(adapter))
         if peft_config.peft_type != "LORA":
             raise ValueError(f"{adapter}: a {peft_config.peft_type} adapter, not LoRA")
+        record = f"lora_alpha in {adapter / ADAPTER_CONFIG}"
+        peft_config.lora_alpha = _chosen_alpha(lora_alpha, float(peft_config.lora_alpha), record, force_alpha)
         with refuse_unsafe_pickle(adapter):  # adapter_model.bin is read with weights_only=True
             try:
-                peft_model = PeftModel.from_pretrained(llm, str(adapter), is_trainable=False)
+                peft_model = PeftModel.from_pretrained(llm, str(adapter), config=peft_config, is_trainable=False)
             except (RuntimeError, ValueError, KeyError) as err:
                 raise ValueError(f"{adapter}: the adapter does not fit the base LLM: {err}") from None
         modules = sum(1 for n, _ in peft_model.named_modules() if n.endswith(".lora_A"))
@@ -292,17 +309,13 @@ def merge_lora(
     else:
         assert lora is not None
         lora_section = train_config.model.lora if train_config is not None else None
-        if lora_alpha is not None:
-            alpha = float(lora_alpha)
-            if lora_section is not None and float(lora_section.alpha) != alpha:
-                report.notes.append(f"--lora-alpha {alpha} replaces the config's {lora_section.alpha}")
-        elif lora_section is not None:
-            alpha = float(lora_section.alpha)
-        else:
+        if lora_section is None and lora_alpha is None:
             raise ValueError(
                 f"{lora.source} does not record the LoRA alpha (the scale is alpha / r): pass --lora-alpha (the run's "
                 "model.lora.alpha, 16 by default) or --config with the run's training YAML"
             )
+        recorded = float(lora_section.alpha) if lora_section is not None else None
+        alpha = _chosen_alpha(lora_alpha, recorded, f"model.lora.alpha in {config}", force_alpha)
         merged, rank = merge_lora_into(llm, lora, alpha)
         scale = alpha / rank
         modules = len(lora.a)
@@ -331,9 +344,10 @@ def merge_lora(
         "merged_by": "minigpt convert merge-lora",
         "adapter": str(adapter.resolve()),
         "base": str(Path(base).resolve()) if base else None,
-        "config": str(config) if config else None,
+        "config": str(Path(config).resolve()) if config else None,
         "rank": rank,
         "alpha": alpha,
+        "alpha_from": "--lora-alpha" if lora_alpha is not None else "adapter_config.json" if peft_dir else "config",
         "modules": modules,
     }
     with atomic_directory(out) as tmp:

@@ -38,8 +38,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--cpu-only", action="store_true", help="same as --device cpu")
     g.add_argument("--dtype", default="auto", help="auto, float32, bfloat16/bf16, float16/fp16 (default: auto)")
     q = g.add_mutually_exclusive_group()
-    q.add_argument("--load-in-8bit", action="store_true", help="8-bit LLM via bitsandbytes (GPU only)")
-    q.add_argument("--load-in-4bit", action="store_true", help="4-bit NF4 LLM via bitsandbytes (GPU only)")
+    q.add_argument("--load-in-8bit", action="store_true", help="8-bit LLM via bitsandbytes (CUDA or CPU)")
+    q.add_argument("--load-in-4bit", action="store_true", help="4-bit NF4 LLM via bitsandbytes (CUDA or CPU)")
     g.add_argument("--trust-remote-code", action="store_true", help="allow the LLM's own modelling code")
     g.add_argument(
         "--max-image-pixels",

@@ -53,11 +53,6 @@ def resolve_placement(spec: LoadSpec) -> tuple[torch.device, torch.dtype]:
 
     device = resolve_device(spec.device)
     on_cpu = device.type == "cpu"
-    if spec.quantize and on_cpu:
-        raise RuntimeError(
-            f"--load-in-{spec.quantize} needs a GPU (bitsandbytes); this run is on the CPU. "
-            "Drop the flag, or use --dtype bfloat16 to halve the memory."
-        )
     if spec.dtype == "auto":
         dtype = amp_dtype(device, "auto") or torch.float32
     else:
@@ -116,32 +111,16 @@ def decoding_for(spec: LoadSpec) -> DecodingSettings:
 
 
 def _place(model: MiniGPT, device: torch.device, quantized: bool) -> MiniGPT:
-    if not quantized:
-        return model.to(device)
-    # A bitsandbytes LLM is already on its device and refuses .to(); move the other parts.
-    model.vision.to(device)
-    model.projector.to(device)
-    return model
+    return model.place(device)  # a bitsandbytes LLM stays on the device it was loaded on
 
 
 def _quantization_kwargs(config_dtype: str, quantize: Quantize | None, device: torch.device) -> dict[str, Any]:
-    """``from_pretrained`` keyword arguments that load the LLM in 8 or 4 bits on ``device``."""
+    """``from_pretrained`` keyword arguments that load the LLM in 8 or 4 bits (NF4) on ``device`` (CPU included)."""
     if not quantize:
         return {}
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError as err:
-        raise RuntimeError("--load-in-8bit/4bit needs bitsandbytes: pip install bitsandbytes") from err
-    from transformers import BitsAndBytesConfig
+    from ..model.llm import bnb_quantization
 
-    from ..device import parse_dtype
-
-    if quantize == "8bit":
-        quant = BitsAndBytesConfig(load_in_8bit=True)
-    else:
-        quant = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=parse_dtype(config_dtype)
-        )
+    quant = bnb_quantization(quantize, config_dtype)
     return {"quantization_config": quant, "device_map": {"": str(device)}}
 
 

@@ -62,6 +62,59 @@ def load_llm(
     return model
 
 
+def bnb_quantization(
+    bits: str, compute_dtype: str | torch.dtype, quant_type: str = "nf4", double_quant: bool = False
+) -> Any:
+    """A ``BitsAndBytesConfig`` for ``from_pretrained``: ``8bit`` (LLM.int8) or ``4bit`` (``quant_type`` nf4/fp4,
+    optional double quantization, matmuls in ``compute_dtype``). bitsandbytes runs both on CUDA and on the CPU."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as err:
+        raise RuntimeError(f"{bits} quantization needs bitsandbytes: pip install bitsandbytes") from err
+    from transformers import BitsAndBytesConfig
+
+    if bits == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if bits != "4bit":
+        raise ValueError(f"unknown quantization {bits!r}; use 4bit or 8bit")
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=parse_dtype(compute_dtype),
+    )
+
+
+def keep_4bit_layout(llm: nn.Module) -> int:
+    """Turn off bitsandbytes' CPU repacking of 4-bit layers for training; returns the layers changed.
+
+    bitsandbytes 0.50 repacks a ``Linear4bit``'s weight for its AVX512-BF16 CPU kernel at the first forward in eval
+    mode without gradients (an evaluation), rounding the blocks' scales to bfloat16; that kernel has no backward, so
+    the training steps after it would get silently wrong gradients (measured: 0.2 off on the input's gradient)."""
+    layers = [m for m in llm.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    for module in layers:
+        module.support_avx512bf16_for_cpu = False
+    return len(layers)
+
+
+def is_quantized(llm: nn.Module) -> bool:
+    """Whether ``llm`` (or the model a peft wrapper holds) was loaded in 8 or 4 bits."""
+    return bool(getattr(llm, "is_loaded_in_4bit", False) or getattr(llm, "is_loaded_in_8bit", False))
+
+
+def load_lora_adapter(llm: PreTrainedModel, directory: str | Path) -> nn.Module:
+    """``llm`` with the peft LoRA adapter saved in ``directory`` (QLoRA training's ``final/llm_adapter``): merged into
+    the weights (a plain model) when ``llm`` is not quantized; kept as separate LoRA layers over a quantized one."""
+    from peft import PeftModel
+
+    with refuse_unsafe_pickle(directory):  # adapter_model.bin is read with weights_only=True
+        try:
+            model = PeftModel.from_pretrained(llm, str(directory), is_trainable=False)
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise ValueError(f"{directory}: the LoRA adapter does not fit the LLM: {err}") from None
+    return model if is_quantized(llm) else model.merge_and_unload()
+
+
 def meta_llm(name_or_path: str | Path, trust_remote_code: bool = False) -> PreTrainedModel:
     """The LLM's architecture on the meta device (names and shapes, no memory, nothing loaded)."""
     from transformers import AutoConfig

@@ -23,7 +23,7 @@ from ..data.packing import additive_mask
 from ..data.tokenize import ModelBatch, TextBatch, image_positions, next_token_targets
 from ..device import parse_dtype
 from .config import PARTS, MiniGPTConfig, read_config, write_config
-from .llm import decoder_body, load_llm
+from .llm import decoder_body, is_quantized, load_llm, load_lora_adapter
 from .loss import linear_cross_entropy, resolve_loss_impl
 from .projector import build_projector, load_projector_weights
 from .vision import Blip2VisionEncoder, load_vision
@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 #: The saved parts of a model directory besides ``config.json`` (the LLM is a transformers folder, ``llm/``).
 PART_FILES = {"vision": "vision.safetensors", "projector": "projector.safetensors"}
 LLM_DIR = "llm"
+#: A peft LoRA adapter over the recorded base LLM (``config.llm``): what QLoRA training saves instead of ``llm/``.
+ADAPTER_DIR = "llm_adapter"
 
 
 @dataclass
@@ -68,7 +70,8 @@ class MiniGPT(nn.Module):
         """Build from a config: vision weights from ``vision_weights`` (random init if None), the LLM from
         ``config.llm`` unless given (``llm_kwargs`` go to its ``from_pretrained``, e.g. a quantization config), and a
         fresh (or ``projector_weights``) projector. ``init_from``: a model directory whose saved parts (``llm/``,
-        vision encoder, projector) replace those."""
+        vision encoder, projector) replace those; its LoRA adapter (``llm_adapter/``) goes onto the LLM (merged,
+        unless ``llm_kwargs`` quantize it)."""
         init = Path(init_from) if init_from is not None else None
         if init is not None:
             read_config(init)  # a clear error when it is not a model directory
@@ -80,6 +83,8 @@ class MiniGPT(nn.Module):
                 else (config.llm, config.llm_gguf_file)
             )
             llm = load_llm(source, config.llm_dtype, gguf, config.trust_remote_code, **(llm_kwargs or {}))
+            if init is not None and (init / ADAPTER_DIR).is_dir():
+                llm = load_lora_adapter(llm, init / ADAPTER_DIR)
         projector = build_projector(config.projector, vision.out_dim, llm.get_input_embeddings().embedding_dim)
         saved = init / PART_FILES["projector"] if init is not None else None
         if saved is not None and saved.is_file():
@@ -168,6 +173,14 @@ class MiniGPT(nn.Module):
                 "trainable": sum(p.numel() for p in params if p.requires_grad),
             }
         return counts
+
+    def place(self, device: torch.device) -> MiniGPT:
+        """Move to ``device``; a bitsandbytes LLM is loaded on its device (``device_map``) and stays there."""
+        if not is_quantized(self.llm):
+            return self.to(device)
+        self.vision.to(device)
+        self.projector.to(device)
+        return self
 
     @property
     def device(self) -> torch.device:
@@ -314,4 +327,13 @@ def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous() for k, v in state.items()}
 
 
-__all__ = ["LLM_DIR", "PART_FILES", "MiniGPT", "MiniGPTConfig", "MiniGPTOutput", "load_config", "load_vision_encoder"]
+__all__ = [
+    "ADAPTER_DIR",
+    "LLM_DIR",
+    "PART_FILES",
+    "MiniGPT",
+    "MiniGPTConfig",
+    "MiniGPTOutput",
+    "load_config",
+    "load_vision_encoder",
+]

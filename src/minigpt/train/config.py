@@ -56,11 +56,30 @@ class ModelSection(MiniGPTConfig):
     #: else ``plain`` for few tokens and ``chunked`` for many), ``plain``, ``chunked`` or ``liger``
     #: (:mod:`minigpt.model.loss`).
     loss_impl: Literal["auto", "plain", "chunked", "liger"] = "auto"
+    #: QLoRA: load the frozen LLM quantized through bitsandbytes (``4bit``: NF4 or FP4; ``8bit``: LLM.int8) and train
+    #: LoRA adapters on it (needs ``lora``); null: the LLM in ``llm_dtype``. Training only: ``final`` records the
+    #: unquantized base and the adapter, and chat/eval/serve quantize again only when asked (``--load-in-4bit``).
+    llm_quantization: Literal["4bit", "8bit"] | None = None
+    #: 4-bit only: the data type of the quantized weights (``nf4``: QLoRA's NormalFloat) and double quantization
+    #: (the blocks' scales quantized too: about 0.4 bits per weight less).
+    llm_quant_type: Literal["nf4", "fp4"] = "nf4"
+    llm_quant_double: bool = True
 
     @model_validator(mode="after")
     def _check_lora(self) -> ModelSection:
         if self.lora is not None and not self.freeze["llm"]:
             raise ValueError("lora needs the LLM frozen (freeze.llm: true); unfreeze it or use LoRA, not both")
+        if self.llm_quantization is not None:
+            if self.lora is None:
+                raise ValueError(
+                    f"llm_quantization {self.llm_quantization} trains LoRA adapters on a quantized LLM (QLoRA): "
+                    "set model.lora, or drop llm_quantization"
+                )
+            if self.llm_gguf_file:
+                raise ValueError("llm_quantization needs a transformers LLM, not a GGUF file (llm_gguf_file)")
+        explicit = {"llm_quant_type", "llm_quant_double"} & self.model_fields_set
+        if explicit and self.llm_quantization != "4bit":
+            raise ValueError(f"{', '.join(sorted(explicit))} apply to llm_quantization: 4bit only")
         return self
 
     def minigpt_config(self) -> MiniGPTConfig:
@@ -270,6 +289,11 @@ class TrainConfig(Section):
             from ..data.features import check_trainable
 
             check_trainable(self.model.freeze, self.data.augment, self.model.vision.use_qformer)
+        if self.model.llm_quantization and self.run.strategy.startswith("deepspeed"):
+            raise ValueError(
+                "model.llm_quantization (QLoRA) runs with run.strategy single or ddp; DeepSpeed cannot partition "
+                "bitsandbytes weights"
+            )
         if self.data.packing and self.run.attn_implementation == "flash_attention_2":
             raise ValueError("data.packing needs run.attn_implementation sdpa or eager (a 4-D attention mask)")
         return self

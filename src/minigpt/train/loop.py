@@ -34,8 +34,8 @@ from ..data.formats import DataWarning
 from ..device import peak_memory_gib, pins_memory
 from ..files import atomic_directory
 from ..model.config import read_config
-from ..model.llm import compile_decoder_layers
-from ..model.minigpt import MiniGPT
+from ..model.llm import bnb_quantization, compile_decoder_layers, is_quantized, keep_4bit_layout
+from ..model.minigpt import ADAPTER_DIR, MiniGPT
 from ..model.processor import MiniGPTProcessor
 from .checkpoint import capture_rng, list_checkpoints, load_checkpoint, resolve_resume, restore_rng
 from .config import LoraSection, ModelSection, OptimizerSection, ScheduleSection, TrainConfig
@@ -58,17 +58,31 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_model(section: ModelSection, seed: int = 0) -> MiniGPT:
+def build_model(
+    section: ModelSection, seed: int = 0, compute_dtype: torch.dtype | None = None, device: torch.device | None = None
+) -> MiniGPT:
     """A :class:`MiniGPT` for training: built from ``section`` (random parts seeded with ``seed``), with the parts
-    saved in ``init_from`` loaded and LoRA adapters added when configured."""
+    saved in ``init_from`` loaded and LoRA adapters added when configured. With ``llm_quantization`` (QLoRA) the LLM
+    is loaded by bitsandbytes onto ``device`` with matmuls in ``compute_dtype`` (default: ``llm_dtype``)."""
     torch.manual_seed(seed)
     if section.init_from:
         try:
             read_config(section.init_from)
         except (FileNotFoundError, ValueError) as err:
             raise type(err)(f"model.init_from: {err}") from None
-    model = MiniGPT.build(section.minigpt_config(), init_from=section.init_from)
+    llm_kwargs = None
+    if section.llm_quantization:
+        quant = bnb_quantization(
+            section.llm_quantization,
+            compute_dtype or section.llm_dtype,
+            section.llm_quant_type,
+            section.llm_quant_double,
+        )
+        llm_kwargs = {"quantization_config": quant, "device_map": {"": str(device or "cpu")}}
+    model = MiniGPT.build(section.minigpt_config(), init_from=section.init_from, llm_kwargs=llm_kwargs)
     model.loss_impl = section.loss_impl
+    if section.llm_quantization:
+        keep_4bit_layout(model.llm)
     if section.lora is not None:
         apply_lora(model, section.lora)
     return model
@@ -83,7 +97,12 @@ def build_processor(section: ModelSection, model: MiniGPT) -> MiniGPTProcessor:
 
 
 def apply_lora(model: Any, lora: LoraSection) -> None:
-    """Wrap the LLM with peft LoRA adapters; the adapters train, the LLM stays frozen."""
+    """Wrap the LLM with peft LoRA adapters; the adapters train (in float32), the LLM stays frozen.
+
+    On a quantized LLM (QLoRA) this is all of peft's ``prepare_model_for_kbit_training`` that training needs: the
+    base stays frozen and gradient checkpointing is ``run.grad_checkpointing`` (non-reentrant, so the inputs need no
+    ``requires_grad`` hook); its upcast of every non-quantized weight (embeddings, LM head, norms) to float32 is
+    left out on purpose: those weights are frozen, so float32 copies only cost memory (README, QLoRA)."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
@@ -92,6 +111,8 @@ def apply_lora(model: Any, lora: LoraSection) -> None:
     model.llm = get_peft_model(model.llm, config)
     for name, param in model.llm.named_parameters():
         param.requires_grad_("lora_" in name)
+        if param.requires_grad and is_quantized(model.llm) and param.dtype != torch.float32:
+            param.data = param.data.float()
 
 
 def build_optimizer(model: nn.Module, section: OptimizerSection) -> torch.optim.AdamW:
@@ -353,7 +374,7 @@ class Trainer:
         self._begin(config, strategy)
         run = self.run
         with strategy.model_init():
-            model = build_model(config.model, run.seed).to(strategy.device)
+            model = build_model(config.model, run.seed, strategy.amp_dtype, strategy.device).place(strategy.device)
         self.processor = build_processor(config.model, model)
         if run.grad_checkpointing:
             model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -690,11 +711,16 @@ class Trainer:
 
 
 def save_final_model(model: Any, processor: MiniGPTProcessor, directory: Path, lora: bool = False) -> None:
-    """``save_pretrained(trainable_only=True)`` and the processor; LoRA adapters are merged into the LLM, which is then
-    saved whole."""
-    if lora:
+    """``save_pretrained(trainable_only=True)`` and the processor. LoRA adapters are merged into the LLM, which is then
+    saved whole; over a quantized LLM (QLoRA) the adapter is saved instead (``llm_adapter/``, peft's format) and the
+    config records the unquantized base, so that nothing quantized is written."""
+    include: tuple[str, ...] = ()
+    if lora and is_quantized(model.llm):
+        model.llm.save_pretrained(directory / ADAPTER_DIR)
+    elif lora:
         model.llm = model.llm.merge_and_unload()
-    model.save_pretrained(directory, trainable_only=True, include=("llm",) if lora else ())
+        include = ("llm",)
+    model.save_pretrained(directory, trainable_only=True, include=include)
     processor.save_pretrained(directory)
 
 
