@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ...device import free_memory_bytes, is_accelerator
-from .planner import GIB, job_from_config, plan_training
+from .planner import human, job_from_config, plan_training
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +56,11 @@ def check_memory(config: Any, device: torch.device, world_size: int = 1) -> None
     table = plan.table(f"predicted memory per device ({device}):")
     if capacity is not None and plan.total > capacity:
         raise WontFit(
-            f"{table}\nthe run needs {plan.total / GIB:.2f} GiB but {device} has {capacity / GIB:.2f} GiB free; "
+            f"{table}\nthe run needs {human(plan.total)} but {device} has {human(capacity)} free; "
             "see `minigpt plan CONFIG --gpu GB` for settings that fit (micro-batch, run.grad_checkpointing, LoRA, "
             "ZeRO), or run anyway with --no-memory-check (run.memory_check=false)"
         )
-    log.info("%s%s", table, f" of {capacity / GIB:.2f} GiB free" if capacity is not None else "")
+    log.info("%s%s", table, f" of {human(capacity)} free" if capacity is not None else "")
 
 
 __all__ = ["WontFit", "available_ram_bytes", "check_memory", "device_capacity"]

@@ -120,7 +120,7 @@ def job_of(args: argparse.Namespace) -> Any:
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    from .planner import GIB, alternatives, fitting_options, gpu_bytes, plan_inference, plan_training
+    from .planner import alternatives, fitting_options, gpu_bytes, human, plan_inference, plan_training
 
     job = job_of(args)
     capacity = gpu_bytes(args.gpu) if args.gpu else None
@@ -141,7 +141,7 @@ def run_plan(args: argparse.Namespace) -> int:
     print(plan.table(title))
     if capacity is not None:
         verdict = "fits" if plan.total <= capacity else "does NOT fit"
-        print(f"\n{verdict} {args.gpu} ({capacity / GIB:.0f} GiB per device)")
+        print(f"\n{verdict} {args.gpu} ({human(capacity)} per device)")
     if capacity is not None and not args.serve:
         names = ", ".join(alternatives(job.method))
         if options:

@@ -98,6 +98,7 @@ class Job:
     freeze: dict[str, bool] = field(default_factory=dict)
     lora: Any = None  # LoraSection
     quantization: str | None = None  # None, "4bit", "8bit"
+    double_quant: bool = True  # 4-bit: the block scales quantised too (model.llm_quant_double)
     amp: str = "no"  # no, bf16, fp16
     loss_impl: str = "auto"
     shape: Shape = field(default_factory=lambda: Shape(1, 192, 160))
@@ -129,6 +130,11 @@ class Job:
         return replace(self, lora=lora, freeze=freeze, quantization="4bit" if method == "qlora" else None)
 
 
+def human(size: float) -> str:
+    """Bytes as GiB (1 GiB and more) or MiB, two decimals."""
+    return f"{size / GIB:.2f} GiB" if size >= GIB else f"{size / 2**20:.2f} MiB"
+
+
 @dataclass
 class Row:
     part: str
@@ -148,8 +154,8 @@ class Plan:
     def table(self, title: str = "") -> str:
         width = max(len(r.part) for r in self.rows) + 2
         lines = [title] if title else []
-        lines += [f"  {r.part:<{width}}{r.bytes / GIB:>9.2f} GiB  {r.note}".rstrip() for r in self.rows]
-        lines.append(f"  {'peak per device':<{width}}{self.total / GIB:>9.2f} GiB")
+        lines += [f"  {r.part:<{width}}{human(r.bytes):>12}  {r.note}".rstrip() for r in self.rows]
+        lines.append(f"  {'peak per device':<{width}}{human(self.total):>12}")
         return "\n".join(lines)
 
 
@@ -183,7 +189,8 @@ def job_from_config(
         vision_dtype=model.vision_dtype,
         freeze=dict(model.freeze),
         lora=model.lora,
-        quantization=getattr(model, "llm_quantization", None),
+        quantization=model.llm_quantization,
+        double_quant=model.llm_quant_double,
         amp=amp,
         loss_impl=model.loss_impl,
         shape=Shape(run.batch_size, positions, answers, 1, data.feature_cache is None),
@@ -276,7 +283,10 @@ def weights_of(job: Job) -> Weights:
             seen.add(id(p))
             name = "lora" if part == "llm" and p.requires_grad and job.lora is not None else part
             if id(p) in quantized:
-                size, kind = quantized_bytes(p.numel(), p.shape[0], job.quantization or ""), job.quantization
+                size, kind = (
+                    quantized_bytes(p.numel(), p.shape[0], job.quantization or "", job.double_quant),
+                    job.quantization,
+                )
             else:
                 size, kind = p.numel() * p.element_size(), str(p.dtype).removeprefix("torch.")
             sizes[name] = sizes.get(name, 0.0) + size
@@ -420,7 +430,7 @@ class Option:
         zero = f"ZeRO-{self.zero_stage}" if self.zero_stage else "no ZeRO"
         return (
             f"{self.method:<9} micro-batch {self.micro_batch:<3} checkpointing {'on ' if self.checkpointing else 'off'}"
-            f"  {zero:<7} {'offload' if self.offload else '':<7} {self.total / GIB:7.1f} GiB"
+            f"  {zero:<7} {'offload' if self.offload else '':<7} {human(self.total):>12}"
         )
 
 
@@ -438,7 +448,8 @@ def _cost(method: str, mb: int, ckpt: bool, zero: int, offload: bool) -> float:
 
 
 def fitting_options(job: Job, capacity: float, methods: list[str] | None = None, limit: int = 12) -> list[Option]:
-    """The settings of ``job`` that fit ``capacity`` bytes per device, fastest first. Per way of training (LoRA
+    """The settings of ``job`` that fit ``capacity`` bytes per device, fastest first, each slower one needing less
+    memory than those before it. Per way of training (LoRA
     and QLoRA share one) and checkpointing, activations are traced at micro-batches 1 and 2 and taken as linear in
     the micro-batch beyond."""
     methods = methods or alternatives(job.method)
@@ -468,7 +479,11 @@ def fitting_options(job: Job, capacity: float, methods: list[str] | None = None,
                         cost = _cost(method, mb, ckpt, zero, offload)
                         options.append(Option(method, mb, ckpt, zero, offload, total, cost))
     options.sort(key=lambda o: (o.cost, o.total))
-    return options[:limit]
+    frontier: list[Option] = []  # a slower setting is listed only when it needs less memory than every faster one
+    for option in options:
+        if all(option.total < kept.total for kept in frontier):
+            frontier.append(option)
+    return frontier[:limit]
 
 
 def alternatives(method: str) -> list[str]:
@@ -500,6 +515,7 @@ __all__ = [
     "alternatives",
     "fitting_options",
     "gpu_bytes",
+    "human",
     "job_from_config",
     "llm_config",
     "meta_model",
