@@ -129,10 +129,10 @@ def measure(job: Any, device: torch.device, steps: int, seed: int) -> int:
     from ...train.memory.trace import synthetic_batch
     from ...train.strategy import Strategy
 
-    gc.collect()
-    empty_cache(device)
-    reset_peak_memory(device)
     model = build_case_model(job, device, seed)
+    gc.collect()  # QLoRA: the full-precision LLM it was quantized from goes
+    empty_cache(device)
+    reset_peak_memory(device)  # the allocator's peak restarts from the weights now allocated
     strategy = Strategy(str(device), job.amp)
     params = [p for p in model.parameters() if p.requires_grad]
     counter = LiveBytes()
