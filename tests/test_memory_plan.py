@@ -128,3 +128,20 @@ def test_train_stops_before_loading_when_the_run_cannot_fit(tiny_yaml, monkeypat
     # the default on CPU: no check
     with pytest.raises(AssertionError, match="a weight was loaded"):
         launch.train(load_config(tiny_yaml, []))
+
+
+@pytest.mark.slow
+def test_readme_plan_commands_run(capsys):
+    """Every command of the README's "Memory: will it fit?" block (7B/13B presets: slow)."""
+    import shlex
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = readme.split("## Memory: will it fit?\n\n```bash\n")[1].split("```")[0]
+    commands = [shlex.split(line) for line in block.splitlines() if line.strip()]
+    assert commands and all(c[:2] == ["minigpt", "plan"] for c in commands)
+    root = Path(__file__).parents[1]
+    for command in commands:
+        args = [str(root / a) if a.endswith(".yaml") else a for a in command[1:]]
+        assert main(args) == 0
+        assert "peak per device" in capsys.readouterr().out

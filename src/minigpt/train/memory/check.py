@@ -42,15 +42,15 @@ def device_capacity(device: torch.device) -> int | None:
 
 def check_memory(config: Any, device: torch.device, world_size: int = 1) -> None:
     """Log the predicted peak of ``config`` on ``device``; raise :class:`WontFit` with the table when it exceeds what
-    the device has. Runs where ``run.memory_check`` asks (see the module doc); a config the planner cannot read
-    (an LLM config it cannot open) is logged and passed."""
+    the device has. Runs where ``run.memory_check`` asks (see the module doc); a model the planner cannot build (an
+    LLM config it cannot open, remote code not trusted) is logged and passed."""
     wanted = config.run.memory_check
     if wanted is False or (wanted is None and not is_accelerator(device)):
         return
     try:
         plan = plan_training(job_from_config(config, is_accelerator(device), world_size))
-    except (OSError, ValueError, RuntimeError, NotImplementedError) as err:
-        log.warning("memory plan skipped: %s", err)
+    except Exception as err:  # noqa: BLE001 - a model the planner cannot build must not stop the run
+        log.warning("memory plan skipped: %s: %s", type(err).__name__, err)
         return
     capacity = device_capacity(device)
     table = plan.table(f"predicted memory per device ({device}):")
