@@ -61,11 +61,15 @@ class LiveBytes(TorchDispatchMode):
     """Counts the bytes of tensor storage alive while active: ``current``, and ``peak`` since the last
     :meth:`reset_peak`. A storage counts once however many views share it, until it is freed."""
 
-    def __init__(self) -> None:
+    def __init__(self, record: bool = False) -> None:
         super().__init__()
         self._sizes: dict[int, int] = {}
+        self._serial: dict[int, int] = {}  # storage key -> the serial number of its allocation
+        self._allocations = 0
         self.current = 0
         self.peak = 0
+        #: With ``record``: (allocation serial, +bytes or -bytes) in order, for :meth:`peak_without`.
+        self.events: list[tuple[int, int]] | None = [] if record else None
 
     def reset_peak(self) -> None:
         self.peak = self.current
@@ -82,12 +86,33 @@ class LiveBytes(TorchDispatchMode):
             return
         size = storage.nbytes()
         self._sizes[key] = size
+        self._serial[key] = serial = self._allocations
+        self._allocations += 1
         self.current += size
         self.peak = max(self.peak, self.current)
+        if self.events is not None:
+            self.events.append((serial, size))
         weakref.finalize(storage, self._free, key)
 
     def _free(self, key: int) -> None:
-        self.current -= self._sizes.pop(key, 0)
+        size = self._sizes.pop(key, 0)
+        self.current -= size
+        serial = self._serial.pop(key, -1)
+        if self.events is not None:
+            self.events.append((serial, -size))
+
+    def serials(self, tensors: Iterable[torch.Tensor]) -> set[int]:
+        """The allocation serials of live ``tensors``' storages (for :meth:`peak_without`)."""
+        return {self._serial[id(t.untyped_storage())] for t in tensors if id(t.untyped_storage()) in self._serial}
+
+    def peak_without(self, excluded: set[int]) -> int:
+        """The recorded peak of the bytes not in the allocations ``excluded`` (e.g. the gradients)."""
+        current = peak = 0
+        for serial, size in self.events or []:
+            if serial not in excluded:
+                current += size
+                peak = max(peak, current)
+        return peak
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))

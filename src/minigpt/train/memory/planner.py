@@ -265,6 +265,7 @@ class Weights:
     trainable: float
     trainable_params: int
     largest_quantized: int
+    layer_bytes: float = 0.0  # one decoder layer's weights
 
 
 def weights_of(job: Job) -> Weights:
@@ -301,7 +302,10 @@ def weights_of(job: Job) -> Weights:
         if size
     ]
     largest = max((m.weight.numel() for m in quantized.values()), default=0)
-    return Weights(rows, trainable, count, largest)
+    from ...model.llm import decoder_layers
+
+    layer = sum(p.numel() * p.element_size() for p in decoder_layers(model.llm)[0].parameters())
+    return Weights(rows, trainable, count, largest, layer)
 
 
 def _trains(model: nn.Module, name: str, job: Job) -> str:
@@ -335,7 +339,9 @@ def plan_training(job: Job, trace: StepTrace | None = None, weights: Weights | N
         optim, optim_note = 2 * params_trainable, "8-bit AdamW moments"
     else:
         optim, optim_note = 2 * trainable, "AdamW moments in the parameters' dtype"
-    activations = max(0.0, trace.peak - trainable)
+    # One process holds every gradient: the step's peak counts them as they form. ZeRO-2/3 reduce each bucket to
+    # its owner as backward makes it: the activations' own peak, plus the process's share of the gradients.
+    activations = trace.without_grads if zero >= 2 else max(0.0, trace.peak - trainable)
     notes = [f"micro-batch {job.shape.batch} x {job.shape.positions} positions"]
     if job.shape.vision_in_step:
         notes.append("vision pass")
@@ -344,6 +350,15 @@ def plan_training(job: Job, trace: StepTrace | None = None, weights: Weights | N
     if job.quantization and largest:
         activations += largest * dtype_bytes(job.llm_dtype) * 2  # a dequantised weight (+ its cast) in backward
         notes.append("a dequantised weight")
+    if zero:  # the shipped DeepSpeed configs' buckets (bf16), and ZeRO-3's gathered layers
+        buckets = 2 * (4e8 if zero < 3 else 1e8)
+        rows.append(
+            Row(
+                "ZeRO buffers",
+                min(buckets, 2 * trainable) + (2 * weights.layer_bytes if zero >= 3 else 0),
+                "reduce/all-gather buckets" + (", two gathered layers" if zero >= 3 else ""),
+            )
+        )
     inputs = batch_bytes(synthetic_batch(job.vision, job.llm.vocab_size, job.shape))
     rows += [
         Row("gradients", grads, f"trainable parameters{f', ZeRO-2+ / {gpus}' if zero >= 2 else ''}"),
@@ -351,7 +366,9 @@ def plan_training(job: Job, trace: StepTrace | None = None, weights: Weights | N
         Row("activations", activations, ", ".join(notes)),
         Row("inputs", inputs, "ids, labels, masks, pixels or features"),
     ]
-    allocated = weight_bytes + grads + optim + activations + inputs
+    allocated = (
+        weight_bytes + grads + optim + activations + inputs + sum(r.bytes for r in rows if r.part == "ZeRO buffers")
+    )
     overhead = CUDA_OVERHEAD if job.accelerator else 0
     if job.accelerator:
         rows.append(Row("runtime", overhead, "CUDA context, workspaces, allocator slack (a constant)"))
@@ -370,7 +387,7 @@ def step_trace(job: Job) -> StepTrace:
     if layers <= TRACE_LAYERS:
         return _trace(job)
     two, three = (_trace(replace(job, llm=with_layers(job.llm, n))) for n in (2, 3))
-    return StepTrace(*(a + (b - a) * (layers - 2) for a, b in ((two.peak, three.peak), (two.end, three.end))))
+    return StepTrace(*(round(a + (b - a) * (layers - 2)) for a, b in zip(vars(two).values(), vars(three).values())))
 
 
 def _trace(job: Job) -> StepTrace:
@@ -469,7 +486,9 @@ def fitting_options(job: Job, capacity: float, methods: list[str] | None = None,
                 traces[key] = (step_trace(one), step_trace(two))
             one, two = traces[key]
             for mb in batches:
-                trace = StepTrace(one.peak + (two.peak - one.peak) * (mb - 1), one.end)
+                trace = StepTrace(
+                    *(round(a + (b - a) * (mb - 1)) for a, b in zip(vars(one).values(), vars(two).values()))
+                )
                 for zero, offload in layouts:
                     candidate = replace(
                         base, shape=replace(base.shape, batch=mb), checkpointing=ckpt, zero_stage=zero, offload=offload

@@ -83,11 +83,13 @@ def batch_bytes(batch: Any) -> int:
 
 @dataclass
 class StepTrace:
-    """Bytes counted over one micro-batch's forward and backward (weights not included): the peak, and what is
-    still live at the end (the gradients of the trainable parameters)."""
+    """Bytes counted over one micro-batch's forward and backward (weights not included): the peak, what is still
+    live at the end (the gradients of the trainable parameters), and the peak of all but the gradients (what a
+    ZeRO-2/3 process holds besides its share of them)."""
 
     peak: int
     end: int
+    without_grads: int
 
 
 def trace_step(
@@ -114,12 +116,13 @@ def _trace(model: nn.Module, batch: Any, strategy: Any, checkpointing: bool, mic
     model.train()
     model.llm.train()
     tokens = batch.num_tokens * micro_batches
-    with LiveBytes() as counter:
+    with LiveBytes(record=True) as counter:
         counter.track(module_tensors(model))  # views of the weights are not new bytes
         weights = counter.current
         for _ in range(micro_batches):
             forward_backward(model, strategy, [batch], tokens, batch)
-        return StepTrace(counter.peak - weights, counter.current - weights)
+        grads = counter.serials(p.grad for p in model.parameters() if p.grad is not None)
+        return StepTrace(counter.peak - weights, counter.current - weights, counter.peak_without(grads) - weights)
 
 
 def to_fake(model: nn.Module) -> nn.Module:
