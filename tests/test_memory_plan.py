@@ -93,7 +93,7 @@ def test_plan_command_prints_the_table_and_what_fits(tiny_yaml, capsys):
     assert "does NOT fit 0.001" in out and "no setting of projector fits" in out
 
 
-def test_plan_command_serve_counts_the_kv_cache(tiny_yaml, capsys, tiny_llama_dir):
+def test_plan_command_serve_counts_the_engines_kv_cache(capsys, tiny_llama_dir):
     from transformers import AutoConfig
 
     cfg = AutoConfig.from_pretrained(tiny_llama_dir)
@@ -102,9 +102,15 @@ def test_plan_command_serve_counts_the_kv_cache(tiny_yaml, capsys, tiny_llama_di
     assert "KV cache                1.00 MiB  2 layers x 4 slots x 512 positions" in capsys.readouterr().out
     assert main([*args, "--json"]) == 0
     rows = {row["part"]: row["bytes"] for row in json.loads(capsys.readouterr().out)["rows"]}
-    head_dim = cfg.hidden_size // cfg.num_attention_heads
-    assert rows["KV cache"] == cfg.num_hidden_layers * 2 * 4 * 512 * cfg.num_key_value_heads * head_dim * 4
     assert "gradients" not in rows
+    # the engine's slot cache, allocated by a prefill, holds exactly that
+    from minigpt.infer.slots import SlotDecoder
+    from minigpt.model.llm import load_llm
+
+    decoder = SlotDecoder(load_llm(tiny_llama_dir), slots=4, max_len=512, cuda_graphs=False)
+    decoder.prefill([0], [torch.zeros(3, cfg.hidden_size)])
+    cache = [t for layer in decoder.cache.layers for t in (layer.keys, layer.values)]
+    assert rows["KV cache"] == sum(t.numel() * t.element_size() for t in cache)
 
 
 def test_train_stops_before_loading_when_the_run_cannot_fit(tiny_yaml, monkeypatch):

@@ -407,16 +407,15 @@ def with_layers(config: Any, layers: int) -> Any:
     return type(config).from_dict(data)
 
 
-def plan_inference(job: Job, slots: int, context: int, kv_dtype: str | None = None) -> Plan:
-    """Weights (no gradients) + the slot KV cache (``slots`` x ``context``) + one prompt's prefill."""
-    rows = weights_of(
-        replace(job, lora=None, freeze=dict.fromkeys(("vision", "qformer", "projector", "llm"), True))
-    ).rows
+def plan_inference(job: Job, slots: int, context: int) -> Plan:
+    """Weights (no gradients) + the engine's slot KV cache (``slots`` x ``context`` positions, in the LLM's dtype,
+    :func:`minigpt.infer.slots.kv_bytes_per_position`) + one prompt's prefill."""
+    from ...infer.slots import kv_bytes_per_position
+
+    frozen = replace(job, lora=None, freeze=dict.fromkeys(("vision", "qformer", "projector", "llm"), True))
+    rows = weights_of(frozen).rows
     cfg = job.llm
-    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    kv_bytes = dtype_bytes(kv_dtype or job.llm_dtype)
-    kv = cfg.num_hidden_layers * 2 * slots * context * heads * head_dim * kv_bytes
+    kv = slots * context * kv_bytes_per_position(meta_model(replace(frozen, quantization=None)).llm)
     act = dtype_bytes(job.llm_dtype) * context * (4 * cfg.hidden_size + 3 * cfg.intermediate_size)
     act += 4 * cfg.vocab_size  # the last position's float32 logits
     rows += [
