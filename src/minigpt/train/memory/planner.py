@@ -10,7 +10,9 @@ Model states are formulas over the exact parameter counts of the model built on 
   the optimizer offloaded;
 - **activations**: the peak of one micro-batch's forward + backward, counted by running our own step on fake tensors
   (:mod:`.trace`: answer-only head, chunked loss, checkpointing, LoRA, vision pass and autocast as they run), less
-  the gradients it makes (counted above); QLoRA adds one dequantised weight (bitsandbytes' backward);
+  the gradients it makes (counted above); under ZeRO-2/3 (gradients reduced bucket by bucket) the peak of all but
+  the gradients; QLoRA adds one dequantised weight (bitsandbytes' backward); **ZeRO buffers**: the shipped
+  DeepSpeed configs' reduce/all-gather buckets, and at stage 3 two gathered decoder layers;
 - **inputs**: the micro-batch's tensors; **KV cache** (inference): layers x 2 x slots x context x KV heads x head
   dim; **runtime**: :data:`CUDA_OVERHEAD` on accelerators (CUDA context, cuBLAS workspace, allocator slack), not
   part of ``torch.cuda.max_memory_allocated``.
