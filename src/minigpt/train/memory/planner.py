@@ -350,7 +350,10 @@ def plan_training(job: Job, trace: StepTrace | None = None, weights: Weights | N
     if job.checkpointing:
         notes.append("checkpointing")
     if job.quantization and largest:
-        activations += largest * dtype_bytes(job.llm_dtype) * 2  # a dequantised weight (+ its cast) in backward
+        # backward dequantises one weight at a time in the LLM's dtype, cast to autocast's when that differs
+        compute = {"bf16": "bfloat16", "fp16": "float16"}.get(job.amp, job.llm_dtype)
+        cast = dtype_bytes(compute) if compute != job.llm_dtype else 0
+        activations += largest * (dtype_bytes(job.llm_dtype) + cast)
         notes.append("a dequantised weight")
     if zero:  # the shipped DeepSpeed configs' buckets (bf16), and ZeRO-3's gathered layers
         buckets = 2 * (4e8 if zero < 3 else 1e8)
