@@ -151,3 +151,8 @@ def test_readme_plan_commands_run(capsys):
         args = [str(root / a) if a.endswith(".yaml") else a for a in command[1:]]
         assert main(args) == 0
         assert "peak per device" in capsys.readouterr().out
+
+
+def test_train_no_memory_check_flag(tiny_yaml, capsys):
+    assert main(["train", str(tiny_yaml), "--no-memory-check", "--print-config"]) == 0
+    assert "memory_check: false" in capsys.readouterr().out
