@@ -2,7 +2,7 @@
 # The GPU measurements behind the README's performance table, in one run on one GPU (an H200 took the
 # shapes of shared/PERFORMANCE.md). Needs a python3 with CUDA torch and transformers; the package runs from src/.
 #
-#   bash scripts/gpu_bench.sh [decode|train|all|smoke] [OUT_DIR]
+#   bash scripts/gpu_bench.sh [decode|train|memory|all|smoke] [OUT_DIR]
 #
 # smoke: every case at tiny shapes on the CPU (about 2 minutes; checks the script itself).
 # Wheels in .whl/ (e.g. `pip download --no-deps liger-kernel -d .whl`) are installed first, into /tmp/site; with
@@ -20,10 +20,11 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 export PYTHONPATH="$PWD/src${site:+:$site}${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 log="$out/gpu_bench.log"
-l7=llama-7b l13=llama-13b vision=eva_vit_g gen=() train=() new=128
+l7=llama-7b l13=llama-13b vision=eva_vit_g gen=() train=() memory=() new=128
 if [[ $part == smoke ]]; then
     l7=tiny l13=tiny vision=tiny new=4 part=all
     gen=(--device cpu --repeats 1) train=(--device cpu --steps 1 --warmup 0 --peak-tflops 0)
+    memory=(--device cpu --only tiny-lora)
 fi
 
 case_() {  # NAME ARGS...: one bench run, its JSON in $out/NAME.json
@@ -62,5 +63,10 @@ if [[ $part == train || $part == all ]]; then
         case_ train_7b_stage2_plain_loss train --llm $l7 --vision $vision --stage 2 --batch-size 12 --compile \
             --loss-impl plain "${train[@]}"
     fi
+fi
+if [[ $part == memory || $part == all ]]; then
+    # The memory planner against the allocator's peak (max_memory_allocated): a 7B LLM projector-only, LoRA and
+    # QLoRA at micro-batch 1/4 with and without checkpointing, then the CPU set's tiny/small cases on the GPU.
+    case_ memory_plan memory --gpu-llm $l7 --vision $vision "${memory[@]}"
 fi
 echo "done: $(ls "$out")" | tee -a "$log"

@@ -175,6 +175,7 @@ COMMANDS = {
     "quickstart": ["quickstart"],
     "bench train": ["bench", "train"],
     "bench generate": ["bench", "generate"],
+    "bench memory": ["bench", "memory"],
 }
 
 

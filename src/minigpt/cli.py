@@ -15,6 +15,7 @@ import sys
 COMMANDS: list[str] = [
     "minigpt.tools.quickstart",
     "minigpt.train.cli",
+    "minigpt.train.memory.cli",
     "minigpt.infer.terminal",
     "minigpt.infer.web",
     "minigpt.infer.server",

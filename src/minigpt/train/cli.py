@@ -28,6 +28,11 @@ def register(subparsers: Any) -> None:
     parser.add_argument("config", help="YAML config (see configs/)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. run.optimizer.lr=3e-5 run.epochs=2")
     parser.add_argument("--print-config", action="store_true", help="print the validated config and exit")
+    parser.add_argument(
+        "--no-memory-check",
+        action="store_true",
+        help="start even when the predicted peak memory exceeds the device's (run.memory_check=false)",
+    )
     add_device_argument(
         parser,
         default=None,
@@ -43,6 +48,8 @@ def run_train(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if getattr(args, "device", None):
         overrides.append(f"run.device={args.device}")
+    if getattr(args, "no_memory_check", False):
+        overrides.append("run.memory_check=false")
     config = load_config(args.config, overrides)
     if args.print_config:
         import yaml

@@ -249,6 +249,9 @@ class RunSection(Section):
     #: torch.compile each LLM decoder layer (regional compilation: the first steps are slow while it compiles).
     compile: bool = False
     deterministic: bool = False
+    #: Predict the run's peak memory before loading and stop when it cannot fit: null checks on accelerators only,
+    #: true on CPU too (against the available RAM), false never (``--no-memory-check``; minigpt.train.memory.check).
+    memory_check: bool | None = None
     #: ``auto``: continue from the newest checkpoint in output_dir if any; ``none``: start fresh; or a path.
     resume: str = "auto"
     save_every: int = Field(1000, gt=0)

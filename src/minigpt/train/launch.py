@@ -14,6 +14,7 @@ from .deepspeed.pipeline import DeepSpeedPipeline
 from .deepspeed.trainer import PipelineTrainer
 from .deepspeed.zero import DeepSpeedZeRO
 from .loop import Trainer, TrainResult
+from .memory.check import check_memory
 from .strategy import DDP, Strategy
 
 
@@ -45,6 +46,7 @@ def train(config: TrainConfig, strategy: Strategy | None = None) -> TrainResult:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     strategy = strategy or make_strategy(config.run)
     try:
+        check_memory(config, strategy.device, strategy.world_size)  # before anything loads
         trainer = PipelineTrainer if config.run.strategy == "deepspeed_pipeline" else Trainer
         return trainer(config, strategy).fit()
     finally:

@@ -18,6 +18,7 @@ from typing import Any
 
 from .common import LLM_SHAPES, VISION_SHAPES
 from .generate import add_generate_arguments, bench_generate
+from .memory import add_memory_arguments, bench_memory
 from .train import bench_train
 
 # ---------------------------------------------------------------------------------------------- command line
@@ -31,7 +32,7 @@ def register(subparsers: Any) -> None:
     sub = add_command_group(
         subparsers,
         "bench",
-        help="benchmark the training step and generation (JSON: samples/s, MFU, memory, TTFT)",
+        help="benchmark the training step, generation and the memory planner (JSON: samples/s, MFU, memory, TTFT)",
         description="Time a MiniGPT of real (or small) shapes with random weights on synthetic batches and print "
         "the figures as JSON. Runs on CPU with small shapes and on a GPU with real ones.",
     )
@@ -104,6 +105,16 @@ def register(subparsers: Any) -> None:
     common(q)
     add_generate_arguments(q)
     q.set_defaults(func=_run, bench=bench_generate)
+
+    q = sub.add_parser(
+        "memory",
+        help="predicted vs measured peak memory of training steps, per configuration",
+        description="Train tiny and small models (full, LoRA, QLoRA; checkpointing; micro-batch 1/4; stage 1/2; "
+        "fp32/bf16) for a few steps and print, per configuration, the planner's predicted_bytes and the "
+        "measured_bytes (CPU: the peak of live tensor bytes; accelerators: the allocator's peak).",
+    )
+    add_memory_arguments(q)
+    q.set_defaults(func=_run, bench=bench_memory)
 
 
 def _run(args: argparse.Namespace) -> int:
