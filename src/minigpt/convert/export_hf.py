@@ -6,6 +6,8 @@ The exported folder loads with ``Blip2ForConditionalGeneration.from_pretrained``
 - ``vision_model.*``, ``qformer.*``, ``query_tokens``: our encoder's tensors (they already use these names);
 - ``language_projection``: our ``linear`` projector (``mlp2x_gelu`` has no place in BLIP-2: an error);
 - ``language_model``: the LLM, as ``text_config`` = the LLM's own config;
+- the tokenizer puts BOS before every text when the template starts prompts with it (set when the LLM's tokenizer
+  does not already), so a prompt text never spells out BOS;
 - an ``<image>`` token (added to the tokenizer when missing; the embedding matrices grow by one row only if
   the new id is beyond them, the new rows are the mean of the old ones) whose id is ``image_token_index``.
 
@@ -36,7 +38,7 @@ import torch
 from torch import nn
 
 from ..data.conversation import Conversation, Image, Text
-from ..data.templates import IMAGE_SLOT, Template
+from ..data.templates import IMAGE_SLOT, Template, special_prefix
 from ..data.tokenize import encode_chunks
 from .lavis import ConversionReport
 
@@ -87,9 +89,10 @@ def blip2_config(model: Any, text_config: Any, image_token_index: int) -> Any:
     )
 
 
-def _image_token(tokenizer: Any, trust_remote_code: bool = False) -> tuple[Any, int]:
+def _image_token(tokenizer: Any, trust_remote_code: bool = False, add_bos: bool = False) -> tuple[Any, int]:
     """A copy of ``tokenizer`` with ``<image>`` as a special token and as its ``image_token`` (what
-    ``Blip2Processor`` reads), and that token's id."""
+    ``Blip2Processor`` reads), and that token's id. ``add_bos``: the copy puts BOS before every text (the template
+    starts prompts with it), so a prompt text never has to spell it out."""
     import tempfile
 
     from transformers import AddedToken, AutoTokenizer
@@ -101,10 +104,24 @@ def _image_token(tokenizer: Any, trust_remote_code: bool = False) -> tuple[Any, 
         )
     if IMAGE_TOKEN not in tok.get_vocab():
         tok.add_tokens([AddedToken(IMAGE_TOKEN, normalized=False, special=True)], special_tokens=True)
+    if add_bos and special_prefix(tok) != (tok.bos_token_id,):
+        tok.add_bos_token = True
+        if hasattr(tok, "update_post_processor"):
+            tok.update_post_processor()
     index = tok.convert_tokens_to_ids(IMAGE_TOKEN)
     if tok.convert_ids_to_tokens(index) != IMAGE_TOKEN or tok.pad_token_id != tokenizer.pad_token_id:
         raise ValueError(f"could not add {IMAGE_TOKEN} to the tokenizer")
     return tok, index
+
+
+def _starts_with_bos(processor: Any, conversation: Conversation) -> bool:
+    """Whether the template's generation prompt starts with the tokenizer's BOS (as a literal id)."""
+    bos = processor.tokenizer.bos_token_id
+    try:
+        first = processor.template.render_prompt(conversation, processor.tokenizer)[0]
+    except ValueError:
+        return False
+    return bos is not None and first.ids is not None and first.ids[:1] == (bos,)
 
 
 def _grown(weight: torch.Tensor, rows: int) -> torch.Tensor:
@@ -173,7 +190,10 @@ def export_hf(
     out = Path(out)
     report = ConversionReport()
 
-    tokenizer, image_index = _image_token(processor.tokenizer, model.config.trust_remote_code)
+    example = Conversation().add("user", [Image(), Text(processor.template.image_separator + "Describe the image.")])
+    tokenizer, image_index = _image_token(
+        processor.tokenizer, model.config.trust_remote_code, add_bos=_starts_with_bos(processor, example)
+    )
     rows = model.llm.get_input_embeddings().weight.shape[0]
     added = max(0, image_index + 1 - rows)
     text_config = copy.deepcopy(model.llm.config)
@@ -235,7 +255,6 @@ def export_hf(
         f"post_layernorm (ln_vision) eps: transformers uses the ViT's {v.vit_eps}, minigpt {v.ln_vision_eps} "
         "(image embeddings differ by ~3e-6)"
     )
-    example = Conversation().add("user", [Image(), Text(processor.template.image_separator + "Describe the image.")])
     info: dict[str, Any] = {
         "exported_by": "minigpt convert export-hf",
         "template": model.config.template,
