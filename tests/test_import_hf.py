@@ -212,3 +212,18 @@ def test_blip2_template_training_layout(llama_tokenizer, qwen_tokenizer):
     ]
     assert template.render_train(conv, qwen_tokenizer)[1] == Chunk("Question: what? Answer:")  # Qwen adds no BOS
     assert template.stop_token_ids(llama_tokenizer) == []  # EOS only, as transformers' generate
+
+
+def test_imported_model_exports_back_to_blip2s_layout(salesforce_like, tmp_path, image_file):
+    """import-hf then export-hf: the blip2 template is exported as BLIP-2's own processor layout (num_query_tokens
+    set), and prompt_example is the bare text."""
+    from minigpt.convert.export_hf import export_hf
+
+    _, directory = salesforce_like
+    assert main(["convert", "import-hf", str(directory), "--out", str(tmp_path / "m")]) == 0
+    export_hf(tmp_path / "m", tmp_path / "hf")
+    info = json.loads((tmp_path / "hf" / "minigpt_export.json").read_text())
+    processor = Blip2Processor.from_pretrained(tmp_path / "hf")
+    assert processor.num_query_tokens == 4 and info["prompt_example"] == "Describe the image."
+    got = processor(images=PILImage.open(image_file), text=info["prompt_example"]).input_ids[0]
+    assert got == info["prompt_example_ids"] and got[:4] == [info["image_token_index"]] * 4
