@@ -197,7 +197,7 @@ def test_python_block_runs(line, text, in_workspace, tiny_llama_dir, capsys):
         pytest.fail(f"README.md:{line} is not in BLOCKS (see test_every_block_is_covered)")
     code = _substitute(text, entry.subs, f"README.md:{line}")
     namespace = {"TINY_LLAMA": str(tiny_llama_dir), "__name__": "readme_block"}
-    with _server_for(code, in_workspace) as extra:
+    with _OpenAIServer(code, in_workspace) as extra:
         namespace.update(extra)
         exec(compile(code, f"README.md:{line}", "exec"), namespace)
     printed = capsys.readouterr().out
@@ -205,7 +205,7 @@ def test_python_block_runs(line, text, in_workspace, tiny_llama_dir, capsys):
         assert printed.strip(), f"README.md:{line} printed nothing"
 
 
-class _server_for:
+class _OpenAIServer:
     """For the openai block: a live ``minigpt serve``-equivalent server (api key KEY, model name "final")."""
 
     def __init__(self, code: str, root: Path) -> None:
