@@ -1,4 +1,9 @@
-"""Shared test fixtures: the real tokenizers from ../shared and tiny models built on the fly."""
+"""Shared test fixtures: the real tokenizers and reference fixtures (``tests/shared``, a copy of what the tests
+need from the product side's ``shared/``; ``MINIGPT_SHARED`` points elsewhere) and tiny models built on the fly.
+
+Tests that compare against reference data are marked ``fidelity``. Under CI (``CI`` set to anything but
+``""``/``0``/``false``), a missing shared file fails the test instead of skipping it, and the run fails when any
+``fidelity`` test was skipped, whatever the reason."""
 
 from __future__ import annotations
 
@@ -12,15 +17,47 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("MINIGPT_SHARED", REPO.parent / "shared"))
+SHARED = Path(os.environ.get("MINIGPT_SHARED") or REPO / "tests" / "shared")
 CACHE = Path(os.environ.get("MINIGPT_TEST_CACHE", Path.home() / ".cache" / "minigpt-tests"))
 
 
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
 def shared_path(*parts: str) -> Path:
+    """``SHARED/parts``; skipped (failed under CI) with the path as the reason when it is missing."""
     path = SHARED.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"shared material not present: {path}")
+        message = f"shared material not present: {path} (MINIGPT_SHARED={os.environ.get('MINIGPT_SHARED')!r})"
+        if in_ci():
+            pytest.fail(message)
+        pytest.skip(message)
     return path
+
+
+_skipped_fidelity: list[str] = []
+
+
+def pytest_runtest_logreport(report) -> None:
+    if report.skipped and "fidelity" in report.keywords:
+        _skipped_fidelity.append(report.nodeid)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    if _skipped_fidelity:
+        verdict = "CI fails the run" if in_ci() else "set CI=true to make this an error"
+        terminalreporter.write_line(
+            f"{len(_skipped_fidelity)} fidelity test(s) did not run ({verdict}): "
+            + ", ".join(_skipped_fidelity[:5])
+            + (" ..." if len(_skipped_fidelity) > 5 else ""),
+            red=in_ci(),
+        )
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    if _skipped_fidelity and in_ci() and exitstatus == 0:
+        session.exitstatus = 1
 
 
 def _gguf_tokenizer(name: str, gguf: str):

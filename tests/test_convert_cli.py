@@ -12,10 +12,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from conftest import SHARED
+from conftest import SHARED, shared_path
 from minigpt.cli import build_parser, main
 from minigpt.convert.lavis import load_checkpoint, load_vision
 from minigpt.model.minigpt import MiniGPT
+
+pytestmark = pytest.mark.fidelity  # compared against tests/shared reference data
 
 FIXTURE = SHARED / "fixtures" / "lavis-tiny"
 TOL = 1e-4
@@ -23,8 +25,7 @@ TOL = 1e-4
 
 @pytest.fixture(scope="module")
 def expected():
-    if not FIXTURE.is_dir():
-        pytest.skip(f"fixture not present: {FIXTURE}")
+    shared_path("fixtures", "lavis-tiny")
     return load_file(FIXTURE / "expected.safetensors")
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from conftest import SHARED
+from conftest import SHARED, shared_path
 from minigpt.convert.deepspeed import (
     PIPELINE_LLM_NAMES,
     UnsafeCheckpointError,
@@ -346,8 +346,7 @@ def pipeline_ckpt(tmp_path, tiny_llama_dir):
     7 final norm, 8 lm_head, 9 loss, 10 the frozen-LLM dummy; the LLM trained (perturbed)."""
     from transformers import AutoModelForCausalLM
 
-    if not FIXTURE.is_dir():
-        pytest.skip(f"fixture not present: {FIXTURE}")
+    shared_path("fixtures", "lavis-tiny")
     eva, blip2 = load_checkpoint(FIXTURE / "eva_vit.pth"), load_checkpoint(FIXTURE / "blip2.pth")
     llm = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     _perturb(llm, 6)
@@ -380,6 +379,7 @@ def pipeline_ckpt(tmp_path, tiny_llama_dir):
     return ckpt, llm.eval(), proj
 
 
+@pytest.mark.fidelity
 def test_pipeline_to_model_dir(pipeline_ckpt, tiny_llama_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import Blip2Config, Blip2ForConditionalGeneration, LlamaConfig
 
-from conftest import SHARED
+from conftest import SHARED, shared_path
 from minigpt.convert.lavis import (
     MissingKeysError,
     convert_hf_blip2,
@@ -26,14 +26,15 @@ from minigpt.convert.lavis import (
 from minigpt.model.vision import Blip2VisionEncoder, VisionConfig
 from minigpt.safe_load import UnsafeCheckpointError
 
+pytestmark = pytest.mark.fidelity  # compared against tests/shared reference data
+
 FIXTURE = SHARED / "fixtures" / "lavis-tiny"
 TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
 def fx() -> dict:
-    if not FIXTURE.is_dir():
-        pytest.skip(f"fixture not present: {FIXTURE}")
+    shared_path("fixtures", "lavis-tiny")
     return {
         "eva": load_checkpoint(FIXTURE / "eva_vit.pth"),
         "blip2": load_checkpoint(FIXTURE / "blip2.pth"),

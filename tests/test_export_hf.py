@@ -217,3 +217,46 @@ def test_tied_embeddings_and_unrepresentable_models(tmp_path, llama_tokenizer, t
         from minigpt.model.vision import VisionConfig
 
         export_hf(tiny_model_factory(vision=VisionConfig.tiny(use_qformer=False)), tmp_path / "y")
+
+
+def _no_bos_llama(directory, llama_tokenizer):
+    """A LLaMA-spm tokenizer that does not add BOS itself (add_bos_token false, as some LLaMA folders ship)."""
+    from transformers import AutoTokenizer
+
+    llama_tokenizer.save_pretrained(directory)
+    tok = AutoTokenizer.from_pretrained(directory)
+    tok.add_bos_token = False
+    if hasattr(tok, "update_post_processor"):
+        tok.update_post_processor()
+    assert tok("a").input_ids[0] != tok.bos_token_id
+    return tok
+
+
+@pytest.mark.parametrize("case", ["llama-spm", "llama-spm-no-bos", "qwen-vicuna0", "qwen-chatml"])
+def test_prompt_example_never_spells_bos(case, request, tmp_path, image_file):
+    """Whatever the tokenizer does with BOS, the export's prompt_example has no literal BOS and gives minigpt's ids
+    through the exported processor (the no-BOS tokenizers wrote a leading '<s>' / '<|endoftext|>' before the fix)."""
+    from conftest import save_tiny_llm
+    from minigpt.model.minigpt import MiniGPTConfig
+    from minigpt.model.vision import VisionConfig
+
+    if case.startswith("qwen"):
+        tokenizer, arch = request.getfixturevalue("qwen_tokenizer"), "qwen2"
+    elif case == "llama-spm":
+        tokenizer, arch = request.getfixturevalue("llama_tokenizer"), "llama"
+    else:
+        tokenizer, arch = _no_bos_llama(tmp_path / "tok", request.getfixturevalue("llama_tokenizer")), "llama"
+    llm = save_tiny_llm(tmp_path / "llm", tokenizer, arch=arch)
+    template = "chatml" if case.endswith("chatml") else "vicuna0"
+    torch.manual_seed(0)
+    model = MiniGPT.build(MiniGPTConfig(llm=str(llm), vision=VisionConfig.tiny(), template=template))
+    export_hf(model, tmp_path / "hf")
+    info = json.loads((tmp_path / "hf" / "minigpt_export.json").read_text())
+    bos = tokenizer.bos_token
+    assert not info["prompt_example"].startswith(bos), info["prompt_example"][:40]
+    assert bos not in info["prompt_example"]
+    processor = Blip2Processor.from_pretrained(tmp_path / "hf")
+    got = processor(images=PILImage.open(image_file), text=info["prompt_example"]).input_ids[0]
+    assert got == info["prompt_example_ids"]
+    if template == "vicuna0":
+        assert got[0] == tokenizer.bos_token_id  # the exported tokenizer adds the BOS the template starts with

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import SHARED
+from conftest import SHARED, shared_path
 from minigpt.data.images import (
     CLIP_MEAN,
     CLIP_STD,
@@ -26,9 +26,11 @@ def gradient(w: int = 40, h: int = 30) -> Image.Image:
     return Image.fromarray(x.astype(np.uint8), "RGB")
 
 
-@pytest.mark.skipif(not (FIXTURES / "expected.safetensors").exists(), reason="shared fixtures absent")
+@pytest.mark.fidelity
 def test_eval_matches_lavis_fixture():
     from safetensors.torch import load_file
+
+    shared_path("fixtures", "lavis-tiny", "expected.safetensors")
 
     expected = load_file(str(FIXTURES / "expected.safetensors"))["pixel_values"]
     got = ImageProcessor(size=56).batch([FIXTURES / "image.png"])

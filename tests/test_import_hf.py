@@ -7,8 +7,17 @@ import json
 
 import pytest
 import torch
+from PIL import Image as PILImage
 from safetensors.torch import load_file
-from transformers import Blip2ForConditionalGeneration, BlipImageProcessor, OPTConfig, T5Config
+from transformers import (
+    AutoTokenizer,
+    Blip2ForConditionalGeneration,
+    Blip2Processor,
+    BlipImageProcessor,
+    LlamaConfig,
+    OPTConfig,
+    T5Config,
+)
 
 from minigpt.cli import main
 from minigpt.data.conversation import Conversation, Image, Text
@@ -51,9 +60,9 @@ def test_import_salesforce_style_folder(salesforce_like, tmp_path, image_file, c
     hf, directory = salesforce_like
     assert main(["convert", "import-hf", str(directory), "--out", str(tmp_path / "m")]) == 0
     printed = capsys.readouterr().out
-    assert "vision, projector, llm (a complete model directory)" in printed and "template caption" in printed
+    assert "vision, projector, llm (a complete model directory)" in printed and "template blip2" in printed
     model = MiniGPT.from_pretrained(tmp_path / "m").eval()
-    assert model.config.template == "caption" and list(model.config.vision.mean) == MEAN
+    assert model.config.template == "blip2" and list(model.config.vision.mean) == MEAN
     assert list(model.config.vision.std) == STD and model.config.vision.num_query_tokens == 4
     pixels = torch.randn(2, 3, 28, 28)
     ids = torch.tensor([[1, 450, 4996, 17354]])
@@ -117,3 +126,104 @@ def test_blip2_folder_as_vision_weights_and_projector(salesforce_like, tiny_llam
     assert main(["convert", "projector", str(directory), "--out", str(tmp_path / "p.safetensors")]) == 0
     assert "language_projection: in 16 -> out 16" in capsys.readouterr().out
     assert torch.equal(load_file(tmp_path / "p.safetensors")["weight"], hf.language_projection.weight)
+
+
+def _blip2_folder(directory, tokenizer, text_config, build_config) -> tuple:
+    """A tiny BLIP-2 folder as transformers writes it (model, ``Blip2Processor`` with ``num_query_tokens``, so the
+    processor expands the image tokens before the text); returns ``(model, processor)``."""
+    tokenizer.save_pretrained(directory / "tok")
+    tokenizer = AutoTokenizer.from_pretrained(directory / "tok")  # a copy: the processor adds <image> to it
+    image_processor = BlipImageProcessor(size={"height": 28, "width": 28}, image_mean=MEAN, image_std=STD)
+    processor = Blip2Processor(image_processor, tokenizer, num_query_tokens=4)
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    eos = tokenizer.eos_token_id
+    text_config.update(vocab_size=len(tokenizer), eos_token_id=eos, pad_token_id=tokenizer.pad_token_id or eos)
+    config = build_config(text_config)
+    config.image_token_index = image_id
+    torch.manual_seed(1)
+    model = Blip2ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return model, processor
+
+
+LANGUAGE_MODELS = {
+    # LLaMA language model, LLaMA tokenizer (adds BOS); OPT language model, a tokenizer that adds nothing (Qwen's)
+    "llama": (
+        "llama_tokenizer",
+        LlamaConfig(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1
+        ),
+    ),
+    "opt": (
+        "qwen_tokenizer",
+        OPTConfig(hidden_size=16, ffn_dim=32, num_hidden_layers=2, num_attention_heads=2, word_embed_proj_dim=16),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LANGUAGE_MODELS))
+def test_imported_blip2_answers_transformers_prompts_as_transformers(name, request, tmp_path, tiny_blip2_config):
+    tokenizer_fixture, text = LANGUAGE_MODELS[name]
+    tokenizer = request.getfixturevalue(tokenizer_fixture)
+    hf, hf_processor = _blip2_folder(tmp_path / "hf", tokenizer, text.to_dict(), tiny_blip2_config)
+    assert main(["convert", "import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "m")]) == 0
+    engine = Engine.from_pretrained(tmp_path / "m")
+    assert engine.processor.template.name == "blip2"
+    bos_added = hf_processor.tokenizer("a").input_ids[0] == hf_processor.tokenizer.bos_token_id
+    assert bos_added == (name == "llama")  # both layouts are covered
+    generator = torch.Generator().manual_seed(0)
+    picture = PILImage.fromarray((torch.rand(28, 28, 3, generator=generator) * 255).byte().numpy())
+    for prompt in ("Question: what is in the picture? Answer:", "a photo of"):
+        inputs = hf_processor(images=picture, text=prompt, return_tensors="pt")
+        conv = Conversation().add("user", [Image(), Text(prompt)])
+        batch = engine.processor.prepare([conv], [picture], train=False)
+        ids = batch.text.input_ids.masked_fill(batch.text.image_mask, hf.config.image_token_index)
+        assert ids.tolist() == inputs.input_ids.tolist()  # the image first, then BOS (if any) and the text
+        assert torch.allclose(batch.pixel_values, inputs.pixel_values, atol=1e-6)  # the folder's mean and std
+        with torch.no_grad():
+            want = hf(**inputs).logits[0, -1]
+            got = engine.model.llm(
+                inputs_embeds=engine.model.embed(batch), attention_mask=batch.text.attention_mask
+            ).logits[0, -1]
+            generated = hf.generate(**inputs, max_new_tokens=6, do_sample=False)[0, inputs.input_ids.shape[1] :]
+        diff = (got - want).abs().max().item()
+        print(f"import-hf {name}: last-token logits max abs diff {diff:.2g}")
+        assert diff < 1e-4
+        answer = engine.generate([conv], [picture], GenerationOptions(max_new_tokens=6))[0]
+        assert answer == engine.processor.decode(generated) and answer
+
+
+def test_blip2_template_training_layout(llama_tokenizer, qwen_tokenizer):
+    """Training as LAVIS' blip2_opt: image, the tokenizer's start tokens, the prompt unsupervised, answer + "\\n"."""
+    from minigpt.data.templates import IMAGE_SLOT, Chunk, get_template
+
+    template = get_template("blip2")
+    conv = Conversation().add("user", [Image(), Text(" Question: what? Answer:")]).add("assistant", [Text(" red")])
+    bos = Chunk(ids=(llama_tokenizer.bos_token_id,))
+    assert template.render_train(conv, llama_tokenizer) == [
+        Chunk(IMAGE_SLOT),
+        bos,
+        Chunk("Question: what? Answer:"),
+        Chunk(" red\n", supervised=True),
+    ]
+    assert template.render_train(conv, qwen_tokenizer)[1] == Chunk("Question: what? Answer:")  # Qwen adds no BOS
+    assert template.stop_token_ids(llama_tokenizer) == []  # EOS only, as transformers' generate
+
+
+def test_imported_model_exports_back_to_blip2s_layout(salesforce_like, tmp_path, image_file):
+    """import-hf then export-hf: the blip2 template is exported as BLIP-2's own processor layout (num_query_tokens
+    set), and prompt_example is the bare text."""
+    from minigpt.convert.export_hf import export_hf
+
+    _, directory = salesforce_like
+    assert main(["convert", "import-hf", str(directory), "--out", str(tmp_path / "m")]) == 0
+    export_hf(tmp_path / "m", tmp_path / "hf")
+    info = json.loads((tmp_path / "hf" / "minigpt_export.json").read_text())
+    processor = Blip2Processor.from_pretrained(tmp_path / "hf")
+    assert processor.num_query_tokens == 4 and info["prompt_example"] == "Describe the image."
+    got = processor(images=PILImage.open(image_file), text=info["prompt_example"]).input_ids[0]
+    assert got == info["prompt_example_ids"] and got[:4] == [info["image_token_index"]] * 4

@@ -8,6 +8,8 @@ from minigpt.data.conversation import Conversation, Image, Text, parse_content
 from minigpt.data.templates import get_template
 from minigpt.data.tokenize import collate, encode_chunks, encode_conversation
 
+pytestmark = pytest.mark.fidelity  # compared against tests/shared reference data
+
 TRAIN_CASES = {
     # case name: (template, tokenizer fixture)
     "minigpt4_stage1_vicuna0": ("caption", "llama_tokenizer"),

@@ -64,8 +64,8 @@ def register(subparsers: Any) -> None:
     q.add_argument("--out", "-o", required=True, metavar="MODEL_DIR")
     q.add_argument(
         "--template",
-        help="prompt template (default: an export's recorded one, else caption: BLIP-2 "
-        "continues the text after the image)",
+        help="prompt template (default: an export's recorded one, else blip2: transformers' "
+        "Blip2Processor layout, the image then the text, which BLIP-2 continues)",
     )
     q.add_argument("--dtype", help="LLM dtype (default: the folder's)")
     q.set_defaults(func=_import_hf)

@@ -6,6 +6,8 @@ The exported folder loads with ``Blip2ForConditionalGeneration.from_pretrained``
 - ``vision_model.*``, ``qformer.*``, ``query_tokens``: our encoder's tensors (they already use these names);
 - ``language_projection``: our ``linear`` projector (``mlp2x_gelu`` has no place in BLIP-2: an error);
 - ``language_model``: the LLM, as ``text_config`` = the LLM's own config;
+- the tokenizer puts BOS before every text when the template starts prompts with it (set when the LLM's tokenizer
+  does not already), so a prompt text never spells out BOS;
 - an ``<image>`` token (added to the tokenizer when missing; the embedding matrices grow by one row only if
   the new id is beyond them, the new rows are the mean of the old ones) whose id is ``image_token_index``.
 
@@ -15,7 +17,7 @@ What plain transformers does differently, and what that costs:
   image embeddings differ by ~3e-6 (lavis-tiny fixture), the logits by a few 1e-6 (measured on the tiny
   model); greedy tokens stay the same in the tests, but ties may in principle resolve differently.
 - The image position: ``Blip2Processor`` with ``num_query_tokens`` set puts the image tokens before BOS (the
-  BLIP-2 layout). MiniGPT-4 templates put them inside the prompt (``<Img><ImageHere></Img>``), so the
+  BLIP-2 layout, our ``blip2`` template, exported so). MiniGPT-4 templates put them inside the prompt (``<Img><ImageHere></Img>``), so the
   processor is saved with ``num_query_tokens=None`` and the prompt text must carry the ``<image>`` tokens
   where our template has its image slot: :func:`hf_prompt` renders it as a text that the processor tokenizes to
   exactly our ids (``minigpt_export.json`` has an example, and its ids).
@@ -36,7 +38,7 @@ import torch
 from torch import nn
 
 from ..data.conversation import Conversation, Image, Text
-from ..data.templates import IMAGE_SLOT, Template
+from ..data.templates import IMAGE_SLOT, Blip2Template, Template, special_prefix
 from ..data.tokenize import encode_chunks
 from ..files import respect_umask
 from .lavis import ConversionReport
@@ -88,9 +90,14 @@ def blip2_config(model: Any, text_config: Any, image_token_index: int) -> Any:
     )
 
 
-def _image_token(tokenizer: Any, trust_remote_code: bool = False) -> tuple[Any, int]:
-    """A copy of ``tokenizer`` with ``<image>`` as a special token and as its ``image_token`` (what
-    ``Blip2Processor`` reads), and that token's id."""
+def _image_token(
+    tokenizer: Any, trust_remote_code: bool = False, add_bos: bool = False, named: bool = True
+) -> tuple[Any, int]:
+    """A copy of ``tokenizer`` with ``<image>`` as a special token and (``named``) as its ``image_token`` (what
+    ``Blip2Processor`` reads), and that token's id. ``add_bos``: the copy puts BOS before every text (the template
+    starts prompts with it), so a prompt text never has to spell it out. Not ``named`` for a processor with
+    ``num_query_tokens``: transformers' ``Blip2Processor`` then expects the token it adds itself (an ``AddedToken``)
+    and fails on the tokenizer's string."""
     import tempfile
 
     from transformers import AddedToken, AutoTokenizer
@@ -98,14 +105,30 @@ def _image_token(tokenizer: Any, trust_remote_code: bool = False) -> tuple[Any, 
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
         tok = AutoTokenizer.from_pretrained(
-            tmp, extra_special_tokens={"image_token": IMAGE_TOKEN}, trust_remote_code=trust_remote_code
+            tmp,
+            **({"extra_special_tokens": {"image_token": IMAGE_TOKEN}} if named else {}),
+            trust_remote_code=trust_remote_code,
         )
     if IMAGE_TOKEN not in tok.get_vocab():
         tok.add_tokens([AddedToken(IMAGE_TOKEN, normalized=False, special=True)], special_tokens=True)
+    if add_bos and special_prefix(tok) != (tok.bos_token_id,):
+        tok.add_bos_token = True
+        if hasattr(tok, "update_post_processor"):
+            tok.update_post_processor()
     index = tok.convert_tokens_to_ids(IMAGE_TOKEN)
     if tok.convert_ids_to_tokens(index) != IMAGE_TOKEN or tok.pad_token_id != tokenizer.pad_token_id:
         raise ValueError(f"could not add {IMAGE_TOKEN} to the tokenizer")
     return tok, index
+
+
+def _starts_with_bos(processor: Any, conversation: Conversation) -> bool:
+    """Whether the template's generation prompt starts with the tokenizer's BOS (as a literal id)."""
+    bos = processor.tokenizer.bos_token_id
+    try:
+        first = processor.template.render_prompt(conversation, processor.tokenizer)[0]
+    except ValueError:
+        return False
+    return bos is not None and first.ids is not None and first.ids[:1] == (bos,)
 
 
 def _grown(weight: torch.Tensor, rows: int) -> torch.Tensor:
@@ -174,7 +197,14 @@ def export_hf(
     out = Path(out)
     report = ConversionReport()
 
-    tokenizer, image_index = _image_token(processor.tokenizer, model.config.trust_remote_code)
+    example = Conversation().add("user", [Image(), Text(processor.template.image_separator + "Describe the image.")])
+    native = isinstance(processor.template, Blip2Template)  # BLIP-2's own layout: the processor adds the images
+    tokenizer, image_index = _image_token(
+        processor.tokenizer,
+        model.config.trust_remote_code,
+        add_bos=_starts_with_bos(processor, example),
+        named=not native,
+    )
     rows = model.llm.get_input_embeddings().weight.shape[0]
     added = max(0, image_index + 1 - rows)
     text_config = copy.deepcopy(model.llm.config)
@@ -233,14 +263,15 @@ def export_hf(
         do_convert_rgb=True,
     )
     # num_query_tokens=None: the processor must not put the image tokens before BOS (BLIP-2's layout); the
-    # prompt carries them where the MiniGPT template has its image slot.
-    Blip2Processor(image_processor=image_processor, tokenizer=tokenizer, num_query_tokens=None).save_pretrained(out)
+    # prompt carries them where the MiniGPT template has its image slot. The blip2 template is BLIP-2's layout.
+    Blip2Processor(
+        image_processor=image_processor, tokenizer=tokenizer, num_query_tokens=v.num_query_tokens if native else None
+    ).save_pretrained(out)
 
     report.notes.append(
         f"post_layernorm (ln_vision) eps: transformers uses the ViT's {v.vit_eps}, minigpt {v.ln_vision_eps} "
         "(image embeddings differ by ~3e-6)"
     )
-    example = Conversation().add("user", [Image(), Text(processor.template.image_separator + "Describe the image.")])
     info: dict[str, Any] = {
         "exported_by": "minigpt convert export-hf",
         "template": model.config.template,
@@ -292,6 +323,12 @@ def hf_prompt(template: Template, tokenizer: Any, conversation: Conversation, nu
     """
     image_index = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     want = hf_prompt_ids(template, tokenizer, conversation, num_query_tokens, image_index)
+    if isinstance(template, Blip2Template):  # the export's processor puts the image tokens first itself
+        last = template.render_prompt(conversation, tokenizer)[-1]
+        text = last.text if last.ids is None and IMAGE_SLOT not in last.text else ""
+        if [image_index] * num_query_tokens + tokenizer(text).input_ids != want:
+            raise ValueError("the blip2 layout holds one image before the text: use the ids")
+        return text
     text, end = "", 0
     for candidates, length in _prompt_pieces(
         template.render_prompt(conversation, tokenizer), tokenizer, num_query_tokens

@@ -8,7 +8,8 @@ self-contained model directory that chats, evaluates and fine-tunes like any oth
 - ``language_projection`` -> a ``linear`` projector;
 - ``language_model`` (a causal LM: OPT, LLaMA...) and the folder's tokenizer -> ``llm/``;
 - the image size, mean and std from ``preprocessor_config.json``; the template from ``minigpt_export.json`` (our
-  exports) or ``template`` (default ``caption``: BLIP-2 was trained to continue text that follows the image).
+  exports) or ``template`` (default ``blip2``: the layout of transformers' ``Blip2Processor``, image tokens first,
+  then the tokenizer's BOS and the text, so the imported model answers transformers' prompts as transformers does).
 
 Flan-T5 BLIP-2 models have an encoder-decoder language model, which minigpt's causal-LM pipeline cannot hold:
 they are refused with that reason.
@@ -23,7 +24,7 @@ from typing import Any
 
 from .lavis import ConversionReport, convert_hf_blip2, convert_minigpt4_projector, is_hf_blip2, vision_encoder
 
-DEFAULT_TEMPLATE = "caption"
+DEFAULT_TEMPLATE = "blip2"
 
 __all__ = ["import_hf"]
 
@@ -58,7 +59,7 @@ def import_hf(
     template = template or exported.get("template") or DEFAULT_TEMPLATE
 
     vision_config, vision_state, report = convert_hf_blip2(directory)
-    vision_config = _with_image_processing(vision_config, directory / "preprocessor_config.json")
+    vision_config = _with_image_processing(vision_config, directory)
     projector_state, projector_report = convert_minigpt4_projector(directory)
     report.notes += projector_report.notes
     with refuse_unsafe_pickle(directory):
@@ -81,8 +82,8 @@ def import_hf(
         + (
             ""
             if template != DEFAULT_TEMPLATE
-            else " (BLIP-2 continues the text after the image, e.g. 'Question: ... Answer:'; fine-tune with a "
-            "chat template, or pass --template, for chat)"
+            else " (transformers' Blip2Processor layout: the image, then the text, which BLIP-2 continues, e.g. "
+            "'Question: ... Answer:'; fine-tune with a chat template, or pass --template, for chat)"
         )
     )
     written = model.save_pretrained(out)
@@ -102,11 +103,18 @@ def _language_model(directory: Path, dtype: str | None) -> Any:
     return llm
 
 
-def _with_image_processing(config: Any, preprocessor: Path) -> Any:
-    """``config`` with the image size, mean and std of the folder's image processor (when it has one)."""
-    if not preprocessor.is_file():
+def _with_image_processing(config: Any, directory: Path) -> Any:
+    """``config`` with the image size, mean and std of the folder's image processor, from
+    ``preprocessor_config.json`` (Salesforce's folders) or ``processor_config.json``'s ``image_processor``
+    (what transformers 5 writes), when it has one."""
+    preprocessor, data = directory / "preprocessor_config.json", None
+    if preprocessor.is_file():
+        data = json.loads(preprocessor.read_text())
+    elif (directory / "processor_config.json").is_file():
+        preprocessor = directory / "processor_config.json"
+        data = json.loads(preprocessor.read_text()).get("image_processor")
+    if not isinstance(data, dict):
         return config
-    data = json.loads(preprocessor.read_text())
     size = data.get("size") or {}
     changes: dict[str, Any] = {}
     if data.get("image_mean"):

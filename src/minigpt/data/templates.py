@@ -17,6 +17,8 @@ Templates (``get_template(name)``):
   supervised, roles and user/system text are not.
 - ``hf``: the LLM tokenizer's own ``chat_template``; assistant contents and the text closing the turn
   are supervised.
+- ``blip2``: BLIP-2 as transformers' ``Blip2Processor`` lays it out: ``[images][tokenizer's own start tokens]
+  [text]`` (what ``convert import-hf`` picks).
 """
 
 from __future__ import annotations
@@ -133,6 +135,56 @@ class CaptionTemplate(Template):
         for turn in msgs:
             chunks.append(Chunk(self.content(turn) + (self.end_sym if turn.role == "assistant" else "")))
         return chunks
+
+
+def special_prefix(tokenizer: Any) -> tuple[int, ...]:
+    """The ids the tokenizer itself puts before a text (``tokenizer(text)``): BOS for LLaMA and OPT, none for Qwen."""
+    plain = tokenizer.encode("a", add_special_tokens=False)
+    full = tokenizer.encode("a", add_special_tokens=True)
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return tuple(full[:start])
+    return ()
+
+
+class Blip2Template(Template):
+    """BLIP-2 as transformers' ``Blip2Processor`` (and LAVIS' ``blip2_opt``) feeds it: every image first, then the
+    tokenizer's own start tokens (:func:`special_prefix`), then the text of the turns as one string (the text's
+    leading spaces dropped). Training appends ``"\\n"`` to each answer, as LAVIS does; generation stops at EOS only,
+    as transformers' ``generate`` does."""
+
+    name = "blip2"
+    image_prefix = ""
+    image_suffix = ""
+    end_sym = "\n"
+    image_separator = ""
+
+    def _start(self, turns: list[Turn], tokenizer: Any) -> list[Chunk]:
+        images = sum(isinstance(p, Image) for t in turns for p in t.parts)
+        prefix = special_prefix(tokenizer)
+        return [Chunk(IMAGE_SLOT * images)] * bool(images) + [Chunk(ids=prefix)] * bool(prefix)
+
+    @staticmethod
+    def _text(turn: Turn) -> str:
+        return "".join(p.text for p in turn.parts if isinstance(p, Text))
+
+    def render_train(self, conv: Conversation, tokenizer: Any) -> list[Chunk]:
+        conv.validate()
+        turns = conv.messages()
+        chunks, text = self._start(turns, tokenizer), ""
+        for i, turn in enumerate(turns):
+            if turn.role == "user":
+                text += self._text(turn)
+                continue
+            text = text.lstrip() if i == 1 else text
+            chunks += [Chunk(text)] * bool(text) + [Chunk(self._text(turn) + self.end_sym, supervised=True)]
+            text = ""
+        return chunks + [Chunk(text)] * bool(text)
+
+    def render_prompt(self, conv: Conversation, tokenizer: Any) -> list[Chunk]:
+        msgs = self._check_prompt(conv)
+        text = "".join(self._text(t) + (self.end_sym if t.role == "assistant" else "") for t in msgs).lstrip()
+        return self._start(msgs, tokenizer) + [Chunk(text)] * bool(text)
 
 
 class InstructTemplate(Template):
@@ -299,7 +351,15 @@ class HFChatTemplate(Template):
 
 TEMPLATES: dict[str, type[Template]] = {
     t.name: t
-    for t in (CaptionTemplate, Vicuna0Template, Vicuna0HeadTemplate, Llama2Template, ChatMLTemplate, HFChatTemplate)
+    for t in (
+        CaptionTemplate,
+        Vicuna0Template,
+        Vicuna0HeadTemplate,
+        Llama2Template,
+        ChatMLTemplate,
+        HFChatTemplate,
+        Blip2Template,
+    )
 }
 
 

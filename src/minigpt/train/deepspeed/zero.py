@@ -53,6 +53,8 @@ class DeepSpeedZeRO(DeepSpeedStrategy):
         if self.stage == 3 and isinstance(getattr(model, "llm", None), PeftModel):
             raise ValueError("LoRA with ZeRO stage 3 is not supported; use stage 2 (LoRA weights are small)")
         self._model_config = model.config.to_dict()
+        if self.run.deepspeed.zero_init and self.precision in (torch.bfloat16, torch.float16):
+            cast_unpartitioned(model, self.precision)
         ds_optimizer = self._initialize(model, optimizer, self.ds_config)
         return self.engine, ds_optimizer
 
@@ -84,6 +86,18 @@ class DeepSpeedZeRO(DeepSpeedStrategy):
         finally:
             if self._hf_config is not None:
                 set_hf_deepspeed_config(self._hf_config)
+
+
+def cast_unpartitioned(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast the parameters that ``zero.Init`` did not build (vision encoder, projector) to the training precision.
+
+    DeepSpeed casts every parameter of a model built without ``zero.Init``, but none at all as soon as one is
+    partitioned: the vision encoder and projector would stay float32 next to the bf16/fp16 LLM, and the ZeRO-3
+    optimizer, which keeps the trained parameters in one flat buffer of one dtype, stops on a bare
+    ``AssertionError`` (``defragment``). Buffers keep their dtype, as DeepSpeed leaves them."""
+    for param in model.parameters():
+        if not hasattr(param, "ds_id") and param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
 
 
 def gather_zero3(model: Any, main: bool) -> Any:
