@@ -73,6 +73,9 @@ BLOCKS: dict[str, Py | Sh] = {
     # Training
     "minigpt train configs/minigpt4_stage2.yaml model.llm=/models/vicuna-7b run.batch_size=4": Sh(),
     "torchrun --nproc_per_node 8 -m minigpt.cli train configs/mpp_sft_zero2.yaml": Sh(),
+    "minigpt train configs/qlora_stage2.yaml model.llm=/models/Qwen-14B-Chat": Sh(),
+    # Memory: will it fit? (the commands run for real in test_memory_plan's slow README test)
+    "minigpt plan configs/minigpt4_stage2.yaml model.llm=vicuna-7b run.batch_size=4": Sh(),
     # Data tools
     "minigpt data analyze llava_instruct.json -f llava --tokenizer Qwen/Qwen-7B-Chat --trust-remote-code \\": Sh(),
     # Checkpoints of the original projects
