@@ -13,7 +13,7 @@ from PIL import Image as PILImage
 
 from minigpt.eval.runner import EvalWarning, evaluate_task, predict, read_predictions, run_eval
 from minigpt.eval.tasks import load_task
-from minigpt.infer.generate import GenerationOptions
+from minigpt.infer.generate import Generation, GenerationOptions
 
 
 class StubModel:
@@ -37,7 +37,7 @@ class StubModel:
     def generate(self, conversations, images, options=None):
         assert len(images) == len(conversations) and all(isinstance(i, list) for i in images)
         self.calls.append([c.turns[-1].text for c in conversations])
-        return [self._answer(c, imgs) for c, imgs in zip(conversations, images)]
+        return [Generation(self._answer(c, imgs), [], "stop", 0) for c, imgs in zip(conversations, images)]
 
     def eval(self):
         self.training = False

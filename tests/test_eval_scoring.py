@@ -13,6 +13,7 @@ from PIL import Image as PILImage
 from minigpt.eval import cli
 from minigpt.eval.runner import EvalWarning, run_eval, score, score_predictions
 from minigpt.eval.tasks import load_task
+from minigpt.infer.generate import Generation
 
 
 class Stub:
@@ -24,7 +25,7 @@ class Stub:
         self.fn = fn
 
     def generate(self, conversations, images, options=None):
-        return [self.fn(c.turns[-1].text) for c in conversations]
+        return [Generation(self.fn(c.turns[-1].text), [], "stop", 0) for c in conversations]
 
 
 def write(path: Path, data) -> Path:

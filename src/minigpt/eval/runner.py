@@ -128,9 +128,9 @@ def _generate(model: Any, recs: list[EvalRecord], images: list[list[Any]], optio
     """Answers for a batch; when the batch fails, each record alone (an answer or the exception)."""
     try:
         answers = model.generate([r.prompt for r in recs], images, options)
-        if not isinstance(answers, list) or len(answers) != len(recs) or not all(isinstance(a, str) for a in answers):
-            raise RuntimeError(f"generate returned {type(answers).__name__}, not {len(recs)} strings")
-        return answers
+        if not isinstance(answers, list) or len(answers) != len(recs):
+            raise RuntimeError(f"generate returned {type(answers).__name__}, not {len(recs)} answers")
+        return [answer.text for answer in answers]
     except Exception as e:  # noqa: BLE001 - one bad record must not sink its batch
         if len(recs) == 1:
             return [e]
