@@ -73,11 +73,15 @@ class Engine:
             self._decoding = settings
             llm = self.model.llm
             quantized = bool(getattr(llm, "is_quantized", False) or getattr(llm, "hf_quantizer", None))
-            self.decoding_choice: DecodingChoice = choose_decoding(
-                settings, self.device, quantized, slot_decoding_problem(llm)
-            )
-            refused = settings.mode == "static" and self.decoding_choice.mode == "plain"
-            log.log(logging.WARNING if refused else logging.INFO, "decoding: %s", self.decoding_choice)
+            self._choice = choose_decoding(settings, self.device, quantized, slot_decoding_problem(llm))
+            refused = settings.mode == "static" and self._choice.mode == "plain"
+            log.log(logging.WARNING if refused else logging.INFO, "decoding: %s", self._choice)
+
+    @property
+    def decoding_choice(self) -> DecodingChoice:
+        """What :meth:`generate` decodes with (static or plain) and why: chosen once, from :attr:`decoding`, the
+        device and the LLM, when the engine is built or its settings change."""
+        return self._choice
 
     @property
     def device(self) -> torch.device:
@@ -90,7 +94,7 @@ class Engine:
 
     def static(self, num_beams: int = 1) -> bool:
         """Whether a generation with ``num_beams`` runs on the slot decoder."""
-        return num_beams == 1 and self.decoding_choice.mode == "static"
+        return num_beams == 1 and self._choice.mode == "static"
 
     # ------------------------------------------------------------------ generating
     def ask(self, images: ImageLike | Sequence[ImageLike] | None, question: str, **options: Any) -> str:
