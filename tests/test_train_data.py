@@ -323,3 +323,31 @@ def test_malformed_webdataset_samples_and_empty_answers_count_as_skipped_records
         assert [r["skipped_records"] for r in read_metrics(out) if "loss" in r] == per_step, spec["format"]
         messages = [str(w.message) for w in caught if issubclass(w.category, DataWarning)]
         assert any("caption must be a non-empty string" in m for m in messages)
+
+
+def test_trainer_batches_are_the_processors_batches(tmp_path, tiny_pair_factory):
+    """Training encodes through the processor: a loader batch equals ``processor.prepare(train=True)`` of its samples,
+    and an augmented sample equals ``prepare`` with the augmenting transform seeded as the loader seeds it."""
+    from minigpt.train.data import Key
+
+    _, processor = tiny_pair_factory()
+    shapes = DatasetSpec(format="captions_json", path=str(make_shapes(tmp_path, 6)))
+    plain = SampleEncoder.for_processor(processor, train=False)
+    data = TrainData([shapes], plain, seed=3, global_batch=3, iters_per_epoch=2)
+    (loaded,) = data.loader(3, 1, 0, 1, 0, 1, pad_id=processor.pad_token_id)
+    data.source.set_epoch(0)
+    samples = [data.source[i] for i in range(3)]
+    prepared = processor.prepare([s.conversation for s in samples], [s.images for s in samples], train=True)
+    for name in ("input_ids", "attention_mask", "labels", "image_mask"):
+        assert torch.equal(getattr(loaded.batch.text, name), getattr(prepared.text, name)), name
+    assert torch.equal(loaded.batch.pixel_values, prepared.pixel_values)
+
+    augmenting = SampleEncoder.for_processor(processor, train=True, seed=3, hflip=True)
+    item = TrainData([shapes], augmenting, seed=3, global_batch=3, iters_per_epoch=2).dataset[Key(0, 1)]
+    transform = processor.image_transform(augment=True, hflip=True)
+    transform.rng.seed("3:(0, 1)")
+    one = processor.prepare([samples[1].conversation], [samples[1].images], train=True, transform=transform)
+    assert item.encoded.input_ids == one.text.input_ids[0].tolist()
+    assert torch.equal(item.pixels[0], one.pixel_values[0]) and not torch.equal(
+        item.pixels[0], prepared.pixel_values[1]
+    )
