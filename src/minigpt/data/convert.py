@@ -48,6 +48,7 @@ from typing import Any
 from .conversation import Sample, Text
 from .formats import (
     ALIGNMENT_INSTRUCTIONS,
+    DATASET_FORMATS,
     MINIGPT4_IMAGE,
     DataWarning,
     SampleList,
@@ -66,18 +67,11 @@ from .formats import (
 )
 
 #: Formats that can be read (``--format`` / ``--from``).
-SOURCE_FORMATS: tuple[str, ...] = (
-    "llava",
-    "minigpt4qwen",
-    "cc_sbu_align",
-    "captions_json",
-    "captions_csv",
-    "webdataset",
-)
+SOURCE_FORMATS: tuple[str, ...] = tuple(DATASET_FORMATS)
 #: Formats that can be written (``--to``).
-TARGET_FORMATS: tuple[str, ...] = ("llava", "minigpt4qwen", "cc_sbu_align", "captions_json", "webdataset")
+TARGET_FORMATS: tuple[str, ...] = tuple(n for n, f in DATASET_FORMATS.items() if f.writable)
 #: Formats whose images live under a given root (``--image-root``); the others fix their own layout.
-ROOTED_FORMATS: tuple[str, ...] = ("llava", "minigpt4qwen", "captions_json", "captions_csv")
+ROOTED_FORMATS: tuple[str, ...] = tuple(n for n, f in DATASET_FORMATS.items() if f.rooted)
 DEFAULT_SHARD_SIZE = 10_000  # img2dataset's number_sample_per_shard
 LLAVA_IMAGE = "<image>"
 _PIL_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # what read_webdataset accepts
