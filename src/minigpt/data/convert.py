@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..files import atomic_open, atomic_write_text
 from .conversation import Sample, Text
 from .formats import (
     ALIGNMENT_INSTRUCTIONS,
@@ -289,17 +290,14 @@ def _check_out(out: Path) -> None:
 
 
 def _write_json(path: Path, records: list[Any]) -> None:
-    """A JSON list (``.jsonl``: one record per line), written to a temporary file and renamed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    """A JSON list (``.jsonl``: one record per line), written atomically."""
+    with atomic_open(path) as f:
         if path.suffix == ".jsonl":
             for rec in records:
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
         else:
             json.dump(records, f, ensure_ascii=False, indent=1)
             f.write("\n")
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------- writers
@@ -406,11 +404,7 @@ class _CcSbuWriter:
 
     def close(self) -> list[str]:
         path = self.out / "filter_cap.json"
-        tmp = path.with_name("filter_cap.json.tmp")
-        tmp.write_text(
-            json.dumps({"annotations": self.annotations}, ensure_ascii=False, indent=1) + "\n", encoding="utf-8"
-        )
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps({"annotations": self.annotations}, ensure_ascii=False, indent=1) + "\n")
         return [str(path), str(self.out / "image")]
 
 

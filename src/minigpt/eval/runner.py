@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import platform
 import time
 import warnings
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data.images import load_image
+from ..files import atomic_open, atomic_write_text
 from ..infer.generate import GenerationOptions
 from .predictions import read_prediction_file
 from .tasks import EvalRecord, Scores, TaskData, apply_limit, get_task
@@ -275,11 +275,9 @@ def read_predictions(path: str | Path, problems: Problems | None = None) -> dict
 
 
 def _write_rows(path: Path, rows: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_open(path) as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def _versions() -> dict[str, str]:
@@ -310,10 +308,7 @@ def _device_info(model: Any) -> dict[str, Any]:
 
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------- runs

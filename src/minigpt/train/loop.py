@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 import shutil
 import sys
@@ -32,7 +31,7 @@ from torch import nn
 from ..data.features import open_feature_cache, project_features
 from ..data.formats import DataWarning
 from ..device import peak_memory_gib, pins_memory
-from ..files import atomic_directory
+from ..files import atomic_directory, atomic_write_text
 from ..model.config import read_config
 from ..model.llm import compile_decoder_layers
 from ..model.minigpt import MiniGPT
@@ -228,9 +227,7 @@ class Reporter:
             return
         if self.path.exists():
             kept = [line for line in self.path.read_text().splitlines() if _record_step(line) <= step] if step else []
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, self.path)
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         self._file = open(self.path, "a")
         self.start_step, self.total, self.t0 = step, total, time.perf_counter()
         if sys.stderr.isatty():
