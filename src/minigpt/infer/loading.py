@@ -1,7 +1,7 @@
 """Loading a model and its processor for inference: from a model directory or from base parts.
 
 A model is a directory written by :meth:`MiniGPT.save_pretrained`, or base parts: ``--llm`` (a
-``transformers`` folder or hub id), ``--vision`` (a :func:`minigpt.convert.lavis.save_vision` folder)
+``transformers`` folder or hub id), ``--vision`` (a :func:`minigpt.model.vision.save_vision` folder)
 and ``--projector`` (our ``.safetensors`` or an original MiniGPT-4 / MiniGPT4Qwen ``.pth``). With a
 directory, ``--projector`` replaces its projector and ``--llm`` / ``--vision`` stand in for the parts
 it does not store (a ``trainable_only`` checkpoint). Devices and dtypes come from :mod:`minigpt.device`.
