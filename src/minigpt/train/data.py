@@ -326,6 +326,20 @@ class LengthGrouper:
         return self._order
 
 
+@dataclass(frozen=True)
+class LoaderSettings:
+    """How :meth:`TrainData.loader` batches: micro-batches of ``batch_size`` samples, ``grad_accum`` of them per
+    optimizer step, padded with ``pad_id`` (or packed into rows of ``pack_len`` positions), read by ``num_workers``
+    processes, in pinned memory with ``pin_memory``."""
+
+    batch_size: int
+    grad_accum: int
+    pad_id: int
+    num_workers: int = 0
+    pack_len: int | None = None
+    pin_memory: bool = False
+
+
 class TrainData:
     """The training datasets of a config, mixed by ratio, with the epoch length in optimizer steps.
 
@@ -387,31 +401,24 @@ class TrainData:
         return self.read_skipped + sum(d.skipped_total for d in self._streamed) - self._checked
 
     def loader(
-        self,
-        batch_size: int,
-        grad_accum: int,
-        start_step: int,
-        stop_step: int,
-        rank: int,
-        world_size: int,
-        pad_id: int,
-        num_workers: int = 0,
-        pack_len: int | None = None,
-        pin_memory: bool = False,
+        self, settings: LoaderSettings, steps: range, rank: int = 0, world_size: int = 1
     ) -> torch.utils.data.DataLoader:
-        """Micro-batches of optimizer steps ``start_step .. stop_step-1`` for this process (packed into rows of
-        ``pack_len`` positions when given; in pinned memory with ``pin_memory``)."""
+        """Micro-batches of the optimizer ``steps`` (e.g. ``range(start, total)``) for process ``rank`` of
+        ``world_size``."""
+        accum = settings.grad_accum
         plan = BatchPlan(
-            batch_size,
-            self.steps_per_epoch * grad_accum,
-            start_step * grad_accum,
-            stop_step * grad_accum,
+            settings.batch_size,
+            self.steps_per_epoch * accum,
+            steps.start * accum,
+            steps.stop * accum,
             rank,
             world_size,
             self.stream,
             self.grouper,
         )
-        return make_loader(self.dataset, plan, pad_id, num_workers, pack_len, pin_memory)
+        return make_loader(
+            self.dataset, plan, settings.pad_id, settings.num_workers, settings.pack_len, settings.pin_memory
+        )
 
 
 def eval_loader(

@@ -38,7 +38,7 @@ from ..model.minigpt import MiniGPT
 from ..model.processor import MiniGPTProcessor
 from .checkpoint import capture_rng, list_checkpoints, load_checkpoint, resolve_resume, restore_rng
 from .config import LoraSection, ModelSection, OptimizerSection, ScheduleSection, TrainConfig
-from .data import DevicePrefetcher, SampleEncoder, TrainBatch, TrainData, eval_loader
+from .data import DevicePrefetcher, LoaderSettings, SampleEncoder, TrainBatch, TrainData, eval_loader
 from .strategy import Strategy
 
 log = logging.getLogger(__name__)
@@ -453,18 +453,16 @@ class Trainer:
     def _fit(self) -> TrainResult:
         run, strategy = self.run, self.strategy
         self.reporter.start(self.step, self.total_steps)
-        loader = self.data.loader(
+        data = self.config.data
+        settings = LoaderSettings(
             run.batch_size,
             run.grad_accum,
-            self.step,
-            self.total_steps,
-            strategy.rank,
-            strategy.world_size,
             self.pad_id,
-            self.config.data.num_workers,
-            self.config.data.pack_len if self.config.data.packing else None,
+            data.num_workers,
+            data.pack_len if data.packing else None,
             pin_memory=pins_memory(strategy.device),
         )
+        loader = self.data.loader(settings, range(self.step, self.total_steps), strategy.rank, strategy.world_size)
         batches = iter(DevicePrefetcher(loader, strategy.device))
         self._train_mode()
         if run.eval_at_start and self.step == 0:
