@@ -183,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
 def _evaluate_model(args: argparse.Namespace, data: Any, info: dict[str, Any], meteor: bool | None) -> Any:
     from ..infer.args import spec_from_args
     from ..infer.engine import load_engine
-    from .runner import run_eval
+    from .runner import EvalSettings, run_eval
 
     if args.batch_size < 1:
         raise ValueError("--batch-size must be >= 1")
@@ -197,13 +197,7 @@ def _evaluate_model(args: argparse.Namespace, data: Any, info: dict[str, Any], m
         "split": args.split,
         "decoding": "static" if engine.static(options.num_beams) else "plain",
     }
-    result = run_eval(
-        engine,
-        args.task,
-        data,
-        options,
-        predictions_path=out / "predictions.jsonl",
-        metrics_path=out / "metrics.json",
+    run = EvalSettings(
         batch_size=args.batch_size,
         limit=args.limit,
         resume=not args.no_resume,
@@ -211,7 +205,16 @@ def _evaluate_model(args: argparse.Namespace, data: Any, info: dict[str, Any], m
         meteor=meteor,
         scorer=args.scorer,
         progress=not args.no_progress,
+        recorded=settings,
+    )
+    result = run_eval(
+        engine,
+        args.task,
+        data,
+        options,
+        run,
+        predictions_path=out / "predictions.jsonl",
+        metrics_path=out / "metrics.json",
         info={"model": str(Path(args.model).resolve()), **info},
-        settings=settings,
     )
     return result, out

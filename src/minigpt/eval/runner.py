@@ -314,40 +314,51 @@ def _write_json(path: Path, data: Mapping[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------- runs
 
 
+@dataclass(frozen=True)
+class EvalSettings:
+    """How :func:`run_eval` runs: records per ``generate`` call, the first ``limit`` records only, continuing the
+    predictions file (``resume``), image-decoding threads, METEOR (captions; None: when java is there), the reference
+    logic (``scorer``; None: the task's first), a progress bar, and ``recorded``: extra settings written to the
+    metrics JSON (prompt, circular, decoding...)."""
+
+    batch_size: int = 8
+    limit: int | None = None
+    resume: bool = True
+    workers: int = 2
+    meteor: bool | None = None
+    scorer: str | None = None
+    progress: bool = True
+    recorded: Mapping[str, Any] = field(default_factory=dict)
+
+
 def run_eval(
     model: Any,
     task: str,
     data: TaskData | Sequence[EvalRecord],
     options: GenerationOptions | None = None,
+    run: EvalSettings | None = None,
     *,
     predictions_path: str | Path | None = None,
     metrics_path: str | Path | None = None,
-    batch_size: int = 8,
-    limit: int | None = None,
-    resume: bool = True,
-    workers: int = 2,
-    meteor: bool | None = None,
-    scorer: str | None = None,
-    progress: bool = True,
     info: Mapping[str, Any] | None = None,
-    settings: Mapping[str, Any] | None = None,
 ) -> EvalResult:
     """Predict (resuming from ``predictions_path``), score and write the metrics JSON and the per-record scores
     (``scores.jsonl`` next to the metrics JSON).
 
-    ``info``: descriptive fields for the metrics JSON (``model``, ``data``, ``images``...). ``settings``: extra
-    settings recorded there (prompt, circular...). A resumed run must use the same task, model and generation
-    options as the one that wrote ``metrics_path`` (it is written with ``"status": "running"`` at the start);
-    otherwise ``ValueError`` (use ``resume=False``).
+    ``info``: descriptive fields for the metrics JSON (``model``, ``data``, ``images``...). A resumed run must use
+    the same task, model and generation options as the one that wrote ``metrics_path`` (it is written with
+    ``"status": "running"`` at the start); otherwise ``ValueError`` (use ``EvalSettings(resume=False)``).
     """
     options = options or GenerationOptions()
+    run = run or EvalSettings()
+    batch_size, limit, workers, meteor, scorer = run.batch_size, run.limit, run.workers, run.meteor, run.scorer
     records = list(data.records if isinstance(data, TaskData) else data)
     records = apply_limit(records, limit)
     if not records:
         raise ValueError("no records to evaluate")
     problems = Problems()
     info = dict(info or {})
-    run_settings = {"task": task, "model": info.get("model"), "generation": options.to_dict(), **dict(settings or {})}
+    run_settings = {"task": task, "model": info.get("model"), "generation": options.to_dict(), **dict(run.recorded)}
     all_settings = {**run_settings, "batch_size": batch_size, "limit": limit, "meteor": meteor, "scorer": scorer}
     pred_path = Path(predictions_path) if predictions_path else None
     met_path = Path(metrics_path) if metrics_path else None
@@ -355,7 +366,7 @@ def run_eval(
     done: dict[str, str] = {}
     if pred_path is not None:
         pred_path.parent.mkdir(parents=True, exist_ok=True)
-        if resume and pred_path.exists():
+        if run.resume and pred_path.exists():
             _check_resumable(met_path, run_settings)
             by_id = {r.id: r for r in records}
             for id, row in read_predictions(pred_path, problems).items():
@@ -383,7 +394,7 @@ def run_eval(
                 fout.write(json.dumps(prediction_row(r, answer), ensure_ascii=False) + "\n")
             fout.flush()
 
-    bar = _bar(len(records), len(done), task) if progress else None
+    bar = _bar(len(records), len(done), task) if run.progress else None
     start = time.perf_counter()
     try:
         new = (
