@@ -22,6 +22,7 @@ from transformers import (
 )
 
 from minigpt.data.conversation import Conversation, Image, Text
+from minigpt.data.tokenize import Encoded, ModelBatch, collate
 from minigpt.infer import slots as slots_module
 from minigpt.infer.batching import DecodeRequest, SlotScheduler
 from minigpt.infer.chat import ChatEngine
@@ -47,7 +48,7 @@ def answers(engine: Engine, mode: str, options: GenerationOptions, questions=QUE
     settings = DecodingSettings(mode, **settings)
     if engine.decoding != settings:  # a change frees the slot decoder; the same settings keep (reuse) it
         engine.decoding = settings
-    return engine.generate(conversations(questions), [RED] * len(questions), options)
+    return [a.text for a in engine.generate(conversations(questions), [RED] * len(questions), options)]
 
 
 def plain_engine(engine: Engine) -> Engine:
@@ -156,7 +157,7 @@ def test_unsupported_llm_falls_back_to_plain_generate(llama, monkeypatch, caplog
     options = GenerationOptions(max_new_tokens=6)
     expected = answers(llama, "plain", options)
     assert answers(llama, "static", options) == expected
-    assert llama.decoding.mode == "plain" and "remote code model" in caplog.text
+    assert llama.decoding_choice.mode == "plain" and "remote code model" in caplog.text
 
 
 def test_attention_span_grows_in_buckets_with_the_longest_row(llama):
@@ -191,7 +192,7 @@ def test_prompts_the_slot_cache_cannot_hold_fall_back_to_plain(llama, monkeypatc
     engine = ChatEngine(llama, options, max_context=128, batch_slots=2)
     try:
         long_question = conversations()[1]
-        assert engine.generate(long_question, [RED]) == expected[1]
+        assert engine.generate(long_question, [RED]).text == expected[1]
         assert "".join(engine.stream(long_question, [RED])) == expected[1]
         assert "answering it alone" in caplog.text and not engine.engine._scheduler.running
     finally:
@@ -266,7 +267,7 @@ def test_concurrent_requests_share_the_batch_and_match_one_by_one(llama, batched
     batched.engine._scheduler.tick = tick
     jobs = [(convs[i % 3], i % 3) for i in range(6)]  # six requests, two slots: they queue and join mid-batch
     with ThreadPoolExecutor(6) as pool:
-        got = list(pool.map(lambda job: batched.generate(job[0], [RED]), jobs))
+        got = list(pool.map(lambda job: batched.generate(job[0], [RED]).text, jobs))
     assert got == [expected[i] for _, i in jobs]
     assert max(seen_running) == 2 and not batched.engine._scheduler.running
 
@@ -278,23 +279,23 @@ def test_batched_requests_with_penalty_min_tokens_and_sampling(llama, batched):
         GenerationOptions(max_new_tokens=10, min_new_tokens=6),
         GenerationOptions(max_new_tokens=10, repetition_penalty=1.5),
     ):
-        expected = plain_engine(llama).generate([conv], [RED], options)[0]
-        assert batched.generate(conv, [RED], options) == expected
+        expected = plain_engine(llama).generate([conv], [RED], options)[0].text
+        assert batched.generate(conv, [RED], options).text == expected
     sampling = GenerationOptions(max_new_tokens=10, do_sample=True, temperature=0.8, top_k=50, seed=3)
-    assert batched.generate(conv, [RED], sampling) == batched.generate(conv, [RED], sampling)
+    assert batched.generate(conv, [RED], sampling).text == batched.generate(conv, [RED], sampling).text
 
 
 def test_streams_beam_search_and_cancellation_on_the_batch(llama, batched):
     conv = conversations()[:1][0]
-    expected = batched.generate(conv, [RED])
+    expected = batched.generate(conv, [RED]).text
     assert "".join(batched.stream(conv, [RED])) == expected
     beams = GenerationOptions(max_new_tokens=8, num_beams=2)
-    assert batched.generate(conv, [RED], beams) == plain_engine(llama).generate([conv], [RED], beams)[0]
+    assert batched.generate(conv, [RED], beams).text == plain_engine(llama).generate([conv], [RED], beams)[0].text
     stream = batched.stream(conv, [RED], GenerationOptions(max_new_tokens=60))
     next(stream)
     stream.close()
     assert not batched.engine._scheduler.running and not batched.engine._scheduler.waiting
-    assert batched.generate(conv, [RED]) == expected  # the freed slot serves the next request
+    assert batched.generate(conv, [RED]).text == expected  # the freed slot serves the next request
 
 
 def test_batch_slots_shrink_to_the_free_memory(llama, monkeypatch, caplog):
@@ -315,21 +316,24 @@ def test_batch_slots_shrink_to_the_free_memory(llama, monkeypatch, caplog):
     assert engine.engine._scheduler is None and "one at a time" in caplog.text
 
 
+def text_prompt(ids: list[int]) -> ModelBatch:
+    """A one-conversation prompt of ``ids`` without images."""
+    return ModelBatch(collate([Encoded(list(ids), [-100] * len(ids), [False] * len(ids))], 0, side="left"), None)
+
+
 def test_scheduler_rejects_what_does_not_fit_and_reports_errors(llama):
     scheduler = SlotScheduler(llama.model, slots=1, max_len=64)
     with pytest.raises(ValueError, match="does not fit a decoding slot of 64 positions"):
-        scheduler.submit(DecodeRequest(list(range(60)), GenerationOptions(max_new_tokens=10)))
+        scheduler.submit(DecodeRequest(text_prompt(list(range(60))), GenerationOptions(max_new_tokens=10)))
     scheduler = SlotScheduler(llama.model, slots=2, max_len=64)
-    width = llama.model.llm.config.hidden_size
-    good = DecodeRequest([1, 2], GenerationOptions(max_new_tokens=3), embeds=torch.randn(2, width))
-    bad = DecodeRequest([1, 2], GenerationOptions(max_new_tokens=3), embeds=torch.zeros(2, 3))  # wrong width
+    vocab = llama.model.llm.config.vocab_size
+    good = DecodeRequest(text_prompt([1, 2]), GenerationOptions(max_new_tokens=3))
+    bad = DecodeRequest(text_prompt([1, vocab + 5]), GenerationOptions(max_new_tokens=3))  # beyond the vocabulary
     scheduler.submit(good)
     scheduler.submit(bad)
     scheduler.run_until_idle()  # admitted together, the prefill fails; retried alone, only the bad one fails
     assert bad.done.is_set() and bad.error is not None and not scheduler.running
     assert good.error is None and len(good.tokens) == 3 and good.finish_reason in ("stop", "length")
-    with pytest.raises(RuntimeError, match="call start"):
-        scheduler.generate(DecodeRequest([1], GenerationOptions(max_new_tokens=2)))
 
 
 def test_stopping_the_scheduler_fails_what_is_still_queued(llama):
@@ -343,8 +347,8 @@ def test_stopping_the_scheduler_fails_what_is_still_queued(llama):
     with ThreadPoolExecutor(3) as pool:
         first = pool.submit(scheduler.run_exclusive, blocking)
         assert entered.wait(10)
-        queued = DecodeRequest([1, 2], GenerationOptions(max_new_tokens=10), embeds=torch.zeros(2, 64))
-        waiter = pool.submit(scheduler.generate, queued)
+        queued = scheduler.submit(DecodeRequest(text_prompt([1, 2]), GenerationOptions(max_new_tokens=10)))
+        waiter = pool.submit(lambda: queued.done.wait(10) and queued.error and _raise(queued.error))
         stopper = pool.submit(scheduler.stop)
         while not (scheduler.waiting and scheduler.stopping):
             threading.Event().wait(0.01)
@@ -354,3 +358,7 @@ def test_stopping_the_scheduler_fails_what_is_still_queued(llama):
         with pytest.raises(RuntimeError, match="scheduler was stopped"):
             waiter.result(10)
     assert not scheduler.running and not scheduler.waiting and scheduler.thread is None
+
+
+def _raise(error: BaseException) -> None:
+    raise error

@@ -6,14 +6,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from PIL import Image as PILImage
 
-from minigpt.eval.runner import EvalWarning, evaluate_task, predict, read_predictions, run_eval
+from minigpt.eval.runner import EvalSettings, EvalWarning, evaluate_task, predict, read_predictions, run_eval
 from minigpt.eval.tasks import load_task
-from minigpt.infer.generate import GenerationOptions
+from minigpt.infer.generate import Generation, GenerationOptions
+
+QUIET = EvalSettings(progress=False)
+QUIET3 = EvalSettings(batch_size=3, progress=False)
 
 
 class StubModel:
@@ -37,7 +41,7 @@ class StubModel:
     def generate(self, conversations, images, options=None):
         assert len(images) == len(conversations) and all(isinstance(i, list) for i in images)
         self.calls.append([c.turns[-1].text for c in conversations])
-        return [self._answer(c, imgs) for c, imgs in zip(conversations, images)]
+        return [Generation(self._answer(c, imgs), [], "stop", 0) for c, imgs in zip(conversations, images)]
 
     def eval(self):
         self.training = False
@@ -84,10 +88,9 @@ def test_vqa_accuracy_hand_computed(tmp_path, images):
         "vqa",
         td,
         GenerationOptions(max_new_tokens=5),
+        EvalSettings(batch_size=2, progress=False),
         predictions_path=out / "p.jsonl",
         metrics_path=out / "m.json",
-        batch_size=2,
-        progress=False,
         info={"model": "stub"},
     )
     # "Two" -> "2": 3 of 10 annotators; leave-one-out mean = (3 * 2/3 + 7 * 1) / 10 = 0.9
@@ -179,13 +182,13 @@ def test_mcq_accuracy_and_circular_hand_computed(tmp_path, images):
             return "A"  # right only in rotation 0
         return "I am not sure"  # unparsable
 
-    plain = run_eval(StubModel(fn=answer), "mcq", load_task("mcq", data, images=images), progress=False).metrics
+    plain = run_eval(StubModel(fn=answer), "mcq", load_task("mcq", data, images=images), run=QUIET).metrics
     assert plain["accuracy"] == pytest.approx(2 / 3) and plain["unparsed"] == pytest.approx(1 / 3)
     assert plain["per_category"] == pytest.approx({"animals": 1.0, "colors": 0.5})
     assert "circular_accuracy" not in plain
 
     circ = run_eval(
-        StubModel(fn=answer), "mcq", load_task("mcq", data, images=images, circular=True), batch_size=3, progress=False
+        StubModel(fn=answer), "mcq", load_task("mcq", data, images=images, circular=True), run=QUIET3
     ).metrics
     assert circ["accuracy"] == pytest.approx(2 / 3)  # rotation 0 = the plain evaluation
     assert circ["circular_accuracy"] == pytest.approx(1 / 3)  # only q1 is right in all its rotations
@@ -201,7 +204,7 @@ def test_pope_metrics_hand_computed(tmp_path, images):
         [{"question_id": i, "image": "a.png", "text": f"Question {i}?", "label": lab} for i, lab in enumerate(labels)],
     )
     td = load_task("pope", data, images=images)
-    m = run_eval(StubModel({f"Question {i}?": a for i, a in enumerate(answers)}), "pope", td, progress=False).metrics
+    m = run_eval(StubModel({f"Question {i}?": a for i, a in enumerate(answers)}), "pope", td, run=QUIET).metrics
     # parsed: yes no no yes no -> tp 1, fp 1, fn 2, tn 1
     expected = {"accuracy": 2 / 5, "precision": 1 / 2, "recall": 1 / 3, "f1": 0.4, "yes_ratio": 2 / 5}
     assert {k: m[k] for k in expected} == pytest.approx(expected)
@@ -232,10 +235,9 @@ def test_bad_input_is_named_counted_and_never_fatal(tmp_path, images):
             model,
             "vqa",
             td,
+            run=EvalSettings(batch_size=4, progress=False),
             predictions_path=tmp_path / "o" / "p.jsonl",
             metrics_path=tmp_path / "o" / "m.json",
-            batch_size=4,
-            progress=False,
         )
     messages = "\n".join(str(w.message) for w in caught)
     assert "missing.png" in messages and "broken.png" in messages and "Explode" in messages
@@ -272,7 +274,7 @@ def test_a_run_whose_records_all_fail_stops_with_the_first_error(tmp_path):
     )
     td = load_task("pope", data, images=tmp_path / "wrong")
     with pytest.warns(EvalWarning), pytest.raises(RuntimeError, match="all failed; first error: image file not"):
-        run_eval(StubModel(), "pope", td, batch_size=8, progress=False)
+        run_eval(StubModel(), "pope", td, run=EvalSettings(batch_size=8, progress=False))
 
 
 # ---------------------------------------------------------------------------------------------- resume
@@ -288,13 +290,7 @@ def test_interrupted_run_resumes_from_its_predictions(tmp_path, images):
     )
     td = load_task("pope", data, images=images)
     out = tmp_path / "out"
-    kwargs = dict(
-        predictions_path=out / "p.jsonl",
-        metrics_path=out / "m.json",
-        batch_size=3,
-        progress=False,
-        info={"model": "stub"},
-    )
+    kwargs = dict(predictions_path=out / "p.jsonl", metrics_path=out / "m.json", info={"model": "stub"})
 
     class Interrupting(StubModel):
         def generate(self, conversations, images, options=None):
@@ -303,7 +299,7 @@ def test_interrupted_run_resumes_from_its_predictions(tmp_path, images):
             return super().generate(conversations, images, options)
 
     with pytest.raises(KeyboardInterrupt):
-        run_eval(Interrupting(fn=lambda t: "yes"), "pope", td, **kwargs)
+        run_eval(Interrupting(fn=lambda t: "yes"), "pope", td, run=QUIET3, **kwargs)
     assert len((out / "p.jsonl").read_text().splitlines()) == 3
     assert json.loads((out / "m.json").read_text())["status"] == "running"
     with open(out / "p.jsonl", "a") as f:
@@ -311,7 +307,7 @@ def test_interrupted_run_resumes_from_its_predictions(tmp_path, images):
 
     model = StubModel(fn=lambda t: "no")
     with pytest.warns(EvalWarning, match="bad prediction line"):
-        result = run_eval(model, "pope", td, **kwargs)
+        result = run_eval(model, "pope", td, run=QUIET3, **kwargs)
     assert sum(len(c) for c in model.calls) == 4  # only the records not predicted yet
     counts = result.report["counts"]
     assert (counts["resumed"], counts["generated"], counts["predicted"]) == (3, 4, 7)
@@ -319,10 +315,10 @@ def test_interrupted_run_resumes_from_its_predictions(tmp_path, images):
     assert len(read_predictions(out / "p.jsonl")) == 7
 
     again = StubModel(fn=lambda t: "no")
-    assert run_eval(again, "pope", td, **kwargs).report["counts"]["resumed"] == 7 and not again.calls
+    assert run_eval(again, "pope", td, run=QUIET3, **kwargs).report["counts"]["resumed"] == 7 and not again.calls
     with pytest.raises(ValueError, match="generation differ.*--no-resume"):
-        run_eval(again, "pope", td, GenerationOptions(max_new_tokens=3), **kwargs)
-    fresh = run_eval(again, "pope", td, GenerationOptions(max_new_tokens=3), resume=False, **kwargs)
+        run_eval(again, "pope", td, GenerationOptions(max_new_tokens=3), QUIET3, **kwargs)
+    fresh = run_eval(again, "pope", td, GenerationOptions(max_new_tokens=3), replace(QUIET3, resume=False), **kwargs)
     assert fresh.report["counts"]["generated"] == 7
 
 

@@ -13,8 +13,9 @@ from PIL import Image as PILImage
 
 from minigpt.eval import cli
 from minigpt.eval.predictions import PredictionMatchError
-from minigpt.eval.runner import EvalWarning, run_eval, score, score_predictions
+from minigpt.eval.runner import EvalSettings, EvalWarning, run_eval, score, score_predictions
 from minigpt.eval.tasks import load_task
+from minigpt.infer.generate import Generation
 
 
 class Stub:
@@ -26,7 +27,7 @@ class Stub:
         self.fn = fn
 
     def generate(self, conversations, images, options=None):
-        return [self.fn(c.turns[-1].text) for c in conversations]
+        return [Generation(self.fn(c.turns[-1].text), [], "stop", 0) for c in conversations]
 
 
 def write(path: Path, data) -> Path:
@@ -135,7 +136,12 @@ def test_predictions_file_scores_like_the_run_that_made_it(tmp_path, images):
     model = Stub(lambda text: "A" if "animal 2" in text else _answer_letter_of_dog(text))
     out = tmp_path / "run"
     run = run_eval(
-        model, "mcq", td, predictions_path=out / "predictions.jsonl", metrics_path=out / "metrics.json", progress=False
+        model,
+        "mcq",
+        td,
+        run=EvalSettings(progress=False),
+        predictions_path=out / "predictions.jsonl",
+        metrics_path=out / "metrics.json",
     )
     scored = score_predictions("mcq", td, out / "predictions.jsonl", metrics_path=tmp_path / "s" / "metrics.json")
     assert scored.metrics == run.metrics and run.metrics["circular_accuracy"] == pytest.approx(2 / 3)

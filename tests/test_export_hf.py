@@ -107,7 +107,10 @@ def test_same_logits_and_greedy_tokens(exported, image_file):
     assert got[:, prompt_len:].tolist() == want[:, prompt_len:].tolist()
     assert got.shape[1] > prompt_len + 5
     # And the text our generate() returns is what the exported model's tokens decode to.
-    answers = Engine(model, mp).generate(convs, [image_file, image_file], GenerationOptions(max_new_tokens=20))
+    answers = [
+        a.text
+        for a in Engine(model, mp).generate(convs, [image_file, image_file], GenerationOptions(max_new_tokens=20))
+    ]
     assert answers == [mp.decode(row[prompt_len:]) for row in got]
 
 
@@ -179,7 +182,7 @@ def test_documented_transformers_route_is_token_exact(exported, image_file):
     diff = (ours - theirs).abs().max().item()
     print(f"documented route: logits max abs diff {diff:.3g}")
     assert diff < 1e-4
-    answer = Engine(model, mp).generate([conv], [image_file], GenerationOptions(max_new_tokens=20))[0]
+    answer = Engine(model, mp).generate([conv], [image_file], GenerationOptions(max_new_tokens=20))[0].text
     assert mp.decode(got[0, inputs.input_ids.shape[1] :]) == answer
 
 

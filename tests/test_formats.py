@@ -532,3 +532,17 @@ def test_mixed_stream_and_read_mixture(tmp_path):
     ]
     assert isinstance(read_mixture(specs), MixedDataset)
     assert isinstance(read_mixture(specs[:1]), SampleList)
+
+
+def test_one_format_registry_drives_the_config_readers_cli_and_converter():
+    from typing import get_args
+
+    from minigpt.data import convert, formats
+    from minigpt.data.cli import FORMATS_HELP
+    from minigpt.train.config import DatasetSpec
+
+    trained = tuple(name for name, f in formats.DATASET_FORMATS.items() if f.reader is not None)
+    assert get_args(DatasetSpec.model_fields["format"].annotation) == trained == tuple(formats.READERS)
+    assert convert.SOURCE_FORMATS == tuple(formats.DATASET_FORMATS)
+    assert FORMATS_HELP == "llava, minigpt4qwen, cc_sbu_align, captions_json, captions_csv or webdataset"
+    assert "captions_csv" not in convert.TARGET_FORMATS + trained and "webdataset" not in convert.ROOTED_FORMATS

@@ -145,7 +145,7 @@ def test_projector_only_checkpoint_is_small(tiny_pair_factory, tmp_path):
 def test_generation_modes_run(tiny_pair_factory, image_file, options):
     engine = Engine(*tiny_pair_factory())
     conv = Conversation.single("<Img><ImageHere></Img> What is it?")
-    answers = engine.generate(conv, [image_file], options)
+    answers = [a.text for a in engine.generate(conv, [image_file], options)]
     assert len(answers) == 1 and isinstance(answers[0], str)
 
 
@@ -156,8 +156,8 @@ def test_greedy_is_deterministic_and_batched_equals_single(tiny_pair_factory, im
     opts = GenerationOptions(max_new_tokens=8, min_new_tokens=8)
     c1 = Conversation.single("<Img><ImageHere></Img> Hi")
     c2 = Conversation.single("<Img><ImageHere></Img> A much longer question about the picture here?")
-    single = [engine.generate(c1, [image_file], opts)[0], engine.generate(c2, [other], opts)[0]]
-    batched = engine.generate([c1, c2], [image_file, other], opts)
+    single = [engine.generate(c1, [image_file], opts)[0].text, engine.generate(c2, [other], opts)[0].text]
+    batched = [a.text for a in engine.generate([c1, c2], [image_file, other], opts)]
     assert batched == single
 
 
@@ -169,7 +169,7 @@ def test_sampling_depends_on_seed(tiny_pair_factory, image_file):
             conv,
             [image_file],
             GenerationOptions(max_new_tokens=12, min_new_tokens=12, do_sample=True, temperature=2.0, top_p=1.0, seed=s),
-        )[0]
+        )[0].text
         for s in (1, 1, 2)
     ]
     assert runs[0] == runs[1] and runs[0] != runs[2]
@@ -178,12 +178,14 @@ def test_sampling_depends_on_seed(tiny_pair_factory, image_file):
 def test_max_new_tokens_and_stop_strings(tiny_pair_factory, image_file, llama_tokenizer):
     engine = Engine(*tiny_pair_factory())
     conv = Conversation.single("<Img><ImageHere></Img> Tell me")
-    full = engine.generate(conv, [image_file], GenerationOptions(max_new_tokens=10, min_new_tokens=10))[0]
+    full = engine.generate(conv, [image_file], GenerationOptions(max_new_tokens=10, min_new_tokens=10))[0].text
     assert 0 < len(llama_tokenizer.encode(full, add_special_tokens=False)) <= 12
     words = full.split()
     assert len(words) >= 2, full
     stop = words[1]
-    cut = engine.generate(conv, [image_file], GenerationOptions(max_new_tokens=10, min_new_tokens=10, stop=[stop]))[0]
+    cut = engine.generate(conv, [image_file], GenerationOptions(max_new_tokens=10, min_new_tokens=10, stop=[stop]))[
+        0
+    ].text
     assert stop not in cut and full.startswith(cut)
 
 

@@ -134,6 +134,36 @@ def test_stream(client, engine):
     assert chunks[-1].usage.completion_tokens > 0
 
 
+def test_usage_is_exact_and_a_request_is_tokenized_once(client, engine, monkeypatch):
+    chat = engine.chat()
+    chat.upload(RED)
+    prompt = chat.prepare(QUESTION)
+    answer = engine.generate(prompt.batch, options=prompt.options)  # what the scheduler generated
+    tokenized = []
+    processor_type = type(engine.processor)
+    for name in ("encode", "count_tokens"):
+        original = getattr(processor_type, name)
+        monkeypatch.setattr(
+            processor_type, name, lambda self, *a, _f=original, **k: tokenized.append(1) or _f(self, *a, **k)
+        )
+    reply = client.chat.completions.create(model="tiny", messages=ask())
+    assert len(tokenized) == 1
+    assert reply.choices[0].message.content == answer.text == engine.processor.decode(answer.token_ids)
+    usage = reply.usage
+    assert (usage.prompt_tokens, usage.completion_tokens) == (
+        prompt.batch.text.input_ids.shape[1],
+        len(answer.token_ids),
+    )
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    assert reply.choices[0].finish_reason == {"length": "length"}.get(answer.finish_reason, "stop")
+    tokenized.clear()
+    stream = client.chat.completions.create(
+        model="tiny", messages=ask(), stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    assert len(tokenized) == 1 and chunks[-1].usage == usage
+
+
 def test_four_concurrent_requests(client, engine):
     expected = expected_answer(engine)
 

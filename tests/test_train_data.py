@@ -20,7 +20,7 @@ from minigpt.data.formats import DataWarning
 from minigpt.data.tokenize import IGNORE_INDEX
 from minigpt.tools.shapes import draw_shape
 from minigpt.train.config import DatasetSpec, validate_config
-from minigpt.train.data import BatchPlan, Item, SampleEncoder, Skipped, TrainData, collate
+from minigpt.train.data import BatchPlan, Item, LoaderSettings, SampleEncoder, Skipped, TrainData, collate
 from minigpt.train.launch import train
 from test_train_support import losses, make_shapes, read_metrics, tiny_config
 
@@ -229,7 +229,7 @@ def test_a_micro_batch_of_only_bad_samples_does_not_change_the_step(tmp_path, ti
     path = make_shapes(tmp_path / "data", 4)
     config = validate_config(tiny_config(tiny_llama_dir, path, tmp_path / "out", run={"batch_size": 2}))
     trainers = [Trainer(config, Strategy("cpu", "no")) for _ in range(2)]
-    good = next(iter(trainers[0].data.loader(2, 1, 0, 1, 0, 1, trainers[0].pad_id)))
+    good = next(iter(trainers[0].data.loader(LoaderSettings(2, 1, trainers[0].pad_id), range(0, 1))))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with_empty = trainers[0].train_step([empty, good])  # the empty one runs a stand-in batch with weight 0
@@ -265,7 +265,7 @@ def test_dataloader_workers_change_nothing(tmp_path, encoder):
         runs = []
         for workers in (0, 2):
             data = TrainData(chosen, encoder, seed=3, global_batch=3, iters_per_epoch=3)
-            batches = list(data.loader(3, 1, 1, 5, 0, 1, pad_id=0, num_workers=workers))  # steps 1-4, 2 epochs
+            batches = list(data.loader(LoaderSettings(3, 1, pad_id=0, num_workers=workers), range(1, 5)))  # 2 epochs
             runs.append(batches)
         assert len(runs[0]) == len(runs[1]) == 4
         for a, b in zip(*runs):
@@ -323,3 +323,31 @@ def test_malformed_webdataset_samples_and_empty_answers_count_as_skipped_records
         assert [r["skipped_records"] for r in read_metrics(out) if "loss" in r] == per_step, spec["format"]
         messages = [str(w.message) for w in caught if issubclass(w.category, DataWarning)]
         assert any("caption must be a non-empty string" in m for m in messages)
+
+
+def test_trainer_batches_are_the_processors_batches(tmp_path, tiny_pair_factory):
+    """Training encodes through the processor: a loader batch equals ``processor.prepare(train=True)`` of its samples,
+    and an augmented sample equals ``prepare`` with the augmenting transform seeded as the loader seeds it."""
+    from minigpt.train.data import Key
+
+    _, processor = tiny_pair_factory()
+    shapes = DatasetSpec(format="captions_json", path=str(make_shapes(tmp_path, 6)))
+    plain = SampleEncoder.for_processor(processor, train=False)
+    data = TrainData([shapes], plain, seed=3, global_batch=3, iters_per_epoch=2)
+    (loaded,) = data.loader(LoaderSettings(3, 1, processor.pad_token_id), range(0, 1))
+    data.source.set_epoch(0)
+    samples = [data.source[i] for i in range(3)]
+    prepared = processor.prepare([s.conversation for s in samples], [s.images for s in samples], train=True)
+    for name in ("input_ids", "attention_mask", "labels", "image_mask"):
+        assert torch.equal(getattr(loaded.batch.text, name), getattr(prepared.text, name)), name
+    assert torch.equal(loaded.batch.pixel_values, prepared.pixel_values)
+
+    augmenting = SampleEncoder.for_processor(processor, train=True, seed=3, hflip=True)
+    item = TrainData([shapes], augmenting, seed=3, global_batch=3, iters_per_epoch=2).dataset[Key(0, 1)]
+    transform = processor.image_transform(augment=True, hflip=True)
+    transform.rng.seed("3:(0, 1)")
+    one = processor.prepare([samples[1].conversation], [samples[1].images], train=True, transform=transform)
+    assert item.encoded.input_ids == one.text.input_ids[0].tolist()
+    assert torch.equal(item.pixels[0], one.pixel_values[0]) and not torch.equal(
+        item.pixels[0], prepared.pixel_values[1]
+    )

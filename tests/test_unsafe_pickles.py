@@ -79,3 +79,17 @@ def test_merge_lora_peft_bin_is_refused_with_exit_code_2(tmp_path, tiny_model_di
     assert code == 2 and line.startswith("minigpt convert: error: ")
     _check_refusal(line, bin_file, marker)
     assert not (tmp_path / "out").exists()
+
+
+def test_atomic_file_writes_replace_whole_files_or_nothing(tmp_path):
+    from minigpt.files import atomic_open, atomic_write_text
+
+    target = tmp_path / "sub" / "metrics.json"
+    atomic_write_text(target, "old\n")
+    with pytest.raises(RuntimeError, match="interrupted"):
+        with atomic_open(target) as f:
+            f.write("half of the new")
+            raise RuntimeError("interrupted")
+    assert target.read_text() == "old\n" and sorted(p.name for p in target.parent.iterdir()) == ["metrics.json"]
+    atomic_write_text(target, "new\n")
+    assert target.read_text() == "new\n" and sorted(p.name for p in target.parent.iterdir()) == ["metrics.json"]

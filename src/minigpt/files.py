@@ -1,5 +1,5 @@
-"""File helpers every layer uses: writing folders atomically (readers see the old folder or the finished new
-one, never a half), writing weights with the umask's mode, and refusing pickled files that would run code."""
+"""File helpers every layer uses: writing files and folders atomically (readers see the old one or the finished
+new one, never a half), writing weights with the umask's mode, and refusing pickled files that would run code."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 
 @contextlib.contextmanager
@@ -62,6 +62,33 @@ def save_safetensors(tensors: dict[str, Any], path: str | Path, metadata: dict[s
 
     save_file(tensors, path, metadata=metadata)
     respect_umask(path)
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | Path) -> Iterator[Path]:
+    """Yield a hidden temporary path beside the file ``target`` (``.NAME.PID.tmp``) for a writer that takes a path;
+    when the block succeeds it replaces ``target`` in one rename, when it fails it is removed."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_open(target: str | Path) -> Iterator[IO[str]]:
+    """A UTF-8 text file written in place of ``target`` atomically (:func:`atomic_path`)."""
+    with atomic_path(target) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        yield f
+
+
+def atomic_write_text(target: str | Path, text: str) -> None:
+    """Replace ``target``'s content with ``text`` (UTF-8) atomically."""
+    with atomic_open(target) as f:
+        f.write(text)
 
 
 #: What a refusal suggests by default.

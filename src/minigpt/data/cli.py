@@ -22,7 +22,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-FORMATS_HELP = "llava, minigpt4qwen, cc_sbu_align, captions_json, captions_csv or webdataset"
+from .formats import DATASET_FORMATS, format_names
+
+FORMATS_HELP = format_names()
 
 
 def register(subparsers: Any) -> None:
@@ -85,7 +87,7 @@ def register(subparsers: Any) -> None:
 
     q = sub.add_parser(
         "convert",
-        help="convert between llava, minigpt4qwen, cc_sbu_align, captions and webdataset shards",
+        help=f"convert between {format_names()}",
         description="Convert a dataset; samples the target cannot hold (e.g. multi-turn to "
         "cc_sbu_align) are skipped and counted. Reading the output gives the same "
         "conversations as reading the source.",
@@ -97,7 +99,7 @@ def register(subparsers: Any) -> None:
         dest="target_format",
         required=True,
         metavar="FMT",
-        help="llava, minigpt4qwen, cc_sbu_align, captions_json or webdataset",
+        help=format_names(n for n, f in DATASET_FORMATS.items() if f.writable),
     )
     q.add_argument(
         "out", metavar="OUT", help="output file (JSON targets) or folder (cc_sbu_align, webdataset); must not exist"

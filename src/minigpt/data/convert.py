@@ -46,9 +46,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..files import atomic_open, atomic_write_text
 from .conversation import Sample, Text
 from .formats import (
     ALIGNMENT_INSTRUCTIONS,
+    DATASET_FORMATS,
     MINIGPT4_IMAGE,
     DataWarning,
     SampleList,
@@ -67,18 +69,11 @@ from .formats import (
 )
 
 #: Formats that can be read (``--format`` / ``--from``).
-SOURCE_FORMATS: tuple[str, ...] = (
-    "llava",
-    "minigpt4qwen",
-    "cc_sbu_align",
-    "captions_json",
-    "captions_csv",
-    "webdataset",
-)
+SOURCE_FORMATS: tuple[str, ...] = tuple(DATASET_FORMATS)
 #: Formats that can be written (``--to``).
-TARGET_FORMATS: tuple[str, ...] = ("llava", "minigpt4qwen", "cc_sbu_align", "captions_json", "webdataset")
+TARGET_FORMATS: tuple[str, ...] = tuple(n for n, f in DATASET_FORMATS.items() if f.writable)
 #: Formats whose images live under a given root (``--image-root``); the others fix their own layout.
-ROOTED_FORMATS: tuple[str, ...] = ("llava", "minigpt4qwen", "captions_json", "captions_csv")
+ROOTED_FORMATS: tuple[str, ...] = tuple(n for n, f in DATASET_FORMATS.items() if f.rooted)
 DEFAULT_SHARD_SIZE = 10_000  # img2dataset's number_sample_per_shard
 LLAVA_IMAGE = "<image>"
 _PIL_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # what read_webdataset accepts
@@ -296,17 +291,14 @@ def _check_out(out: Path) -> None:
 
 
 def _write_json(path: Path, records: list[Any]) -> None:
-    """A JSON list (``.jsonl``: one record per line), written to a temporary file and renamed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    """A JSON list (``.jsonl``: one record per line), written atomically."""
+    with atomic_open(path) as f:
         if path.suffix == ".jsonl":
             for rec in records:
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
         else:
             json.dump(records, f, ensure_ascii=False, indent=1)
             f.write("\n")
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------- writers
@@ -418,11 +410,7 @@ class _CcSbuWriter:
 
     def close(self) -> list[str]:
         path = self.out / "filter_cap.json"
-        tmp = path.with_name("filter_cap.json.tmp")
-        tmp.write_text(
-            json.dumps({"annotations": self.annotations}, ensure_ascii=False, indent=1) + "\n", encoding="utf-8"
-        )
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps({"annotations": self.annotations}, ensure_ascii=False, indent=1) + "\n")
         return [str(path), str(self.out / "image")]
 
 

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..files import save_safetensors
+from ..files import atomic_path, atomic_write_text, save_safetensors
 from .conversation import Sample
 from .images import ImageError, ImageProcessor
 
@@ -300,11 +300,9 @@ class _Writer:
 
     def _write(self, n: int) -> None:
         name = f"features-{len(self.manifest['shards']):05d}.safetensors"
-        tmp = self.path / f".{name}.tmp"
-        save_safetensors(
-            {TENSOR: torch.stack(self.rows[:n]).contiguous()}, str(tmp), metadata={"keys": json.dumps(self.keys[:n])}
-        )
-        os.replace(tmp, self.path / name)
+        with atomic_path(self.path / name) as tmp:
+            rows = torch.stack(self.rows[:n]).contiguous()
+            save_safetensors({TENSOR: rows}, str(tmp), metadata={"keys": json.dumps(self.keys[:n])})
         self.keys, self.rows = self.keys[n:], self.rows[n:]
         self.manifest["shards"].append(name)
         self.manifest["count"] = self.manifest.get("count", 0) + n
@@ -312,9 +310,7 @@ class _Writer:
 
 
 def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
-    tmp = path / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, path / MANIFEST)
+    atomic_write_text(path / MANIFEST, json.dumps(manifest, indent=1) + "\n")
 
 
 def _images(samples: Iterable[Sample], report: CacheReport) -> Iterator[tuple[str, Any, str]]:

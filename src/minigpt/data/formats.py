@@ -539,13 +539,45 @@ def read_webdataset(
 
 # ---------------------------------------------------------------------------------------------- dispatch and mixing
 
-READERS: dict[str, Callable[..., SampleList | WebDatasetReader]] = {
-    "llava": read_llava_json,
-    "cc_sbu_align": read_cc_sbu_align,
-    "minigpt4qwen": read_minigpt4qwen_json,
-    "webdataset": read_webdataset,
-    "captions_json": read_captions_json,
+
+@dataclass(frozen=True)
+class DatasetFormat:
+    """One dataset format, as every tool knows it: its training reader (None: ``minigpt data`` reads it, training
+    does not), whether ``minigpt data convert`` writes it, and whether its image paths are relative to an image
+    root (the others fix their own layout)."""
+
+    name: str
+    description: str
+    reader: Callable[..., SampleList | WebDatasetReader] | None
+    writable: bool
+    rooted: bool
+
+
+#: The dataset formats, in the order the tools list them; the training config, the readers, ``minigpt data``'s
+#: help and its converter are all driven by this table.
+DATASET_FORMATS: dict[str, DatasetFormat] = {
+    f.name: f
+    for f in (
+        DatasetFormat("llava", "LLaVA conversations JSON", read_llava_json, writable=True, rooted=True),
+        DatasetFormat("minigpt4qwen", "MiniGPT4Qwen JSON", read_minigpt4qwen_json, writable=True, rooted=True),
+        DatasetFormat("cc_sbu_align", "cc_sbu_align folder", read_cc_sbu_align, writable=True, rooted=False),
+        DatasetFormat("captions_json", "[{image, caption}] JSON", read_captions_json, writable=True, rooted=True),
+        DatasetFormat("captions_csv", "image,caption CSV", None, writable=False, rooted=True),
+        DatasetFormat("webdataset", "img2dataset .tar shards", read_webdataset, writable=True, rooted=False),
+    )
 }
+#: The training readers by format name.
+READERS: dict[str, Callable[..., SampleList | WebDatasetReader]] = {
+    name: f.reader for name, f in DATASET_FORMATS.items() if f.reader is not None
+}
+#: The formats a training config can name (``data.datasets[].format``).
+TRAIN_FORMATS: tuple[str, ...] = tuple(READERS)
+
+
+def format_names(names: Iterable[str] = DATASET_FORMATS) -> str:
+    """``a, b or c``: format names for help texts."""
+    names = list(names)
+    return ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else "".join(names)
 
 
 def read_dataset(spec: Mapping[str, Any]) -> SampleList | WebDatasetReader:

@@ -23,10 +23,11 @@ Templates (``get_template(name)``):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .conversation import Conversation, Image, Text, Turn
+from .conversation import Conversation, Image, Part, Text, Turn
 
 #: Marks where an image's embeddings are spliced in rendered text.
 IMAGE_SLOT = "<ImageHere>"
@@ -368,3 +369,24 @@ def get_template(name: str) -> Template:
         return TEMPLATES[name]()
     except KeyError:
         raise ValueError(f"unknown template {name!r}; available: {', '.join(sorted(TEMPLATES))}") from None
+
+
+# ---------------------------------------------------------------------------------------------- user turns
+def text_part(text: str) -> Text:
+    """A verbatim text part; refuses the image placeholder, which would open an image slot."""
+    if IMAGE_SLOT in text:
+        raise ValueError(f"text may not contain {IMAGE_SLOT!r}: attach images as images, not as placeholders")
+    return Text(text)
+
+
+def user_parts(template: Template, pieces: Sequence[str | Image]) -> list[Part]:
+    """Parts of a user turn from text and :class:`Image` pieces, in order; text right after an image
+    starts with ``template.image_separator`` (``<Img><ImageHere></Img> question`` as the originals)."""
+    parts: list[Part] = []
+    for piece in pieces:
+        if isinstance(piece, Image):
+            parts.append(piece)
+        elif piece:
+            sep = template.image_separator if parts and isinstance(parts[-1], Image) else ""
+            parts.append(text_part(sep + piece))
+    return parts

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..infer.decoding import add_decoding_arguments, settings_from_args
+from ..infer.decoding import add_decoding_arguments
 from .tasks import REGISTRY, TASKS
 
 
@@ -61,7 +61,7 @@ def generation_options(args: argparse.Namespace, task: str | None = None) -> Any
 
 
 def register(subparsers: Any) -> None:
-    from ..device import add_device_argument
+    from ..infer.args import add_loading_arguments
 
     p = subparsers.add_parser(
         "eval",
@@ -119,8 +119,7 @@ def register(subparsers: Any) -> None:
         "numbers' tokenizer)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_device_argument(p)
-    p.add_argument("--dtype", help="LLM dtype override (float32, bfloat16, float16)")
+    add_loading_arguments(p)
     add_generation_args(p)
     p.set_defaults(func=run)
 
@@ -205,33 +204,23 @@ def _check_java(args: argparse.Namespace) -> None:
 
 
 def _evaluate_model(args: argparse.Namespace, data: Any, info: dict[str, Any], meteor: bool | None) -> Any:
-    from ..device import resolve_device
-    from ..infer.engine import Engine
-    from ..model.processor import load_pretrained
-    from .runner import run_eval
+    from ..infer.args import spec_from_args
+    from ..infer.engine import load_engine
+    from .runner import EvalSettings, run_eval
 
     if args.batch_size < 1:
         raise ValueError("--batch-size must be >= 1")
     options = generation_options(args, args.task)
-    device = resolve_device(args.device)
-    overrides = {"llm_dtype": args.dtype} if args.dtype else {}
-    model, processor = load_pretrained(args.model, **overrides)
-    engine = Engine(model.to(device), processor, settings_from_args(args))
+    engine = load_engine(spec_from_args(args))
 
     out = Path(args.output) if args.output else default_output(Path(args.model).resolve().name, args.task, args.data)
     settings = {
         "prompt": args.prompt,
         "circular": args.circular,
         "split": args.split,
-        "decoding": engine.decoding.mode if engine.static(options.num_beams) else "plain",
+        "decoding": "static" if engine.static(options.num_beams) else "plain",
     }
-    result = run_eval(
-        engine,
-        args.task,
-        data,
-        options,
-        predictions_path=out / "predictions.jsonl",
-        metrics_path=out / "metrics.json",
+    run = EvalSettings(
         batch_size=args.batch_size,
         limit=args.limit,
         resume=not args.no_resume,
@@ -239,7 +228,16 @@ def _evaluate_model(args: argparse.Namespace, data: Any, info: dict[str, Any], m
         meteor=meteor,
         scorer=args.scorer,
         progress=not args.no_progress,
+        recorded=settings,
+    )
+    result = run_eval(
+        engine,
+        args.task,
+        data,
+        options,
+        run,
+        predictions_path=out / "predictions.jsonl",
+        metrics_path=out / "metrics.json",
         info={"model": str(Path(args.model).resolve()), **info},
-        settings=settings,
     )
     return result, out

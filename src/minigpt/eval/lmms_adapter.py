@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 
 #: Requests per generate call for lmms-eval's ``--batch_size auto`` (there is no automatic search).
 AUTO_BATCH_SIZE = 8
+#: ``--model_args`` keys passed on to :class:`~minigpt.infer.loading.LoadSpec` (besides ``device`` and ``dtype``).
+LOAD_ARGS = ("vision_dtype", "quantize", "template", "trust_remote_code")
 
 
 def parse_batch_size(value: int | str) -> int:
@@ -213,7 +215,8 @@ class MiniGPTLmmsCore:
         if not prepared:
             return []
         try:
-            return list(self.model.generate([c for _, c, _ in prepared], [im for _, _, im in prepared], options))
+            answers = self.model.generate([c for _, c, _ in prepared], [im for _, _, im in prepared], options)
+            return [answer.text for answer in answers]
         except Exception as e:  # noqa: BLE001
             if len(prepared) == 1:
                 self._fail(f"request {prepared[0][0]}", e)
@@ -340,7 +343,9 @@ except Exception:  # ImportError, or lmms-eval failing on its own optional depen
 if _LmmsBase is not None:  # pragma: no cover
 
     class MiniGPTLmms(MiniGPTLmmsCore, _LmmsBase):
-        """lmms-eval model class: ``--model minigpt --model_args pretrained=DIR[,batch_size=8,device=cuda]``."""
+        """lmms-eval model class: ``--model minigpt --model_args pretrained=DIR[,batch_size=8,device=cuda]``, plus
+        :data:`LOAD_ARGS` (``dtype``, ``vision_dtype``, ``quantize=4bit``, ``trust_remote_code=True``...), loaded as
+        every front-end loads (:func:`minigpt.infer.engine.load_engine`)."""
 
         is_simple = True
 
@@ -361,11 +366,12 @@ if _LmmsBase is not None:  # pragma: no cover
             **kwargs: Any,
         ) -> None:
             _LmmsBase.__init__(self)
+            load_options = {k: kwargs.pop(k) for k in LOAD_ARGS if k in kwargs}
             if kwargs:
                 log.warning("minigpt lmms adapter: ignoring unknown model_args %s", sorted(kwargs))
             from ..device import resolve_device
-            from ..infer.engine import Engine
-            from ..model.processor import load_pretrained
+            from ..infer.engine import load_engine
+            from ..infer.loading import LoadSpec
 
             self._world_size = int(os.environ.get("WORLD_SIZE", 1))
             self._rank = int(os.environ.get("RANK", 0))
@@ -373,8 +379,7 @@ if _LmmsBase is not None:  # pragma: no cover
             dev = resolve_device(device)
             if self._world_size > 1 and device == "auto" and dev.type != "cpu":
                 dev = resolve_device(f"{dev.type}:{local}")
-            model, processor = load_pretrained(pretrained, **({"llm_dtype": dtype} if dtype else {}))
-            engine = Engine(model.to(dev), processor)
+            engine = load_engine(LoadSpec(model=pretrained, device=str(dev), dtype=dtype or "auto", **load_options))
             MiniGPTLmmsCore.__init__(self, engine, parse_batch_size(batch_size), max_new_tokens)
 
     try:
@@ -394,6 +399,7 @@ else:
 
 __all__ = [
     "AUTO_BATCH_SIZE",
+    "LOAD_ARGS",
     "MiniGPTLmms",
     "MiniGPTLmmsCore",
     "continuation_logprobs",

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import platform
 import time
 import warnings
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data.images import load_image
+from ..files import atomic_open, atomic_write_text
 from ..infer.generate import GenerationOptions
 from .predictions import read_prediction_file
 from .tasks import EvalRecord, Scores, TaskData, apply_limit, get_task
@@ -128,9 +128,9 @@ def _generate(model: Any, recs: list[EvalRecord], images: list[list[Any]], optio
     """Answers for a batch; when the batch fails, each record alone (an answer or the exception)."""
     try:
         answers = model.generate([r.prompt for r in recs], images, options)
-        if not isinstance(answers, list) or len(answers) != len(recs) or not all(isinstance(a, str) for a in answers):
-            raise RuntimeError(f"generate returned {type(answers).__name__}, not {len(recs)} strings")
-        return answers
+        if not isinstance(answers, list) or len(answers) != len(recs):
+            raise RuntimeError(f"generate returned {type(answers).__name__}, not {len(recs)} answers")
+        return [answer.text for answer in answers]
     except Exception as e:  # noqa: BLE001 - one bad record must not sink its batch
         if len(recs) == 1:
             return [e]
@@ -275,11 +275,9 @@ def read_predictions(path: str | Path, problems: Problems | None = None) -> dict
 
 
 def _write_rows(path: Path, rows: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_open(path) as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def _versions() -> dict[str, str]:
@@ -310,13 +308,27 @@ def _device_info(model: Any) -> dict[str, Any]:
 
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------- runs
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How :func:`run_eval` runs: records per ``generate`` call, the first ``limit`` records only, continuing the
+    predictions file (``resume``), image-decoding threads, METEOR (captions; None: when java is there), the reference
+    logic (``scorer``; None: the task's first), a progress bar, and ``recorded``: extra settings written to the
+    metrics JSON (prompt, circular, decoding...)."""
+
+    batch_size: int = 8
+    limit: int | None = None
+    resume: bool = True
+    workers: int = 2
+    meteor: bool | None = None
+    scorer: str | None = None
+    progress: bool = True
+    recorded: Mapping[str, Any] = field(default_factory=dict)
 
 
 def run_eval(
@@ -324,35 +336,29 @@ def run_eval(
     task: str,
     data: TaskData | Sequence[EvalRecord],
     options: GenerationOptions | None = None,
+    run: EvalSettings | None = None,
     *,
     predictions_path: str | Path | None = None,
     metrics_path: str | Path | None = None,
-    batch_size: int = 8,
-    limit: int | None = None,
-    resume: bool = True,
-    workers: int = 2,
-    meteor: bool | None = None,
-    scorer: str | None = None,
-    progress: bool = True,
     info: Mapping[str, Any] | None = None,
-    settings: Mapping[str, Any] | None = None,
 ) -> EvalResult:
     """Predict (resuming from ``predictions_path``), score and write the metrics JSON and the per-record scores
     (``scores.jsonl`` next to the metrics JSON).
 
-    ``info``: descriptive fields for the metrics JSON (``model``, ``data``, ``images``...). ``settings``: extra
-    settings recorded there (prompt, circular...). A resumed run must use the same task, model and generation
-    options as the one that wrote ``metrics_path`` (it is written with ``"status": "running"`` at the start);
-    otherwise ``ValueError`` (use ``resume=False``).
+    ``info``: descriptive fields for the metrics JSON (``model``, ``data``, ``images``...). A resumed run must use
+    the same task, model and generation options as the one that wrote ``metrics_path`` (it is written with
+    ``"status": "running"`` at the start); otherwise ``ValueError`` (use ``EvalSettings(resume=False)``).
     """
     options = options or GenerationOptions()
+    run = run or EvalSettings()
+    batch_size, limit, workers, meteor, scorer = run.batch_size, run.limit, run.workers, run.meteor, run.scorer
     records = list(data.records if isinstance(data, TaskData) else data)
     records = apply_limit(records, limit)
     if not records:
         raise ValueError("no records to evaluate")
     problems = Problems()
     info = dict(info or {})
-    run_settings = {"task": task, "model": info.get("model"), "generation": options.to_dict(), **dict(settings or {})}
+    run_settings = {"task": task, "model": info.get("model"), "generation": options.to_dict(), **dict(run.recorded)}
     all_settings = {**run_settings, "batch_size": batch_size, "limit": limit, "meteor": meteor, "scorer": scorer}
     pred_path = Path(predictions_path) if predictions_path else None
     met_path = Path(metrics_path) if metrics_path else None
@@ -360,7 +366,7 @@ def run_eval(
     done: dict[str, str] = {}
     if pred_path is not None:
         pred_path.parent.mkdir(parents=True, exist_ok=True)
-        if resume and pred_path.exists():
+        if run.resume and pred_path.exists():
             _check_resumable(met_path, run_settings)
             by_id = {r.id: r for r in records}
             for id, row in read_predictions(pred_path, problems).items():
@@ -388,7 +394,7 @@ def run_eval(
                 fout.write(json.dumps(prediction_row(r, answer), ensure_ascii=False) + "\n")
             fout.flush()
 
-    bar = _bar(len(records), len(done), task) if progress else None
+    bar = _bar(len(records), len(done), task) if run.progress else None
     start = time.perf_counter()
     try:
         new = (

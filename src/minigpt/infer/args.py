@@ -1,4 +1,4 @@
-"""The ``MODEL`` and generation arguments shared by ``minigpt chat``, ``web`` and ``serve``.
+"""The ``MODEL`` and generation arguments shared by ``minigpt chat``, ``web``, ``serve``, ``eval`` and ``bench``.
 
 A model is a directory written by :meth:`MiniGPT.save_pretrained`, or base parts (``--llm``, ``--vision``,
 ``--projector``); see :mod:`minigpt.infer.loading`.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .decoding import add_decoding_arguments, settings_from_args
 from .generate import GenerationOptions, override_options
@@ -20,10 +20,23 @@ if TYPE_CHECKING:
 
 # ---------------------------------------------------------------------------------------------- arguments
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """``MODEL`` plus the base-part, device, dtype and quantization options."""
+    """``MODEL`` plus the loading options (:func:`add_loading_arguments`) and the image size limit."""
+    parser.add_argument("model", nargs="?", metavar="MODEL", help="model directory (from save_pretrained)")
+    g = add_loading_arguments(parser)
+    g.add_argument(
+        "--max-image-pixels",
+        type=int,
+        metavar="N",
+        help="refuse images of more pixels, read from the file's header before decoding (default: "
+        "4096x4096 = 16777216, about 100-250 MB to decode; 0: no limit)",
+    )
+
+
+def add_loading_arguments(parser: argparse.ArgumentParser) -> Any:
+    """The options of :class:`~minigpt.infer.loading.LoadSpec` (base parts, template, device, dtypes, quantization,
+    remote code; read back by :func:`spec_from_args` with ``MODEL``), in a "model" group that is returned."""
     from ..device import add_device_argument
 
-    parser.add_argument("model", nargs="?", metavar="MODEL", help="model directory (from save_pretrained)")
     g = parser.add_argument_group("model")
     g.add_argument("--projector", metavar="CKPT", help="projector weights (.safetensors, or an original .pth)")
     g.add_argument("--llm", help="LLM folder or hub id (base parts; with MODEL: if MODEL has no llm/ folder)")
@@ -37,17 +50,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     add_device_argument(g)
     g.add_argument("--cpu-only", action="store_true", help="same as --device cpu")
     g.add_argument("--dtype", default="auto", help="auto, float32, bfloat16/bf16, float16/fp16 (default: auto)")
+    g.add_argument(
+        "--vision-dtype", default="auto", help="dtype of the vision encoder and Q-Former (default: auto, as --dtype)"
+    )
     q = g.add_mutually_exclusive_group()
     q.add_argument("--load-in-8bit", action="store_true", help="8-bit LLM via bitsandbytes (CUDA or CPU)")
     q.add_argument("--load-in-4bit", action="store_true", help="4-bit NF4 LLM via bitsandbytes (CUDA or CPU)")
     g.add_argument("--trust-remote-code", action="store_true", help="allow the LLM's own modelling code")
-    g.add_argument(
-        "--max-image-pixels",
-        type=int,
-        metavar="N",
-        help="refuse images of more pixels, read from the file's header before decoding (default: "
-        "4096x4096 = 16777216, about 100-250 MB to decode; 0: no limit)",
-    )
+    return g
 
 
 def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
@@ -78,6 +88,7 @@ def spec_from_args(args: argparse.Namespace) -> LoadSpec:
         template=args.template,
         device="cpu" if args.cpu_only else args.device,
         dtype=args.dtype,
+        vision_dtype=args.vision_dtype,
         quantize=quantize,
         trust_remote_code=args.trust_remote_code,
         decoding=settings_from_args(args),
@@ -100,17 +111,15 @@ def options_from_args(args: argparse.Namespace) -> GenerationOptions:
 def engine_from_args(args: argparse.Namespace) -> ChatEngine:
     """Load the model named by the arguments into a :class:`ChatEngine` with their options."""
     from .chat import ChatEngine
-    from .engine import Engine
-    from .loading import decoding_for, load_model
+    from .engine import load_engine
 
     options = options_from_args(args)  # validate before the (slow) load
     max_pixels = image_limit(args)
     spec = spec_from_args(args)
-    model, processor = load_model(spec)
     name = Path(spec.model).name if spec.model else Path(spec.llm or "minigpt").name
     slots = getattr(args, "batch_slots", 1)
     engine = ChatEngine(
-        Engine(model, processor, decoding_for(spec)),
+        load_engine(spec),
         options,
         max_context=args.max_context,
         name=name or "minigpt",
@@ -132,6 +141,7 @@ def image_limit(args: argparse.Namespace) -> int | None:
 
 __all__ = [
     "add_generation_arguments",
+    "add_loading_arguments",
     "add_model_arguments",
     "engine_from_args",
     "image_limit",

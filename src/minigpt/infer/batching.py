@@ -1,11 +1,13 @@
 """Continuous batching on the slot decoder: requests join a running batch between decode steps and leave it when
 they finish, so one GPU serves many chats at the speed of a batched step.
 
-:class:`SlotScheduler` owns a :class:`~minigpt.infer.decoding.SlotDecoder` (and so the model's LLM) while it runs.
-:meth:`Engine.generate <minigpt.infer.engine.Engine.generate>` uses it synchronously (submit the batch, :meth:`~SlotScheduler.run_until_idle`); the
-server starts its thread (:meth:`~SlotScheduler.start`), and each request thread blocks in
-:meth:`~SlotScheduler.generate` while tokens stream to its callback. Work that cannot join a batch (beam search)
-runs in the same thread between steps (:meth:`~SlotScheduler.run_exclusive`).
+:class:`SlotScheduler` owns a :class:`~minigpt.infer.slots.SlotDecoder` (and so the model's LLM) while it runs. Each
+:class:`DecodeRequest` is one conversation's prepared prompt (a one-row :class:`~minigpt.data.tokenize.ModelBatch`,
+no padding); it is embedded when admitted, with one vision pass for all the requests admitted together.
+:meth:`Engine.generate <minigpt.infer.engine.Engine.generate>` submits its requests and runs the scheduler until idle,
+or, with continuous batching (:meth:`~SlotScheduler.start`), waits for them while the scheduler's thread serves
+everyone. Work that cannot join a batch (beam search) runs in the same thread between steps
+(:meth:`~SlotScheduler.run_exclusive`).
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..data.tokenize import ModelBatch
-from .decoding import DecodingSettings
-from .generate import GenerationOptions, hits_stop
+from .decoding import DecodingSettings, FastDecodingUnsupported
+from .generate import FinishReason, GenerationOptions, hits_stop
 from .slots import SlotDecoder, SlotSampler
 
 if TYPE_CHECKING:
@@ -34,19 +36,26 @@ log = logging.getLogger(__name__)
 
 @dataclass(eq=False)
 class DecodeRequest:
-    """One prompt to answer: its embeddings (or a one-conversation batch to embed when admitted), prompt ids (for
-    the repetition penalty), options, stop strings and an optional per-token callback (raise in it to cancel)."""
+    """One prompt to answer: a one-conversation batch (embedded when admitted), options, stop strings and an
+    optional per-token callback (raise in it to cancel). ``tokens`` and ``finish_reason`` are the answer."""
 
-    prompt_ids: list[int]
+    batch: ModelBatch
     options: GenerationOptions
     stops: list[str] = field(default_factory=list)
-    embeds: torch.Tensor | None = None  # [T, D]
-    batch: ModelBatch | None = None
     on_token: Callable[[int], None] | None = None
     tokens: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        if self.batch.text.input_ids.shape[0] != 1:
+            raise ValueError("a decode request holds one conversation")
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        """The prompt's ids (image slots included), for the repetition penalty and the slot length."""
+        return self.batch.text.input_ids[0].tolist()
 
 
 class SlotScheduler:
@@ -79,9 +88,9 @@ class SlotScheduler:
     @classmethod
     def for_model(
         cls, model: MiniGPT, processor: MiniGPTProcessor, settings: DecodingSettings, slots: int, max_len: int
-    ) -> SlotScheduler | None:
-        """A scheduler with ``settings``, or None (the reason logged) where the model's LLM cannot run the slot
-        decoder: an unsupported model, or a transformers version whose cache API differs."""
+    ) -> SlotScheduler:
+        """A scheduler with ``settings``; :class:`FastDecodingUnsupported` where the model's LLM cannot run the slot
+        decoder (an unsupported model, or a transformers version whose cache API differs)."""
         try:
             return cls(
                 model,
@@ -92,11 +101,10 @@ class SlotScheduler:
                 processor.end_token_ids(),
                 processor.tokenizer,
             )
+        except FastDecodingUnsupported:
+            raise
         except Exception as err:
-            log.warning(
-                "static decoding is not available (%s: %s); using transformers' generate", type(err).__name__, err
-            )
-            return None
+            raise FastDecodingUnsupported(f"{type(err).__name__}: {err}") from err
 
     @property
     def slots(self) -> int:
@@ -119,15 +127,6 @@ class SlotScheduler:
         with self.wake:
             self.waiting.append(request)
             self.wake.notify()
-        return request
-
-    def generate(self, request: DecodeRequest) -> DecodeRequest:
-        """Submit and wait (the scheduler thread must be running); re-raises the request's error."""
-        if self.thread is None:
-            raise RuntimeError("the scheduler is not running: call start() first")
-        self.submit(request).done.wait()
-        if request.error is not None:
-            raise request.error
         return request
 
     def run_exclusive(self, fn: Callable[[], Any]) -> Any:
@@ -217,6 +216,7 @@ class SlotScheduler:
         """Embed (one vision pass for all their images) and prefill (one forward) new requests, and emit their first
         tokens. If that fails for several, each is retried alone, so that only a bad request fails."""
         rows = [row for row, _ in admitted]
+        prompt_ids = {row: request.prompt_ids for row, request in admitted}
         try:
             logits = self.decoder.prefill(rows, self._embed([request for _, request in admitted]))
         except BaseException as err:
@@ -231,7 +231,7 @@ class SlotScheduler:
         self.running.update(admitted)
         try:
             for row, request in admitted:
-                self.sampler.admit(row, request.options, request.prompt_ids)
+                self.sampler.admit(row, request.options, prompt_ids[row])
             tokens = self.sampler.pick(logits, rows)
             self.last[rows] = tokens
             picked = tokens.tolist()
@@ -246,15 +246,11 @@ class SlotScheduler:
     def _embed(self, requests: list[DecodeRequest]) -> list[torch.Tensor]:
         """Each request's prompt embeddings ``[T, D]``; the images of all of them go through the vision encoder
         together."""
-        device = self.decoder.device
-        batches = [None if r.embeds is not None else r.batch.to(device) for r in requests]
-        pixels = [b.pixel_values for b in batches if b is not None and b.pixel_values is not None]
+        batches = [r.batch.to(self.decoder.device) for r in requests]
+        pixels = [b.pixel_values for b in batches if b.pixel_values is not None]
         images = self.model.encode_images(torch.cat(pixels)) if pixels else None
         prompts, used = [], 0
-        for request, batch in zip(requests, batches):
-            if batch is None:
-                prompts.append(request.embeds.to(device))
-                continue
+        for batch in batches:
             count = 0 if batch.pixel_values is None else batch.pixel_values.shape[0]
             prompts.append(self.model.embed(batch, image_embeds=images[used : used + count] if count else None)[0])
             used += count
@@ -270,8 +266,10 @@ class SlotScheduler:
         except BaseException as err:  # the consumer cancelled (or failed): free the slot
             self._finish(row, None, err)
             return
-        if token in self.end_ids or (request.stops and hits_stop(self.tokenizer, request.tokens, request.stops)):
+        if token in self.end_ids:
             self._finish(row, "stop")
+        elif request.stops and hits_stop(self.tokenizer, request.tokens, request.stops):
+            self._finish(row, "stop_string")
         elif len(request.tokens) >= request.options.max_new_tokens:
             self._finish(row, "length")
 
@@ -279,7 +277,7 @@ class SlotScheduler:
         for row in list(self.running):
             self._finish(row, None, error)
 
-    def _finish(self, row: int, reason: str | None, error: BaseException | None = None) -> None:
+    def _finish(self, row: int, reason: FinishReason | None, error: BaseException | None = None) -> None:
         request = self.running.pop(row)
         self.decoder.release(row)
         self.sampler.release(row)
@@ -303,36 +301,4 @@ def stream_callback(streamer: Any, prompt_ids: torch.Tensor) -> Callable[[int], 
     return on_token
 
 
-def generate_batch(
-    scheduler: SlotScheduler,
-    embeds: torch.Tensor,
-    attention_mask: torch.Tensor,
-    prompt_ids: torch.Tensor,
-    options: GenerationOptions,
-    stops: Sequence[str],
-    streamer: Any = None,
-) -> list[list[int]]:
-    """Answer a left-padded batch synchronously on ``scheduler``; the generated ids of each row. A ``streamer``
-    (transformers' protocol: the prompt first, then each token; batch size 1) sees the tokens as they come and is
-    ended when all are done."""
-    requests = []
-    for row in range(embeds.shape[0]):
-        keep = attention_mask[row].bool()
-        ids = prompt_ids[row][keep]
-        requests.append(
-            DecodeRequest(
-                ids.tolist(), options, list(stops), embeds=embeds[row][keep], on_token=stream_callback(streamer, ids)
-            )
-        )
-    for request in requests:
-        scheduler.submit(request)
-    scheduler.run_until_idle()
-    for request in requests:
-        if request.error is not None:
-            raise request.error
-    if streamer is not None:
-        streamer.end()
-    return [r.tokens for r in requests]
-
-
-__all__ = ["DecodeRequest", "SlotScheduler", "generate_batch", "stream_callback"]
+__all__ = ["DecodeRequest", "SlotScheduler", "stream_callback"]

@@ -1,27 +1,29 @@
-"""Chat on top of the :class:`~minigpt.infer.engine.Engine`: default options and streaming, and multi-turn sessions.
+"""Chat on top of the :class:`~minigpt.infer.engine.Engine`: a served model, and multi-turn sessions.
 
-:class:`ChatEngine` is what every front-end (terminal, web UI, OpenAI server) holds: it checks that prompts fit
-the context and streams answers as text deltas.
-:class:`Chat` is one conversation with images and history, as in the MiniGPT-4 / MiniGPT4Qwen demos:
-images attach to the next user turn (``<Img><ImageHere></Img>`` per image, then the template's
-``image_separator``, then the question).
+The roles: :class:`~minigpt.infer.engine.Engine` generates (any batch of conversations; ``ask`` for one question).
+:class:`ChatEngine` is an engine *served* to a front-end (terminal, web UI, OpenAI server): default options, a
+context size, a name, an image size limit; it prepares each prompt once (checking that it fits the context) and
+answers it at once or as a stream of text deltas. :class:`Chat` is one user's multi-turn session on a ChatEngine,
+with images and history, as in the MiniGPT-4 / MiniGPT4Qwen demos: images attach to the next user turn
+(``<Img><ImageHere></Img>`` per image, then the template's ``image_separator``, then the question).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..data.conversation import Conversation, Image, ImageLike, Part, Text
+from ..data.conversation import Conversation, Image, ImageLike, Text
 from ..data.images import DEFAULT_MAX_PIXELS, load_image
-from ..data.templates import IMAGE_SLOT, Template
-from .engine import Engine
-from .generate import GenerationOptions
-from .loading import LoadSpec, decoding_for, load_model
+from ..data.templates import IMAGE_SLOT, Template, text_part, user_parts
+from ..data.tokenize import ModelBatch
+from .engine import Engine, load_engine
+from .generate import Generation, GenerationOptions
+from .loading import LoadSpec
 
 if TYPE_CHECKING:
     from ..model.processor import MiniGPTProcessor
@@ -33,27 +35,7 @@ class ContextTooLong(ValueError):
     """The prompt plus ``max_new_tokens`` does not fit the model's context."""
 
 
-# ---------------------------------------------------------------------------------------------- helpers
-def text_part(text: str) -> Text:
-    """A verbatim text part; refuses the image placeholder, which would open an image slot."""
-    if IMAGE_SLOT in text:
-        raise ValueError(f"text may not contain {IMAGE_SLOT!r}: attach images as images, not as placeholders")
-    return Text(text)
-
-
-def user_parts(template: Template, pieces: Sequence[str | Image]) -> list[Part]:
-    """Parts of a user turn from text and :class:`Image` pieces, in order; text right after an image
-    starts with ``template.image_separator`` (``<Img><ImageHere></Img> question`` as the originals)."""
-    parts: list[Part] = []
-    for piece in pieces:
-        if isinstance(piece, Image):
-            parts.append(piece)
-        elif piece:
-            sep = template.image_separator if parts and isinstance(parts[-1], Image) else ""
-            parts.append(text_part(sep + piece))
-    return parts
-
-
+# ---------------------------------------------------------------------------------------------- streaming
 class _StopCutter:
     """Turns raw streamed text into deltas of the final answer: cut at the first stop string, stripped,
     holding back any tail that may still become a stop string (or trailing whitespace)."""
@@ -96,6 +78,24 @@ def _streamer(tokenizer: Any, cancel: threading.Event) -> Any:
 
 class _Cancelled(Exception):
     pass
+
+
+class Stream:
+    """An answer as text deltas (iterate; :meth:`close` stops generation at the next token); :attr:`result` is the
+    :class:`Generation` once the deltas are exhausted."""
+
+    def __init__(self, deltas: Callable[[Stream], Iterator[str]]) -> None:
+        self.result: Generation | None = None
+        self._deltas = deltas(self)
+
+    def __iter__(self) -> Stream:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._deltas)
+
+    def close(self) -> None:
+        self._deltas.close()
 
 
 # ---------------------------------------------------------------------------------------------- engine
@@ -144,37 +144,59 @@ class ChatEngine:
         """Tokens of the generation prompt (image slots included)."""
         return len(self.processor.encode(conversation, train=False))
 
-    def check_length(self, conversation: Conversation, options: GenerationOptions | None = None) -> int:
-        """The prompt length; :class:`ContextTooLong` when prompt + ``max_new_tokens`` exceed the context."""
+    def prepare(
+        self, conversation: Conversation, images: Sequence[ImageLike] = (), options: GenerationOptions | None = None
+    ) -> ModelBatch:
+        """The conversation's prompt, tokenized once (answer it with :meth:`generate` or :meth:`stream`);
+        :class:`ContextTooLong` when it plus ``max_new_tokens`` exceeds the context."""
         options = options or self.options
-        n = self.prompt_length(conversation)
+        prompt = self.processor.prepare([conversation], [list(images)], train=False)
+        n = prompt.text.input_ids.shape[1]
         if n + options.max_new_tokens > self.max_context:
             raise ContextTooLong(
                 f"the prompt has {n} tokens; with max_new_tokens {options.max_new_tokens} it exceeds the "
                 f"context of {self.max_context} tokens"
             )
-        return n
+        return prompt
 
     def count_tokens(self, text: str) -> int:
         return self.processor.count_tokens(text)
 
     def generate(
-        self, conversation: Conversation, images: Sequence[ImageLike] = (), options: GenerationOptions | None = None
-    ) -> str:
-        """The answer to the last user turn (waits for its turn, or for a batch slot)."""
-        return self.engine.generate([conversation], [list(images)], options or self.options)[0]
+        self,
+        prompt: Conversation | ModelBatch,
+        images: Sequence[ImageLike] = (),
+        options: GenerationOptions | None = None,
+    ) -> Generation:
+        """The answer to the last user turn (waits for its turn, or for a batch slot); ``prompt`` is a conversation
+        with its ``images``, or what :meth:`prepare` made of them."""
+        return self.engine.generate(self._prompt(prompt, images), None, options or self.options)[0]
 
     def stream(
-        self, conversation: Conversation, images: Sequence[ImageLike] = (), options: GenerationOptions | None = None
-    ) -> Iterator[str]:
-        """The answer as text deltas (stop strings cut, stripped); they join to :meth:`generate`'s text.
+        self,
+        prompt: Conversation | ModelBatch,
+        images: Sequence[ImageLike] = (),
+        options: GenerationOptions | None = None,
+    ) -> Stream:
+        """The answer as text deltas (stop strings cut, stripped); they join to :meth:`generate`'s text, which is
+        the stream's ``result`` at the end.
 
-        Closing the iterator early stops generation at the next token. Beam search cannot stream in
+        Closing the stream early stops generation at the next token. Beam search cannot stream in
         transformers: it yields the whole answer at once.
         """
         options = options or self.options
+        batch = self._prompt(prompt, images)
+        return Stream(lambda stream: self._deltas(stream, batch, options))
+
+    def _prompt(self, prompt: Conversation | ModelBatch, images: Sequence[ImageLike]) -> ModelBatch:
+        if isinstance(prompt, ModelBatch):
+            return prompt
+        return self.processor.prepare([prompt], [list(images)], train=False)
+
+    def _deltas(self, stream: Stream, batch: ModelBatch, options: GenerationOptions) -> Iterator[str]:
         if options.num_beams > 1:
-            yield self.generate(conversation, images, options)
+            stream.result = self.generate(batch, options=options)
+            yield stream.result.text
             return
         tokenizer = self.processor.tokenizer
         stops = [*self.processor.stop_strings(options.stop), tokenizer.eos_token, tokenizer.pad_token]
@@ -185,7 +207,7 @@ class ChatEngine:
 
         def run() -> None:
             try:
-                result["text"] = self.engine.generate([conversation], [list(images)], options, streamer=streamer)[0]
+                result["answer"] = self.engine.generate(batch, None, options, streamer=streamer)[0]
             except _Cancelled:
                 pass
             except BaseException as err:  # re-raised in the consumer
@@ -206,7 +228,8 @@ class ChatEngine:
             thread.join()
         if "error" in result:
             raise result["error"]
-        text = result["text"]
+        stream.result = result["answer"]
+        text = stream.result.text
         if text.startswith(cutter.emitted):
             if len(text) > len(cutter.emitted):
                 yield text[len(cutter.emitted) :]
@@ -239,11 +262,13 @@ class Exchange:
 
 @dataclass
 class Prompt:
-    """A prepared question: the conversation sent, its images in slot order, the images newly attached
-    to the question, the options, and how many old exchanges were left out to fit the context."""
+    """A prepared question: the conversation sent, its images in slot order, the model input made of them (tokenized
+    once), the images newly attached to the question, the options, and how many old exchanges were left out to fit
+    the context."""
 
     conversation: Conversation
     images: list[Any]
+    batch: ModelBatch
     attach: list[ChatImage]
     options: GenerationOptions
     dropped: int
@@ -282,9 +307,8 @@ class Chat:
     ) -> Chat:
         """Load a model directory (or ``llm=``, ``vision=``, ``projector=`` base parts; see
         :class:`minigpt.infer.loading.LoadSpec` for ``device``, ``dtype``, ``quantize``...) and start a session."""
-        spec = LoadSpec(model=str(model) if model is not None else None, **load_kwargs)
-        model, processor = load_model(spec)
-        return cls(ChatEngine(Engine(model, processor, decoding_for(spec)), options, max_context), system=system)
+        engine = load_engine(LoadSpec(model=str(model) if model is not None else None, **load_kwargs))
+        return cls(ChatEngine(engine, options, max_context), system=system)
 
     # -------------------------------------------------------------------------------- images, history
     def upload(self, *images: ImageLike) -> None:
@@ -309,7 +333,7 @@ class Chat:
     def ask(self, question: str, options: GenerationOptions | None = None) -> str:
         """Answer ``question`` (added to the history)."""
         prompt = self.prepare(question, options)
-        answer = self.engine.generate(prompt.conversation, prompt.images, prompt.options)
+        answer = self.engine.generate(prompt.batch, options=prompt.options).text
         self.history.append(Exchange(question, answer, prompt.attach))
         return answer
 
@@ -317,7 +341,7 @@ class Chat:
         """Answer ``question`` as text deltas; the exchange joins the history once the stream ends."""
         prompt = self.prepare(question, options)
         pieces = []
-        for delta in self.engine.stream(prompt.conversation, prompt.images, prompt.options):
+        for delta in self.engine.stream(prompt.batch, options=prompt.options):
             pieces.append(delta)
             yield delta
         self.history.append(Exchange(question, "".join(pieces), prompt.attach))
@@ -332,15 +356,15 @@ class Chat:
             shown = {id(img) for ex in kept for img in ex.images}
             attach = [img for img in self.images if id(img) not in shown]
             conv = self._conversation(kept, question, attach)
+            images = [img.image for ex in kept for img in ex.images] + [img.image for img in attach]
             try:
-                self.engine.check_length(conv, options)
+                batch = self.engine.prepare(conv, images, options)
                 break
             except ContextTooLong:
                 if not kept:
                     raise
                 kept = kept[1:]
-        images = [img.image for ex in kept for img in ex.images] + [img.image for img in attach]
-        return Prompt(conv, images, attach, options, len(self.history) - len(kept))
+        return Prompt(conv, images, batch, attach, options, len(self.history) - len(kept))
 
     def _conversation(self, history: list[Exchange], question: str, attach: list[ChatImage]) -> Conversation:
         template = self.engine.template
@@ -361,6 +385,5 @@ __all__ = [
     "ContextTooLong",
     "Exchange",
     "Prompt",
-    "text_part",
-    "user_parts",
+    "Stream",
 ]

@@ -4,7 +4,7 @@ one CUDA graph per token, continuous batching; :mod:`minigpt.infer.slots`), and 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -19,7 +19,8 @@ class FastDecodingUnsupported(RuntimeError):
 
 @dataclass
 class DecodingSettings:
-    """How :meth:`MiniGPT.generate` decodes.
+    """How :meth:`Engine.generate <minigpt.infer.engine.Engine.generate>` decodes (asked for; the engine makes the
+    choice once, :func:`choose_decoding`).
 
     ``mode``: ``static`` = the slot decoder, ``plain`` = transformers ``generate``, ``auto`` = static where a decode
     step can be captured as a graph (CUDA), plain elsewhere. ``max_len``: positions per slot (default: the prompt plus
@@ -35,11 +36,35 @@ class DecodingSettings:
         if self.mode not in DECODING_MODES:
             raise ValueError(f"unknown decoding mode {self.mode!r}; use one of {', '.join(DECODING_MODES)}")
 
-    def use_static(self, device: torch.device, num_beams: int = 1) -> bool:
-        """Whether generation on ``device`` runs on the slot decoder (beam search never does)."""
-        if num_beams > 1 or self.mode == "plain":
-            return False
-        return self.mode == "static" or supports_graph_capture(device)
+
+@dataclass(frozen=True)
+class DecodingChoice:
+    """What an engine decodes with (``static``: the slot decoder, ``plain``: transformers' ``generate``) and why.
+    Beam search always runs plain."""
+
+    mode: Literal["static", "plain"]
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.mode} ({self.reason})"
+
+
+def choose_decoding(
+    settings: DecodingSettings, device: torch.device, quantized: bool, unsupported: str | None
+) -> DecodingChoice:
+    """The one decoding choice for a model on ``device``: ``quantized`` (bitsandbytes kernels are not recorded in
+    graphs) and ``unsupported`` (why its LLM cannot run the slot decoder, or None) make ``auto`` and ``static`` plain."""
+    if settings.mode == "plain":
+        return DecodingChoice("plain", "asked for")
+    if unsupported:
+        return DecodingChoice("plain", f"the slot decoder cannot run this LLM: {unsupported}")
+    if settings.mode == "static":
+        return DecodingChoice("static", "asked for")
+    if quantized:
+        return DecodingChoice("plain", "auto: a quantized LLM")
+    if supports_graph_capture(device):
+        return DecodingChoice("static", f"auto: graph capture on {device.type}")
+    return DecodingChoice("plain", f"auto: no graph capture on {device.type}")
 
 
 def add_decoding_arguments(group: Any) -> None:
@@ -70,6 +95,8 @@ def settings_from_args(args: Any) -> DecodingSettings:
 
 __all__ = [
     "DECODING_MODES",
+    "DecodingChoice",
+    "choose_decoding",
     "DecodingSettings",
     "FastDecodingUnsupported",
     "add_decoding_arguments",

@@ -1,4 +1,5 @@
-"""Decoding options (and their overrides from a request) and the stop-string criterion."""
+"""Decoding options (and their overrides from a request), the result of a generation, and the stop-string
+criterion."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from transformers import StoppingCriteria
@@ -66,6 +67,50 @@ class GenerationOptions:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def merged(self, overrides: dict[str, Any]) -> GenerationOptions:
+        """These options with ``overrides`` (field names, as ``generate(..., max_new_tokens=20)`` passes them)."""
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise TypeError(f"unknown generation option(s) {', '.join(unknown)}")
+        return dataclasses.replace(self, **overrides) if overrides else self
+
+
+#: Why an answer ended: an end token (EOS or the template's stop id), a stop string, or ``max_new_tokens``.
+FinishReason = Literal["stop", "stop_string", "length"]
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One conversation's answer: its text, the ids the model generated (the end token included, no padding), why it
+    ended and the token counts (``prompt_tokens``: the prompt's ids, image positions included)."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+    prompt_tokens: int
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+def generated_ids(
+    ids: Sequence[int], end_ids: Sequence[int], tokenizer: Any, stops: Sequence[str]
+) -> tuple[list[int], FinishReason]:
+    """The ids one row of transformers' ``generate`` really generated (up to its end token or the token completing a
+    stop string; the padding of a finished row dropped) and why it ended."""
+    ids = list(ids)
+    ends = set(end_ids)
+    cut = next((i + 1 for i, token in enumerate(ids) if token in ends), None)
+    if stops:
+        limit = cut or len(ids)
+        hit = next((k for k in range(1, limit + 1) if hits_stop(tokenizer, ids[:k], list(stops))), None)
+        if hit is not None and (cut is None or hit < cut):
+            return ids[:hit], "stop_string"
+    if cut is not None:
+        return ids[:cut], "stop"
+    return ids, "length"
+
 
 def override_options(
     base: GenerationOptions,
@@ -108,7 +153,7 @@ def hits_stop(tokenizer: Any, ids: list[int], stops: list[str], tail_tokens: int
     word)."""
     if not stops:
         return False
-    text = tokenizer.decode(ids[-tail_tokens:], skip_special_tokens=False)
+    text = tokenizer.decode(list(ids[-tail_tokens:]), skip_special_tokens=False)
     return any(s in text for s in stops)
 
 

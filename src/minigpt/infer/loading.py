@@ -1,10 +1,13 @@
 """Loading a model and its processor for inference: from a model directory or from base parts.
 
 A model is a directory written by :meth:`MiniGPT.save_pretrained`, or base parts: ``--llm`` (a
-``transformers`` folder or hub id), ``--vision`` (a :func:`minigpt.convert.lavis.save_vision` folder)
+``transformers`` folder or hub id), ``--vision`` (a :func:`minigpt.model.vision.save_vision` folder)
 and ``--projector`` (our ``.safetensors`` or an original MiniGPT-4 / MiniGPT4Qwen ``.pth``). With a
 directory, ``--projector`` replaces its projector and ``--llm`` / ``--vision`` stand in for the parts
 it does not store (a ``trainable_only`` checkpoint). Devices and dtypes come from :mod:`minigpt.device`.
+
+:class:`LoadSpec` is the one set of loading options; :func:`minigpt.infer.engine.load_engine` turns it into an engine
+for every front-end, and :func:`minigpt.infer.args.spec_from_args` reads it from the shared command-line flags.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ Quantize = Literal["8bit", "4bit"]
 
 @dataclass
 class LoadSpec:
-    """What to load and where. ``dtype`` "auto" = float32 on CPU, bf16 (or fp16) on accelerators."""
+    """What to load and where. ``dtype`` "auto" = float32 on CPU, bf16 (or fp16) on accelerators; ``vision_dtype``
+    (vision encoder + Q-Former) "auto" = ``dtype``. New placement options (a device map, memory limits) join here."""
 
     model: str | None = None
     projector: str | None = None
@@ -39,6 +43,7 @@ class LoadSpec:
     template: str | None = None
     device: str = "auto"
     dtype: str = "auto"
+    vision_dtype: str = "auto"
     quantize: Quantize | None = None
     trust_remote_code: bool = False
     decoding: DecodingSettings = field(default_factory=DecodingSettings)
@@ -64,14 +69,15 @@ def resolve_placement(spec: LoadSpec) -> tuple[torch.device, torch.dtype]:
 
 def load_model(spec: LoadSpec) -> tuple[MiniGPT, MiniGPTProcessor]:
     """Load ``spec``: the model on its device in eval mode, and its processor."""
-    from ..device import dtype_name
+    from ..device import dtype_name, parse_dtype
     from ..model.config import MiniGPTConfig
     from ..model.minigpt import MiniGPT
     from ..model.processor import MiniGPTProcessor, load_pretrained
     from ..model.projector import load_projector_weights
 
     device, dtype = resolve_placement(spec)
-    overrides: dict[str, Any] = {"llm_dtype": dtype_name(dtype), "vision_dtype": dtype_name(dtype)}
+    vision_dtype = dtype if spec.vision_dtype == "auto" else parse_dtype(spec.vision_dtype)
+    overrides: dict[str, Any] = {"llm_dtype": dtype_name(dtype), "vision_dtype": dtype_name(vision_dtype)}
     if spec.template:
         overrides["template"] = spec.template
     llm_kwargs = _quantization_kwargs(overrides["llm_dtype"], spec.quantize, device)
@@ -102,14 +108,6 @@ def load_model(spec: LoadSpec) -> tuple[MiniGPT, MiniGPTProcessor]:
     return _place(model, device, quantized=bool(spec.quantize)).eval(), processor
 
 
-def decoding_for(spec: LoadSpec) -> DecodingSettings:
-    """``spec.decoding``, made plain for a quantized LLM under ``auto`` (bitsandbytes kernels are not recorded in
-    graphs)."""
-    if spec.quantize and spec.decoding.mode == "auto":
-        return DecodingSettings("plain")
-    return spec.decoding
-
-
 def _place(model: MiniGPT, device: torch.device, quantized: bool) -> MiniGPT:
     return model.place(device)  # a bitsandbytes LLM stays on the device it was loaded on
 
@@ -124,4 +122,4 @@ def _quantization_kwargs(config_dtype: str, quantize: Quantize | None, device: t
     return {"quantization_config": quant, "device_map": {"": str(device)}}
 
 
-__all__ = ["LoadSpec", "decoding_for", "load_model", "resolve_placement"]
+__all__ = ["LoadSpec", "load_model", "resolve_placement"]

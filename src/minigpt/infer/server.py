@@ -31,8 +31,8 @@ if TYPE_CHECKING:
     from fastapi import FastAPI, Request
 
     from ..data.conversation import Conversation
-    from .chat import ChatEngine
-    from .generate import GenerationOptions
+    from .chat import ChatEngine, Stream
+    from .generate import Generation, GenerationOptions
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def parse_messages(
 ) -> tuple["Conversation", list[Any]]:
     """OpenAI messages -> a :class:`Conversation` and its images in slot order."""
     from ..data.conversation import ROLES, Conversation, Image
-    from .chat import text_part, user_parts
+    from ..data.templates import text_part, user_parts
 
     conv, images = Conversation(), []
     for i, message in enumerate(messages):
@@ -322,38 +322,38 @@ def create_app(chat_engine: "ChatEngine", settings: ServerSettings | None = None
         handed_over = False
         try:
             conv, images = await run_in_threadpool(parse_messages, req.messages, engine, settings)
-            try:
-                prompt_tokens = await run_in_threadpool(engine.check_length, conv, options)
+            try:  # the one tokenization of the request
+                prompt = await run_in_threadpool(engine.prepare, conv, images, options)
             except ValueError as err:
                 code = "context_length_exceeded" if isinstance(err, ContextTooLong) else "invalid_request"
                 raise APIError(400, str(err), code, "messages") from None
-            reply = _Reply(engine, options, prompt_tokens)
+            reply = _Reply(engine.name)
             if req.stream:
                 usage = bool(req.stream_options and req.stream_options.include_usage)
                 handed_over = True  # _events releases the slot when the stream ends
-                return EventSourceResponse(_events(reply, engine.stream(conv, images, options), usage))
-            text = await run_in_threadpool(engine.generate, conv, images, options)
-            return reply.completion(text)
+                return EventSourceResponse(_events(reply, engine.stream(prompt, options=options), usage))
+            answer = await run_in_threadpool(engine.generate, prompt, (), options)
+            return reply.completion(answer)
         finally:
             if not handed_over:
                 admission.release()
 
-    async def _events(reply: "_Reply", deltas: Any, usage: bool) -> AsyncIterator[dict[str, str]]:
+    async def _events(reply: "_Reply", deltas: "Stream", usage: bool) -> AsyncIterator[dict[str, str]]:
         try:
             yield reply.chunk({"role": "assistant", "content": ""})
-            pieces = []
             try:
                 async for delta in iterate_in_threadpool(deltas):
-                    pieces.append(delta)
                     yield reply.chunk({"content": delta})
             finally:
                 with anyio.CancelScope(shield=True):  # stop generation and free the model lock
                     await run_in_threadpool(deltas.close)
-            yield reply.chunk({}, reply.finish_reason("".join(pieces)))
+            answer = deltas.result
+            assert answer is not None
+            yield reply.chunk({}, finish_reason(answer))
             if usage:
                 yield {
                     "data": json.dumps(
-                        {**reply.header("chat.completion.chunk"), "choices": [], "usage": reply.usage("".join(pieces))}
+                        {**reply.header("chat.completion.chunk"), "choices": [], "usage": usage_of(answer)}
                     )
                 }
             yield {"data": "[DONE]"}
@@ -366,31 +366,32 @@ def create_app(chat_engine: "ChatEngine", settings: ServerSettings | None = None
     return app
 
 
+def finish_reason(answer: "Generation") -> str:
+    """OpenAI's finish reason: ``length`` when ``max_tokens`` cut the answer, else ``stop`` (an end token or a stop
+    string)."""
+    return "length" if answer.finish_reason == "length" else "stop"
+
+
+def usage_of(answer: "Generation") -> dict[str, int]:
+    """The exact token counts of the answer: the prompt's ids (image positions included) and the generated ids."""
+    prompt, completion = answer.prompt_tokens, answer.completion_tokens
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
 class _Reply:
     """Builds the completion / chunk payloads of one request."""
 
-    def __init__(self, engine: "ChatEngine", options: "GenerationOptions", prompt_tokens: int) -> None:
-        self.engine, self.options, self.prompt_tokens = engine, options, prompt_tokens
+    def __init__(self, model: str) -> None:
+        self.model = model
         self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
     def header(self, kind: str) -> dict[str, Any]:
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.engine.name}
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
-    def tokens(self, text: str) -> int:
-        """Answer tokens, re-tokenized from the text (approximate), at most ``max_new_tokens``."""
-        return min(self.engine.count_tokens(text), self.options.max_new_tokens)
-
-    def usage(self, text: str) -> dict[str, int]:
-        n = self.tokens(text)
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": n, "total_tokens": self.prompt_tokens + n}
-
-    def finish_reason(self, text: str) -> str:
-        return "length" if self.tokens(text) >= self.options.max_new_tokens else "stop"
-
-    def completion(self, text: str) -> dict[str, Any]:
-        message = {"role": "assistant", "content": text}
-        choice = {"index": 0, "message": message, "finish_reason": self.finish_reason(text)}
-        return {**self.header("chat.completion"), "choices": [choice], "usage": self.usage(text)}
+    def completion(self, answer: "Generation") -> dict[str, Any]:
+        message = {"role": "assistant", "content": answer.text}
+        choice = {"index": 0, "message": message, "finish_reason": finish_reason(answer)}
+        return {**self.header("chat.completion"), "choices": [choice], "usage": usage_of(answer)}
 
     def chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, str]:
         choice = {"index": 0, "delta": delta, "finish_reason": finish}

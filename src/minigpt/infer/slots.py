@@ -114,6 +114,15 @@ def _forward_keywords(llm: Any) -> tuple[str, bool]:
     return kw, "logits_to_keep" in params
 
 
+def slot_decoding_problem(llm: Any) -> str | None:
+    """Why ``llm`` cannot run the slot decoder (no transformers ``Cache`` support), or None."""
+    try:
+        _forward_keywords(llm)
+    except FastDecodingUnsupported as err:
+        return str(err)
+    return None
+
+
 def kv_bytes_per_position(llm: Any) -> int:
     """Bytes of keys and values that one cached position takes, over all layers (the LLM's dtype)."""
     config = llm.config.get_text_config() if hasattr(llm.config, "get_text_config") else llm.config
@@ -362,4 +371,12 @@ class SlotSampler:
         return torch.zeros_like(probs).scatter(1, order, probs)
 
 
-__all__ = ["SlotCache", "SlotDecoder", "SlotLayer", "SlotSampler", "kv_bytes_per_position", "span_buckets"]
+__all__ = [
+    "SlotCache",
+    "SlotDecoder",
+    "SlotLayer",
+    "SlotSampler",
+    "kv_bytes_per_position",
+    "slot_decoding_problem",
+    "span_buckets",
+]

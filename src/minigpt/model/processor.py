@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..data.conversation import Conversation, ImageLike, Sample
-from ..data.images import ImageProcessor
+from ..data.images import DEFAULT_MAX_PIXELS, ImageProcessor
 from ..data.templates import Template, get_template
 from ..data.tokenize import Encoded, ModelBatch, collate, encode_conversation
 from .config import MiniGPTConfig
@@ -32,8 +32,7 @@ class MiniGPTProcessor:
     def __init__(self, config: MiniGPTConfig, tokenizer: Any) -> None:
         self.config = config
         self.tokenizer = tokenizer
-        vision = config.vision
-        self.image_processor = ImageProcessor(size=vision.image_size, mean=vision.mean, std=vision.std)
+        self.image_processor = self.image_transform()
 
     @classmethod
     def from_config(cls, config: MiniGPTConfig, tokenizer: Any = None) -> MiniGPTProcessor:
@@ -73,6 +72,27 @@ class MiniGPTProcessor:
         get_template(name)
         self.config.template = name
 
+    def image_transform(
+        self,
+        augment: bool = False,
+        min_scale: float = 0.5,
+        hflip: bool = False,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    ) -> ImageProcessor:
+        """The model's image transform (size and normalisation from the config); ``augment``: training's random
+        resized crop (scale ``min_scale``-1, and a horizontal flip with ``hflip``). :attr:`image_processor` is the
+        plain one."""
+        vision = self.config.vision
+        return ImageProcessor(
+            vision.image_size,
+            vision.mean,
+            vision.std,
+            train=augment,
+            min_scale=min_scale,
+            hflip=hflip,
+            max_pixels=max_pixels,
+        )
+
     @property
     def image_tokens(self) -> int:
         return self.config.vision.num_tokens
@@ -93,15 +113,19 @@ class MiniGPTProcessor:
         conversations: Conversation | Sequence[Conversation],
         images: Sequence[ImageLike] | Sequence[Sequence[ImageLike]] | None = None,
         train: bool = True,
+        transform: ImageProcessor | None = None,
     ) -> ModelBatch:
-        """Template, tokenize, load/process images and pad (right for training, left for generation)."""
+        """Template, tokenize, load/process images (with ``transform``, e.g. an augmenting
+        :meth:`image_transform`; default :attr:`image_processor`) and pad (right for training, left for generation).
+        Training's data loader encodes through the same :meth:`encode` and transform."""
+        transform = transform or self.image_processor
         if isinstance(conversations, Conversation):
             conversations = [conversations]
         encoded, pixels = [], []
         for i, (conv, imgs) in enumerate(zip(conversations, distribute_images(conversations, images))):
             Sample(conv, list(imgs), origin=f"conversation {i}").check()
             encoded.append(self.encode(conv, train=train))
-            pixels.extend(self.image_processor(img) for img in imgs)
+            pixels.extend(transform(img) for img in imgs)
         text = collate(encoded, self.pad_token_id, side="right" if train else "left")
         return ModelBatch(text, torch.stack(pixels) if pixels else None)
 

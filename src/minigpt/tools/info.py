@@ -16,6 +16,8 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from ..model.config import CONFIG_FILE
+
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
@@ -134,7 +136,7 @@ def describe(directory: str | Path) -> dict[str, Any]:
         )
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: no such folder")
-    config_path = directory / "config.json"
+    config_path = directory / CONFIG_FILE
     if config_path.is_file():
         config = _read_json(config_path)
         if isinstance(config, dict) and {"llm", "vision"} <= config.keys():
@@ -151,7 +153,7 @@ def describe(directory: str | Path) -> dict[str, Any]:
         return run_info(directory)
     raise FileNotFoundError(
         f"{directory} is not a minigpt model directory, a transformers model, a vision encoder folder or a training "
-        f"run folder (it has no config.json, {VISION_CONFIG}, {', '.join(run_markers)})"
+        f"run folder (it has no {CONFIG_FILE}, {VISION_CONFIG}, {', '.join(run_markers)})"
     )
 
 
@@ -243,11 +245,12 @@ def run_info(directory: Path) -> dict[str, Any]:
 def model_info(directory: str | Path) -> dict[str, Any]:
     """Everything ``minigpt info`` shows for a minigpt model directory, as a JSON-able dict."""
     directory = Path(directory)
-    config_path = directory / "config.json"
+    config_path = directory / CONFIG_FILE
     if not config_path.is_file():
-        raise FileNotFoundError(f"{directory} is not a minigpt model directory (no config.json)")
+        raise FileNotFoundError(f"{directory} is not a minigpt model directory (no {CONFIG_FILE})")
     from ..model.config import DEFAULT_FREEZE, PARTS
-    from ..model.minigpt import resolve_sources
+    from ..model.minigpt import PART_FILES, resolve_sources
+    from ..model.vision import VISION_WEIGHTS, VisionConfig
 
     config = resolve_sources(_read_json(config_path), directory)
     vision_cfg = config.get("vision", {})
@@ -264,12 +267,12 @@ def model_info(directory: str | Path) -> dict[str, Any]:
     }
 
     # vision + qformer
-    stored = directory / "vision.safetensors"
+    stored = directory / PART_FILES["vision"]
     source_dir = Path(config["vision_weights"]) if config.get("vision_weights") else None
     if stored.is_file():
         vision_file, vision_source = stored, "stored"
-    elif source_dir is not None and (source_dir / "vision.safetensors").is_file():
-        vision_file, vision_source = source_dir / "vision.safetensors", str(source_dir)
+    elif source_dir is not None and (source_dir / VISION_WEIGHTS).is_file():
+        vision_file, vision_source = source_dir / VISION_WEIGHTS, str(source_dir)
     else:
         vision_file = None
         vision_source = f"{source_dir} (missing)" if source_dir else "none: random init"
@@ -294,17 +297,12 @@ def model_info(directory: str | Path) -> dict[str, Any]:
             "heads": vision_cfg.get("qformer_heads"),
             **(_summary(qformer) if qformer else {}),
         }
-        out_dim = vision_cfg.get("qformer_width")
-        tokens = vision_cfg.get("num_query_tokens")
-    else:
-        out_dim = (vision_cfg.get("width") or 0) * vision_cfg.get("concat_tokens", 4)
-        tokens = ((vision_cfg.get("image_size") or 0) // (vision_cfg.get("patch_size") or 1)) ** 2 // vision_cfg.get(
-            "concat_tokens", 4
-        )
-    info["image_tokens"] = tokens
+    vision = VisionConfig.from_dict(vision_cfg)  # the model's own arithmetic for the token count and width
+    out_dim = vision.out_dim
+    info["image_tokens"] = vision.num_tokens
 
     # projector
-    proj_file = directory / "projector.safetensors"
+    proj_file = directory / PART_FILES["projector"]
     proj: dict[str, Any] = {"type": config.get("projector")}
     if proj_file.is_file():
         tensors = safetensors_header(proj_file)

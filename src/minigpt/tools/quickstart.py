@@ -176,7 +176,7 @@ def ask(engine: Any, items: list[Any], root: Path, batch_size: int = 16) -> dict
             chunk = items[i : i + batch_size]
             convs = [Conversation.single(f"<image>\n{phrasings[0]}") for _ in chunk]
             images = [str(root / it.image) for it in chunk]
-            answers[kind] += engine.generate(convs, images, GenerationOptions(max_new_tokens=12))
+            answers[kind] += [a.text for a in engine.generate(convs, images, GenerationOptions(max_new_tokens=12))]
     return answers
 
 

@@ -11,6 +11,8 @@ import logging
 import os
 from pathlib import Path
 
+from ..files import atomic_directory
+
 log = logging.getLogger(__name__)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -46,10 +48,9 @@ def smollm2_dir() -> Path | None:
     log.info("converting %s to a transformers folder in %s (once)", gguf.name, target)
     llm = load_llm(gguf.parent, "float32", gguf.name)
     tok = load_tokenizer(gguf.parent, gguf.name)
-    tmp = target.with_name(target.name + ".tmp")
-    llm.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    tmp.rename(target)
+    with atomic_directory(target) as tmp:
+        llm.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
     return target
 
 

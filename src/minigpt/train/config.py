@@ -20,10 +20,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ..data.formats import TRAIN_FORMATS
 from ..data.images import DEFAULT_MAX_PIXELS
 from ..model.config import MiniGPTConfig
 
-FORMATS = ("llava", "cc_sbu_align", "minigpt4qwen", "webdataset", "captions_json")
+#: ``data.datasets[].format``: the formats with a training reader (:data:`minigpt.data.formats.DATASET_FORMATS`).
+TrainFormat = Literal[TRAIN_FORMATS]  # type: ignore[valid-type]
 
 
 class ConfigError(ValueError):
@@ -94,7 +96,7 @@ class DatasetSpec(Section):
     """One dataset: ``path`` is the JSON file (llava, minigpt4qwen, captions_json), the folder holding
     ``filter_cap.json`` (cc_sbu_align) or the shards (webdataset: a folder, a brace pattern or a list)."""
 
-    format: Literal["llava", "cc_sbu_align", "minigpt4qwen", "webdataset", "captions_json"]
+    format: TrainFormat
     path: str | list[str]
     image_root: str | None = None
     ratio: float = Field(1.0, gt=0)

@@ -28,8 +28,7 @@ from ..data.features import FeatureCache
 from ..data.formats import MixedDataset, MixedStream, SampleList, WebDatasetReader, read_dataset
 from ..data.images import DEFAULT_MAX_PIXELS, ImageProcessor
 from ..data.packing import collate_packed, length_grouped_order
-from ..data.templates import Template
-from ..data.tokenize import Encoded, ModelBatch, encode_conversation
+from ..data.tokenize import Encoded, ModelBatch
 from ..data.tokenize import collate as collate_text
 from ..device import pins_memory
 from ..model.processor import MiniGPTProcessor
@@ -114,24 +113,21 @@ class DevicePrefetcher:
 
 
 class SampleEncoder:
-    """Sample -> :class:`Item` (training encoding: labels on answers) or :class:`Skipped`.
+    """Sample -> :class:`Item` (training encoding: labels on answers) or :class:`Skipped`, through the model's
+    :class:`MiniGPTProcessor` (the same encoding as ``processor.prepare(train=True)``) and its image ``transform``
+    (:meth:`MiniGPTProcessor.image_transform`, augmenting or not).
 
-    Holds only what it needs (template, tokenizer, processor), so DataLoader workers do not copy the model. With
-    ``features`` (a :class:`FeatureCache`) images are looked up there instead of being loaded and transformed."""
+    Holds the processor, not the model, so DataLoader workers do not copy the model. With ``features`` (a
+    :class:`FeatureCache`) images are looked up there instead of being loaded and transformed."""
 
     def __init__(
         self,
-        template: Template,
-        tokenizer: Any,
-        image_tokens: int,
-        max_txt_len: int,
-        processor: ImageProcessor,
+        processor: MiniGPTProcessor,
+        transform: ImageProcessor,
         seed: int = 0,
         features: FeatureCache | None = None,
     ) -> None:
-        self.template, self.tokenizer, self.processor = template, tokenizer, processor
-        self.image_tokens, self.max_txt_len, self.seed = image_tokens, max_txt_len, seed
-        self.features = features
+        self.processor, self.transform, self.seed, self.features = processor, transform, seed, features
 
     @classmethod
     def for_processor(
@@ -144,30 +140,21 @@ class SampleEncoder:
         features: FeatureCache | None = None,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ) -> SampleEncoder:
-        """The encoder of a model's processor (training image transforms when ``train``)."""
-        config = processor.config
-        vision = config.vision
-        images = ImageProcessor(
-            vision.image_size,
-            vision.mean,
-            vision.std,
-            train=train,
-            min_scale=min_scale,
-            hflip=hflip,
-            max_pixels=max_pixels,
-        )
-        return cls(
-            processor.template, processor.tokenizer, processor.image_tokens, config.max_txt_len, images, seed, features
-        )
+        """The encoder of a model's processor (the augmenting image transform when ``train``)."""
+        return cls(processor, processor.image_transform(train, min_scale, hflip, max_pixels), seed, features)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.processor.tokenizer
+
+    @property
+    def image_tokens(self) -> int:
+        return self.processor.image_tokens
 
     def length(self, sample: Sample) -> int:
         """Positions the sample takes (text tokens + image slots), without opening its images; 0 if it cannot encode."""
         try:
-            return len(
-                encode_conversation(
-                    sample.conversation, self.template, self.tokenizer, self.image_tokens, self.max_txt_len, train=True
-                )
-            )
+            return len(self.processor.encode(sample.conversation, train=True))
         except ValueError:
             return 0
 
@@ -175,16 +162,14 @@ class SampleEncoder:
         origin = sample.origin or (f"sample {sample.id}" if sample.id else f"sample at {position}")
         try:
             sample.check()
-            encoded = encode_conversation(
-                sample.conversation, self.template, self.tokenizer, self.image_tokens, self.max_txt_len, train=True
-            )
+            encoded = self.processor.encode(sample.conversation, train=True)
             if encoded.num_images_slots != self.image_tokens * len(sample.images):
                 raise ValueError("max_txt_len cuts off an image; raise model.max_txt_len")
             if self.features is not None:
                 features = [self.features.lookup(image, origin) for image in sample.images]
                 return Item(encoded, [], origin, features)
-            self.processor.rng.seed(f"{self.seed}:{position}")  # the crop depends on the position only
-            pixels = [self.processor(image, origin) for image in sample.images]
+            self.transform.rng.seed(f"{self.seed}:{position}")  # the crop depends on the position only
+            pixels = [self.transform(image, origin) for image in sample.images]
         except (ValueError, OSError) as err:  # ImageError is a ValueError
             return Skipped(origin, str(err))
         return Item(encoded, pixels, origin)
@@ -341,6 +326,20 @@ class LengthGrouper:
         return self._order
 
 
+@dataclass(frozen=True)
+class LoaderSettings:
+    """How :meth:`TrainData.loader` batches: micro-batches of ``batch_size`` samples, ``grad_accum`` of them per
+    optimizer step, padded with ``pad_id`` (or packed into rows of ``pack_len`` positions), read by ``num_workers``
+    processes, in pinned memory with ``pin_memory``."""
+
+    batch_size: int
+    grad_accum: int
+    pad_id: int
+    num_workers: int = 0
+    pack_len: int | None = None
+    pin_memory: bool = False
+
+
 class TrainData:
     """The training datasets of a config, mixed by ratio, with the epoch length in optimizer steps.
 
@@ -402,31 +401,24 @@ class TrainData:
         return self.read_skipped + sum(d.skipped_total for d in self._streamed) - self._checked
 
     def loader(
-        self,
-        batch_size: int,
-        grad_accum: int,
-        start_step: int,
-        stop_step: int,
-        rank: int,
-        world_size: int,
-        pad_id: int,
-        num_workers: int = 0,
-        pack_len: int | None = None,
-        pin_memory: bool = False,
+        self, settings: LoaderSettings, steps: range, rank: int = 0, world_size: int = 1
     ) -> torch.utils.data.DataLoader:
-        """Micro-batches of optimizer steps ``start_step .. stop_step-1`` for this process (packed into rows of
-        ``pack_len`` positions when given; in pinned memory with ``pin_memory``)."""
+        """Micro-batches of the optimizer ``steps`` (e.g. ``range(start, total)``) for process ``rank`` of
+        ``world_size``."""
+        accum = settings.grad_accum
         plan = BatchPlan(
-            batch_size,
-            self.steps_per_epoch * grad_accum,
-            start_step * grad_accum,
-            stop_step * grad_accum,
+            settings.batch_size,
+            self.steps_per_epoch * accum,
+            steps.start * accum,
+            steps.stop * accum,
             rank,
             world_size,
             self.stream,
             self.grouper,
         )
-        return make_loader(self.dataset, plan, pad_id, num_workers, pack_len, pin_memory)
+        return make_loader(
+            self.dataset, plan, settings.pad_id, settings.num_workers, settings.pack_len, settings.pin_memory
+        )
 
 
 def eval_loader(

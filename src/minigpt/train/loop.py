@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 import shutil
 import sys
@@ -32,14 +31,14 @@ from torch import nn
 from ..data.features import open_feature_cache, project_features
 from ..data.formats import DataWarning
 from ..device import peak_memory_gib, pins_memory
-from ..files import atomic_directory
+from ..files import atomic_directory, atomic_write_text
 from ..model.config import read_config
 from ..model.llm import bnb_quantization, compile_decoder_layers, is_quantized, keep_4bit_layout
 from ..model.minigpt import ADAPTER_DIR, MiniGPT
 from ..model.processor import MiniGPTProcessor
 from .checkpoint import capture_rng, list_checkpoints, load_checkpoint, resolve_resume, restore_rng
 from .config import LoraSection, ModelSection, OptimizerSection, ScheduleSection, TrainConfig
-from .data import DevicePrefetcher, SampleEncoder, TrainBatch, TrainData, eval_loader
+from .data import DevicePrefetcher, LoaderSettings, SampleEncoder, TrainBatch, TrainData, eval_loader
 from .strategy import Strategy
 
 log = logging.getLogger(__name__)
@@ -254,9 +253,7 @@ class Reporter:
             return
         if self.path.exists():
             kept = [line for line in self.path.read_text().splitlines() if _record_step(line) <= step] if step else []
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, self.path)
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         self._file = open(self.path, "a")
         self.start_step, self.total, self.t0 = step, total, time.perf_counter()
         if sys.stderr.isatty():
@@ -482,18 +479,16 @@ class Trainer:
     def _fit(self) -> TrainResult:
         run, strategy = self.run, self.strategy
         self.reporter.start(self.step, self.total_steps)
-        loader = self.data.loader(
+        data = self.config.data
+        settings = LoaderSettings(
             run.batch_size,
             run.grad_accum,
-            self.step,
-            self.total_steps,
-            strategy.rank,
-            strategy.world_size,
             self.pad_id,
-            self.config.data.num_workers,
-            self.config.data.pack_len if self.config.data.packing else None,
+            data.num_workers,
+            data.pack_len if data.packing else None,
             pin_memory=pins_memory(strategy.device),
         )
+        loader = self.data.loader(settings, range(self.step, self.total_steps), strategy.rank, strategy.world_size)
         batches = iter(DevicePrefetcher(loader, strategy.device))
         self._train_mode()
         if run.eval_at_start and self.step == 0:

@@ -147,9 +147,6 @@ class Strategy:
             self.scaler.load_state_dict(state["scaler"])
 
 
-SingleDevice = Strategy
-
-
 class DDP(Strategy):
     """``torch.nn.parallel.DistributedDataParallel`` over the processes started by torchrun (env:// rendezvous)."""
 
@@ -203,4 +200,4 @@ class DDP(Strategy):
             dist.destroy_process_group()
 
 
-__all__ = ["Strategy", "SingleDevice", "DDP"]
+__all__ = ["Strategy", "DDP"]

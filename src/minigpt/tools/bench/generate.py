@@ -77,10 +77,9 @@ def _decode_copies(
     from ...infer.batching import DecodeRequest
     from ...infer.generate import GenerationOptions
 
-    ids = prompt.text.input_ids[0].tolist()
     options = GenerationOptions(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
     reqs = [
-        scheduler.submit(DecodeRequest(ids, options, batch=prompt, on_token=on_token(i) if on_token else None))
+        scheduler.submit(DecodeRequest(prompt, options, on_token=on_token(i) if on_token else None))
         for i in range(count)
     ]
     scheduler.run_until_idle()
