@@ -8,10 +8,11 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import logged
 from PIL import Image as PILImage
 
 from minigpt.eval import cli
-from minigpt.eval.runner import EvalWarning, run_eval, score, score_predictions
+from minigpt.eval.runner import run_eval, score, score_predictions
 from minigpt.eval.tasks import load_task
 
 
@@ -176,7 +177,7 @@ def test_llava_answers_and_lmms_eval_logs(tmp_path, images):
     for path in (llava, lmms):
         result = score_predictions("vqa", td, path)
         assert result.metrics == expected and result.predictions == answers
-    with pytest.warns(EvalWarning, match="unmatched prediction"):
+    with logged("unmatched prediction"):
         result = score_predictions("vqa", td, logs)
     assert result.metrics == expected and result.predictions == answers
     assert expected["accuracy"] == pytest.approx((1.0 + 1.0) / 2)  # "3": 7 of 10 annotators; "Red." -> "red"
@@ -215,12 +216,12 @@ def test_bad_prediction_lines_are_named(tmp_path, images):
     td = load_task("vqa", _vqa(tmp_path), images=images)
     path = tmp_path / "p.jsonl"
     path.write_text('{"id": "1", "prediction": "3"}\n{broken\n{"foo": 1}\n{"id": "1", "prediction": "2"}\n')
-    with pytest.warns(EvalWarning) as caught:
+    with logged() as caught:
         result = score_predictions("vqa", td, path)
     assert len(caught) == 3 and result.predictions == {"1": "2"}
     assert result.problems.counts == {"bad_prediction_line": 2, "duplicate_prediction": 1}
     assert result.problems.examples["bad_prediction_line"][0].startswith(f"{path}:2: not a JSON object")
-    with pytest.warns(EvalWarning), pytest.raises(ValueError, match="no prediction matches a record"):
+    with logged(), pytest.raises(ValueError, match="no prediction matches a record"):
         score_predictions("vqa", td, write(tmp_path / "none.jsonl", [{"id": "x", "prediction": "y"}]))
 
 

@@ -15,6 +15,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "minigpt"
 LAYERS = {
     "files": 0,
+    "console": 0,
     "device": 0,
     "safe_load": 0,
     "data": 1,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
+import os
 import sys
 
 #: Sub-command modules, in the order ``--help`` lists them.
@@ -50,15 +50,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
-    )
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # reported by the command's own parser (its usage), with its hint when it has one
+        hint = getattr(args, "unknown_hint", None)
+        (getattr(args, "command_parser", None) or parser).error(
+            f"unrecognized arguments: {' '.join(unknown)}{hint(unknown) if hint else ''}"
+        )
+    from .console import setup_logging
+
+    setup_logging(args.verbose)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return code
+    except BrokenPipeError:  # `minigpt info MODEL | head`: the reader left; stop quietly, as SIGPIPE would
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except (ValueError, FileNotFoundError, OSError, RuntimeError) as err:
         # Bad input is reported as one clear line, not a traceback (use -v for the traceback).
         if args.verbose:

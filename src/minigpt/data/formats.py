@@ -1,8 +1,8 @@
 """Dataset readers: parse files into :class:`Sample` s (a conversation and its image references).
 
 Readers know nothing of prompts or tokens, and do not open images (paths only; webdataset samples carry the
-encoded bytes). A malformed record is skipped with a :class:`DataWarning` naming its origin and counted in the
-reader's :class:`ReadReport`; a file without any valid record, or that is not valid JSON, raises ``ValueError``.
+encoded bytes). A malformed record is skipped, logged as a warning naming its origin (logger ``minigpt.data.formats``)
+and counted in the reader's :class:`ReadReport`; a file without any valid record, or that is not valid JSON, raises ``ValueError``.
 Origins are ``"file:index"`` (0-based position in a JSON list), ``"file:line"`` (1-based, JSONL) or ``"shard/key"``.
 
 Image paths are relative to the dataset's image root. A relative path that leaves it (``../x.jpg``, ``a/../../x``,
@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import math
 import os
 import random
 import re
 import tarfile
-import warnings
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,9 +46,7 @@ LLAVA_ROLES: dict[str, str] = {"human": "user", "gpt": "assistant", "system": "s
 IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
 MAX_WARNINGS = 10  # per report; the rest are summarised in one warning
 
-
-class DataWarning(UserWarning):
-    """A skipped record or shard."""
+log = logging.getLogger(__name__)
 
 
 class RecordProblem(ValueError):
@@ -84,15 +82,13 @@ class ReadReport:
         if kind is not None:
             self.kinds[origin] = kind
         if len(self.skipped) <= MAX_WARNINGS:
-            warnings.warn(f"skipped {origin}: {reason}", DataWarning, stacklevel=4)
+            log.warning("skipped %s: %s", origin, reason)
 
     def finish(self) -> None:
         """Summarise the warnings not shown, and fail when nothing was read."""
         if len(self.skipped) > MAX_WARNINGS:
-            warnings.warn(
-                f"{self.source}: {len(self.skipped) - MAX_WARNINGS} more records skipped (see ReadReport.skipped)",
-                DataWarning,
-                stacklevel=3,
+            log.warning(
+                "%s: %d more records skipped (see ReadReport.skipped)", self.source, len(self.skipped) - MAX_WARNINGS
             )
         if self.read == 0:
             first = f"; first: {self.skipped[0][0]}: {self.skipped[0][1]}" if self.skipped else ""

@@ -23,6 +23,7 @@ from __future__ import annotations
 import io
 import math
 import random
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -92,10 +93,13 @@ def load_image(source: Any, origin: str | None = None, max_pixels: int | None = 
 
 def _open(fp: Any, name: str, origin: str | None, max_pixels: int | None) -> PILImage.Image:
     try:
-        with PILImage.open(fp) as img:  # reads the header only
-            check_pixels(img.size, max_pixels, name, origin)
-            img.load()  # full decode, so truncated files fail here and not later in a worker
-            return _to_rgb(img)
+        with warnings.catch_warnings():
+            if max_pixels is not None:  # checked below: Pillow's own warning would only repeat (or contradict) it
+                warnings.simplefilter("ignore", PILImage.DecompressionBombWarning)
+            with PILImage.open(fp) as img:  # reads the header only
+                check_pixels(img.size, max_pixels, name, origin)
+                img.load()  # full decode, so truncated files fail here and not later in a worker
+                return _to_rgb(img)
     except PILImage.DecompressionBombError as e:  # over Pillow's own limit (twice ~89 MP), found at open
         raise ImageTooLargeError(f"image {name}{_where(origin)}: {e}") from e
     except ImageTooLargeError:

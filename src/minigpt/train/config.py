@@ -380,6 +380,18 @@ def _fields_at(loc: list[str]) -> list[str]:
     return list(model.model_fields)
 
 
+def keys_named(name: str, model: Any = TrainConfig, prefix: str = "") -> list[str]:
+    """The dotted keys of the config whose last part is ``name`` (``batch_size`` -> ``run.batch_size``)."""
+    keys = []
+    for field_name, field in model.model_fields.items():
+        if field_name == name:
+            keys.append(prefix + field_name)
+        sub = _model_of(field.annotation)
+        if sub is not None and sub is not model:
+            keys += keys_named(name, sub, f"{prefix}{field_name}.")
+    return keys
+
+
 def _model_of(annotation: Any) -> Any:
     import typing
 
@@ -401,12 +413,13 @@ HUB_ID = re.compile(r"^(?!\.)[\w.-]{1,96}(/(?!\.)[\w.-]{1,96})?$")
 def check_paths(config: TrainConfig) -> None:
     """:class:`ConfigError` listing every file or folder of ``config`` that is not there, by key path, so that a
     typo stops the run before anything (a 7B LLM) is loaded."""
-    problems = [f"  {key}: {problem}" for key, problem in _path_problems(config)]
+    problems = [f"  {key}: {problem}" for key, problem in path_problems(config)]
     if problems:
         raise ConfigError("paths not found:\n" + "\n".join(problems))
 
 
-def _path_problems(config: TrainConfig) -> Iterator[tuple[str, str]]:
+def path_problems(config: TrainConfig) -> Iterator[tuple[str, str]]:
+    """``(key, problem)`` for each file or folder of ``config`` that is not there."""
     model, data, run = config.model, config.data, config.run
     if not Path(model.llm).exists() and not HUB_ID.match(model.llm):
         yield "model.llm", f"no such folder: {model.llm} (nor a hub id ORG/NAME)"

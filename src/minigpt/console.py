@@ -1,0 +1,129 @@
+"""What a command prints: logging set-up (rank 0 only under torchrun), third-party noise silenced, progress bars
+that stay visible and logs that print above them.
+
+:func:`setup_logging` is called once by the command-line entry, before the heavy libraries are imported: it sets the
+environment variables and logger filters that quiet transformers' weight-loading bars and info lines, DeepSpeed's
+accelerator line, bitsandbytes' kernel notice and ``FutureWarning`` s (errors stay visible; ``--verbose`` keeps
+everything).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+#: Environment variables set (unless the user set them) to quiet third-party libraries.
+QUIET_ENV: dict[str, str] = {
+    "TRANSFORMERS_VERBOSITY": "error",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+}
+#: Third-party loggers shown from this level up only (their info lines and notices are noise to a user).
+QUIET_LOGGERS: dict[str, int] = {
+    "DeepSpeed": logging.ERROR,
+    "bitsandbytes": logging.ERROR,
+    "transformers": logging.ERROR,
+    "huggingface_hub": logging.ERROR,
+    "torch.distributed": logging.WARNING,
+    "httpx": logging.WARNING,
+}
+#: A terminal narrower than this (or one that reports 0 rows) gets a fixed-size bar (:func:`progress_bar`).
+MIN_COLUMNS = 20
+
+
+def process_rank() -> int:
+    """This process's rank under torchrun (``RANK``), 0 when started alone."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+class _BelowLevel(logging.Filter):
+    """Drops records under a level (a filter survives a library that resets its logger's level at import)."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= self.level
+
+
+def quiet_third_party() -> None:
+    """Silence third-party info lines, progress bars and ``FutureWarning`` s; errors stay visible."""
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    for name, level in QUIET_LOGGERS.items():
+        logger = logging.getLogger(name)
+        logger.setLevel(level)
+        if not any(isinstance(f, _BelowLevel) for f in logger.filters):
+            logger.addFilter(_BelowLevel(level))
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """The commands' logging on stderr, above the progress bars: INFO lines as ``LEVEL logger: message`` (DEBUG with ``verbose``); under torchrun, ranks
+    other than 0 show warnings and errors only; third-party noise is silenced unless ``verbose``."""
+    level = logging.DEBUG if verbose else logging.INFO if process_rank() == 0 else logging.WARNING
+    # Records print above any progress bar (tqdm.write), not on its line.
+    logging.basicConfig(level=level, format=LOG_FORMAT, handlers=[logging.StreamHandler(_AboveBars(sys.stderr))])
+    if not verbose:
+        quiet_third_party()
+
+
+# ---------------------------------------------------------------------------------------------- progress
+
+
+def progress_bar(iterable: Any = None, **kwargs: Any) -> Any:
+    """A ``tqdm`` bar on stderr that stays visible: a terminal that reports 0 columns or 0 rows (tqdm then shows
+    nothing) gets a fixed 80-column bar instead of a dynamic one."""
+    from tqdm.auto import tqdm
+
+    try:
+        size = os.get_terminal_size(sys.stderr.fileno())
+        columns, rows = size.columns, size.lines
+    except (AttributeError, ValueError, OSError):
+        columns, rows = shutil.get_terminal_size()
+    if kwargs.get("dynamic_ncols") and (columns < MIN_COLUMNS or rows < 1):
+        kwargs.update(dynamic_ncols=False, ncols=80, nrows=24)
+    return tqdm(iterable, **kwargs)
+
+
+class _AboveBars:
+    """A console stream whose writes go above the progress bars (``tqdm.write``) instead of after them."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(text, file=self.stream, end="")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+@contextmanager
+def logs_above_bars() -> Iterator[None]:
+    """Within the block, the root logger's console handlers (stdout/stderr) print above the progress bars, each
+    record on its own line, keeping their levels, formats and filters; other handlers (files) are left alone."""
+    handlers = [
+        h
+        for h in logging.root.handlers
+        if isinstance(h, logging.StreamHandler) and h.stream in (sys.stdout, sys.stderr)
+    ]
+    streams = [h.setStream(_AboveBars(h.stream)) for h in handlers]
+    try:
+        yield
+    finally:
+        for handler, stream in zip(handlers, streams):
+            handler.setStream(stream)
