@@ -45,7 +45,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(name).register(sub)
+    _name_parsers(parser)
     return parser
+
+
+def _name_parsers(parser: argparse.ArgumentParser) -> None:
+    """Each (sub-)command records its parser, so that its errors show its own usage (the innermost wins)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                if "command_parser" not in command._defaults:
+                    command.set_defaults(command_parser=command)
+                _name_parsers(command)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         (getattr(args, "command_parser", None) or parser).error(
             f"unrecognized arguments: {' '.join(unknown)}{hint(unknown) if hint else ''}"
         )
-    from .console import setup_logging
+    from .console import error_text, setup_logging
 
     setup_logging(args.verbose)
     if not getattr(args, "func", None):
@@ -73,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         # Bad input is reported as one clear line, not a traceback (use -v for the traceback).
         if args.verbose:
             raise
-        print(f"minigpt {args.command}: error: {err}", file=sys.stderr)
+        print(f"minigpt {args.command}: error: {error_text(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

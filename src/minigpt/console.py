@@ -14,7 +14,7 @@ import os
 import shutil
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -77,6 +77,39 @@ def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=level, format=LOG_FORMAT, handlers=[logging.StreamHandler(_AboveBars(sys.stderr))])
     if not verbose:
         quiet_third_party()
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+def error_key(error: Mapping[str, Any]) -> str:
+    """The dotted key of a pydantic error (``run.batch_size``), without the union members pydantic tried."""
+
+    def union_tag(part: Any) -> bool:  # "str", "list[str]", "function-after[...]"
+        return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool", "dict", "list"))
+
+    return ".".join(str(p) for p in error["loc"] if not union_tag(p)) or "(top level)"
+
+
+def describe_error(error: Mapping[str, Any], fields: Sequence[str] = ()) -> str:
+    """One pydantic error as ``key: problem (got VALUE)``; ``fields``: the valid keys, named for an unknown one."""
+    key = error_key(error)
+    if error["type"] == "extra_forbidden":
+        return f"{key}: unknown key" + (f" (valid keys here: {', '.join(fields)})" if fields else "")
+    if error["type"] == "missing":
+        return f"{key}: missing (required)"
+    msg = error["msg"].removeprefix("Value error, ")
+    shown = error.get("input")
+    got = f" (got {shown!r})" if not isinstance(shown, (dict, list)) and repr(shown) not in msg else ""
+    return f"{key}: {msg}{got}"
+
+
+def error_text(err: BaseException) -> str:
+    """An error as a command prints it: a pydantic validation error as its problems (no URL, no pydantic types)."""
+    errors = getattr(err, "errors", None)
+    if type(err).__name__ == "ValidationError" and callable(errors):
+        return f"invalid {getattr(err, 'title', 'value')}: " + "; ".join(describe_error(e) for e in errors())
+    return str(err)
 
 
 # ---------------------------------------------------------------------------------------------- progress

@@ -254,6 +254,8 @@ def run(args: argparse.Namespace) -> int:
     print_summary(summary)
     data, final = out / "data", summary["model"]
     if args.no_chat or not sys.stdin.isatty():
+        if not args.no_chat:
+            print("\nstdin is not a terminal: skipping the chat")
         print(f"\nchat with it:  minigpt chat {final} --image {data / test_items[0].image}")
         return 0
     from ..infer.chat import Chat, ChatEngine

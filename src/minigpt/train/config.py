@@ -20,6 +20,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ..console import describe_error, error_key
 from ..data.images import DEFAULT_MAX_PIXELS
 from ..model.config import MiniGPTConfig
 
@@ -344,26 +345,11 @@ def validate_config(
 
 
 def _describe(error: Any, data: dict[str, Any], overridden: dict[str, str]) -> str:
-    loc = [str(p) for p in error["loc"] if not _is_union_tag(p)]
-    key = ".".join(loc) or "(top level)"
-    if error["type"] == "extra_forbidden":
-        fields = _fields_at(loc[:-1])
-        hint = f" (valid keys here: {', '.join(fields)})" if fields else ""
-        message = f"{key}: unknown key{hint}"
-    elif error["type"] == "missing":
-        message = f"{key}: missing (required)"
-    else:
-        msg = error["msg"].removeprefix("Value error, ")
-        shown = error.get("input")
-        got = f" (got {shown!r})" if not isinstance(shown, (dict, list)) and repr(shown) not in msg else ""
-        message = f"{key}: {msg}{got}"
+    key = error_key(error)
+    fields = _fields_at(key.split(".")[:-1]) if error["type"] == "extra_forbidden" else []
+    message = describe_error(error, fields)
     origin = next((item for k, item in overridden.items() if key == k or key.startswith(k + ".")), None)
     return message + (f" [from override {origin}]" if origin else "")
-
-
-def _is_union_tag(part: Any) -> bool:
-    # pydantic puts the union member tried into the location ("str", "list[str]", "function-after[...]")
-    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool", "dict", "list"))
 
 
 def _fields_at(loc: list[str]) -> list[str]:
