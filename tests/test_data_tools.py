@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import logged
 from PIL import Image as PILImage
 
+from conftest import logged
 from minigpt.cli import main
 from minigpt.data.analyze import (
     analyze_samples,

@@ -9,9 +9,9 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import logged
 from PIL import Image as PILImage
 
+from conftest import logged
 from minigpt.eval.runner import evaluate_task, predict, read_predictions, run_eval
 from minigpt.eval.tasks import load_task
 from minigpt.infer.generate import GenerationOptions

@@ -8,9 +8,9 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import logged
 from PIL import Image as PILImage
 
+from conftest import logged
 from minigpt.eval import cli
 from minigpt.eval.runner import run_eval, score, score_predictions
 from minigpt.eval.tasks import load_task

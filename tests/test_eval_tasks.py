@@ -8,9 +8,9 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import logged
 from PIL import Image as PILImage
 
+from conftest import logged
 from minigpt.eval.tasks import REGISTRY, TASKS, apply_limit, load_task
 from minigpt.eval.tasks.base import coco_image_path
 from minigpt.eval.tasks.caption import PROMPT as CAPTION_PROMPT

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import logged
 from PIL import Image as PILImage
 
+from conftest import logged
 from minigpt.data.conversation import Image, Text
 from minigpt.data.formats import (
     ALIGNMENT_INSTRUCTIONS,

@@ -25,7 +25,12 @@ def python(code: str, env: dict[str, str] | None = None, **kwargs) -> subprocess
     """Run ``code`` in a fresh interpreter with this checkout's sources."""
     environ = {**os.environ, "PYTHONPATH": str(REPO / "src"), **(env or {})}
     return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], env=environ, capture_output=True, text=True, timeout=300, **kwargs
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        **kwargs,
     )
 
 
@@ -189,3 +194,41 @@ def test_a_closed_pipe_ends_quietly(tiny_model_dir):
     )
     os.close(write)
     assert result.stderr == "" and result.returncode == 141
+
+
+def test_quickstart_says_why_it_skips_the_chat(tmp_path, monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from minigpt.tools import quickstart, quickstart_report
+
+    item = SimpleNamespace(image="img/0.png", caption="a red circle")
+    monkeypatch.setattr(quickstart, "_quickstart", lambda args, out, seconds: (None, {"model": "M"}, [item]))
+    monkeypatch.setattr(quickstart_report, "print_summary", lambda summary: None)
+    monkeypatch.setattr(sys, "stdin", open(os.devnull))  # not a terminal
+    out = tmp_path / "qs"
+    assert main(["quickstart", "--llm", "tiny", "--out", str(out), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "stdin is not a terminal: skipping the chat" in printed and "chat with it:  minigpt chat M" in printed
+    assert main(["quickstart", "--llm", "tiny", "--out", str(out), "--device", "cpu", "--no-chat"]) == 0
+    assert "stdin is not a terminal" not in capsys.readouterr().out  # asked for: nothing to explain
+
+
+def test_web_names_our_share_flag_not_gradios(tiny_model_dir, monkeypatch, capsys):
+    import socket
+
+    import gradio
+
+    from minigpt.cli import build_parser
+    from minigpt.infer.web import run
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(gradio.Blocks, "block_thread", lambda self: None)  # return instead of serving forever
+    try:
+        assert run(build_parser().parse_args(["web", str(tiny_model_dir), "--port", str(port)])) == 0
+    finally:
+        gradio.close_all()
+    out = capsys.readouterr().out
+    assert f"minigpt web: running on http://127.0.0.1:{port}" in out
+    assert "run again with --share" in out and "share=True" not in out

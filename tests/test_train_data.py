@@ -13,10 +13,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import logged
 import torch
 from PIL import Image
 
+from conftest import logged
 from minigpt.data.tokenize import IGNORE_INDEX
 from minigpt.tools.shapes import draw_shape
 from minigpt.train.config import DatasetSpec, validate_config

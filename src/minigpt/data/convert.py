@@ -34,10 +34,10 @@ import contextlib
 import csv
 import io
 import json
+import logging
 import os
 import re
 import shutil
-import logging
 import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
