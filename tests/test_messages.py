@@ -232,3 +232,17 @@ def test_web_names_our_share_flag_not_gradios(tiny_model_dir, monkeypatch, capsy
     out = capsys.readouterr().out
     assert f"minigpt web: running on http://127.0.0.1:{port}" in out
     assert "run again with --share" in out and "share=True" not in out
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_chat_loads_its_model_without_progress_bars_unless_verbose(tiny_model_dir, verbose):
+    result = subprocess.run(
+        [sys.executable, "-m", "minigpt.cli", *(["-v"] if verbose else []), "chat", str(tiny_model_dir)],
+        input="hello\n",
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert ("Loading weights" in result.stderr) == verbose  # transformers' bar, set up when it is imported

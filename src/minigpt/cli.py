@@ -60,6 +60,11 @@ def _name_parsers(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .console import error_text, quiet_third_party, setup_logging
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not {"-v", "--verbose"} & set(argv):
+        quiet_third_party()  # before the commands' modules import transformers (its settings are read at import)
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # reported by the command's own parser (its usage), with its hint when it has one
@@ -67,8 +72,6 @@ def main(argv: list[str] | None = None) -> int:
         (getattr(args, "command_parser", None) or parser).error(
             f"unrecognized arguments: {' '.join(unknown)}{hint(unknown) if hint else ''}"
         )
-    from .console import error_text, setup_logging
-
     setup_logging(args.verbose)
     if not getattr(args, "func", None):
         parser.print_help()
