@@ -15,7 +15,8 @@ Pixel limit: an image with more than ``max_pixels`` pixels is refused (:class:`I
 width and height in its header, before any pixel is decoded (PIL opens files lazily). Decoding costs about
 3 bytes per pixel for the RGB image plus as much again for the conversion (up to ~15 bytes per pixel for images with
 alpha), so the default :data:`DEFAULT_MAX_PIXELS` (4096 x 4096 = 16.8 MP: 12 MP phone photos and 4K screenshots
-pass) bounds one decode at ~100-250 MB. Pillow's own limit (~179 MP) lets a 530 KB PNG take 1.75 GB.
+pass) bounds one decode at ~100-250 MB. Pillow's own limit (~179 MP) lets a 530 KB PNG take 1.75 GB. While a
+limit of ours applies, Pillow's ``DecompressionBombWarning`` is silenced (our refusal, or our larger limit, decides).
 """
 
 from __future__ import annotations
