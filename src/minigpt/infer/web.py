@@ -126,7 +126,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from .args import engine_from_args
 
-    demo = build_ui(engine_from_args(args))
+    engine = engine_from_args(args)
+    if engine.max_image_pixels is not None:  # Gradio opens uploads with Pillow first; our limit refuses them after
+        import warnings
+
+        from PIL.Image import DecompressionBombWarning
+
+        warnings.filterwarnings("ignore", category=DecompressionBombWarning)
+    demo = build_ui(engine)
     demo.queue(max_size=args.queue_size)
     # quiet: Gradio's own lines advise `share=True` in `launch()`; ours names the flag
     _, local_url, share_url = demo.launch(
