@@ -249,3 +249,23 @@ def test_chat_loads_its_model_without_progress_bars_unless_verbose(tiny_model_di
     )
     assert result.returncode == 0, result.stderr
     assert ("Loading weights" in result.stderr) == verbose  # transformers' bar, set up when it is imported
+
+
+def test_the_quickstart_log_keeps_info_lines_off_the_commands_console(tmp_path, capsys):
+    """The CLI's console handler writes above the bars (a wrapped stream): still the console to quiet."""
+    import logging
+
+    from minigpt.console import LOG_FORMAT, _AboveBars
+    from minigpt.tools.quickstart import detailed_log
+
+    console = logging.StreamHandler(_AboveBars(sys.stderr))  # as setup_logging makes it
+    console.setFormatter(logging.Formatter(LOG_FORMAT))
+    logging.root.addHandler(console)
+    try:
+        with detailed_log(tmp_path / "q.log"):
+            logging.getLogger("minigpt.train.loop").info("training")
+            logging.getLogger("minigpt.train.loop").warning("a problem")
+    finally:
+        logging.root.removeHandler(console)
+    assert capsys.readouterr().err == "WARNING minigpt.train.loop: a problem\n"
+    assert "INFO minigpt.train.loop: training" in (tmp_path / "q.log").read_text()

@@ -145,15 +145,21 @@ class _AboveBars:
         self.stream.flush()
 
 
+def console_handlers() -> list[logging.StreamHandler]:
+    """The root logger's handlers that print to the terminal (stdout/stderr, directly or above the bars)."""
+    return [
+        h
+        for h in logging.root.handlers
+        if isinstance(h, logging.StreamHandler)
+        and (h.stream if not isinstance(h.stream, _AboveBars) else h.stream.stream) in (sys.stdout, sys.stderr)
+    ]
+
+
 @contextmanager
 def logs_above_bars() -> Iterator[None]:
     """Within the block, the root logger's console handlers (stdout/stderr) print above the progress bars, each
     record on its own line, keeping their levels, formats and filters; other handlers (files) are left alone."""
-    handlers = [
-        h
-        for h in logging.root.handlers
-        if isinstance(h, logging.StreamHandler) and h.stream in (sys.stdout, sys.stderr)
-    ]
+    handlers = [h for h in console_handlers() if not isinstance(h.stream, _AboveBars)]  # the others already do
     streams = [h.setStream(_AboveBars(h.stream)) for h in handlers]
     try:
         yield
