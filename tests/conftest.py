@@ -215,3 +215,18 @@ def logged(match: str | None = None, logger: str = "minigpt") -> Iterator[list[l
     messages = [r.message for r in handler.records]
     assert messages, "no warning was logged"
     assert match is None or any(re.search(match, m) for m in messages), f"none matches {match!r}: {messages}"
+
+
+@pytest.fixture(autouse=True)
+def _restore_quiet_env():
+    """A command run in-process sets the environment that quiets third-party libraries (minigpt.console): undo it,
+    so that it does not reach later tests' subprocesses."""
+    from minigpt.console import QUIET_ENV
+
+    saved = {key: os.environ.get(key) for key in QUIET_ENV}
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
