@@ -70,18 +70,21 @@ class EmptyAnswerError(RecordProblem):
 @dataclass
 class ReadReport:
     """What a reader kept and skipped; ``skipped`` holds ``(origin, reason)`` pairs, ``kinds`` the
-    :attr:`RecordProblem.kind` of those skipped for such a problem."""
+    :attr:`RecordProblem.kind` of those skipped for such a problem; ``logged``: the origins already logged (shared
+    by the passes of a stream, so that a record is logged once, not every epoch)."""
 
     source: str
     read: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
     kinds: dict[str, str] = field(default_factory=dict)
+    logged: set[str] = field(default_factory=set)
 
     def skip(self, origin: str, reason: str, kind: str | None = None) -> None:
         self.skipped.append((origin, reason))
         if kind is not None:
             self.kinds[origin] = kind
-        if len(self.skipped) <= MAX_WARNINGS:
+        if len(self.skipped) <= MAX_WARNINGS and origin not in self.logged:
+            self.logged.add(origin)
             log.warning("skipped %s: %s", origin, reason)
 
     def finish(self) -> None:
@@ -417,7 +420,7 @@ class WebDatasetReader(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[Sample]:
         info = torch.utils.data.get_worker_info()
         shards = self.shards if info is None else self.shards[info.id :: info.num_workers]
-        self.report = ReadReport(self.report.source)
+        self.report = ReadReport(self.report.source, logged=self.report.logged)
         for shard in shards:
             for sample in self._read_shard(shard):
                 self.report.read += 1
