@@ -1,5 +1,5 @@
-"""What a command prints: logging set-up (rank 0 only under torchrun), third-party noise silenced, progress bars
-that stay visible and logs that print above them.
+"""What a command prints: logging set-up (rank 0 only under torchrun), third-party noise silenced, errors as one
+line (pydantic's included), progress bars that stay visible and logs that print above them.
 
 :func:`setup_logging` is called once by the command-line entry, before the heavy libraries are imported: it sets the
 environment variables and logger filters that quiet transformers' weight-loading bars and info lines, DeepSpeed's
@@ -70,8 +70,9 @@ def quiet_third_party() -> None:
 
 
 def setup_logging(verbose: bool = False) -> None:
-    """The commands' logging on stderr, above the progress bars: INFO lines as ``LEVEL logger: message`` (DEBUG with ``verbose``); under torchrun, ranks
-    other than 0 show warnings and errors only; third-party noise is silenced unless ``verbose``."""
+    """The commands' logging on stderr, above the progress bars: INFO lines as ``LEVEL logger: message`` (DEBUG
+    with ``verbose``); under torchrun, ranks other than 0 show warnings and errors only; third-party noise is
+    silenced unless ``verbose``."""
     level = logging.DEBUG if verbose else logging.INFO if process_rank() == 0 else logging.WARNING
     # Records print above any progress bar (tqdm.write), not on its line.
     logging.basicConfig(level=level, format=LOG_FORMAT, handlers=[logging.StreamHandler(_AboveBars(sys.stderr))])

@@ -34,7 +34,7 @@ def register(subparsers: Any) -> None:
         help="auto (cuda, npu, mps, then cpu), cpu, cuda, cuda:N, npu, npu:N or mps; the same as "
         "run.device=DEVICE (default: the config's run.device, auto)",
     )
-    parser.set_defaults(func=run_train, command_parser=parser, unknown_hint=override_hint)
+    parser.set_defaults(func=run_train, unknown_hint=override_hint)
 
 
 def override_hint(unknown: list[str]) -> str:
