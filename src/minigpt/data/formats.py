@@ -1,8 +1,9 @@
 """Dataset readers: parse files into :class:`Sample` s (a conversation and its image references).
 
 Readers know nothing of prompts or tokens, and do not open images (paths only; webdataset samples carry the
-encoded bytes). A malformed record is skipped, logged as a warning naming its origin (logger ``minigpt.data.formats``)
-and counted in the reader's :class:`ReadReport`; a file without any valid record, or that is not valid JSON, raises ``ValueError``.
+encoded bytes). A malformed record is skipped, logged as a warning naming its origin (logger
+``minigpt.data.formats``) and counted in the reader's :class:`ReadReport`; a file without any valid record, or that is
+not valid JSON, raises ``ValueError``.
 Origins are ``"file:index"`` (0-based position in a JSON list), ``"file:line"`` (1-based, JSONL) or ``"shard/key"``.
 
 Image paths are relative to the dataset's image root. A relative path that leaves it (``../x.jpg``, ``a/../../x``,
