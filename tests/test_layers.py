@@ -1,7 +1,7 @@
 """The layering rule (ARCHITECTURE.md): imports go only downward, and no modules import each other in a cycle.
 
-Layers, lowest first: ``files``/``device``/``safe_load``/``console`` <- ``data`` <- ``model`` <- ``infer`` <- ``eval`` <- ``train`` <-
-``convert``/``tools``. Command modules (``cli.py`` at the top and in any package) are the top layer; the package root
+Layers, lowest first: ``files``/``device``/``safe_load`` (and ``console``) <- ``data`` <- ``model`` <- ``infer`` <-
+``eval`` <- ``train`` <- ``convert``/``tools``. Command modules (``cli.py`` at the top and in any package) are the top layer; the package root
 (``minigpt/__init__.py``: the version and lazily imported public names) may be imported from anywhere. Every import counts (module level or inside a function), except those under ``if TYPE_CHECKING:``.
 """
 
