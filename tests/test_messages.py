@@ -18,13 +18,21 @@ from pathlib import Path
 import pytest
 
 from minigpt.cli import main
+from minigpt.console import QUIET_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+def fresh_env(**extra: str) -> dict[str, str]:
+    """The environment of a user's shell: this checkout's sources, none of the settings that quiet libraries (an
+    in-process command of an earlier test may have set them)."""
+    env = {k: v for k, v in os.environ.items() if k not in QUIET_ENV and k != "DS_ACCELERATOR"}
+    return {**env, "PYTHONPATH": str(REPO / "src"), **extra}
+
+
 def python(code: str, env: dict[str, str] | None = None, **kwargs) -> subprocess.CompletedProcess:
     """Run ``code`` in a fresh interpreter with this checkout's sources."""
-    environ = {**os.environ, "PYTHONPATH": str(REPO / "src"), **(env or {})}
+    environ = fresh_env(**(env or {}))
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
         env=environ,
@@ -95,7 +103,7 @@ def test_third_party_noise_is_silenced_and_verbose_restores_it(tiny_llama_dir):
     noise = ("Setting accelerator", "gemm_4bit_forward", "Loading weights", "FutureWarning")
     quiet = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code), ""],
-        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+        env=fresh_env(),
         capture_output=True,
         text=True,
         timeout=300,
@@ -105,7 +113,7 @@ def test_third_party_noise_is_silenced_and_verbose_restores_it(tiny_llama_dir):
     assert "a real error" in quiet.stderr
     verbose = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code), "-v"],
-        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+        env=fresh_env(),
         capture_output=True,
         text=True,
         timeout=300,
@@ -120,7 +128,7 @@ def _on_zero_size_terminal(code: str) -> str:
     """What ``code`` writes to a pseudo-terminal that reports 0 rows and 0 columns."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 0, 0, 0, 0))
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    env = fresh_env()
     env.pop("COLUMNS", None)
     env.pop("LINES", None)
     proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], stderr=slave, env=env)
@@ -190,7 +198,7 @@ def test_a_closed_pipe_ends_quietly(tiny_model_dir):
         stdout=write,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+        env=fresh_env(),
         timeout=120,
     )
     os.close(write)
@@ -244,7 +252,7 @@ def test_chat_loads_its_model_without_progress_bars_unless_verbose(tiny_model_di
         input="hello\n",
         capture_output=True,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+        env=fresh_env(),
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
