@@ -7,7 +7,11 @@ Tests that compare against reference data are marked ``fidelity``. Under CI (``C
 
 from __future__ import annotations
 
+import logging
 import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -222,3 +226,44 @@ def tiny_model_dir(tmp_path_factory, tiny_llama_dir) -> Path:
     model.save_pretrained(directory)
     MiniGPTProcessor.from_config(model.config).save_pretrained(directory)
     return directory
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        record.message = record.getMessage()
+        self.records.append(record)
+
+
+@contextmanager
+def logged(match: str | None = None, logger: str = "minigpt") -> Iterator[list[logging.LogRecord]]:
+    """Like ``pytest.warns`` for the warnings minigpt logs (skipped records, eval problems): the records logged at
+    WARNING or above in the block (``.message`` set); fails unless there is one (matching ``match``, a regex)."""
+    handler = _Collect()
+    log = logging.getLogger(logger)
+    log.addHandler(handler)
+    try:
+        yield handler.records
+    finally:
+        log.removeHandler(handler)
+    messages = [r.message for r in handler.records]
+    assert messages, "no warning was logged"
+    assert match is None or any(re.search(match, m) for m in messages), f"none matches {match!r}: {messages}"
+
+
+@pytest.fixture(autouse=True)
+def _restore_quiet_env():
+    """A command run in-process sets the environment that quiets third-party libraries (minigpt.console): undo it,
+    so that it does not reach later tests' subprocesses."""
+    from minigpt.console import QUIET_ENV
+
+    saved = {key: os.environ.get(key) for key in QUIET_ENV}
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

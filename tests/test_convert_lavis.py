@@ -108,6 +108,15 @@ def test_inferred_config_equals_fixture(fx, converted):
     assert vision_config_from_lavis(fx["eva"], fx["blip2"], heads=4, qformer_heads=4, drop_last_block=False).depth == 4
 
 
+def test_head_counts_that_do_not_fit_name_the_flag(fx):
+    with pytest.raises(ValueError, match=r"Q-Former width 32 is not divisible by 12 heads: give .* --qformer-heads "):
+        vision_config_from_lavis(fx["eva"], fx["blip2"], heads=4, qformer_heads=12)
+    with pytest.raises(
+        ValueError, match=r"ViT width \d+ is not divisible by 7 heads: give its head count with --heads"
+    ):
+        vision_config_from_lavis(fx["eva"], fx["blip2"], heads=7, qformer_heads=4)
+
+
 def test_ignored_keys_reported(fx, converted):
     report = converted["report"]
     want = fx["config"]["vision"]["checkpoint_ignored_keys"] + fx["config"]["qformer"]["blip2_keys_ignored_by_minigpt4"]

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from PIL import Image as PILImage
 
-from minigpt.eval.runner import EvalSettings, EvalWarning, evaluate_task, predict, read_predictions, run_eval
+from conftest import logged
+from minigpt.eval.runner import EvalSettings, evaluate_task, predict, read_predictions, run_eval
 from minigpt.eval.tasks import load_task
 from minigpt.infer.generate import Generation, GenerationOptions
 
@@ -228,7 +229,7 @@ def test_bad_input_is_named_counted_and_never_fatal(tmp_path, images):
             {"id": "malformed", "image": "a.png", "question": "No answers key"},
         ],
     )
-    with pytest.warns(Warning) as caught:
+    with logged() as caught:
         td = load_task("vqa", data, images=images)
         model = StubModel({"Fine": "yes", "Silent": "  "}, fail_on="Explode")
         result = run_eval(
@@ -273,7 +274,7 @@ def test_a_run_whose_records_all_fail_stops_with_the_first_error(tmp_path):
         [{"question_id": i, "image": "nowhere.png", "text": "Q?", "label": "yes"} for i in range(40)],
     )
     td = load_task("pope", data, images=tmp_path / "wrong")
-    with pytest.warns(EvalWarning), pytest.raises(RuntimeError, match="all failed; first error: image file not"):
+    with logged(), pytest.raises(RuntimeError, match="all failed; first error: image file not"):
         run_eval(StubModel(), "pope", td, run=EvalSettings(batch_size=8, progress=False))
 
 
@@ -306,7 +307,7 @@ def test_interrupted_run_resumes_from_its_predictions(tmp_path, images):
         f.write('{"id": "6", "predic')  # a line cut by the interruption
 
     model = StubModel(fn=lambda t: "no")
-    with pytest.warns(EvalWarning, match="bad prediction line"):
+    with logged("bad prediction line"):
         result = run_eval(model, "pope", td, run=QUIET3, **kwargs)
     assert sum(len(c) for c in model.calls) == 4  # only the records not predicted yet
     counts = result.report["counts"]

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 from PIL import Image as PILImage
 
+from conftest import logged
 from minigpt.eval import cli
 from minigpt.eval.predictions import PredictionMatchError
-from minigpt.eval.runner import EvalSettings, EvalWarning, run_eval, score, score_predictions
+from minigpt.eval.runner import EvalSettings, run_eval, score, score_predictions
 from minigpt.eval.tasks import load_task
 from minigpt.infer.generate import Generation
 
@@ -223,7 +224,7 @@ def test_bad_prediction_lines_are_named(tmp_path, images):
     td = load_task("vqa", _vqa(tmp_path), images=images)
     path = tmp_path / "p.jsonl"
     path.write_text('{"id": "1", "prediction": "3"}\n{broken\n{"foo": 1}\n')
-    with pytest.warns(EvalWarning) as caught:
+    with logged() as caught:
         result = score_predictions("vqa", td, path)
     assert len(caught) == 2 and result.predictions == {"1": "3"}
     assert result.problems.counts == {"bad_prediction_line": 2}

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image as PILImage
 
-from minigpt.data.formats import DataWarning
+from conftest import logged
 from minigpt.eval.tasks import REGISTRY, TASKS, apply_limit, load_task
 from minigpt.eval.tasks.base import coco_image_path
 from minigpt.eval.tasks.caption import PROMPT as CAPTION_PROMPT
@@ -56,7 +56,7 @@ def test_coco_caption_annotations_group_references(tmp_path):
             ],
         },
     )
-    with pytest.warns(DataWarning) as caught:
+    with logged() as caught:
         td = load_task("caption", data, images=tmp_path / "imgs")
     messages = [str(w.message) for w in caught]
     assert any("annotations[3]" in m for m in messages)
@@ -147,7 +147,7 @@ def test_lavis_karpathy_list_and_jsonl(tmp_path):
     ]
     assert user_text(td.records[0]) == "<ImageHere>"  # prompt="" -> the image alone (stage-1 models)
     jl = write(tmp_path / "caps.jsonl", [{"id": "q", "image": "a.png", "captions": ["x", "y"]}, "{broken"])
-    with pytest.warns(DataWarning, match="caps.jsonl:2"):
+    with logged("caps.jsonl:2"):
         td = load_task("caption", jl)
     assert td.records[0].id == "q" and td.records[0].references == ["x", "y"]
 
@@ -204,7 +204,7 @@ def test_vqa_simple_jsonl_with_malformed_lines(tmp_path):
             {"id": "a", "image": "1.png", "question": "dup", "answers": ["x"]},
         ],
     )
-    with pytest.warns(DataWarning) as caught:
+    with logged() as caught:
         td = load_task("vqa", data, images="/imgs")
     assert [r.id for r in td.records] == ["a", "7"]
     assert td.records[0].images == ["/imgs/1.png"]
@@ -224,7 +224,7 @@ def test_placeholders_in_the_question_place_the_images(tmp_path):
             {"id": "c", "image": "1.png", "question": "<image> <image> too many?", "answers": ["x"]},
         ],
     )
-    with pytest.warns(DataWarning, match="2 image placeholder"):
+    with logged("2 image placeholder"):
         td = load_task("vqa", data)
     assert [user_text(r) for r in td.records] == [
         f"Compare <ImageHere> and <ImageHere>?\n{VQA_INSTRUCTION}",
@@ -234,7 +234,7 @@ def test_placeholders_in_the_question_place_the_images(tmp_path):
 
 def test_file_without_any_valid_record_is_an_error(tmp_path):
     data = write(tmp_path / "bad.jsonl", [{"id": 1}])
-    with pytest.warns(DataWarning), pytest.raises(ValueError, match="no valid record"):
+    with logged(), pytest.raises(ValueError, match="no valid record"):
         load_task("pope", data)
     with pytest.raises(ValueError, match="unknown task"):
         load_task("nope", data)
@@ -268,7 +268,7 @@ def test_mcq_json_options_and_answer_forms(tmp_path):
             {"id": 5, "image": "a.png", "question": "Q5?", "options": ["only"], "answer": "A"},
         ],
     )
-    with pytest.warns(DataWarning):
+    with logged():
         td = load_task("mcq", data)
     assert [(r.id, r.references) for r in td.records] == [("1", ["B"]), ("2", ["C"]), ("3", ["B"])]
     assert td.records[0].extra == {"options": {"A": "cat", "B": "dog"}, "rotation": 0, "category": "x"}
@@ -387,7 +387,7 @@ def test_pope_files_category_from_name_and_prefixed_ids(tmp_path):
             {"question_id": 2, "image": "b.jpg", "text": "Is there a bus?", "label": "maybe"},
         ],
     )
-    with pytest.warns(DataWarning, match="yes' or 'no"):
+    with logged("yes' or 'no"):
         td = load_task("pope", [rand, adv])
     assert [r.id for r in td.records] == ["coco_pope_random/1", "coco_pope_random/2", "coco_pope_adversarial/1"]
     assert [r.extra["category"] for r in td.records] == ["random", "random", "adversarial"]

@@ -209,6 +209,16 @@ def test_pixel_bomb_is_refused_from_the_header(tmp_path, no_decoding):
         load_image(png_bomb(20000, 20000), max_pixels=None)
 
 
+def test_pillow_bomb_warning_is_not_shown_where_our_limit_refuses(no_decoding):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ImageTooLargeError, match="13000x13000"):
+            load_image(png_bomb(13000, 13000))  # over Pillow's warning threshold (~89 MP) too
+    assert [str(w.message) for w in caught] == []
+
+
 def test_pixel_limit_is_a_parameter(tmp_path):
     path = tmp_path / "g.png"
     gradient(40, 30).save(path)

@@ -191,3 +191,23 @@ def test_other_folders_are_a_clear_error(tmp_path, capsys):
     assert f"{tmp_path / 'nope'}: no such folder" in capsys.readouterr().err
     assert main(["info", str(tmp_path / "config.json")]) == 2  # was "no such folder" for an existing file
     assert f"{tmp_path / 'config.json'} is a file, not a folder" in capsys.readouterr().err
+
+
+def test_a_part_trained_in_an_earlier_stage_is_not_called_frozen(tiny_model_factory, tmp_path, capsys):
+    """The quickstart's layout: stage 1 trains the ViT, stage 2 starts from it (model.init_from) and freezes it."""
+    stage1 = tmp_path / "stage1" / "final"
+    tiny_model_factory(freeze={"vision": False}).save_pretrained(stage1, trainable_only=True)
+    stage2 = tmp_path / "stage2" / "final"
+    tiny_model_factory().save_pretrained(stage2, trainable_only=True)
+    (stage2 / "train_config.yaml").write_text(f"model:\n  init_from: {stage1}\n")
+    info = model_info(stage2)
+    assert info["trained"]["vision"] is False and info["trained_earlier"] == {"vision": str(stage1)}
+    assert main(["info", str(stage2)]) == 0
+    counts = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(" " * 16)]
+    assert [line[0] for line in counts if "earlier," in line] == ["vision"]  # the parameters table's vision row
+    assert (
+        " ".join(next(c for c in counts if c[0] == "vision")[3:])
+        == f"(frozen in this run; trained earlier, in {stage1})"
+    )
+    (stage2 / "train_config.yaml").write_text("model:\n  init_from: null\n")  # no earlier stage recorded
+    assert model_info(stage2)["trained_earlier"] == {}

@@ -250,8 +250,15 @@ def test_missing_paths_are_named_by_key_before_anything_loads(tmp_path, capsys):
         f"  run.resume: not found: {tmp_path / 'old-run'}",
     ]
     path = write_yaml(tmp_path / "cfg.yaml", data)
-    assert main([str(path), "--print-config"]) == 2
+    assert main([str(path)]) == 2  # training refuses
     assert "model.vision_weights: not found" in capsys.readouterr().err
+    assert main([str(path), "--print-config"]) == 0  # the config is shown, its missing paths marked
+    out = capsys.readouterr().out
+    assert yaml.safe_load(out)["model"]["projector_weights"] == "proj.pth"  # the marks are YAML comments
+    assert out.splitlines()[-9:] == [
+        "# paths not found (`minigpt train` refuses to start until they exist):",
+        *(f"#   {line.strip()}" for line in str(err.value).splitlines()[1:]),
+    ]
     check_paths(validate_config(_base() | {"data": {"datasets": [{"format": "llava", "path": str(path)}]}}))
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
+import os
 import sys
 
 #: Sub-command modules, in the order ``--help`` lists them.
@@ -46,25 +46,49 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(name).register(sub)
+    _name_parsers(parser)
     return parser
 
 
+def _name_parsers(parser: argparse.ArgumentParser) -> None:
+    """Each (sub-)command records its parser, so that its errors show its own usage (the innermost wins)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                if "command_parser" not in command._defaults:
+                    command.set_defaults(command_parser=command)
+                _name_parsers(command)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from .console import error_text, quiet_third_party, setup_logging
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not {"-v", "--verbose"} & set(argv):
+        quiet_third_party()  # before the commands' modules import transformers (its settings are read at import)
     parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
-    )
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # reported by the command's own parser (its usage), with its hint when it has one
+        hint = getattr(args, "unknown_hint", None)
+        (getattr(args, "command_parser", None) or parser).error(
+            f"unrecognized arguments: {' '.join(unknown)}{hint(unknown) if hint else ''}"
+        )
+    setup_logging(args.verbose)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return code
+    except BrokenPipeError:  # `minigpt info MODEL | head`: the reader left; stop quietly, as SIGPIPE would
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except (ValueError, FileNotFoundError, OSError, RuntimeError) as err:
         # Bad input is reported as one clear line, not a traceback (use -v for the traceback).
         if args.verbose:
             raise
-        print(f"minigpt {args.command}: error: {err}", file=sys.stderr)
+        print(f"minigpt {args.command}: error: {error_text(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

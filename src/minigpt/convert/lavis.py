@@ -174,9 +174,16 @@ def _infer_config(
     freq = cross[1] - cross[0] if len(cross) > 1 else max(qformer_depth, 1)
     if cross != list(range(0, qformer_depth, freq)):
         raise ValueError(f"cross-attention on Q-Former layers {cross} is not every k-th layer from layer 0")
-    for name, dim, count in (("ViT", width, heads), ("Q-Former", queries.shape[2], qformer_heads)):
+    for name, dim, count, flag in (
+        ("ViT", width, heads, "--heads"),
+        ("Q-Former", queries.shape[2], qformer_heads, "--qformer-heads"),
+    ):
         if dim % count:
-            raise ValueError(f"{name} width {dim} is not divisible by {count} heads")
+            fits = ", ".join(str(h) for h in (1, 2, 4, 8, 12, 16, 32) if h < dim and dim % h == 0)
+            raise ValueError(
+                f"{name} width {dim} is not divisible by {count} heads: give its head count with {flag} "
+                f"(the weights do not record it; one that divides {dim}, e.g. {fits})"
+            )
     return VisionConfig(
         image_size=grid * patch,
         patch_size=patch,

@@ -286,10 +286,10 @@ def analyze_samples(
 
         it = itertools.islice(it, limit)
     if progress:
-        from tqdm.auto import tqdm
+        from ..console import progress_bar
 
         total = progress if isinstance(progress, int) and not isinstance(progress, bool) else None
-        it = tqdm(it, total=total, desc="tokenize", unit=" samples", dynamic_ncols=True, disable=None)
+        it = progress_bar(it, total=total, desc="tokenize", unit=" samples", dynamic_ncols=True, disable=None)
     columns: dict[str, list[int]] = {kind: [] for kind in LENGTH_KINDS}
     for item in measure(it, tpl, tokenizer, image_tokens):
         if isinstance(item, Rejected):

@@ -167,9 +167,9 @@ def _check(
         report.shards = list(data.shards)
     samples: Iterable[Sample] = data
     if progress:
-        from tqdm.auto import tqdm
+        from ..console import progress_bar
 
-        samples = tqdm(
+        samples = progress_bar(
             samples,
             total=len(data) if isinstance(data, SampleList) else None,
             desc="check",

@@ -35,11 +35,11 @@ import contextlib
 import csv
 import io
 import json
+import logging
 import os
 import re
 import shutil
 import tarfile
-import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -47,12 +47,12 @@ from pathlib import Path
 from typing import Any
 
 from ..files import atomic_open, atomic_write_text
+from . import formats
 from .conversation import Sample, Text
 from .formats import (
     ALIGNMENT_INSTRUCTIONS,
     DATASET_FORMATS,
     MINIGPT4_IMAGE,
-    DataWarning,
     SampleList,
     WebDatasetReader,
     caption_sample,
@@ -155,10 +155,14 @@ def source_image_root(fmt: str, path: str | Path, image_root: str | Path | None 
 
 @contextlib.contextmanager
 def quiet_reader_warnings() -> Iterator[None]:
-    """Silence the readers' per-record :class:`DataWarning` s (callers report ``.report.skipped`` instead)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DataWarning)
+    """Silence the readers' per-record skip messages (callers report ``.report.skipped`` instead)."""
+    logger = logging.getLogger(formats.__name__)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
         yield
+    finally:
+        logger.setLevel(level)
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -528,9 +532,9 @@ def _convert(
         writer = _WebDatasetWriter(out, shard_size, report)
     samples: Iterable[Sample] = data
     if progress:
-        from tqdm.auto import tqdm
+        from ..console import progress_bar
 
-        samples = tqdm(
+        samples = progress_bar(
             samples,
             total=len(data) if isinstance(data, SampleList) else None,
             desc="convert",

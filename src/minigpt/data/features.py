@@ -384,9 +384,9 @@ def cache_features(
     encoder = encoder.to(device).eval()
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from ..console import progress_bar
 
-        bar = tqdm(desc="features", unit="img", dynamic_ncols=True)
+        bar = progress_bar(desc="features", unit="img", dynamic_ncols=True)
 
     def load(job: tuple[str, Any, str]) -> tuple[str, torch.Tensor | None, str, str]:
         key, image, origin = job

@@ -1,8 +1,9 @@
 """Dataset readers: parse files into :class:`Sample` s (a conversation and its image references).
 
 Readers know nothing of prompts or tokens, and do not open images (paths only; webdataset samples carry the
-encoded bytes). A malformed record is skipped with a :class:`DataWarning` naming its origin and counted in the
-reader's :class:`ReadReport`; a file without any valid record, or that is not valid JSON, raises ``ValueError``.
+encoded bytes). A malformed record is skipped, logged as a warning naming its origin (logger
+``minigpt.data.formats``) and counted in the reader's :class:`ReadReport`; a file without any valid record, or that is
+not valid JSON, raises ``ValueError``.
 Origins are ``"file:index"`` (0-based position in a JSON list), ``"file:line"`` (1-based, JSONL) or ``"shard/key"``.
 
 Image paths are relative to the dataset's image root. One rule for every reader: a path that resolves outside the
@@ -16,12 +17,12 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import logging
 import math
 import os
 import random
 import re
 import tarfile
-import warnings
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -47,9 +48,7 @@ LLAVA_ROLES: dict[str, str] = {"human": "user", "gpt": "assistant", "system": "s
 IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
 MAX_WARNINGS = 10  # per report; the rest are summarised in one warning
 
-
-class DataWarning(UserWarning):
-    """A skipped record or shard."""
+log = logging.getLogger(__name__)
 
 
 class RecordProblem(ValueError):
@@ -73,27 +72,28 @@ class EmptyAnswerError(RecordProblem):
 @dataclass
 class ReadReport:
     """What a reader kept and skipped; ``skipped`` holds ``(origin, reason)`` pairs, ``kinds`` the
-    :attr:`RecordProblem.kind` of those skipped for such a problem."""
+    :attr:`RecordProblem.kind` of those skipped for such a problem; ``logged``: the origins already logged (shared
+    by the passes of a stream, so that a record is logged once, not every epoch)."""
 
     source: str
     read: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
     kinds: dict[str, str] = field(default_factory=dict)
+    logged: set[str] = field(default_factory=set)
 
     def skip(self, origin: str, reason: str, kind: str | None = None) -> None:
         self.skipped.append((origin, reason))
         if kind is not None:
             self.kinds[origin] = kind
-        if len(self.skipped) <= MAX_WARNINGS:
-            warnings.warn(f"skipped {origin}: {reason}", DataWarning, stacklevel=4)
+        if len(self.skipped) <= MAX_WARNINGS and origin not in self.logged:
+            self.logged.add(origin)
+            log.warning("skipped %s: %s", origin, reason)
 
     def finish(self) -> None:
         """Summarise the warnings not shown, and fail when nothing was read."""
         if len(self.skipped) > MAX_WARNINGS:
-            warnings.warn(
-                f"{self.source}: {len(self.skipped) - MAX_WARNINGS} more records skipped (see ReadReport.skipped)",
-                DataWarning,
-                stacklevel=3,
+            log.warning(
+                "%s: %d more records skipped (see ReadReport.skipped)", self.source, len(self.skipped) - MAX_WARNINGS
             )
         if self.read == 0:
             first = f"; first: {self.skipped[0][0]}: {self.skipped[0][1]}" if self.skipped else ""
@@ -471,7 +471,7 @@ class WebDatasetReader(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[Sample]:
         info = torch.utils.data.get_worker_info()
         shards = self.shards if info is None else self.shards[info.id :: info.num_workers]
-        self.report = ReadReport(self.report.source)
+        self.report = ReadReport(self.report.source, logged=self.report.logged)
         for shard in shards:
             for sample in self._read_shard(shard):
                 self.report.read += 1

@@ -15,7 +15,8 @@ Pixel limit: an image with more than ``max_pixels`` pixels is refused (:class:`I
 width and height in its header, before any pixel is decoded (PIL opens files lazily). Decoding costs about
 3 bytes per pixel for the RGB image plus as much again for the conversion (up to ~15 bytes per pixel for images with
 alpha), so the default :data:`DEFAULT_MAX_PIXELS` (4096 x 4096 = 16.8 MP: 12 MP phone photos and 4K screenshots
-pass) bounds one decode at ~100-250 MB. Pillow's own limit (~179 MP) lets a 530 KB PNG take 1.75 GB.
+pass) bounds one decode at ~100-250 MB. Pillow's own limit (~179 MP) lets a 530 KB PNG take 1.75 GB. While a
+limit of ours applies, Pillow's ``DecompressionBombWarning`` is silenced (our refusal, or our larger limit, decides).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import io
 import math
 import random
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -93,10 +95,13 @@ def load_image(source: Any, origin: str | None = None, max_pixels: int | None = 
 
 def _open(fp: Any, name: str, origin: str | None, max_pixels: int | None) -> PILImage.Image:
     try:
-        with PILImage.open(fp) as img:  # reads the header only
-            check_pixels(img.size, max_pixels, name, origin)
-            img.load()  # full decode, so truncated files fail here and not later in a worker
-            return _to_rgb(img)
+        with warnings.catch_warnings():
+            if max_pixels is not None:  # checked below: Pillow's own warning would only repeat (or contradict) it
+                warnings.simplefilter("ignore", PILImage.DecompressionBombWarning)
+            with PILImage.open(fp) as img:  # reads the header only
+                check_pixels(img.size, max_pixels, name, origin)
+                img.load()  # full decode, so truncated files fail here and not later in a worker
+                return _to_rgb(img)
     except PILImage.DecompressionBombError as e:  # over Pillow's own limit (twice ~89 MP), found at open
         raise ImageTooLargeError(f"image {name}{_where(origin)}: {e}") from e
     except ImageTooLargeError:

@@ -11,7 +11,7 @@ predictions file (minigpt's, LLaVA answers or lmms-eval sample logs) the same wa
 mode and restored.
 
 Bad input never stops a run halfway: a missing or unreadable image, a record the model fails on (a failed batch
-is retried one record at a time) and an empty prediction each get an :class:`EvalWarning` naming the record, and
+is retried one record at a time) and an empty prediction each get a warning logged naming the record, and
 are counted in the metrics JSON (``counts`` and ``problems``). Records without a prediction are left out of the
 metrics, except for multiple choice, where they count as misses (as in VLMEvalKit). Only when the first records
 of a run all fail (a wrong ``--images`` folder, a broken model) does it stop, with the first error.
@@ -23,7 +23,6 @@ import json
 import logging
 import platform
 import time
-import warnings
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -32,6 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from ..console import progress_bar
 from ..data.images import load_image
 from ..files import atomic_open, atomic_write_text
 from ..infer.generate import GenerationOptions
@@ -48,10 +48,6 @@ ABORT_AFTER = 32
 SCORES_FILE = "scores.jsonl"
 
 
-class EvalWarning(UserWarning):
-    """A record that could not be evaluated, or a suspicious prediction."""
-
-
 @dataclass
 class Problems:
     """Counts and examples of bad input, by kind: ``missing_image`` (missing or unreadable image),
@@ -66,16 +62,12 @@ class Problems:
         if len(self.examples[kind]) < MAX_EXAMPLES:
             self.examples[kind].append(f"{where}: {message}")
         if self.counts[kind] <= MAX_WARNINGS:
-            warnings.warn(f"{kind.replace('_', ' ')}: {where}: {message}", EvalWarning, stacklevel=3)
+            log.warning("%s: %s: %s", kind.replace("_", " "), where, message)
 
     def summarize(self) -> None:
         for kind, n in self.counts.items():
             if n > MAX_WARNINGS:
-                warnings.warn(
-                    f"{n - MAX_WARNINGS} more {kind.replace('_', ' ')} problems (see the metrics JSON)",
-                    EvalWarning,
-                    stacklevel=3,
-                )
+                log.warning("%d more %s problems (see the metrics JSON)", n - MAX_WARNINGS, kind.replace("_", " "))
 
     def to_dict(self) -> dict[str, Any]:
         return {k: {"count": n, "examples": self.examples[k]} for k, n in sorted(self.counts.items())}
@@ -193,9 +185,7 @@ def predict(
 
 
 def _bar(total: int, initial: int, desc: str) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc=desc, unit=" samples", dynamic_ncols=True, smoothing=0.1)
+    return progress_bar(total=total, initial=initial, desc=desc, unit=" samples", dynamic_ncols=True, smoothing=0.1)
 
 
 # ---------------------------------------------------------------------------------------------- metrics

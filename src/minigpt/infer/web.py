@@ -126,7 +126,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from .args import engine_from_args
 
-    demo = build_ui(engine_from_args(args))
+    engine = engine_from_args(args)
+    if engine.max_image_pixels is not None:  # Gradio opens uploads with Pillow first; our limit refuses them after
+        import warnings
+
+        from PIL.Image import DecompressionBombWarning
+
+        warnings.filterwarnings("ignore", category=DecompressionBombWarning)
+    demo = build_ui(engine)
     demo.queue(max_size=args.queue_size)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share)
+    # quiet: Gradio's own lines advise `share=True` in `launch()`; ours names the flag
+    _, local_url, share_url = demo.launch(
+        server_name=args.host, server_port=args.port, share=args.share, quiet=True, prevent_thread_lock=True
+    )
+    print(f"minigpt web: running on {local_url}", flush=True)
+    if share_url:
+        print(f"minigpt web: public link {share_url} (temporary; anyone with it can use the model)", flush=True)
+    elif args.share:
+        print("minigpt web: no public link could be made (see the message above)", flush=True)
+    else:
+        print("minigpt web: for a public gradio.live link, run again with --share", flush=True)
+    demo.block_thread()
     return 0

@@ -242,6 +242,39 @@ def run_info(directory: Path) -> dict[str, Any]:
     }
 
 
+def _trained_earlier(directory: Path, frozen: list[str], max_depth: int = 8) -> dict[str, str]:
+    """For the parts frozen in the run that wrote ``directory``: the model directory of an earlier run, followed
+    through the ``model.init_from`` its ``train_config.yaml`` records (stage 2 starts from stage 1), that trained
+    them; a part never trained is left out."""
+    import yaml
+
+    from ..model.config import DEFAULT_FREEZE
+
+    found: dict[str, str] = {}
+    seen = {directory.resolve()}
+    current = directory
+    for _ in range(max_depth):
+        try:
+            record = yaml.safe_load((current / "train_config.yaml").read_text())
+            source = record["model"]["init_from"]
+        except (OSError, yaml.YAMLError, KeyError, TypeError):  # no record (not trained here), or not readable
+            break
+        if not isinstance(source, str) or not source:
+            break
+        path = Path(source)
+        if not path.is_absolute() and not path.exists():
+            path = current / path  # a path recorded relative to the model directory
+        if path.resolve() in seen or not (path / "config.json").is_file():
+            break
+        seen.add(path.resolve())
+        current = path
+        recorded = _read_json(path / "config.json").get("freeze") or {}
+        for part in frozen:
+            if part not in found and not bool(recorded.get(part, DEFAULT_FREEZE[part])):
+                found[part] = str(path)
+    return found
+
+
 def model_info(directory: str | Path) -> dict[str, Any]:
     """Everything ``minigpt info`` shows for a minigpt model directory, as a JSON-able dict."""
     directory = Path(directory)
@@ -263,6 +296,7 @@ def model_info(directory: str | Path) -> dict[str, Any]:
         "max_txt_len": config.get("max_txt_len"),
         "dtypes": {"llm": config.get("llm_dtype"), "vision": config.get("vision_dtype")},
         "trained": {p: not frozen for p, frozen in freeze.items()},
+        "trained_earlier": _trained_earlier(directory, [p for p, frozen in freeze.items() if frozen]),
         "parts": {},
     }
 
@@ -487,7 +521,10 @@ def format_info(info: dict[str, Any]) -> str:
             how = "adapter in llm_adapter/" if lora["source"].startswith("llm_adapter") else "merged"
             note = f"  (LoRA r={lora['r'] if lora['r'] is not None else '?'}, alpha={_num(lora['alpha'])}, {how})"
         else:
+            earlier = info["trained_earlier"].get(part)
             note = "" if info["trained"][part] else "  (frozen)"
+            if earlier and not info["trained"][part]:
+                note = f"  (frozen in this run; trained earlier, in {earlier})"
         lines.append(f"                {part:<10} {_count(c['total']):>7}    {_count(c['trainable']):>7}{note}")
     if info["parameters_total"] is not None:
         lines.append(f"                {'all':<10} {_count(info['parameters_total']):>7}")

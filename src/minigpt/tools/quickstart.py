@@ -208,14 +208,12 @@ def detailed_log(path: Path) -> Iterator[None]:
     warnings only, and transformers draws no progress bars of its own (weights loading, shards written)."""
     from transformers.utils import logging as hf_logging
 
+    from ..console import console_handlers
+
     root = logging.getLogger()
     file = logging.FileHandler(path, mode="w", encoding="utf-8")
     file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    consoles = {
-        h: h.level
-        for h in root.handlers
-        if isinstance(h, logging.StreamHandler) and h.stream in (sys.stdout, sys.stderr)
-    }
+    consoles = {h: h.level for h in console_handlers()}
     saved_level, bars = root.level, hf_logging.is_progress_bar_enabled()
     for handler in consoles:
         handler.setLevel(max(handler.level, logging.WARNING))
@@ -254,6 +252,8 @@ def run(args: argparse.Namespace) -> int:
     print_summary(summary)
     data, final = out / "data", summary["model"]
     if args.no_chat or not sys.stdin.isatty():
+        if not args.no_chat:
+            print("\nstdin is not a terminal: skipping the chat")
         print(f"\nchat with it:  minigpt chat {final} --image {data / test_items[0].image}")
         return 0
     from ..infer.chat import Chat, ChatEngine

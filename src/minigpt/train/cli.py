@@ -39,11 +39,26 @@ def register(subparsers: Any) -> None:
         help="auto (cuda, npu, mps, then cpu), cpu, cuda, cuda:N, npu, npu:N or mps; the same as "
         "run.device=DEVICE (default: the config's run.device, auto)",
     )
-    parser.set_defaults(func=run_train)
+    parser.set_defaults(func=run_train, unknown_hint=override_hint)
+
+
+def override_hint(unknown: list[str]) -> str:
+    """What to write instead of ``--batch_size 4``: the overrides are ``key=value`` (``run.batch_size=4``)."""
+    from .config import keys_named
+
+    examples = []
+    for i, token in enumerate(unknown):
+        if token.startswith("--"):
+            name, sep, value = token[2:].partition("=")
+            if not sep:
+                value = unknown[i + 1] if i + 1 < len(unknown) and not unknown[i + 1].startswith("-") else "VALUE"
+            examples += [f"{key}={value}" for key in keys_named(name.replace("-", "_"))]
+    example = " ".join(examples) or "run.batch_size=4"
+    return f" (config overrides are KEY=VALUE with a dotted key and no dashes, e.g. {example})"
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .config import check_paths, load_config
+    from .config import load_config, path_problems
 
     overrides = list(args.overrides)
     if getattr(args, "device", None):
@@ -54,8 +69,10 @@ def run_train(args: argparse.Namespace) -> int:
     if args.print_config:
         import yaml
 
-        check_paths(config)  # as train() does first
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+        missing = [f"#   {key}: {problem}" for key, problem in path_problems(config)]
+        if missing:  # shown, so a shipped recipe can be read before its data is downloaded
+            print("# paths not found (`minigpt train` refuses to start until they exist):", *missing, sep="\n")
         return 0
     from .launch import train
 
@@ -67,17 +84,9 @@ def run_train(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m minigpt.train.cli CONFIG [overrides]``: the train command on its own (as ``minigpt train``)."""
-    import logging
+    from ..cli import main as cli_main
 
-    parser = argparse.ArgumentParser(prog="minigpt")
-    register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return run_train(args)
-    except (ValueError, FileNotFoundError, OSError, RuntimeError) as err:
-        print(f"minigpt train: error: {err}", file=sys.stderr)
-        return 2
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

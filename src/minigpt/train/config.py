@@ -20,6 +20,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ..console import describe_error, error_key
 from ..data.formats import TRAIN_FORMATS
 from ..data.images import DEFAULT_MAX_PIXELS
 from ..model.config import MiniGPTConfig
@@ -373,26 +374,11 @@ def validate_config(
 
 
 def _describe(error: Any, data: dict[str, Any], overridden: dict[str, str]) -> str:
-    loc = [str(p) for p in error["loc"] if not _is_union_tag(p)]
-    key = ".".join(loc) or "(top level)"
-    if error["type"] == "extra_forbidden":
-        fields = _fields_at(loc[:-1])
-        hint = f" (valid keys here: {', '.join(fields)})" if fields else ""
-        message = f"{key}: unknown key{hint}"
-    elif error["type"] == "missing":
-        message = f"{key}: missing (required)"
-    else:
-        msg = error["msg"].removeprefix("Value error, ")
-        shown = error.get("input")
-        got = f" (got {shown!r})" if not isinstance(shown, (dict, list)) and repr(shown) not in msg else ""
-        message = f"{key}: {msg}{got}"
+    key = error_key(error)
+    fields = _fields_at(key.split(".")[:-1]) if error["type"] == "extra_forbidden" else []
+    message = describe_error(error, fields)
     origin = next((item for k, item in overridden.items() if key == k or key.startswith(k + ".")), None)
     return message + (f" [from override {origin}]" if origin else "")
-
-
-def _is_union_tag(part: Any) -> bool:
-    # pydantic puts the union member tried into the location ("str", "list[str]", "function-after[...]")
-    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool", "dict", "list"))
 
 
 def _fields_at(loc: list[str]) -> list[str]:
@@ -407,6 +393,18 @@ def _fields_at(loc: list[str]) -> list[str]:
         if model is None:
             return []
     return list(model.model_fields)
+
+
+def keys_named(name: str, model: Any = TrainConfig, prefix: str = "") -> list[str]:
+    """The dotted keys of the config whose last part is ``name`` (``batch_size`` -> ``run.batch_size``)."""
+    keys = []
+    for field_name, field in model.model_fields.items():
+        if field_name == name:
+            keys.append(prefix + field_name)
+        sub = _model_of(field.annotation)
+        if sub is not None and sub is not model:
+            keys += keys_named(name, sub, f"{prefix}{field_name}.")
+    return keys
 
 
 def _model_of(annotation: Any) -> Any:
@@ -430,12 +428,13 @@ HUB_ID = re.compile(r"^(?!\.)[\w.-]{1,96}(/(?!\.)[\w.-]{1,96})?$")
 def check_paths(config: TrainConfig) -> None:
     """:class:`ConfigError` listing every file or folder of ``config`` that is not there, by key path, so that a
     typo stops the run before anything (a 7B LLM) is loaded."""
-    problems = [f"  {key}: {problem}" for key, problem in _path_problems(config)]
+    problems = [f"  {key}: {problem}" for key, problem in path_problems(config)]
     if problems:
         raise ConfigError("paths not found:\n" + "\n".join(problems))
 
 
-def _path_problems(config: TrainConfig) -> Iterator[tuple[str, str]]:
+def path_problems(config: TrainConfig) -> Iterator[tuple[str, str]]:
+    """``(key, problem)`` for each file or folder of ``config`` that is not there."""
     model, data, run = config.model, config.data, config.run
     if not Path(model.llm).exists() and not HUB_ID.match(model.llm):
         yield "model.llm", f"no such folder: {model.llm} (nor a hub id ORG/NAME)"

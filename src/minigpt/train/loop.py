@@ -17,9 +17,7 @@ import random
 import shutil
 import sys
 import time
-import warnings
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,8 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..console import logs_above_bars, progress_bar
 from ..data.features import open_feature_cache, project_features
-from ..data.formats import DataWarning
 from ..device import peak_memory_gib, pins_memory
 from ..files import atomic_directory, atomic_write_text
 from ..model.config import read_config
@@ -257,9 +255,9 @@ class Reporter:
         self._file = open(self.path, "a")
         self.start_step, self.total, self.t0 = step, total, time.perf_counter()
         if sys.stderr.isatty():
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, initial=step, desc=self.path.parent.name, unit="step", dynamic_ncols=True)
+            self.bar = progress_bar(
+                total=total, initial=step, desc=self.path.parent.name, unit="step", dynamic_ncols=True
+            )
             self._console.enter_context(logs_above_bars())
 
     def log(self, record: dict[str, Any]) -> None:
@@ -299,38 +297,6 @@ class Reporter:
         if self.wandb is not None:
             self.wandb.finish()
         self.bar = self.tb = self.wandb = self._file = None
-
-
-class _AboveBars:
-    """A console stream whose writes go above the progress bars (``tqdm.write``) instead of after them."""
-
-    def __init__(self, stream: Any) -> None:
-        self.stream = stream
-
-    def write(self, text: str) -> None:
-        from tqdm import tqdm
-
-        tqdm.write(text, file=self.stream, end="")
-
-    def flush(self) -> None:
-        self.stream.flush()
-
-
-@contextmanager
-def logs_above_bars() -> Iterator[None]:
-    """Within the block, the root logger's console handlers (stdout/stderr) print above the progress bars, each
-    record on its own line, keeping their levels, formats and filters; other handlers (files) are left alone."""
-    handlers = [
-        h
-        for h in logging.root.handlers
-        if isinstance(h, logging.StreamHandler) and h.stream in (sys.stdout, sys.stderr)
-    ]
-    streams = [h.setStream(_AboveBars(h.stream)) for h in handlers]
-    try:
-        yield
-    finally:
-        for handler, stream in zip(handlers, streams):
-            handler.setStream(stream)
 
 
 def _record_step(line: str) -> float:
@@ -444,7 +410,7 @@ class Trainer:
         self.step = 0
         # "skipped": samples dropped while training (bad image, ...); malformed records: data.skipped_records
         self.counters = {"samples": 0, "tokens": 0, "skipped": 0}
-        self._warned = 0
+        self._warned: set[str] = set()  # origins of the skipped samples reported (once each, across epochs)
         self._evaluated_at: int | None = None
         self._eval_task_data: Any = None
         self.optimizer = optimizer
@@ -535,9 +501,7 @@ class Trainer:
             "skipped_records": self.data.skipped_records,
         }
         if tokens == 0:  # every sample of the step skipped (or without answer tokens)
-            warnings.warn(
-                f"step {self.step + 1}: no supervised token in the step, no update", DataWarning, stacklevel=3
-            )
+            log.warning("step %d: no supervised token in the step, no update", self.step + 1)
             record.update(loss=None, grad_norm=None)
         return record, tokens
 
@@ -690,15 +654,13 @@ class Trainer:
             self.model.llm.train()  # LoRA dropout and HF gradient checkpointing act in training mode only
 
     def _warn_skipped(self, micro: list[TrainBatch]) -> None:
-        for b in micro:
-            for s in b.skipped:
-                self._warned += 1
-                if self._warned <= MAX_SKIP_WARNINGS:
-                    warnings.warn(f"skipped {s.origin}: {s.reason}", DataWarning, stacklevel=3)
-                elif self._warned == MAX_SKIP_WARNINGS + 1:
-                    warnings.warn(
-                        "more samples skipped; metrics.jsonl counts them ('skipped')", DataWarning, stacklevel=3
-                    )
+        """Log each skipped sample once (a bad image is not reported again every epoch), up to a limit."""
+        for s in (s for b in micro for s in b.skipped if s.origin not in self._warned):
+            self._warned.add(s.origin)
+            if len(self._warned) <= MAX_SKIP_WARNINGS:
+                log.warning("skipped %s: %s", s.origin, s.reason)
+            elif len(self._warned) == MAX_SKIP_WARNINGS + 1:
+                log.warning("more samples skipped; metrics.jsonl counts them ('skipped')")
 
     def _rates(self, record: dict[str, Any], seconds: float) -> dict[str, Any]:
         seconds = max(seconds, 1e-9)

@@ -5,8 +5,8 @@ A task module (caption, vqa, mcq, pope...) subclasses :class:`Task`: its readers
 the metrics (totals and one row per record or question) with a named reference logic (:attr:`~Task.scorers`).
 
 Like :mod:`minigpt.data.formats`, readers do not open images (paths, or encoded bytes for TSV files that embed
-them); a malformed record is skipped with a :class:`~minigpt.data.formats.DataWarning` naming its origin and counted
-in the :class:`~minigpt.data.formats.ReadReport` of the returned :class:`TaskData`.
+them); a malformed record is skipped with a logged warning naming its origin and counted in the
+:class:`~minigpt.data.formats.ReadReport` of the returned :class:`TaskData`.
 """
 
 from __future__ import annotations
