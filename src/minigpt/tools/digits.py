@@ -71,8 +71,8 @@ class DigitsTask:
     name = "digits"
     questions = (Question("digit", QUESTIONS[0], "the digit"),)
     grid_question = "digit"
-    stage1 = Stage(400, 16, 3e-3, True)
-    stage2 = Stage(300, 4, 1e-2)
+    stage1 = Stage(300, 16, 3e-3, True)
+    stage2 = Stage(200, 4, 1e-2)
     train_size = 0  # all scans not held out
     test_size = 300
 
