@@ -163,6 +163,7 @@ def stage_config(
                 "seed": args.seed,
                 "max_steps": steps,
                 "batch_size": stage.batch_size,
+                "eval_batch_size": 16,  # held-out loss: fewer, larger forwards
                 "optimizer": {"lr": stage.lr, "weight_decay": 0.0},
                 "schedule": {
                     "name": "linear_warmup_cosine",
