@@ -154,17 +154,22 @@ def test_qa_file_gives_instruction_pairs_and_paths_must_stay_inside(tmp_path):
     table = tmp_path / "qa.csv"
     rows = [f"{i}.png,How red is it?,level {i}" for i in range(6)]
     rows += ["../outside.png,What is it?,x", f"{outside},What is it?,x", "missing.png,What is it?,x"]
+    rows += [f"{folder / '0.png'},Absolute but inside?,yes", "sub/../1.png,Normalised?,yes"]
     table.write_text("image,question,answer\n" + "\n".join(rows) + "\n")
-    report = import_folder(folder, tmp_path / "out", qa=table, options=ImportOptions(eval_size=2))
+    report = import_folder(folder, tmp_path / "out", qa=table, options=ImportOptions(eval_size=2, seed=5))
     assert {p.path: p.kind for p in report.bad} == {
         "../outside.png": "outside_folder",
         str(outside): "outside_folder",
         "missing.png": "missing_image",
     }
     train = json.loads((tmp_path / "out" / "train.json").read_text())
-    assert len(train) == 4 and train[0]["conversations"][0]["value"] == "<image>\nHow red is it?"
+    eval_ = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert len(train) + len(eval_) == 8 and {r["image"] for r in train + eval_} == {f"images/{i}.png" for i in range(6)}
+    assert (folder / "0.png").is_file() and sorted(p.name for p in (tmp_path / "out" / "images").iterdir()) == [
+        f"{i}.png" for i in range(6)
+    ]
     vqa = load_task("vqa", tmp_path / "out" / "eval_vqa.jsonl")
-    assert len(vqa.records) == 2 and vqa.records[0].references[0].startswith("level ")
+    assert len(vqa.records) == 2 and not vqa.report.skipped
 
 
 def test_bad_input_is_one_clear_error(tmp_path):

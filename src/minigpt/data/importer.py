@@ -32,7 +32,7 @@ import shutil
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -222,6 +222,7 @@ def _class_rows(folder: Path, report: ImportReport) -> list[_Row]:
             for name in sorted(filenames):
                 rel = (here / name).relative_to(folder).as_posix()
                 if name.startswith("."):
+                    report.ignored.append(Problem(rel, "hidden", "a hidden file"))
                     continue
                 if Path(name).suffix.lower() not in IMAGE_SUFFIXES:
                     report.ignored.append(Problem(rel, "not_an_image", "not a picture's file extension"))
@@ -290,12 +291,23 @@ def _table_records(path: Path) -> Iterable[tuple[str, Any]]:
 
 
 def _check_images(root: Path, rows: list[_Row], options: ImportOptions, report: ImportReport) -> list[_Row]:
-    """The rows whose picture passes :func:`image_problem`; every other picture is named once in ``report.bad``."""
-    images = sorted({r.image for r in rows})
+    """The rows whose picture passes :func:`image_problem`, each with its path relative to ``root`` (normalised);
+    every other picture is named once, as written, in ``report.bad``."""
+    normal = {image: _relative(root, image) for image in {r.image for r in rows}}
+    images = sorted({n for n in normal.values() if n is not None})
     with ThreadPoolExecutor(max(1, options.workers)) as pool:
         problems = dict(zip(images, pool.map(lambda rel: image_problem(root, rel, options.max_pixels), images)))
+    outside = "resolves outside the folder (a '..' or an absolute path)"
+    report.bad += [Problem(image, "outside_folder", outside) for image, n in sorted(normal.items()) if n is None]
     report.bad += [p for p in problems.values() if p is not None]
-    return [r for r in rows if problems[r.image] is None]
+    return [replace(r, image=n) for r in rows if (n := normal[r.image]) is not None and problems[n] is None]
+
+
+def _relative(root: Path, image: str) -> str | None:
+    """``image`` (relative to ``root``, or absolute) as a normalised relative POSIX path; None when, as written, it
+    leaves ``root``."""
+    relative = os.path.relpath(os.path.normpath(os.path.join(root, image)), root)
+    return None if relative == os.curdir or relative.split(os.sep)[0] == os.pardir else Path(relative).as_posix()
 
 
 def image_problem(root: Path, relative: str, max_pixels: int | None) -> Problem | None:
