@@ -97,7 +97,7 @@ def confusion_matrix(truths: Sequence[str], answers: Sequence[str | None], label
     import numpy as np
 
     plt = _pyplot()
-    columns = [*labels, "other"]
+    columns = [*labels, "none or several"]
     counts = np.zeros((len(labels), len(columns)), dtype=int)
     for truth, answer in zip(truths, answers):
         counts[labels.index(truth), columns.index(answer) if answer in labels else len(labels)] += 1
