@@ -32,9 +32,9 @@ def register(subparsers: Any) -> None:
     sub = add_command_group(
         subparsers,
         "data",
-        help="analyze token lengths, check and clean, convert datasets",
-        description="Dataset tools: token-length analysis with the model's template, integrity checks with a "
-        "cleaned copy, and conversion between LLaVA, MiniGPT4Qwen, cc_sbu_align and webdataset.",
+        help="import a folder of pictures, analyze token lengths, check and clean, convert datasets",
+        description="Dataset tools: import a folder of pictures, token-length analysis with the model's template, "
+        "integrity checks with a cleaned copy, and conversion between LLaVA, MiniGPT4Qwen, cc_sbu_align and webdataset.",
     )
 
     q = sub.add_parser(
