@@ -62,7 +62,7 @@ BLOCKS: dict[str, Py | Sh] = {
         }
     ),
     # Use it from Python
-    "from minigpt import Conversation, Engine": Py(),
+    "from minigpt import Engine": Py(subs={"max_new_tokens=100": "max_new_tokens=8"}),
     "from minigpt import Conversation, Engine, GenerationOptions, MiniGPT, MiniGPTConfig, MiniGPTProcessor, VisionConfig": Py(
         subs={
             'llm="lmsys/vicuna-7b-v0"': "llm=TINY_LLAMA",
@@ -76,6 +76,8 @@ BLOCKS: dict[str, Py | Sh] = {
     "minigpt train configs/qlora_stage2.yaml model.llm=/models/Qwen-14B-Chat": Sh(),
     # Memory: will it fit? (the commands run for real in test_memory_plan's slow README test)
     "minigpt plan configs/minigpt4_stage2.yaml model.llm=vicuna-7b run.batch_size=4": Sh(),
+    # Fine-tune on your own pictures (run line by line, as written, by tests/test_import_walk.py)
+    "minigpt quickstart --task digits --no-chat             # a model to start from: runs/quickstart/stage2/final": Sh(),
     # Data tools
     "minigpt data analyze llava_instruct.json -f llava --tokenizer Qwen/Qwen-7B-Chat --trust-remote-code \\": Sh(),
     # Checkpoints of the original projects
