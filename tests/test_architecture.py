@@ -21,6 +21,8 @@ CHECKED_SECTIONS = ("The three owners", "Call traces", "Recipes")
 NOT_NAMES = {
     "deepspeed_pipeline",  # a run.strategy value
     "final/",
+    "llm_adapter/",  # a folder of final/
+    "outside_root",  # a skip reason as counted in reports (the function of that name is named with its module)
     "step_N",
     "model(batch)",
     "model:",

@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from minigpt.cli import build_parser, main
 from minigpt.data.packing import collate_packed
 from minigpt.data.tokenize import ModelBatch
-from minigpt.tools.bench.common import FlopModel, build_bench_model, llm_config, vision_config
+from minigpt.tools.bench.common import FlopModel, build_bench_model, llm_shape, vision_shape
 from minigpt.tools.bench.train import synthetic_encoded
 
 CASE_KEYS = {
@@ -130,7 +130,7 @@ def test_bench_generate_json_and_null_mfu(capsys):
 
 
 def _model(attn="eager"):
-    return build_bench_model(llm_config("tiny"), vision_config("tiny"), torch.device("cpu"), torch.float32, attn)
+    return build_bench_model(llm_shape("tiny"), vision_shape("tiny"), torch.device("cpu"), torch.float32, attn)
 
 
 def _counted(fn) -> int:

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from conftest import SHARED, shared_path
 from minigpt.cli import build_parser, main
-from minigpt.convert.lavis import load_checkpoint, load_vision
+from minigpt.convert.lavis import load_checkpoint, load_vision_source
 from minigpt.model.minigpt import MiniGPT
 
 pytestmark = pytest.mark.fidelity  # compared against tests/shared reference data
@@ -66,7 +66,7 @@ def test_help_lists_commands(capsys):
 
 def test_lavis(vision_dir, expected, capsys):
     with torch.no_grad():
-        got = load_vision(vision_dir)(expected["pixel_values"])
+        got = load_vision_source(vision_dir)(expected["pixel_values"])
     diff = (got - expected["query_output"]).abs().max().item()
     print(f"convert lavis: query_output max abs diff {diff:.3g}")
     assert diff < TOL
@@ -132,7 +132,7 @@ def test_hf_blip2(tmp_path, capsys, tiny_blip2_config):
         want = model.qformer(
             query_embeds=model.query_tokens.expand(2, -1, -1), encoder_hidden_states=feats
         ).last_hidden_state
-        got = load_vision(tmp_path / "v")(pixels)
+        got = load_vision_source(tmp_path / "v")(pixels)
     assert (got - want).abs().max().item() < TOL  # ln_vision eps 1e-5 vs transformers' 1e-6
     assert main(["convert", "hf-blip2", str(tmp_path / "nothing"), "--out", str(tmp_path / "w")]) == 2
     assert "no such folder" in capsys.readouterr().err
@@ -261,7 +261,7 @@ def test_assemble_minigpt4qwen_checkpoint_with_trained_qformer(vision_dir, tiny_
     """A MiniGPT4Qwen checkpoint (llm_proj + a trained Q-Former) onto a Qwen LLM: ChatML chosen (not vicuna0), the
     checkpoint's query_tokens / Qformer.bert.* load over the base Q-Former, text-side keys are ignored, and the
     encoder is stored (it no longer equals its source)."""
-    base = load_vision(vision_dir).state_dict()
+    base = load_vision_source(vision_dir).state_dict()
     torch.manual_seed(2)
     query_key = "Qformer.bert.encoder.layer.0.attention.self.query.weight"
     trained = {

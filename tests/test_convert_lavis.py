@@ -19,7 +19,7 @@ from minigpt.convert.lavis import (
     convert_lavis_vision,
     convert_minigpt4_projector,
     load_checkpoint,
-    load_vision,
+    load_vision_source,
     save_vision,
     vision_config_from_lavis,
 )
@@ -64,7 +64,7 @@ def max_diffs(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -
 @pytest.fixture(scope="module")
 def converted(fx, tmp_path_factory) -> dict:
     config, state, report = convert_lavis_vision(fx["eva"], FIXTURE / "blip2.pth", heads=4, qformer_heads=4)
-    encoder = load_vision(save_vision(tmp_path_factory.mktemp("vision"), config, state))
+    encoder = load_vision_source(save_vision(tmp_path_factory.mktemp("vision"), config, state))
     return {"config": config, "state": state, "report": report, "encoder": encoder}
 
 
@@ -161,13 +161,13 @@ def test_mutations_fail_tolerance(fx, converted):
 def test_save_load_vision_round_trip(converted, tmp_path):
     directory = save_vision(tmp_path / "v", converted["config"], converted["state"])
     assert sorted(p.name for p in directory.iterdir()) == ["vision.safetensors", "vision_config.json"]
-    encoder = load_vision(directory)
+    encoder = load_vision_source(directory)
     assert encoder.config == converted["config"] and not encoder.training
     pixels = torch.randn(2, 3, 56, 56)
     assert torch.equal(encoder(pixels), converted["encoder"](pixels))
     partial = {k: v for k, v in converted["state"].items() if k != "query_tokens"}
     with pytest.raises(RuntimeError, match="query_tokens"):
-        load_vision(save_vision(tmp_path / "bad", converted["config"], partial))
+        load_vision_source(save_vision(tmp_path / "bad", converted["config"], partial))
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +233,7 @@ def test_hf_directory_round_trip(hf_blip2, tmp_path):
     assert torch.allclose(got["vit_features"], vit.hidden_states[-1], atol=1e-6)
     assert torch.allclose(got["query_output"], hf_query, atol=1e-6)
     # ... and with LAVIS' eps 1e-5 (what we keep) they stay within the fixture tolerance.
-    encoder = load_vision(save_vision(tmp_path / "v", config, state))
+    encoder = load_vision_source(save_vision(tmp_path / "v", config, state))
     assert (encoder(pixels) - hf_query).abs().max().item() < TOL
 
 

@@ -471,7 +471,7 @@ class _Req:
 
 
 def test_lmms_adapter_generate_until_batches_and_keeps_order(images):
-    from minigpt.eval.lmms_adapter import MiniGPTLmmsCore, generation_options
+    from minigpt.eval.lmms_adapter import MiniGPTLmmsCore, options_from_gen_kwargs
 
     model = StubModel(fn=lambda text: text.split("?")[0].split()[-1])
     core = MiniGPTLmmsCore(model, batch_size=2)
@@ -502,9 +502,9 @@ def test_lmms_adapter_generate_until_batches_and_keeps_order(images):
     assert sorted(len(c) for c in model.calls) == [1, 2]
     assert model.calls[0][0].startswith("<ImageHere> A longer")  # visuals first when no placeholder; longest first
     assert "<ImageHere>\nWhat is shown" in model.calls[0][1]
-    opts = generation_options(greedy)
+    opts = options_from_gen_kwargs(greedy)
     assert (opts.do_sample, opts.max_new_tokens, opts.stop) == (False, 4, ["\n\n"])
-    sampled = generation_options({"do_sample": True, "temperature": 0.7, "top_p": None})
+    sampled = options_from_gen_kwargs({"do_sample": True, "temperature": 0.7, "top_p": None})
     assert sampled.do_sample and sampled.temperature == 0.7 and sampled.top_p == 1.0
 
 

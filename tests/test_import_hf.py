@@ -116,13 +116,15 @@ def test_refusals_and_errors(tmp_path, capsys, tiny_blip2_config):
 
 def test_blip2_folder_as_vision_weights_and_projector(salesforce_like, tiny_llama_dir, tmp_path, capsys):
     hf, directory = salesforce_like
-    from minigpt.convert.lavis import load_vision
+    from minigpt.convert.lavis import load_vision_source
 
-    assert torch.equal(load_vision(directory).state_dict()["query_tokens"], hf.query_tokens)  # the converters read it
+    assert torch.equal(
+        load_vision_source(directory).state_dict()["query_tokens"], hf.query_tokens
+    )  # the converters read it
     with pytest.raises(FileNotFoundError, match="not a vision encoder folder .* 'minigpt convert hf-blip2'"):
         MiniGPT.build(MiniGPTConfig(llm=str(tiny_llama_dir), vision_weights=str(directory)))  # the model says how
     with pytest.raises(FileNotFoundError, match="not a vision encoder folder .* nor a transformers BLIP-2 folder"):
-        load_vision(tmp_path)
+        load_vision_source(tmp_path)
     assert main(["convert", "projector", str(directory), "--out", str(tmp_path / "p.safetensors")]) == 0
     assert "language_projection: in 16 -> out 16" in capsys.readouterr().out
     assert torch.equal(load_file(tmp_path / "p.safetensors")["weight"], hf.language_projection.weight)

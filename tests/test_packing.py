@@ -12,7 +12,7 @@ from PIL import Image
 from minigpt.data.conversation import Conversation
 from minigpt.data.packing import collate_packed, length_grouped_order, pack_rows, padding_stats
 from minigpt.train.config import validate_config
-from minigpt.train.data import BatchPlan, Item, collate
+from minigpt.train.data import BatchPlan, Item, collate_items
 from minigpt.train.launch import train
 from test_train_support import losses, make_shapes, tiny_config
 
@@ -58,11 +58,11 @@ def test_packed_loss_equals_unpacked(tiny_pair_factory, attn):
     model.train()
     items = _items(processor, 7)
     pad_id = processor.tokenizer.pad_token_id
-    padded = collate(items, pad_id)
+    padded = collate_items(items, pad_id)
     loss, grad, count = _loss_and_grad(model, padded)
     longest = max(len(x.encoded) for x in items)
     for capacity in (longest, 2 * longest, 10_000):  # several rows, fewer rows, one row
-        packed = collate(items, pad_id, pack_len=capacity)
+        packed = collate_items(items, pad_id, pack_len=capacity)
         assert packed.num_input_tokens == padded.num_input_tokens and packed.num_tokens == padded.num_tokens
         p_loss, p_grad, p_count = _loss_and_grad(model, packed)
         assert p_count == count

@@ -20,7 +20,7 @@ from conftest import logged
 from minigpt.data.tokenize import IGNORE_INDEX
 from minigpt.tools.shapes import draw_shape
 from minigpt.train.config import DatasetSpec, validate_config
-from minigpt.train.data import BatchPlan, Item, LoaderSettings, SampleEncoder, Skipped, TrainData, collate
+from minigpt.train.data import BatchPlan, Item, LoaderSettings, SampleEncoder, Skipped, TrainData, collate_items
 from minigpt.train.launch import train
 from test_train_support import losses, make_shapes, read_metrics, tiny_config
 
@@ -129,7 +129,7 @@ def test_map_style_formats_mix_by_ratio(tmp_path, encoder):
         origins = Counter(Path(data.source[i].origin.rsplit(":", 1)[0]).parent.name for i in range(40))
         assert origins == {"llava": 20, "cc_sbu_align": 10, "qwen": 10}
     items = [data.dataset[key] for key in next(iter(BatchPlan(4, 10, 0, 1)))]
-    batch = collate(items, pad_id=0)
+    batch = collate_items(items, pad_id=0)
     assert batch.num_samples == 4 and batch.batch.pixel_values.shape == (4, 3, 56, 56)
     assert batch.num_tokens == int((batch.batch.text.labels[:, 1:] != IGNORE_INDEX).sum()) > 0
 
@@ -223,7 +223,7 @@ def test_a_micro_batch_of_only_bad_samples_does_not_change_the_step(tmp_path, ti
     from minigpt.train.loop import Trainer
     from minigpt.train.strategy import Strategy
 
-    empty = collate([Skipped("a.png", "missing"), Skipped("b.png", "corrupt")], pad_id=0)
+    empty = collate_items([Skipped("a.png", "missing"), Skipped("b.png", "corrupt")], pad_id=0)
     assert empty.empty and empty.num_tokens == 0 and [s.origin for s in empty.skipped] == ["a.png", "b.png"]
     path = make_shapes(tmp_path / "data", 4)
     config = validate_config(tiny_config(tiny_llama_dir, path, tmp_path / "out", run={"batch_size": 2}))

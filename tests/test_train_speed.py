@@ -15,9 +15,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from minigpt.data.tokenize import IGNORE_INDEX
 from minigpt.model import loss as loss_module
 from minigpt.model.loss import chunked_linear_cross_entropy, linear_cross_entropy, resolve_loss_impl
-from minigpt.tools.bench.common import build_bench_model, llm_config, vision_config
+from minigpt.tools.bench.common import build_bench_model, llm_shape, vision_shape
 from minigpt.tools.bench.train import synthetic_encoded
-from minigpt.train.data import DevicePrefetcher, Item, TrainBatch, collate
+from minigpt.train.data import DevicePrefetcher, Item, TrainBatch, collate_items
 from minigpt.train.loop import forward_backward
 from minigpt.train.strategy import Strategy
 
@@ -75,7 +75,7 @@ class no_host_sync:
 
 
 def _model(attn: str = "sdpa"):
-    model = build_bench_model(llm_config("tiny"), vision_config("tiny"), torch.device("cpu"), torch.float32, attn)
+    model = build_bench_model(llm_shape("tiny"), vision_shape("tiny"), torch.device("cpu"), torch.float32, attn)
     model.train()
     return model
 
@@ -85,7 +85,7 @@ def _batch(model, pack_len: int | None = None, supervised=(5, 9, 3), seed: int =
     encs = [synthetic_encoded(2, model.image_tokens, n, 1000, rng) for n in supervised]
     gen = torch.Generator().manual_seed(seed)
     feats = torch.randn(len(encs), model.image_tokens, model.vision.out_dim, generator=gen)
-    return collate([Item(e, [], f"sample {i}", [f]) for i, (e, f) in enumerate(zip(encs, feats))], 0, pack_len)
+    return collate_items([Item(e, [], f"sample {i}", [f]) for i, (e, f) in enumerate(zip(encs, feats))], 0, pack_len)
 
 
 def _loss_and_grads(model, tb: TrainBatch) -> tuple[float, list[torch.Tensor]]:

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from minigpt.cli import main
-from minigpt.model.minigpt import MiniGPT, load_config
+from minigpt.model.minigpt import MiniGPT, load_model_config
 
 CODE_FILES = {
     "configuration_x.py": "from transformers import LlamaConfig\n\n\nclass XConfig(LlamaConfig):\n    pass\n",
@@ -60,7 +60,7 @@ def _booby_trapped(tiny_model_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
 def test_a_folder_asking_for_remote_code_does_not_get_it(tiny_model_dir, tmp_path, caplog):
     folder, marker = _booby_trapped(tiny_model_dir, tmp_path)
     with caplog.at_level(logging.WARNING, logger="minigpt.model.minigpt"):
-        config = load_config(folder)
+        config = load_model_config(folder)
     assert config.trust_remote_code is False
     assert "asks for trust_remote_code; ignored" in caplog.text
     MiniGPT.from_pretrained(folder)  # the LLM loads with its built-in LLaMA code

@@ -4,7 +4,7 @@ Our names are those of transformers' ``Blip2ForConditionalGeneration``. LAVIS na
 :data:`LAVIS_RULES`; EVA's ``attn.q_bias``/``attn.v_bias`` become ``self_attn.qkv.bias = cat(q, 0, v)``.
 Like LAVIS (``load_state_dict(strict=False)``), keys the model has no place for are ignored and reported;
 keys it needs but the files lack are an error. A vision-encoder directory holds ``vision_config.json`` +
-``vision.safetensors`` (:func:`save_vision`, :func:`load_vision`).
+``vision.safetensors`` (:func:`save_vision`, :func:`load_vision_folder`).
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from minigpt.model.vision import (
     VISION_CONFIG,
     Blip2VisionEncoder,
     VisionConfig,
+    load_vision_folder,
     save_vision,
     vision_encoder,
 )
-from minigpt.model.vision import load_vision as load_vision_folder
 from minigpt.safe_load import load_checkpoint, unwrap
 
 __all__ = [
@@ -42,7 +42,7 @@ __all__ = [
     "checkpoint_vision",
     "is_hf_blip2",
     "save_vision",
-    "load_vision",
+    "load_vision_source",
 ]
 
 StateDict = dict[str, torch.Tensor]
@@ -368,7 +368,7 @@ def convert_hf_blip2(
     return config, out, report
 
 
-def load_vision(directory: str | Path) -> Blip2VisionEncoder:
+def load_vision_source(directory: str | Path) -> Blip2VisionEncoder:
     """A vision folder (:func:`minigpt.model.vision.save_vision`), or a transformers BLIP-2 folder (converted as
     ``convert hf-blip2`` does) -> encoder in eval mode (strict load, no random init)."""
     directory = Path(directory)

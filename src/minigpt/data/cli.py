@@ -324,8 +324,7 @@ def _cache_features(args: argparse.Namespace) -> int:
         init = config.model.init_from
         encoder = load_vision_encoder(config.model.minigpt_config(), Path(init) if init else None)
     else:
-        from ..model.minigpt import PART_FILES, load_vision_encoder
-        from ..model.minigpt import load_config as load_model_config
+        from ..model.minigpt import PART_FILES, load_model_config, load_vision_encoder
         from .convert import open_dataset
 
         if not args.dataset or not args.format:

@@ -64,8 +64,8 @@ from .formats import (
     read_llava_json,
     read_minigpt4qwen_json,
     read_webdataset,
-    record_id,
     resolve_image,
+    sample_id,
 )
 
 #: Formats that can be read (``--format`` / ``--from``).
@@ -114,7 +114,7 @@ def read_captions_csv(
         if None in rec:
             raise ValueError(f"{len(rec[None])} more field(s) than the header has")
         image = resolve_image(root, get_field(rec, "image"), allow_outside_root)
-        return caption_sample(image, rec.get("caption"), record_id(rec) or None)
+        return caption_sample(image, rec.get("caption"), sample_id(rec) or None)
 
     return collect_samples(path, records, parse)
 

@@ -272,7 +272,8 @@ def _real_path(path: str) -> str:
     return os.path.realpath(real) if os.path.islink(real) else real
 
 
-def record_id(rec: Mapping[str, Any]) -> str | None:
+def sample_id(rec: Mapping[str, Any]) -> str | None:
+    """A dataset record's ``id`` as the sample's id (None without one)."""
     return None if rec.get("id") is None else str(rec["id"])
 
 
@@ -348,7 +349,7 @@ def read_llava_json(
         images = [] if images is None else [images] if isinstance(images, str) else images
         if not isinstance(images, list):
             raise ValueError(f"'image' must be a string or a list of strings, got {type(images).__name__}")
-        return Sample(conv, [resolve_image(root, img, allow_outside_root) for img in images], id=record_id(rec))
+        return Sample(conv, [resolve_image(root, img, allow_outside_root) for img in images], id=sample_id(rec))
 
     return collect_samples(path, json_records(path), parse)
 
@@ -375,7 +376,7 @@ def read_minigpt4qwen_json(
         conv = Conversation()
         for q, a in zip(questions, answers):
             conv.add("user", q).add("assistant", a)
-        return Sample(conv, [image], id=record_id(rec))
+        return Sample(conv, [image], id=sample_id(rec))
 
     return collect_samples(path, json_records(path), parse)
 
@@ -393,7 +394,7 @@ def read_captions_json(
 
     def parse(rec: dict[str, Any], _: int) -> Sample:
         image = resolve_image(root, get_field(rec, "image"), allow_outside_root)
-        return caption_sample(image, get_field(rec, "caption"), record_id(rec), blip_caption)
+        return caption_sample(image, get_field(rec, "caption"), sample_id(rec), blip_caption)
 
     return collect_samples(path, json_records(path), parse)
 

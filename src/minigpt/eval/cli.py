@@ -41,7 +41,7 @@ def add_generation_args(parser: argparse.ArgumentParser, max_new_tokens: int | N
     add_decoding_arguments(g)
 
 
-def generation_options(args: argparse.Namespace, task: str | None = None) -> Any:
+def options_from_args(args: argparse.Namespace, task: str | None = None) -> Any:
     from ..infer.generate import GenerationOptions
 
     max_new = args.max_new_tokens or (REGISTRY[task].max_new_tokens if task in REGISTRY else 300)
@@ -210,7 +210,7 @@ def _evaluate_model(args: argparse.Namespace, data: Any, info: dict[str, Any], m
 
     if args.batch_size < 1:
         raise ValueError("--batch-size must be >= 1")
-    options = generation_options(args, args.task)
+    options = options_from_args(args, args.task)
     engine = load_engine(spec_from_args(args))
 
     out = Path(args.output) if args.output else default_output(Path(args.model).resolve().name, args.task, args.data)

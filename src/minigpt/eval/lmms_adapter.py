@@ -121,7 +121,7 @@ def request_conversation(context: str, num_images: int) -> Conversation:
     return conv
 
 
-def generation_options(gen_kwargs: dict[str, Any] | None, default_max_new_tokens: int = 128) -> GenerationOptions:
+def options_from_gen_kwargs(gen_kwargs: dict[str, Any] | None, default_max_new_tokens: int = 128) -> GenerationOptions:
     """lmms-eval ``generation_kwargs`` -> :class:`GenerationOptions` (greedy unless sampling with temperature > 0)."""
     kw = dict(gen_kwargs or {})
     until = kw.get("until") or []
@@ -190,7 +190,7 @@ class MiniGPTLmmsCore:
             groups.setdefault(key, []).append(i)
         bar = self._bar(len(requests))
         for indices in groups.values():
-            options = generation_options(requests[indices[0]].args[1], self.max_new_tokens)
+            options = options_from_gen_kwargs(requests[indices[0]].args[1], self.max_new_tokens)
             indices.sort(key=lambda i: -len(requests[i].args[0]))
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start : start + self.batch_size]
@@ -231,7 +231,7 @@ class MiniGPTLmmsCore:
         out: list[list[str]] = []
         for req in requests:
             context, gen_kwargs, doc_to_visual, doc_to_text, doc_id, task, split = req.args[:7]
-            options = generation_options(gen_kwargs, self.max_new_tokens)
+            options = options_from_gen_kwargs(gen_kwargs, self.max_new_tokens)
             doc = self._doc(task, split, doc_id)
             visuals = self._visuals(doc_to_visual, task, split, doc_id)
             answers: list[str] = []
@@ -403,7 +403,7 @@ __all__ = [
     "MiniGPTLmms",
     "MiniGPTLmmsCore",
     "continuation_logprobs",
-    "generation_options",
+    "options_from_gen_kwargs",
     "manifest",
     "model_arguments",
     "parse_batch_size",

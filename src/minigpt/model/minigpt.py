@@ -28,7 +28,7 @@ from .config import CONFIG_FILE, PARTS, REMOTE_CODE_IGNORED, MiniGPTConfig, read
 from .llm import decoder_body, is_quantized, load_llm, load_lora_adapter
 from .loss import linear_cross_entropy, resolve_loss_impl
 from .projector import build_projector, load_projector_weights
-from .vision import Blip2VisionEncoder, load_vision
+from .vision import Blip2VisionEncoder, load_vision_folder
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class MiniGPT(nn.Module):
         config records (``llm``, ``vision_weights``); ``overrides`` change config fields; ``llm_kwargs`` go to the
         LLM's ``from_pretrained``. The LLM's own code runs only with ``trust_remote_code=True`` here: a directory
         cannot turn it on for itself."""
-        config = load_config(directory, trust_remote_code, **overrides)
+        config = load_model_config(directory, trust_remote_code, **overrides)
         return cls.build(config, llm_kwargs=llm_kwargs, init_from=directory)
 
     def save_pretrained(
@@ -281,7 +281,7 @@ class MiniGPT(nn.Module):
         return resolve_loss_impl(self.loss_impl, self.llm.get_output_embeddings(), num_tokens, self.device)
 
 
-def load_config(directory: str | Path, trust_remote_code: bool = False, **overrides: Any) -> MiniGPTConfig:
+def load_model_config(directory: str | Path, trust_remote_code: bool = False, **overrides: Any) -> MiniGPTConfig:
     """The config of a model directory with ``overrides``; ``trust_remote_code`` is the caller's alone (a directory
     that asks for it is warned about and ignored)."""
     data = resolve_sources(read_config(directory), Path(directory))
@@ -338,7 +338,7 @@ def load_vision_encoder(config: MiniGPTConfig, init_from: Path | None = None) ->
         encoder = Blip2VisionEncoder(config.vision)
         load_saved_part(encoder, saved, "vision")
     elif config.vision_weights:
-        encoder = load_vision(config.vision_weights)
+        encoder = load_vision_folder(config.vision_weights)
         if encoder.config.to_dict() != config.vision.to_dict():
             config.vision = encoder.config
     else:
@@ -375,6 +375,6 @@ __all__ = [
     "MiniGPT",
     "MiniGPTConfig",
     "MiniGPTOutput",
-    "load_config",
+    "load_model_config",
     "load_vision_encoder",
 ]

@@ -20,7 +20,7 @@ from ..data.templates import Template, get_template
 from ..data.tokenize import Encoded, ModelBatch, collate, encode_conversation
 from .config import MiniGPTConfig
 from .llm import load_tokenizer
-from .minigpt import LLM_DIR, MiniGPT, load_config
+from .minigpt import LLM_DIR, MiniGPT, load_model_config
 
 TOKENIZER_DIR = "tokenizer"
 
@@ -48,7 +48,7 @@ class MiniGPTProcessor:
         """The processor of a model directory (``config`` if already read): its ``tokenizer/`` (or ``llm/``) folder,
         else the tokenizer of the LLM source it records."""
         directory = Path(directory)
-        config = config or load_config(directory, trust_remote_code)
+        config = config or load_model_config(directory, trust_remote_code)
         for name in (TOKENIZER_DIR, LLM_DIR):
             if (directory / name / "tokenizer_config.json").is_file():
                 return cls(config, load_tokenizer(directory / name, None, config.trust_remote_code))

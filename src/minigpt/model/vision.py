@@ -187,7 +187,7 @@ def save_vision(directory: str | Path, config: VisionConfig, state_dict: Mapping
     return directory
 
 
-def load_vision(directory: str | Path) -> Blip2VisionEncoder:
+def load_vision_folder(directory: str | Path) -> Blip2VisionEncoder:
     """A :func:`save_vision` directory -> encoder in eval mode (strict load, no random init)."""
     directory = Path(directory)
     if not (directory / VISION_CONFIG).is_file():

@@ -1,8 +1,8 @@
-"""Training data: samples -> encoded text + pixels, a deterministic and resumable batch plan, collate.
+"""Training data: samples -> encoded text + pixels, a deterministic and resumable batch plan, collation.
 
-The path is ``reader -> Sample -> SampleEncoder (template + tokenize + image transform) -> collate -> ModelBatch``.
+The path is ``reader -> Sample -> SampleEncoder (template + tokenize + image transform) -> collate_items -> ModelBatch``.
 A sample that cannot be used (missing or corrupt image, a conversation the template rejects, ...) becomes a
-:class:`Skipped` naming it; :func:`collate` drops it and reports it in :attr:`TrainBatch.skipped`, and the loop warns
+:class:`Skipped` naming it; :func:`collate_items` drops it and reports it in :attr:`TrainBatch.skipped`, and the loop warns
 and counts. A dataset of which no record can be used is an error (:func:`check_usable`).
 
 Order is a pure function of (seed, epoch, position): map-style datasets are mixed by ratio with
@@ -198,7 +198,7 @@ class TrainDataset(torch.utils.data.Dataset):
         return self.encoder(sample, (key.epoch, key.index))
 
 
-def collate(items: list[Item | Skipped], pad_id: int, pack_len: int | None = None) -> TrainBatch:
+def collate_items(items: list[Item | Skipped], pad_id: int, pack_len: int | None = None) -> TrainBatch:
     """Drop skipped samples (reporting them), right-pad the rest (or, with ``pack_len``, pack them into rows of that
     many positions: :mod:`minigpt.data.packing`) and stack their pixels or cached features in slot order."""
     good = [x for x in items if isinstance(x, Item)]
@@ -360,7 +360,7 @@ class TrainData:
         datasets = [read_dataset(spec.reader_spec()) for spec in specs]
         firsts = [check_usable(dataset, encoder, f"dataset {spec.path}") for spec, dataset in zip(specs, datasets)]
         #: A one-sample batch that stands in (with weight 0) for a micro-batch whose samples were all skipped.
-        self.example_batch = collate(firsts[:1], encoder.tokenizer.pad_token_id)
+        self.example_batch = collate_items(firsts[:1], encoder.tokenizer.pad_token_id)
         self.example = self.example_batch.batch
         ratios = [spec.ratio for spec in specs]
         self.stream: MixedStream | None = None
@@ -452,7 +452,7 @@ def make_loader(
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=plan,  # type: ignore[arg-type]
-        collate_fn=functools.partial(collate, pad_id=pad_id, pack_len=pack_len),
+        collate_fn=functools.partial(collate_items, pad_id=pad_id, pack_len=pack_len),
         num_workers=num_workers,
         pin_memory=pin_memory,
         # Its own generator: creating a loader must not draw from the global torch RNG (exact resume).
@@ -468,7 +468,7 @@ __all__ = [
     "DevicePrefetcher",
     "SampleEncoder",
     "TrainDataset",
-    "collate",
+    "collate_items",
     "BatchPlan",
     "TrainData",
     "LengthGrouper",

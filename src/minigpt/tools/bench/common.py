@@ -76,7 +76,7 @@ BOS, SLOT = 1, 0
 # ---------------------------------------------------------------------------------------------- shapes
 
 
-def vision_config(name: str) -> Any:
+def vision_shape(name: str) -> Any:
     from ...model.vision import VisionConfig
 
     if name == "tiny":
@@ -98,7 +98,7 @@ def vision_config(name: str) -> Any:
     raise ValueError(f"unknown vision shape {name!r}; use one of {', '.join(VISION_SHAPES)}")
 
 
-def llm_config(name: str) -> Any:
+def llm_shape(name: str) -> Any:
     """A transformers config: a preset name, a folder holding config.json, or a config.json file."""
     from transformers import AutoConfig
 

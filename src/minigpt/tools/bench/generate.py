@@ -36,11 +36,11 @@ import torch
 from .common import (
     SLOT,
     build_bench_model,
-    llm_config,
+    llm_shape,
     machine_info,
     prompt_encoded,
     to_reference_precision,
-    vision_config,
+    vision_shape,
 )
 
 ENGINES = ("static", "plain")
@@ -174,7 +174,7 @@ def bench_generate(args: argparse.Namespace) -> dict[str, Any]:
         else:
             dtype = (amp_dtype(device) or torch.float32) if args.dtype == "auto" else parse_dtype(args.dtype)
             attn = args.attn
-        model = build_bench_model(llm_config(args.llm), vision_config(args.vision), device, dtype, attn, args.seed)
+        model = build_bench_model(llm_shape(args.llm), vision_shape(args.vision), device, dtype, attn, args.seed)
         if reference and accel:
             to_reference_precision(model)
         model.eval()

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .common import build_bench_model, llm_config, machine_info, vision_config
+from .common import build_bench_model, llm_shape, machine_info, vision_shape
 
 #: (prompt, answer) tokens per stage, after [BOS][image].
 STAGES = {1: (0, 32), 2: (35, 128)}
@@ -81,11 +81,11 @@ def case_job(case: MemoryCase, vision: str, accelerator: bool) -> Any:
     from ...train.memory.planner import Job
     from ...train.memory.trace import Shape
 
-    vcfg = vision_config(vision)
+    vcfg = vision_shape(vision)
     prompt, answers = STAGES[case.stage]
     shape = Shape(case.micro_batch, 1 + vcfg.num_tokens + prompt + answers, answers, 1, case.stage == 1)
     job = Job(
-        llm=llm_config(case.llm),
+        llm=llm_shape(case.llm),
         vision=vcfg,
         llm_dtype=case.dtype,
         freeze=dict(DEFAULT_FREEZE),

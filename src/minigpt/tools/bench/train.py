@@ -45,13 +45,13 @@ from .common import (
     SLOT,
     FlopModel,
     build_bench_model,
-    llm_config,
+    llm_shape,
     machine_info,
     matmul_ceiling_tflops,
     significant,
     to_reference_precision,
-    vision_config,
     vision_flops_per_image,
+    vision_shape,
 )
 
 BATCHING = ("pad", "group", "pack")
@@ -114,7 +114,7 @@ def make_workload(
 ) -> Workload:
     """Synthetic samples through the training collator (pad or pack), with pixels and/or cached features."""
     from ...data.packing import length_grouped_order
-    from ...train.data import Item, collate
+    from ...train.data import Item, collate_items
 
     rng = random.Random(seed)
     n = batch_size * num_batches
@@ -140,7 +140,7 @@ def make_workload(
             Item(encs[i], [images[i]] if pixels else [], f"synthetic {i}", [feats[i]] if feats is not None else None)
             for i in idx
         ]
-        tb = collate(items, SLOT, pack_len if batching == "pack" else None)
+        tb = collate_items(items, SLOT, pack_len if batching == "pack" else None)
         tb.batch = tb.batch.to(device)
         if tb.features is not None:
             tb.features = tb.features.to(device)
@@ -249,7 +249,7 @@ def run_train_cases(
     else:
         amp = amp_dtype(device, args.dtype)  # auto: bf16 on accelerators, none (fp32) on CPU
         llm_dtype, attn = amp or torch.float32, args.attn
-    model = build_bench_model(llm_config(args.llm), vision_config(args.vision), device, llm_dtype, attn, args.seed)
+    model = build_bench_model(llm_shape(args.llm), vision_shape(args.vision), device, llm_dtype, attn, args.seed)
     if reference and accel:
         to_reference_precision(model)
     model.train()

@@ -67,10 +67,10 @@ def synthetic_items(shape: Shape, image_tokens: int, image_size: int, feature_di
 def synthetic_batch(vision: Any, vocab: int, shape: Shape) -> Any:
     """A collated :class:`minigpt.train.data.TrainBatch` of ``shape`` for a model of ``vision`` (a VisionConfig) and
     an LLM of ``vocab`` tokens (real, small CPU tensors)."""
-    from ..data import collate
+    from ..data import collate_items
 
     items = synthetic_items(shape, vision.num_tokens, vision.image_size, vision.out_dim, vocab)
-    return collate(items, SLOT)
+    return collate_items(items, SLOT)
 
 
 def batch_bytes(batch: Any) -> int:
