@@ -195,7 +195,7 @@ def test_imported_blip2_answers_transformers_prompts_as_transformers(name, reque
         diff = (got - want).abs().max().item()
         print(f"import-hf {name}: last-token logits max abs diff {diff:.2g}")
         assert diff < 1e-4
-        answer = engine.generate([conv], [picture], GenerationOptions(max_new_tokens=6))[0]
+        answer = engine.generate([conv], [picture], GenerationOptions(max_new_tokens=6))[0].text
         assert answer == engine.processor.decode(generated) and answer
 
 

@@ -80,7 +80,8 @@ class ModelSection(MiniGPTConfig):
                 )
             if self.llm_gguf_file:
                 raise ValueError("llm_quantization needs a transformers LLM, not a GGUF file (llm_gguf_file)")
-        explicit = {"llm_quant_type", "llm_quant_double"} & self.model_fields_set
+        fields = type(self).model_fields
+        explicit = {f for f in ("llm_quant_type", "llm_quant_double") if getattr(self, f) != fields[f].default}
         if explicit and self.llm_quantization != "4bit":
             raise ValueError(f"{', '.join(sorted(explicit))} apply to llm_quantization: 4bit only")
         return self

@@ -15,7 +15,7 @@ Model states are formulas over the exact parameter counts of the model built on 
   DeepSpeed configs' reduce/all-gather buckets, and at stage 3 two gathered decoder layers;
 - **inputs**: the micro-batch's tensors; **KV cache** (inference): layers x 2 x slots x context x KV heads x head
   dim; **runtime**: :data:`CUDA_OVERHEAD` on accelerators (CUDA context, cuBLAS workspace, allocator slack), not
-  part of ``torch.cuda.max_memory_allocated``.
+  part of the allocator's ``max_memory_allocated`` peak.
 
 A single process holds weights + optimizer state + max(forward/backward peak, gradients) + inputs at its worst.
 """
