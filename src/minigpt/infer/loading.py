@@ -132,12 +132,12 @@ def load_model(spec: LoadSpec) -> tuple[MiniGPT, MiniGPTProcessor]:
 def _place(model: MiniGPT, device: torch.device, placed: bool) -> MiniGPT:
     """``model`` on ``device``; an LLM that ``from_pretrained`` ``placed`` (bitsandbytes, a device map) stays where it
     is, and the vision encoder and the projector go to the first accelerator of its map."""
-    from ..device import first_mapped_device
+    from ..device import first_mapped_device, is_accelerator
 
     if not placed:
         return model.to(device)
     device_map = getattr(model.llm, "hf_device_map", None) or {"": device.index or 0}
-    first = first_mapped_device(device_map.values(), device.type) if device.type != "cpu" else device
+    first = first_mapped_device(device_map.values(), device.type) if is_accelerator(device) else device
     model.vision.to(first)
     model.projector.to(first)
     return model
