@@ -50,14 +50,9 @@ def _offloaded(llm) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def unsplit_answers(tiny_model_dir_module, image_file_module):
-    engine = Engine.from_pretrained(tiny_model_dir_module, device="cpu")
+def unsplit_answers(tiny_model_dir, image_file_module):
+    engine = Engine.from_pretrained(tiny_model_dir, device="cpu")
     return _answers(engine, image_file_module)
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir_module(tiny_model_dir):
-    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -70,10 +65,10 @@ def image_file_module(tmp_path_factory):
 
 
 def test_a_device_map_with_disk_offload_gives_the_unsplit_greedy_answers(
-    tiny_model_dir_module, image_file_module, unsplit_answers, tmp_path
+    tiny_model_dir, image_file_module, unsplit_answers, tmp_path
 ):
     engine = Engine.from_pretrained(
-        tiny_model_dir_module, device="cpu", device_map=SPLIT, offload_folder=str(tmp_path / "offload")
+        tiny_model_dir, device="cpu", device_map=SPLIT, offload_folder=str(tmp_path / "offload")
     )
     llm = engine.model.llm
     assert llm.hf_device_map == SPLIT
@@ -85,20 +80,20 @@ def test_a_device_map_with_disk_offload_gives_the_unsplit_greedy_answers(
 
 
 def test_auto_within_max_memory_offloads_the_rest_and_answers_the_same(
-    tiny_model_dir_module, image_file_module, unsplit_answers
+    tiny_model_dir, image_file_module, unsplit_answers
 ):
     # The tiny LLaMA's embedding and LM head are 8.2 MB each (32000 x 64 fp32); accelerate keeps room for the largest
     # offloaded module, so 16.5 MB of cpu holds the embedding alone and the rest goes to disk.
-    engine = Engine.from_pretrained(tiny_model_dir_module, device="cpu", device_map="auto", max_memory="cpu=16500000")
+    engine = Engine.from_pretrained(tiny_model_dir, device="cpu", device_map="auto", max_memory="cpu=16500000")
     device_map = engine.model.llm.hf_device_map
     assert device_map["model.embed_tokens"] == "cpu" and device_map["model.layers"] == "disk", device_map
     assert _offloaded(engine.model.llm)
     assert _answers(engine, image_file_module) == unsplit_answers
 
 
-def test_static_decoding_asked_for_falls_back_to_plain_with_the_reason(tiny_model_dir_module, tmp_path):
+def test_static_decoding_asked_for_falls_back_to_plain_with_the_reason(tiny_model_dir, tmp_path):
     engine = Engine.from_pretrained(
-        tiny_model_dir_module,
+        tiny_model_dir,
         device="cpu",
         device_map=SPLIT,
         offload_folder=str(tmp_path),
@@ -146,6 +141,6 @@ def test_flags_reach_the_load_spec():
     assert (spec.device_map, spec.max_memory, spec.offload_folder) == ("auto", "0=20GiB,cpu=30GiB", "o")
 
 
-def test_max_memory_without_a_device_map_is_refused(tiny_model_dir_module):
+def test_max_memory_without_a_device_map_is_refused(tiny_model_dir):
     with pytest.raises(ValueError, match="need --device-map"):
-        Engine.from_pretrained(tiny_model_dir_module, device="cpu", max_memory="cpu=1GB")
+        Engine.from_pretrained(tiny_model_dir, device="cpu", max_memory="cpu=1GB")
