@@ -56,6 +56,11 @@ def write_yaml(path: Path, data: dict[str, Any]) -> Path:
 def torchrun(config: dict[str, Any], path: Path, *overrides: str, **env: str) -> subprocess.CompletedProcess:
     """``minigpt train`` on ``config`` (written to ``path``) in two processes (torchrun, one thread each, offline);
     ``overrides`` are dotted ``key=value`` config overrides, ``env`` extra environment variables. Asserts success."""
+    return torchrun_cli("train", str(write_yaml(path, config)), *overrides, **env)
+
+
+def torchrun_cli(*argv: str, nproc: int = 2, **env: str) -> subprocess.CompletedProcess:
+    """``minigpt ARGV`` in ``nproc`` processes (torchrun, one thread each, offline). Asserts success."""
     environment = dict(
         os.environ,
         OMP_NUM_THREADS="1",
@@ -64,8 +69,8 @@ def torchrun(config: dict[str, Any], path: Path, *overrides: str, **env: str) ->
         PYTHONPATH=str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
         **env,
     )
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd += ["-m", "minigpt.cli", "train", str(write_yaml(path, config)), *overrides]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    cmd += ["-m", "minigpt.cli", *argv]
     done = subprocess.run(cmd, env=environment, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     return done

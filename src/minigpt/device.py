@@ -306,6 +306,95 @@ def dist_backend(device: torch.device) -> str:
     return DIST_BACKENDS.get(device.type, "gloo")
 
 
+def launched_world_size() -> int:
+    """The processes a launcher (torchrun) started for this run (``WORLD_SIZE``; 1 without one)."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def start_process_group(name: str = "auto") -> torch.device:
+    """Join the process group a launcher (torchrun, env:// rendezvous) set up and return this process's device: the
+    accelerator of its ``LOCAL_RANK`` (made current) where ``name`` gives no index, else the named device or the cpu;
+    the backend is :func:`dist_backend`'s."""
+    import os
+
+    import torch.distributed as dist
+
+    device = resolve_device(name)
+    if device.type != "cpu" and device.index is None and device.type != "mps":
+        device = torch.device(device.type, int(os.environ.get("LOCAL_RANK", "0")))
+        set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend=dist_backend(device))
+    return device
+
+
+# ---------------------------------------------------------------------------------------------- device maps
+
+#: Where a device map may put a module besides an accelerator index: run on the cpu, or offloaded to disk.
+HOST_PLACEMENTS = ("cpu", "disk")
+
+
+def parse_max_memory(text: str | dict[Any, Any]) -> dict[int | str, int | str]:
+    """``--max-memory``: ``0=20GiB,cpu=30GiB`` or accelerate's dict form (``{"0": "20GiB", "cpu": "30GiB"}``, as
+    JSON or a dict) -> accelerate's ``max_memory`` (accelerator indices as ints; ``cuda:1`` / ``npu:1`` -> 1; cpu,
+    mps, disk as named; sizes as given, checked)."""
+    import json
+
+    from accelerate.utils import convert_file_size_to_int
+
+    if isinstance(text, str):
+        text = text.strip()
+        if text.startswith("{"):
+            try:
+                items = list(json.loads(text).items())
+            except (ValueError, AttributeError) as err:
+                raise ValueError(f"--max-memory {text!r}: not a JSON object ({err})") from None
+        else:
+            pairs = [part.split("=", 1) for part in text.split(",") if part.strip()]
+            if not pairs or any(len(pair) != 2 for pair in pairs):
+                raise ValueError(f"--max-memory {text!r}: use DEVICE=SIZE pairs, e.g. 0=20GiB,cpu=30GiB")
+            items = [(key.strip(), value.strip()) for key, value in pairs]
+    else:
+        items = list(text.items())
+    out: dict[int | str, int | str] = {}
+    for key, size in items:
+        name = str(key).strip().lower()
+        m = _NAME.match(name)
+        if name.isdigit():
+            place: int | str = int(name)
+        elif name in (*HOST_PLACEMENTS, "mps"):
+            place = name
+        elif m is not None and m["kind"] in DEVICE_KINDS and m["index"] is not None:
+            place = int(m["index"])
+        else:
+            raise ValueError(f"--max-memory: unknown device {key!r}; use an accelerator index (0, 1...), cpu or disk")
+        size = int(size) if isinstance(size, str) and size.strip().isdigit() else size
+        try:
+            convert_file_size_to_int(size)
+        except ValueError:
+            raise ValueError(f"--max-memory: {key}={size!r} is not a size (use e.g. 20GiB, 512MB or bytes)") from None
+        out[place] = size
+    return out
+
+
+def mapped_device(placement: int | str, kind: str) -> torch.device:
+    """The torch device of a device-map entry (an index of accelerator ``kind``, ``cpu``, ``cuda:1``...; ``disk``: the
+    cpu, where offloaded weights are brought to when the host runs them)."""
+    if isinstance(placement, int) or str(placement).isdigit():
+        return torch.device(kind, int(placement))
+    return torch.device("cpu" if placement in HOST_PLACEMENTS else str(placement))
+
+
+def first_mapped_device(placements: Any, kind: str) -> torch.device:
+    """The first accelerator a device map uses (where the other parts of a model go), else the cpu."""
+    for placement in placements:
+        if placement not in HOST_PLACEMENTS:
+            return mapped_device(placement, kind)
+    return torch.device("cpu")
+
+
 # ---------------------------------------------------------------------------------------------- memory
 
 
@@ -403,6 +492,12 @@ __all__ = [
     "amp_dtype",
     "autocast",
     "dist_backend",
+    "launched_world_size",
+    "start_process_group",
+    "HOST_PLACEMENTS",
+    "parse_max_memory",
+    "mapped_device",
+    "first_mapped_device",
     "peak_memory_gib",
     "reset_peak_memory",
     "memory_stats",

@@ -5,6 +5,10 @@ Writes ``{output}/predictions.jsonl`` (id, prompt, prediction, references, task 
 problems, throughput) and ``{output}/scores.jsonl`` (per-record scores); rerunning the same command continues an
 interrupted run from the predictions file. ``minigpt eval --predictions FILE --task TASK --data FILE`` scores an
 existing predictions file instead, without a model.
+
+Under ``torchrun --nproc-per-node N -m minigpt.cli eval MODEL ...`` each process loads the model on its own device,
+predicts every N-th record into ``predictions.rankR-of-N.jsonl``, and rank 0 merges them into
+``predictions.jsonl`` (in the records' order, as one process writes it), scores once and prints.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -168,8 +173,10 @@ def run(args: argparse.Namespace) -> int:
         )
         written = [out / "metrics.json"]
     else:
-        result, out = _evaluate_model(args, data, info, meteor)
+        result, out, main = _evaluate_model(args, data, info, meteor)
         written = [out / "predictions.jsonl", out / "metrics.json"]
+        if not main:  # another rank of a torchrun evaluation: rank 0 reports
+            return 0
     report = result.report
     counts = report["counts"]
     print(json.dumps(report["metrics"], indent=2))
@@ -204,14 +211,23 @@ def _check_java(args: argparse.Namespace) -> None:
 
 
 def _evaluate_model(args: argparse.Namespace, data: Any, info: dict[str, Any], meteor: bool | None) -> Any:
+    from ..device import launched_world_size, start_process_group
     from ..infer.args import spec_from_args
     from ..infer.engine import load_engine
     from .runner import EvalSettings, run_eval
+    from .shards import Shard
 
     if args.batch_size < 1:
         raise ValueError("--batch-size must be >= 1")
     options = options_from_args(args, args.task)
-    engine = load_engine(spec_from_args(args))
+    spec = spec_from_args(args)
+    shard = Shard()
+    if launched_world_size() > 1:
+        if spec.device_map:
+            raise ValueError("--device-map under torchrun: each process would spread over every device; use one")
+        spec = replace(spec, device=str(start_process_group(spec.device)))
+        shard = Shard.current()
+    engine = load_engine(spec)
 
     out = Path(args.output) if args.output else default_output(Path(args.model).resolve().name, args.task, args.data)
     settings = {
@@ -227,17 +243,21 @@ def _evaluate_model(args: argparse.Namespace, data: Any, info: dict[str, Any], m
         workers=args.workers,
         meteor=meteor,
         scorer=args.scorer,
-        progress=not args.no_progress,
+        progress=not args.no_progress and shard.main,
         recorded=settings,
     )
-    result = run_eval(
-        engine,
-        args.task,
-        data,
-        options,
-        run,
-        predictions_path=out / "predictions.jsonl",
-        metrics_path=out / "metrics.json",
-        info={"model": str(Path(args.model).resolve()), **info},
-    )
-    return result, out
+    try:
+        result = run_eval(
+            engine,
+            args.task,
+            data,
+            options,
+            run,
+            predictions_path=out / "predictions.jsonl",
+            metrics_path=out / "metrics.json",
+            info={"model": str(Path(args.model).resolve()), **info},
+            shard=shard,
+        )
+    finally:
+        shard.close()
+    return result, out, shard.main

@@ -36,6 +36,7 @@ from ..data.images import load_image
 from ..files import atomic_open, atomic_write_text
 from ..infer.generate import GenerationOptions
 from .predictions import read_prediction_file
+from .shards import Shard
 from .tasks import EvalRecord, Scores, TaskData, apply_limit, get_task
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,13 @@ class Problems:
             self.examples[kind].append(f"{where}: {message}")
         if self.counts[kind] <= MAX_WARNINGS:
             log.warning("%s: %s: %s", kind.replace("_", " "), where, message)
+
+    def merge(self, other: Problems) -> None:
+        """Add another process's problems (already warned about there)."""
+        for kind, n in other.counts.items():
+            self.counts[kind] += n
+            room = MAX_EXAMPLES - len(self.examples[kind])
+            self.examples[kind].extend(other.examples[kind][: max(room, 0)])
 
     def summarize(self) -> None:
         for kind, n in self.counts.items():
@@ -233,9 +241,11 @@ def prediction_row(record: EvalRecord, prediction: str) -> dict[str, Any]:
     return row
 
 
-def read_predictions(path: str | Path, problems: Problems | None = None) -> dict[str, dict[str, Any]]:
-    """Rows of a predictions JSONL by id. Corrupt lines (an interrupted write) are reported and dropped, and the
-    file rewritten without them, so appending continues on a clean line."""
+def read_predictions(
+    path: str | Path, problems: Problems | None = None, repair: bool = True
+) -> dict[str, dict[str, Any]]:
+    """Rows of a predictions JSONL by id. Corrupt lines (an interrupted write) are reported and dropped, and (with
+    ``repair``) the file rewritten without them, so appending continues on a clean line."""
     path = Path(path)
     problems = problems if problems is not None else Problems()
     rows: dict[str, dict[str, Any]] = {}
@@ -259,7 +269,7 @@ def read_predictions(path: str | Path, problems: Problems | None = None) -> dict
             bad += 1
             continue
         rows[row["id"]] = row
-    if bad or (raw and not raw.endswith(b"\n")):
+    if repair and (bad or (raw and not raw.endswith(b"\n"))):
         _write_rows(path, rows.values())
     return rows
 
@@ -331,16 +341,22 @@ def run_eval(
     predictions_path: str | Path | None = None,
     metrics_path: str | Path | None = None,
     info: Mapping[str, Any] | None = None,
+    shard: Shard | None = None,
 ) -> EvalResult:
     """Predict (resuming from ``predictions_path``), score and write the metrics JSON and the per-record scores
-    (``scores.jsonl`` next to the metrics JSON).
+    (``scores.jsonl`` next to the metrics JSON); the predictions file ends in the records' order.
 
     ``info``: descriptive fields for the metrics JSON (``model``, ``data``, ``images``...). A resumed run must use
     the same task, model and generation options as the one that wrote ``metrics_path`` (it is written with
     ``"status": "running"`` at the start); otherwise ``ValueError`` (use ``EvalSettings(resume=False)``).
+
+    ``shard``: this process's part of a multi-process run (:class:`~minigpt.eval.shards.Shard`): each rank predicts
+    its records into its own file (resumed from it and from the merged file), rank 0 merges the predictions in the
+    records' order, scores once and writes the files; every rank returns rank 0's result.
     """
     options = options or GenerationOptions()
     run = run or EvalSettings()
+    shard = shard or Shard()
     batch_size, limit, workers, meteor, scorer = run.batch_size, run.limit, run.workers, run.meteor, run.scorer
     records = list(data.records if isinstance(data, TaskData) else data)
     records = apply_limit(records, limit)
@@ -352,31 +368,30 @@ def run_eval(
     all_settings = {**run_settings, "batch_size": batch_size, "limit": limit, "meteor": meteor, "scorer": scorer}
     pred_path = Path(predictions_path) if predictions_path else None
     met_path = Path(metrics_path) if metrics_path else None
+    local_path = shard.local_path(pred_path) if pred_path is not None else None
 
     done: dict[str, str] = {}
-    if pred_path is not None:
+    kept: dict[str, dict[str, Any]] = {}  # rows of the merged file for records outside this run
+    if pred_path is not None and local_path is not None:
         pred_path.parent.mkdir(parents=True, exist_ok=True)
-        if run.resume and pred_path.exists():
+        if run.resume and (pred_path.exists() or local_path.exists()):
             _check_resumable(met_path, run_settings)
-            by_id = {r.id: r for r in records}
-            for id, row in read_predictions(pred_path, problems).items():
-                r = by_id.get(id)
-                if r is None:
-                    continue
-                if row.get("prompt") != r.prompt_text:
-                    problems.add("stale_prediction", id, "prompt differs from this run's; predicted again")
-                    continue
-                done[id] = row["prediction"]
-        elif pred_path.exists():
-            pred_path.unlink()
-    if met_path is not None:
+            # every rank reads the merged file; rank 0 alone repairs it and counts its problems
+            done, kept = _resumed(pred_path, records, problems if shard.main else Problems(), repair=shard.main)
+            if shard.distributed:
+                done.update(_resumed(local_path, records, problems, repair=True)[0])
+        elif not run.resume:
+            for path in (pred_path, local_path) if shard.main else (local_path,):
+                path.unlink(missing_ok=True)
+    if met_path is not None and shard.main:
         _write_json(met_path, {"status": "running", **info, "settings": all_settings})
 
-    pending = [r for r in records if r.id not in done]
+    mine = shard.part(records)
+    pending = [r for r in mine if r.id not in done]
     if done:
         log.info("resuming: %d of %d records already predicted in %s", len(done), len(records), pred_path)
     restore = _eval_mode(model)
-    fout = open(pred_path, "a", encoding="utf-8") if pred_path is not None else None  # noqa: SIM115
+    fout = open(local_path, "a", encoding="utf-8") if local_path is not None else None  # noqa: SIM115
 
     def write(batch: list[tuple[EvalRecord, str]]) -> None:
         if fout is not None:
@@ -384,7 +399,7 @@ def run_eval(
                 fout.write(json.dumps(prediction_row(r, answer), ensure_ascii=False) + "\n")
             fout.flush()
 
-    bar = _bar(len(records), len(done), task) if run.progress else None
+    bar = _bar(len(mine), len(mine) - len(pending), task) if run.progress else None
     start = time.perf_counter()
     try:
         new = (
@@ -408,22 +423,37 @@ def run_eval(
         if fout is not None:
             fout.close()
         restore()
-    predictions = {**done, **new}
+    mine_done = {r.id: done[r.id] for r in mine if r.id in done}
+    parts = shard.gather((mine_done, new, problems, seconds, len(pending)))
+    if parts is None:  # not rank 0: its part is in; the result is rank 0's
+        return shard.share(None)
+    resumed = {id: p for part in parts for id, p in part[0].items()}
+    generated = {id: p for part in parts for id, p in part[1].items()}
+    for part in parts[1:]:
+        problems.merge(part[2])
+    seconds = max(part[3] for part in parts)
+    predictions = {**resumed, **generated}
+    if pred_path is not None:
+        _write_in_order(pred_path, records, predictions, kept)
+        for path in shard.all_local_paths(pred_path) if shard.distributed else ():
+            path.unlink(missing_ok=True)
     counts = {
         "records": len(records),
         "predicted": len(predictions),
-        "resumed": len(done),
-        "generated": len(new),
+        "resumed": len(resumed),
+        "generated": len(generated),
         "failed": problems.counts["missing_image"] + problems.counts["generation_failed"],
     }
+    attempted = sum(part[4] for part in parts)
     throughput = {
-        "samples": len(pending),
+        "samples": attempted,
         "seconds": round(seconds, 3),
-        "samples_per_s": round(len(pending) / seconds, 3) if pending and seconds > 0 else None,
+        "samples_per_s": round(attempted / seconds, 3) if attempted and seconds > 0 else None,
         "batch_size": batch_size,
+        "processes": shard.world_size,
         **_device_info(model),
     }
-    return _finish(
+    result = _finish(
         task,
         data,
         records,
@@ -436,6 +466,35 @@ def run_eval(
         counts,
         {"throughput": throughput},
     )
+    return shard.share(result)
+
+
+def _resumed(
+    path: Path, records: Sequence[EvalRecord], problems: Problems, repair: bool
+) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
+    """The predictions of a predictions file for ``records`` (``{id: answer}``; a changed prompt is predicted
+    again) and its rows for other records (kept in the file)."""
+    by_id = {r.id: r for r in records}
+    done: dict[str, str] = {}
+    others: dict[str, dict[str, Any]] = {}
+    for id, row in read_predictions(path, problems, repair).items():
+        r = by_id.get(id)
+        if r is None:
+            others[id] = row
+        elif row.get("prompt") != r.prompt_text:
+            problems.add("stale_prediction", id, "prompt differs from this run's; predicted again")
+        else:
+            done[id] = row["prediction"]
+    return done, others
+
+
+def _write_in_order(
+    path: Path, records: Sequence[EvalRecord], predictions: Mapping[str, str], kept: Mapping[str, dict[str, Any]]
+) -> None:
+    """The predictions file in the records' order (the same file whatever the batching or the number of processes),
+    then the rows kept for records outside this run."""
+    rows = [prediction_row(r, predictions[r.id]) for r in records if r.id in predictions]
+    _write_rows(path, [*rows, *(row for id, row in kept.items() if id not in predictions)])
 
 
 def score_predictions(

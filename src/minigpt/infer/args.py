@@ -57,6 +57,20 @@ def add_loading_arguments(parser: argparse.ArgumentParser) -> Any:
     q.add_argument("--load-in-8bit", action="store_true", help="8-bit LLM via bitsandbytes (CUDA or CPU)")
     q.add_argument("--load-in-4bit", action="store_true", help="4-bit NF4 LLM via bitsandbytes (CUDA or CPU)")
     g.add_argument("--trust-remote-code", action="store_true", help="allow the LLM's own modelling code")
+    g.add_argument(
+        "--device-map",
+        metavar="MAP",
+        help="spread the LLM's layers over the GPUs, then the cpu (then disk): auto, balanced, sequential, or a JSON "
+        "object / file of module -> device; the vision encoder and projector go to the first GPU (decoding: plain)",
+    )
+    g.add_argument(
+        "--max-memory",
+        metavar="LIMITS",
+        help="memory per device for --device-map, e.g. 0=20GiB,1=20GiB,cpu=30GiB (or accelerate's JSON form)",
+    )
+    g.add_argument(
+        "--offload-folder", metavar="DIR", help="where --device-map offloads what fits nowhere (default: a temp folder)"
+    )
     return g
 
 
@@ -92,6 +106,9 @@ def spec_from_args(args: argparse.Namespace) -> LoadSpec:
         quantize=quantize,
         trust_remote_code=args.trust_remote_code,
         decoding=settings_from_args(args),
+        device_map=args.device_map,
+        max_memory=args.max_memory,
+        offload_folder=args.offload_folder,
     )
 
 

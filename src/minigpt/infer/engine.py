@@ -34,7 +34,7 @@ from ..model.processor import MiniGPTProcessor, distribute_images
 from .batching import DecodeRequest, SlotScheduler, stream_callback
 from .decoding import DecodingChoice, DecodingSettings, FastDecodingUnsupported, choose_decoding
 from .generate import Generation, GenerationOptions, StopOnStrings, generated_ids
-from .loading import LoadSpec, load_model
+from .loading import LoadSpec, device_map_problem, load_model
 from .slots import kv_bytes_per_position, slot_decoding_problem
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,8 @@ class Engine:
             self._decoding = settings
             llm = self.model.llm
             quantized = bool(getattr(llm, "is_quantized", False) or getattr(llm, "hf_quantizer", None))
-            self._choice = choose_decoding(settings, self.device, quantized, slot_decoding_problem(llm))
+            problem = device_map_problem(llm) or slot_decoding_problem(llm)
+            self._choice = choose_decoding(settings, self.device, quantized, problem)
             refused = settings.mode == "static" and self._choice.mode == "plain"
             log.log(logging.WARNING if refused else logging.INFO, "decoding: %s", self._choice)
 

@@ -216,7 +216,9 @@ class MiniGPT(nn.Module):
             raise ValueError(f"the batch has {slots} image positions but {given} image embeddings")
         if slots:
             width = embeds.shape[-1]
-            flat = embeds.reshape(-1, width).index_copy(0, index, image_embeds.to(embeds.dtype).reshape(-1, width))
+            # image_embeds move to the embedding layer's device (a device map may put the LLM elsewhere)
+            visual = image_embeds.to(embeds.device, embeds.dtype).reshape(-1, width)
+            flat = embeds.reshape(-1, width).index_copy(0, index.to(embeds.device), visual)
             embeds = flat.view_as(embeds)
         return embeds
 
