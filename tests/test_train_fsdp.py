@@ -4,6 +4,7 @@ the accumulation, resume exactly from their per-process shards, and write the mo
 from __future__ import annotations
 
 import shutil
+import socket
 
 import pytest
 import torch
@@ -89,14 +90,37 @@ def test_two_process_fsdp_matches_one_process_and_resumes_exactly(tmp_path, tiny
     assert sorted(p.name for p in (ckpt / "fsdp").iterdir()) == ["step_00000002", "step_00000004", "step_00000006"]
 
 
-def single_process_fsdp(config, out):
-    """FSDP in this process over a one-process gloo group."""
+def single_process_fsdp(config, out, **run):
+    """FSDP in this process over a one-process gloo group (``run``: changes to the run section)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
     with pytest.MonkeyPatch.context() as patch:
-        for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533", "RANK": "0", "WORLD_SIZE": "1"}.items():
+        for key, value in env.items():
             patch.setenv(key, value)
-        patch.setenv("LOCAL_RANK", "0")
-        run = dict(config["run"], strategy="fsdp", output_dir=str(out))
+        run = dict(config["run"], strategy="fsdp", output_dir=str(out), **run)
         return train(validate_config({**config, "run": run}))
+
+
+def test_frozen_llm_in_the_groups_and_cpu_offload(tmp_path, tiny_llama_dir):
+    """Projector-only training: the frozen LLM's layers and embeddings are sharded beside the trained projector
+    (one group: the root), the frozen vision encoder stays whole; CPU offload and unsharded layers between forward
+    and backward change nothing in the numbers."""
+    train_json = make_shapes(tmp_path / "data", 16)
+    eval_json = make_shapes(tmp_path / "data", 3, seed=1, name="eval")
+    config = _config(tiny_llama_dir, train_json, eval_json, tmp_path / "single")
+    config["model"]["freeze"] = {"llm": True}
+    single = train(validate_config(config))
+    fsdp = single_process_fsdp(config, tmp_path / "fsdp", fsdp={"cpu_offload": True, "reshard_after_forward": False})
+    assert losses(fsdp.history) == pytest.approx(losses(single.history), rel=1e-6)
+    assert _evals(fsdp.history) == pytest.approx(_evals(single.history), rel=1e-6)
+    assert sorted(p.name for p in (tmp_path / "fsdp" / "final").iterdir()) == sorted(
+        p.name for p in (tmp_path / "single" / "final").iterdir()
+    )  # the projector alone (the frozen LLM is recorded by its source)
+    final = load_file(tmp_path / "fsdp" / "final" / "projector.safetensors")
+    for name, tensor in single.model.projector.state_dict().items():
+        torch.testing.assert_close(final[name], tensor, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -113,3 +137,21 @@ def test_what_fsdp_refuses(tmp_path, change, message):
         config[section].update(values)
     with pytest.raises((ConfigError, ValueError), match=message):
         validate_config(config)
+
+
+def test_planner_models_fsdp_beside_zero(tmp_path, tiny_llama_dir):
+    from minigpt.train.memory.planner import job_from_config, plan_training
+
+    config = tiny_config(tiny_llama_dir, tmp_path / "train.json", tmp_path / "out", model={"freeze": {"llm": False}})
+    plans = {}
+    for strategy in ("ddp", "fsdp", "deepspeed_zero"):
+        run = dict(config["run"], strategy=strategy, fsdp={"cpu_offload": False}, deepspeed={"zero_stage": 3})
+        job = job_from_config(validate_config({**config, "run": run}), False, 2)
+        plans[strategy] = {r.part: r for r in plan_training(job).rows}
+    ddp, fsdp, zero3 = plans["ddp"], plans["fsdp"], plans["deepspeed_zero"]
+    assert fsdp["weights: LLM"].bytes == zero3["weights: LLM"].bytes == ddp["weights: LLM"].bytes / 2
+    assert "FSDP / 2" in fsdp["weights: LLM"].note
+    assert fsdp["gradients"].bytes == zero3["gradients"].bytes == ddp["gradients"].bytes / 2
+    # fp32 parameters: two fp32 moments (8 bytes) per parameter, halved; ZeRO adds a master copy (12 bytes)
+    assert fsdp["optimizer state"].bytes == ddp["optimizer state"].bytes / 2 == zero3["optimizer state"].bytes * 8 / 12
+    assert "gathered decoder layers" in fsdp["ZeRO buffers"].note and "ZeRO buffers" not in ddp
