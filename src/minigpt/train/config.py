@@ -313,8 +313,8 @@ class TrainConfig(Section):
             check_trainable(self.model.freeze, self.data.augment, self.model.vision.use_qformer)
         if self.model.llm_quantization and self.run.strategy.startswith(("deepspeed", "fsdp")):
             raise ValueError(
-                "model.llm_quantization (QLoRA) runs with run.strategy single or ddp; DeepSpeed and FSDP cannot "
-                "partition bitsandbytes weights"
+                "model.llm_quantization (QLoRA) runs with run.strategy single or ddp; DeepSpeed cannot partition "
+                "bitsandbytes weights (nor can FSDP)"
             )
         if self.run.strategy == "fsdp":
             _check_fsdp(self)
