@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import shutil
 import socket
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from minigpt.train.config import ConfigError, validate_config
@@ -58,6 +60,7 @@ def test_two_process_fsdp_matches_one_process_and_resumes_exactly(tmp_path, tiny
     assert losses(records) == pytest.approx(losses(single.history), rel=1e-5)
     grad_norms = [[r["grad_norm"] for r in rs if "loss" in r] for rs in (records, single.history)]
     assert grad_norms[0] == pytest.approx(grad_norms[1], rel=1e-4)  # the norm of the sharded gradients, whole
+    print(f"losses to {_rel(losses(records), losses(single.history)):.1e}, norms to {_rel(*grad_norms):.1e}")
     assert len(_evals(records)) == 2 and _evals(records) == pytest.approx(_evals(single.history), rel=1e-5)
 
     final = load_file(out / "final" / "projector.safetensors")  # gathered on rank 0 into a whole CPU copy
@@ -68,6 +71,8 @@ def test_two_process_fsdp_matches_one_process_and_resumes_exactly(tmp_path, tiny
     llm = AutoModelForCausalLM.from_pretrained(out / "final" / "llm")
     for (name, a), (_, b) in zip(llm.named_parameters(), single.model.llm.named_parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=name)
+    worst = max((a - b).abs().max().item() for a, b in zip(llm.parameters(), single.model.llm.parameters()))
+    print(f"final LLM weights to {worst:.1e} absolute")
 
     ckpt = out / "checkpoints"
     assert sorted(p.name for p in (ckpt / "fsdp").iterdir()) == ["step_00000002", "step_00000004", "step_00000006"]
@@ -75,6 +80,9 @@ def test_two_process_fsdp_matches_one_process_and_resumes_exactly(tmp_path, tiny
         "rank_00000-of-00002.pt",
         "rank_00001-of-00002.pt",
     ]
+    whole = (ckpt / "step_00000004" / "trainable.safetensors").stat().st_size
+    shards = [f.stat().st_size / whole for f in sorted((ckpt / "fsdp" / "step_00000004").iterdir())]
+    print("shard files / trainable.safetensors:", ", ".join(f"{r:.2f}" for r in shards))
     gathered = load_file(ckpt / "step_00000006" / "trainable.safetensors")  # whole, for people and tools
     torch.testing.assert_close(gathered["projector.weight"], final["weight"], rtol=0, atol=0)
 
@@ -88,6 +96,10 @@ def test_two_process_fsdp_matches_one_process_and_resumes_exactly(tmp_path, tiny
     assert [r["step"] for r in resumed if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert losses(resumed) == losses(records)  # every process's shards of weights and moments: exact
     assert sorted(p.name for p in (ckpt / "fsdp").iterdir()) == ["step_00000002", "step_00000004", "step_00000006"]
+
+
+def _rel(a, b):
+    return max(abs(x - y) / abs(y) for x, y in zip(a, b))
 
 
 def single_process_fsdp(config, out, **run):
@@ -112,7 +124,18 @@ def test_frozen_llm_in_the_groups_and_cpu_offload(tmp_path, tiny_llama_dir):
     config = _config(tiny_llama_dir, train_json, eval_json, tmp_path / "single")
     config["model"]["freeze"] = {"llm": True}
     single = train(validate_config(config))
-    fsdp = single_process_fsdp(config, tmp_path / "fsdp", fsdp={"cpu_offload": True, "reshard_after_forward": False})
+    readme = (Path(__file__).parents[1] / "README.md").read_text().split("### PyTorch FSDP\n")[1]
+    example = yaml.safe_load(readme.split("```yaml\n")[1].split("```")[0])["run"]  # the README's example
+    assert example == {"strategy": "fsdp", "fsdp": {"cpu_offload": True, "reshard_after_forward": False}}
+    command = readme.split("```bash\n")[1].split("```")[0].split()
+    assert command[:2] == ["torchrun", "--nproc_per_node"] and command[3:] == [
+        "-m",
+        "minigpt.cli",
+        "train",
+        "CONFIG",
+        "run.strategy=fsdp",
+    ]  # as test_train_support.torchrun runs it (the two-process test)
+    fsdp = single_process_fsdp(config, tmp_path / "fsdp", fsdp=example["fsdp"])
     assert losses(fsdp.history) == pytest.approx(losses(single.history), rel=1e-6)
     assert _evals(fsdp.history) == pytest.approx(_evals(single.history), rel=1e-6)
     assert sorted(p.name for p in (tmp_path / "fsdp" / "final").iterdir()) == sorted(
