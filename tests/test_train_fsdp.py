@@ -137,6 +137,7 @@ def test_frozen_llm_in_the_groups_and_cpu_offload(tmp_path, tiny_llama_dir):
     ]  # as test_train_support.torchrun runs it (the two-process test)
     fsdp = single_process_fsdp(config, tmp_path / "fsdp", fsdp=example["fsdp"])
     assert losses(fsdp.history) == pytest.approx(losses(single.history), rel=1e-6)
+    print(f"projector-only, CPU offload: losses to {_rel(losses(fsdp.history), losses(single.history)):.1e}")
     assert _evals(fsdp.history) == pytest.approx(_evals(single.history), rel=1e-6)
     assert sorted(p.name for p in (tmp_path / "fsdp" / "final").iterdir()) == sorted(
         p.name for p in (tmp_path / "single" / "final").iterdir()
