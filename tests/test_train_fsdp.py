@@ -90,6 +90,8 @@ def test_two_process_fsdp_matches_one_process_and_resumes_exactly(tmp_path, tiny
     shutil.rmtree(out / "final")
     with pytest.raises(ValueError, match="written by 2 processes, this run has 1"):
         single_process_fsdp(config, out)
+    with pytest.raises(ValueError, match="optimizer state is in FSDP's per-process shards"):
+        train(validate_config({**config, "run": dict(config["run"], output_dir=str(out))}))  # run.strategy auto
     done = torchrun(config, tmp_path / "fsdp.yaml", f"run.output_dir={out}", "run.grad_accum=1", "run.strategy=fsdp")
     assert "at step 4" in done.stderr and "rank_00001-of-00002.pt" in done.stderr
     resumed = read_metrics(out)
@@ -179,3 +181,13 @@ def test_planner_models_fsdp_beside_zero(tmp_path, tiny_llama_dir):
     # fp32 parameters: two fp32 moments (8 bytes) per parameter, halved; ZeRO adds a master copy (12 bytes)
     assert fsdp["optimizer state"].bytes == ddp["optimizer state"].bytes / 2 == zero3["optimizer state"].bytes * 8 / 12
     assert "gathered decoder layers" in fsdp["ZeRO buffers"].note and "ZeRO buffers" not in ddp
+
+
+def test_gradient_checkpointing_inside_the_sharded_layers(tmp_path, tiny_llama_dir):
+    train_json = make_shapes(tmp_path / "data", 8)
+    eval_json = make_shapes(tmp_path / "data", 2, seed=1, name="eval")
+    config = _config(tiny_llama_dir, train_json, eval_json, tmp_path / "single", grad_checkpointing=True)
+    single = train(validate_config(config))
+    fsdp = single_process_fsdp(config, tmp_path / "fsdp")
+    assert len(losses(single.history)) == 2
+    assert losses(fsdp.history) == pytest.approx(losses(single.history), rel=1e-6)

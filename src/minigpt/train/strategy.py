@@ -123,11 +123,13 @@ class Strategy:
         state: dict[str, Any],
     ) -> None:
         """Load checkpoint ``path`` (its trainable weights and ``state.pt``) before :meth:`prepare`."""
-        if "deepspeed" in (state.get("strategy") or {}):
-            raise ValueError(
-                f"cannot resume {path} with run.strategy {self.name}: its optimizer state is in "
-                "DeepSpeed's files; resume with the DeepSpeed strategy that wrote it"
-            )
+        written = state.get("strategy") or {}
+        for key, files in (("deepspeed", "DeepSpeed's files"), ("fsdp", "FSDP's per-process shards")):
+            if key in written:
+                raise ValueError(
+                    f"cannot resume {path} with run.strategy {self.name}: its optimizer state is in {files}; "
+                    "resume with the strategy that wrote it"
+                )
         model.load_state_dict(weights, strict=False)
         optimizer.load_state_dict(state["optimizer"])
 
