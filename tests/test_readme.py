@@ -74,6 +74,7 @@ BLOCKS: dict[str, Py | Sh] = {
     "minigpt train configs/minigpt4_stage2.yaml model.llm=/models/vicuna-7b run.batch_size=4": Sh(),
     "torchrun --nproc_per_node 8 -m minigpt.cli train configs/mpp_sft_zero2.yaml": Sh(),
     "minigpt train configs/qlora_stage2.yaml model.llm=/models/Qwen-14B-Chat": Sh(),
+    "torchrun --nproc_per_node 2 -m minigpt.cli train CONFIG run.strategy=fsdp": Sh(),
     # Memory: will it fit? (the commands run for real in test_memory_plan's slow README test)
     "minigpt plan configs/minigpt4_stage2.yaml model.llm=vicuna-7b run.batch_size=4": Sh(),
     # Fine-tune on your own pictures (run line by line, as written, by tests/test_import_walk.py)

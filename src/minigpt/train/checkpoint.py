@@ -15,6 +15,7 @@ import random
 import re
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,16 @@ def save_checkpoint(
         for old in list_checkpoints(output_dir)[:-keep_last]:
             _discard(old)
     return final
+
+
+def prune_beside(output_dir: str | Path, subdir: str, folder_of: Callable[[int], str]) -> None:
+    """Delete the folders of ``checkpoints/SUBDIR`` (files a strategy writes beside ours, one folder per step, named
+    ``folder_of(step)``) whose step has no complete checkpoint any more."""
+    kept = {folder_of(int(p.name.removeprefix("step_"))) for p in list_checkpoints(output_dir)}
+    root = checkpoint_dir(output_dir) / subdir
+    for old in root.iterdir() if root.is_dir() else ():
+        if old.is_dir() and old.name not in kept:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -192,4 +203,5 @@ __all__ = [
     "capture_rng",
     "restore_rng",
     "checkpoint_dir",
+    "prune_beside",
 ]

@@ -226,6 +226,17 @@ class DeepSpeedSection(Section):
     identity_layers: int = Field(0, ge=0)
 
 
+class FSDPSection(Section):
+    """``run.strategy: fsdp`` (see :mod:`minigpt.train.fsdp`): PyTorch FSDP2, every decoder layer and then the rest
+    of the model sharded over the processes; mixed precision from ``run.amp``."""
+
+    #: Keep the sharded parameters, gradients and optimizer state in CPU memory (the optimizer steps there).
+    cpu_offload: bool = False
+    #: Free each layer's gathered parameters after its forward (gathered again for backward): less memory, more
+    #: communication. False keeps them from forward to backward (ZeRO-2-like memory for the parameters).
+    reshard_after_forward: bool = True
+
+
 class RunSection(Section):
     output_dir: str = "outputs/run"
     seed: int = 42
@@ -243,8 +254,9 @@ class RunSection(Section):
     #: Autocast dtype: ``auto`` (bf16 where supported, fp16 + loss scaling otherwise, none on CPU), bf16, fp16, no.
     amp: Literal["auto", "bf16", "bfloat16", "fp16", "float16", "no"] = "auto"
     device: str = "auto"
-    strategy: Literal["auto", "single", "ddp", "deepspeed_zero", "deepspeed_pipeline"] = "auto"
+    strategy: Literal["auto", "single", "ddp", "fsdp", "deepspeed_zero", "deepspeed_pipeline"] = "auto"
     deepspeed: DeepSpeedSection = DeepSpeedSection()
+    fsdp: FSDPSection = FSDPSection()
     #: DDP only: needed when some trainable parameters get no gradient (e.g. an unfrozen Q-Former's text FFN).
     find_unused_parameters: bool = False
     grad_checkpointing: bool = False
@@ -282,6 +294,16 @@ class RunSection(Section):
         return check_device_name(value)
 
 
+def _check_fsdp(config: TrainConfig) -> None:
+    """What ``run.strategy: fsdp`` does not run (yet), as one-line errors."""
+    if config.model.lora is not None:
+        raise ValueError("model.lora with run.strategy fsdp is not supported; use ddp (LoRA weights are small)")
+    if config.run.eval_task is not None:
+        raise ValueError("run.eval_task generates on the main process alone, which FSDP cannot; use ddp")
+    if config.run.amp in ("fp16", "float16"):
+        raise ValueError("run.strategy fsdp trains in bf16 or fp32 (run.amp bf16 or no): no fp16 loss scaling")
+
+
 class TrainConfig(Section):
     model: ModelSection
     data: DataSection
@@ -293,11 +315,13 @@ class TrainConfig(Section):
             from ..data.features import check_trainable
 
             check_trainable(self.model.freeze, self.data.augment, self.model.vision.use_qformer)
-        if self.model.llm_quantization and self.run.strategy.startswith("deepspeed"):
+        if self.model.llm_quantization and self.run.strategy.startswith(("deepspeed", "fsdp")):
             raise ValueError(
                 "model.llm_quantization (QLoRA) runs with run.strategy single or ddp; DeepSpeed cannot partition "
-                "bitsandbytes weights"
+                "bitsandbytes weights (nor can FSDP)"
             )
+        if self.run.strategy == "fsdp":
+            _check_fsdp(self)
         if self.data.packing and self.run.attn_implementation == "flash_attention_2":
             raise ValueError("data.packing needs run.attn_implementation sdpa or eager (a 4-D attention mask)")
         return self

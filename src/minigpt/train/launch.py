@@ -1,7 +1,7 @@
 """``train(config)``: the strategy and the trainer that ``run.strategy`` names, run to the end.
 
 The one module that knows every strategy and trainer, so that none of them imports another's chooser:
-``auto``/``single``/``ddp`` (:mod:`.strategy`) and ``deepspeed_zero`` run :class:`~.loop.Trainer`;
+``auto``/``single``/``ddp`` (:mod:`.strategy`), ``fsdp`` (:mod:`.fsdp`) and ``deepspeed_zero`` run :class:`~.loop.Trainer`;
 ``deepspeed_pipeline`` runs :class:`~.deepspeed.trainer.PipelineTrainer` (the engine does whole steps).
 """
 
@@ -13,6 +13,7 @@ from .config import RunSection, TrainConfig, check_paths
 from .deepspeed.pipeline import DeepSpeedPipeline
 from .deepspeed.trainer import PipelineTrainer
 from .deepspeed.zero import DeepSpeedZeRO
+from .fsdp import FSDP
 from .loop import Trainer, TrainResult
 from .memory.check import check_memory
 from .strategy import DDP, Strategy
@@ -30,6 +31,8 @@ def make_strategy(run: RunSection) -> Strategy:
         return Strategy(run.device, run.amp)
     if name == "ddp":
         return DDP(run.device, run.amp, run.find_unused_parameters)
+    if name == "fsdp":
+        return FSDP(run)
     if name == "deepspeed_pipeline":
         return DeepSpeedPipeline(run)
     if name == "deepspeed_zero":

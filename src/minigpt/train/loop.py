@@ -17,6 +17,7 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -531,9 +532,12 @@ class Trainer:
         model = self.strategy.unwrap(self.forward_model)
         model.eval()
         loss_sum, tokens, skipped = 0.0, 0, 0
-        for b in self.eval_loader:
-            skipped += len(b.skipped)
-            if b.empty or b.num_tokens == 0:
+        for b in self._eval_batches():
+            skipped += len(b.skipped) if b is not None else 0
+            if b is None or b.empty or b.num_tokens == 0:
+                if self.strategy.collective_forward:  # the other processes' forward waits for this one's
+                    with self.strategy.autocast():
+                        model(**step_inputs(model, self.data.example_batch, self.strategy.device))
                 continue
             with self.strategy.autocast():
                 out = model(batch=b.batch.to(self.strategy.device))
@@ -547,6 +551,20 @@ class Trainer:
         record.update(self.evaluate_task())
         self.reporter.log(record)
         return loss
+
+    def _eval_batches(self) -> Iterator[TrainBatch | None]:
+        """This process's eval batches; where forward passes are collective (FSDP), followed by None until every
+        process has run out, so that all run as many."""
+        if not self.strategy.collective_forward:
+            yield from self.eval_loader
+            return
+        batches = iter(self.eval_loader)
+        while True:
+            b = next(batches, None)
+            (running,) = self.strategy.all_reduce([float(b is not None)])
+            if not running:
+                return
+            yield b
 
     def evaluate_task(self) -> dict[str, float]:
         """Metrics of ``run.eval_task`` on the main process (others wait), as ``eval/<task>/<metric>``."""

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from ..device import amp_dtype, autocast, dist_backend, resolve_device, set_device
 from .checkpoint import save_checkpoint
@@ -64,6 +65,11 @@ class Strategy:
         """Context for one micro-batch's forward + backward; ``sync`` is False except on the step's last one."""
         yield
 
+    @property
+    def collective_forward(self) -> bool:
+        """Whether a forward pass is collective (FSDP gathers parameters): every process then runs as many."""
+        return False
+
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
@@ -76,6 +82,8 @@ class Strategy:
             norm = torch.nn.utils.clip_grad_norm_(grads, max_norm)
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in grads]) if grads else torch.zeros(())
+        if isinstance(norm, DTensor):  # the norm of sharded gradients (FSDP)
+            norm = norm.full_tensor()
         if self.scaler is not None:
             self.scaler.step(optimizer)
             self.scaler.update()
@@ -115,11 +123,13 @@ class Strategy:
         state: dict[str, Any],
     ) -> None:
         """Load checkpoint ``path`` (its trainable weights and ``state.pt``) before :meth:`prepare`."""
-        if "deepspeed" in (state.get("strategy") or {}):
-            raise ValueError(
-                f"cannot resume {path} with run.strategy {self.name}: its optimizer state is in "
-                "DeepSpeed's files; resume with the DeepSpeed strategy that wrote it"
-            )
+        written = state.get("strategy") or {}
+        for key, files in (("deepspeed", "DeepSpeed's files"), ("fsdp", "FSDP's per-process shards")):
+            if key in written:
+                raise ValueError(
+                    f"cannot resume {path} with run.strategy {self.name}: its optimizer state is in {files}; "
+                    "resume with the strategy that wrote it"
+                )
         model.load_state_dict(weights, strict=False)
         optimizer.load_state_dict(state["optimizer"])
 
@@ -200,4 +210,28 @@ class DDP(Strategy):
             dist.destroy_process_group()
 
 
-__all__ = ["Strategy", "DDP"]
+def cpu_copy(model: Any, state: dict[str, torch.Tensor]) -> Any:
+    """A whole MiniGPT on the CPU like ``model`` (a sharded one), from ``state``: every parameter, full, by name
+    (persistent buffers are taken from ``model``, where no strategy shards them)."""
+    from transformers import AutoModelForCausalLM
+
+    from ..model.minigpt import MiniGPT
+    from ..model.projector import build_projector
+    from ..model.vision import Blip2VisionEncoder
+
+    params = {n for n, _ in model.named_parameters()}
+    for name, value in model.state_dict(keep_vars=True).items():
+        if name not in params and name not in state:
+            state[name] = value.detach().cpu()
+    config = model.config
+    with torch.device("meta"):
+        vision = Blip2VisionEncoder(config.vision)
+        llm = AutoModelForCausalLM.from_config(model.llm.config, trust_remote_code=config.trust_remote_code)
+        projector = build_projector(config.projector, vision.out_dim, llm.get_input_embeddings().embedding_dim)
+    copy = MiniGPT(config, vision, projector, llm)
+    copy.load_state_dict(state, strict=True, assign=True)
+    llm.tie_weights()
+    return copy
+
+
+__all__ = ["Strategy", "DDP", "cpu_copy"]

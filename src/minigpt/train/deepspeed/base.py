@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ from torch import nn
 
 from ...device import resolve_device, set_device
 from ...model.deepspeed_names import CONFIG_KEY, DS_DIR
-from ..checkpoint import checkpoint_dir, list_checkpoints, save_checkpoint
+from ..checkpoint import checkpoint_dir, prune_beside, save_checkpoint
 from ..strategy import Strategy
 from .config import init_deepspeed, offloads_optimizer
 
@@ -155,10 +154,7 @@ class DeepSpeedStrategy(Strategy):
             info = {"dir": DS_DIR, "tag": tag, "layout": self._layout(), "precision": self.ds_precision}
             state = {**state, "strategy": {**state["strategy"], "deepspeed": info}}
             path = save_checkpoint(output_dir, step, weights, state, keep_last)
-            kept = {f"global_step{int(p.name.removeprefix('step_'))}" for p in list_checkpoints(output_dir)}
-            for old in (root / DS_DIR).glob("global_step*"):
-                if old.is_dir() and old.name not in kept:
-                    shutil.rmtree(old, ignore_errors=True)
+            prune_beside(output_dir, DS_DIR, lambda s: f"global_step{s}")
         dist.barrier()
         return path
 

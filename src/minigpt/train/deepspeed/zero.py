@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..strategy import cpu_copy
 from .base import DeepSpeedStrategy, fp32_master
 from .config import deepspeed_config
 
@@ -104,11 +105,6 @@ def gather_zero3(model: Any, main: bool) -> Any:
     """A CPU copy of a ZeRO-3 partitioned MiniGPT on the main process (None elsewhere): every process takes part,
     one module's parameters at a time; trained parameters come as their fp32 master copies."""
     import deepspeed
-    from transformers import AutoModelForCausalLM
-
-    from ...model.minigpt import MiniGPT
-    from ...model.projector import build_projector
-    from ...model.vision import Blip2VisionEncoder
 
     state: dict[str, torch.Tensor] = {}
     for prefix, module in model.named_modules():
@@ -120,18 +116,4 @@ def gather_zero3(model: Any, main: bool) -> Any:
             if main:
                 for n, p in own:
                     state[f"{prefix}.{n}" if prefix else n] = trained.get(n, p.detach().cpu().clone())
-    if not main:
-        return None
-    params = {n for n, _ in model.named_parameters()}
-    for name, value in model.state_dict(keep_vars=True).items():
-        if name not in params and name not in state:
-            state[name] = value.detach().cpu()  # persistent buffers (not partitioned)
-    config = model.config
-    with torch.device("meta"):
-        vision = Blip2VisionEncoder(config.vision)
-        llm = AutoModelForCausalLM.from_config(model.llm.config, trust_remote_code=config.trust_remote_code)
-        projector = build_projector(config.projector, vision.out_dim, llm.get_input_embeddings().embedding_dim)
-    copy = MiniGPT(config, vision, projector, llm)
-    copy.load_state_dict(state, strict=True, assign=True)
-    llm.tie_weights()
-    return copy
+    return cpu_copy(model, state) if main else None

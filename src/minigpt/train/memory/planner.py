@@ -12,7 +12,8 @@ Model states are formulas over the exact parameter counts of the model built on 
   (:mod:`.trace`: answer-only head, chunked loss, checkpointing, LoRA, vision pass and autocast as they run), less
   the gradients it makes (counted above); under ZeRO-2/3 (gradients reduced bucket by bucket) the peak of all but
   the gradients; QLoRA adds one dequantised weight (bitsandbytes' backward); **ZeRO buffers**: the shipped
-  DeepSpeed configs' reduce/all-gather buckets, and at stage 3 two gathered decoder layers;
+  DeepSpeed configs' reduce/all-gather buckets, and at stage 3 two gathered decoder layers; PyTorch FSDP
+  (``run.strategy: fsdp``) as ZeRO-3 but with the moments in the parameters' dtype (no master copy) and no buckets;
 - **inputs**: the micro-batch's tensors; **KV cache** (inference): layers x 2 x slots x context x KV heads x head
   dim; **runtime**: :data:`CUDA_OVERHEAD` on accelerators (CUDA context, cuBLAS workspace, allocator slack), not
   part of the allocator's ``max_memory_allocated`` peak.
@@ -108,6 +109,9 @@ class Job:
     grad_accum: int = 1
     gpus: int = 1
     zero_stage: int = 0  # 0: no ZeRO (one process or DDP)
+    #: PyTorch FSDP full sharding (run.strategy fsdp): ZeRO-3's division, AdamW moments in the parameters' dtype
+    #: and no fp32 master copy, two gathered decoder layers and no DeepSpeed buckets.
+    fsdp: bool = False
     offload: bool = False
     optimizer: str = "adamw"  # adamw, adamw8bit
     accelerator: bool = True
@@ -180,9 +184,11 @@ def job_from_config(
     if answers is None:
         answers = positions - 1 - image_tokens
     amp = {"auto": "bf16" if accelerator else "no", "bfloat16": "bf16", "float16": "fp16"}.get(run.amp, run.amp)
-    zero = 0
+    zero, fsdp, offload = 0, run.strategy == "fsdp", False
     if run.strategy == "deepspeed_zero":
         zero = run.deepspeed.zero_stage if run.deepspeed.zero_stage is not None else 2
+    if fsdp:
+        zero, offload = 3, run.fsdp.cpu_offload
     return Job(
         llm=llm_config(model.llm, model.trust_remote_code),
         vision=model.vision,
@@ -200,6 +206,8 @@ def job_from_config(
         grad_accum=run.grad_accum,
         gpus=gpus or int(os.environ.get("WORLD_SIZE", "1")),
         zero_stage=zero,
+        fsdp=fsdp,
+        offload=offload,
         accelerator=accelerator,
     )
 
@@ -328,13 +336,16 @@ def plan_training(job: Job, trace: StepTrace | None = None, weights: Weights | N
     if zero >= 3:
         for row in rows:
             row.bytes /= gpus
-            row.note += f", ZeRO-3 / {gpus}"
+            row.note += f", {'FSDP' if job.fsdp else 'ZeRO-3'} / {gpus}"
     weight_bytes = sum(r.bytes for r in rows)
     if trace is None:
         trace = step_trace(job)
     grads = trainable / (gpus if zero >= 2 else 1)
     params_trainable = weights.trainable_params
-    if zero:
+    if job.fsdp:
+        optim = 0.0 if job.offload else 2 * trainable / gpus
+        optim_note = "offloaded to CPU" if job.offload else f"AdamW moments in the parameters' dtype, FSDP / {gpus}"
+    elif zero:
         optim = 0.0 if job.offload else 12 * params_trainable / gpus
         optim_note = "offloaded to CPU" if job.offload else f"fp32 master + AdamW moments, ZeRO / {gpus}"
     elif job.optimizer == "adamw8bit":
@@ -355,7 +366,9 @@ def plan_training(job: Job, trace: StepTrace | None = None, weights: Weights | N
         cast = dtype_bytes(compute) if compute != job.llm_dtype else 0
         activations += largest * (dtype_bytes(job.llm_dtype) + cast)
         notes.append("a dequantised weight")
-    if zero:  # the shipped DeepSpeed configs' buckets (bf16), and ZeRO-3's gathered layers
+    if job.fsdp:
+        rows.append(Row("ZeRO buffers", 2 * weights.layer_bytes, "FSDP: two gathered decoder layers"))
+    elif zero:  # the shipped DeepSpeed configs' buckets (bf16), and ZeRO-3's gathered layers
         buckets = 2 * (4e8 if zero < 3 else 1e8)
         rows.append(
             Row(
