@@ -456,15 +456,11 @@ def run_eval(
     result = _finish(
         task,
         data,
-        records,
-        predictions,
-        problems,
-        scorer,
-        meteor,
-        met_path,
-        {**info, "task": task, "settings": all_settings},
-        counts,
-        {"throughput": throughput},
+        Predicted(records, predictions, problems, counts),
+        run,
+        metrics_path=met_path,
+        header={**info, "task": task, "settings": all_settings},
+        more={"throughput": throughput},
     )
     return shard.share(result)
 
@@ -546,38 +542,47 @@ def score_predictions(
     return _finish(
         task,
         data,
-        records,
-        predictions,
-        problems,
-        scorer,
-        meteor,
-        Path(metrics_path) if metrics_path else None,
-        header,
-        counts,
-        {},
+        Predicted(records, predictions, problems, counts),
+        EvalSettings(meteor=meteor, scorer=scorer),
+        metrics_path=Path(metrics_path) if metrics_path else None,
+        header=header,
     )
+
+
+@dataclass
+class Predicted:
+    """What a run (or a predictions file) brings to scoring: the records scored, their answers, the problems met and
+    the counts for the metrics JSON."""
+
+    records: list[EvalRecord]
+    predictions: dict[str, str]
+    problems: Problems
+    counts: dict[str, Any]
 
 
 def _finish(
     task: str,
     data: TaskData | Sequence[EvalRecord],
-    records: list[EvalRecord],
-    predictions: dict[str, str],
-    problems: Problems,
-    scorer: str | None,
-    meteor: bool | None,
+    predicted: Predicted,
+    run: EvalSettings,
+    *,
     metrics_path: Path | None,
     header: dict[str, Any],
-    counts: dict[str, Any],
-    more: dict[str, Any],
+    more: Mapping[str, Any] | None = None,
 ) -> EvalResult:
-    """Score, then write the metrics JSON and the scores JSONL next to it."""
+    """Score (with ``run``'s scorer and METEOR choice), then write the metrics JSON and the scores JSONL next to it."""
+    records, predictions, problems, counts = (
+        predicted.records,
+        predicted.predictions,
+        predicted.problems,
+        predicted.counts,
+    )
     by_id = {r.id: r for r in records}
     for id, answer in predictions.items():
         if not answer.strip():
             problems.add("empty_prediction", by_id[id].origin or id, "the model answered nothing")
     problems.summarize()
-    scores = score(task, records, predictions, scorer, meteor)
+    scores = score(task, records, predictions, run.scorer, run.meteor)
     read_skipped = len(data.report.skipped) if isinstance(data, TaskData) else 0
     report = {
         "status": "done",
@@ -585,7 +590,7 @@ def _finish(
         "metrics": scores.totals,
         "counts": {**counts, "empty_predictions": problems.counts["empty_prediction"], "skipped_on_read": read_skipped},
         "problems": problems.to_dict(),
-        **more,
+        **(more or {}),
         "versions": _versions(),
         "finished": datetime.now(UTC).isoformat(timespec="seconds"),
     }
