@@ -211,7 +211,11 @@ def test_quickstart_says_why_it_skips_the_chat(tmp_path, monkeypatch, capsys):
     from minigpt.tools import quickstart, quickstart_report
 
     item = SimpleNamespace(image="img/0.png", caption="a red circle")
-    monkeypatch.setattr(quickstart, "_quickstart", lambda args, out, seconds: (None, {"model": "M"}, [item]))
+    monkeypatch.setattr(
+        quickstart,
+        "_quickstart",
+        lambda args, out, seconds: (None, {"model": "M", "image_root": str(tmp_path)}, [item]),
+    )
     monkeypatch.setattr(quickstart_report, "print_summary", lambda summary: None)
     monkeypatch.setattr(sys, "stdin", open(os.devnull))  # not a terminal
     out = tmp_path / "qs"
