@@ -166,6 +166,8 @@ def test_quickstart_digits_imports_class_folders_and_scores_held_out_scans(tmp_p
     assert sum(len(list((out / "digits" / d).iterdir())) for d in NAMES) == 1797
     held = [json.loads(line) for line in (out / "data" / "eval_vqa.jsonl").read_text().splitlines()]
     assert len(held) == 30 and {r["question"] for r in held} == {"What digit is this?"}
+    trained = json.loads((out / "data" / "train.json").read_text())
+    assert {r["conversations"][1]["value"] for r in trained} <= {f"a handwritten {n}" for n in NAMES}  # as stage 1
     assert (out / "confusion.png").read_bytes()[:4] == b"\x89PNG"
     assert "confusion matrix: " in capsys.readouterr().out
 

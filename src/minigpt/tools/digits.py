@@ -4,7 +4,8 @@ scikit-learn ships 1,797 scans of handwritten digits (8x8 pixels, 16 grey levels
 handwritten digits", ``sklearn.datasets.load_digits``: no download). They are written out as class folders
 (``digits/seven/0042.png``, dark ink on white) and brought in with ``minigpt data import``, exactly as a user's own
 folder would be: stage 1 learns captions ("a handwritten seven"), stage 2 the question "What digit is this?" (and
-phrasings) answered with the digit's name, and the held-out scans are asked "What digit is this?".
+phrasings) answered as stage 1 captions them ("a handwritten seven": the projector starts from what stage 1 taught it,
+and stage 2 learns faster than with the bare name), and the held-out scans are asked "What digit is this?".
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ QUESTIONS: tuple[str, ...] = (
     "Which digit do you see?",
 )
 CAPTION = "a handwritten {label}"
+ANSWER = CAPTION  # stage 2 answers phrased as stage 1's captions
 LOSS_RECORDS = 64  # held-out records the training loop's eval loss uses (all are asked before and after)
 
 
@@ -83,7 +85,9 @@ class DigitsTask:
         for old in (folder, data):
             shutil.rmtree(old, ignore_errors=True)
         write_digit_folders(folder)
-        options = ImportOptions(questions=QUESTIONS, caption=CAPTION, eval_size=test_size, seed=seed, workers=2)
+        options = ImportOptions(
+            questions=QUESTIONS, answers=(ANSWER,), caption=CAPTION, eval_size=test_size, seed=seed, workers=2
+        )
         report = import_folder(folder, data, options=options)
         if report.bad:
             raise RuntimeError(f"digits import left out {len(report.bad)} scans: {report.bad[0]}")
