@@ -129,6 +129,9 @@ def _web(folder, tmp_path, image_file, monkeypatch):
             pass
 
         def launch(self, **_):
+            return None, "http://127.0.0.1:7860/", None  # Gradio's (app, local URL, share URL)
+
+        def block_thread(self):
             pass
 
     monkeypatch.setattr(web, "build_ui", lambda engine: Demo())
