@@ -135,12 +135,7 @@ class FSDP(DDP):
         weights: dict[str, torch.Tensor],
         state: dict[str, Any],
     ) -> None:
-        info = (state.get("strategy") or {}).get("fsdp")
-        if info is None:
-            raise ValueError(
-                f"cannot resume {path} with run.strategy fsdp: it was not written by FSDP "
-                "(resume it with the strategy that wrote it)"
-            )
+        info = self.written_by(path, state, "fsdp", "FSDP")
         if info["world_size"] != self.world_size:
             raise ValueError(
                 f"cannot resume {path}: its FSDP shards were written by {info['world_size']} processes, "

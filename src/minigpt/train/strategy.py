@@ -133,6 +133,17 @@ class Strategy:
         model.load_state_dict(weights, strict=False)
         optimizer.load_state_dict(state["optimizer"])
 
+    def written_by(self, path: Path, state: dict[str, Any], key: str, writer: str) -> dict[str, Any]:
+        """``state.pt``'s record of the strategy that wrote checkpoint ``path`` (``key``: ``deepspeed``, ``fsdp``);
+        a checkpoint that ``writer`` did not write cannot resume with this strategy."""
+        info = (state.get("strategy") or {}).get(key)
+        if info is None:
+            raise ValueError(
+                f"cannot resume {path} with run.strategy {self.name}: it was not written by {writer} "
+                "(resume it with the strategy that wrote it)"
+            )
+        return info
+
     def save_checkpoint(
         self,
         output_dir: Path,

@@ -119,12 +119,7 @@ class DeepSpeedStrategy(Strategy):
         weights: dict[str, torch.Tensor],
         state: dict[str, Any],
     ) -> None:
-        info = (state.get("strategy") or {}).get("deepspeed")
-        if info is None:
-            raise ValueError(
-                f"cannot resume {path} with run.strategy {self.name}: it was not written by a DeepSpeed "
-                "strategy (resume it with the strategy that wrote it)"
-            )
+        info = self.written_by(path, state, "deepspeed", "a DeepSpeed strategy")
         if info.get("layout") != self._layout():
             raise ValueError(
                 f"cannot resume {path}: its DeepSpeed files were written with {info.get('layout')}, "
