@@ -278,6 +278,14 @@ def bf16_supported(device: torch.device) -> bool:
         return False
 
 
+def computes_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 natively, so bf16 is faster than float32 there: CPUs with AVX512-BF16 or
+    AMX (elsewhere the CPU emulates bf16, slower than float32), accelerators that support it."""
+    if device.type == "cpu":
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return bf16_supported(device)
+
+
 def amp_dtype(device: torch.device, requested: str = "auto") -> torch.dtype | None:
     """The autocast dtype: None (no AMP) on CPU unless asked, bf16 where supported, else fp16."""
     if requested in ("no", "none", "fp32", "float32"):

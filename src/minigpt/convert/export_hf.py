@@ -197,7 +197,11 @@ def export_hf(
     out = Path(out)
     report = ConversionReport()
 
-    example = Conversation().add("user", [Image(), Text(processor.template.image_separator + "Describe the image.")])
+    example = (
+        Conversation()
+        .add("user", [Image(), Text(processor.template.image_separator + "Describe the image.")])
+        .with_system(processor.config.system_prompt)
+    )
     native = isinstance(processor.template, Blip2Template)  # BLIP-2's own layout: the processor adds the images
     tokenizer, image_index = _image_token(
         processor.tokenizer,

@@ -71,6 +71,12 @@ class Conversation:
     def system(self) -> str | None:
         return self.turns[0].text if self.turns and self.turns[0].role == "system" else None
 
+    def with_system(self, prompt: str | None) -> Conversation:
+        """This conversation with ``prompt`` as its system turn where it has none (itself when ``prompt`` is None)."""
+        if prompt is None or self.system is not None:
+            return self
+        return Conversation([Turn("system", [Text(prompt)] if prompt else []), *self.turns])
+
     def messages(self) -> list[Turn]:
         """Turns without the system turn."""
         return [t for t in self.turns if t.role != "system"]

@@ -61,6 +61,10 @@ class MiniGPTConfig(BaseModel):
     llm_dtype: str = "float32"
     vision_dtype: str = "float32"
     template: str = "vicuna0"
+    #: The system prompt of every conversation that has none, in training and generation alike; null: the
+    #: template's own (``hf``: the chat template's default, e.g. SmolLM2's "You are a helpful AI assistant named
+    #: SmolLM, ..."); "" renders an empty system turn.
+    system_prompt: str | None = None
     max_txt_len: int = 160
     #: Frozen parts (missing ones take :data:`DEFAULT_FREEZE`); always complete after validation.
     freeze: dict[str, bool] = {}

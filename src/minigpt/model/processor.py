@@ -103,9 +103,10 @@ class MiniGPTProcessor:
 
     # ------------------------------------------------------------------ inputs
     def encode(self, conversation: Conversation, train: bool = True) -> Encoded:
-        """Template + tokenize one conversation (labels on the answers; ``train=False``: a generation prompt)."""
+        """Template + tokenize one conversation (labels on the answers; ``train=False``: a generation prompt), with
+        the config's ``system_prompt`` where the conversation has no system turn."""
         return encode_conversation(
-            conversation, self.template, self.tokenizer, self.image_tokens, self.config.max_txt_len, train=train
+            conversation.with_system(self.config.system_prompt), self.template, self.tokenizer, self.image_tokens, self.config.max_txt_len, train=train
         )
 
     def prepare(

@@ -46,11 +46,13 @@ def get_task(name: str) -> Task:
 
 @dataclass(frozen=True)
 class Plan:
-    """The LLM and the two stages' settings (a frozen 135M LLM and a tiny one trained with the rest differ)."""
+    """The LLM, the two stages' settings (a frozen 135M LLM and a tiny one trained with the rest differ) and whether
+    training runs in bf16 (autocast, and the frozen LLM's weights)."""
 
     llm: str
     stage1: Stage
     stage2: Stage
+    bf16: bool = False
 
     @property
     def trains_llm(self) -> bool:
@@ -92,6 +94,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="stage 2 runs the frozen ViT every step instead of reading its features from a cache computed once",
     )
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "bf16", "fp32"),
+        help="auto: bf16 where the device computes it natively (CPUs with AVX512-BF16 or AMX, GPUs), else fp32; "
+        "bf16: the frozen LLM's weights in bf16 and bf16 autocast in training",
+    )
     add_device_argument(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-chat", action="store_true", help="do not open the chat at the end")
@@ -116,7 +125,15 @@ def plan_for(choice: str, task: Task, out: Path, args: argparse.Namespace) -> Pl
         )
     else:
         plan = Plan(llm or choice, task.stage1, task.stage2)
-    return Plan(plan.llm, _steps(plan.stage1, args.stage1_steps), _steps(plan.stage2, args.stage2_steps))
+    return Plan(
+        plan.llm, _steps(plan.stage1, args.stage1_steps), _steps(plan.stage2, args.stage2_steps), _bf16(args)
+    )
+
+
+def _bf16(args: argparse.Namespace) -> bool:
+    from ..device import computes_bf16, resolve_device
+
+    return args.precision == "bf16" or (args.precision == "auto" and computes_bf16(resolve_device(args.device)))
 
 
 def _steps(stage: Stage, steps: int | None) -> Stage:
@@ -146,7 +163,11 @@ def stage_config(
                 "llm": plan.llm,
                 "vision": VISION,
                 "template": template,
+                # No system turn: the chat template's default one (SmolLM2's) would be a third of each sample.
+                "system_prompt": "",
                 "max_txt_len": 48,
+                # The frozen LLM in bf16 (float32 when it trains: an optimizer step in bf16 loses small updates).
+                "llm_dtype": "bfloat16" if plan.bf16 and not plan.trains_llm else "float32",
                 # The random vision tower has no pretrained features: stage 1 trains it with the projector.
                 "freeze": {"vision": not stage.train_vision, "projector": False, "llm": not plan.trains_llm},
                 "init_from": str(init_from) if init_from else None,
@@ -171,6 +192,7 @@ def stage_config(
                     "min_lr": stage.lr / 10,
                 },
                 "device": args.device,
+                "amp": "bf16" if plan.bf16 else "no",
                 "eval_at_start": True,
                 "eval_every": max(10, steps // 4),
                 "log_every": 10,
