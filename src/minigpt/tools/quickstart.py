@@ -157,6 +157,8 @@ def stage_config(
     from ..train.config import validate_config
 
     steps = stage.steps
+    # bf16 where only the projector trains: a ViT trained from scratch in bf16 tells the shapes apart less well.
+    bf16 = plan.bf16 and not stage.train_vision
     return validate_config(
         {
             "model": {
@@ -167,7 +169,7 @@ def stage_config(
                 "system_prompt": "",
                 "max_txt_len": 48,
                 # The frozen LLM in bf16 (float32 when it trains: an optimizer step in bf16 loses small updates).
-                "llm_dtype": "bfloat16" if plan.bf16 and not plan.trains_llm else "float32",
+                "llm_dtype": "bfloat16" if bf16 and not plan.trains_llm else "float32",
                 # The random vision tower has no pretrained features: stage 1 trains it with the projector.
                 "freeze": {"vision": not stage.train_vision, "projector": False, "llm": not plan.trains_llm},
                 "init_from": str(init_from) if init_from else None,
@@ -192,7 +194,7 @@ def stage_config(
                     "min_lr": stage.lr / 10,
                 },
                 "device": args.device,
-                "amp": "bf16" if plan.bf16 else "no",
+                "amp": "bf16" if bf16 else "no",
                 "eval_at_start": True,
                 "eval_every": max(10, steps // 4),
                 "log_every": 10,
