@@ -3,13 +3,15 @@
 :func:`trace_path` runs a call under ``sys.setprofile`` and keeps the minigpt functions it enters (``module:qualname``,
 files under ``src/minigpt``), their modules, the deepest chain of nested minigpt calls (frames of other libraries in
 between do not count) and the call tree. ``tests/test_generate_path.py`` bounds these numbers; run this file for the
-tree of one static greedy generation on a tiny model::
+tree of one greedy generation on a tiny model (``plain``: on transformers' generate; ``--warm``: a second one, the
+slot decoder already built)::
 
-    PYTHONPATH=src python tests/generate_path.py
+    PYTHONPATH=src python tests/generate_path.py [static|plain] [--warm]
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,16 +50,22 @@ class CallPath:
         return "\n".join(lines)
 
 
-def _name(frame: Any) -> str | None:
-    """``module:qualname`` of a frame running minigpt code (module-level code excluded), else None."""
-    code = frame.f_code
+@functools.cache
+def _module(filename: str) -> str | None:
+    """The minigpt module of a source file, or None."""
     try:
-        relative = Path(code.co_filename).resolve().relative_to(PACKAGE)
+        relative = Path(filename).resolve().relative_to(PACKAGE)
     except ValueError:
         return None
-    if code.co_name in SKIPPED:
+    return ".".join(("minigpt", *relative.with_suffix("").parts)).removesuffix(".__init__")
+
+
+def _name(frame: Any) -> str | None:
+    """``module:qualname`` of a frame running a minigpt function (module bodies, comprehensions excluded), else None."""
+    code = frame.f_code
+    module = _module(code.co_filename)
+    if module is None or code.co_name in SKIPPED:
         return None
-    module = ".".join(("minigpt", *relative.with_suffix("").parts)).removesuffix(".__init__")
     return f"{module}:{code.co_qualname}"
 
 
