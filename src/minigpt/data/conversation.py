@@ -81,8 +81,9 @@ class Conversation:
         """Turns without the system turn."""
         return [t for t in self.turns if t.role != "system"]
 
-    def validate(self) -> None:
-        """Check the turn order: optional system, then user/assistant alternating, starting with user."""
+    def validate(self, prompt: bool = False) -> list[Turn]:
+        """Check the turn order: optional system, then user/assistant alternating, starting with user (and, for a
+        generation ``prompt``, ending with user); the turns without the system turn."""
         msgs = self.messages()
         if any(t.role == "system" for t in self.turns[1:]):
             raise ValueError("a system turn may only come first")
@@ -92,6 +93,9 @@ class Conversation:
             expected = "user" if i % 2 == 0 else "assistant"
             if turn.role != expected:
                 raise ValueError(f"turn {i + 1} is {turn.role!r}, expected {expected!r} (user and assistant alternate)")
+        if prompt and msgs[-1].role != "user":
+            raise ValueError("a generation prompt must end with a user turn")
+        return msgs
 
     @classmethod
     def single(cls, question: str, answer: str | None = None, system: str | None = None) -> Conversation:

@@ -102,14 +102,6 @@ class Template:
             text = text.split(s, 1)[0]
         return text.strip()
 
-    @staticmethod
-    def _check_prompt(conv: Conversation) -> list[Turn]:
-        conv.validate()
-        msgs = conv.messages()
-        if msgs[-1].role != "user":
-            raise ValueError("a generation prompt must end with a user turn")
-        return msgs
-
 
 class CaptionTemplate(Template):
     """MiniGPT-4 stage 1: no prompt, the image then the caption followed by ``end_sym``."""
@@ -131,7 +123,7 @@ class CaptionTemplate(Template):
         return chunks
 
     def render_prompt(self, conv: Conversation, tokenizer: Any) -> list[Chunk]:
-        msgs = self._check_prompt(conv)
+        msgs = conv.validate(prompt=True)
         chunks = [_bos(tokenizer)]
         for turn in msgs:
             chunks.append(Chunk(self.content(turn) + (self.end_sym if turn.role == "assistant" else "")))
@@ -183,7 +175,7 @@ class Blip2Template(Template):
         return chunks + [Chunk(text)] * bool(text)
 
     def render_prompt(self, conv: Conversation, tokenizer: Any) -> list[Chunk]:
-        msgs = self._check_prompt(conv)
+        msgs = conv.validate(prompt=True)
         text = "".join(self._text(t) + (self.end_sym if t.role == "assistant" else "") for t in msgs).lstrip()
         return self._start(msgs, tokenizer) + [Chunk(text)] * bool(text)
 
@@ -198,6 +190,8 @@ class InstructTemplate(Template):
     user_format = "###Human: {} ###Assistant: "
     end_sym = "###"
     chat_roles = ("Human: ", "Assistant: ")
+    #: The open assistant role a chat prompt ends with (None: ``chat_roles[1]``).
+    open_role: str | None = None
     chat_sep = "###"
     default_system = MINIGPT4_SYSTEM
 
@@ -214,13 +208,13 @@ class InstructTemplate(Template):
         return chunks
 
     def render_prompt(self, conv: Conversation, tokenizer: Any) -> list[Chunk]:
-        msgs = self._check_prompt(conv)
+        msgs = conv.validate(prompt=True)
         system = conv.system if conv.system is not None else self.default_system or ""
         text = system + self.chat_sep
         for turn in msgs:
             role = self.chat_roles[0] if turn.role == "user" else self.chat_roles[1]
             text += role + self.content(turn) + self.chat_sep
-        text += self.chat_roles[1]
+        text += self.chat_roles[1] if self.open_role is None else self.open_role
         return [_bos(tokenizer), Chunk(text)]
 
 
@@ -229,10 +223,7 @@ class Vicuna0Template(InstructTemplate):
 
     name = "vicuna0"
     stop_strings = ("###",)
-
-    def render_prompt(self, conv: Conversation, tokenizer: Any) -> list[Chunk]:
-        chunks = super().render_prompt(conv, tokenizer)
-        return [chunks[0], Chunk(chunks[1].text.removesuffix(" "))]
+    open_role = "Assistant:"
 
 
 class Vicuna0HeadTemplate(InstructTemplate):
@@ -292,7 +283,7 @@ class ChatMLTemplate(Template):
         return self._render(conv, conv.messages())
 
     def render_prompt(self, conv: Conversation, tokenizer: Any) -> list[Chunk]:
-        msgs = self._check_prompt(conv)
+        msgs = conv.validate(prompt=True)
         chunks = self._render(conv, msgs) + self._turn("assistant", "", answer=False, close=False)
         return [Chunk(c.text, False, c.ids) for c in chunks]
 
@@ -343,7 +334,7 @@ class HFChatTemplate(Template):
         return [c for c in chunks if c.text]
 
     def render_prompt(self, conv: Conversation, tokenizer: Any) -> list[Chunk]:
-        self._check_prompt(conv)
+        conv.validate(prompt=True)
         return [Chunk(self._render_text(tokenizer, self._messages(conv, conv.turns), generation=True))]
 
     def stop_token_ids(self, tokenizer: Any) -> list[list[int]]:

@@ -47,15 +47,13 @@ class DecodeRequest:
     finish_reason: FinishReason | None = None
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    #: The prompt's ids (image slots included), for the repetition penalty and the slot length.
+    prompt_ids: list[int] = field(init=False)
 
     def __post_init__(self) -> None:
         if self.batch.text.input_ids.shape[0] != 1:
             raise ValueError("a decode request holds one conversation")
-
-    @property
-    def prompt_ids(self) -> list[int]:
-        """The prompt's ids (image slots included), for the repetition penalty and the slot length."""
-        return self.batch.text.input_ids[0].tolist()
+        self.prompt_ids = self.batch.text.input_ids[0].tolist()
 
 
 class SlotScheduler:
@@ -74,6 +72,7 @@ class SlotScheduler:
         self.model = model
         self.tokenizer = tokenizer  # decodes the tail of an answer to look for stop strings
         self.decoder = SlotDecoder(model.llm, slots, max_len, cuda_graphs=cuda_graphs, compile=compile)
+        self.slots, self.max_len = slots, max_len  # the decoder's rows and positions per row
         vocab = model.llm.get_output_embeddings().weight.shape[0]
         self.end_ids = set(end_ids)
         self.sampler = SlotSampler(slots, vocab, self.decoder.device, sorted(self.end_ids))
@@ -105,14 +104,6 @@ class SlotScheduler:
             raise
         except Exception as err:
             raise FastDecodingUnsupported(f"{type(err).__name__}: {err}") from err
-
-    @property
-    def slots(self) -> int:
-        return self.decoder.slots
-
-    @property
-    def max_len(self) -> int:
-        return self.decoder.max_len
 
     # ------------------------------------------------------------------------------------------ submitting
     def submit(self, request: DecodeRequest) -> DecodeRequest:
@@ -216,7 +207,6 @@ class SlotScheduler:
         """Embed (one vision pass for all their images) and prefill (one forward) new requests, and emit their first
         tokens. If that fails for several, each is retried alone, so that only a bad request fails."""
         rows = [row for row, _ in admitted]
-        prompt_ids = {row: request.prompt_ids for row, request in admitted}
         try:
             logits = self.decoder.prefill(rows, self._embed([request for _, request in admitted]))
         except BaseException as err:
@@ -231,7 +221,7 @@ class SlotScheduler:
         self.running.update(admitted)
         try:
             for row, request in admitted:
-                self.sampler.admit(row, request.options, prompt_ids[row])
+                self.sampler.admit(row, request.options, request.prompt_ids)
             tokens = self.sampler.pick(logits, rows)
             self.last[rows] = tokens
             picked = tokens.tolist()
@@ -285,20 +275,4 @@ class SlotScheduler:
         request.done.set()
 
 
-def stream_callback(streamer: Any, prompt_ids: torch.Tensor) -> Callable[[int], None] | None:
-    """A per-token callback feeding a transformers-style ``streamer``: the prompt with the first token (so a request
-    that fails before its first token has streamed nothing), then each token."""
-    if streamer is None:
-        return None
-    started = []
-
-    def on_token(token: int) -> None:
-        if not started:
-            streamer.put(prompt_ids.cpu())
-            started.append(True)
-        streamer.put(torch.tensor([token]))
-
-    return on_token
-
-
-__all__ = ["DecodeRequest", "SlotScheduler", "stream_callback"]
+__all__ = ["DecodeRequest", "SlotScheduler"]

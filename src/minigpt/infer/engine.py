@@ -31,7 +31,7 @@ from ..data.tokenize import ModelBatch
 from ..device import free_memory_bytes
 from ..model.minigpt import MiniGPT
 from ..model.processor import MiniGPTProcessor, distribute_images
-from .batching import DecodeRequest, SlotScheduler, stream_callback
+from .batching import DecodeRequest, SlotScheduler
 from .decoding import DecodingChoice, DecodingSettings, FastDecodingUnsupported, choose_decoding
 from .generate import Generation, GenerationOptions, StopOnStrings, generated_ids
 from .loading import LoadSpec, device_map_problem, load_model
@@ -74,7 +74,7 @@ class Engine:
             llm = self.model.llm
             quantized = bool(getattr(llm, "is_quantized", False) or getattr(llm, "hf_quantizer", None))
             problem = device_map_problem(llm) or slot_decoding_problem(llm)
-            self._choice = choose_decoding(settings, self.device, quantized, problem)
+            self._choice = choose_decoding(settings, self.model.device, quantized, problem)
             refused = settings.mode == "static" and self._choice.mode == "plain"
             log.log(logging.WARNING if refused else logging.INFO, "decoding: %s", self._choice)
 
@@ -83,10 +83,6 @@ class Engine:
         """What :meth:`generate` decodes with (static or plain) and why: chosen once, from :attr:`decoding`, the
         device and the LLM, when the engine is built or its settings change."""
         return self._choice
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.device
 
     @property
     def batching(self) -> bool:
@@ -147,13 +143,16 @@ class Engine:
 
     @contextlib.contextmanager
     def _eval_mode(self) -> Iterator[None]:
-        """Dropout off, whatever mode the caller left the model in (restored after)."""
-        training = self.model.training
+        """Dropout off where the caller left the model training (e.g. a trainer's sample; training mode restored
+        after). The engine put it in eval mode when it was built: usually there is nothing to switch."""
+        if not self.model.training:
+            yield
+            return
         self.model.eval()
         try:
             yield
         finally:
-            self.model.train(training)
+            self.model.train()
 
     def _generate_static(
         self, batches: list[ModelBatch], options: GenerationOptions, stops: list[str], streamer: Any
@@ -170,7 +169,20 @@ class Engine:
         return [self._result(request) for request in requests]
 
     def _request(self, batch: ModelBatch, options: GenerationOptions, stops: list[str], streamer: Any) -> DecodeRequest:
-        return DecodeRequest(batch, options, stops, on_token=stream_callback(streamer, batch.text.input_ids[0]))
+        """A slot-decoder request for one conversation's ``batch``, feeding a transformers-style ``streamer``: the
+        prompt with the first token (so a request that fails before its first token has streamed nothing), then each
+        token."""
+        if streamer is None:
+            return DecodeRequest(batch, options, stops)
+        started = []
+
+        def on_token(token: int) -> None:
+            if not started:
+                streamer.put(batch.text.input_ids[0].cpu())
+                started.append(True)
+            streamer.put(torch.tensor([token]))
+
+        return DecodeRequest(batch, options, stops, on_token=on_token)
 
     def _result(self, request: DecodeRequest) -> Generation:
         if request.error is not None:
@@ -183,7 +195,7 @@ class Engine:
         self, batch: ModelBatch, options: GenerationOptions, stops: list[str], streamer: Any
     ) -> list[Generation]:
         """transformers' ``generate`` on the prompt embeddings (beam search, and what the slot decoder cannot run)."""
-        batch = batch.to(self.device)
+        batch = batch.to(self.model.device)
         text, processor = batch.text, self.processor
         prompt_len = text.input_ids.shape[1]
         end_ids = processor.end_token_ids()
@@ -272,7 +284,7 @@ class Engine:
 
     def _slots_that_fit(self, slots: int, max_len: int) -> int:
         """``slots``, or fewer when their KV cache would take more than 80% of the device's free memory (logged)."""
-        free = free_memory_bytes(self.device)
+        free = free_memory_bytes(self.model.device)
         if free is None:
             return slots
         per_slot = max_len * kv_bytes_per_position(self.model.llm)

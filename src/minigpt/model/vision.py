@@ -153,13 +153,11 @@ class Blip2VisionEncoder(nn.Module):
     def out_dim(self) -> int:
         return self.config.out_dim
 
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``ln_vision(ViT(pixels))``: [B, 1 + patches, width] (CLS first)."""
-        param = self.vision_model.embeddings.patch_embedding.weight
-        return self.vision_model(pixel_values=pixel_values.to(param.dtype)).last_hidden_state
-
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        feats = self.image_features(pixel_values)
+        """Pixels -> ``ln_vision(ViT(pixels))`` ([B, 1 + patches, width], CLS first) -> the Q-Former's query outputs,
+        or without a Q-Former the patches, ``concat_tokens`` neighbours concatenated."""
+        param = self.vision_model.embeddings.patch_embedding.weight
+        feats = self.vision_model(pixel_values=pixel_values.to(param.dtype)).last_hidden_state
         if not self.config.use_qformer:
             patches = feats[:, 1:, :]
             b, n, d = patches.shape
