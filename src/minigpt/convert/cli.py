@@ -329,14 +329,9 @@ def _import_hf(args: argparse.Namespace) -> int:
 
 
 def _projector(args: argparse.Namespace) -> int:
-    from ..files import save_safetensors
-    from .lavis import convert_minigpt4_projector
+    from .lavis import save_projector
 
-    if not args.out.endswith(".safetensors"):
-        raise ValueError(f"--out {args.out}: the projector is written as .safetensors")
-    state, report = convert_minigpt4_projector(args.checkpoint)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    save_safetensors(state, args.out, metadata={"format": "pt", "source": Path(args.checkpoint).name})
+    state, report = save_projector(args.checkpoint, args.out)
     out_dim, in_dim = state["weight"].shape
     print(f"wrote {args.out}: linear projector {in_dim} -> {out_dim}")
     _print_report(report)
