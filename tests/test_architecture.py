@@ -231,3 +231,8 @@ def test_parameters_are_counted_as_the_limit_means(tmp_path):
         "    def plus(self, a, b, c, d, e, f, g, h, *, i=1): ...\n"
     )
     assert long_parameter_lists(tmp_path) == [("lib.py:nine", 9), ("lib.py:plus", 9)]
+
+
+if __name__ == "__main__":  # the list itself: python tests/test_architecture.py
+    for name, count in long_parameter_lists():
+        print(f"{count:3d}  {name}")
