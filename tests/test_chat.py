@@ -10,7 +10,7 @@ from minigpt.data.conversation import Image, Text
 from minigpt.infer.chat import Chat, ChatEngine, ContextTooLong, _StopCutter
 from minigpt.infer.decoding import DecodingSettings
 from minigpt.infer.engine import Engine
-from minigpt.infer.generate import GenerationOptions, override_options
+from minigpt.infer.generate import GenerationOptions, OptionOverrides
 from minigpt.infer.loading import LoadSpec, load_model, resolve_placement
 
 GREEDY = GenerationOptions(max_new_tokens=12)
@@ -106,7 +106,7 @@ def test_stop_strings_are_cut_identically_when_streaming(engine, image_file):
     chat.upload(image_file)
     words = chat.ask("What is it?").split()
     assert len(words) >= 3
-    options = override_options(GREEDY, stop=[" " + words[2]])
+    options = OptionOverrides(stop=[" " + words[2]]).apply(GREEDY)
     expected = " ".join(words[:2])
     chat.reset()
     assert chat.ask("What is it?", options) == expected
@@ -152,12 +152,12 @@ def test_placeholder_in_text_is_refused(engine):
         engine.chat().ask("Look: <ImageHere>")
 
 
-def test_override_options_temperature_zero_is_greedy():
-    assert override_options(GREEDY, temperature=0).do_sample is False
-    sampled = override_options(GREEDY, temperature=0.7, top_p=0.5, num_beams=2)
+def test_option_overrides_temperature_zero_is_greedy():
+    assert OptionOverrides(temperature=0).apply(GREEDY).do_sample is False
+    sampled = OptionOverrides(temperature=0.7, top_p=0.5, num_beams=2).apply(GREEDY)
     assert (sampled.do_sample, sampled.temperature, sampled.top_p, sampled.num_beams) == (True, 0.7, 0.5, 2)
     with pytest.raises(ValueError):
-        override_options(GREEDY, top_p=0)
+        OptionOverrides(top_p=0).apply(GREEDY)
 
 
 def test_base_parts_and_projector_override_load_the_same_model(

@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from conftest import SHARED, shared_path
 from minigpt.convert.deepspeed import (
     PIPELINE_LLM_NAMES,
+    DeepSpeedConversion,
     UnsafeCheckpointError,
     convert_deepspeed,
     map_pipeline_llm,
@@ -134,10 +135,10 @@ def test_zero_partial_module_takes_frozen_parts_from_sources(tiny_model_factory,
         convert_deepspeed(ckpt, tmp_path / "out")
     src.save_pretrained(tmp_path / "cfg", trainable_only=True)  # a config with vision_weights=None
     with pytest.raises(ValueError, match="vision encoder is neither in the checkpoint nor recorded"):
-        convert_deepspeed(ckpt, tmp_path / "out", config=tmp_path / "cfg")
+        convert_deepspeed(ckpt, tmp_path / "out", DeepSpeedConversion(config=tmp_path / "cfg"))
     vision_dir = save_vision(tmp_path / "vision", src.config.vision, src.vision.state_dict())
     written, report = convert_deepspeed(
-        ckpt, tmp_path / "out", config=tmp_path / "cfg" / "config.json", vision=str(vision_dir)
+        ckpt, tmp_path / "out", DeepSpeedConversion(config=tmp_path / "cfg" / "config.json", vision=str(vision_dir))
     )
     assert written == ["projector"]
     assert "vision: from" in str(report) and "llm: from" in str(report)
@@ -189,14 +190,14 @@ def test_a_random_vision_encoder_comes_from_the_runs_final_folder(tiny_model_fac
     assert src.save_pretrained(final, trainable_only=True) == ["vision", "projector"]
     with pytest.raises(ValueError, match="neither in the checkpoint nor recorded.*such as the run's final/"):
         convert_deepspeed(step_dir, tmp_path / "out")
-    written, report = convert_deepspeed(step_dir, tmp_path / "out", vision=str(final))
+    written, report = convert_deepspeed(step_dir, tmp_path / "out", DeepSpeedConversion(vision=str(final)))
     assert written == ["vision", "projector"]
     assert f"vision: from {final / 'vision.safetensors'}" in report.notes
     loaded = MiniGPT.from_pretrained(tmp_path / "out")
     _assert_same_weights(loaded, src.state_dict())
     assert torch.equal(_loss(loaded, image_file), _loss(src, image_file))
     with pytest.raises(FileNotFoundError, match="neither a vision folder .* nor a minigpt model directory"):
-        convert_deepspeed(step_dir, tmp_path / "out3", vision=str(tmp_path))
+        convert_deepspeed(step_dir, tmp_path / "out3", DeepSpeedConversion(vision=str(tmp_path)))
 
 
 def test_zero_bad_inputs(tiny_model_factory, tmp_path):
@@ -236,7 +237,7 @@ def test_non_allow_listed_objects_need_trust_pickle(tiny_model_factory, tmp_path
     ckpt = _save_dir(tmp_path / "run", files)
     with pytest.raises(UnsafeCheckpointError, match=r"argparse\.Namespace.*--trust-pickle"):
         convert_deepspeed(ckpt, tmp_path / "out")
-    written, _ = convert_deepspeed(ckpt, tmp_path / "out", trust_pickle=True)
+    written, _ = convert_deepspeed(ckpt, tmp_path / "out", DeepSpeedConversion(trust_pickle=True))
     assert written == ["vision", "projector"]
     marker = tmp_path / "executed"
     torch.save(
@@ -245,7 +246,7 @@ def test_non_allow_listed_objects_need_trust_pickle(tiny_model_factory, tmp_path
     )
     (tmp_path / "run" / TAG / "mp_rank_00_model_states.pt").unlink()
     with pytest.raises(UnsafeCheckpointError, match="--trust-pickle"):
-        convert_deepspeed(ckpt, tmp_path / "out2", llm=src.config.llm)
+        convert_deepspeed(ckpt, tmp_path / "out2", DeepSpeedConversion(llm=src.config.llm))
     assert not marker.exists()
 
 
@@ -386,7 +387,7 @@ def test_pipeline_to_model_dir(pipeline_ckpt, tiny_llama_dir, tmp_path):
     ckpt, llm, proj = pipeline_ckpt
     expected = load_file(FIXTURE / "expected.safetensors")
     written, report = convert_deepspeed(
-        ckpt, tmp_path / "out", llm=str(tiny_llama_dir), with_llm=True, heads=4, qformer_heads=4
+        ckpt, tmp_path / "out", DeepSpeedConversion(llm=str(tiny_llama_dir), with_llm=True, heads=4, qformer_heads=4)
     )
     assert written == ["vision", "projector", "llm"]
     assert (
@@ -410,7 +411,9 @@ def test_pipeline_to_model_dir(pipeline_ckpt, tiny_llama_dir, tmp_path):
     assert diffs["query_output"] < 1e-4 and diffs["projected"] < 1e-4 and diffs["llm_logits"] == 0.0
 
     # Without --with-llm the block files are not read and the base LLM is referenced.
-    written, report = convert_deepspeed(ckpt, tmp_path / "out2", llm=str(tiny_llama_dir), heads=4, qformer_heads=4)
+    written, report = convert_deepspeed(
+        ckpt, tmp_path / "out2", DeepSpeedConversion(llm=str(tiny_llama_dir), heads=4, qformer_heads=4)
+    )
     assert written == ["vision", "projector"] and "pass --with-llm" in str(report)
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     again = MiniGPT.from_pretrained(tmp_path / "out2")
@@ -477,7 +480,7 @@ def test_real_zero2_checkpoint(tiny_llama_dir, image_file, tmp_path):
     reference = load_file(out / "reference.safetensors")
     assert (out / "latest").read_text().strip() == "global_step2"
     for fp32 in (False, True):
-        written, report = convert_deepspeed(out, tmp_path / f"model-{fp32}", fp32=fp32)
+        written, report = convert_deepspeed(out, tmp_path / f"model-{fp32}", DeepSpeedConversion(fp32=fp32))
         assert written == ["vision", "projector"], report
         loaded = MiniGPT.from_pretrained(tmp_path / f"model-{fp32}")
         _assert_same_weights(loaded, reference)
@@ -570,7 +573,9 @@ def test_our_pipeline_reads_the_recorded_config(tiny_model_factory, image_file, 
     with pytest.raises(ValueError, match="needs the base LLM"):
         convert_deepspeed(tmp_path / "bare" / "checkpoints" / "deepspeed", tmp_path / "out2")
     written, _ = convert_deepspeed(
-        tmp_path / "bare" / "checkpoints" / "deepspeed", tmp_path / "out2", llm=src.config.llm, vision=str(vision_dir)
+        tmp_path / "bare" / "checkpoints" / "deepspeed",
+        tmp_path / "out2",
+        DeepSpeedConversion(llm=src.config.llm, vision=str(vision_dir)),
     )
     assert MiniGPT.from_pretrained(tmp_path / "out2").config.template == "chatml"  # the MPP default
 

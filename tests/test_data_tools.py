@@ -22,7 +22,7 @@ from minigpt.data.analyze import (
 )
 from minigpt.data.check import PROBLEM_KINDS, check_dataset, write_clean
 from minigpt.data.conversation import Conversation, Sample
-from minigpt.data.convert import convert_dataset, read_captions_csv
+from minigpt.data.convert import ConvertOptions, convert_dataset, read_captions_csv
 from minigpt.data.formats import (
     read_captions_json,
     read_cc_sbu_align,
@@ -394,7 +394,7 @@ def test_llava_round_trips_and_minigpt4qwen_skips_what_it_cannot_hold(tmp_path):
         tmp_path / "back.json",
         "llava",
         image_root=tmp_path / "imgs",
-        out_image_root=tmp_path,
+        options=ConvertOptions(out_image_root=tmp_path),
     )
     back = read_llava_json(tmp_path / "back.json")  # paths now relative to its own folder
     assert convs(back) == convs(original)[:2] and [s.images for s in back] == [s.images for s in original[:2]]
@@ -414,7 +414,9 @@ def test_cc_sbu_align_round_trip_symlinked_and_copied(tmp_path):
     assert convs(via) == convs(original) and [s.images for s in via] == [s.images for s in original]
     for copy in (False, True):
         out = tmp_path / f"cc_{copy}"
-        report = convert_dataset(root / "llava.json", "llava", out, "cc_sbu_align", copy_images=copy)
+        report = convert_dataset(
+            root / "llava.json", "llava", out, "cc_sbu_align", options=ConvertOptions(copy_images=copy)
+        )
         assert report.written == 3 and not report.notes  # alignment instructions are not "dropped" text
         back = read_cc_sbu_align(out)
         assert convs(back) == convs(original)  # same index -> same drawn instruction
@@ -452,7 +454,7 @@ def caption_pairs(tmp_path: Path) -> list[dict]:
 def test_captions_to_webdataset_shards_round_trip(tmp_path):
     pairs = caption_pairs(tmp_path)
     src = write_json(tmp_path / "pairs.json", pairs)
-    report = convert_dataset(src, "captions_json", tmp_path / "wds", "webdataset", shard_size=2)
+    report = convert_dataset(src, "captions_json", tmp_path / "wds", "webdataset", options=ConvertOptions(shard_size=2))
     assert report.written == 5 and [Path(f).name for f in report.files] == ["00000.tar", "00001.tar", "00002.tar"]
     with tarfile.open(tmp_path / "wds" / "00001.tar") as tar:
         assert tar.getnames() == [

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from minigpt.infer.generate import GenerationOptions, override_options
+from minigpt.infer.generate import GenerationOptions, OptionOverrides
 from minigpt.model.minigpt import MiniGPT
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -1.0])
 def test_temperature_must_be_finite_and_not_negative(value):
     with pytest.raises(ValueError, match=r"temperature must be a finite number >= 0 \(0 = greedy\)"):
-        override_options(GenerationOptions(), temperature=value)  # NaN used to mean greedy
+        OptionOverrides(temperature=value).apply(GenerationOptions())  # NaN used to mean greedy
 
 
 @pytest.mark.parametrize("name", ["temperature", "top_p", "repetition_penalty", "length_penalty"])

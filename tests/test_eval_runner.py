@@ -13,7 +13,7 @@ import pytest
 from PIL import Image as PILImage
 
 from conftest import logged
-from minigpt.eval.runner import EvalSettings, evaluate_task, predict, read_predictions, run_eval
+from minigpt.eval.runner import IN_TRAINING, EvalFiles, EvalSettings, evaluate_task, predict, read_predictions, run_eval
 from minigpt.eval.tasks import load_task
 from minigpt.infer.generate import Generation, GenerationOptions
 
@@ -90,8 +90,7 @@ def test_vqa_accuracy_hand_computed(tmp_path, images):
         td,
         GenerationOptions(max_new_tokens=5),
         EvalSettings(batch_size=2, progress=False),
-        predictions_path=out / "p.jsonl",
-        metrics_path=out / "m.json",
+        files=EvalFiles(out / "p.jsonl", out / "m.json"),
         info={"model": "stub"},
     )
     # "Two" -> "2": 3 of 10 annotators; leave-one-out mean = (3 * 2/3 + 7 * 1) / 10 = 0.9
@@ -133,7 +132,7 @@ def test_caption_metrics_hand_computed(tmp_path, images):
     td = load_task("caption", data, images=images)
     # the stub tells the images apart by colour: a.png is red (image 1), b.png green (image 2)
     model = StubModel(image_fn=lambda imgs: "a cat on a mat" if imgs[0].getpixel((0, 0))[0] > 100 else "a dog runs")
-    m = evaluate_task(model, "caption", td.records, GenerationOptions(), batch_size=4)
+    m = evaluate_task(model, "caption", td.records, GenerationOptions(), replace(IN_TRAINING, batch_size=4))
     # BLEU-1 over the corpus: 7 of 8 words match (clipped); hypothesis 8 words vs closest references 5 + 5 ->
     # brevity penalty exp(1 - 10/8)
     assert m["Bleu_1"] == pytest.approx(7 / 8 * math.exp(1 - 10 / 8), rel=1e-6)
@@ -237,8 +236,7 @@ def test_bad_input_is_named_counted_and_never_fatal(tmp_path, images):
             "vqa",
             td,
             run=EvalSettings(batch_size=4, progress=False),
-            predictions_path=tmp_path / "o" / "p.jsonl",
-            metrics_path=tmp_path / "o" / "m.json",
+            files=EvalFiles(tmp_path / "o" / "p.jsonl", tmp_path / "o" / "m.json"),
         )
     messages = "\n".join(str(w.message) for w in caught)
     assert "missing.png" in messages and "broken.png" in messages and "Explode" in messages
@@ -291,7 +289,7 @@ def test_interrupted_run_resumes_from_its_predictions(tmp_path, images):
     )
     td = load_task("pope", data, images=images)
     out = tmp_path / "out"
-    kwargs = dict(predictions_path=out / "p.jsonl", metrics_path=out / "m.json", info={"model": "stub"})
+    kwargs = dict(files=EvalFiles(out / "p.jsonl", out / "m.json"), info={"model": "stub"})
 
     class Interrupting(StubModel):
         def generate(self, conversations, images, options=None):
@@ -336,7 +334,9 @@ def test_evaluate_task_restores_training_mode_and_flattens(tmp_path, images):
     seen = []
     original = model.generate
     model.generate = lambda c, i, o=None: (seen.append(model.training), original(c, i, o))[1]  # type: ignore
-    m = evaluate_task(model, "pope", load_task("pope", data, images=images), limit=3, batch_size=2)
+    m = evaluate_task(
+        model, "pope", load_task("pope", data, images=images), None, replace(IN_TRAINING, limit=3, batch_size=2)
+    )
     assert seen == [False, False] and model.training is True
     assert m["accuracy"] == 1.0 and m["n"] == 3 and m["per_category/random/accuracy"] == 1.0
 

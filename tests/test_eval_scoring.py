@@ -14,7 +14,7 @@ from PIL import Image as PILImage
 from conftest import logged
 from minigpt.eval import cli
 from minigpt.eval.predictions import PredictionMatchError
-from minigpt.eval.runner import EvalSettings, run_eval, score, score_predictions
+from minigpt.eval.runner import EvalFiles, EvalSettings, run_eval, score, score_predictions
 from minigpt.eval.tasks import load_task
 from minigpt.infer.generate import Generation
 
@@ -141,8 +141,7 @@ def test_predictions_file_scores_like_the_run_that_made_it(tmp_path, images):
         "mcq",
         td,
         run=EvalSettings(progress=False),
-        predictions_path=out / "predictions.jsonl",
-        metrics_path=out / "metrics.json",
+        files=EvalFiles(out / "predictions.jsonl", out / "metrics.json"),
     )
     scored = score_predictions("mcq", td, out / "predictions.jsonl", metrics_path=tmp_path / "s" / "metrics.json")
     assert scored.metrics == run.metrics and run.metrics["circular_accuracy"] == pytest.approx(2 / 3)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from minigpt.cli import main
-from minigpt.data.features import FeatureCache, cache_features, image_key, open_feature_cache
+from minigpt.data.features import FeatureCache, FeatureOptions, cache_features, image_key, open_feature_cache
 from minigpt.data.formats import read_dataset
 from minigpt.data.images import ImageProcessor
 from minigpt.model.vision import Blip2VisionEncoder, VisionConfig
@@ -41,7 +41,9 @@ def test_cache_round_trip_and_resume(tmp_path):
     samples = read_dataset({"format": "captions_json", "path": str(data)})
     encoder = _encoder()
     out = tmp_path / "cache"
-    report = cache_features(encoder, samples, out, dtype="float32", batch_size=4, shard_size=3, workers=2)
+    report = cache_features(
+        encoder, samples, out, FeatureOptions(dtype="float32", batch_size=4, shard_size=3, workers=2)
+    )
     assert (report.images, report.written, report.reused, report.skipped) == (10, 10, 0, [])
     cache = FeatureCache(out)
     assert len(cache) == 10 and len(cache.shards) == 4  # 3 + 3 + 3 + 1
@@ -50,11 +52,11 @@ def test_cache_round_trip_and_resume(tmp_path):
         for sample in samples:
             expected = encoder(processor(sample.images[0]).unsqueeze(0))[0]
             torch.testing.assert_close(cache.lookup(sample.images[0]), expected, atol=1e-6, rtol=1e-6)
-    again = cache_features(encoder, samples, out, dtype="float32")
+    again = cache_features(encoder, samples, out, FeatureOptions(dtype="float32"))
     assert (again.written, again.reused) == (0, 10)
     with pytest.raises(ValueError, match="other vision weights"):
-        cache_features(_encoder(seed=1), samples, out, dtype="float32")
-    half = cache_features(encoder, samples, tmp_path / "half", batch_size=16)  # float16, the default
+        cache_features(_encoder(seed=1), samples, out, FeatureOptions(dtype="float32"))
+    half = cache_features(encoder, samples, tmp_path / "half", FeatureOptions(batch_size=16))  # float16, the default
     assert (
         half.written == 10
         and FeatureCache(tmp_path / "half").get(image_key(samples[0].images[0])).dtype == torch.float16

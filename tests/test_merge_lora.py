@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from minigpt.cli import main
-from minigpt.convert.lora import merge_lora, read_lora_weights
+from minigpt.convert.lora import MergeOptions, merge_lora, read_lora_weights
 from minigpt.data.conversation import Conversation, Image, Text
 from minigpt.model.minigpt import MiniGPT
 from minigpt.model.processor import MiniGPTProcessor
@@ -191,7 +191,7 @@ def test_errors(trained, tmp_path, capsys):
     with pytest.raises(ValueError, match="does not record the LoRA alpha"):
         merge_lora(ckpt, tmp_path / "a", base=root / "base")
     with pytest.raises(ValueError, match="give the base model"):
-        merge_lora(ckpt, tmp_path / "b", lora_alpha=8)
+        merge_lora(ckpt, tmp_path / "b", options=MergeOptions(lora_alpha=8))
     assert (
         main(
             [
@@ -212,7 +212,7 @@ def test_errors(trained, tmp_path, capsys):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "x").write_text("")
     with pytest.raises(FileExistsError):
-        merge_lora(ckpt, tmp_path / "d", base=root / "base", lora_alpha=8)
+        merge_lora(ckpt, tmp_path / "d", base=root / "base", options=MergeOptions(lora_alpha=8))
 
 
 def test_a_flag_that_contradicts_the_recorded_alpha_is_refused(trained, tmp_path, capsys):
@@ -238,7 +238,7 @@ def test_a_flag_that_contradicts_the_recorded_alpha_is_refused(trained, tmp_path
     assert not (tmp_path / "a").exists()
     peft = root / "peft"  # records lora_alpha 8 in adapter_config.json
     with pytest.raises(ValueError, match="contradicts the run's record .*adapter_config.json: 8"):
-        merge_lora(peft, tmp_path / "p", base=root / "base", lora_alpha=16)
+        merge_lora(peft, tmp_path / "p", base=root / "base", options=MergeOptions(lora_alpha=16))
 
     assert main([*args, "--force-lora-alpha", "--out", str(tmp_path / "forced")]) == 0
     info = json.loads((tmp_path / "forced" / "merged_lora.json").read_text())

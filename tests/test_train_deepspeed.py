@@ -261,7 +261,7 @@ def test_one_process_zero_and_pipeline_reproduce_single(tmp_path, reference, sha
 def test_converter_reads_what_the_strategies_write(tmp_path, reference, shapes, tiny_llama_dir):
     """``minigpt convert deepspeed`` on the DeepSpeed files of a ZeRO-2 and of a pipeline run gives the final
     weights (the random tiny vision encoder has no source: it is given with --vision)."""
-    from minigpt.convert.deepspeed import convert_deepspeed
+    from minigpt.convert.deepspeed import DeepSpeedConversion, convert_deepspeed
     from minigpt.convert.lavis import save_vision
     from minigpt.model.minigpt import MiniGPT
 
@@ -274,7 +274,9 @@ def test_converter_reads_what_the_strategies_write(tmp_path, reference, shapes, 
         out = tmp_path / strategy
         train(validate_config(_with(_config(tiny_llama_dir, shapes, out, strategy), eval_every=0, save_every=4)))
         written, _ = convert_deepspeed(
-            out / "checkpoints" / "deepspeed", tmp_path / f"{strategy}-model", vision=str(vision), **kwargs
+            out / "checkpoints" / "deepspeed",
+            tmp_path / f"{strategy}-model",
+            DeepSpeedConversion(vision=str(vision), **kwargs),
         )
         assert written == ["projector", "llm"]
         converted = MiniGPT.from_pretrained(tmp_path / f"{strategy}-model")

@@ -4,8 +4,22 @@ a projector checkpoint (ours, or an original MiniGPT-4 / MiniGPT4Qwen / MPP one)
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+
+@dataclass(frozen=True)
+class AssembleOptions:
+    """How :func:`assemble` builds the directory: the prompt ``template`` (None: :func:`suggested_template`), the
+    projector's type, the LLM dtype recorded (and used with ``full``), ``full`` (copy the LLM and the vision weights
+    in) and whether the LLM's own modelling code may run."""
+
+    template: str | None = None
+    projector_type: str = "linear"
+    dtype: str = "float32"
+    full: bool = False
+    trust_remote_code: bool = False
 
 
 def assemble(
@@ -13,18 +27,14 @@ def assemble(
     vision: str | Path,
     projector: str | Path,
     out: str | Path,
-    template: str | None = None,
-    projector_type: str = "linear",
-    dtype: str = "float32",
-    full: bool = False,
-    trust_remote_code: bool = False,
+    options: AssembleOptions = AssembleOptions(),
 ) -> tuple[list[str], Any]:
     """Write a model directory from base parts; returns the parts written (see ``save_pretrained``) and
     the conversion report.
 
     ``vision``: a vision encoder folder or a transformers BLIP-2 folder. A checkpoint that also holds vision-stack
     tensors (a trained Q-Former: ``query_tokens``, ``Qformer.bert.*``) gets them loaded; the encoder is then stored.
-    ``template`` None: :func:`suggested_template`. Without ``full`` the LLM is built on the meta device (only its
+    Without ``options.full`` the LLM is built on the meta device (only its
     config and tokenizer are read) and the directory references ``llm`` and ``vision``: a hub id as is, a local
     folder by its path relative to ``out`` (resolved against the directory when it loads), so the tree can move."""
     from ..model.config import MiniGPTConfig
@@ -35,6 +45,7 @@ def assemble(
     from .lavis import ConversionReport, checkpoint_vision, convert_minigpt4_projector, is_hf_blip2, load_checkpoint
 
     vision, out = Path(vision), Path(out)
+    template, projector_type, full = options.template, options.projector_type, options.full
     if not (vision / VISION_CONFIG).is_file() and not is_hf_blip2(vision):
         raise FileNotFoundError(
             f"{vision}: not a vision encoder folder (no {VISION_CONFIG}) nor a transformers BLIP-2 "
@@ -52,10 +63,10 @@ def assemble(
         vision_weights=str(vision),
         projector=projector_type,
         template=template or "vicuna0",
-        llm_dtype=dtype,
-        trust_remote_code=trust_remote_code,
+        llm_dtype=options.dtype,
+        trust_remote_code=options.trust_remote_code,
     )
-    model = MiniGPT.build(config, llm=None if full else build_meta_llm(llm, trust_remote_code))
+    model = MiniGPT.build(config, llm=None if full else build_meta_llm(llm, options.trust_remote_code))
     processor = MiniGPTProcessor.from_config(config)  # the tokenizer, read while the sources are absolute
     config.llm, config.vision_weights = _relative_reference(llm, out), _relative_reference(str(vision), out)
     want = {k: list(v.shape) for k, v in model.projector.state_dict().items()}

@@ -36,7 +36,18 @@ def register(subparsers: Any) -> None:
         description="Convert checkpoints of the original projects into minigpt parts and model directories, "
         "and export a model to a transformers Blip2ForConditionalGeneration folder.",
     )
+    _register_lavis(sub)
+    _register_hf_blip2(sub)
+    _register_import_hf(sub)
+    _register_projector(sub)
+    _register_assemble(sub)
+    _register_deepspeed(sub)
+    _register_export_hf(sub)
+    _register_apply_delta(sub)
+    _register_merge_lora(sub)
 
+
+def _register_lavis(sub: Any) -> None:
     q = sub.add_parser("lavis", help="LAVIS eva_vit_g.pth + blip2_pretrained*.pth -> vision encoder folder")
     q.add_argument("--eva", required=True, metavar="PTH", help="EVA ViT-g file (eva_vit_g.pth)")
     q.add_argument("--blip2", required=True, metavar="PTH", help="BLIP-2 file (blip2_pretrained_flant5xxl.pth)")
@@ -49,11 +60,15 @@ def register(subparsers: Any) -> None:
     )
     q.set_defaults(func=_lavis)
 
+
+def _register_hf_blip2(sub: Any) -> None:
     q = sub.add_parser("hf-blip2", help="transformers BLIP-2 folder (Salesforce/blip2-*) -> vision encoder folder")
     q.add_argument("directory", metavar="DIR", help="folder with config.json and the weights")
     q.add_argument("--out", "-o", required=True, metavar="DIR")
     q.set_defaults(func=_hf_blip2)
 
+
+def _register_import_hf(sub: Any) -> None:
     q = sub.add_parser(
         "import-hf",
         help="transformers BLIP-2 folder (Salesforce/blip2-*, an export) -> a complete "
@@ -69,6 +84,8 @@ def register(subparsers: Any) -> None:
     q.add_argument("--dtype", help="LLM dtype (default: the folder's)")
     q.set_defaults(func=_import_hf)
 
+
+def _register_projector(sub: Any) -> None:
     q = sub.add_parser(
         "projector",
         help="MiniGPT-4 / MiniGPT4Qwen / MPP layer_00 checkpoint or transformers BLIP-2 "
@@ -82,6 +99,8 @@ def register(subparsers: Any) -> None:
     q.add_argument("--out", "-o", required=True, metavar="FILE.safetensors")
     q.set_defaults(func=_projector)
 
+
+def _register_assemble(sub: Any) -> None:
     q = sub.add_parser(
         "assemble",
         help="LLM + vision folder + projector -> a model directory (chat, eval)",
@@ -112,6 +131,8 @@ def register(subparsers: Any) -> None:
     q.add_argument("--trust-remote-code", action="store_true", help="allow the LLM's own modelling code")
     q.set_defaults(func=_assemble)
 
+
+def _register_deepspeed(sub: Any) -> None:
     q = sub.add_parser("deepspeed", help="DeepSpeed ZeRO or pipeline checkpoint -> a model directory")
     q.add_argument(
         "checkpoint",
@@ -154,6 +175,8 @@ def register(subparsers: Any) -> None:
     )
     q.set_defaults(func=_deepspeed)
 
+
+def _register_export_hf(sub: Any) -> None:
     q = sub.add_parser("export-hf", help="model directory -> transformers Blip2ForConditionalGeneration folder")
     q.add_argument("model", metavar="MODEL_DIR")
     q.add_argument("--out", "-o", required=True, metavar="HF_DIR")
@@ -161,6 +184,8 @@ def register(subparsers: Any) -> None:
     q.add_argument("--max-shard-size", default="5GB")
     q.set_defaults(func=_export_hf)
 
+
+def _register_apply_delta(sub: Any) -> None:
     q = sub.add_parser(
         "apply-delta",
         help="LLaMA + a published delta (Vicuna) -> working weights, shard by shard",
@@ -184,6 +209,8 @@ def register(subparsers: Any) -> None:
     )
     q.set_defaults(func=_apply_delta)
 
+
+def _register_merge_lora(sub: Any) -> None:
     q = sub.add_parser(
         "merge-lora",
         help="fold a LoRA adapter into the LLM -> a plain model directory",
@@ -302,14 +329,9 @@ def _import_hf(args: argparse.Namespace) -> int:
 
 
 def _projector(args: argparse.Namespace) -> int:
-    from ..files import save_safetensors
-    from .lavis import convert_minigpt4_projector
+    from .lavis import save_projector
 
-    if not args.out.endswith(".safetensors"):
-        raise ValueError(f"--out {args.out}: the projector is written as .safetensors")
-    state, report = convert_minigpt4_projector(args.checkpoint)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    save_safetensors(state, args.out, metadata={"format": "pt", "source": Path(args.checkpoint).name})
+    state, report = save_projector(args.checkpoint, args.out)
     out_dim, in_dim = state["weight"].shape
     print(f"wrote {args.out}: linear projector {in_dim} -> {out_dim}")
     _print_report(report)
@@ -317,19 +339,16 @@ def _projector(args: argparse.Namespace) -> int:
 
 
 def _assemble(args: argparse.Namespace) -> int:
-    from .assemble import assemble
+    from .assemble import AssembleOptions, assemble
 
-    written, report = assemble(
-        args.llm,
-        args.vision,
-        args.projector,
-        args.out,
+    options = AssembleOptions(
         template=args.template,
         projector_type=args.projector_type,
         dtype=args.dtype,
         full=args.full,
         trust_remote_code=args.trust_remote_code,
     )
+    written, report = assemble(args.llm, args.vision, args.projector, args.out, options)
     referenced = [
         f"{name} {source}"
         for name, source, part in (("llm", args.llm, "llm"), ("vision", args.vision, "vision"))
@@ -348,11 +367,9 @@ def _assemble(args: argparse.Namespace) -> int:
 
 
 def _deepspeed(args: argparse.Namespace) -> int:
-    from .deepspeed import convert_deepspeed
+    from .deepspeed import DeepSpeedConversion, convert_deepspeed
 
-    written, report = convert_deepspeed(
-        args.checkpoint,
-        args.out,
+    conversion = DeepSpeedConversion(
         tag=args.tag,
         config=args.config,
         llm=args.llm,
@@ -367,6 +384,7 @@ def _deepspeed(args: argparse.Namespace) -> int:
         trust_pickle=args.trust_pickle,
         trust_remote_code=args.trust_remote_code,
     )
+    written, report = convert_deepspeed(args.checkpoint, args.out, conversion)
     print(f"wrote {args.out}: {', '.join(written)}")
     _print_report(report)
     return 0
@@ -397,21 +415,18 @@ def _apply_delta(args: argparse.Namespace) -> int:
 
 
 def _merge_lora(args: argparse.Namespace) -> int:
-    from .lora import merge_lora
+    from .lora import MergeOptions, merge_lora
 
-    result = merge_lora(
-        args.adapter,
-        args.out,
-        base=args.base,
-        config=args.config,
+    options = MergeOptions(
         lora_alpha=args.lora_alpha,
+        force_alpha=args.force_lora_alpha,
         dtype=args.dtype,
         full=args.full,
         export_hf_dir=args.export_hf,
         max_shard_size=args.max_shard_size,
         trust_remote_code=args.trust_remote_code,
-        force_alpha=args.force_lora_alpha,
     )
+    result = merge_lora(args.adapter, args.out, base=args.base, config=args.config, options=options)
     what = "model directory" if result.kind == "minigpt" else "LLM folder"
     print(f"wrote {result.directory}: {what} ({', '.join(result.written)}), LoRA merged")
     if result.hf is not None:

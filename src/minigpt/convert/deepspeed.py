@@ -108,6 +108,7 @@ __all__ = [
     "pipeline_llm_names",
     "llm_parameter_shapes",
     "write_model_dir",
+    "DeepSpeedConversion",
     "convert_deepspeed",
 ]
 
@@ -652,52 +653,62 @@ def _differs(module: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> bool
     return any(k in own and not torch.equal(own[k].to(v.dtype), v) for k, v in state.items())
 
 
-def convert_deepspeed(
-    checkpoint: str | Path,
-    out: str | Path,
-    *,
-    tag: str | None = None,
-    config: Any = None,
-    llm: str | None = None,
-    vision: str | None = None,
-    template: str | None = None,
-    with_llm: bool = False,
-    fp32: bool = False,
-    heads: int = 16,
-    qformer_heads: int = 12,
-    llm_dtype: str | None = None,
-    full: bool = False,
-    trust_pickle: bool = False,
-    trust_remote_code: bool = False,
-) -> tuple[list[str], ConversionReport]:
-    """A ZeRO or pipeline checkpoint folder -> a model directory (see the module docstring).
+@dataclass(frozen=True)
+class DeepSpeedConversion:
+    """What :func:`convert_deepspeed` reads and writes.
 
-    ``config``: a :class:`MiniGPTConfig`, its dict, or a path (a ``config.json`` or a model directory) used
-    when the checkpoint records none; ``llm``/``vision``/``template``/``llm_dtype`` override its fields.
-    Returns the parts written and the report.
-    """
+    Reading: ``tag`` (the checkpoint tag folder; None: ``latest``, else the highest ``global_stepN``), ``fp32``
+    (ZeRO: rebuild fp32 master weights from the optimizer files), ``with_llm`` (pipeline: the LLM weights from the
+    layer files), ``heads``/``qformer_heads`` (attention heads, not readable from weights), ``trust_pickle``.
+    The model config: ``config`` (a :class:`MiniGPTConfig`, its dict, or a path: a ``config.json`` or a model
+    directory) when the checkpoint records none; ``llm``/``vision``/``template``/``llm_dtype`` override its fields;
+    ``trust_remote_code``. Writing: ``full`` stores every part."""
+
+    tag: str | None = None
+    config: Any = None
+    llm: str | None = None
+    vision: str | None = None
+    template: str | None = None
+    with_llm: bool = False
+    fp32: bool = False
+    heads: int = 16
+    qformer_heads: int = 12
+    llm_dtype: str | None = None
+    full: bool = False
+    trust_pickle: bool = False
+    trust_remote_code: bool = False
+
+
+def convert_deepspeed(
+    checkpoint: str | Path, out: str | Path, conversion: DeepSpeedConversion = DeepSpeedConversion()
+) -> tuple[list[str], ConversionReport]:
+    """A ZeRO or pipeline checkpoint folder -> a model directory (see the module docstring and
+    :class:`DeepSpeedConversion`). Returns the parts written and the report."""
     from ..model.config import CONFIG_FILE, REMOTE_CODE_IGNORED, MiniGPTConfig
 
-    tag_dir = resolve_tag_dir(checkpoint, tag)
+    c = conversion
+    with_llm = c.with_llm  # turned on below where a recorded config trains the LLM
+
+    tag_dir = resolve_tag_dir(checkpoint, c.tag)
     overrides: dict[str, Any] = {}
     vision_file = None
-    if llm:
-        overrides["llm"] = llm
-    if vision:
-        vision_overrides, vision_file = _vision_option(Path(vision))
+    if c.llm:
+        overrides["llm"] = c.llm
+    if c.vision:
+        vision_overrides, vision_file = _vision_option(Path(c.vision))
         overrides.update(vision_overrides)
-    if template:
-        overrides["template"] = template
-    if llm_dtype:
-        overrides["llm_dtype"] = llm_dtype
-    overrides["trust_remote_code"] = trust_remote_code  # the call's flag, never a recorded config's
+    if c.template:
+        overrides["template"] = c.template
+    if c.llm_dtype:
+        overrides["llm_dtype"] = c.llm_dtype
+    overrides["trust_remote_code"] = c.trust_remote_code  # the call's flag, never a recorded config's
 
     if any(_LAYER_FILE.match(p.name) or _TP_LAYER_FILE.match(p.name) for p in tag_dir.iterdir()):
-        if fp32:
+        if c.fp32:
             raise ValueError("--fp32 applies to ZeRO checkpoints, not pipeline layer files")
         report = ConversionReport()
-        recorded = _pipeline_client_config(tag_dir, trust_pickle, report)
-        given = _config_dict(config)
+        recorded = _pipeline_client_config(tag_dir, c.trust_pickle, report)
+        given = _config_dict(c.config)
         if recorded is not None and given is not None:
             report.notes.append(f"--config ignored: the checkpoint records its {CONFIG_KEY}")
         source = recorded if recorded is not None else (given or {})
@@ -713,11 +724,11 @@ def convert_deepspeed(
             tag_dir,
             base,
             with_llm=with_llm,
-            with_vision=not vision,
-            heads=heads,
-            qformer_heads=qformer_heads,
-            trust_pickle=trust_pickle,
-            trust_remote_code=trust_remote_code,
+            with_vision=not c.vision,
+            heads=c.heads,
+            qformer_heads=c.qformer_heads,
+            trust_pickle=c.trust_pickle,
+            trust_remote_code=c.trust_remote_code,
         )
         converted.report.notes[:0] = report.notes
         kind = converted.config["projector"]
@@ -733,8 +744,8 @@ def convert_deepspeed(
     else:
         if with_llm:
             raise ValueError("--with-llm applies to pipeline checkpoints; a ZeRO checkpoint holds what was saved")
-        converted = zero_state_dict(tag_dir, fp32=fp32, trust_pickle=trust_pickle)
-        data = converted.config or _config_dict(config)
+        converted = zero_state_dict(tag_dir, fp32=c.fp32, trust_pickle=c.trust_pickle)
+        data = converted.config or _config_dict(c.config)
         if data is None:
             raise ValueError(
                 f"{tag_dir} records no {CONFIG_KEY} (client_state): pass --config "
@@ -743,11 +754,11 @@ def convert_deepspeed(
         data = {k: v for k, v in data.items() if k != "format_version"}
         recorded_trust = bool(data.get("trust_remote_code"))
         data.update(overrides)
-        if converted.config is not None and config is not None:
+        if converted.config is not None and c.config is not None:
             converted.report.notes.append(f"--config ignored: the checkpoint records its {CONFIG_KEY}")
-    if recorded_trust and not trust_remote_code:
+    if recorded_trust and not c.trust_remote_code:
         converted.report.notes.append(f"the recorded {CONFIG_KEY} {REMOTE_CODE_IGNORED}")
-    written = write_model_dir(converted, MiniGPTConfig.from_dict(data), out, full=full, vision_file=vision_file)
+    written = write_model_dir(converted, MiniGPTConfig.from_dict(data), out, full=c.full, vision_file=vision_file)
     return written, converted.report
 
 

@@ -38,6 +38,7 @@ __all__ = [
     "vision_config_from_lavis",
     "convert_lavis_vision",
     "convert_minigpt4_projector",
+    "save_projector",
     "convert_hf_blip2",
     "checkpoint_vision",
     "is_hf_blip2",
@@ -265,6 +266,19 @@ def convert_minigpt4_projector(ckpt: Source) -> tuple[StateDict, ConversionRepor
             "to a projector; 'minigpt convert assemble' loads them into the model"
         )
     return out, ConversionReport(ignored=ignored, notes=notes)
+
+
+def save_projector(ckpt: str | Path, out: str | Path) -> tuple[StateDict, ConversionReport]:
+    """:func:`convert_minigpt4_projector` written to ``out``, a ``.safetensors`` file (its folder created) whose
+    metadata names the source file; returns the state and the report."""
+    from minigpt.files import save_safetensors
+
+    if not str(out).endswith(".safetensors"):
+        raise ValueError(f"--out {out}: the projector is written as .safetensors")
+    state, report = convert_minigpt4_projector(ckpt)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    save_safetensors(state, out, metadata={"format": "pt", "source": Path(ckpt).name})
+    return state, report
 
 
 def checkpoint_vision(config: VisionConfig, ckpt: Mapping[str, torch.Tensor]) -> tuple[StateDict, list[str]]:

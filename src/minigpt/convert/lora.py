@@ -39,7 +39,7 @@ from .lavis import ConversionReport
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MergeResult", "LoraWeights", "read_lora_weights", "merge_lora_into", "merge_lora"]
+__all__ = ["MergeOptions", "MergeResult", "LoraWeights", "read_lora_weights", "merge_lora_into", "merge_lora"]
 
 ADAPTER_CONFIG = "adapter_config.json"
 MERGE_INFO = "merged_lora.json"
@@ -266,22 +266,32 @@ def _fresh(path: Path, what: str) -> None:
         raise FileExistsError(f"{what} {path} exists and is not empty; choose a new folder")
 
 
+@dataclass(frozen=True)
+class MergeOptions:
+    """How :func:`merge_lora` merges and writes: ``lora_alpha`` (for checkpoints that do not record it; one that
+    contradicts the run's record is refused unless ``force_alpha``), the LLM ``dtype`` to load and save (None: the
+    base's), ``full`` (store every part), ``export_hf_dir`` (also write the transformers export), the shard size of
+    what is written, and whether the LLM's own modelling code may run."""
+
+    lora_alpha: float | None = None
+    force_alpha: bool = False
+    dtype: str | None = None
+    full: bool = False
+    export_hf_dir: str | Path | None = None
+    max_shard_size: str = "5GB"
+    trust_remote_code: bool = False
+
+
 def merge_lora(
     adapter: str | Path,
     out: str | Path,
     base: str | Path | None = None,
     config: str | Path | None = None,
-    lora_alpha: float | None = None,
-    dtype: str | None = None,
-    full: bool = False,
-    export_hf_dir: str | Path | None = None,
-    max_shard_size: str = "5GB",
-    trust_remote_code: bool = False,
-    force_alpha: bool = False,
+    options: MergeOptions = MergeOptions(),
 ) -> MergeResult:
-    """Merge ``adapter`` into ``base`` and write ``out`` (see the module doc). ``lora_alpha`` that contradicts the
-    alpha the run recorded (its training config, found by itself, or the peft folder's) is refused unless
-    ``force_alpha``."""
+    """Merge ``adapter`` into ``base`` and write ``out`` (see the module doc and :class:`MergeOptions`)."""
+    lora_alpha, force_alpha, export_hf_dir = options.lora_alpha, options.force_alpha, options.export_hf_dir
+    max_shard_size = options.max_shard_size
     adapter, out = Path(adapter), Path(out)
     _fresh(out, "--out")
     if export_hf_dir is not None:
@@ -300,7 +310,7 @@ def merge_lora(
                 config, train_config = found, load_config(found)
                 report.notes.append(f"LoRA settings from {found}")
     kind, loaded, text = _load_base(
-        Path(base) if base is not None else None, train_config, dtype, trust_remote_code, report
+        Path(base) if base is not None else None, train_config, options.dtype, options.trust_remote_code, report
     )
     llm = loaded.llm if kind == "minigpt" else loaded
 
@@ -370,7 +380,7 @@ def merge_lora(
     with atomic_directory(out) as tmp:
         if kind == "minigpt":
             loaded.llm = merged
-            written = _save_minigpt(loaded, text, tmp, full)
+            written = _save_minigpt(loaded, text, tmp, options.full)
         else:
             if export_hf_dir is not None:
                 raise ValueError("--export-hf needs a minigpt model as the base (a plain LLM folder was given)")

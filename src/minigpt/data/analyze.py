@@ -259,13 +259,12 @@ def analyze_samples(
     template: str | Template = "vicuna0",
     image_tokens: int = 32,
     max_len: int | None = None,
-    limit: int | None = None,
     progress: bool | int | None = False,
     dataset: str = "",
     fmt: str = "",
 ) -> AnalysisReport:
-    """Measure ``samples`` (the first ``limit``) under ``template``; ``progress`` shows a tqdm bar (``total`` when
-    it is an int)."""
+    """Measure ``samples`` under ``template`` (take the first N with ``itertools.islice``); ``progress`` shows a
+    tqdm bar (``total`` when it is an int)."""
     tpl = get_template(template) if isinstance(template, str) else template
     if image_tokens < 0:
         raise ValueError(f"image_tokens must be >= 0, got {image_tokens}")
@@ -281,10 +280,6 @@ def analyze_samples(
         tokenizer=str(getattr(tokenizer, "name_or_path", "")),
     )
     it: Iterable[Sample] = samples
-    if limit is not None:
-        import itertools
-
-        it = itertools.islice(it, limit)
     if progress:
         from ..console import progress_bar
 

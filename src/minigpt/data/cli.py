@@ -242,6 +242,8 @@ def _dataset_arguments(q: argparse.ArgumentParser) -> None:
 
 
 def _analyze(args: argparse.Namespace) -> int:
+    import itertools
+
     from ..model.llm import load_tokenizer
     from .analyze import analyze_samples, write_report
     from .convert import open_dataset, quiet_reader_warnings
@@ -256,12 +258,11 @@ def _analyze(args: argparse.Namespace) -> int:
         if total is not None and args.limit is not None:
             total = min(total, args.limit)
         report = analyze_samples(
-            data,
+            itertools.islice(data, args.limit),
             tokenizer,
             template,
             args.image_tokens,
             args.max_len,
-            args.limit,
             progress=total or True,
             dataset=args.dataset,
             fmt=args.format,
@@ -306,7 +307,7 @@ def _cache_features(args: argparse.Namespace) -> int:
     import torch
 
     from ..device import amp_dtype, resolve_device
-    from .features import cache_features
+    from .features import FeatureOptions, cache_features
     from .formats import read_dataset
 
     if min(args.batch_size, args.shard_size, args.workers) < 1:
@@ -337,10 +338,7 @@ def _cache_features(args: argparse.Namespace) -> int:
         sources = [open_dataset(args.format, args.dataset, args.image_root)]
     device = resolve_device(args.device)
     amp = amp_dtype(device, {"bf16": "bfloat16", "fp16": "float16"}.get(args.amp, args.amp))
-    report = cache_features(
-        encoder,
-        itertools.chain.from_iterable(sources),
-        args.out,
+    options = FeatureOptions(
         device=device,
         dtype=args.dtype,
         amp=amp,
@@ -349,6 +347,7 @@ def _cache_features(args: argparse.Namespace) -> int:
         workers=args.workers,
         progress=True,
     )
+    report = cache_features(encoder, itertools.chain.from_iterable(sources), args.out, options)
     print(report.summary())
     print(f"train with data.feature_cache={args.out} data.augment=false")
     return 0
@@ -357,18 +356,13 @@ def _cache_features(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .convert import convert_dataset
+    from .convert import ConvertOptions, convert_dataset
 
+    options = ConvertOptions(
+        out_image_root=args.out_image_root, copy_images=args.copy_images, shard_size=args.shard_size
+    )
     report = convert_dataset(
-        args.src,
-        args.source_format,
-        args.out,
-        args.target_format,
-        image_root=args.image_root,
-        out_image_root=args.out_image_root,
-        copy_images=args.copy_images,
-        shard_size=args.shard_size,
-        progress=True,
+        args.src, args.source_format, args.out, args.target_format, args.image_root, options, progress=True
     )
     print(report.summary())
     if report.image_root is not None and Path(report.image_root).resolve() != Path(args.out).parent.resolve():

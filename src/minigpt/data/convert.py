@@ -483,29 +483,36 @@ class _WebDatasetWriter:
 # ---------------------------------------------------------------------------------------------- convert
 
 
+@dataclass(frozen=True)
+class ConvertOptions:
+    """How :func:`convert_dataset` writes its target: ``out_image_root`` (JSON targets: the folder image paths are
+    written relative to; None: the source's image root), ``copy_images`` (cc_sbu_align: copies instead of hard
+    links) and ``shard_size`` (webdataset: samples per tar shard)."""
+
+    out_image_root: str | Path | None = None
+    copy_images: bool = False
+    shard_size: int = DEFAULT_SHARD_SIZE
+
+
 def convert_dataset(
     src: str | Path,
     source_format: str,
     out: str | Path,
     target_format: str,
     image_root: str | Path | None = None,
-    out_image_root: str | Path | None = None,
-    copy_images: bool = False,
-    shard_size: int = DEFAULT_SHARD_SIZE,
+    options: ConvertOptions = ConvertOptions(),
     progress: bool = False,
 ) -> ConvertReport:
     """Convert ``src`` (``source_format``) to ``out`` (``target_format``); see the module docstring for what each
     target holds. ``out`` must not exist (or be an empty folder). Returns the :class:`ConvertReport`."""
     if target_format not in TARGET_FORMATS:
         raise ValueError(f"cannot write format {target_format!r}; expected one of {', '.join(TARGET_FORMATS)}")
-    if out_image_root is not None and target_format not in ("llava", "minigpt4qwen", "captions_json"):
+    if options.out_image_root is not None and target_format not in ("llava", "minigpt4qwen", "captions_json"):
         raise ValueError(f"--out-image-root applies to JSON targets only, not {target_format}")
     out = Path(out)
     _check_out(out)
     with quiet_reader_warnings():
-        return _convert(
-            src, source_format, out, target_format, image_root, out_image_root, copy_images, shard_size, progress
-        )
+        return _convert(src, source_format, out, target_format, image_root, options, progress)
 
 
 def _convert(
@@ -514,22 +521,24 @@ def _convert(
     out: Path,
     target_format: str,
     image_root: str | Path | None,
-    out_image_root: str | Path | None,
-    copy_images: bool,
-    shard_size: int,
+    options: ConvertOptions,
     progress: bool,
 ) -> ConvertReport:
     data = open_dataset(source_format, src, image_root)
     report = ConvertReport(str(src), source_format, str(out), target_format)
     writer: Any
     if target_format in ("llava", "minigpt4qwen", "captions_json"):
-        root = Path(out_image_root) if out_image_root is not None else source_image_root(source_format, src, image_root)
+        root = (
+            Path(options.out_image_root)
+            if options.out_image_root is not None
+            else source_image_root(source_format, src, image_root)
+        )
         writer = _JsonWriter(target_format, out, root, report)
         report.image_root = str(writer.root)
     elif target_format == "cc_sbu_align":
-        writer = _CcSbuWriter(out, copy_images, report)
+        writer = _CcSbuWriter(out, options.copy_images, report)
     else:
-        writer = _WebDatasetWriter(out, shard_size, report)
+        writer = _WebDatasetWriter(out, options.shard_size, report)
     samples: Iterable[Sample] = data
     if progress:
         from ..console import progress_bar

@@ -331,28 +331,34 @@ def _images(samples: Iterable[Sample], report: CacheReport) -> Iterator[tuple[st
                 yield key, image, origin
 
 
+@dataclass(frozen=True)
+class FeatureOptions:
+    """How :func:`cache_features` computes and stores: the ``device`` the encoder runs on, the storage ``dtype``,
+    ``amp`` (the autocast dtype to run the encoder in; None: its own dtype), images per encoder call
+    (``batch_size``), images per shard file (``shard_size``), image-decoding threads (``workers``) and a progress
+    bar."""
+
+    device: torch.device | str = "cpu"
+    dtype: str | torch.dtype = "float16"
+    amp: torch.dtype | None = None
+    batch_size: int = 32
+    shard_size: int = 4096
+    workers: int = 4
+    progress: bool = False
+
+
 @torch.inference_mode()
 def cache_features(
-    encoder: nn.Module,
-    samples: Iterable[Sample],
-    out: str | Path,
-    *,
-    device: torch.device | str = "cpu",
-    dtype: str | torch.dtype = "float16",
-    amp: torch.dtype | None = None,
-    batch_size: int = 32,
-    shard_size: int = 4096,
-    workers: int = 4,
-    progress: bool = False,
+    encoder: nn.Module, samples: Iterable[Sample], out: str | Path, options: FeatureOptions = FeatureOptions()
 ) -> CacheReport:
-    """Compute ``encoder(pixels)`` for every distinct image of ``samples`` (eval transform) and store it in ``out``.
+    """Compute ``encoder(pixels)`` for every distinct image of ``samples`` (eval transform) and store it in ``out``
+    (see :class:`FeatureOptions`).
 
-    ``amp`` is the autocast dtype to run the encoder in (None: its own dtype). Images already in ``out`` (same
-    encoder) are not computed again; unreadable images are reported in the result and left out (training skips
-    their samples, naming them)."""
+    Images already in ``out`` (same encoder) are not computed again; unreadable images are reported in the result
+    and left out (training skips their samples, naming them)."""
     from ..device import autocast, parse_dtype
 
-    out, device, store = Path(out), torch.device(device), parse_dtype(dtype)
+    out, device, store = Path(out), torch.device(options.device), parse_dtype(options.dtype)
     config = encoder.config  # type: ignore[attr-defined]
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -379,11 +385,11 @@ def cache_features(
     for leftover in out.glob(".*.tmp"):
         leftover.unlink()
     report = CacheReport(str(out))
-    writer = _Writer(out, manifest, store, shard_size)
+    writer = _Writer(out, manifest, store, options.shard_size)
     processor = ImageProcessor(config.image_size, config.mean, config.std, train=False)
     encoder = encoder.to(device).eval()
     bar = None
-    if progress:
+    if options.progress:
         from ..console import progress_bar
 
         bar = progress_bar(desc="features", unit="img", dynamic_ncols=True)
@@ -404,14 +410,14 @@ def cache_features(
                 keys.append(key)
                 pixels.append(px)
         if pixels:
-            with autocast(device, amp):
+            with autocast(device, options.amp):
                 feats = encoder(torch.stack(pixels).to(device))
             writer.add(keys, feats.float())
             report.written += len(keys)
         if bar is not None:
             bar.update(len(jobs))
 
-    with ThreadPoolExecutor(max(1, workers)) as pool:
+    with ThreadPoolExecutor(max(1, options.workers)) as pool:
         jobs: list[tuple[str, Any, str]] = []
         for job in _images(samples, report):
             report.images += 1
@@ -421,7 +427,7 @@ def cache_features(
                     bar.update(1)
                 continue
             jobs.append(job)
-            if len(jobs) == batch_size:
+            if len(jobs) == options.batch_size:
                 run(jobs, pool)
                 jobs = []
         if jobs:
@@ -437,6 +443,7 @@ def cache_features(
 __all__ = [
     "FeatureCache",
     "CacheReport",
+    "FeatureOptions",
     "cache_features",
     "open_feature_cache",
     "project_features",

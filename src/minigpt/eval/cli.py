@@ -214,7 +214,7 @@ def _evaluate_model(args: argparse.Namespace, data: Any, info: dict[str, Any], m
     from ..device import launched_world_size, start_process_group
     from ..infer.args import spec_from_args
     from ..infer.engine import load_engine
-    from .runner import EvalSettings, run_eval
+    from .runner import EvalFiles, EvalSettings, run_eval
     from .shards import Shard
 
     if args.batch_size < 1:
@@ -253,8 +253,7 @@ def _evaluate_model(args: argparse.Namespace, data: Any, info: dict[str, Any], m
             data,
             options,
             run,
-            predictions_path=out / "predictions.jsonl",
-            metrics_path=out / "metrics.json",
+            files=EvalFiles(out / "predictions.jsonl", out / "metrics.json"),
             info={"model": str(Path(args.model).resolve()), **info},
             shard=shard,
         )

@@ -331,6 +331,15 @@ class EvalSettings:
     recorded: Mapping[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class EvalFiles:
+    """Where :func:`run_eval` writes: the predictions JSONL (which a run resumes from) and the metrics JSON (with the
+    per-record scores next to it, ``scores.jsonl``); None: that file is not written."""
+
+    predictions: str | Path | None = None
+    metrics: str | Path | None = None
+
+
 def run_eval(
     model: Any,
     task: str,
@@ -338,16 +347,15 @@ def run_eval(
     options: GenerationOptions | None = None,
     run: EvalSettings | None = None,
     *,
-    predictions_path: str | Path | None = None,
-    metrics_path: str | Path | None = None,
+    files: EvalFiles = EvalFiles(),
     info: Mapping[str, Any] | None = None,
     shard: Shard | None = None,
 ) -> EvalResult:
-    """Predict (resuming from ``predictions_path``), score and write the metrics JSON and the per-record scores
+    """Predict (resuming from ``files.predictions``), score and write the metrics JSON and the per-record scores
     (``scores.jsonl`` next to the metrics JSON); the predictions file ends in the records' order.
 
     ``info``: descriptive fields for the metrics JSON (``model``, ``data``, ``images``...). A resumed run must use
-    the same task, model and generation options as the one that wrote ``metrics_path`` (it is written with
+    the same task, model and generation options as the one that wrote ``files.metrics`` (it is written with
     ``"status": "running"`` at the start); otherwise ``ValueError`` (use ``EvalSettings(resume=False)``).
 
     ``shard``: this process's part of a multi-process run (:class:`~minigpt.eval.shards.Shard`): each rank predicts
@@ -366,8 +374,8 @@ def run_eval(
     info = dict(info or {})
     run_settings = {"task": task, "model": info.get("model"), "generation": options.to_dict(), **dict(run.recorded)}
     all_settings = {**run_settings, "batch_size": batch_size, "limit": limit, "meteor": meteor, "scorer": scorer}
-    pred_path = Path(predictions_path) if predictions_path else None
-    met_path = Path(metrics_path) if metrics_path else None
+    pred_path = Path(files.predictions) if files.predictions else None
+    met_path = Path(files.metrics) if files.metrics else None
     local_path = shard.local_path(pred_path) if pred_path is not None else None
 
     done: dict[str, str] = {}
@@ -629,23 +637,22 @@ def _eval_mode(model: Any) -> Callable[[], None]:
     return lambda: None
 
 
+#: :func:`evaluate_task`'s default: no METEOR (it starts a JVM, ~20 s), no progress bar.
+IN_TRAINING = EvalSettings(meteor=False, progress=False)
+
+
 def evaluate_task(
     model: Any,
     task: str,
     records: TaskData | Sequence[EvalRecord],
     options: GenerationOptions | None = None,
-    limit: int | None = None,
-    *,
-    batch_size: int = 8,
-    meteor: bool | None = False,
-    workers: int = 2,
-    progress: bool = False,
+    run: EvalSettings = IN_TRAINING,
 ) -> dict[str, float]:
-    """Evaluate during training: predictions for the first ``limit`` records and the task's metrics, flattened
-    (``{"accuracy": ..., "per_category/x": ...}``, numbers only, ``n`` = records scored). No files written;
-    the model is put in eval mode and restored; problems are warned about as in :func:`run_eval`. METEOR is
-    off by default (it starts a JVM, ~20 s)."""
-    recs = apply_limit(list(records.records if isinstance(records, TaskData) else records), limit)
+    """Evaluate during training: predictions for the first ``run.limit`` records and the task's metrics, flattened
+    (``{"accuracy": ..., "per_category/x": ...}``, numbers only, ``n`` = records scored). No files written (``run``'s
+    ``resume`` and ``recorded`` do not apply); the model is put in eval mode and restored; problems are warned about
+    as in :func:`run_eval`."""
+    recs = apply_limit(list(records.records if isinstance(records, TaskData) else records), run.limit)
     if not recs:
         raise ValueError("no records to evaluate")
     restore = _eval_mode(model)
@@ -655,10 +662,10 @@ def evaluate_task(
             model,
             recs,
             options or GenerationOptions(),
-            batch_size=batch_size,
-            workers=workers,
+            batch_size=run.batch_size,
+            workers=run.workers,
             problems=problems,
-            progress=progress,
+            progress=run.progress,
         )
     finally:
         restore()
@@ -666,6 +673,6 @@ def evaluate_task(
         if not answer.strip():
             problems.add("empty_prediction", id, "the model answered nothing")
     problems.summarize()
-    out = flatten_metrics(score(task, recs, predictions, meteor=meteor).totals)
+    out = flatten_metrics(score(task, recs, predictions, run.scorer, run.meteor).totals)
     out["failed"] = problems.counts["missing_image"] + problems.counts["generation_failed"]
     return out

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .decoding import add_decoding_arguments, settings_from_args
-from .generate import GenerationOptions, override_options
+from .generate import GenerationOptions, OptionOverrides
 from .loading import LoadSpec, Quantize
 
 if TYPE_CHECKING:
@@ -122,7 +122,7 @@ def options_from_args(args: argparse.Namespace) -> GenerationOptions:
         repetition_penalty=args.repetition_penalty,
         seed=args.seed,
     )
-    return override_options(base, temperature=args.temperature)
+    return OptionOverrides(temperature=args.temperature).apply(base)
 
 
 def engine_from_args(args: argparse.Namespace) -> ChatEngine:

@@ -112,39 +112,36 @@ def generated_ids(
     return ids, "length"
 
 
-def override_options(
-    base: GenerationOptions,
-    *,
-    temperature: float | None = None,
-    top_p: float | None = None,
-    top_k: int | None = None,
-    num_beams: int | None = None,
-    max_new_tokens: int | None = None,
-    repetition_penalty: float | None = None,
-    seed: int | None = None,
-    stop: Sequence[str] | None = None,
-) -> GenerationOptions:
-    """``base`` with the given fields changed (validated). ``temperature`` 0 means greedy, > 0 sampling."""
-    changes: dict[str, Any] = {}
-    if temperature is not None:
-        if not temperature >= 0 or math.isinf(temperature):  # NaN fails every comparison: refused, not greedy
-            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
-        changes["do_sample"] = temperature > 0
-        if temperature > 0:
-            changes["temperature"] = float(temperature)
-    for name, value in (
-        ("top_p", top_p),
-        ("top_k", top_k),
-        ("num_beams", num_beams),
-        ("max_new_tokens", max_new_tokens),
-        ("repetition_penalty", repetition_penalty),
-        ("seed", seed),
-    ):
-        if value is not None:
-            changes[name] = value
-    if stop is not None:
-        changes["stop"] = list(stop)
-    return dataclasses.replace(base, **changes)
+@dataclass(frozen=True)
+class OptionOverrides:
+    """The options a request (the server, the web demo, the command line) may change; None keeps the base's.
+    ``temperature`` 0 means greedy, > 0 sampling at that temperature."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    num_beams: int | None = None
+    max_new_tokens: int | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: Sequence[str] | None = None
+
+    def apply(self, base: GenerationOptions) -> GenerationOptions:
+        """``base`` with the given fields changed (validated)."""
+        changes: dict[str, Any] = {}
+        temperature = self.temperature
+        if temperature is not None:
+            if not temperature >= 0 or math.isinf(temperature):  # NaN fails every comparison: refused, not greedy
+                raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+            changes["do_sample"] = temperature > 0
+            if temperature > 0:
+                changes["temperature"] = float(temperature)
+        for name in ("top_p", "top_k", "num_beams", "max_new_tokens", "repetition_penalty", "seed"):
+            if getattr(self, name) is not None:
+                changes[name] = getattr(self, name)
+        if self.stop is not None:
+            changes["stop"] = list(self.stop)
+        return dataclasses.replace(base, **changes)
 
 
 def hits_stop(tokenizer: Any, ids: list[int], stops: list[str], tail_tokens: int = 16) -> bool:

@@ -203,7 +203,7 @@ def parse_messages(
 
 
 def request_options(request: Any, engine: "ChatEngine", settings: ServerSettings) -> "GenerationOptions":
-    from .generate import override_options
+    from .generate import OptionOverrides
 
     max_tokens = request.max_completion_tokens or request.max_tokens
     if max_tokens is not None and max_tokens > settings.max_tokens_limit:
@@ -212,8 +212,7 @@ def request_options(request: Any, engine: "ChatEngine", settings: ServerSettings
         raise APIError(400, "only n=1 is supported", "invalid_value", "n")
     stop = [request.stop] if isinstance(request.stop, str) else request.stop
     try:
-        return override_options(
-            engine.options,
+        return OptionOverrides(
             temperature=request.temperature,
             top_p=request.top_p,
             top_k=request.top_k,
@@ -222,7 +221,7 @@ def request_options(request: Any, engine: "ChatEngine", settings: ServerSettings
             repetition_penalty=request.repetition_penalty,
             seed=request.seed,
             stop=stop,
-        )
+        ).apply(engine.options)
     except ValueError as err:
         raise APIError(400, str(err), "invalid_value") from None
 

@@ -33,7 +33,7 @@ def build_ui(engine: ChatEngine) -> gr.Blocks:
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     import gradio as gr
 
-    from .generate import override_options
+    from .generate import OptionOverrides
 
     defaults = engine.options
 
@@ -57,9 +57,10 @@ def build_ui(engine: ChatEngine) -> gr.Blocks:
             yield _messages(chat), "", chat
             return
         try:
-            options = override_options(
-                defaults, temperature=temperature, top_p=top_p, num_beams=int(beams), max_new_tokens=int(max_tokens)
+            overrides = OptionOverrides(
+                temperature=temperature, top_p=top_p, num_beams=int(beams), max_new_tokens=int(max_tokens)
             )
+            options = overrides.apply(defaults)
             answer = ""
             yield _messages(chat, (question, answer)), "", chat
             for delta in chat.stream(question, options):

@@ -573,7 +573,9 @@ class Trainer:
             return {}
         metrics: dict[str, float] = {}
         if self.strategy.is_main:
-            from ..eval.runner import evaluate_task
+            from dataclasses import replace
+
+            from ..eval.runner import IN_TRAINING, evaluate_task
             from ..eval.tasks import load_task
             from ..infer.engine import Engine
             from ..infer.generate import GenerationOptions
@@ -587,8 +589,7 @@ class Trainer:
                     section.task,
                     self._eval_task_data,
                     GenerationOptions(max_new_tokens=section.max_new_tokens),
-                    limit=section.limit,
-                    batch_size=section.batch_size,
+                    replace(IN_TRAINING, limit=section.limit, batch_size=section.batch_size),
                 )
             self._train_mode()
             metrics = {f"eval/{section.task}/{k}": v for k, v in scores.items()}

@@ -25,6 +25,7 @@ import json
 import re
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -136,39 +137,44 @@ def _answer_letter(value: Any, options: Mapping[str, str]) -> str:
     raise Skip(f"answer {value!r} is not one of the option letters {', '.join(options)}")
 
 
-def _mcq_records(
-    id: str,
-    question: str,
-    options: dict[str, str],
-    answer: Any,
-    images: list[ImageLike],
-    hint: str,
-    category: str | None,
-    instruction: str,
-    circular: bool,
-    group: str = "",
-    rotation: int = 0,
-) -> list[EvalRecord]:
+@dataclass(frozen=True)
+class _Question:
+    """One multiple-choice question as a file gives it: ``options`` may be empty (then parsed from the question
+    text); ``group``/``rotation`` place a TSV's circular copy (``group`` "" means its own ``id``)."""
+
+    id: str
+    question: str
+    options: dict[str, str]
+    answer: Any
+    images: list[ImageLike]
+    hint: str = ""
+    category: str | None = None
+    group: str = ""
+    rotation: int = 0
+
+
+def _mcq_records(q: _Question, instruction: str, circular: bool) -> list[EvalRecord]:
     """One record, or with ``circular`` one per MMBench CircularEval rotation: ids ``{id}@{r}``, the options of
     rotation ``r`` are ``options[r:] + options[:r]`` (rotation 0 is the original order), all in group ``id``."""
+    question, options, images, id = q.question, q.options, q.images, q.id
     if not options:
         question, options = split_inline_options(question)
     if len(options) < 2:
         raise Skip("fewer than two options (give 'options' or A, B, ... columns)")
     if list(options) != list(LETTERS[: len(options)]):
         raise Skip(f"option letters must be A, B, C... in order, got {', '.join(options)}")
-    letter = _answer_letter(answer, options)
-    rotations = list(enumerate(circular_options(options))) if circular else [(rotation, list(options.values()))]
+    letter = _answer_letter(q.answer, options)
+    rotations = list(enumerate(circular_options(options))) if circular else [(q.rotation, list(options.values()))]
     out = []
     for rot, texts in rotations:
         opts = dict(zip(LETTERS, texts))
         extra: dict[str, Any] = {"options": opts, "rotation": rot}
-        if category:
-            extra["category"] = category
-        text = mcq_prompt_text(question, opts, hint, instruction)
+        if q.category:
+            extra["category"] = q.category
+        text = mcq_prompt_text(question, opts, q.hint, instruction)
         key = f"{id}@{rot}" if circular else id
         answer_r = circular_answer(letter, len(opts), rot) if circular else letter
-        out.append(EvalRecord(key, build_prompt(text, len(images)), images, [answer_r], extra, group=group or id))
+        out.append(EvalRecord(key, build_prompt(text, len(images)), images, [answer_r], extra, group=q.group or id))
     return out
 
 
@@ -221,7 +227,7 @@ class MultipleChoice(Task):
                     group, rotation = str(int(index) % CIRCULAR_OFFSET), int(index) // CIRCULAR_OFFSET
                 hint = row.get("hint") or ""
                 hint = "" if hint.strip().lower() == "nan" else hint
-                return _mcq_records(
+                question = _Question(
                     index,
                     field_str(row, "question"),
                     _options(row),
@@ -229,11 +235,10 @@ class MultipleChoice(Task):
                     _tsv_image(row, by_index, root, decoded),
                     hint,
                     row.get("category") or None,
-                    instruction,
-                    circular and not copies,
                     group,
                     rotation,
                 )
+                return _mcq_records(question, instruction, circular and not copies)
 
             b.run(path, data, parse_tsv)
         elif isinstance(data, dict) and data and all(isinstance(v, dict) and "choices" in v for v in data.values()):
@@ -244,7 +249,7 @@ class MultipleChoice(Task):
                     return None  # other split, or a question without an image (not in ScienceQA-IMG)
                 pid = origin.rsplit(":", 1)[-1]
                 image = str(root / str(rec.get("split")) / pid / str(rec["image"]))
-                return _mcq_records(
+                question = _Question(
                     pid,
                     field_str(rec, "question"),
                     _options(rec),
@@ -252,9 +257,8 @@ class MultipleChoice(Task):
                     [image],
                     rec.get("hint") or "",
                     rec.get("subject"),
-                    instruction,
-                    circular,
                 )
+                return _mcq_records(question, instruction, circular)
 
             b.run(path, ((f"{path}:{pid}", rec) for pid, rec in data.items()), parse_sqa)
         elif isinstance(data, list):
@@ -264,17 +268,10 @@ class MultipleChoice(Task):
                 id = record_id(rec, "id", "index", "question_id", default=origin.rsplit(":", 1)[-1])
                 hint = rec.get("hint") if isinstance(rec.get("hint"), str) else ""
                 category = rec.get("category") if isinstance(rec.get("category"), str) else None
-                return _mcq_records(
-                    id,
-                    field_str(rec, "question"),
-                    _options(rec),
-                    rec.get("answer"),
-                    images,
-                    hint,
-                    category,
-                    instruction,
-                    circular,
+                question = _Question(
+                    id, field_str(rec, "question"), _options(rec), rec.get("answer"), images, hint, category
                 )
+                return _mcq_records(question, instruction, circular)
 
             b.run(path, data, parse_json)
         else:

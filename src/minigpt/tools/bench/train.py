@@ -97,28 +97,38 @@ class Workload:
     answers: list[int] = field(default_factory=list)  # per batch: supervised tokens
 
 
+@dataclass(frozen=True)
+class WorkloadSpec:
+    """The synthetic samples of a case: ``num_batches`` micro-batches of ``batch_size`` samples of ``stage``'s
+    layout, whose supervised lengths follow ``lengths_kind`` (``fixed``: ``supervised`` tokens each), batched by
+    ``batching`` (``pack``: rows of ``pack_len`` positions), drawn from ``seed``."""
+
+    stage: int
+    batch_size: int
+    num_batches: int
+    lengths_kind: str
+    supervised: int
+    batching: str
+    pack_len: int
+    seed: int
+
+
 def make_workload(
     model: Any,
-    stage: int,
-    batch_size: int,
-    num_batches: int,
-    lengths_kind: str,
-    supervised: int,
-    batching: str,
-    pack_len: int,
-    seed: int,
+    spec: WorkloadSpec,
     device: torch.device,
     feature_dtype: torch.dtype,
     features: bool,
     pixels: bool,
 ) -> Workload:
     """Synthetic samples through the training collator (pad or pack), with pixels and/or cached features."""
+    stage, batch_size, num_batches, seed = spec.stage, spec.batch_size, spec.num_batches, spec.seed
     from ...data.packing import length_grouped_order
     from ...train.data import Item, collate_items
 
     rng = random.Random(seed)
     n = batch_size * num_batches
-    sup = supervised_lengths(lengths_kind, n, supervised, seed)
+    sup = supervised_lengths(spec.lengths_kind, n, spec.supervised, seed)
     vocab = model.llm.config.vocab_size
     encs = [synthetic_encoded(stage, model.image_tokens, s, vocab, rng) for s in sup]
     size = model.config.vision.image_size
@@ -131,7 +141,7 @@ def make_workload(
                 [model.vision(images[i : i + 16].to(device)).to(feature_dtype).cpu() for i in range(0, n, 16)]
             )
     order = list(range(n))
-    if batching == "group":
+    if spec.batching == "group":
         order = length_grouped_order([len(e) for e in encs], batch_size, num_batches, seed)
     work = Workload([], [])
     for b in range(num_batches):
@@ -140,7 +150,7 @@ def make_workload(
             Item(encs[i], [images[i]] if pixels else [], f"synthetic {i}", [feats[i]] if feats is not None else None)
             for i in idx
         ]
-        tb = collate_items(items, SLOT, pack_len if batching == "pack" else None)
+        tb = collate_items(items, SLOT, spec.pack_len if spec.batching == "pack" else None)
         tb.batch = tb.batch.to(device)
         if tb.features is not None:
             tb.features = tb.features.to(device)
@@ -264,23 +274,16 @@ def run_train_cases(
     if uses_vision:
         flops.vision_per_image = vision_flops_per_image(model, device, amp)
     supervised = args.text_tokens or (32 if args.stage == 1 else 128)
-    works = [
-        make_workload(
-            model,
-            args.stage,
-            args.batch_size,
-            args.steps,
-            args.lengths,
-            supervised,
-            case.batching,
-            args.pack_len,
-            args.seed,
-            device,
-            parse_dtype(args.feature_dtype),
-            features=not uses_vision,
-            pixels=uses_vision,
+    specs = [
+        WorkloadSpec(
+            args.stage, args.batch_size, args.steps, args.lengths, supervised, case.batching, args.pack_len, args.seed
         )
         for case in cases
+    ]
+    feature_dtype = parse_dtype(args.feature_dtype)
+    works = [
+        make_workload(model, spec, device, feature_dtype, features=not uses_vision, pixels=uses_vision)
+        for spec in specs
     ]
     params = [p for p in model.parameters() if p.requires_grad]
     try:  # lr 0: the same work as training, but the weights (and so the reported losses) stay put
