@@ -186,10 +186,6 @@ def test_a_stale_name_is_caught(renamed):
 # ---------------------------------------------------------------------------------------------- parameter lists
 
 MAX_PARAMETERS = 8
-#: Functions allowed more than MAX_PARAMETERS for now, as "module:function".
-LONG_PARAMETER_LISTS_ALLOWED = {
-    "tools/quickstart.py:stage_config",  # being reworked on another branch; remove it from here once that lands
-}
 
 
 def parameter_count(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
@@ -215,9 +211,7 @@ def long_parameter_lists(package: Path = PACKAGE, limit: int = MAX_PARAMETERS) -
 
 
 def test_no_function_outside_the_cli_takes_more_than_eight_parameters():
-    found = long_parameter_lists()
-    assert [f"{name} ({n} parameters)" for name, n in found if name not in LONG_PARAMETER_LISTS_ALLOWED] == []
-    assert {name for name, _ in found} >= LONG_PARAMETER_LISTS_ALLOWED  # an entry that no longer applies goes
+    assert [f"{name} ({n} parameters)" for name, n in long_parameter_lists()] == []
 
 
 def test_parameters_are_counted_as_the_limit_means(tmp_path):

@@ -153,6 +153,15 @@ def test_amp_dtype(nothing, monkeypatch):
     assert dev.amp_dtype(torch.device("mps")) == torch.float16
 
 
+@pytest.mark.parametrize(
+    ("avx512_bf16", "amx", "native"), [(False, False, False), (True, False, True), (False, True, True)]
+)
+def test_computes_bf16_on_the_cpu_only_where_it_is_native(monkeypatch, avx512_bf16, amx, native):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert dev.computes_bf16(torch.device("cpu")) is native
+
+
 def test_cpu_helpers_are_no_ops():
     cpu = torch.device("cpu")
     dev.set_device(cpu)

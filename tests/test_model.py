@@ -63,6 +63,25 @@ def test_label_mask_hf_chat_template(tiny_qwen_dir, tiny_pair_factory, image_fil
     assert supervised_runs == ["A red square.<|im_end|>\n", "Yes.<|im_end|>\n"]
 
 
+@pytest.mark.parametrize(
+    ("system_prompt", "own", "expected"),
+    [
+        (None, None, "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"),  # the template's default
+        ("", None, "<|im_start|>system\n<|im_end|>\n"),
+        ("Be brief.", None, "<|im_start|>system\nBe brief.<|im_end|>\n"),
+        ("Be brief.", "Say it all.", "<|im_start|>system\nSay it all.<|im_end|>\n"),  # the conversation's own wins
+    ],
+)
+def test_system_prompt_of_the_config_in_training_and_prompts(
+    tiny_qwen_dir, tiny_pair_factory, image_file, qwen_tokenizer, system_prompt, own, expected
+):
+    _, processor = tiny_pair_factory(llm=str(tiny_qwen_dir), template="chatml", system_prompt=system_prompt)
+    for train, answer in ((True, "A red square."), (False, None)):
+        batch = processor.prepare([Conversation.single("<image>\nWhat is it?", answer, system=own)], [image_file], train)
+        text = qwen_tokenizer.decode(batch.text.input_ids[0][batch.text.attention_mask[0].bool()])
+        assert text.startswith(expected), text
+
+
 def test_label_mask_caption_stage1(tiny_pair_factory, image_file, llama_tokenizer):
     model, processor = tiny_pair_factory(template="caption")
     conv = Conversation().add("user", [Image()]).add("assistant", "a red square")

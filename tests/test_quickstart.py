@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import logging
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -201,6 +203,26 @@ def test_log_lines_print_above_the_progress_bar(tmp_path, monkeypatch, caplog):
     assert "INFO minigpt.train.loop: step 1: eval loss 0.5000" in lines
     assert any(line.startswith("stage1:") and "mem 0.45G" in line for line in lines)  # the bar, named by the run
     assert console.stream is terminal  # restored when the bar closes
+
+
+@pytest.mark.parametrize(
+    ("precision", "native", "bf16"), [("auto", True, True), ("auto", False, False), ("fp32", True, False)]
+)
+def test_precision_bf16_for_the_projector_stage_only(tmp_path, monkeypatch, precision, native, bf16):
+    from minigpt.tools import quickstart as qs
+
+    monkeypatch.setattr("minigpt.device.computes_bf16", lambda device: native)
+    args = argparse.Namespace(precision=precision, device="cpu", seed=0, stage1_steps=None, stage2_steps=None)
+    task = qs.get_task("shapes")
+    plan = replace(qs.plan_for("tiny", task, tmp_path, args), llm="smollm2-folder")  # a frozen LLM
+    files = (tmp_path / "train.json", tmp_path / "eval.json")
+    stage1 = qs.stage_config(
+        plan, task.stage1, qs.StageRun("stage1", "caption", "captions_json", files), tmp_path, args
+    )
+    stage2 = qs.stage_config(plan, task.stage2, qs.StageRun("stage2", "hf", "llava", files), tmp_path, args)
+    assert (stage1.model.llm_dtype, stage1.run.amp) == ("float32", "no")  # the ViT trains from scratch in fp32
+    assert (stage2.model.llm_dtype, stage2.run.amp) == (("bfloat16", "bf16") if bf16 else ("float32", "no"))
+    assert stage1.model.system_prompt == stage2.model.system_prompt == ""  # no chat-template default system turn
 
 
 @pytest.mark.slow

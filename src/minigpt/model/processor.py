@@ -106,7 +106,12 @@ class MiniGPTProcessor:
         """Template + tokenize one conversation (labels on the answers; ``train=False``: a generation prompt), with
         the config's ``system_prompt`` where the conversation has no system turn."""
         return encode_conversation(
-            conversation.with_system(self.config.system_prompt), self.template, self.tokenizer, self.image_tokens, self.config.max_txt_len, train=train
+            conversation.with_system(self.config.system_prompt),
+            self.template,
+            self.tokenizer,
+            self.image_tokens,
+            self.config.max_txt_len,
+            train=train,
         )
 
     def prepare(

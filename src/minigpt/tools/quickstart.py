@@ -125,9 +125,7 @@ def plan_for(choice: str, task: Task, out: Path, args: argparse.Namespace) -> Pl
         )
     else:
         plan = Plan(llm or choice, task.stage1, task.stage2)
-    return Plan(
-        plan.llm, _steps(plan.stage1, args.stage1_steps), _steps(plan.stage2, args.stage2_steps), _bf16(args)
-    )
+    return Plan(plan.llm, _steps(plan.stage1, args.stage1_steps), _steps(plan.stage2, args.stage2_steps), _bf16(args))
 
 
 def _bf16(args: argparse.Namespace) -> bool:
@@ -140,23 +138,25 @@ def _steps(stage: Stage, steps: int | None) -> Stage:
     return stage if steps is None else replace(stage, steps=steps)
 
 
-def stage_config(
-    plan: Plan,
-    stage: Stage,
-    out: Path,
-    name: str,
-    template: str,
-    train_file: Path,
-    eval_file: Path,
-    fmt: str,
-    args: argparse.Namespace,
-    init_from: Path | None,
-    feature_cache: Path | None = None,
-) -> Any:
+@dataclass(frozen=True)
+class StageRun:
+    """One stage's run: its name (the folder under the quickstart's output), template, data format and files (training,
+    held out), the model it starts from, and the feature cache its frozen ViT's outputs come from."""
+
+    name: str
+    template: str
+    fmt: str
+    files: tuple[Path, Path]
+    init_from: Path | None = None
+    feature_cache: Path | None = None
+
+
+def stage_config(plan: Plan, stage: Stage, run: StageRun, out: Path, args: argparse.Namespace) -> Any:
     """The training config of one stage (the same schema ``minigpt train`` reads from YAML)."""
     from ..train.config import validate_config
 
     steps = stage.steps
+    train_file, eval_file = run.files
     # bf16 where only the projector trains: a ViT trained from scratch in bf16 tells the shapes apart less well.
     bf16 = plan.bf16 and not stage.train_vision
     return validate_config(
@@ -164,7 +164,7 @@ def stage_config(
             "model": {
                 "llm": plan.llm,
                 "vision": VISION,
-                "template": template,
+                "template": run.template,
                 # No system turn: the chat template's default one (SmolLM2's) would be a third of each sample.
                 "system_prompt": "",
                 "max_txt_len": 48,
@@ -172,17 +172,17 @@ def stage_config(
                 "llm_dtype": "bfloat16" if bf16 and not plan.trains_llm else "float32",
                 # The random vision tower has no pretrained features: stage 1 trains it with the projector.
                 "freeze": {"vision": not stage.train_vision, "projector": False, "llm": not plan.trains_llm},
-                "init_from": str(init_from) if init_from else None,
+                "init_from": str(run.init_from) if run.init_from else None,
             },
             "data": {
-                "datasets": [{"format": fmt, "path": str(train_file), "image_root": str(train_file.parent)}],
-                "eval": [{"format": fmt, "path": str(eval_file), "image_root": str(eval_file.parent)}],
+                "datasets": [{"format": run.fmt, "path": str(train_file), "image_root": str(train_file.parent)}],
+                "eval": [{"format": run.fmt, "path": str(eval_file), "image_root": str(eval_file.parent)}],
                 "num_workers": 0,
                 "augment": False,
-                "feature_cache": str(feature_cache) if feature_cache else None,
+                "feature_cache": str(run.feature_cache) if run.feature_cache else None,
             },
             "run": {
-                "output_dir": str(out / name),
+                "output_dir": str(out / run.name),
                 "seed": args.seed,
                 "max_steps": steps,
                 "batch_size": stage.batch_size,
@@ -202,7 +202,7 @@ def stage_config(
                 "resume": "none",
             },
         },
-        source=f"quickstart {name}",
+        source=f"quickstart {run.name}",
     )
 
 
@@ -326,11 +326,12 @@ def _quickstart(args: argparse.Namespace, out: Path, seconds: dict[str, float]) 
         plan = plan_for(args.llm, task, out, args)
     print(f"LLM: {plan.llm}\ndetailed log: {out / LOG_FILE}")
 
-    def config(stage: Stage, name: str, template: str, files: tuple[Path, Path], fmt: str, **kw: Any) -> Any:
-        return stage_config(plan, stage, out, name, template, *files, fmt, args, **kw)
-
-    stage1 = config(
-        plan.stage1, "stage1", "caption", (data.captions, data.captions_eval), "captions_json", init_from=None
+    stage1 = stage_config(
+        plan,
+        plan.stage1,
+        StageRun("stage1", "caption", "captions_json", (data.captions, data.captions_eval)),
+        out,
+        args,
     )
     with phase(seconds, "before"):
         print("\nasking the untrained model about the held-out pictures")
@@ -342,12 +343,12 @@ def _quickstart(args: argparse.Namespace, out: Path, seconds: dict[str, float]) 
     print(f"\nstage 1: captions, {stage1.run.max_steps} steps of {stage1.run.batch_size}")
     with phase(seconds, "stage1"):
         result1 = train(stage1)
-    files = (data.instructions, data.instructions_eval)
-    stage2 = config(plan.stage2, "stage2", "hf", files, "llava", init_from=result1.final_dir)
+    run2 = StageRun("stage2", "hf", "llava", (data.instructions, data.instructions_eval), result1.final_dir)
+    stage2 = stage_config(plan, plan.stage2, run2, out, args)
     if not args.no_feature_cache and not plan.stage2.train_vision:
         with phase(seconds, "features"):
             cache = vision_features(stage2, out / "features", args.device)
-        stage2 = config(plan.stage2, "stage2", "hf", files, "llava", init_from=result1.final_dir, feature_cache=cache)
+        stage2 = stage_config(plan, plan.stage2, replace(run2, feature_cache=cache), out, args)
     print(f"\nstage 2: questions, {stage2.run.max_steps} steps of {stage2.run.batch_size}")
     with phase(seconds, "stage2"):
         result2 = train(stage2)
@@ -397,7 +398,7 @@ def vision_features(config: Any, out: Path, device: str) -> Path:
     run the projector and the LLM only."""
     import itertools
 
-    from ..data.features import cache_features
+    from ..data.features import FeatureOptions, cache_features
     from ..data.formats import read_dataset
     from ..device import resolve_device
     from ..model.minigpt import load_vision_encoder
@@ -405,7 +406,9 @@ def vision_features(config: Any, out: Path, device: str) -> Path:
     init = Path(config.model.init_from)
     encoder = load_vision_encoder(config.model.minigpt_config(), init)
     samples = itertools.chain.from_iterable(read_dataset(spec.reader_spec()) for spec in config.data.datasets)
-    report = cache_features(encoder, samples, out, device=resolve_device(device), dtype="float32", workers=1)
+    report = cache_features(
+        encoder, samples, out, FeatureOptions(device=resolve_device(device), dtype="float32", workers=1)
+    )
     log.info("feature cache: %s", report.summary())
     return out
 
