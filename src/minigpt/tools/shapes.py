@@ -151,7 +151,7 @@ class ShapesTask:
     # a higher rate and in small batches (many updates: carrying what stage 1 learned into the chat template is its
     # whole job).
     stage1 = Stage(300, 16, 3e-3, True)
-    stage2 = Stage(400, 4, 1e-2)
+    stage2 = Stage(400, 4, 2e-2)
     train_size = 480
     test_size = 48
 
