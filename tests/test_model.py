@@ -77,7 +77,9 @@ def test_system_prompt_of_the_config_in_training_and_prompts(
 ):
     _, processor = tiny_pair_factory(llm=str(tiny_qwen_dir), template="chatml", system_prompt=system_prompt)
     for train, answer in ((True, "A red square."), (False, None)):
-        batch = processor.prepare([Conversation.single("<image>\nWhat is it?", answer, system=own)], [image_file], train)
+        batch = processor.prepare(
+            [Conversation.single("<image>\nWhat is it?", answer, system=own)], [image_file], train
+        )
         text = qwen_tokenizer.decode(batch.text.input_ids[0][batch.text.attention_mask[0].bool()])
         assert text.startswith(expected), text
 
