@@ -208,7 +208,9 @@ def test_log_lines_print_above_the_progress_bar(tmp_path, monkeypatch, caplog):
 @pytest.mark.parametrize(
     ("precision", "native", "bf16"), [("auto", True, True), ("auto", False, False), ("fp32", True, False)]
 )
-def test_precision_bf16_for_the_projector_stage_only(tmp_path, monkeypatch, precision, native, bf16):
+def test_precision_bf16_llm_in_both_stages_autocast_where_the_vit_is_frozen(
+    tmp_path, monkeypatch, precision, native, bf16
+):
     from minigpt.tools import quickstart as qs
 
     monkeypatch.setattr("minigpt.device.computes_bf16", lambda device: native)
@@ -220,8 +222,9 @@ def test_precision_bf16_for_the_projector_stage_only(tmp_path, monkeypatch, prec
         plan, task.stage1, qs.StageRun("stage1", "caption", "captions_json", files), tmp_path, args
     )
     stage2 = qs.stage_config(plan, task.stage2, qs.StageRun("stage2", "hf", "llava", files), tmp_path, args)
-    assert (stage1.model.llm_dtype, stage1.run.amp) == ("float32", "no")  # the ViT trains from scratch in fp32
-    assert (stage2.model.llm_dtype, stage2.run.amp) == (("bfloat16", "bf16") if bf16 else ("float32", "no"))
+    llm_dtype = "bfloat16" if bf16 else "float32"
+    assert (stage1.model.llm_dtype, stage1.run.amp) == (llm_dtype, "no")  # the ViT trains from scratch in fp32
+    assert (stage2.model.llm_dtype, stage2.run.amp) == (llm_dtype, "bf16" if bf16 else "no")
     assert stage1.model.system_prompt == stage2.model.system_prompt == ""  # no chat-template default system turn
 
 

@@ -74,7 +74,7 @@ class DigitsTask:
     questions = (Question("digit", QUESTIONS[0], "the digit"),)
     grid_question = "digit"
     stage1 = Stage(300, 16, 3e-3, True)
-    stage2 = Stage(200, 4, 1e-2)
+    stage2 = Stage(500, 4, 3e-3, True)
     train_size = 0  # all scans not held out
     test_size = 300
 

@@ -47,7 +47,7 @@ def get_task(name: str) -> Task:
 @dataclass(frozen=True)
 class Plan:
     """The LLM, the two stages' settings (a frozen 135M LLM and a tiny one trained with the rest differ) and whether
-    training runs in bf16 (autocast, and the frozen LLM's weights)."""
+    training runs in bf16 (the frozen LLM's weights, and autocast where the ViT is frozen)."""
 
     llm: str
     stage1: Stage
@@ -99,7 +99,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="auto",
         choices=("auto", "bf16", "fp32"),
         help="auto: bf16 where the device computes it natively (CPUs with AVX512-BF16 or AMX, GPUs), else fp32; "
-        "bf16: the frozen LLM's weights in bf16 and bf16 autocast in training",
+        "bf16: the frozen LLM's weights in bf16, and bf16 autocast in the stage that keeps the ViT frozen",
     )
     add_device_argument(parser)
     parser.add_argument("--seed", type=int, default=0)
@@ -157,8 +157,9 @@ def stage_config(plan: Plan, stage: Stage, run: StageRun, out: Path, args: argpa
 
     steps = stage.steps
     train_file, eval_file = run.files
-    # bf16 where only the projector trains: a ViT trained from scratch in bf16 tells the shapes apart less well.
-    bf16 = plan.bf16 and not stage.train_vision
+    # The frozen LLM computes in bf16 in both stages; autocast only where the projector alone trains: a ViT trained
+    # from scratch in bf16 tells the shapes apart less well, so in stage 1 it and the projector stay in float32.
+    autocast = plan.bf16 and not stage.train_vision
     return validate_config(
         {
             "model": {
@@ -169,7 +170,7 @@ def stage_config(plan: Plan, stage: Stage, run: StageRun, out: Path, args: argpa
                 "system_prompt": "",
                 "max_txt_len": 48,
                 # The frozen LLM in bf16 (float32 when it trains: an optimizer step in bf16 loses small updates).
-                "llm_dtype": "bfloat16" if bf16 and not plan.trains_llm else "float32",
+                "llm_dtype": "bfloat16" if plan.bf16 and not plan.trains_llm else "float32",
                 # The random vision tower has no pretrained features: stage 1 trains it with the projector.
                 "freeze": {"vision": not stage.train_vision, "projector": False, "llm": not plan.trains_llm},
                 "init_from": str(run.init_from) if run.init_from else None,
@@ -194,7 +195,7 @@ def stage_config(plan: Plan, stage: Stage, run: StageRun, out: Path, args: argpa
                     "min_lr": stage.lr / 10,
                 },
                 "device": args.device,
-                "amp": "bf16" if bf16 else "no",
+                "amp": "bf16" if autocast else "no",
                 "eval_at_start": True,
                 "eval_every": max(10, steps // 4),
                 "log_every": 10,
