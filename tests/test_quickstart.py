@@ -13,6 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from minigpt.cli import main
 from minigpt.tools.digits import NAMES, DigitItem, DigitsTask, named_digits
@@ -256,3 +257,10 @@ def test_quickstart_digits_with_smollm2_names_nine_in_ten_held_out_scans(tmp_pat
     summary = json.loads((out / "summary.json").read_text())
     assert summary["held_out_pictures"] >= 300
     assert summary["accuracy"]["after"] >= 0.9, summary["accuracy"]
+
+
+def test_answers_are_asked_in_the_dtype_chat_loads_in():
+    from minigpt.tools.quickstart import answering
+
+    trained = torch.nn.Linear(2, 2).to(torch.bfloat16)  # the frozen LLM as bf16 training left it
+    assert answering(trained, "cpu").weight.dtype == torch.float32  # --dtype auto on the CPU: bf16 decodes slower
