@@ -209,24 +209,27 @@ def test_log_lines_print_above_the_progress_bar(tmp_path, monkeypatch, caplog):
 @pytest.mark.parametrize(
     ("precision", "native", "bf16"), [("auto", True, True), ("auto", False, False), ("fp32", True, False)]
 )
-def test_precision_bf16_llm_in_both_stages_autocast_where_the_vit_is_frozen(
+def test_precision_bf16_for_the_frozen_llm_where_the_stage_allows_autocast_where_the_vit_is_frozen(
     tmp_path, monkeypatch, precision, native, bf16
 ):
     from minigpt.tools import quickstart as qs
 
     monkeypatch.setattr("minigpt.device.computes_bf16", lambda device: native)
     args = argparse.Namespace(precision=precision, device="cpu", seed=0, stage1_steps=None, stage2_steps=None)
-    task = qs.get_task("shapes")
-    plan = replace(qs.plan_for("tiny", task, tmp_path, args), llm="smollm2-folder")  # a frozen LLM
     files = (tmp_path / "train.json", tmp_path / "eval.json")
-    stage1 = qs.stage_config(
-        plan, task.stage1, qs.StageRun("stage1", "caption", "captions_json", files), tmp_path, args
-    )
-    stage2 = qs.stage_config(plan, task.stage2, qs.StageRun("stage2", "hf", "llava", files), tmp_path, args)
-    llm_dtype = "bfloat16" if bf16 else "float32"
-    assert (stage1.model.llm_dtype, stage1.run.amp) == (llm_dtype, "no")  # the ViT trains from scratch in fp32
-    assert (stage2.model.llm_dtype, stage2.run.amp) == (llm_dtype, "bf16" if bf16 else "no")
-    assert stage1.model.system_prompt == stage2.model.system_prompt == ""  # no chat-template default system turn
+    llm = "bfloat16" if bf16 else "float32"
+    amp = "bf16" if bf16 else "no"
+    # (task, stage 1's LLM dtype, stage 2's autocast): shapes' stage 1 stays in float32; digits' stage 2 trains the ViT
+    for name, stage1_llm, stage2_amp in (("shapes", "float32", amp), ("digits", llm, "no")):
+        task = qs.get_task(name)
+        plan = replace(qs.plan_for("tiny", task, tmp_path, args), llm="smollm2-folder")  # a frozen LLM
+        stage1 = qs.stage_config(
+            plan, task.stage1, qs.StageRun("stage1", "caption", "captions_json", files), tmp_path, args
+        )
+        stage2 = qs.stage_config(plan, task.stage2, qs.StageRun("stage2", "hf", "llava", files), tmp_path, args)
+        assert (stage1.model.llm_dtype, stage1.run.amp) == (stage1_llm, "no")  # the ViT trains from scratch in fp32
+        assert (stage2.model.llm_dtype, stage2.run.amp) == (llm, stage2_amp)
+        assert stage1.model.system_prompt == stage2.model.system_prompt == ""  # no chat-template default system turn
 
 
 @pytest.mark.slow

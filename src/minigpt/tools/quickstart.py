@@ -157,9 +157,10 @@ def stage_config(plan: Plan, stage: Stage, run: StageRun, out: Path, args: argpa
 
     steps = stage.steps
     train_file, eval_file = run.files
-    # The frozen LLM computes in bf16 in both stages; autocast only where the projector alone trains: a ViT trained
-    # from scratch in bf16 tells the shapes apart less well, so in stage 1 it and the projector stay in float32.
-    autocast = plan.bf16 and not stage.train_vision
+    # The frozen LLM computes in bf16 where the stage allows it; autocast only where the ViT is frozen: a ViT trained
+    # from scratch in bf16 tells the shapes apart less well, so it and the projector stay in float32 when they train.
+    bf16 = plan.bf16 and stage.bf16 and not plan.trains_llm
+    autocast = bf16 and not stage.train_vision
     return validate_config(
         {
             "model": {
@@ -170,7 +171,7 @@ def stage_config(plan: Plan, stage: Stage, run: StageRun, out: Path, args: argpa
                 "system_prompt": "",
                 "max_txt_len": 48,
                 # The frozen LLM in bf16 (float32 when it trains: an optimizer step in bf16 loses small updates).
-                "llm_dtype": "bfloat16" if plan.bf16 and not plan.trains_llm else "float32",
+                "llm_dtype": "bfloat16" if bf16 else "float32",
                 # The random vision tower has no pretrained features: stage 1 trains it with the projector.
                 "freeze": {"vision": not stage.train_vision, "projector": False, "llm": not plan.trains_llm},
                 "init_from": str(run.init_from) if run.init_from else None,

@@ -150,7 +150,7 @@ class ShapesTask:
     # Stage 1 trains the ViT with the projector on captions; stage 2 keeps the ViT and trains the projector alone, at
     # a higher rate and in small batches (many updates: carrying what stage 1 learned into the chat template is its
     # whole job).
-    stage1 = Stage(300, 16, 3e-3, True)
+    stage1 = Stage(300, 16, 3e-3, True, bf16=False)
     stage2 = Stage(400, 4, 2e-2)
     train_size = 480
     test_size = 48
