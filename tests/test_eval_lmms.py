@@ -152,7 +152,7 @@ def test_create_from_arg_string_as_lmms_eval_calls_it(fake_lmms_eval, model_dir,
     lm = cls.create_from_arg_string(
         f"pretrained={model_dir},batch_size=8", {"batch_size": 1, "max_batch_size": None, "device": "cpu"}
     )
-    assert lm.batch_size == 8 and str(lm.model.device) == "cpu"  # --model_args wins
+    assert lm.batch_size == 8 and str(lm.model.model.device) == "cpu"  # --model_args wins
     auto = cls.create_from_arg_string(
         f"pretrained={model_dir}", {"batch_size": "auto", "max_batch_size": 64, "device": None}
     )
