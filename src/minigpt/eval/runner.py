@@ -294,8 +294,9 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _device_info(model: Any) -> dict[str, Any]:
-    device = getattr(model, "device", None)
+def _device_info(engine: Any) -> dict[str, Any]:
+    """The device and peak memory of an :class:`~minigpt.infer.engine.Engine`'s model (nothing for a stand-in)."""
+    device = getattr(getattr(engine, "model", None), "device", None)
     if device is None:
         return {}
     from ..device import peak_memory_gib
