@@ -4,8 +4,9 @@ scikit-learn ships 1,797 scans of handwritten digits (8x8 pixels, 16 grey levels
 handwritten digits", ``sklearn.datasets.load_digits``: no download). They are written out as class folders
 (``digits/seven/0042.png``, dark ink on white) and brought in with ``minigpt data import``, exactly as a user's own
 folder would be: stage 1 learns captions ("a handwritten seven"), stage 2 the question "What digit is this?" (and
-phrasings) answered as stage 1 captions them ("a handwritten seven": the projector starts from what stage 1 taught it,
-and stage 2 learns faster than with the bare name), and the held-out scans are asked "What digit is this?".
+phrasings) answered as stage 1 captions them ("a handwritten seven": the ViT and projector, trained again in stage 2,
+start from what stage 1 taught them, and stage 2 learns faster than with the bare name), and the held-out scans are
+asked "What digit is this?".
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 Two tasks share one run: ``shapes`` (drawn coloured shapes; :mod:`.shapes`) and ``digits`` (scikit-learn's real
 scans of handwritten digits, written as class folders and brought in with ``minigpt data import``; :mod:`.digits`).
 The quickstart makes the task's pictures, asks the untrained model about held-out ones, trains stage 1 (captions,
-``caption`` template, ViT + projector) and stage 2 (questions, the LLM's chat template, projector only, the ViT's
-features computed once into a feature cache) with the regular training loop, asks again, then saves the loss curve, a
+``caption`` template, ViT + projector) and stage 2 (questions, the LLM's chat template; shapes: projector only, the
+ViT's features computed once into a feature cache; digits: ViT + projector again) with the regular training loop, asks again, then saves the loss curve, a
 grid of answers before and after (and the task's own pictures, e.g. a confusion matrix), and opens a terminal chat.
 The terminal shows a progress bar per stage and the results; the detailed log goes to ``quickstart.log``.
 """
@@ -172,7 +172,7 @@ def stage_config(plan: Plan, stage: Stage, run: StageRun, out: Path, args: argpa
                 "max_txt_len": 48,
                 # The frozen LLM in bf16 (float32 when it trains: an optimizer step in bf16 loses small updates).
                 "llm_dtype": "bfloat16" if bf16 else "float32",
-                # The random vision tower has no pretrained features: stage 1 trains it with the projector.
+                # The random vision tower has no pretrained features: stage 1 (and digits' stage 2) trains it too.
                 "freeze": {"vision": not stage.train_vision, "projector": False, "llm": not plan.trains_llm},
                 "init_from": str(run.init_from) if run.init_from else None,
             },
